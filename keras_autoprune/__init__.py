@@ -1,0 +1,36 @@
+"""keras-autoprune: automatic structured pruning for Keras 3.
+
+The public API (see docs/ and DESIGN.md):
+
+>>> import keras_autoprune as kap
+>>> graph = kap.DependencyGraph(model)                      # doctest: +SKIP
+>>> slim = kap.apply_plan(model, kap.PrunePlan.uniform(graph, 0.3))  # doctest: +SKIP
+"""
+
+from keras_autoprune._version_check import check_tensorflow
+
+check_tensorflow()
+
+from keras_autoprune.errors import PlanError, SurgeryError, UnsupportedModelError  # noqa: E402
+from keras_autoprune.graph import ChannelGroup, ChannelMember, DependencyGraph  # noqa: E402
+from keras_autoprune.graph import handlers  # noqa: E402
+from keras_autoprune.graph.handlers import register_handler  # noqa: E402
+from keras_autoprune.surgery import PrunePlan, apply_plan, mask_plan  # noqa: E402
+
+__version__ = "0.1.0.dev0"
+
+__all__ = sorted(
+    [
+        "ChannelGroup",
+        "ChannelMember",
+        "DependencyGraph",
+        "PlanError",
+        "PrunePlan",
+        "SurgeryError",
+        "UnsupportedModelError",
+        "apply_plan",
+        "handlers",
+        "mask_plan",
+        "register_handler",
+    ]
+)

@@ -1,0 +1,377 @@
+"""`DependencyGraph`: coupled channel groups of a Keras 3 functional model.
+
+The graph is built by walking the model's nodes in topological order (the
+same order Keras uses to run it), recursing into nested models, and asking
+each layer's handler how channels flow from its inputs to its outputs (see
+`keras_autoprune.graph.atoms`). The result is a list of `ChannelGroup`s: sets
+of channel positions, across layers, that must be pruned together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_autoprune.errors import UnsupportedModelError
+from keras_autoprune.graph.atoms import AtomTable
+from keras_autoprune.graph.context import WalkContext
+from keras_autoprune.graph.handlers import CallInfo, LayerHandler, TensorRef, get_handler
+
+_BLOCKER = LayerHandler()
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelMember:
+    """Where a group's channels appear in one layer.
+
+    Attributes:
+        layer: qualified layer name (``outer_model/inner_layer`` for nested
+            models).
+        side: ``"input"`` or ``"output"`` of that layer.
+        tensor_index: which input tensor (0 for outputs / single inputs).
+        positions: positions on the tensor's channel (last) axis.
+        channels: the group channel held at each position (the index map;
+            a Flatten output repeats every channel ``H*W`` times).
+    """
+
+    layer: str
+    side: str
+    tensor_index: int
+    positions: np.ndarray
+    channels: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must be pruned together.
+
+    Attributes:
+        id: stable name, from the first layer that creates these channels.
+        size: number of channels.
+        members: every (layer, side, index map) the channels appear in.
+        prunable: False when a channel reaches a model input or output, or
+            crosses a layer that cannot be pruned.
+        reason: why the group is not prunable (None if it is).
+        chunks: one id per channel; channels sharing an id can only be
+            removed together (GroupNormalization groups).
+    """
+
+    id: str
+    size: int
+    members: tuple[ChannelMember, ...]
+    prunable: bool
+    reason: str | None
+    chunks: np.ndarray
+
+    def __repr__(self) -> str:
+        state = "prunable" if self.prunable else f"blocked: {self.reason}"
+        return f"ChannelGroup(id={self.id!r}, size={self.size}, members={len(self.members)}, {state})"
+
+
+@dataclasses.dataclass
+class CallRecord:
+    """One walked call of an operation (internal to the graph and surgery)."""
+
+    name: str
+    operation: Any
+    handler: LayerHandler
+    call: CallInfo
+    input_keys: list[int]
+    output_keys: list[int]
+    out_layouts: list[np.ndarray]
+    first_call: bool
+
+
+def check_model(model: Any) -> keras.Model:
+    """Returns the walkable functional form of ``model`` or raises clearly."""
+    if not isinstance(model, keras.Model):
+        raise UnsupportedModelError(
+            "Expected a Keras 3 `keras.Model` (Functional or Sequential). "
+            f"Received: model of type {type(model).__module__}.{type(model).__name__}. "
+            "tf.keras / tf_keras models are not supported: rebuild the model with `import keras`."
+        )
+    if isinstance(model, keras.Sequential):
+        functional = getattr(model, "_functional", None)
+        if functional is None:
+            raise UnsupportedModelError(
+                "Expected a built Sequential model with a known input shape. "
+                f"Received: model '{model.name}', which is not built. "
+                "Fix: start the model with `keras.Input(shape=...)` or call `model.build(input_shape)`."
+            )
+        return functional
+    from keras.src.models.functional import Functional
+
+    if not isinstance(model, Functional):
+        raise UnsupportedModelError(
+            "Expected a Functional or Sequential model, whose graph can be walked. "
+            f"Received: subclassed model '{model.name}' of type {type(model).__name__}. "
+            "Fix: rebuild it with the functional API, e.g. "
+            "`inputs = keras.Input(shape); outputs = ...; keras.Model(inputs, outputs)`."
+        )
+    return model
+
+
+class DependencyGraph:
+    """Coupled channel groups of a Keras 3 Sequential or Functional model.
+
+    Args:
+        model: a built `keras.Sequential` or Functional `keras.Model`. It is
+            only read.
+
+    Attributes:
+        model: the model analysed.
+        groups: list of `ChannelGroup`, in topological order.
+        unknown_layers: qualified names of layers without a handler (their
+            channels are not prunable).
+
+    Example:
+
+    >>> import keras, keras_autoprune as kap
+    >>> inputs = keras.Input((8, 8, 3))
+    >>> x = keras.layers.Conv2D(4, 3, name="c1")(inputs)
+    >>> x = keras.layers.BatchNormalization(name="bn")(x)
+    >>> outputs = keras.layers.Conv2D(2, 1, name="c2")(x)
+    >>> graph = kap.DependencyGraph(keras.Model(inputs, outputs))
+    >>> [(g.id, g.size, g.prunable) for g in graph.groups]
+    [('input:input_layer', 3, False), ('c1', 4, True), ('c2', 2, False)]
+    """
+
+    def __init__(self, model: keras.Model):
+        functional = check_model(model)
+        self.model = model
+        self.atoms = AtomTable()
+        self.records: list[CallRecord] = []
+        self.unknown_layers: list[str] = []
+        #: tensor key -> key of the tensor it is (nested model boundaries).
+        self.tensor_alias: dict[int, int] = {}
+        self._space_cache: dict[int, dict[int, np.ndarray]] = {}
+        self._first_inputs: dict[int, list[np.ndarray]] = {}
+        self.input_layouts = [
+            self.atoms.new_space(_width(t.shape), f"input:{_input_name(t)}") for t in functional.inputs
+        ]
+        for layout in self.input_layouts:
+            self.atoms.fix(layout, "it is a model input")
+        self.output_layouts = self._walk(functional, self.input_layouts, prefix="")
+        for layout in self.output_layouts:
+            self.atoms.fix(layout, "it is a model output")
+        if self.unknown_layers:
+            warnings.warn(
+                "keras_autoprune: no pruning handler for "
+                + ", ".join(self.unknown_layers)
+                + ". Channels crossing these layers will not be pruned. If such a layer "
+                "transforms channels in a known way, declare it with "
+                "`keras_autoprune.register_handler(LayerClass, handler)`.",
+                stacklevel=2,
+            )
+        self._build_groups()
+
+    # -- walking --------------------------------------------------------
+    def _walk(self, functional, in_layouts: list[np.ndarray], prefix: str) -> list[np.ndarray]:
+        layouts = {id(t): layout for t, layout in zip(functional.inputs, in_layouts)}
+        nodes_by_depth = functional._nodes_by_depth
+        for depth in sorted(nodes_by_depth, reverse=True):
+            for node in nodes_by_depth[depth]:
+                if node.is_input:
+                    continue
+                tensors = list(node.arguments.keras_tensors)
+                node_in = [layouts[id(t)] for t in tensors]
+                operation = node.operation
+                if isinstance(operation, keras.Model) and _is_graph_model(operation):
+                    inner = check_model(operation)
+                    node_out = self._walk(inner, node_in, prefix + operation.name + "/")
+                    self.tensor_alias.update({id(i): id(o) for i, o in zip(inner.inputs, tensors)})
+                    self.tensor_alias.update({id(o): id(i) for o, i in zip(node.outputs, inner.outputs)})
+                else:
+                    node_out = self._walk_call(operation, node, tensors, node_in, prefix)
+                for tensor, layout in zip(node.outputs, node_out):
+                    layouts[id(tensor)] = layout
+        return [layouts[id(t)] for t in functional.outputs]
+
+    def _walk_call(self, operation, node, tensors, in_layouts, prefix) -> list[np.ndarray]:
+        name = prefix + operation.name
+        handler = get_handler(operation)
+        if handler is None:
+            self.unknown_layers.append(f"'{name}' ({type(operation).__name__})")
+            handler = _BLOCKER
+        args, kwargs = _refs(node, tensors)
+        call = CallInfo(
+            in_layouts=in_layouts,
+            in_shapes=[tuple(t.shape) for t in tensors],
+            out_shapes=[tuple(t.shape) for t in node.outputs],
+            args=args,
+            kwargs=kwargs,
+        )
+        key = id(operation)
+        ctx = WalkContext(self.atoms, name, self._space_cache.setdefault(key, {}))
+        first_call = key not in self._first_inputs
+        if first_call:
+            self._first_inputs[key] = in_layouts
+        elif handler.has_channel_weights:
+            for first, current in zip(self._first_inputs[key], in_layouts):
+                ctx.tie(first, current)
+        try:
+            out_layouts = handler.propagate(operation, call, ctx)
+        except Exception as error:  # a handler must never produce a wrong model
+            warnings.warn(
+                f"keras_autoprune: handler {type(handler).__name__} failed on '{name}' ({error!r}); "
+                "its channels will not be pruned.",
+                stacklevel=3,
+            )
+            handler = _BLOCKER
+            out_layouts = _BLOCKER.propagate(operation, call, ctx)
+        self.records.append(
+            CallRecord(
+                name=name,
+                operation=operation,
+                handler=handler,
+                call=call,
+                input_keys=[id(t) for t in tensors],
+                output_keys=[id(t) for t in node.outputs],
+                out_layouts=out_layouts,
+                first_call=first_call,
+            )
+        )
+        return out_layouts
+
+    # -- groups ---------------------------------------------------------
+    def _build_groups(self) -> None:
+        roots = self.atoms.roots()
+        spaces = self.atoms.spaces()
+        space_parent = list(range(int(spaces.max()) + 1 if len(spaces) else 0))
+
+        def find(s):
+            while space_parent[s] != s:
+                space_parent[s] = space_parent[space_parent[s]]
+                s = space_parent[s]
+            return s
+
+        for a, b in zip(spaces.tolist(), spaces[roots].tolist()):
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                space_parent[max(ra, rb)] = min(ra, rb)
+        component = np.array([find(s) for s in range(len(space_parent))], np.int64)
+        atom_component = component[spaces] if len(spaces) else spaces
+
+        order = sorted(set(atom_component.tolist()))
+        group_of_component = {c: g for g, c in enumerate(order)}
+        self.atom_group = np.array([group_of_component[c] for c in atom_component.tolist()], np.int64)
+        self.atom_channel = np.zeros(len(roots), np.int64)
+        channel_of_root: dict[int, int] = {}
+        sizes = [0] * len(order)
+        for atom, root in enumerate(roots.tolist()):
+            if root not in channel_of_root:
+                g = self.atom_group[atom]
+                channel_of_root[root] = sizes[g]
+                sizes[g] += 1
+            self.atom_channel[atom] = channel_of_root[root]
+
+        reasons: dict[int, str] = {}
+        for root, reason in self.atoms.fixed_roots().items():
+            reasons.setdefault(int(self.atom_group[root]), reason)
+        chunks = [np.arange(n) for n in sizes]
+        for a, b in self.atoms.chunk_pairs():
+            g = self.atom_group[a]
+            _merge_chunks(chunks[g], self.atom_channel[a], self.atom_channel[b])
+
+        members = self._members(len(order))
+        names: dict[str, int] = {}
+        self.groups = []
+        for g, c in enumerate(order):
+            base = self.atoms.space_owner(c)
+            names[base] = names.get(base, 0) + 1
+            group_id = base if names[base] == 1 else f"{base}#{names[base]}"
+            self.groups.append(
+                ChannelGroup(
+                    id=group_id,
+                    size=sizes[g],
+                    members=tuple(members[g]),
+                    prunable=g not in reasons,
+                    reason=reasons.get(g),
+                    chunks=_canonical_chunks(chunks[g]),
+                )
+            )
+        self._index = {group.id: i for i, group in enumerate(self.groups)}
+
+    def _members(self, n_groups: int) -> list[list[ChannelMember]]:
+        members: list[list[ChannelMember]] = [[] for _ in range(n_groups)]
+        for record in self.records:
+            if not record.first_call:
+                continue
+            sides = [("input", i, l) for i, l in enumerate(record.call.in_layouts)]
+            sides += [("output", i, l) for i, l in enumerate(record.out_layouts)]
+            for side, index, layout in sides:
+                if not len(layout):
+                    continue
+                groups = self.atom_group[layout]
+                for g in np.unique(groups).tolist():
+                    positions = np.flatnonzero(groups == g)
+                    members[g].append(
+                        ChannelMember(record.name, side, index, positions, self.atom_channel[layout[positions]])
+                    )
+        return members
+
+    # -- queries --------------------------------------------------------
+    def group(self, group_id: str) -> ChannelGroup:
+        """The group named ``group_id`` (KeyError listing valid ids if absent)."""
+        if group_id not in self._index:
+            raise KeyError(f"No channel group {group_id!r}. Valid ids: {sorted(self._index)}")
+        return self.groups[self._index[group_id]]
+
+    def group_index(self, group_id: str) -> int | None:
+        return self._index.get(group_id)
+
+    @property
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def summary(self) -> str:
+        """One line per group: id, size, members, prunable or why not."""
+        lines = [f"{'group':40s} {'size':>6s} {'members':>8s}  status"]
+        for g in self.groups:
+            status = "prunable" if g.prunable else f"blocked ({g.reason})"
+            lines.append(f"{g.id:40s} {g.size:6d} {len(g.members):8d}  {status}")
+        return "\n".join(lines)
+
+
+def _merge_chunks(chunk_ids: np.ndarray, a: int, b: int) -> None:
+    old, new = max(chunk_ids[a], chunk_ids[b]), min(chunk_ids[a], chunk_ids[b])
+    chunk_ids[chunk_ids == old] = new
+
+
+def _canonical_chunks(chunk_ids: np.ndarray) -> np.ndarray:
+    _, canonical = np.unique(chunk_ids, return_inverse=True)
+    return canonical.astype(np.int64)
+
+
+def _is_graph_model(model) -> bool:
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, (keras.Sequential, Functional))
+
+
+def _width(shape) -> int:
+    return int(shape[-1]) if len(shape) >= 2 and shape[-1] is not None else 0
+
+
+def _input_name(tensor) -> str:
+    history = getattr(tensor, "_keras_history", None)
+    return history.operation.name if history else tensor.name
+
+
+def _refs(node, tensors) -> tuple[tuple, dict]:
+    index = {id(t): i for i, t in enumerate(tensors)}
+
+    def ref(obj):
+        if isinstance(obj, keras.KerasTensor):
+            return TensorRef(index[id(obj)])
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(ref(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: ref(v) for k, v in obj.items()}
+        return obj
+
+    return ref(tuple(node.arguments.args)), ref(dict(node.arguments.kwargs))

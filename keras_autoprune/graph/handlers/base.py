@@ -1,0 +1,167 @@
+"""The handler interface: how channels flow through a layer and how to cut it.
+
+A handler describes one layer family. The dependency graph calls
+`LayerHandler.propagate` once per call of a layer, in topological order, to turn
+the channel layouts of the inputs into the layouts of the outputs. Layer
+surgery calls `prune` (physically remove channels) and `mask` (zero them in a
+same-shape copy); both receive a `LayerKeep` describing, per channel position
+of the layer's first call, what survives.
+
+Handlers are stateless: one instance can serve any number of layers and
+models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class CallInfo:
+    """One call of an operation in a functional graph.
+
+    Attributes:
+        in_layouts: channel layout (atom ids along the last axis) of each
+            tensor argument, in the order of `node.arguments.keras_tensors`.
+        in_shapes: static shapes of those tensors, batch axis included.
+        out_shapes: static shapes of the outputs.
+        args: positional arguments of the call; tensors replaced by their
+            index in `in_layouts` wrapped in `TensorRef`.
+        kwargs: keyword arguments of the call, same convention.
+    """
+
+    in_layouts: list[np.ndarray]
+    in_shapes: list[tuple]
+    out_shapes: list[tuple]
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """Stands for the i-th tensor argument of a call in `CallInfo.args`."""
+
+    index: int
+
+
+@dataclasses.dataclass
+class LayerKeep:
+    """What survives of one layer, per channel position of its first call.
+
+    Attributes:
+        inputs: per tensor input, a bool array over the input's channel axis
+            (True = kept).
+        outputs: per output, a bool array over the output's channel axis.
+        fold: per tensor input, the constant that each removed input channel
+            carries in the masked model and that `prune` must fold into the
+            bias (0 where nothing is to be folded).
+        zero_rows: per tensor input, removed channels whose value in the masked
+            model is not zero and cannot be folded: `mask` zeroes the weights
+            that read them, so both models ignore them.
+    """
+
+    inputs: list[np.ndarray]
+    outputs: list[np.ndarray]
+    fold: list[np.ndarray]
+    zero_rows: list[np.ndarray]
+
+    @property
+    def changes_anything(self) -> bool:
+        return not all(k.all() for k in self.inputs + self.outputs)
+
+
+class LayerHandler:
+    """Base handler: blocks pruning of every channel that crosses the layer.
+
+    Subclasses override what their family supports. The default behaviour is
+    the safe one used for unknown layers: input channels become unprunable
+    and the outputs get fresh, unprunable channels.
+    """
+
+    #: Whether the layer holds per-channel weights. Calls of a shared layer
+    #: (a layer used more than once) then have their input layouts tied,
+    #: because all calls read the same weights.
+    has_channel_weights: bool = False
+
+    def propagate(self, layer: Any, call: CallInfo, ctx: "WalkContext") -> list[np.ndarray]:
+        """Returns the output layouts of one call and records the ties."""
+        reason = f"layer '{layer.name}' ({type(layer).__name__}) has no pruning handler"
+        for layout in call.in_layouts:
+            ctx.fix(layout, reason)
+        return [ctx.fix(ctx.new_space(_channels(s), i), reason) for i, s in enumerate(call.out_shapes)]
+
+    def constants(self, layer: Any, call: CallInfo, in_values: list[np.ndarray]) -> list[np.ndarray]:
+        """Values removed channels carry at the outputs in the masked model.
+
+        Args:
+            in_values: per input, the value each channel position carries
+                when it is removed (NaN = not a known constant).
+
+        Returns:
+            One array per output; NaN where the value is not a constant.
+            Only positions of removed channels are ever read.
+        """
+        return [np.full(_channels(s), np.nan) for s in call.out_shapes]
+
+    def can_fold(self, layer: Any) -> bool:
+        """Whether a constant on a removed input channel folds into the bias."""
+        return False
+
+    def prune(self, layer: Any, config: dict, weights: dict[str, np.ndarray], keep: LayerKeep) -> tuple[dict, dict]:
+        """Returns the config and weights of the layer with channels removed."""
+        return config, weights
+
+    def mask(self, layer: Any, weights: dict[str, np.ndarray], keep: LayerKeep) -> dict[str, np.ndarray]:
+        """Returns the weights with the removed channels' parameters zeroed."""
+        return weights
+
+    def output_l1(self, layer: Any, weights: dict[str, np.ndarray]) -> np.ndarray | None:
+        """L1 norm of the weights creating each output channel, if any."""
+        return None
+
+
+def _channels(shape: tuple) -> int:
+    """Length of the channel (last) axis; 0 for tensors without one."""
+    if len(shape) < 2 or shape[-1] is None:
+        return 0
+    return int(shape[-1])
+
+
+channels = _channels
+
+
+def fill_values(call: CallInfo, values: list[np.ndarray]) -> tuple[tuple, dict]:
+    """The call's arguments with each tensor replaced by a ``(1, C)`` array.
+
+    Used to evaluate element-wise layers and ops on the constants carried by
+    removed channels. NaN entries are replaced by 0 here; callers restore
+    them (a NaN input makes the output NaN).
+    """
+
+    def fill(obj):
+        if isinstance(obj, TensorRef):
+            return np.nan_to_num(values[obj.index], nan=0.0).astype(np.float32)[None]
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(fill(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: fill(v) for k, v in obj.items()}
+        return obj
+
+    return fill(call.args), fill(call.kwargs)
+
+
+def evaluate_elementwise(operation: Any, call: CallInfo, values: list[np.ndarray]) -> np.ndarray:
+    """Runs an element-wise layer/op on per-channel constants (NaN-aware)."""
+    import keras  # local: keeps `import keras_autoprune.graph.handlers` light
+
+    args, kwargs = fill_values(call, values)
+    out = np.asarray(keras.ops.convert_to_numpy(operation(*args, **kwargs)), np.float64)
+    out = out.reshape(-1)
+    unknown = np.zeros(out.shape, bool)
+    for v in values:
+        unknown |= np.broadcast_to(np.isnan(v), out.shape)
+    out[unknown | ~np.isfinite(out)] = np.nan
+    return out

@@ -1,0 +1,104 @@
+"""Layers that compute new channels as a linear map of their input channels.
+
+Covers Conv1D/2D/3D, Conv1D/2D/3DTranspose and Dense (on 2-D or N-D inputs).
+The kernel has one input-channel axis and one output-channel axis; everything
+else (spatial taps) is left alone.
+
+Folding. When a removed input channel n carries a constant ``c_n`` in the
+masked model, the pruned layer adds its contribution to the bias:
+``b_o += sum_n c_n * sum_taps K[taps, n, o]``. This is exact when every output
+position sees every tap (Dense, ``padding="valid"``, 1x1 kernels); for other
+layers the masked model zeroes those kernel rows instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from keras_autoprune.graph.handlers.base import CallInfo, LayerHandler, LayerKeep, channels
+
+
+class LinearHandler(LayerHandler):
+    """A kernel of shape ``(*taps, in, out)`` (or ``(*taps, out, in)``).
+
+    Args:
+        units_key: config key holding the number of output channels.
+        transposed: True for ``ConvXDTranspose`` kernels ``(*taps, out, in)``.
+    """
+
+    has_channel_weights = True
+
+    def __init__(self, units_key: str, transposed: bool = False):
+        self.units_key = units_key
+        self.in_axis, self.out_axis = (-1, -2) if transposed else (-2, -1)
+        self.transposed = transposed
+
+    def _unsupported(self, layer: Any) -> str | None:
+        config = layer.get_config()
+        if config.get("data_format", "channels_last") != "channels_last":
+            return "data_format='channels_first'"
+        if config.get("groups", 1) != 1:
+            return f"groups={config['groups']}"
+        return None
+
+    def propagate(self, layer, call: CallInfo, ctx):
+        problem = self._unsupported(layer)
+        if problem:
+            reason = f"layer '{layer.name}' uses {problem}, which is not supported for pruning"
+            for layout in call.in_layouts:
+                ctx.fix(layout, reason)
+            return [ctx.fix(ctx.new_space(channels(call.out_shapes[0])), reason)]
+        return [ctx.new_space(channels(call.out_shapes[0]))]
+
+    def constants(self, layer, call, in_values):
+        return [np.zeros(channels(call.out_shapes[0]))]
+
+    def can_fold(self, layer) -> bool:
+        if self.transposed:
+            return False
+        config = layer.get_config()
+        if "kernel_size" not in config:
+            return True
+        return config["padding"] == "valid" or all(k == 1 for k in config["kernel_size"])
+
+    def prune(self, layer, config, weights, keep: LayerKeep):
+        kernel = weights["kernel"]
+        in_keep, out_keep = keep.inputs[0], keep.outputs[0]
+        config = dict(config)
+        weights = dict(weights)
+        shift = self._folded_bias(kernel, keep.fold[0])
+        if shift is not None:
+            if "bias" not in weights:
+                config["use_bias"] = True
+                weights["bias"] = np.zeros(kernel.shape[self.out_axis], kernel.dtype)
+            weights["bias"] = weights["bias"] + shift.astype(kernel.dtype)
+        kernel = np.compress(in_keep, kernel, axis=self.in_axis)
+        weights["kernel"] = np.compress(out_keep, kernel, axis=self.out_axis)
+        if "bias" in weights:
+            weights["bias"] = weights["bias"][out_keep]
+        config[self.units_key] = int(out_keep.sum())
+        return config, weights
+
+    def _folded_bias(self, kernel: np.ndarray, fold: np.ndarray) -> np.ndarray | None:
+        """``sum_n fold_n * sum_taps K[taps, n, :]``, or None if nothing folds."""
+        if not np.any(fold):
+            return None
+        taps = tuple(range(kernel.ndim - 2))
+        per_channel = kernel.astype(np.float64).sum(axis=taps)  # (in, out)
+        return fold.astype(np.float64) @ per_channel
+
+    def mask(self, layer, weights, keep: LayerKeep):
+        weights = {k: np.array(v) for k, v in weights.items()}
+        kernel = np.moveaxis(weights["kernel"], (self.in_axis, self.out_axis), (-2, -1))
+        kernel[..., ~keep.outputs[0]] = 0
+        kernel[..., keep.zero_rows[0], :] = 0
+        weights["kernel"] = np.moveaxis(kernel, (-2, -1), (self.in_axis, self.out_axis))
+        if "bias" in weights:
+            weights["bias"][~keep.outputs[0]] = 0
+        return weights
+
+    def output_l1(self, layer, weights):
+        kernel = np.moveaxis(np.abs(weights["kernel"]), self.out_axis, -1)
+        return kernel.reshape(-1, kernel.shape[-1]).sum(axis=0)

@@ -1,0 +1,35 @@
+"""Layers that move, pool or drop values but never mix channels.
+
+Pooling and global pooling, cropping, up-sampling, the dropout/noise family,
+Identity, and zero padding. A removed channel keeps its (constant) value
+through all of them, except zero padding, which turns a non-zero constant
+into a non-constant map.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from keras_autoprune.graph.handlers.base import LayerHandler
+
+
+class PassThroughHandler(LayerHandler):
+    """Output channels are the input channels, in the same order."""
+
+    def propagate(self, layer, call, ctx):
+        config = layer.get_config()
+        if config.get("data_format", "channels_last") == "channels_first":
+            reason = f"layer '{layer.name}' uses data_format='channels_first', which is not supported"
+            ctx.fix(call.in_layouts[0], reason)
+            return [ctx.fix(ctx.new_space(len(call.in_layouts[0])), reason)]
+        return [call.in_layouts[0]]
+
+    def constants(self, layer, call, in_values):
+        return [in_values[0]]
+
+
+class ZeroPaddingHandler(PassThroughHandler):
+    """ZeroPadding1D/2D/3D: a constant ``c != 0`` stops being constant."""
+
+    def constants(self, layer, call, in_values):
+        return [np.where(in_values[0] == 0, 0.0, np.nan)]

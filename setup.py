@@ -1,0 +1,38 @@
+"""Packaging for keras-autoprune."""
+
+from setuptools import find_packages, setup
+
+_TEST = ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "scikit-learn>=1.2"]
+_DEMO = ["ai-edge-litert>=1.2", "matplotlib>=3.6", "scikit-learn>=1.2"]
+_BENCH = ["ai-edge-litert>=1.2", "matplotlib>=3.6", "tensorflow-datasets>=4.9"]
+
+setup(
+    name="keras-autoprune",
+    version="0.1.0.dev0",
+    description=(
+        "Automatic, curvature-aware structured pruning for Keras 3 with real "
+        "layer surgery and verified TFLite / SavedModel export."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["keras_autoprune", "keras_autoprune.*"]),
+    python_requires=">=3.10",
+    # TensorFlow comes from an extra so that CPU-only machines can use the
+    # small `tensorflow-cpu` wheel and GPU machines the full one: both provide
+    # the `tensorflow` module, and pip cannot pick between them by itself.
+    # `import keras_autoprune` checks that one of them (>= 2.16) is present.
+    install_requires=["keras>=3", "numpy>=1.23"],
+    extras_require={
+        "cpu": ["tensorflow-cpu>=2.16"],
+        "gpu": ["tensorflow>=2.16"],
+        "test": _TEST,
+        "demo": _DEMO,
+        "bench": _BENCH,
+        "all": sorted(set(_TEST + _DEMO + _BENCH)),
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Framework :: Keras",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
