@@ -173,8 +173,11 @@ class DependencyGraph:
     def _walk(self, functional, in_layouts: list[np.ndarray], prefix: str) -> list[np.ndarray]:
         layouts = {id(t): layout for t, layout in zip(functional.inputs, in_layouts)}
         nodes_by_depth = functional._nodes_by_depth
+        # Within a depth, follow the order in which the layers were created so
+        # that group ids name the branch the user wrote first.
+        position = {id(op): i for i, op in enumerate(functional.operations)}
         for depth in sorted(nodes_by_depth, reverse=True):
-            for node in nodes_by_depth[depth]:
+            for node in sorted(nodes_by_depth[depth], key=lambda n: position.get(id(n.operation), 0)):
                 if node.is_input:
                     continue
                 tensors = list(node.arguments.keras_tensors)

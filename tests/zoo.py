@@ -1,0 +1,72 @@
+"""The keras.applications model zoo, as used by the sweep test and docs."""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+
+import keras_autoprune as kap
+
+#: (constructor name, input size). Sizes are the smallest each accepts easily.
+ARCHITECTURES = [
+    ("ConvNeXtBase", 64), ("ConvNeXtLarge", 64), ("ConvNeXtSmall", 64), ("ConvNeXtTiny", 64),
+    ("ConvNeXtXLarge", 64), ("DenseNet121", 64), ("DenseNet169", 64), ("DenseNet201", 64),
+    ("EfficientNetB0", 64), ("EfficientNetB1", 64), ("EfficientNetB2", 64), ("EfficientNetB3", 64),
+    ("EfficientNetB4", 64), ("EfficientNetB5", 64), ("EfficientNetB6", 64), ("EfficientNetB7", 64),
+    ("EfficientNetV2B0", 64), ("EfficientNetV2B1", 64), ("EfficientNetV2B2", 64), ("EfficientNetV2B3", 64),
+    ("EfficientNetV2L", 64), ("EfficientNetV2M", 64), ("EfficientNetV2S", 64),
+    ("InceptionResNetV2", 75), ("InceptionV3", 75), ("MobileNet", 64), ("MobileNetV2", 64),
+    ("MobileNetV3Large", 64), ("MobileNetV3Small", 64), ("NASNetLarge", 331), ("NASNetMobile", 224),
+    ("ResNet101", 64), ("ResNet101V2", 64), ("ResNet152", 64), ("ResNet152V2", 64), ("ResNet50", 64),
+    ("ResNet50V2", 64), ("VGG16", 64), ("VGG19", 64), ("Xception", 71),
+]
+
+#: Built in the default test run; the rest are marked slow.
+FAST = {"MobileNetV2", "MobileNetV3Small", "ResNet50", "EfficientNetB0", "DenseNet121", "VGG16", "NASNetMobile", "ConvNeXtTiny", "Xception", "InceptionV3", "MobileNet"}
+
+
+def build(name: str, size: int) -> keras.Model:
+    constructor = getattr(keras.applications, name)
+    kwargs = dict(weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None)
+    if name.startswith("MobileNetV3"):
+        kwargs["include_preprocessing"] = True
+    return constructor(**kwargs)
+
+
+def sweep_one(name: str, size: int, ratio: float = 0.3) -> dict:
+    """Graph + uniform plan + both executions; returns figures for the docs."""
+    from tests.helpers import randomize, relative_error
+
+    model = build(name, size)
+    randomize(model, scale=0.05)
+    start = time.perf_counter()
+    graph = kap.DependencyGraph(model)
+    graph_s = time.perf_counter() - start
+    plan = kap.PrunePlan.uniform(graph, ratio)
+    start = time.perf_counter()
+    slim = kap.apply_plan(model, plan, graph)
+    apply_s = time.perf_counter() - start
+    masked = kap.mask_plan(model, plan, graph)
+    x = np.random.default_rng(0).normal(0, 1, (1, size, size, 3)).astype("float32")
+    expected, received = np.asarray(masked(x)), np.asarray(slim(x))
+    channels = sum(g.size for g in graph.groups)
+    prunable = sum(g.size for g in graph.prunable_groups)
+    return dict(
+        name=name,
+        size=size,
+        groups=len(graph.groups),
+        prunable_groups=len(graph.prunable_groups),
+        prunable_share=prunable / channels,
+        params=model.count_params(),
+        params_after=slim.count_params(),
+        out_shape=tuple(model.output.shape),
+        out_shape_after=tuple(slim.output.shape),
+        error=relative_error(received, expected),
+        graph_s=graph_s,
+        apply_s=apply_s,
+        unknown=list(graph.unknown_layers),
+        slim=slim,
+        model=model,
+    )
