@@ -100,8 +100,9 @@ class PrunePlan:
                 np.add.at(score, group.chunks, scores[group.id])
             else:
                 score -= np.arange(n_chunks)
-            best = np.sort(np.argsort(-score, kind="stable")[:keep_chunks])
-            kept[group.id] = np.flatnonzero(np.isin(group.chunks, best))
+            best = np.argsort(-score, kind="stable")[:keep_chunks]
+            kept_channels = np.flatnonzero(np.isin(group.chunks, best))
+            kept[group.id] = _cover_members(group, kept_channels, score)
         return cls(kept)
 
     # -- access ---------------------------------------------------------
@@ -151,6 +152,14 @@ class PrunePlan:
                 raise PlanError(
                     f"Kept indices of group '{group_id}' contain duplicates: {values[counts > 1].tolist()}"
                 )
+            for member in group.members:
+                if not np.isin(member.channels, indices).any():
+                    raise PlanError(
+                        f"The plan removes every channel that layer '{member.layer}' holds in group "
+                        f"'{group_id}' ({member.side} positions {member.positions.tolist()[:8]}): a layer "
+                        "cannot be left with zero channels. Fix: keep at least one of its channels "
+                        f"{np.unique(member.channels).tolist()[:8]}."
+                    )
             kept_chunks = np.unique(group.chunks[indices])
             if np.isin(group.chunks, kept_chunks).sum() != indices.size:
                 raise PlanError(
@@ -187,3 +196,19 @@ class PrunePlan:
                 f"`PrunePlan.to_json()`. Received: {text!r:.80}"
             )
         return cls(data["kept"])
+
+
+def _cover_members(group, kept: np.ndarray, chunk_score: np.ndarray) -> np.ndarray:
+    """Adds back the best chunk of any member left with no channel.
+
+    A group may span layers that each hold only some of its channels (a
+    concatenation added to a wider convolution); none of them may end up
+    empty.
+    """
+    kept_set = set(kept.tolist())
+    for member in group.members:
+        if kept_set.isdisjoint(member.channels.tolist()):
+            chunks = np.unique(group.chunks[member.channels])
+            best = chunks[np.argmax(chunk_score[chunks])]
+            kept_set.update(np.flatnonzero(group.chunks == best).tolist())
+    return np.array(sorted(kept_set), np.int64)

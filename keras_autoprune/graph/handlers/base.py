@@ -133,6 +133,26 @@ def _channels(shape: tuple) -> int:
 channels = _channels
 
 
+def activation_at_zero(layer: Any, width: int) -> np.ndarray:
+    """Output of a layer's built-in ``activation`` for a zeroed channel.
+
+    A convolution or Dense layer with zeroed kernel column and bias outputs
+    ``activation(0)`` on that channel: 0 for relu/swish/tanh, 0.5 for sigmoid.
+    """
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return np.zeros(width)
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(activation(np.zeros((1, width), np.float32))), np.float64)[0]
+
+
+def mixes_channels(layer: Any) -> bool:
+    """Whether a layer's built-in activation normalises across channels."""
+    activation = getattr(layer, "activation", None)
+    return getattr(activation, "__name__", "") in ("softmax", "log_softmax")
+
+
 def fill_values(call: CallInfo, values: list[np.ndarray]) -> tuple[tuple, dict]:
     """The call's arguments with each tensor replaced by a ``(1, C)`` array.
 

@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_autoprune.graph.handlers.base import CallInfo, LayerHandler, LayerKeep, channels
+from keras_autoprune.graph.handlers.base import CallInfo, LayerHandler, LayerKeep, activation_at_zero, channels, mixes_channels
 
 
 def _multiplier(layer) -> int:
     return int(layer.get_config()["depth_multiplier"])
 
 
-def _channels_first(layer) -> bool:
-    return layer.get_config().get("data_format", "channels_last") != "channels_last"
+def _unsupported(layer) -> str | None:
+    if layer.get_config().get("data_format", "channels_last") != "channels_last":
+        return "data_format='channels_first'"
+    if mixes_channels(layer):
+        return "a softmax activation across its outputs"
+    return None
 
 
 def _block(layer, call: CallInfo, ctx):
-    reason = f"layer '{layer.name}' uses data_format='channels_first', which is not supported"
+    reason = f"layer '{layer.name}' uses {_unsupported(layer)}, which is not supported for pruning"
     for layout in call.in_layouts:
         ctx.fix(layout, reason)
     return [ctx.fix(ctx.new_space(channels(call.out_shapes[0])), reason)]
@@ -38,13 +42,13 @@ class DepthwiseHandler(LayerHandler):
     has_channel_weights = True
 
     def propagate(self, layer, call, ctx):
-        if _channels_first(layer):
+        if _unsupported(layer):
             return _block(layer, call, ctx)
         return [np.repeat(call.in_layouts[0], _multiplier(layer))]
 
     def constants(self, layer, call, in_values):
         # Removed channels have their kernel slice and bias zeroed.
-        return [np.zeros(channels(call.out_shapes[0]))]
+        return [activation_at_zero(layer, channels(call.out_shapes[0]))]
 
     def prune(self, layer, config, weights, keep: LayerKeep):
         weights = dict(weights)
@@ -75,12 +79,12 @@ class SeparableHandler(LayerHandler):
     has_channel_weights = True
 
     def propagate(self, layer, call, ctx):
-        if _channels_first(layer):
+        if _unsupported(layer):
             return _block(layer, call, ctx)
         return [ctx.new_space(channels(call.out_shapes[0]))]
 
     def constants(self, layer, call, in_values):
-        return [np.zeros(channels(call.out_shapes[0]))]
+        return [activation_at_zero(layer, channels(call.out_shapes[0]))]
 
     def prune(self, layer, config, weights, keep: LayerKeep):
         weights = dict(weights)

@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from keras_autoprune.graph.handlers.base import CallInfo, LayerHandler, LayerKeep, channels
+from keras_autoprune.graph.handlers.base import (
+    CallInfo,
+    LayerHandler,
+    LayerKeep,
+    activation_at_zero,
+    channels,
+    mixes_channels,
+)
 
 
 class LinearHandler(LayerHandler):
@@ -41,6 +48,8 @@ class LinearHandler(LayerHandler):
             return "data_format='channels_first'"
         if config.get("groups", 1) != 1:
             return f"groups={config['groups']}"
+        if mixes_channels(layer):
+            return "a softmax activation across its outputs"
         return None
 
     def propagate(self, layer, call: CallInfo, ctx):
@@ -53,7 +62,7 @@ class LinearHandler(LayerHandler):
         return [ctx.new_space(channels(call.out_shapes[0]))]
 
     def constants(self, layer, call, in_values):
-        return [np.zeros(channels(call.out_shapes[0]))]
+        return [activation_at_zero(layer, channels(call.out_shapes[0]))]
 
     def can_fold(self, layer) -> bool:
         if self.transposed:

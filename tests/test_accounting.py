@@ -1,0 +1,220 @@
+"""Tests for `keras_autoprune.accounting`: exact hand-computed counts, plus a
+cross-check against TensorFlow's own profiler (`tests/profiler_flops.py`)."""
+
+from __future__ import annotations
+
+import keras
+import pytest
+
+from keras_autoprune.accounting import (
+    LayerCost,
+    count_flops,
+    count_params,
+    flops_table,
+    format_table,
+)
+from keras_autoprune.errors import UnsupportedModelError
+from tests.profiler_flops import profiler_flops
+
+L = keras.layers
+
+
+def _model(input_shape, *layers):
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for layer in layers:
+        x = layer(x)
+    return keras.Model(inputs, x)
+
+
+# (input shape, layer, FLOPs, params), each computed by hand.
+# Conv: 2·K·C_in·C_out·P (+ N_out bias); depthwise: 2·K·C·M·P; separable:
+# depthwise + 2·C_in·M·C_out·P; transposed: 2·K·C_in·C_out·P_in; dense:
+# 2·C_in·C_out·P.
+_LAYER_CASES = {
+    # 9×9 → 4×4 (valid, stride 2), 4 filters: 2·9·3·4·16 + 64 bias.
+    "conv_valid_bias": ((9, 9, 3), lambda: L.Conv2D(4, 3, strides=2), 3456 + 64, 27 * 4 + 4),
+    # 9×9 → 5×5 (same, stride 2): 2·9·3·4·25.
+    "conv_same_nobias": (
+        (9, 9, 3), lambda: L.Conv2D(4, 3, strides=2, padding="same", use_bias=False), 5400, 108),
+    "conv_same_bias": (
+        (9, 9, 3), lambda: L.Conv2D(4, 3, strides=2, padding="same"), 5400 + 100, 112),
+    # Grouped: 2·9·(4/2)·4·36.
+    "conv_groups": ((8, 8, 4), lambda: L.Conv2D(4, 3, groups=2, use_bias=False), 5184, 72),
+    # Conv1D 8 → 6 steps: 2·3·3·5·6 + 30.
+    "conv1d": ((8, 3), lambda: L.Conv1D(5, 3), 570, 50),
+    # 8×8 → 6×6, 3 channels × 2: 2·9·6·36 + 216.
+    "depthwise_m2": ((8, 8, 3), lambda: L.DepthwiseConv2D(3, depth_multiplier=2), 3888 + 216, 60),
+    # Depthwise 2·9·3·36 = 1944, pointwise 2·3·5·36 = 1080, bias 180.
+    "separable": ((8, 8, 3), lambda: L.SeparableConv2D(5, 3), 3204, 27 + 15 + 5),
+    # 8×8 inputs → 17×17 outputs: 2·9·3·5·64 = 17280, bias 17·17·5 = 1445.
+    "conv_transpose": ((8, 8, 3), lambda: L.Conv2DTranspose(5, 3, strides=2), 18725, 140),
+    # (B, T=7, C=3) → (B, 7, 5): 2·3·5·7 + 35.
+    "dense_3d": ((7, 3), lambda: L.Dense(5), 245, 20),
+    # Softmax costs 5 per element (as TF's profiler counts it).
+    "dense_softmax": ((6,), lambda: L.Dense(4, activation="softmax"), 48 + 4 + 20, 28),
+    # Inference batch norm: 2 per element; 4 weights per channel.
+    "batchnorm": ((5, 5, 4), lambda: L.BatchNormalization(), 200, 16),
+    # 2×2 windows over 8×8×3 → 4·48; global pooling: one per input element.
+    "maxpool": ((8, 8, 3), lambda: L.MaxPooling2D(2), 192, 0),
+    "avgpool_3x3_s1": ((8, 8, 3), lambda: L.AveragePooling2D(3, strides=1), 9 * 108, 0),
+    "global_avgpool": ((8, 8, 3), lambda: L.GlobalAveragePooling2D(), 192, 0),
+    "flatten": ((8, 8, 3), lambda: L.Flatten(), 0, 0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_LAYER_CASES))
+def test_single_layer_exact_counts(case):
+    shape, make, flops, params = _LAYER_CASES[case]
+    model = _model(shape, make())
+    assert count_flops(model) == flops
+    assert count_params(model) == params == model.count_params()
+
+
+def test_sequential_and_table_rows():
+    model = keras.Sequential(
+        [keras.Input((8, 8, 3)), L.Conv2D(4, 3, use_bias=False, name="c"),
+         L.ReLU(name="r"), L.GlobalAveragePooling2D(name="g"), L.Dense(2, name="d")]
+    )
+    assert flops_table(model) == [
+        LayerCost("c", "Conv2D", 2 * 27 * 4 * 36, 108),
+        LayerCost("r", "ReLU", 0, 0),
+        LayerCost("g", "GlobalAveragePooling2D", 144, 0),
+        LayerCost("d", "Dense", 2 * 4 * 2 + 2, 10),
+    ]
+    assert count_flops(model) == 7776 + 144 + 18
+    assert count_params(model) == model.count_params() == 118
+
+
+def test_merges_and_op_nodes():
+    inputs = keras.Input((4, 5))
+    a = inputs * 2.0                                  # Multiply op node: 20
+    b = a + 1.0                                       # Add op node: 20
+    c = L.Add(name="add3")([inputs, a, b])            # (3 − 1)·20 = 40
+    d = L.Average(name="avg")([c, b])                 # 2·20 = 40
+    e = keras.ops.mean(d, axis=1)                     # one per input element: 20
+    f = keras.ops.matmul(e, keras.ops.ones((5, 3)))   # 2·5·3 = 30
+    model = keras.Model(inputs, f)
+    kinds = [(r.kind, r.flops) for r in flops_table(model)]
+    assert ("Multiply", 20) in kinds and ("Add", 20) in kinds and ("Matmul", 30) in kinds
+    assert count_flops(model) == 20 + 20 + 40 + 40 + 20 + 30
+    assert count_params(model) == 0 == model.count_params()
+
+
+def test_nested_sequential_in_functional():
+    inner = keras.Sequential(
+        [keras.Input((8, 8, 3)), L.Conv2D(4, 3, use_bias=False, name="c"),
+         L.GlobalAveragePooling2D(name="g")],
+        name="inner",
+    )
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, L.Dense(2, name="head")(inner(inputs)))
+    rows = flops_table(model)
+    assert [r.layer for r in rows] == ["inner/c", "inner/g", "head"]
+    assert count_flops(model) == 7776 + 144 + 18
+    assert count_params(model) == model.count_params() == 118
+
+
+def test_nested_backbone_with_unknown_spatial_size_uses_call_shape():
+    backbone = _model((None, None, 3), L.Conv2D(4, 3, use_bias=False, name="c"))
+    model = keras.Sequential([keras.Input((8, 8, 3)), backbone])
+    assert count_flops(model) == 2 * 27 * 4 * 36  # 6×6 outputs, not 1×1
+    with pytest.raises(ValueError, match="input_shape"):
+        count_flops(backbone)
+    assert count_flops(backbone, input_shape=(8, 8, 3)) == 7776
+    assert count_params(backbone) == 108
+
+
+def test_layer_called_twice_counts_flops_twice_params_once():
+    dense = L.Dense(3, name="shared")
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, dense(dense(inputs)))
+    rows = flops_table(model)
+    assert [(r.layer, r.flops, r.params) for r in rows] == [("shared", 21, 12), ("shared", 21, 0)]
+    assert count_flops(model) == 42
+    assert count_params(model) == model.count_params() == 12
+
+
+def test_nested_model_called_twice():
+    block = _model((4,), L.Dense(4, name="d"))
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, block(block(inputs)))
+    assert count_flops(model) == 2 * (2 * 16 + 4)
+    assert count_params(model) == model.count_params() == 20
+
+
+def test_subclassed_model_is_rejected():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = L.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    net = Net()
+    net(keras.ops.ones((1, 3)))
+    with pytest.raises(UnsupportedModelError, match="functional"):
+        count_flops(net)
+    with pytest.raises(UnsupportedModelError):
+        count_params(net)
+
+
+def test_format_table():
+    rows = [LayerCost("conv", "Conv2D", 1234, 10), LayerCost("b/relu", "ReLU", 0, 0)]
+    assert format_table(rows).splitlines() == [
+        "layer   kind    FLOPs  params",
+        "-" * 29,
+        "conv    Conv2D  1,234      10",
+        "b/relu  ReLU        0       0",
+        "-" * 29,
+        "total           1,234      10",
+    ]
+
+
+def _relative(ours: int, reference: float) -> float:
+    return abs(ours - reference) / reference
+
+
+def test_matches_tf_profiler_exactly_on_small_convnet():
+    # No batch norm or transposed convs, so every term agrees exactly.
+    inputs = keras.Input((16, 16, 3))
+    x = L.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    y = L.DepthwiseConv2D(3, padding="same")(x)
+    x = L.Add()([x, y])
+    x = L.MaxPooling2D(2)(x)
+    x = L.SeparableConv2D(8, 3, activation="swish")(x)
+    x = L.AveragePooling2D(2)(x)
+    x = L.Multiply()([x, L.Reshape((1, 1, 8))(L.GlobalAveragePooling2D()(x))])
+    x = L.Dense(6)(x) * 0.5
+    x = L.Dense(4, activation="softmax")(L.Flatten()(x))
+    model = keras.Model(inputs, x)
+    assert count_flops(model) == profiler_flops(model)
+
+
+def test_within_3_percent_of_tf_profiler_on_small_mobilenet():
+    model = keras.applications.MobileNetV2(
+        input_shape=(96, 96, 3), alpha=0.35, weights=None, classes=10
+    )
+    assert _relative(count_flops(model), profiler_flops(model)) < 0.03
+    assert count_params(model) == model.count_params()
+
+
+# Profiler figures at 224×224, batch 1 (shared/KERAS3_NOTES.md).
+_REFERENCE_FLOPS = {
+    "ResNet50": 7.755e9,
+    "MobileNetV2": 6.153e8,
+    "VGG16": 3.096e10,
+    "EfficientNetB0": 8.031e8,
+    "DenseNet121": 5.702e9,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(_REFERENCE_FLOPS))
+def test_within_3_percent_of_tf_profiler_on_applications(name):
+    model = getattr(keras.applications, name)(weights=None)
+    ours = count_flops(model)
+    assert _relative(ours, profiler_flops(model)) < 0.03
+    assert _relative(ours, _REFERENCE_FLOPS[name]) < 0.03
+    assert count_params(model) == model.count_params()
