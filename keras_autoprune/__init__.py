@@ -11,6 +11,7 @@ from keras_autoprune._version_check import check_tensorflow
 
 check_tensorflow()
 
+from keras_autoprune.accounting import LayerCost, count_flops, count_params, flops_table, format_table  # noqa: E402
 from keras_autoprune.errors import PlanError, SurgeryError, UnsupportedModelError  # noqa: E402
 from keras_autoprune.graph import ChannelGroup, ChannelMember, DependencyGraph  # noqa: E402
 from keras_autoprune.graph import handlers  # noqa: E402
@@ -22,6 +23,11 @@ __version__ = "0.1.0.dev0"
 __all__ = sorted(
     [
         "ChannelGroup",
+        "LayerCost",
+        "count_flops",
+        "count_params",
+        "flops_table",
+        "format_table",
         "ChannelMember",
         "DependencyGraph",
         "PlanError",

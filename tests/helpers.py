@@ -7,15 +7,19 @@ import numpy as np
 import keras_autoprune as kap
 
 
-def randomize(model, seed: int = 0, scale: float = 0.5) -> None:
+def randomize(model, seed: int = 0, scale: float = 0.5, kernels: bool = True) -> None:
     """Gives every weight a random value (variances stay positive).
 
     Default initialisers leave biases, betas and moving means at zero, which
-    would hide bias-handling mistakes; random values expose them.
+    would hide bias-handling mistakes; random values expose them. With
+    ``kernels=False`` kernels keep their (fan-in scaled) initial values, so
+    that signals survive deep stacks.
     """
     rng = np.random.default_rng(seed)
     for variable in model.weights:
         if "int" in str(variable.dtype) or "count" in variable.path:
+            continue
+        if not kernels and "kernel" in variable.path:
             continue
         shape = tuple(variable.shape)
         if "variance" in variable.path:

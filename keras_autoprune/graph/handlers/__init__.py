@@ -12,6 +12,7 @@ import keras
 from keras.src.ops import nn as _nn_ops
 from keras.src.ops import numpy as _np_ops
 
+from keras_autoprune.graph.handlers.applications import LayerScaleHandler, application_handlers
 from keras_autoprune.graph.handlers.activation import ActivationHandler, PReLUHandler, RescalingHandler
 from keras_autoprune.graph.handlers.base import CallInfo, LayerHandler, LayerKeep, TensorRef
 from keras_autoprune.graph.handlers.channelwise import (
@@ -88,6 +89,7 @@ def _default_registry() -> dict[type, LayerHandler]:
     registry.update({cls: merge for cls in _MERGES})
     registry.update({cls: ConcatenateHandler() for cls in (L.Concatenate, _np_ops.Concatenate)})
     registry.update({cls: ReshapeHandler() for cls in (L.Flatten, L.Reshape)})
+    registry.update(application_handlers())
     return registry
 
 
@@ -138,7 +140,7 @@ def registered_classes() -> list[type]:
 
 __all__ += [
     "ActivationHandler", "BatchNormHandler", "ChannelwiseHandler", "ConcatenateHandler",
-    "DepthwiseHandler", "GroupNormHandler", "LinearHandler", "MergeHandler",
+    "DepthwiseHandler", "GroupNormHandler", "LayerScaleHandler", "LinearHandler", "MergeHandler",
     "NormalizationHandler", "PReLUHandler", "PassThroughHandler", "RescalingHandler",
     "ReshapeHandler", "SeparableHandler", "StatisticsBlockingHandler", "ZeroPaddingHandler",
 ]
