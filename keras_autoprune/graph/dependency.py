@@ -131,13 +131,13 @@ class DependencyGraph:
     Example:
 
     >>> import keras, keras_autoprune as kap
-    >>> inputs = keras.Input((8, 8, 3))
+    >>> inputs = keras.Input((8, 8, 3), name="image")
     >>> x = keras.layers.Conv2D(4, 3, name="c1")(inputs)
     >>> x = keras.layers.BatchNormalization(name="bn")(x)
     >>> outputs = keras.layers.Conv2D(2, 1, name="c2")(x)
     >>> graph = kap.DependencyGraph(keras.Model(inputs, outputs))
     >>> [(g.id, g.size, g.prunable) for g in graph.groups]
-    [('input:input_layer', 3, False), ('c1', 4, True), ('c2', 2, False)]
+    [('input:image', 3, False), ('c1', 4, True), ('c2', 2, False)]
     """
 
     def __init__(self, model: keras.Model):
