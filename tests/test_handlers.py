@@ -48,6 +48,15 @@ def depthwise_separable():
     return keras.Model(i, L.Dense(2)(L.Flatten()(y)))
 
 
+def grouped_convs():
+    i = keras.Input((6, 6, 3))
+    x = L.Conv2D(6, 1, name="c")(i)
+    x = L.Conv2D(12, 3, groups=6, padding="same", activation="swish", name="dw_as_grouped")(x)
+    x = L.Conv2D(4, 1, name="c2")(x)
+    x = L.Conv2D(4, 3, groups=2, name="grouped")(x)  # real groups: blocks c2 and its own outputs
+    return keras.Model(i, L.Conv2D(2, 1)(x))
+
+
 def dense_nd():
     i = keras.Input((5, 3))
     x = L.Dense(6, activation="relu", name="d1")(i)
@@ -153,7 +162,7 @@ def ops_nodes():
 
 
 BUILDERS = [
-    conv_family, conv1d_3d, depthwise_separable, dense_nd, normalizations, merges,
+    conv_family, conv1d_3d, depthwise_separable, grouped_convs, dense_nd, normalizations, merges,
     concat_reshape, shape_layers, constants_to_fold, ops_nodes,
 ]
 
@@ -235,3 +244,17 @@ def test_sequential_stays_sequential():
     randomize(model)
     slim, _ = assert_contract(model, kap.PrunePlan({"c": [0, 3]}))
     assert isinstance(slim, keras.Sequential) and slim.get_layer("c").filters == 2
+
+
+def test_grouped_conv_with_one_channel_per_group_is_depthwise():
+    model = grouped_convs()
+    randomize(model, seed=4)
+    graph = kap.DependencyGraph(model)
+    assert graph.group("c").prunable and not graph.group("c2").prunable
+    assert "grouped convolution" in graph.group("c2").reason
+    slim, _ = assert_contract(model, kap.PrunePlan({"c": [1, 4, 5]}), graph)
+    layer = slim.get_layer("dw_as_grouped")
+    assert (layer.groups, layer.filters) == (3, 6)
+    np.testing.assert_array_equal(
+        layer.kernel.numpy(), model.get_layer("dw_as_grouped").kernel.numpy()[..., [2, 3, 8, 9, 10, 11]]
+    )

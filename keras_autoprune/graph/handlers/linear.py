@@ -4,6 +4,12 @@ Covers Conv1D/2D/3D, Conv1D/2D/3DTranspose and Dense (on 2-D or N-D inputs).
 The kernel has one input-channel axis and one output-channel axis; everything
 else (spatial taps) is left alone.
 
+A convolution with ``groups`` equal to its input channels (kernel
+``(*taps, 1, C*M)``, how ConvNeXt writes its depthwise convolutions) is a
+depthwise convolution: input channel ``c`` owns outputs ``c*M .. c*M+M-1``
+and pruning keeps ``groups`` equal to the channels kept. Other grouped
+convolutions (``1 < groups < C``) block pruning.
+
 Folding. When a removed input channel n carries a constant ``c_n`` in the
 masked model, the pruned layer adds its contribution to the bias:
 ``b_o += sum_n c_n * sum_taps K[taps, n, o]``. This is exact when every output
@@ -42,12 +48,17 @@ class LinearHandler(LayerHandler):
         self.in_axis, self.out_axis = (-1, -2) if transposed else (-2, -1)
         self.transposed = transposed
 
+    @staticmethod
+    def _depthwise(layer: Any) -> bool:
+        """Whether this is a grouped convolution with one input channel per group."""
+        return layer.get_config().get("groups", 1) > 1 and layer.kernel.shape[-2] == 1
+
     def _unsupported(self, layer: Any) -> str | None:
         config = layer.get_config()
         if config.get("data_format", "channels_last") != "channels_last":
             return "data_format='channels_first'"
-        if config.get("groups", 1) != 1:
-            return f"groups={config['groups']}"
+        if config.get("groups", 1) != 1 and not self._depthwise(layer):
+            return f"groups={config['groups']} (grouped convolution)"
         if mixes_channels(layer):
             return "a softmax activation across its outputs"
         return None
@@ -59,13 +70,15 @@ class LinearHandler(LayerHandler):
             for layout in call.in_layouts:
                 ctx.fix(layout, reason)
             return [ctx.fix(ctx.new_space(channels(call.out_shapes[0])), reason)]
+        if self._depthwise(layer):
+            return [np.repeat(call.in_layouts[0], layer.get_config()["filters"] // layer.get_config()["groups"])]
         return [ctx.new_space(channels(call.out_shapes[0]))]
 
     def constants(self, layer, call, in_values):
         return [activation_at_zero(layer, channels(call.out_shapes[0]))]
 
     def can_fold(self, layer) -> bool:
-        if self.transposed:
+        if self.transposed or self._depthwise(layer):
             return False
         config = layer.get_config()
         if "kernel_size" not in config:
@@ -83,11 +96,14 @@ class LinearHandler(LayerHandler):
                 config["use_bias"] = True
                 weights["bias"] = np.zeros(kernel.shape[self.out_axis], kernel.dtype)
             weights["bias"] = weights["bias"] + shift.astype(kernel.dtype)
-        kernel = np.compress(in_keep, kernel, axis=self.in_axis)
+        if not self._depthwise(layer):
+            kernel = np.compress(in_keep, kernel, axis=self.in_axis)
         weights["kernel"] = np.compress(out_keep, kernel, axis=self.out_axis)
         if "bias" in weights:
             weights["bias"] = weights["bias"][out_keep]
         config[self.units_key] = int(out_keep.sum())
+        if self._depthwise(layer):
+            config["groups"] = int(in_keep.sum())
         return config, weights
 
     def _folded_bias(self, kernel: np.ndarray, fold: np.ndarray) -> np.ndarray | None:
@@ -102,7 +118,8 @@ class LinearHandler(LayerHandler):
         weights = {k: np.array(v) for k, v in weights.items()}
         kernel = np.moveaxis(weights["kernel"], (self.in_axis, self.out_axis), (-2, -1))
         kernel[..., ~keep.outputs[0]] = 0
-        kernel[..., keep.zero_rows[0], :] = 0
+        if not self._depthwise(layer):  # depthwise: the removed input is the removed output
+            kernel[..., keep.zero_rows[0], :] = 0
         weights["kernel"] = np.moveaxis(kernel, (-2, -1), (self.in_axis, self.out_axis))
         if "bias" in weights:
             weights["bias"][~keep.outputs[0]] = 0
