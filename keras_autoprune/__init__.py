@@ -12,6 +12,8 @@ from keras_autoprune._version_check import check_tensorflow
 check_tensorflow()
 
 from keras_autoprune.accounting import LayerCost, count_flops, count_params, flops_table, format_table  # noqa: E402
+from keras_autoprune.budget import Budget  # noqa: E402
+from keras_autoprune.callbacks import MagnitudeCallback, PruningCallback  # noqa: E402
 from keras_autoprune.errors import PlanError, SurgeryError, UnsupportedModelError  # noqa: E402
 from keras_autoprune.graph import ChannelGroup, ChannelMember, DependencyGraph  # noqa: E402
 from keras_autoprune.graph import handlers  # noqa: E402
@@ -22,7 +24,10 @@ __version__ = "0.1.0.dev0"
 
 __all__ = sorted(
     [
+        "Budget",
         "ChannelGroup",
+        "MagnitudeCallback",
+        "PruningCallback",
         "LayerCost",
         "count_flops",
         "count_params",

@@ -1,0 +1,202 @@
+"""`PruningCallback`: the lifecycle of pruning inside `model.fit`.
+
+A subclass only decides *what* to prune (`compute_plan`); this base class
+owns *when* and *how*:
+
+1. ``__init__`` checks the arguments (before any training).
+2. ``on_train_begin`` resets all state (instances are reusable), checks the
+   model (`DependencyGraph`), installs masks as variable constraints (see
+   `keras_autoprune.callbacks.masks`) and records the original cost.
+3. At the beginning of each scheduled epoch (`round_epochs`) it asks the
+   subclass for a plan meeting that round's target (`round_targets`) and
+   applies it to the masks. Channels removed once stay removed.
+4. ``on_epoch_end`` adds ``flops_kept``, ``params_kept`` and
+   ``pruning_seconds`` (time spent in statistics and decisions so far) to
+   ``logs``, so `History`, TensorBoard and progress bars show them.
+5. ``on_train_end`` removes the constraints, sets ``self.plan``, builds
+   ``self.pruned_model = kap.apply_plan(model, plan)``, checks it against the
+   masked model on a batch, and sets ``self.report``.
+
+The user's model keeps its masked (zeroed) weights after training; the slim
+model is ``cb.pruned_model``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+
+from keras_autoprune.accounting import count_flops, count_params
+from keras_autoprune.allocation.schedule import round_epochs, round_targets
+from keras_autoprune.budget import Budget
+from keras_autoprune.callbacks.masks import MaskSet
+from keras_autoprune.errors import SurgeryError
+from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.surgery.plan import PrunePlan
+from keras_autoprune.surgery.rebuild import apply_plan
+
+
+class PruningCallback(keras.callbacks.Callback):
+    """Base class of the pruning callbacks (lifecycle only).
+
+    Args:
+        budget: a `kap.Budget`, the fraction of FLOPs or parameters kept.
+        start_epoch: first epoch (0-based) with a pruning round. Default 0.
+        end_epoch: rounds are spread over ``[start_epoch, end_epoch)``;
+            default ``start_epoch + rounds`` (one round per epoch). Epochs
+            after the last round fine-tune the pruned network.
+        rounds: number of pruning rounds; the kept fraction ramps linearly
+            to the budget. Default 1.
+        check_tolerance: relative tolerance of the final check that the
+            rebuilt model equals the masked one. Default 1e-4.
+        verbose: 0 silent, 1 one line per round. Default 1.
+    """
+
+    def __init__(
+        self,
+        budget: Budget,
+        start_epoch: int = 0,
+        end_epoch: int | None = None,
+        rounds: int = 1,
+        check_tolerance: float = 1e-4,
+        verbose: int = 1,
+    ):
+        super().__init__()
+        if not isinstance(budget, Budget):
+            raise TypeError(
+                "`budget` must be a kap.Budget, e.g. `kap.Budget(flops=0.5)`. "
+                f"Received: budget={budget!r} of type {type(budget).__name__}"
+            )
+        for name, value in (("start_epoch", start_epoch), ("rounds", rounds)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "rounds" else 0):
+                raise ValueError(
+                    f"`{name}` must be an integer >= {1 if name == 'rounds' else 0}. Received: {name}={value!r}"
+                )
+        if end_epoch is None:
+            end_epoch = start_epoch + rounds
+        if isinstance(end_epoch, bool) or not isinstance(end_epoch, int) or end_epoch - start_epoch < rounds:
+            raise ValueError(
+                f"`end_epoch` must leave room for {rounds} round(s) after start_epoch={start_epoch} "
+                f"(end_epoch >= start_epoch + rounds). Received: end_epoch={end_epoch!r}"
+            )
+        self.budget = budget
+        self.start_epoch = start_epoch
+        self.end_epoch = end_epoch
+        self.rounds = rounds
+        self.check_tolerance = check_tolerance
+        self.verbose = verbose
+        self._reset()
+
+    # -- to be provided by a method ------------------------------------
+    def compute_plan(self, target: float, removed: PrunePlan | None) -> PrunePlan:
+        """The plan keeping at most ``target`` of the original cost.
+
+        Args:
+            target: fraction of the budgeted cost to keep after this round.
+            removed: the current plan; its removed channels must stay removed.
+        """
+        raise NotImplementedError
+
+    def check_model(self, model: keras.Model) -> None:
+        """Method-specific checks of the model, called in ``on_train_begin``."""
+
+    def sample_inputs(self):
+        """A batch of inputs for the final rebuilt-vs-masked check (or None)."""
+        return None
+
+    # -- lifecycle -----------------------------------------------------
+    def _reset(self) -> None:
+        self.plan: PrunePlan | None = None
+        self.pruned_model: keras.Model | None = None
+        self.report = None
+        self.graph: DependencyGraph | None = None
+        self.history: list[dict] = []
+        self.pruning_seconds = 0.0
+        self._masks: MaskSet | None = None
+        self._original = {}
+        self._epochs: dict[int, float] = {}
+
+    def on_train_begin(self, logs=None):
+        self._reset()
+        model = self.model
+        self.graph = DependencyGraph(model)
+        if not self.graph.prunable_groups:
+            raise ValueError(
+                f"Model '{model.name}' has no prunable channel group (see `kap.DependencyGraph(model).summary()`): "
+                "every channel reaches an input/output or crosses a layer without a handler."
+            )
+        self.check_model(model)
+        self._original = {"flops": count_flops(model), "params": count_params(model)}
+        self._epochs = dict(zip(round_epochs(self.start_epoch, self.end_epoch, self.rounds), round_targets(self.budget.fraction, self.rounds)))
+        self._kept = {"flops": 1.0, "params": 1.0}
+        self._masks = MaskSet(self.graph)
+        self._masks.install(getattr(model, "distribute_strategy", None))
+        model.make_train_function(force=True)  # retrace: the constraints are now part of the step
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch not in self._epochs:
+            return
+        start = time.perf_counter()
+        target = self._epochs[epoch]
+        plan = self.compute_plan(target, self.plan)
+        plan.validate(self.graph)
+        self._masks.apply(plan)
+        self.plan = plan
+        slim = apply_plan(self.model, plan, self.graph)
+        self._kept = {"flops": count_flops(slim) / self._original["flops"], "params": count_params(slim) / self._original["params"]}
+        seconds = time.perf_counter() - start
+        self.pruning_seconds += seconds
+        self.history.append(dict(epoch=epoch, target=target, seconds=seconds, **{f"{k}_kept": v for k, v in self._kept.items()}))
+        if self.verbose:
+            print(
+                f"\n{type(self).__name__}: epoch {epoch + 1}, round {len(self.history)}/{self.rounds}: "
+                f"target {target:.1%} of {self.budget.metric}; FLOPs kept {self._kept['flops']:.1%}, "
+                f"params kept {self._kept['params']:.1%} ({seconds:.1f} s)"
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["flops_kept"] = self._kept["flops"]
+            logs["params_kept"] = self._kept["params"]
+            logs["pruning_seconds"] = self.pruning_seconds
+
+    def on_train_end(self, logs=None):
+        if self._masks is None:
+            return
+        self._masks.remove()
+        self.model.train_function = None  # the next fit traces a step without masks
+        if self.plan is None:
+            return  # training stopped before the first round
+        self._masks.apply(self.plan)  # also zeroes non-trainable entries (moving means)
+        self.pruned_model = apply_plan(self.model, self.plan, self.graph)
+        self._check_rebuilt()
+        self.report = self._make_report()
+
+    def _check_rebuilt(self) -> None:
+        inputs = self.sample_inputs()
+        if inputs is None:
+            rng = np.random.default_rng(0)
+            inputs = [rng.normal(size=(2,) + tuple(t.shape[1:])).astype("float32") for t in self.model.inputs]
+            inputs = inputs[0] if len(inputs) == 1 else inputs
+        expected = np.asarray(self.model(inputs, training=False), np.float64)
+        received = np.asarray(self.pruned_model(inputs, training=False), np.float64)
+        error = np.max(np.abs(expected - received)) / max(np.max(np.abs(expected)), 1e-12)
+        if error > self.check_tolerance:
+            raise SurgeryError(
+                f"The rebuilt model differs from the masked model by {error:.3g} (relative), above "
+                f"check_tolerance={self.check_tolerance}. This is a bug in keras_autoprune; please report it."
+            )
+
+    def _make_report(self):
+        try:
+            from keras_autoprune.report import PruningReport
+        except ImportError:  # pragma: no cover - report module not available
+            return None
+        return PruningReport.from_models(
+            self.model,
+            self.pruned_model,
+            plan=self.plan,
+            extra={"method": type(self).__name__, "budget": str(self.budget), "pruning_seconds": self.pruning_seconds},
+        )

@@ -1,0 +1,110 @@
+"""Masks enforced inside the compiled train step.
+
+Every trainable variable that a plan can zero gets a non-trainable mask
+variable and a `MaskConstraint` (``w <- w * mask``). Keras 3 optimizers apply
+variable constraints after each update inside the compiled step, so masked
+entries stay exactly zero with no Python per batch; changing a plan only
+assigns new mask values (no retracing).
+
+Which entries a plan zeroes is decided by the layer handlers' ``mask``
+method, the same code `kap.mask_plan` uses, so the model trained under masks
+is the masked model of the final plan.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.surgery.keep import layer_keeps
+from keras_autoprune.surgery.plan import PrunePlan
+from keras_autoprune.surgery.weights import layer_weights, weight_keys
+
+
+class MaskConstraint(keras.constraints.Constraint):
+    """``w * mask`` (then the variable's previous constraint, if any)."""
+
+    def __init__(self, mask: keras.Variable, previous=None):
+        self.mask = mask
+        self.previous = previous
+
+    def __call__(self, w):
+        w = w * keras.ops.cast(self.mask, w.dtype)
+        return self.previous(w) if self.previous is not None else w
+
+
+class MaskSet:
+    """The masks of one model, installed on its variables.
+
+    Args:
+        graph: dependency graph of the model (built on the live model).
+    """
+
+    def __init__(self, graph: DependencyGraph):
+        self.graph = graph
+        self._layers = {}
+        for record in graph.records:
+            layer = record.operation
+            if record.first_call and isinstance(layer, keras.layers.Layer) and layer.trainable_weights:
+                if any(_touches(graph, record, g) for g in graph.prunable_groups):
+                    self._layers[id(layer)] = (record.handler, layer)
+        self._masks: dict[int, keras.Variable] = {}
+        self._previous: dict[int, object] = {}
+
+    def install(self, strategy=None) -> None:
+        """Adds all-ones masks as constraints on the maskable variables.
+
+        Args:
+            strategy: the model's `tf.distribute` strategy; masks are created
+                in its scope so that every replica reads them.
+        """
+        if strategy is not None:
+            with strategy.scope():
+                return self.install()
+        for handler, layer in self._layers.values():
+            for variable in layer.trainable_weights:
+                key = id(variable)
+                if key in self._masks:
+                    continue
+                mask = keras.Variable(np.ones(variable.shape, "float32"), trainable=False, name="kap_mask")
+                self._masks[key] = mask
+                self._previous[key] = variable.constraint
+                variable.constraint = MaskConstraint(mask, variable.constraint)
+
+    def remove(self) -> None:
+        """Restores the original constraints (mask values are forgotten)."""
+        for handler, layer in self._layers.values():
+            for variable in layer.trainable_weights:
+                if id(variable) in self._previous:
+                    variable.constraint = self._previous[id(variable)]
+        self._masks.clear()
+        self._previous.clear()
+
+    def apply(self, plan: PrunePlan) -> None:
+        """Sets the masks to ``plan`` and zeroes the masked entries now.
+
+        All variables (trainable or not, e.g. BatchNormalization moving
+        means) receive the handlers' masked values, so the live model equals
+        ``kap.mask_plan(model, plan)`` right after this call.
+        """
+        keeps = layer_keeps(self.graph, plan.removed_atoms(self.graph))
+        for handler, layer in self._layers.values():
+            keep = keeps.get(id(layer))
+            values = layer_weights(layer)
+            if keep is not None:
+                ones = {k: np.ones_like(v) for k, v in values.items()}
+                mask_values = handler.mask(layer, ones, keep)
+                values = handler.mask(layer, values, keep)
+            else:
+                mask_values = {k: np.ones_like(v) for k, v in values.items()}
+            for key, variable in zip(weight_keys(layer), layer.weights):
+                variable.assign(values[key].astype(variable.dtype))
+                if id(variable) in self._masks:
+                    self._masks[id(variable)].assign((mask_values[key] != 0).astype("float32"))
+
+
+def _touches(graph: DependencyGraph, record, group) -> bool:
+    index = graph.group_index(group.id)
+    layouts = list(record.call.in_layouts) + list(record.out_layouts)
+    return any(len(l) and np.any(graph.atom_group[l] == index) for l in layouts)
