@@ -1,0 +1,100 @@
+"""PruningCallback lifecycle, via the data-free MagnitudeCallback."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_autoprune as kap
+from keras_autoprune.allocation import round_epochs, round_targets
+
+L = keras.layers
+
+
+def small_cnn():
+    i = keras.Input((8, 8, 1))
+    h = L.Conv2D(8, 3, padding="same", name="c1")(i)
+    h = L.BatchNormalization(name="bn1")(h)
+    h = L.ReLU()(h)
+    r = L.Conv2D(8, 3, padding="same", name="c2")(h)
+    h = L.Add()([h, r])
+    h = L.MaxPooling2D()(h)
+    h = L.Conv2D(12, 3, activation="relu", name="c3")(h)
+    h = L.Flatten()(h)
+    model = keras.Model(i, L.Dense(10, name="head")(h))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    return model
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(64, 8, 8, 1)).astype("float32"), rng.integers(0, 10, 64)
+
+
+def test_schedule_helpers():
+    assert round_epochs(1, 7, 3) == [1, 3, 5]
+    assert round_targets(0.25, 3) == [0.75, 0.5, 0.25]
+
+
+def test_budget_met_masks_hold_and_rebuilt_matches(data):
+    x, y = data
+    model = small_cnn()
+    cb = kap.MagnitudeCallback(kap.Budget(flops=0.5), rounds=2, end_epoch=2, verbose=0)
+    history = model.fit(x, y, epochs=3, batch_size=16, callbacks=[cb], verbose=0)
+    flops = kap.count_flops(model)
+    slim_flops = kap.count_flops(cb.pruned_model)
+    assert slim_flops <= 0.5 * flops
+    # Within one chunk: adding back any single removed channel would exceed the budget... at least
+    # the plan is not wildly below it.
+    assert slim_flops > 0.35 * flops
+    assert history.history["flops_kept"][-1] == pytest.approx(slim_flops / flops)
+    assert len(history.history["params_kept"]) == 3 and history.history["pruning_seconds"][-1] > 0
+    # Masked channels stayed exactly zero through the optimizer steps after the last round.
+    removed = np.setdiff1d(np.arange(8), cb.plan.kept.get("c1", np.arange(8)))
+    assert removed.size and np.all(model.get_layer("c1").kernel.numpy()[..., removed] == 0)
+    assert np.all(model.get_layer("c2").kernel.numpy()[..., removed] == 0)
+    np.testing.assert_allclose(np.asarray(cb.pruned_model(x)), np.asarray(model(x)), rtol=1e-4, atol=1e-5)
+    assert cb.pruned_model.count_params() < model.count_params()
+    # Constraints are removed after training: a later fit does not mask.
+    assert model.get_layer("c1").kernel.constraint is None
+
+
+def test_instance_is_reusable(data):
+    x, y = data
+    cb = kap.MagnitudeCallback(kap.Budget(params=0.6), verbose=0)
+    first, second = small_cnn(), small_cnn()
+    first.fit(x, y, epochs=1, callbacks=[cb], verbose=0)
+    plan_one = cb.plan
+    second.fit(x, y, epochs=2, callbacks=[cb], verbose=0)
+    assert cb.pruned_model is not None and len(cb.history) == 1
+    assert kap.count_params(cb.pruned_model) <= 0.6 * kap.count_params(second)
+    assert plan_one is not cb.plan
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(budget=0.5), TypeError, "kap.Budget"),
+        (dict(budget=kap.Budget(flops=0.5), rounds=0), ValueError, "rounds"),
+        (dict(budget=kap.Budget(flops=0.5), start_epoch=-1), ValueError, "start_epoch"),
+        (dict(budget=kap.Budget(flops=0.5), rounds=3, end_epoch=2), ValueError, "end_epoch"),
+    ],
+)
+def test_bad_arguments_fail_in_init(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        kap.MagnitudeCallback(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(flops=0.5, params=0.5), "exactly one"), (dict(flops=1.5), r"\(0, 1\]"), (dict(), "exactly one")])
+def test_budget_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kap.Budget(**kwargs)
+
+
+def test_model_without_prunable_groups_fails_before_training(data):
+    x, y = data
+    i = keras.Input((8, 8, 1))
+    model = keras.Model(i, L.Dense(10)(L.Flatten()(i)))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="no prunable channel group"):
+        model.fit(x, y, epochs=1, callbacks=[kap.MagnitudeCallback(kap.Budget(flops=0.5))], verbose=0)
