@@ -98,3 +98,39 @@ def test_model_without_prunable_groups_fails_before_training(data):
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with pytest.raises(ValueError, match="no prunable channel group"):
         model.fit(x, y, epochs=1, callbacks=[kap.MagnitudeCallback(kap.Budget(flops=0.5))], verbose=0)
+
+
+def run_distributed(method: str) -> dict:
+    """Runs tests/scripts/fit_distributed.py in a fresh process (2 logical CPUs)."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parent / "scripts" / "fit_distributed.py"
+    done = subprocess.run([sys.executable, str(script), method], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_callback_under_mirrored_strategy():
+    result = run_distributed("MagnitudeCallback")
+    assert result["replicas"] == 2
+    assert result["flops_kept"] <= 0.5
+    assert result["removed"] > 0 and result["removed_zero"]
+    assert result["error"] < 1e-4
+
+
+def test_callback_under_mixed_precision(data):
+    x, y = data
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = small_cnn()
+        cb = kap.MagnitudeCallback(kap.Budget(flops=0.5), verbose=0)
+        model.fit(x, y, epochs=1, callbacks=[cb], verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("c1").compute_dtype == "float16"
+    assert cb.pruned_model.get_layer("c1").compute_dtype == "float16"
+    assert kap.count_flops(cb.pruned_model) <= 0.5 * kap.count_flops(model)
+    np.testing.assert_allclose(np.asarray(cb.pruned_model(x), "float32"), np.asarray(model(x), "float32"), atol=2e-2, rtol=2e-2)

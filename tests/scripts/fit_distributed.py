@@ -1,0 +1,57 @@
+"""Fits a small CNN with a pruning callback under MirroredStrategy (2 CPUs).
+
+Run in its own process (logical devices must be set before TensorFlow
+starts): ``python tests/scripts/fit_distributed.py METHOD`` prints one JSON
+line with the figures the test checks. METHOD is a callback class name of
+keras_autoprune (e.g. MagnitudeCallback, NAPCallback).
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import tensorflow as tf  # noqa: E402
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_autoprune as kap  # noqa: E402
+
+L = keras.layers
+
+
+def main(method: str) -> None:
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 4, 64)
+    with strategy.scope():
+        i = keras.Input((8, 8, 1))
+        h = L.Conv2D(8, 3, padding="same", name="c1")(i)
+        h = L.BatchNormalization()(h)
+        h = L.ReLU()(h)
+        h = L.Conv2D(8, 3, name="c2", activation="relu")(h)
+        model = keras.Model(i, L.Dense(4)(L.GlobalAveragePooling2D()(h)))
+        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback_class = getattr(kap, method)
+    kwargs = {"data": (x, y)} if method != "MagnitudeCallback" else {}
+    cb = callback_class(budget=kap.Budget(flops=0.5), verbose=0, **kwargs)
+    model.fit(x, y, epochs=2, batch_size=16, callbacks=[cb], verbose=0)
+    error = float(np.max(np.abs(np.asarray(cb.pruned_model(x)) - np.asarray(model(x)))))
+    removed = np.setdiff1d(np.arange(8), cb.plan.kept.get("c1", np.arange(8)))
+    print(json.dumps({
+        "replicas": strategy.num_replicas_in_sync,
+        "flops_kept": kap.count_flops(cb.pruned_model) / kap.count_flops(model),
+        "error": error,
+        "removed_zero": bool(np.all(model.get_layer("c1").kernel.numpy()[..., removed] == 0)),
+        "removed": int(removed.size),
+    }))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
