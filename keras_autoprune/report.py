@@ -1,0 +1,443 @@
+"""`PruningReport`: what pruning removed, layer by layer, and in total.
+
+A report compares an original model with its pruned version (as returned by
+`apply_plan`). Layers are matched by their qualified names (``outer/inner``
+inside nested models, as `flops_table` names them). For each layer it holds:
+
+- output channels before / after: the number of filters or units for layers
+  that have them (``Conv*``, ``Conv*Transpose``, ``SeparableConv*``,
+  ``Dense``), otherwise the channel axis of the layer's first output (the
+  last axis; axis 1 for ``channels_first`` layers; the ``axis`` of
+  normalisation and concatenation layers); ``None`` where the output has no
+  axis;
+- FLOPs before / after, summed over every call of the layer (see
+  `keras_autoprune.accounting` for what each layer costs);
+- parameters before / after (each variable counted once);
+- the kept ratios ``after / before`` of FLOPs and channels (``None`` where
+  the value before is 0).
+
+**Only layers with FLOPs or parameters (before or after pruning) appear in
+the table**; activations, reshapes and other free layers are left out. The
+totals cover the whole model: they equal `count_flops` and `count_params`.
+
+Example:
+
+>>> report = PruningReport.from_models(model, slim, plan)  # doctest: +SKIP
+>>> report                                                # doctest: +SKIP
+PruningReport: FLOPs 27.5% kept (113.4K -> 31.2K), params 28.2% kept (1.5K -> 420)
+>>> report.to_markdown()                                  # doctest: +SKIP
+>>> report.plot("report.png")                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_autoprune.accounting import flops_table
+from keras_autoprune.graph.dependency import check_model
+from keras_autoprune.surgery import PrunePlan
+
+_LOG_SPREAD = 100  # plot FLOPs on a log scale when max / min (nonzero) exceeds this
+_NAME_WIDTH = 32  # longer layer names are plotted as head…tail
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChange:
+    """One layer of a `PruningReport`.
+
+    Attributes:
+        layer: qualified name (``outer_model/inner_layer`` in nested models).
+        kind: class name of the layer or op (``"Conv2D"``).
+        channels_before: output channels of the original layer (``None``
+            where its output has no channel axis).
+        channels_after: output channels of the pruned layer.
+        flops_before: FLOPs of the original layer, summed over its calls.
+        flops_after: FLOPs of the pruned layer, summed over its calls.
+        params_before: parameters of the original layer.
+        params_after: parameters of the pruned layer.
+    """
+
+    layer: str
+    kind: str
+    channels_before: int | None
+    channels_after: int | None
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+
+    @property
+    def channels_kept(self) -> float | None:
+        """``channels_after / channels_before`` (``None`` if unknown or 0)."""
+        if self.channels_before is None or self.channels_after is None:
+            return None
+        return _ratio(self.channels_after, self.channels_before)
+
+    @property
+    def flops_kept(self) -> float | None:
+        """``flops_after / flops_before`` (``None`` when ``flops_before`` is 0)."""
+        return _ratio(self.flops_after, self.flops_before)
+
+    @property
+    def params_kept(self) -> float | None:
+        """``params_after / params_before`` (``None`` when ``params_before`` is 0)."""
+        return _ratio(self.params_after, self.params_before)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields and the three kept ratios, as plain Python values."""
+        return {
+            **dataclasses.asdict(self),
+            "channels_kept": self.channels_kept,
+            "flops_kept": self.flops_kept,
+            "params_kept": self.params_kept,
+        }
+
+
+class PruningReport:
+    """Per-layer and total effect of pruning a model.
+
+    Build it with `PruningReport.from_models`; the constructor takes rows
+    that are already computed.
+
+    Args:
+        layers: one `LayerChange` per layer with FLOPs or parameters, in
+            execution order.
+        plan: the `PrunePlan` that was applied, if known.
+        extra: facts about the run shown with the report (method name,
+            budget, statistics seconds, ...). Keys must be strings; values
+            are stored as plain JSON values (NumPy scalars and arrays are
+            converted, other objects are stored as ``str(value)``).
+
+    Attributes:
+        layers: tuple of `LayerChange`.
+        plan: the `PrunePlan`, or ``None``.
+        extra: dict of run facts (a copy of ``extra``).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[LayerChange],
+        plan: PrunePlan | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ):
+        if plan is not None and not isinstance(plan, PrunePlan):
+            raise TypeError(
+                "Expected `plan` to be a `kap.PrunePlan` or None. "
+                f"Received: plan of type {type(plan).__name__}"
+            )
+        if extra is not None and not isinstance(extra, Mapping):
+            raise TypeError(
+                "Expected `extra` to be a dict of run facts, e.g. "
+                "`{'method': 'nap', 'statistics_seconds': 1.5}`, or None. "
+                f"Received: extra of type {type(extra).__name__}"
+            )
+        self.layers: tuple[LayerChange, ...] = tuple(layers)
+        self.plan = plan
+        self.extra: dict[str, Any] = _plain(dict(extra or {}), "extra")
+
+    @classmethod
+    def from_models(
+        cls,
+        original: keras.Model,
+        pruned: keras.Model,
+        plan: PrunePlan | None = None,
+        extra: Mapping[str, Any] | None = None,
+        input_shape: Any = None,
+    ) -> "PruningReport":
+        """Compares ``pruned`` with the ``original`` it was made from.
+
+        Args:
+            original: the model before pruning (Sequential or Functional).
+            pruned: the model after pruning, of the same architecture (same
+                qualified layer names and kinds, same output shapes), e.g.
+                ``apply_plan(original, plan)``.
+            plan: the `PrunePlan` that was applied, if known.
+            extra: run facts to store and show (see the class docstring).
+            input_shape: input shape without the batch axis, for models
+                whose inputs have unknown dimensions (see `count_flops`).
+
+        Returns:
+            A `PruningReport`.
+
+        Raises:
+            ValueError: when the two models do not share the same layer names
+                and kinds, or their outputs have different shapes.
+            UnsupportedModelError: for subclassed models.
+        """
+        _check_outputs(original, pruned)
+        before = _costs_by_layer(original, input_shape)
+        after = _costs_by_layer(pruned, input_shape)
+        _check_layers(before, after)
+        channels_before = _channels_by_layer(original)
+        channels_after = _channels_by_layer(pruned)
+        layers = []
+        for name, (kind, flops, params) in before.items():
+            _, flops_after, params_after = after[name]
+            if flops or params or flops_after or params_after:
+                layers.append(LayerChange(name, kind, channels_before.get(name), channels_after.get(name),
+                                          flops, flops_after, params, params_after))
+        return cls(layers, plan=plan, extra=extra)
+
+    # -- totals -------------------------------------------------------------
+    @property
+    def totals(self) -> dict[str, Any]:
+        """Whole-model FLOPs and parameters before / after and the kept fractions.
+
+        Keys: ``flops_before``, ``flops_after``, ``flops_kept``,
+        ``params_before``, ``params_after``, ``params_kept``; the counts equal
+        `count_flops` / `count_params` of the two models.
+        """
+        totals: dict[str, Any] = {}
+        for what in ("flops", "params"):
+            before = sum(getattr(row, f"{what}_before") for row in self.layers)
+            after = sum(getattr(row, f"{what}_after") for row in self.layers)
+            totals.update({f"{what}_before": before, f"{what}_after": after,
+                           f"{what}_kept": _ratio(after, before)})
+        return totals
+
+    @property
+    def flops_kept(self) -> float | None:
+        """Fraction of the FLOPs kept, ``flops_after / flops_before``."""
+        return self.totals["flops_kept"]
+
+    @property
+    def params_kept(self) -> float | None:
+        """Fraction of the parameters kept, ``params_after / params_before``."""
+        return self.totals["params_kept"]
+
+    # -- output -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the report as JSON-serialisable plain Python values.
+
+        Returns:
+            ``{"layers": [...], "totals": {...}, "plan": ..., "extra": {...}}``:
+            ``layers`` holds `LayerChange.to_dict` rows, ``plan`` the
+            `PrunePlan.to_json` content (or ``None``). Ratios whose
+            denominator is 0 are ``None``.
+        """
+        return {
+            "layers": [row.to_dict() for row in self.layers],
+            "totals": self.totals,
+            "plan": None if self.plan is None else json.loads(self.plan.to_json()),
+            "extra": dict(self.extra),
+        }
+
+    def to_markdown(self) -> str:
+        """Returns a Markdown table, one row per layer, and a totals line.
+
+        Only layers with FLOPs or parameters are listed (a note says so);
+        the plan's size and the run facts of ``extra`` follow the totals.
+        """
+        header = ["layer", "kind", "channels before", "channels after", "channels kept",
+                  "FLOPs before", "FLOPs after", "FLOPs kept", "params before", "params after"]
+        lines = ["| " + " | ".join(header) + " |",
+                 "| --- | --- |" + " ---: |" * (len(header) - 2)]
+        for r in self.layers:
+            cells = [r.layer.replace("|", "\\|"), r.kind, _count(r.channels_before),
+                     _count(r.channels_after), _percent(r.channels_kept), _count(r.flops_before),
+                     _count(r.flops_after), _percent(r.flops_kept), _count(r.params_before),
+                     _count(r.params_after)]
+            lines.append("| " + " | ".join(cells) + " |")
+        t = self.totals
+        lines += [
+            "",
+            f"**Total:** FLOPs {_count(t['flops_before'])} → {_count(t['flops_after'])} "
+            f"({_percent(t['flops_kept'])} kept); params {_count(t['params_before'])} → "
+            f"{_count(t['params_after'])} ({_percent(t['params_kept'])} kept).",
+            "",
+            "Only layers with FLOPs or parameters are listed; the totals cover the whole model.",
+        ]
+        if self.plan is not None:
+            lines += ["", f"Plan: {len(self.plan.kept)} channel group(s) pruned."]
+        if self.extra:
+            lines += ["", "Run: " + "; ".join(f"{k}: {v}" for k, v in self.extra.items()) + "."]
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike, dpi: int = 100) -> str:
+        """Writes a PNG with two panels and returns its path.
+
+        Left: the kept channel ratio of each layer (bars). Right: FLOPs
+        before and after per layer (grouped bars, on a log scale when the
+        largest layer costs over 100 times the smallest). Layers run top to
+        bottom in execution order; the figure grows with their number, so
+        labels stay readable up to about 60 layers. Draws on matplotlib's
+        Agg canvas: no display needed, the pyplot state is untouched.
+
+        Args:
+            path: where to write the PNG.
+            dpi: resolution.
+
+        Returns:
+            ``path`` as a string.
+
+        Raises:
+            ImportError: when matplotlib is not installed.
+        """
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError as error:
+            raise ImportError(
+                "`PruningReport.plot` needs matplotlib, which is not installed. "
+                'Fix: `pip install "keras-autoprune[demo]"`.'
+            ) from error
+        rows = self.layers
+        y = np.arange(len(rows))
+        font = 8 if len(rows) <= 30 else 6
+        figure = Figure(figsize=(12, max(3.0, 0.22 * len(rows) + 1.6)), layout="constrained")
+        FigureCanvasAgg(figure)
+        left, right = figure.subplots(1, 2, sharey=True)
+
+        ratios = np.array([np.nan if r.channels_kept is None else r.channels_kept for r in rows])
+        left.barh(y, ratios, height=0.7, color="tab:blue")
+        left.axvline(1.0, color="gray", linewidth=0.8, linestyle="--")
+        left.set_xlim(0, max(1.05, float(np.nanmax(ratios, initial=0)) * 1.05))
+        left.set_xlabel("output channels kept (after / before)")
+        left.set_yticks(y, [_short_name(r.layer) for r in rows], fontsize=font)
+        left.set_ylim(len(rows) - 0.5, -0.5)  # first layer on top, no empty margins
+
+        before = np.array([r.flops_before for r in rows], float)
+        after = np.array([r.flops_after for r in rows], float)
+        positive = np.concatenate([before, after])
+        positive = positive[positive > 0]
+        if positive.size and positive.max() > _LOG_SPREAD * positive.min():
+            right.set_xscale("log")
+        right.barh(y - 0.2, before, height=0.4, color="tab:gray", label="before")
+        right.barh(y + 0.2, after, height=0.4, color="tab:orange", label="after")
+        right.set_xlabel("FLOPs per layer")
+        right.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2, fontsize=8, frameon=False)
+        figure.suptitle(str(self), fontsize=10)
+        figure.savefig(path, format="png", dpi=dpi)
+        return os.fspath(path)
+
+    def __repr__(self) -> str:
+        t = self.totals
+        return (
+            f"PruningReport: FLOPs {_percent(t['flops_kept'])} kept ({_human(t['flops_before'])} -> "
+            f"{_human(t['flops_after'])}), params {_percent(t['params_kept'])} kept "
+            f"({_human(t['params_before'])} -> {_human(t['params_after'])})"
+        )
+
+    __str__ = __repr__
+
+
+def _ratio(after: int, before: int) -> float | None:
+    return None if before == 0 else after / before
+
+
+def _percent(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{100 * ratio:.1f}%"
+
+
+def _count(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,}"
+
+
+def _human(value: int) -> str:
+    """``950``, ``12.3K``, ``6.2M``, ``4.1G``."""
+    for power, unit in ((4, "T"), (3, "G"), (2, "M"), (1, "K")):
+        if abs(value) >= 1000**power:
+            return f"{value / 1000**power:.1f}{unit}"
+    return str(value)
+
+
+def _short_name(name: str) -> str:
+    """``name``, or its head and tail around "…" when it is too long to plot."""
+    if len(name) <= _NAME_WIDTH:
+        return name
+    head = (_NAME_WIDTH - 1) // 2
+    return name[:head] + "…" + name[-(_NAME_WIDTH - 1 - head):]
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as JSON-serialisable Python values (see `PruningReport`)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        for key in value:
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"Expected string keys in `{where}`, so that the report is JSON. "
+                    f"Received: key {key!r} of type {type(key).__name__}"
+                )
+        return {key: _plain(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item, where) for item in value]
+    return str(value)
+
+
+def _costs_by_layer(model: keras.Model, input_shape: Any) -> dict[str, tuple[str, int, int]]:
+    """``{qualified name: (kind, FLOPs over all calls, params)}``, in execution order."""
+    costs: dict[str, tuple[str, int, int]] = {}
+    for row in flops_table(model, input_shape):
+        _, flops, params = costs.get(row.layer, (row.kind, 0, 0))
+        costs[row.layer] = (row.kind, flops + row.flops, params + row.params)
+    return costs
+
+
+def _channels_by_layer(model: keras.Model, prefix: str = "") -> dict[str, int | None]:
+    """``{qualified name: output channels}`` (see the module docstring)."""
+    channels: dict[str, int | None] = {}
+    for op in check_model(model).operations:
+        if isinstance(op, keras.Model):
+            channels.update(_channels_by_layer(op, f"{prefix}{op.name}/"))
+        else:
+            channels[prefix + op.name] = _output_channels(op)
+    return channels
+
+
+def _output_channels(op: Any) -> int | None:
+    """Filters or units, else the size of the output's channel axis (or None)."""
+    for width in ("filters", "units"):
+        if isinstance(getattr(op, width, None), int):
+            return getattr(op, width)
+    try:
+        shape = tuple(keras.tree.flatten(op.output)[0].shape)
+    except (AttributeError, IndexError, ValueError):
+        return None
+    axis = getattr(op, "axis", None)
+    if not isinstance(axis, int):
+        axis = 1 if getattr(op, "data_format", None) == "channels_first" else -1
+    if not shape or not -len(shape) <= axis < len(shape) or shape[axis] is None:
+        return None
+    return int(shape[axis])
+
+
+def _check_outputs(original: keras.Model, pruned: keras.Model) -> None:
+    shapes_before, shapes_after = ([tuple(t.shape[1:]) for t in check_model(m).outputs]
+                                   for m in (original, pruned))
+    if shapes_before != shapes_after:
+        raise ValueError(
+            "Expected `pruned` to have the same outputs as `original` (pruning never "
+            "changes a model's outputs). Received: output shapes "
+            f"original={shapes_before}, pruned={shapes_after} (without the batch axis). "
+            "Fix: pass the model that `pruned` was made from, e.g. "
+            "`PruningReport.from_models(model, apply_plan(model, plan))`."
+        )
+
+
+def _check_layers(before: dict[str, tuple], after: dict[str, tuple]) -> None:
+    only_before = [name for name in before if name not in after]
+    only_after = [name for name in after if name not in before]
+    other_kind = [f"{name} ({before[name][0]} vs {after[name][0]})"
+                  for name in before if name in after and before[name][0] != after[name][0]]
+    if not (only_before or only_after or other_kind):
+        return
+    common = "no layer names in common" if len(only_before) == len(before) else "different layers"
+    raise ValueError(
+        "Expected two models of the same architecture, whose layers are matched by their "
+        f"qualified names and kinds. Received: {common}; only in original: {only_before[:8]}, "
+        f"only in pruned: {only_after[:8]}, different kinds: {other_kind[:8]}. "
+        "Fix: pass the model that `pruned` was made from, e.g. "
+        "`PruningReport.from_models(model, apply_plan(model, plan))` (layers that Keras "
+        "names automatically get new names in a model rebuilt by hand)."
+    )
