@@ -18,7 +18,9 @@ from keras_autoprune.errors import PlanError, SurgeryError, UnsupportedModelErro
 from keras_autoprune.graph import ChannelGroup, ChannelMember, DependencyGraph  # noqa: E402
 from keras_autoprune.graph import handlers  # noqa: E402
 from keras_autoprune.graph.handlers import register_handler  # noqa: E402
+from keras_autoprune.report import LayerChange, PruningReport  # noqa: E402
 from keras_autoprune.surgery import PrunePlan, apply_plan, mask_plan  # noqa: E402
+from keras_autoprune import allocation  # noqa: E402
 
 __version__ = "0.1.0.dev0"
 
@@ -28,6 +30,7 @@ __all__ = sorted(
         "ChannelGroup",
         "MagnitudeCallback",
         "PruningCallback",
+        "LayerChange",
         "LayerCost",
         "count_flops",
         "count_params",
@@ -37,8 +40,10 @@ __all__ = sorted(
         "DependencyGraph",
         "PlanError",
         "PrunePlan",
+        "PruningReport",
         "SurgeryError",
         "UnsupportedModelError",
+        "allocation",
         "apply_plan",
         "handlers",
         "mask_plan",
