@@ -1,0 +1,158 @@
+"""Image data for the demo, the examples and the benchmarks, offline first.
+
+`load_images(source, split)` takes either
+
+- a folder laid out as ``<root>/<split>/<class>/*.jpg|png`` (or directly
+  ``<root>/<class>/*`` when there is no split level), as written by
+  ``tfds.ImageFolder`` users and by the CIFAR-10 archive of this project;
+- a ``.tar.gz`` / ``.tgz`` archive of such a folder, extracted once into the
+  cache directory;
+- a TensorFlow Datasets name (``"cifar10"``, ``"tfds:mnist"``), which needs
+  `tensorflow-datasets` and network access the first time.
+
+Decoded arrays are cached as ``.npz`` (decoding CIFAR-10's 60,000 JPEGs takes
+about 20 s on two cores), so later runs load in a second. Class ids follow
+the alphabetical order of the class folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import tarfile
+
+import numpy as np
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
+
+
+def cache_dir() -> pathlib.Path:
+    """``$KERAS_AUTOPRUNE_CACHE`` or ``~/.cache/keras_autoprune``."""
+    default = pathlib.Path.home() / ".cache" / "keras_autoprune"
+    return pathlib.Path(os.environ.get("KERAS_AUTOPRUNE_CACHE", default))
+
+
+def load_images(
+    source: str | os.PathLike,
+    split: str = "train",
+    image_size: tuple[int, int] | None = None,
+    max_per_class: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Loads labelled images as arrays.
+
+    Args:
+        source: folder, archive or TFDS name (see the module docstring).
+        split: ``"train"`` or ``"test"`` (any sub-folder name of the root).
+        image_size: ``(height, width)`` to resize to; default: keep the size
+            (all images of the split must then share it).
+        max_per_class: keep at most this many images per class (the first
+            in file-name order), for quick runs.
+
+    Returns:
+        ``(x, y, class_names)``: ``x`` float32 in ``[0, 1]`` of shape
+        ``(N, H, W, 3)``, ``y`` int64 class ids.
+    """
+    path = pathlib.Path(source)
+    if path.exists():
+        return _load_folder(_extracted(path), split, image_size, max_per_class)
+    name = str(source).removeprefix("tfds:")
+    if str(source).startswith("tfds:") or ("/" not in name and not path.suffix):
+        return _load_tfds(name, split, image_size, max_per_class)
+    raise FileNotFoundError(
+        "Expected an image folder (<root>/<split>/<class>/*.jpg), a .tar.gz of one, or a TFDS name "
+        f"such as 'cifar10'. Received: source={str(source)!r}, which does not exist."
+    )
+
+
+def _extracted(path: pathlib.Path) -> pathlib.Path:
+    if path.is_dir():
+        return path
+    if not path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        raise ValueError(f"Expected a folder or a .tar.gz / .tgz / .tar archive. Received: {path}")
+    target = cache_dir() / "extracted" / _digest(path.resolve(), path.stat().st_size)
+    marker = target / ".complete"
+    if not marker.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path) as archive:
+            archive.extractall(target, filter="data")
+        marker.touch()
+    children = [p for p in target.iterdir() if p.is_dir()]
+    return children[0] if len(children) == 1 and not _has_images(children[0]) and _split_dirs(children[0]) else target
+
+
+def _split_dirs(root: pathlib.Path) -> list[pathlib.Path]:
+    return [p for p in root.iterdir() if p.is_dir()]
+
+
+def _has_images(folder: pathlib.Path) -> bool:
+    return any(p.suffix.lower() in _IMAGE_SUFFIXES for p in folder.iterdir())
+
+
+def _load_folder(root, split, image_size, max_per_class):
+    split_root = root / split if (root / split).is_dir() else root
+    classes = sorted(p.name for p in split_root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(
+            f"Expected class sub-folders in {split_root} (layout <root>/<split>/<class>/*.jpg). Received: none."
+        )
+    key = _digest(split_root.resolve(), image_size, max_per_class)
+    cached = cache_dir() / "arrays" / f"{key}.npz"
+    if cached.exists():
+        data = np.load(cached)
+        return data["x"].astype("float32") / 255.0, data["y"], classes
+    import tensorflow as tf
+
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (split_root / name).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        for file in files[:max_per_class]:
+            image = tf.io.decode_image(tf.io.read_file(str(file)), channels=3, expand_animations=False)
+            if image_size is not None:
+                image = tf.cast(tf.image.resize(image, image_size), tf.uint8)
+            images.append(image.numpy())
+            labels.append(label)
+    shapes = {i.shape for i in images}
+    if len(shapes) != 1:
+        raise ValueError(f"Images in {split_root} have different sizes {sorted(shapes)[:4]}: pass image_size=(H, W).")
+    x, y = np.stack(images), np.asarray(labels, np.int64)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cached, x=x, y=y)
+    return x.astype("float32") / 255.0, y, classes
+
+
+def _load_tfds(name, split, image_size, max_per_class):
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        raise ImportError(
+            f"Loading the TFDS data set '{name}' needs tensorflow-datasets: "
+            'pip install "keras-autoprune[bench]", or pass an image folder instead.'
+        ) from error
+    try:
+        dataset, info = tfds.load(name, split=split, as_supervised=True, with_info=True)
+    except Exception as error:  # no network, unknown name, ...
+        raise ValueError(
+            f"Could not load the TFDS data set '{name}' (split '{split}'): {error}. Offline, pass an image "
+            "folder or archive instead, e.g. --data ../shared/data/cifar10-jpeg.tar.gz"
+        ) from error
+    import tensorflow as tf
+
+    counts: dict[int, int] = {}
+    images, labels = [], []
+    for image, label in dataset.as_numpy_iterator():
+        label = int(label)
+        if max_per_class is not None and counts.get(label, 0) >= max_per_class:
+            continue
+        counts[label] = counts.get(label, 0) + 1
+        if image.shape[-1] == 1:
+            image = np.repeat(image, 3, axis=-1)
+        if image_size is not None:
+            image = tf.cast(tf.image.resize(image, image_size), tf.uint8).numpy()
+        images.append(image)
+        labels.append(label)
+    return np.stack(images).astype("float32") / 255.0, np.asarray(labels, np.int64), info.features["label"].names
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]

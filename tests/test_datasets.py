@@ -1,0 +1,49 @@
+"""load_images: folders, archives, caching, errors."""
+
+import tarfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_autoprune.datasets import load_images
+
+
+@pytest.fixture()
+def folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_AUTOPRUNE_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "images"
+    for split in ("train", "test"):
+        for label, name in enumerate(["cat", "ant", "bee"]):  # ids follow alphabetical order
+            directory = root / split / name
+            directory.mkdir(parents=True)
+            for k in range(3):
+                pixels = np.full((4, 5, 3), 10 * label + k, np.uint8)
+                (directory / f"{k}.png").write_bytes(tf.io.encode_png(pixels).numpy())
+    return root
+
+
+def test_folder_and_archive_give_the_same_arrays(folder, tmp_path):
+    x, y, classes = load_images(folder, "test")
+    assert classes == ["ant", "bee", "cat"]
+    assert x.shape == (9, 4, 5, 3) and x.dtype == np.float32
+    np.testing.assert_array_equal(y, [0, 0, 0, 1, 1, 1, 2, 2, 2])
+    # "ant" was written with label 1 -> pixel values 10..12.
+    np.testing.assert_allclose(x[:3, 0, 0, 0] * 255, [10, 11, 12])
+    archive = tmp_path / "images.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder / "train", arcname="train")
+        tar.add(folder / "test", arcname="test")
+    x2, y2, _ = load_images(archive, "test", max_per_class=2)
+    np.testing.assert_array_equal(y2, [0, 0, 1, 1, 2, 2])
+    np.testing.assert_allclose(x2[[0, 2, 4]], x[[0, 3, 6]])
+    resized, _, _ = load_images(archive, "train", image_size=(8, 8))
+    assert resized.shape == (9, 8, 8, 3)
+
+
+def test_errors(folder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="image folder"):
+        load_images(tmp_path / "missing" / "dir")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="class sub-folders"):
+        load_images(tmp_path / "empty")
