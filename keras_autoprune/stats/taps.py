@@ -1,0 +1,329 @@
+"""Tapping layers while a functional model is replayed.
+
+K-FAC and gradient statistics need, for every call of a tapped layer, its
+input ``a`` and its *pre-activation* output ``s`` (and later ``∂loss/∂s``).
+Rather than a tap model ``keras.Model(model.inputs, [layer.input, ...])``,
+which cannot reach layers inside a nested model (their symbolic tensors belong
+to the inner graph: Keras 3.15 raises "Output with path `0` is not connected
+to `inputs`"), the model is *replayed*: the functional graph is executed
+node by node (`Functional._run_through_graph`, the same order Keras uses),
+recursing into nested Functional/Sequential models, so every layer is reached
+under the same qualified name as in `DependencyGraph` (``outer/inner``).
+
+A tapped layer with a built-in activation is called with its ``activation``
+attribute set to ``linear`` for the duration of the call (restored in a
+``finally``; this only happens while the calibration step is traced), and the
+original activation is applied to the result, so ``s`` is a tensor of the
+replayed graph and ``∂loss/∂s`` comes straight from the tape.
+
+Every layer is called with ``training=False`` (inference mode: BatchNorm uses
+its moving statistics, Dropout is off). Keras masks are not propagated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_autoprune.graph.dependency import DependencyGraph, _is_graph_model, check_model
+
+L = keras.layers
+
+#: Layer classes whose statistics can be collected, by kind.
+SUPPORTED_LAYERS: dict[str, type] = {
+    "dense": L.Dense,
+    "conv1d": L.Conv1D,
+    "conv2d": L.Conv2D,
+    "depthwise_conv2d": L.DepthwiseConv2D,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tap:
+    """A tapped layer and its im2col geometry.
+
+    Attributes:
+        name: qualified layer name (as in `DependencyGraph`).
+        layer: the layer object.
+        kind: ``"dense"``, ``"conv1d"``, ``"conv2d"`` or ``"depthwise_conv2d"``.
+        taps: kernel positions per patch ``K`` (``kh*kw``; 1 for Dense).
+        in_channels: ``Cin``.
+        out_channels: ``Cout`` (``Cin * depth_multiplier`` for depthwise).
+        has_bias: whether the layer adds a bias.
+        locations: output locations per example and call (``T``), or None
+            when a spatial size is unknown.
+    """
+
+    name: str
+    layer: Any
+    kind: str
+    taps: int
+    in_channels: int
+    out_channels: int
+    has_bias: bool
+    locations: int | None
+
+    @property
+    def depthwise(self) -> bool:
+        return self.kind == "depthwise_conv2d"
+
+    @property
+    def multiplier(self) -> int:
+        """Outputs per input channel (depthwise ``M``; 1 otherwise)."""
+        return self.out_channels // self.in_channels if self.depthwise else 1
+
+    @property
+    def _channels_first(self) -> bool:
+        return getattr(self.layer, "data_format", "channels_last") == "channels_first"
+
+    def patches(self, inputs: tf.Tensor) -> tf.Tensor:
+        """Im2col of one call's input: ``(B, T, K, Cin)``.
+
+        A patch is ordered ``(kh, kw, Cin)`` like ``kernel.reshape(-1, Cout)``
+        (``tf.image.extract_patches``); zero padding gives zero entries.
+        """
+        x = _channels_last(inputs) if self._channels_first else inputs
+        batch = tf.shape(x)[0]
+        if self.kind == "dense":
+            return tf.reshape(x, [batch, -1, 1, self.in_channels])
+        layer = self.layer
+        padding = layer.padding.upper()
+        if self.kind == "conv1d":
+            if padding == "CAUSAL":
+                x = tf.pad(x, [[0, 0], [layer.dilation_rate[0] * (layer.kernel_size[0] - 1), 0], [0, 0]])
+                padding = "VALID"
+            x = x[:, None]
+            sizes, strides, rates = (1, *layer.kernel_size), (1, *layer.strides), (1, *layer.dilation_rate)
+        else:
+            sizes, strides, rates = layer.kernel_size, layer.strides, layer.dilation_rate
+        patches = tf.image.extract_patches(
+            x, sizes=[1, *sizes, 1], strides=[1, *strides, 1], rates=[1, *rates, 1], padding=padding
+        )
+        return tf.reshape(patches, [batch, -1, self.taps, self.in_channels])
+
+    def deltas(self, delta: tf.Tensor) -> tf.Tensor:
+        """``∂loss/∂s`` of one call as ``(B, T, Cout)``."""
+        d = _channels_last(delta) if self._channels_first else delta
+        return tf.reshape(d, [tf.shape(d)[0], -1, self.out_channels])
+
+
+def _channels_last(x: tf.Tensor) -> tf.Tensor:
+    rank = len(x.shape)
+    return tf.transpose(x, [0, *range(2, rank), 1])
+
+
+def layer_kind(layer: Any) -> str | None:
+    """The supported kind of ``layer`` or None."""
+    for kind, cls in SUPPORTED_LAYERS.items():
+        if isinstance(layer, cls):
+            return kind
+    return None
+
+
+def _unsupported_config(layer: Any) -> str | None:
+    if getattr(layer, "quantization_mode", None):
+        return f"quantization_mode={layer.quantization_mode!r}"
+    if getattr(layer, "groups", 1) != 1:
+        return f"groups={layer.groups}"
+    return None
+
+
+def resolve_taps(graph: DependencyGraph, layers: Sequence[str | Any] | None = None) -> dict[str, Tap]:
+    """The layers to tap, keyed by qualified name, in topological order.
+
+    Args:
+        graph: the model's dependency graph.
+        layers: qualified names or layer objects; None taps every supported
+            layer (Dense, Conv1D, Conv2D, DepthwiseConv2D) and skips those
+            with an unsupported configuration (grouped or quantized).
+
+    Raises:
+        ValueError: a requested layer is unknown, of an unsupported type or
+            configuration.
+    """
+    first_calls = {}
+    for record in graph.records:
+        first_calls.setdefault(record.name, record)
+    names_of = {}
+    for name, record in first_calls.items():
+        names_of.setdefault(id(record.operation), name)
+    if layers is None:
+        wanted = [n for n, r in first_calls.items() if layer_kind(r.operation) and not _unsupported_config(r.operation)]
+    else:
+        if isinstance(layers, (str, keras.layers.Layer)):
+            layers = [layers]
+        wanted = [_qualified_name(item, first_calls, names_of) for item in layers]
+    taps = {}
+    for name in wanted:
+        record = first_calls[name]
+        kind, reason = layer_kind(record.operation), _unsupported_config(record.operation)
+        if kind is None or reason:
+            got = type(record.operation).__name__ if kind is None else reason
+            raise ValueError(
+                f"Expected layers of type {', '.join(c.__name__ for c in SUPPORTED_LAYERS.values())} "
+                f"(ungrouped, not quantized). Received: layer '{name}' with {got}. "
+                "Fix: leave it out of `layers`."
+            )
+        taps[name] = _make_tap(name, record, kind)
+    return taps
+
+
+def _qualified_name(item, first_calls, names_of) -> str:
+    if isinstance(item, str):
+        if item not in first_calls:
+            raise ValueError(
+                f"Expected qualified layer names of the model (e.g. 'outer/inner' inside a nested model). "
+                f"Received: layers containing {item!r}. Valid names: {sorted(first_calls)}"
+            )
+        return item
+    if id(item) not in names_of:
+        raise ValueError(
+            f"Expected layers of this model. Received: layer object {getattr(item, 'name', item)!r}, "
+            "which is not called in the model's graph."
+        )
+    return names_of[id(item)]
+
+
+def _make_tap(name: str, record, kind: str) -> Tap:
+    layer = record.operation
+    kernel_shape = tuple(int(d) for d in layer.kernel.shape)
+    in_channels = kernel_shape[-2]
+    out_channels = kernel_shape[-1] * (in_channels if kind == "depthwise_conv2d" else 1)
+    taps = int(np.prod(kernel_shape[:-2])) if kind != "dense" else 1
+    out_shape = record.call.out_shapes[0]
+    spatial = out_shape[2:] if getattr(layer, "data_format", None) == "channels_first" else out_shape[1:-1]
+    locations = None if any(d is None for d in spatial) else int(np.prod(spatial, dtype=np.int64))
+    return Tap(name, layer, kind, taps, in_channels, out_channels, layer.use_bias, locations)
+
+
+@dataclasses.dataclass
+class TapRecord:
+    """One call of a tapped layer during a replay: its input and ``s``."""
+
+    tap: Tap
+    inputs: tf.Tensor
+    pre_activation: tf.Tensor
+
+
+def replay(
+    model: keras.Model,
+    inputs: Any,
+    taps: dict[str, Tap],
+    watch: Callable[[tf.Tensor], None],
+) -> tuple[Any, list[TapRecord], dict[int, tuple[str, tf.Tensor]]]:
+    """Runs ``model`` on ``inputs`` in inference mode, tapping ``taps``.
+
+    Args:
+        model: a Sequential or Functional model.
+        inputs: one tensor per model input, in the order of ``model.inputs``.
+        taps: the layers to tap, by qualified name.
+        watch: called on every pre-activation tensor (``tape.watch``).
+
+    Returns:
+        ``(outputs, records, logits)``: the model outputs, one `TapRecord` per
+        tapped call in execution order, and, for outputs produced by a
+        softmax or sigmoid, ``id(output) -> (activation name, its input)``.
+    """
+    records: list[TapRecord] = []
+    logits: dict[int, tuple[str, tf.Tensor]] = {}
+
+    def run(functional, values, prefix):
+        def call_fn(op, *args, **kwargs):
+            if isinstance(op, keras.Model) and _is_graph_model(op):
+                inner = check_model(op)
+                return run(inner, args[0] if args else kwargs["inputs"], prefix + op.name + "/")
+            name = prefix + op.name
+            if "training" in getattr(op, "_call_context_args", ()):
+                kwargs["training"] = False
+            tap = taps.get(name)
+            if tap is None:
+                outputs = op(*args, **kwargs)
+                source = _probability_activation(op)
+                if source:
+                    logits[id(outputs)] = (source, args[0])
+                return outputs
+            activation = op.activation
+            op.activation = keras.activations.linear
+            try:
+                pre = op(*args, **kwargs)
+            finally:
+                op.activation = activation
+            watch(pre)
+            records.append(TapRecord(tap, args[0], pre))
+            outputs = activation(pre)
+            source = _activation_name(activation)
+            if source:
+                logits[id(outputs)] = (source, pre)
+            return outputs
+
+        flat = functional._standardize_inputs(values)
+        outputs = functional._run_through_graph(flat, operation_fn=lambda op: op, call_fn=call_fn)
+        if isinstance(outputs, (list, tuple)) and len(outputs) == 1:
+            outputs = outputs[0]
+        return outputs
+
+    functional = check_model(model)
+    outputs = run(functional, keras.tree.pack_sequence_as(functional._inputs_struct, list(inputs)), "")
+    return outputs, records, logits
+
+
+def _activation_name(activation) -> str | None:
+    if activation is keras.activations.softmax:
+        return "softmax"
+    if activation is keras.activations.sigmoid:
+        return "sigmoid"
+    return None
+
+
+def _probability_activation(op) -> str | None:
+    """``"softmax"``/``"sigmoid"`` when ``op`` maps logits to probabilities."""
+    from keras.src.ops import nn as ops_nn
+
+    if isinstance(op, L.Activation):
+        return _activation_name(op.activation)
+    if isinstance(op, L.Softmax) and op.axis in (-1, [-1], (-1,)):
+        return "softmax"
+    if isinstance(op, ops_nn.Softmax) and getattr(op, "axis", -1) == -1:
+        return "softmax"
+    if isinstance(op, ops_nn.Sigmoid):
+        return "sigmoid"
+    return None
+
+
+def weight_matrix(kernel: Any, bias: Any, depthwise: bool) -> np.ndarray:
+    """``W̃``, the layer's parameters in the layout of the im2col patches (float64).
+
+    ``[kernel.reshape(-1, Cout); bias]`` of shape ``(K·Cin [+1], Cout)``;
+    depthwise (kernel ``(kh, kw, C, M)``): ``(C, K [+1], M)`` with
+    ``W̃[c] = [kernel[:, :, c, :].reshape(K, M); bias[c·M:(c+1)·M]]``.
+    """
+    kernel = np.asarray(kernel, np.float64)
+    if depthwise:
+        channels, multiplier = kernel.shape[-2:]
+        matrix = np.moveaxis(kernel.reshape(-1, channels, multiplier), 1, 0)
+        if bias is None:
+            return matrix
+        return np.concatenate([matrix, np.asarray(bias, np.float64).reshape(channels, 1, multiplier)], axis=1)
+    matrix = kernel.reshape(-1, kernel.shape[-1])
+    if bias is None:
+        return matrix
+    return np.concatenate([matrix, np.asarray(bias, np.float64)[None]], axis=0)
+
+
+def split_weight_matrix(
+    matrix: np.ndarray, kernel_shape: tuple[int, ...], has_bias: bool, depthwise: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The inverse of `weight_matrix`: ``(kernel, bias or None)``."""
+    if depthwise:
+        channels, multiplier = kernel_shape[-2:]
+        taps = int(np.prod(kernel_shape[:-2]))
+        kernel = np.moveaxis(matrix[:, :taps, :], 0, 1).reshape(kernel_shape)
+        bias = matrix[:, taps, :].reshape(channels * multiplier) if has_bias else None
+        return kernel, bias
+    rows = int(np.prod(kernel_shape[:-1]))
+    return matrix[:rows].reshape(kernel_shape), (matrix[rows] if has_bias else None)
