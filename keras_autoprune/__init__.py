@@ -13,7 +13,7 @@ check_tensorflow()
 
 from keras_autoprune.accounting import LayerCost, count_flops, count_params, flops_table, format_table  # noqa: E402
 from keras_autoprune.budget import Budget  # noqa: E402
-from keras_autoprune.callbacks import MagnitudeCallback, PruningCallback  # noqa: E402
+from keras_autoprune.callbacks import MagnitudeCallback, NAPCallback, PruningCallback  # noqa: E402
 from keras_autoprune.errors import PlanError, SurgeryError, UnsupportedModelError  # noqa: E402
 from keras_autoprune.graph import ChannelGroup, ChannelMember, DependencyGraph  # noqa: E402
 from keras_autoprune.graph import handlers  # noqa: E402
@@ -29,6 +29,7 @@ __all__ = sorted(
         "Budget",
         "ChannelGroup",
         "MagnitudeCallback",
+        "NAPCallback",
         "PruningCallback",
         "LayerChange",
         "LayerCost",

@@ -106,6 +106,23 @@ class PruningCallback(keras.callbacks.Callback):
         """A batch of inputs for the final rebuilt-vs-masked check (or None)."""
         return None
 
+    def prune_round(self, target: float) -> None:
+        """One pruning round: a new plan for ``target``, applied to the masks."""
+        plan = self.compute_plan(target, self.plan)
+        plan.validate(self.graph)
+        self._masks.apply(plan)
+        self.plan = plan
+
+    def measure_kept(self) -> dict[str, float]:
+        """FLOPs and parameters of the current plan, as fractions of the original."""
+        slim = apply_plan(self.model, self.plan, self.graph)
+        return {"flops": count_flops(slim) / self._original["flops"], "params": count_params(slim) / self._original["params"]}
+
+    def build_pruned_model(self) -> keras.Model:
+        """The final slim model (called once, after the masks are removed)."""
+        self._masks.apply(self.plan)  # also zeroes non-trainable entries (moving means)
+        return apply_plan(self.model, self.plan, self.graph)
+
     # -- lifecycle -----------------------------------------------------
     def _reset(self) -> None:
         self.plan: PrunePlan | None = None
@@ -114,6 +131,8 @@ class PruningCallback(keras.callbacks.Callback):
         self.graph: DependencyGraph | None = None
         self.history: list[dict] = []
         self.pruning_seconds = 0.0
+        #: True once a method decides to prune no further (tolerance mode).
+        self.stopped = False
         self._masks: MaskSet | None = None
         self._original = {}
         self._epochs: dict[int, float] = {}
@@ -136,16 +155,12 @@ class PruningCallback(keras.callbacks.Callback):
         model.make_train_function(force=True)  # retrace: the constraints are now part of the step
 
     def on_epoch_begin(self, epoch, logs=None):
-        if epoch not in self._epochs:
+        if epoch not in self._epochs or self.stopped:
             return
         start = time.perf_counter()
         target = self._epochs[epoch]
-        plan = self.compute_plan(target, self.plan)
-        plan.validate(self.graph)
-        self._masks.apply(plan)
-        self.plan = plan
-        slim = apply_plan(self.model, plan, self.graph)
-        self._kept = {"flops": count_flops(slim) / self._original["flops"], "params": count_params(slim) / self._original["params"]}
+        self.prune_round(target)
+        self._kept = self.measure_kept()
         seconds = time.perf_counter() - start
         self.pruning_seconds += seconds
         self.history.append(dict(epoch=epoch, target=target, seconds=seconds, **{f"{k}_kept": v for k, v in self._kept.items()}))
@@ -169,8 +184,7 @@ class PruningCallback(keras.callbacks.Callback):
         self.model.train_function = None  # the next fit traces a step without masks
         if self.plan is None:
             return  # training stopped before the first round
-        self._masks.apply(self.plan)  # also zeroes non-trainable entries (moving means)
-        self.pruned_model = apply_plan(self.model, self.plan, self.graph)
+        self.pruned_model = self.build_pruned_model()
         self._check_rebuilt()
         self.report = self._make_report()
 

@@ -104,6 +104,16 @@ class MaskSet:
                     self._masks[id(variable)].assign((mask_values[key] != 0).astype("float32"))
 
 
+    def set_variable_mask(self, variable, mask: np.ndarray) -> None:
+        """Multiplies one installed variable's mask (and value) by ``mask``."""
+        if id(variable) not in self._masks:
+            raise KeyError(f"No mask is installed on variable '{variable.path}'.")
+        current = self._masks[id(variable)]
+        combined = np.asarray(current.numpy()) * mask
+        current.assign(combined.astype("float32"))
+        variable.assign((np.asarray(variable.numpy()) * combined).astype(variable.dtype))
+
+
 def _touches(graph: DependencyGraph, record, group) -> bool:
     index = graph.group_index(group.id)
     layouts = list(record.call.in_layouts) + list(record.out_layouts)

@@ -1,0 +1,254 @@
+"""`NAPCallback`: NAP pruning (K-FAC OBS saliency, global ranking) during `fit`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_autoprune.budget import Budget
+from keras_autoprune.callbacks.base import PruningCallback
+from keras_autoprune.evaluation import accuracy
+from keras_autoprune.methods import nap
+from keras_autoprune.stats import collect_kfac
+from keras_autoprune.stats.calibration import CalibrationData
+from keras_autoprune.surgery.plan import PrunePlan
+from keras_autoprune.surgery.weights import assign_weights, layer_weights
+
+_GRANULARITIES = ("channel", "weight")
+
+
+class NAPCallback(PruningCallback):
+    """Prunes with NAP: curvature-based saliency, per-layer ratios found automatically.
+
+    At each round, K-FAC factors are collected on ``data``, every channel
+    gets its OBS saliency (the loss increase its removal causes, see
+    `keras_autoprune.methods.nap`), and the globally least salient channels
+    go until the round's target is met. No per-layer ratio is needed.
+
+    Args:
+        data: calibration data: ``(x, y)`` arrays, a batched `tf.data.Dataset`,
+            or an iterable of batches (a generator is consumed by the first
+            round: use a dataset or arrays with ``rounds > 1``). Labels are
+            only needed with ``fisher="empirical"``.
+        budget: `kap.Budget` to reach. In tolerance mode it is the most the
+            callback may prune (default there: ``Budget(flops=0.1)``).
+        rounds: pruning rounds, the kept fraction ramping linearly.
+        granularity: ``"channel"`` (structured, default: channels are
+            removed by surgery at the end) or ``"weight"`` (fine-grained
+            per-weight masks on Dense/Conv kernels; needs a params budget;
+            the returned model has the same shapes with zeroed weights and no
+            masks).
+        fisher: ``"true"`` (labels sampled from the model, default) or
+            ``"empirical"``.
+        num_batches: calibration batches per round (None: all of ``data``).
+        batch_size: batch size when ``data`` is in-memory arrays.
+        damping: relative damping of the K-FAC inverses. Default 1e-3.
+        input_side: add the saliency of the layers reading a channel
+            (default True).
+        cost_aware: rank by saliency per FLOP (or parameter) saved.
+        obs_update: compensate the remaining outputs of a pruned layer with
+            the OBS update.
+        validation_data: labelled data for tolerance mode.
+        max_accuracy_drop: tolerance mode: after each round's epoch, if the
+            validation accuracy fell more than this below the unpruned
+            model's, the round is undone and pruning stops. The last round
+            that met the tolerance is kept.
+        **kwargs: ``start_epoch``, ``end_epoch``, ``check_tolerance``,
+            ``verbose`` (see `PruningCallback`).
+
+    Example:
+
+    >>> cb = kap.NAPCallback((x_cal, y_cal), budget=kap.Budget(flops=0.5), rounds=2)  # doctest: +SKIP
+    >>> model.fit(x, y, epochs=6, callbacks=[cb])                                      # doctest: +SKIP
+    >>> cb.pruned_model.summary()                                                      # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        budget: Budget | None = None,
+        rounds: int = 1,
+        *,
+        granularity: str = "channel",
+        fisher: str = "true",
+        num_batches: int | None = None,
+        batch_size: int = 32,
+        damping: float = 1e-3,
+        input_side: bool = True,
+        cost_aware: bool = False,
+        obs_update: bool = False,
+        validation_data: Any = None,
+        max_accuracy_drop: float | None = None,
+        **kwargs: Any,
+    ):
+        tolerance_mode = validation_data is not None or max_accuracy_drop is not None
+        if tolerance_mode and (validation_data is None or max_accuracy_drop is None):
+            raise ValueError(
+                "Tolerance mode needs both `validation_data` and `max_accuracy_drop` (e.g. 0.01). "
+                f"Received: validation_data={'given' if validation_data is not None else None}, "
+                f"max_accuracy_drop={max_accuracy_drop}"
+            )
+        if budget is None:
+            if not tolerance_mode:
+                raise ValueError(
+                    "Give a `budget` (e.g. `kap.Budget(flops=0.5)`), or use tolerance mode with "
+                    "`validation_data=...` and `max_accuracy_drop=0.01`. Received: budget=None"
+                )
+            budget = Budget(flops=0.1)
+        super().__init__(budget, rounds=rounds, **kwargs)
+        if data is None:
+            raise ValueError("`data` (calibration batches) is required for the K-FAC statistics. Received: data=None")
+        if granularity not in _GRANULARITIES:
+            raise ValueError(f"`granularity` must be one of {_GRANULARITIES}. Received: granularity={granularity!r}")
+        if granularity == "weight" and budget.metric != "params":
+            raise ValueError(
+                "granularity='weight' zeroes single weights, which saves parameters, not dense FLOPs: "
+                f"use a parameter budget, e.g. kap.Budget(params=0.2). Received: budget={budget}"
+            )
+        if fisher not in ("true", "empirical"):
+            raise ValueError(f"`fisher` must be 'true' or 'empirical'. Received: fisher={fisher!r}")
+        if not isinstance(damping, (int, float)) or damping <= 0:
+            raise ValueError(f"`damping` must be a positive number. Received: damping={damping!r}")
+        if max_accuracy_drop is not None and not 0 <= max_accuracy_drop < 1:
+            raise ValueError(f"`max_accuracy_drop` is a fraction in [0, 1), e.g. 0.01. Received: {max_accuracy_drop!r}")
+        self.data = data
+        self.granularity = granularity
+        self.fisher = fisher
+        self.num_batches = num_batches
+        self.batch_size = batch_size
+        self.damping = damping
+        self.input_side = input_side
+        self.cost_aware = cost_aware
+        self.obs_update = obs_update
+        self.validation_data = validation_data
+        self.max_accuracy_drop = max_accuracy_drop
+
+    # -- lifecycle additions -------------------------------------------
+    def check_model(self, model: keras.Model) -> None:
+        # Fail before the first epoch on data that does not fit the model.
+        CalibrationData(self.data, model, batch_size=self.batch_size, num_batches=1, require_labels=self.fisher == "empirical")
+        self.statistics_seconds = 0.0
+        self.weight_masks: dict[str, np.ndarray] | None = None
+        self.base_accuracy = None
+        self._snapshot = None
+        if self.validation_data is not None:
+            self.base_accuracy = accuracy(model, self.validation_data, self.batch_size)
+
+    def sample_inputs(self):
+        batch = next(iter(CalibrationData(self.data, self.model, batch_size=self.batch_size, num_batches=1, require_labels=False)))
+        return batch.x if len(batch.x) > 1 else batch.x[0]
+
+    def _factors(self):
+        factors = collect_kfac(
+            self.model,
+            self.data,
+            fisher=self.fisher,
+            num_batches=self.num_batches,
+            batch_size=self.batch_size,
+            graph=self.graph,
+            verbose=self.verbose,
+        )
+        self.statistics_seconds += factors.seconds
+        return factors
+
+    def prune_round(self, target: float) -> None:
+        if self.validation_data is not None:
+            self._snapshot = ([v.numpy() for v in self.model.weights], self.plan, self.weight_masks, self._kept)
+        factors = self._factors()
+        if self.granularity == "weight":
+            self._weight_round(factors, target)
+            return
+        plan = nap.nap_plan(
+            self.model, self.graph, factors, self.budget, target, self.plan,
+            damping=self.damping, input_side=self.input_side, cost_aware=self.cost_aware,
+        )
+        if self.obs_update:
+            nap.obs_update(self.graph, factors, plan, self.damping)
+        plan.validate(self.graph)
+        self._masks.apply(plan)
+        self.plan = plan
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._snapshot is not None and epoch in self._epochs:
+            self._judge_round(epoch, logs)
+        super().on_epoch_end(epoch, logs)
+
+    def _judge_round(self, epoch: int, logs) -> None:
+        value = accuracy(self.model, self.validation_data, self.batch_size)
+        drop = self.base_accuracy - value
+        self.history[-1].update(val_accuracy=value, accepted=drop <= self.max_accuracy_drop)
+        if logs is not None:
+            logs["pruned_val_accuracy"] = value
+        if drop <= self.max_accuracy_drop:
+            return
+        weights, plan, masks, kept = self._snapshot
+        for variable, value_before in zip(self.model.weights, weights):
+            variable.assign(value_before)
+        self.plan, self.weight_masks, self._kept = plan, masks, kept
+        if plan is not None:
+            self._masks.apply(plan)
+        elif masks is not None:
+            self._apply_weight_masks(masks)
+        self.stopped = True
+        if self.verbose:
+            print(
+                f"\nNAPCallback: validation accuracy {value:.4f} is {drop:.4f} below the unpruned "
+                f"{self.base_accuracy:.4f} (> max_accuracy_drop={self.max_accuracy_drop}): round undone, pruning stops."
+            )
+
+    def on_train_end(self, logs=None):
+        if self.stopped and self.plan is None and self.weight_masks is None:
+            self.plan = PrunePlan({})  # no round met the tolerance: the unpruned model
+        super().on_train_end(logs)
+
+    # -- fine-grained mode ---------------------------------------------
+    def _weight_round(self, factors, target: float) -> None:
+        total = self._original["params"]
+        scored = sum(int(np.prod(self.graph_layer(n).kernel.shape)) for n in factors if not factors[n].depthwise)
+        fraction = 1.0 - (1.0 - target) * total / max(scored, 1)
+        if fraction <= 0:
+            raise ValueError(
+                f"Budget {self.budget} is below what masking Dense/Conv kernels can reach "
+                f"({scored} of {total} parameters are prunable weights)."
+            )
+        masks = nap.weight_masks(self.graph, factors, fraction, self.damping)
+        if self.weight_masks is not None:  # removed weights stay removed
+            masks = {name: m * self.weight_masks.get(name, 1.0) for name, m in masks.items()}
+        self.weight_masks = masks
+        self._apply_weight_masks(masks)
+        self.plan = PrunePlan({})
+
+    def graph_layer(self, name: str):
+        return next(r.operation for r in self.graph.records if r.name == name)
+
+    def _apply_weight_masks(self, masks: dict[str, np.ndarray]) -> None:
+        self._masks.apply(PrunePlan({}))
+        for name, mask in masks.items():
+            layer = self.graph_layer(name)
+            self._masks.set_variable_mask(layer.kernel, mask)
+
+    def measure_kept(self) -> dict[str, float]:
+        if self.granularity == "channel":
+            return super().measure_kept()
+        zeros = sum(int(np.sum(m == 0)) for m in (self.weight_masks or {}).values())
+        return {"flops": 1.0, "params": 1.0 - zeros / self._original["params"]}
+
+    def build_pruned_model(self) -> keras.Model:
+        if self.granularity == "channel":
+            return super().build_pruned_model()
+        clone = keras.models.clone_model(self.model)
+        for old, new in zip(_layers(self.model), _layers(clone)):
+            if old.weights:
+                assign_weights(new, layer_weights(old))
+        return clone
+
+
+def _layers(model):
+    """Every layer of a model, nested models expanded, in a stable order."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _layers(layer)
+        else:
+            yield layer

@@ -1,0 +1,1 @@
+"""Pruning methods: short compositions of statistics, scoring and allocation."""

@@ -1,0 +1,136 @@
+"""NAP (Network Automatic Pruning, Zeng & Urtasun): K-FAC OBS saliency, global ranking.
+
+Structured mode (channels):
+
+1. K-FAC factors ``A, G`` of every Dense / Conv1D / Conv2D / DepthwiseConv2D
+   layer from a calibration pass (`stats.collect_kfac`).
+2. Saliency of channel i of a layer: the OBS loss increase of removing it,
+   ``ΔL_i = w_iᵀ A w_i / (2 [G⁻¹]_ii)`` (output side) and, for layers that
+   read the channel, ``½ tr([(A⁻¹)_{RR}]⁻¹ W_R G W_Rᵀ)`` over its taps R
+   (input side, on by default: ``input_side=True``). A coupled group sums
+   its members (`stats.GroupSaliency`).
+3. All groups' channels are ranked together (optionally per unit of cost,
+   ``cost_aware=True``: ``ΔL_i / cost_i``); the lowest go until the budget
+   holds (`allocation.global_ranking_plan`). Per-layer ratios follow from the
+   ranking alone.
+4. Optional OBS update of the remaining output channels of each layer that
+   lost some: ``W ← W − W_R [(G⁻¹)_RR]⁻¹ (G⁻¹)_{R,:}``
+   (`scoring.obs.out_channel_update`).
+
+Fine-grained mode (weights): ``ΔL_pi = W_pi² / (2 [A⁻¹]_pp [G⁻¹]_ii)`` per
+weight, ranked over all layers, under a parameter budget (see
+`weight_masks`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_autoprune.allocation.cost import channel_costs
+from keras_autoprune.allocation.ranking import global_ranking_plan
+from keras_autoprune.budget import Budget
+from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.scoring.obs import out_channel_update, weight_saliency
+from keras_autoprune.stats import GroupSaliency, damped_inverses, split_weight_matrix, weight_matrix
+from keras_autoprune.stats.engine import StatisticsResult
+from keras_autoprune.surgery.plan import PrunePlan
+
+
+def channel_saliencies(
+    model: keras.Model,
+    graph: DependencyGraph,
+    factors: StatisticsResult,
+    damping: float = 1e-3,
+    input_side: bool = True,
+    cost_aware: bool = False,
+    metric: str = "flops",
+) -> dict[str, np.ndarray]:
+    """NAP's per-channel scores (higher = keep) for every prunable group."""
+    saliency = GroupSaliency(graph, factors, damping)
+    scores = {g.id: saliency.group(g, input_side=input_side) for g in graph.prunable_groups}
+    if cost_aware:
+        costs = channel_costs(model, graph, metric)
+        scores = {gid: s / np.maximum(costs[gid], 1e-12) for gid, s in scores.items()}
+    return scores
+
+
+def nap_plan(
+    model: keras.Model,
+    graph: DependencyGraph,
+    factors: StatisticsResult,
+    budget: Budget,
+    target: float | None = None,
+    removed: PrunePlan | None = None,
+    **saliency_options: Any,
+) -> PrunePlan:
+    """The NAP plan for ``target`` (default: the budget) from K-FAC factors."""
+    scores = channel_saliencies(model, graph, factors, metric=budget.metric, **saliency_options)
+    return global_ranking_plan(model, graph, scores, budget, target, removed)
+
+
+def obs_update(graph: DependencyGraph, factors: StatisticsResult, plan: PrunePlan, damping: float = 1e-3) -> list[str]:
+    """Applies the OBS compensation to every producer layer that loses outputs.
+
+    Only non-depthwise layers with factors are updated, each on its own (in a
+    residual group every producer compensates for its own columns). The
+    removed columns end at exactly 0.
+
+    Returns:
+        Names of the layers updated.
+    """
+    removed = plan.removed_atoms(graph)
+    updated = []
+    for record in graph.records:
+        factor = factors.get(record.name)
+        if not record.first_call or factor is None or factor.depthwise:
+            continue
+        gone = np.flatnonzero(removed[record.out_layouts[0]])
+        if gone.size == 0:
+            continue
+        layer = record.operation
+        bias = layer.bias if getattr(layer, "use_bias", False) else None
+        w = weight_matrix(layer.kernel.numpy(), None if bias is None else bias.numpy(), False)
+        _, g_inv = damped_inverses(factor.A, factor.G, damping)
+        updated_w = out_channel_update(w, g_inv, gone)
+        kernel, new_bias = split_weight_matrix(updated_w, tuple(layer.kernel.shape), bias is not None, False)
+        layer.kernel.assign(kernel.astype(layer.kernel.dtype))
+        if bias is not None:
+            bias.assign(new_bias.astype(bias.dtype))
+        updated.append(record.name)
+    return updated
+
+
+def weight_masks(
+    graph: DependencyGraph,
+    factors: StatisticsResult,
+    fraction: float,
+    damping: float = 1e-3,
+) -> dict[str, np.ndarray]:
+    """Fine-grained NAP: kernel masks keeping ``fraction`` of the scored weights.
+
+    Every weight of every layer with factors gets
+    ``ΔL = W² / (2 [A⁻¹]_pp [G⁻¹]_ii)``; the globally lowest go, so that the
+    kept count is ``ceil(fraction * total)``. Biases are never masked.
+
+    Returns:
+        ``{layer name: 0/1 array shaped like its kernel}``.
+    """
+    scored = {}
+    for record in graph.records:
+        factor = factors.get(record.name)
+        if not record.first_call or factor is None or factor.depthwise:
+            continue
+        layer = record.operation
+        bias = layer.bias.numpy() if getattr(layer, "use_bias", False) else None
+        w = weight_matrix(layer.kernel.numpy(), bias, False)
+        a_inv, g_inv = damped_inverses(factor.A, factor.G, damping)
+        saliency = weight_saliency(w, np.diag(a_inv), np.diag(g_inv))
+        kernel_rows = int(np.prod(layer.kernel.shape[:-1]))
+        scored[record.name] = (layer.kernel.shape, saliency[:kernel_rows])
+    everything = np.concatenate([s.reshape(-1) for _, s in scored.values()])
+    keep = int(np.ceil(fraction * everything.size))
+    threshold = np.sort(everything)[::-1][keep - 1] if keep else np.inf
+    return {name: (s >= threshold).astype("float32").reshape(shape) for name, (shape, s) in scored.items()}
