@@ -1,0 +1,179 @@
+"""NAPCallback on real data (scikit-learn digits): budget, accuracy, modes, errors."""
+
+import keras
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+import keras_autoprune as kap
+from keras_autoprune.evaluation import accuracy
+from keras_autoprune.methods import nap
+from keras_autoprune.stats import collect_kfac
+
+L = keras.layers
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits()
+    x = (data.images / 16.0).astype("float32")[..., None]
+    return train_test_split(x, data.target, test_size=0.25, random_state=0)
+
+
+def build(seed=0):
+    keras.utils.set_random_seed(seed)
+    i = keras.Input((8, 8, 1))
+    h = L.Conv2D(16, 3, padding="same", use_bias=False, name="c1")(i)
+    h = L.BatchNormalization(name="bn1")(h)
+    h = L.ReLU()(h)
+    r = L.Conv2D(16, 3, padding="same", name="c2")(h)
+    h = L.Add()([h, r])
+    h = L.MaxPooling2D()(h)
+    h = L.Conv2D(32, 3, activation="relu", name="c3")(h)
+    h = L.Flatten()(h)
+    h = L.Dense(32, activation="relu", name="d1")(h)
+    model = keras.Model(i, L.Dense(10, name="head")(h))
+    model.compile(keras.optimizers.Adam(2e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    return model
+
+
+@pytest.fixture(scope="module")
+def pretrained(digits):
+    x_train, _, y_train, _ = digits
+    model = build()
+    model.fit(x_train, y_train, epochs=10, batch_size=64, verbose=0)
+    return model.get_weights()
+
+
+def fresh(pretrained):
+    model = build()
+    model.set_weights(pretrained)
+    return model
+
+
+def test_nap_keeps_accuracy_at_half_the_flops(digits, pretrained):
+    x_train, x_test, y_train, y_test = digits
+    reference = fresh(pretrained)
+    reference.fit(x_train, y_train, epochs=4, batch_size=64, verbose=0)
+    unpruned = accuracy(reference, (x_test, y_test))
+
+    model = fresh(pretrained)
+    cb = kap.NAPCallback((x_train, y_train), budget=kap.Budget(flops=0.5), rounds=2, verbose=0)
+    history = model.fit(x_train, y_train, epochs=4, batch_size=64, callbacks=[cb], verbose=0)
+    flops, slim_flops = kap.count_flops(model), kap.count_flops(cb.pruned_model)
+    assert slim_flops <= 0.5 * flops
+    # Within one chunk of the budget: putting back the cheapest removed channel would exceed it.
+    assert slim_flops >= 0.5 * flops - max(kap.allocation.cost.channel_costs(model, cb.graph)[g].max() for g in cb.plan.kept)
+    pruned = accuracy(cb.pruned_model, (x_test, y_test))
+    assert pruned >= unpruned - 0.02, (pruned, unpruned)
+    np.testing.assert_allclose(np.asarray(cb.pruned_model(x_test)), np.asarray(model(x_test)), rtol=1e-4, atol=1e-4)
+    assert history.history["flops_kept"][-1] == pytest.approx(slim_flops / flops)
+    assert cb.statistics_seconds > 0 and cb.report.flops_kept == pytest.approx(slim_flops / flops)
+
+
+def test_nap_ranks_by_saliency_not_by_layer(digits, pretrained):
+    """Per-layer ratios come out of one global ranking: layers lose different fractions."""
+    x_train, _, y_train, _ = digits
+    model = fresh(pretrained)
+    graph = kap.DependencyGraph(model)
+    factors = collect_kfac(model, (x_train[:128], y_train[:128]), graph=graph, verbose=0)
+    scores = nap.channel_saliencies(model, graph, factors)
+    plan = nap.nap_plan(model, graph, factors, kap.Budget(flops=0.4))
+    kept_fraction = {g: len(k) / graph.group(g).size for g, k in plan.kept.items()}
+    assert len(set(np.round(list(kept_fraction.values()), 3))) > 1
+    # Every removed channel scores no higher than the best kept channel of any group... per chunk order:
+    for group_id, kept in plan.kept.items():
+        gone = np.setdiff1d(np.arange(graph.group(group_id).size), kept)
+        assert scores[group_id][gone].max() <= scores[group_id][kept].max()
+
+
+def test_tolerance_mode_undoes_the_round_that_breaks_it(digits, pretrained):
+    x_train, x_test, y_train, y_test = digits
+    model = fresh(pretrained)
+    cb = kap.NAPCallback(
+        (x_train[:256], y_train[:256]), budget=kap.Budget(flops=0.02), rounds=3,
+        validation_data=(x_test, y_test), max_accuracy_drop=0.02, verbose=0,
+    )
+    model.fit(x_train, y_train, epochs=3, batch_size=64, callbacks=[cb], verbose=0)
+    judged = [h for h in cb.history if "accepted" in h]
+    assert judged and judged[-1]["accepted"] is False and cb.stopped
+    accepted = [h for h in judged if h["accepted"]]
+    expected_flops = accepted[-1]["flops_kept"] if accepted else 1.0
+    assert kap.count_flops(cb.pruned_model) / kap.count_flops(model) == pytest.approx(expected_flops)
+    assert accuracy(cb.pruned_model, (x_test, y_test)) >= cb.base_accuracy - 0.02 - 1e-9
+
+
+def test_fine_grained_mode_masks_weights_and_strips_masks(digits, pretrained):
+    x_train, x_test, y_train, y_test = digits
+    model = fresh(pretrained)
+    cb = kap.NAPCallback((x_train[:256], y_train[:256]), budget=kap.Budget(params=0.3), granularity="weight", verbose=0)
+    model.fit(x_train, y_train, epochs=2, batch_size=64, callbacks=[cb], verbose=0)
+    slim = cb.pruned_model
+    assert slim.count_params() == model.count_params()  # same shapes
+    nonzero = sum(int(np.count_nonzero(w.numpy())) for w in slim.weights)
+    assert nonzero <= 0.3 * model.count_params() + 1
+    assert all(w.constraint is None for w in slim.weights)
+    np.testing.assert_allclose(np.asarray(slim(x_test)), np.asarray(model(x_test)), rtol=1e-5, atol=1e-5)
+    assert accuracy(slim, (x_test, y_test)) > 0.8
+
+
+def test_obs_update_zeroes_removed_columns_and_moves_the_rest(digits, pretrained):
+    x_train, _, y_train, _ = digits
+    model = fresh(pretrained)
+    graph = kap.DependencyGraph(model)
+    factors = collect_kfac(model, (x_train[:128], y_train[:128]), graph=graph, verbose=0)
+    plan = kap.PrunePlan({"c3": np.arange(16)})
+    before = model.get_layer("c3").kernel.numpy().copy()
+    assert nap.obs_update(graph, factors, plan) == ["c3"]
+    after = model.get_layer("c3").kernel.numpy()
+    assert np.all(after[..., 16:] == 0) and not np.allclose(after[..., :16], before[..., :16])
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(data=None, budget=kap.Budget(flops=0.5)), ValueError, "data"),
+        (dict(data=([0], [0])), ValueError, "budget"),
+        (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), granularity="filter"), ValueError, "granularity"),
+        (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), granularity="weight"), ValueError, "parameter budget"),
+        (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), fisher="exact"), ValueError, "fisher"),
+        (dict(data=([0], [0]), validation_data=([0], [0])), ValueError, "max_accuracy_drop"),
+        (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), damping=-1), ValueError, "damping"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        kap.NAPCallback(**kwargs)
+
+
+def test_data_that_does_not_fit_fails_before_training(digits, pretrained):
+    x_train, _, y_train, _ = digits
+    model = fresh(pretrained)
+    before = model.get_weights()
+    wrong = np.zeros((8, 4, 4, 1), "float32")
+    with pytest.raises(ValueError):
+        model.fit(x_train, y_train, epochs=1, callbacks=[kap.NAPCallback((wrong, y_train[:8]), kap.Budget(flops=0.5))], verbose=0)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nap_under_mirrored_strategy():
+    from tests.test_callbacks import run_distributed
+
+    result = run_distributed("NAPCallback")
+    assert result["replicas"] == 2 and result["flops_kept"] <= 0.5
+    assert result["removed"] > 0 and result["removed_zero"] and result["error"] < 1e-4
+
+
+def test_nap_under_mixed_precision(digits):
+    x_train, _, y_train, _ = digits
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = build()
+        cb = kap.NAPCallback((x_train[:128], y_train[:128]), budget=kap.Budget(flops=0.5), verbose=0)
+        model.fit(x_train[:256], y_train[:256], epochs=1, callbacks=[cb], verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("c1").compute_dtype == "float16"
+    assert kap.count_flops(cb.pruned_model) <= 0.5 * kap.count_flops(model)
