@@ -19,3 +19,16 @@ def test_uniform_pruning_digits_smoke():
     assert result["flops_pruned"] < 0.5 * result["flops"]
     assert result["apply_vs_mask"] < 1e-4
     assert result["accuracy_finetuned"] > 0.5  # digits is easy: the pruned net still learns
+
+
+def test_cifar10_nap_smoke(tmp_path):
+    import pytest
+
+    archive = EXAMPLES.parents[1] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+    if not archive.is_file():
+        pytest.skip("../shared/data/cifar10-jpeg.tar.gz is not present")
+    result = _load("cifar10_nap").main(["--smoke", "--data", str(archive), "--out", str(tmp_path)])
+    assert result["flops_kept"] <= 0.5
+    assert result["float32"].relative_error <= 1e-4
+    assert 0 <= result["int8"].top1_agreement <= 1
+    assert (tmp_path / "resnet20_nap.keras").is_file()
