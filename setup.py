@@ -21,7 +21,8 @@ setup(
     # small `tensorflow-cpu` wheel and GPU machines the full one: both provide
     # the `tensorflow` module, and pip cannot pick between them by itself.
     # `import keras_autoprune` checks that one of them (>= 2.16) is present.
-    install_requires=["keras>=3", "numpy>=1.23"],
+    # LiteRT runs the exported .tflite files for verification and latency.
+    install_requires=["keras>=3", "numpy>=1.23", "ai-edge-litert>=1.2"],
     extras_require={
         "cpu": ["tensorflow-cpu>=2.16"],
         "gpu": ["tensorflow>=2.16"],
@@ -30,6 +31,7 @@ setup(
         "bench": _BENCH,
         "all": sorted(set(_TEST + _DEMO + _BENCH)),
     },
+    entry_points={"console_scripts": ["keras-autoprune=keras_autoprune.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Framework :: Keras",

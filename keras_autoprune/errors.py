@@ -19,3 +19,20 @@ class SurgeryError(RuntimeError):
 
     This signals a bug in a handler, never a user mistake; please report it.
     """
+
+
+class ExportError(RuntimeError):
+    """A model could not be exported under the options given.
+
+    For example, TFLite conversion needs TensorFlow Select (Flex) ops while
+    ``allow_flex=False``; the message names the ops and the option.
+    """
+
+
+class VerificationError(ExportError):
+    """An exported file disagrees with the Keras model it came from.
+
+    Raised when a float32 file's relative error exceeds ``tolerance``, or a
+    file's top-1 agreement is below ``min_top1_agreement``. The message gives
+    the measured figures.
+    """

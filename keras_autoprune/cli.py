@@ -1,0 +1,136 @@
+"""The ``keras-autoprune`` command.
+
+Subcommands:
+
+- ``export``: convert a saved Keras model to a verified ``.tflite`` file
+  and/or a SavedModel for TF Serving, and print the verification figures::
+
+      keras-autoprune export slim.keras --tflite slim.tflite
+      keras-autoprune export slim.keras --tflite slim_int8.tflite \\
+          --quantize int8 --data images/ --scale unit
+      keras-autoprune export slim.keras --saved-model serving/slim
+
+Exit status: 0 on success, 1 when conversion or verification fails, 2 for
+bad arguments. `main` takes the argument list, so it can be called
+in-process: ``main(["export", "m.keras", "--tflite", "m.tflite"])``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from keras_autoprune.errors import ExportError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one subparser per subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="keras-autoprune",
+        description="Structured pruning for Keras 3: tools around pruned models.",
+    )
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_export(subcommands)
+    # More subcommands go here, one `_add_<name>(subcommands)` each, which
+    # adds its subparser and sets `run=_run_<name>` with `set_defaults`
+    # (a `demo` subcommand is planned).
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ExportError as error:
+        print(f"keras-autoprune {args.command}: failed: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError) as error:
+        print(f"keras-autoprune {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+# -- export ---------------------------------------------------------------
+def _add_export(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "export",
+        help="export a .keras model to verified TFLite and/or SavedModel",
+        description=(
+            "Export a saved Keras model to a .tflite file (run with LiteRT and compared "
+            "with Keras) and/or a SavedModel in TF Serving's <dir>/<version>/ layout."
+        ),
+    )
+    parser.add_argument("model", help="the model file (.keras), loaded with keras.saving.load_model")
+    parser.add_argument("--tflite", metavar="OUT.tflite", help="write a .tflite file here")
+    parser.add_argument("--saved-model", metavar="DIR", help="write a SavedModel under DIR/<version>/")
+    parser.add_argument("--version", type=int, default=None,
+                        help="SavedModel version (default: one more than the highest in DIR)")
+    parser.add_argument("--quantize", choices=["dynamic", "float16", "int8"], default=None,
+                        help="TFLite quantization (default: float32)")
+    parser.add_argument("--int8-io", action="store_true", help="int8 input/output tensors (with --quantize int8)")
+    parser.add_argument("--allow-flex", action="store_true", help="allow TensorFlow Select (Flex) ops")
+    parser.add_argument("--data", metavar="DIR|TFDS_NAME",
+                        help="sample images: a folder of class subfolders (JPEG/PNG) or a TFDS name; "
+                             "required for --quantize int8 (default: random inputs)")
+    parser.add_argument("--split", default=None,
+                        help="subfolder of --data, or TFDS split (default: the folder itself / 'train')")
+    parser.add_argument("--scale", choices=["unit", "symmetric", "none"], default="unit",
+                        help="pixel scaling: unit = x/255 in [0,1] (default), symmetric = x/127.5-1 "
+                             "in [-1,1], none = raw 0-255")
+    parser.add_argument("--num-samples", type=int, default=100,
+                        help="samples for calibration and verification (default: 100)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest relative error allowed for float32 (default: 1e-4)")
+    parser.add_argument("--min-top1", type=float, default=None,
+                        help="fail when top-1 agreement with Keras is below this fraction")
+    parser.add_argument("--via", choices=["function", "saved_model"], default="function",
+                        help="TFLite conversion path (default: function)")
+    parser.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    if not args.tflite and not args.saved_model:
+        raise ValueError(
+            "Expected at least one output. Received: neither --tflite nor --saved-model. "
+            "Fix: e.g. `--tflite model.tflite`."
+        )
+    if not os.path.isfile(args.model):
+        raise ValueError(f"Expected a saved model file. Received: '{args.model}', which does not exist.")
+    if args.quantize == "int8" and args.data is None:
+        raise ValueError(
+            "Expected --data with --quantize int8 (calibration needs sample images). "
+            "Received: no --data. Fix: e.g. `--data images/` (class subfolders of JPEG/PNG)."
+        )
+    import keras
+
+    from keras_autoprune.export import export_saved_model, export_tflite
+    from keras_autoprune.export.images import load_images
+
+    model = keras.saving.load_model(args.model)
+    data = None
+    if args.data is not None:
+        data = load_images(args.data, tuple(model.inputs[0].shape[1:]), args.num_samples, args.scale, args.split)
+        print(f"data: {data.shape[0]} images from {args.data} (scale={args.scale})")
+    if args.tflite:
+        result = export_tflite(
+            model, args.tflite, quantize=args.quantize, representative_data=data,
+            allow_flex=args.allow_flex, int8_io=args.int8_io, tolerance=args.tolerance,
+            min_top1_agreement=args.min_top1, num_samples=args.num_samples, via=args.via,
+        )
+        print(result.summary())
+    if args.saved_model:
+        result = export_saved_model(
+            model, args.saved_model, version=args.version, representative_data=data,
+            tolerance=args.tolerance, min_top1_agreement=args.min_top1,
+        )
+        print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The `keras-autoprune` command, run in-process through `main`, and `load_images`."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_autoprune.cli import build_parser, main
+from keras_autoprune.export.images import load_images
+from tests.test_export import extract_cifar, needs_cifar, prune, small_cnn
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A pruned small CNN saved as .keras."""
+    keras.utils.set_random_seed(0)
+    path = tmp_path_factory.mktemp("model") / "slim.keras"
+    prune(small_cnn(), 0.25).save(path)
+    return path
+
+
+def test_export_tflite_and_saved_model(model_file, tmp_path, capsys):
+    status = main(["export", str(model_file), "--tflite", str(tmp_path / "slim.tflite"),
+                   "--saved-model", str(tmp_path / "serving"), "--num-samples", "8"])
+
+    out = capsys.readouterr().out
+    assert status == 0
+    assert (tmp_path / "slim.tflite").is_file() and (tmp_path / "serving" / "1" / "saved_model.pb").is_file()
+    assert "format          tflite (float32)" in out and "format          saved_model (float32)" in out
+    assert out.count("top-1 agreement 100.00%") == 2
+
+
+@needs_cifar
+def test_export_int8_with_an_image_folder(model_file, tmp_path, capsys):
+    root = extract_cifar(tmp_path / "cifar", {"test": 5})
+    status = main(["export", str(model_file), "--tflite", str(tmp_path / "int8.tflite"),
+                   "--quantize", "int8", "--data", str(root), "--split", "test", "--num-samples", "30"])
+
+    out = capsys.readouterr().out
+    assert status == 0
+    assert f"data: 30 images from {root} (scale=unit)" in out
+    assert "format          tflite (int8)" in out and "(30 samples)" in out
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["--tflite", "x.tflite", "--quantize", "int8"], 2, "Expected --data with --quantize int8"),
+    ([], 2, "neither --tflite nor --saved-model"),
+    (["--tflite", "missing_dir/x.tflite"], 2, "directory 'missing_dir' does not exist"),
+])
+def test_export_errors_are_reported(args, status, message, model_file, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(model_file), *args]) == status
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_file_and_flex_failure(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "none.keras"), "--tflite", str(tmp_path / "x.tflite")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    inputs = keras.Input((8,))
+    keras.Model(inputs, keras.ops.erf(keras.layers.Dense(4)(inputs))).save(tmp_path / "erf.keras")
+    assert main(["export", str(tmp_path / "erf.keras"), "--tflite", str(tmp_path / "erf.tflite")]) == 1
+    err = capsys.readouterr().err
+    assert "keras-autoprune export: failed:" in err and "Flex) op(s) Erf" in err and "--allow-flex" in err
+
+
+def test_parser_has_subcommands_and_rejects_bad_choices(capsys):
+    parser = build_parser()
+    assert parser.parse_args(["export", "m.keras", "--tflite", "m.tflite"]).command == "export"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "m.keras", "--quantize", "int4"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+# -- load_images -------------------------------------------------------------------
+def _write(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encode = tf.io.encode_png if path.suffix == ".png" else tf.io.encode_jpeg
+    tf.io.write_file(str(path), encode(array))
+
+
+def test_load_images_takes_classes_in_turn_resizes_and_scales(tmp_path):
+    white = np.full((8, 8, 3), 255, np.uint8)
+    black = np.zeros((4, 4, 1), np.uint8)  # grey PNG of another size
+    for i in range(3):
+        _write(tmp_path / "a" / f"{i}.png", white)
+        _write(tmp_path / "b" / f"{i}.PNG", black)
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+
+    unit = load_images(tmp_path, (6, 6, 3), num_samples=3)
+    symmetric = load_images(tmp_path, (6, 6, 3), num_samples=4, scale="symmetric")
+    raw = load_images(tmp_path, (6, 6, 3), num_samples=10, scale="none")
+
+    assert unit.shape == (3, 6, 6, 3) and unit.dtype == np.float32
+    np.testing.assert_array_equal(unit[:, 0, 0, 0], [1.0, 0.0, 1.0])  # a, b, a
+    np.testing.assert_array_equal(symmetric[:, 0, 0, 0], [1.0, -1.0, 1.0, -1.0])
+    assert raw.shape == (6, 6, 6, 3) and raw.max() == 255.0
+
+
+def test_load_images_errors(tmp_path):
+    with pytest.raises(ValueError, match="Received: scale='zero_one'"):
+        load_images(tmp_path, (6, 6, 3), scale="zero_one")
+    with pytest.raises(ValueError, match="Received: no .jpg, .jpeg, .png files"):
+        load_images(tmp_path, (6, 6, 3))
+    with pytest.raises(ValueError, match=r"Received: image_shape=\(16,\)"):
+        load_images(tmp_path, (16,))
+    # Not a directory: read as a TFDS name (fails offline, or without tensorflow-datasets).
+    with pytest.raises(ValueError, match="Expected an image folder or a TensorFlow Datasets name"):
+        load_images(str(tmp_path / "no_such_dataset_xyz"), (6, 6, 3))
+
