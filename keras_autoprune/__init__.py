@@ -14,7 +14,16 @@ check_tensorflow()
 from keras_autoprune.accounting import LayerCost, count_flops, count_params, flops_table, format_table  # noqa: E402
 from keras_autoprune.budget import Budget  # noqa: E402
 from keras_autoprune.callbacks import MagnitudeCallback, NAPCallback, PruningCallback  # noqa: E402
-from keras_autoprune.errors import PlanError, SurgeryError, UnsupportedModelError  # noqa: E402
+from keras_autoprune.errors import ExportError, PlanError, SurgeryError, UnsupportedModelError, VerificationError  # noqa: E402
+from keras_autoprune.export import (  # noqa: E402
+    ExportResult,
+    LatencyResult,
+    export_saved_model,
+    export_tflite,
+    measure_latencies,
+    measure_latency,
+    verify_tflite,
+)
 from keras_autoprune.graph import ChannelGroup, ChannelMember, DependencyGraph  # noqa: E402
 from keras_autoprune.graph import handlers  # noqa: E402
 from keras_autoprune.graph.handlers import register_handler  # noqa: E402
@@ -38,6 +47,15 @@ __all__ = sorted(
         "flops_table",
         "format_table",
         "ChannelMember",
+        "ExportError",
+        "ExportResult",
+        "LatencyResult",
+        "VerificationError",
+        "export_saved_model",
+        "export_tflite",
+        "measure_latencies",
+        "measure_latency",
+        "verify_tflite",
         "DependencyGraph",
         "PlanError",
         "PrunePlan",

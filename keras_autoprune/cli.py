@@ -2,6 +2,13 @@
 
 Subcommands:
 
+- ``demo``: train a small CNN on scikit-learn's digits (offline), prune it
+  with ``NAPCallback(budget=Budget(flops=0.5))`` during ``fit``, export both
+  models to verified TFLite and print a before/after table::
+
+      keras-autoprune demo
+      keras-autoprune demo --data ../shared/data/cifar10-jpeg.tar.gz
+
 - ``export``: convert a saved Keras model to a verified ``.tflite`` file
   and/or a SavedModel for TF Serving, and print the verification figures::
 
@@ -34,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Structured pruning for Keras 3: tools around pruned models.",
     )
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(subcommands)
     _add_export(subcommands)
     # More subcommands go here, one `_add_<name>(subcommands)` each, which
-    # adds its subparser and sets `run=_run_<name>` with `set_defaults`
-    # (a `demo` subcommand is planned).
+    # adds its subparser and sets `run=_run_<name>` with `set_defaults`.
     return parser
 
 
@@ -53,6 +60,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as error:
         print(f"keras-autoprune {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+# -- demo -----------------------------------------------------------------
+def _add_demo(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "demo",
+        help="prune a small CNN with NAP during fit, export it, print before/after",
+        description=(
+            "Train a small CNN (scikit-learn digits by default, no network needed), prune it with "
+            "NAPCallback during fit, export both models to verified TFLite and print accuracy, "
+            "parameters, FLOPs, .tflite size and LiteRT latency before and after."
+        ),
+    )
+    parser.add_argument("--data", metavar="DIR|ARCHIVE|TFDS_NAME", default=None,
+                        help="image folder (<root>/{train,test}/<class>/*.jpg), a .tar.gz of one, or a TFDS "
+                             "name (default: scikit-learn digits)")
+    parser.add_argument("--flops", type=float, default=0.5, help="fraction of FLOPs kept (default: 0.5)")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs before pruning (default: 12)")
+    parser.add_argument("--finetune-epochs", type=int, default=6,
+                        help="epochs of fit with the NAP callback (default: 6)")
+    parser.add_argument("--max-per-class", type=int, default=500,
+                        help="training images per class for --data (default: 500)")
+    parser.add_argument("--out", default=None, help="folder for the .tflite files and the plot (default: a temp folder)")
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from keras_autoprune.budget import Budget
+    from keras_autoprune.demo import run_demo
+
+    Budget(flops=args.flops)  # checks the value before any work
+    run_demo(args.data, args.epochs, args.finetune_epochs, args.flops, args.out, args.max_per_class)
+    return 0
 
 
 # -- export ---------------------------------------------------------------

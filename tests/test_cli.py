@@ -102,11 +102,18 @@ def test_load_images_takes_classes_in_turn_resizes_and_scales(tmp_path):
 def test_load_images_errors(tmp_path):
     with pytest.raises(ValueError, match="Received: scale='zero_one'"):
         load_images(tmp_path, (6, 6, 3), scale="zero_one")
-    with pytest.raises(ValueError, match="Received: no .jpg, .jpeg, .png files"):
+    with pytest.raises(ValueError, match="Expected class sub-folders"):
         load_images(tmp_path, (6, 6, 3))
     with pytest.raises(ValueError, match=r"Received: image_shape=\(16,\)"):
         load_images(tmp_path, (16,))
     # Not a directory: read as a TFDS name (fails offline, or without tensorflow-datasets).
-    with pytest.raises(ValueError, match="Expected an image folder or a TensorFlow Datasets name"):
+    with pytest.raises(ValueError, match="Expected an image folder.*or a TFDS name"):
         load_images(str(tmp_path / "no_such_dataset_xyz"), (6, 6, 3))
+    with pytest.raises(ValueError, match="no_such_dataset_xyz"):  # a bare name goes to TFDS, which fails here
+        load_images("no_such_dataset_xyz", (6, 6, 3))
 
+
+
+def test_demo_subcommand_rejects_a_bad_budget_before_work(capsys):
+    assert main(["demo", "--flops", "1.5"]) == 2
+    assert "(0, 1]" in capsys.readouterr().err
