@@ -60,3 +60,20 @@ def _as_list(outputs):
     if isinstance(outputs, (list, tuple)):
         return [np.asarray(o) for o in outputs]
     return [np.asarray(outputs)]
+
+
+def subclassed_model():
+    """A built subclassed model (which the library must reject)."""
+    import keras
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    net = Net()
+    net(np.zeros((1, 3), "float32"))
+    return net

@@ -14,6 +14,7 @@ from keras_autoprune.accounting import (
     format_table,
 )
 from keras_autoprune.errors import UnsupportedModelError
+from tests.helpers import subclassed_model
 from tests.profiler_flops import profiler_flops
 
 L = keras.layers
@@ -144,16 +145,7 @@ def test_nested_model_called_twice():
 
 
 def test_subclassed_model_is_rejected():
-    class Net(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.dense = L.Dense(2)
-
-        def call(self, x):
-            return self.dense(x)
-
-    net = Net()
-    net(keras.ops.ones((1, 3)))
+    net = subclassed_model()
     with pytest.raises(UnsupportedModelError, match="functional"):
         count_flops(net)
     with pytest.raises(UnsupportedModelError):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import keras_autoprune as kap
+from tests.helpers import subclassed_model
 
 L = keras.layers
 
@@ -146,16 +147,7 @@ def test_reshape_that_splits_channels_blocks_and_one_that_keeps_them_maps():
 
 
 def test_subclassed_model_is_rejected_with_a_fix():
-    class Net(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.dense = L.Dense(2)
-
-        def call(self, x):
-            return self.dense(x)
-
-    net = Net()
-    net(np.zeros((1, 3), "float32"))
+    net = subclassed_model()
     with pytest.raises(kap.UnsupportedModelError, match="subclassed.*functional API"):
         kap.DependencyGraph(net)
 

@@ -2,8 +2,7 @@
 
 import numpy as np
 
-from keras_autoprune.scoring import in_channel_saliency, out_channel_saliency, weight_saliency
-from keras_autoprune.scoring.obs import out_channel_update
+from keras_autoprune.scoring import input_set_saliency, out_channel_update, output_set_saliency, weight_saliency
 
 
 def _spd(n, rng):
@@ -18,7 +17,8 @@ def test_hand_computed_two_by_two():
     g_inv_diag = 1 / np.diag(g)
     # Column 0: [1, 3]: 1*2*1 + 2*1*3 + 3*3*3 = 2 + 6 + 27 = 35; / (2 * 0.25) = 70.
     # Column 1: [2, -1]: 4*2 + 2*2*(-1)*1 + 1*3 = 8 - 4 + 3 = 7; / (2 * 2) = 1.75.
-    np.testing.assert_allclose(out_channel_saliency(w, a, g_inv_diag), [70.0, 1.75])
+    g_inv = np.linalg.inv(g)
+    np.testing.assert_allclose([output_set_saliency(w, a, g_inv, np.array([i])) for i in (0, 1)], [70.0, 1.75])
     a_inv_diag = np.diag(np.linalg.inv(a))  # [3/5, 2/5]
     expected = w**2 / (2 * np.outer([0.6, 0.4], [0.25, 2.0]))
     np.testing.assert_allclose(weight_saliency(w, a_inv_diag, g_inv_diag), expected)
@@ -39,14 +39,18 @@ def test_structured_saliency_is_the_exact_obs_loss_increase():
         block = np.linalg.inv(f_inv[np.ix_(indices, indices)])
         return 0.5 * vec[indices] @ block @ vec[indices]
 
-    out = out_channel_saliency(w, a, np.diag(np.linalg.inv(g)))
+    g_inv, a_inv = np.linalg.inv(g), np.linalg.inv(a)
+    out = [output_set_saliency(w, a, g_inv, np.array([i])) for i in range(c)]
     for i in range(c):
         np.testing.assert_allclose(out[i], brute(np.arange(p) * c + i), rtol=1e-10)
+    pair = np.array([0, 2])  # two output channels at once
+    np.testing.assert_allclose(
+        output_set_saliency(w, a, g_inv, pair), brute((np.arange(p)[:, None] * c + pair).reshape(-1)), rtol=1e-10
+    )
     rows = [np.array([0, 2, 4]), np.array([1, 3, 5])]  # channel j owns taps j, j+2, j+4
-    inp = in_channel_saliency(w, g, np.linalg.inv(a), rows)
-    for j, r in enumerate(rows):
+    for r in rows:
         idx = (r[:, None] * c + np.arange(c)[None, :]).reshape(-1)
-        np.testing.assert_allclose(inp[j], brute(idx), rtol=1e-10)
+        np.testing.assert_allclose(input_set_saliency(w, g, a_inv, r), brute(idx), rtol=1e-10)
     # The OBS update reaches exactly that loss increase.
     removed = np.array([1])
     updated = out_channel_update(w, np.linalg.inv(g), removed)

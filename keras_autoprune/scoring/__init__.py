@@ -1,5 +1,5 @@
 """Saliency functions: pure NumPy in, NumPy out."""
 
-from keras_autoprune.scoring.obs import in_channel_saliency, out_channel_saliency, weight_saliency
+from keras_autoprune.scoring.obs import input_set_saliency, out_channel_update, output_set_saliency, weight_saliency
 
-__all__ = ["in_channel_saliency", "out_channel_saliency", "weight_saliency"]
+__all__ = ["input_set_saliency", "out_channel_update", "output_set_saliency", "weight_saliency"]

@@ -32,33 +32,32 @@ def weight_saliency(weights: np.ndarray, a_inv_diag: np.ndarray, g_inv_diag: np.
     return weights**2 / (2.0 * np.outer(a_inv_diag, g_inv_diag))
 
 
-def out_channel_saliency(weights: np.ndarray, a: np.ndarray, g_inv_diag: np.ndarray) -> np.ndarray:
-    """``w_iᵀ A w_i / (2 [G⁻¹]_ii)`` per output channel i, shape ``(C_out,)``.
+def output_set_saliency(weights: np.ndarray, a: np.ndarray, g_inv: np.ndarray, columns: np.ndarray) -> float:
+    """Removing output columns S: ``½ tr(W_{:,S}ᵀ A W_{:,S} [(G⁻¹)_SS]⁻¹)``.
+
+    For one channel i this is NAP's ``w_iᵀ A w_i / (2 [G⁻¹]_ii)``.
 
     Args:
-        weights: ``(P, C_out)``, column i holds output channel i's weights.
+        weights: ``(P, C_out)``.
         a: the ``(P, P)`` input factor.
-        g_inv_diag: diagonal of the (damped) inverse output factor.
+        g_inv: the (damped) inverse output factor.
+        columns: the output channels (columns of ``weights``) removed.
     """
-    quadratic = np.einsum("pi,pq,qi->i", weights, a, weights)
-    return quadratic / (2.0 * g_inv_diag)
+    w_s = weights[:, columns]
+    return 0.5 * float(np.trace(w_s.T @ a @ w_s @ np.linalg.inv(g_inv[np.ix_(columns, columns)])))
 
 
-def in_channel_saliency(weights: np.ndarray, g: np.ndarray, a_inv: np.ndarray, rows: list[np.ndarray]) -> np.ndarray:
-    """``½ tr([(A⁻¹)_{RR}]⁻¹ W_R G W_Rᵀ)`` per input channel, shape ``(len(rows),)``.
+def input_set_saliency(weights: np.ndarray, g: np.ndarray, a_inv: np.ndarray, rows: np.ndarray) -> float:
+    """Removing input rows R (every tap of some input channels): ``½ tr(W_R G W_Rᵀ [(A⁻¹)_RR]⁻¹)``.
 
     Args:
         weights: ``(P, C_out)``.
         g: the ``(C_out, C_out)`` output factor.
-        a_inv: the (damped) inverse input factor ``(P, P)``.
-        rows: for each input channel, the patch rows it owns (its taps).
+        a_inv: the (damped) inverse input factor.
+        rows: the patch rows removed.
     """
-    out = np.empty(len(rows))
-    for j, r in enumerate(rows):
-        block = np.linalg.inv(a_inv[np.ix_(r, r)])
-        w_r = weights[r]
-        out[j] = 0.5 * np.trace(block @ w_r @ g @ w_r.T)
-    return out
+    w_r = weights[rows]
+    return 0.5 * float(np.trace(w_r @ g @ w_r.T @ np.linalg.inv(a_inv[np.ix_(rows, rows)])))
 
 
 def out_channel_update(weights: np.ndarray, g_inv: np.ndarray, removed: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from keras_autoprune.graph.dependency import ChannelGroup, ChannelMember, DependencyGraph
+from keras_autoprune.scoring.obs import input_set_saliency, output_set_saliency
 from keras_autoprune.stats.curvature import damped_inverses
 from keras_autoprune.stats.kfac import KFACFactors
 
@@ -72,12 +73,12 @@ class GroupSaliency:
             cost = 0.5 * np.einsum("ckm,ckl,cln,cmn->c", W, factors.A, W, factors.G)
             values = [cost[np.unique(blocks[member.channels == c])].sum() for c in channels]
         elif member.side == "output":
-            values = [_output_cost(W, factors.A, G_inv, member.positions[member.channels == c]) for c in channels]
+            values = [output_set_saliency(W, factors.A, G_inv, member.positions[member.channels == c]) for c in channels]
         else:
             in_channels, taps = factors.kernel_shape[-2], int(np.prod(factors.kernel_shape[:-2]))
             offsets = np.arange(taps) * in_channels
             values = [
-                _input_cost(W, factors.G, A_inv, (offsets[:, None] + member.positions[member.channels == c]).ravel())
+                input_set_saliency(W, factors.G, A_inv, (offsets[:, None] + member.positions[member.channels == c]).ravel())
                 for c in channels
             ]
         return channels, np.asarray(values, np.float64)
@@ -96,16 +97,6 @@ class GroupSaliency:
             else:
                 self._cache[name] = (W, *damped_inverses(factors.A, factors.G, self._damping))
         return self._cache[name]
-
-
-def _output_cost(W: np.ndarray, A: np.ndarray, G_inv: np.ndarray, columns: np.ndarray) -> float:
-    W_S = W[:, columns]
-    return 0.5 * float(np.trace(W_S.T @ A @ W_S @ np.linalg.inv(G_inv[np.ix_(columns, columns)])))
-
-
-def _input_cost(W: np.ndarray, G: np.ndarray, A_inv: np.ndarray, rows: np.ndarray) -> float:
-    W_S = W[rows]
-    return 0.5 * float(np.trace(W_S @ G @ W_S.T @ np.linalg.inv(A_inv[np.ix_(rows, rows)])))
 
 
 def group_saliency(
