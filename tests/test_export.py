@@ -271,6 +271,8 @@ def test_saved_model_serving_layout_and_signature(tmp_path):
     with pytest.raises(ValueError, match="Received: version=2, but .* exists"):
         export_saved_model(model, base, version=2)
     assert export_saved_model(model, base, version=7).path == base / "7"
+    # The DESIGN.md form: a path ending in the version number.
+    assert export_saved_model(model, tmp_path / "serving" / "other" / "3").path == tmp_path / "serving" / "other" / "3"
 
 
 # -- Flex ops -------------------------------------------------------------------

@@ -59,6 +59,9 @@ def export_saved_model(
         model: a built Sequential or Functional `keras.Model`.
         export_dir: the model's base directory (TF Serving's
             ``model_base_path``); created (with its parents) if missing.
+            A path ending in a number (``"serving/1"``) with ``version=None``
+            is taken as the version directory itself: base ``serving``,
+            version 1.
         version: a non-negative integer. Defaults to None: one more than
             the highest numeric version already in ``export_dir`` (1 when
             there is none).
@@ -83,6 +86,8 @@ def export_saved_model(
     """
     model = check_exportable(model)
     base = _check_export_dir(export_dir)
+    if version is None and base.name.isdigit():  # "serving/1": the version directory itself
+        base, version = base.parent, int(base.name)
     version = _check_version(base, version)
     check_thresholds(tolerance, min_top1_agreement, num_samples)
     inputs = sample_inputs(model, representative_data, num_samples, seed)
