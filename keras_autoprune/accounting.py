@@ -212,6 +212,27 @@ def flops_table(model: keras.Model, input_shape: Any = None) -> list[LayerCost]:
     return walker.rows
 
 
+def call_flops(operation: Any, in_shapes: list[Shape], out_shapes: list[Shape]) -> int:
+    """FLOPs of one call of a layer or op node with the given shapes (batch axis first)."""
+    if isinstance(operation, keras.layers.Layer):
+        return int(_layer_flops(operation, in_shapes, out_shapes))
+    return int(_op_flops(operation, in_shapes, out_shapes))
+
+
+def call_shapes(model: keras.Model, input_shape: Any = None) -> dict[str, list[tuple[list[Shape], list[Shape]]]]:
+    """Input and output shapes of every call, as `count_flops` sees them.
+
+    Returns:
+        ``{qualified name: [(input shapes, output shapes), ...]}``, one pair
+        per call in execution order (nested models built for unknown
+        spatial sizes get the sizes they are called with).
+    """
+    functional = check_model(model)
+    walker = _Walker(with_flops=True)
+    walker.walk(functional, "", _input_shapes(model, functional, input_shape))
+    return walker.shapes
+
+
 def format_table(rows: Sequence[LayerCost]) -> str:
     """Formats `flops_table` rows as a fixed-width text table with totals."""
     header = ("layer", "kind", "FLOPs", "params")
@@ -346,6 +367,8 @@ class _Walker:
     def __init__(self, with_flops: bool):
         self.with_flops = with_flops
         self.rows: list[LayerCost] = []
+        #: qualified name -> [(input shapes, output shapes) of each call].
+        self.shapes: dict[str, list[tuple[list[Shape], list[Shape]]]] = {}
         self._seen_variables: set[int] = set()
 
     def walk(self, functional: keras.Model, prefix: str, input_shapes: list[Shape]) -> list[Shape]:
@@ -379,12 +402,8 @@ class _Walker:
             if id(variable) not in self._seen_variables:
                 self._seen_variables.add(id(variable))
                 params += math.prod(variable.shape)
-        flops = 0
-        if self.with_flops:
-            if isinstance(op, keras.layers.Layer):
-                flops = _layer_flops(op, ins, outs)
-            else:
-                flops = _op_flops(op, ins, outs)
+        flops = call_flops(op, ins, outs) if self.with_flops else 0
+        self.shapes.setdefault(prefix + op.name, []).append((ins, outs))
         self.rows.append(LayerCost(prefix + op.name, type(op).__name__, int(flops), int(params)))
 
     def _output_shapes(self, node: Any, ins: list[Shape]) -> list[Shape]:

@@ -4,8 +4,9 @@ All prunable channels (in whole chunks, see `ChannelGroup.chunks`) are put in
 one list sorted by score, lowest first; per-layer ratios are whatever this
 order implies. The plan removes the shortest prefix of the list whose pruned
 model meets the target, found by bisection on the exact cost
-(`kap.count_flops` / `kap.count_params` of the rebuilt model), so the result
-is never over budget and at most one chunk past it.
+(`kap.count_flops` / `kap.count_params` of the pruned model, computed without
+building it by `allocation.cost.PlanCost`), so the result is never over
+budget and at most one chunk past it.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import warnings
 import keras
 import numpy as np
 
+from keras_autoprune.allocation.cost import PlanCost
 from keras_autoprune.budget import Budget
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.surgery.plan import PrunePlan
-from keras_autoprune.surgery.rebuild import apply_plan
 
 Chunk = tuple[str, np.ndarray]  # (group id, channels removed together)
 
@@ -131,10 +132,11 @@ def global_ranking_plan(
     target = budget.fraction if target is None else target
     order = removal_order(graph, scores, removed)
     forced = sum(1 for g, c in order if removed is not None and g in removed.kept and not np.isin(c, removed.kept[g]).any())
-    limit = target * budget.cost(model)
+    cost = PlanCost(model, graph)
+    limit = target * cost(PrunePlan({}), budget.metric)
 
     def fits(count: int) -> bool:
-        return budget.cost(apply_plan(model, plan_from_prefix(graph, order, count), graph)) <= limit
+        return cost(plan_from_prefix(graph, order, count), budget.metric) <= limit
 
     low, high = forced, len(order)
     if not fits(high):

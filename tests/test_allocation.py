@@ -1,0 +1,74 @@
+"""Allocation: exact plan costs without surgery, removal order, global ranking."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_autoprune as kap
+from keras_autoprune.allocation.cost import PlanCost
+from keras_autoprune.allocation.ranking import global_ranking_plan, removal_order
+from tests.helpers import randomize
+from tests.test_handlers import BUILDERS
+
+L = keras.layers
+
+
+@pytest.mark.parametrize("builder", BUILDERS, ids=lambda b: b.__name__)
+def test_plan_cost_equals_the_rebuilt_models_counts(builder):
+    model = builder()
+    randomize(model)
+    graph = kap.DependencyGraph(model)
+    cost = PlanCost(model, graph)
+    assert cost(kap.PrunePlan({})) == kap.count_flops(model)
+    for ratio in (0.3, 0.7):
+        plan = kap.PrunePlan.uniform(graph, ratio)
+        slim = kap.apply_plan(model, plan, graph)
+        assert cost(plan, "flops") == kap.count_flops(slim)
+        assert cost(plan, "params") == kap.count_params(slim)
+
+
+def test_plan_cost_on_a_transfer_learning_model_with_unknown_backbone_size():
+    backbone = keras.applications.MobileNetV2(include_top=False, weights=None, alpha=0.35)
+    model = keras.Sequential([keras.Input((48, 48, 3)), backbone, L.GlobalAveragePooling2D(), L.Dense(10)])
+    graph = kap.DependencyGraph(model)
+    plan = kap.PrunePlan.uniform(graph, 0.4)
+    slim = kap.apply_plan(model, plan, graph)
+    assert PlanCost(model, graph)(plan) == kap.count_flops(slim)
+
+
+def two_branch_model():
+    i = keras.Input((6, 6, 3))
+    a = L.Conv2D(4, 3, padding="same", name="a")(i)
+    b = L.Conv2D(6, 3, padding="same", name="b")(a)
+    return keras.Model(i, L.Dense(2)(L.GlobalAveragePooling2D()(b)))
+
+
+def test_removal_order_is_by_score_keeps_one_channel_and_puts_earlier_removals_first():
+    model = two_branch_model()
+    graph = kap.DependencyGraph(model)
+    scores = {"a": np.array([4.0, 1.0, 3.0, 0.5]), "b": np.array([2.0, 0.1, 5.0, 6.0, 0.2, 7.0])}
+    order = removal_order(graph, scores)
+    flat = [(g, int(c[0])) for g, c in order]
+    # Sorted by score; group "b" keeps its best channel (5: score 7), "a" its best (0: score 4).
+    assert flat == [("b", 1), ("b", 4), ("a", 3), ("a", 1), ("b", 0), ("a", 2), ("b", 2), ("b", 3)]
+    earlier = kap.PrunePlan({"a": [0, 1, 3]})  # channel 2 of "a" went in a previous round
+    assert [(g, int(c[0])) for g, c in removal_order(graph, scores, earlier)][0] == ("a", 2)
+
+
+def test_global_ranking_meets_the_budget_with_the_fewest_removals():
+    model = two_branch_model()
+    randomize(model)
+    graph = kap.DependencyGraph(model)
+    scores = {"a": np.array([4.0, 1.0, 3.0, 0.5]), "b": np.array([2.0, 0.1, 5.0, 6.0, 0.2, 7.0])}
+    budget = kap.Budget(flops=0.6)
+    plan = global_ranking_plan(model, graph, scores, budget)
+    flops = kap.count_flops(model)
+    assert kap.count_flops(kap.apply_plan(model, plan, graph)) <= 0.6 * flops
+    order = removal_order(graph, scores)
+    removed = sum(graph.group(g).size - len(k) for g, k in plan.kept.items())
+    from keras_autoprune.allocation.ranking import plan_from_prefix
+
+    one_less = plan_from_prefix(graph, order, removed - 1)
+    assert kap.count_flops(kap.apply_plan(model, one_less, graph)) > 0.6 * flops
+    with pytest.warns(UserWarning, match="cannot reach"):
+        global_ranking_plan(model, graph, scores, kap.Budget(flops=0.001))
