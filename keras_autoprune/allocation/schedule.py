@@ -20,12 +20,23 @@ def round_epochs(start_epoch: int, end_epoch: int, rounds: int) -> list[int]:
     return [start_epoch + (k * span) // rounds for k in range(rounds)]
 
 
-def round_targets(fraction: float, rounds: int) -> list[float]:
-    """Budget fraction kept after each round: a linear ramp to ``fraction``.
+def round_targets(fraction: float, rounds: int, ramp: str = "linear") -> list[float]:
+    """Budget fraction kept after each round, ramping to ``fraction``.
 
-    ``target_k = 1 - (1 - fraction) * k / rounds`` for ``k = 1 .. rounds``.
+    - ``"linear"``: ``target_k = 1 - (1 - fraction) * k / n``;
+    - ``"cubic"`` (gradual pruning, Zhu & Gupta 2017): large steps first,
+      small ones at the end, ``target_k = 1 - (1 - fraction) * (1 - (1 - k/n)³)``;
+
+    for ``k = 1 .. n`` rounds.
 
     >>> round_targets(0.5, 2)
     [0.75, 0.5]
+    >>> round_targets(0.5, 2, "cubic")
+    [0.5625, 0.5]
     """
-    return [float(1 - (1 - fraction) * k / rounds) for k in np.arange(1, rounds + 1)]
+    if ramp not in ("linear", "cubic"):
+        raise ValueError(f"`ramp` must be 'linear' or 'cubic'. Received: ramp={ramp!r}")
+    progress = np.arange(1, rounds + 1) / rounds
+    if ramp == "cubic":
+        progress = 1 - (1 - progress) ** 3
+    return [float(1 - (1 - fraction) * p) for p in progress]

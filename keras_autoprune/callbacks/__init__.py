@@ -3,5 +3,6 @@
 from keras_autoprune.callbacks.base import PruningCallback
 from keras_autoprune.callbacks.magnitude import MagnitudeCallback
 from keras_autoprune.callbacks.nap import NAPCallback
+from keras_autoprune.callbacks.psap import PSAPCallback
 
-__all__ = ["MagnitudeCallback", "NAPCallback", "PruningCallback"]
+__all__ = ["MagnitudeCallback", "NAPCallback", "PSAPCallback", "PruningCallback"]

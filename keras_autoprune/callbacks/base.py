@@ -54,6 +54,9 @@ class PruningCallback(keras.callbacks.Callback):
         verbose: 0 silent, 1 one line per round. Default 1.
     """
 
+    #: How the kept fraction ramps over the rounds (`allocation.round_targets`).
+    ramp: str = "linear"
+
     def __init__(
         self,
         budget: Budget,
@@ -148,7 +151,7 @@ class PruningCallback(keras.callbacks.Callback):
             )
         self.check_model(model)
         self._original = {"flops": count_flops(model), "params": count_params(model)}
-        self._epochs = dict(zip(round_epochs(self.start_epoch, self.end_epoch, self.rounds), round_targets(self.budget.fraction, self.rounds)))
+        self._epochs = dict(zip(round_epochs(self.start_epoch, self.end_epoch, self.rounds), round_targets(self.budget.fraction, self.rounds, self.ramp)))
         self._kept = {"flops": 1.0, "params": 1.0}
         self._masks = MaskSet(self.graph)
         self._masks.install(getattr(model, "distribute_strategy", None))

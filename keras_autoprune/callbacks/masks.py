@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.graph.handlers import ChannelwiseHandler
 from keras_autoprune.surgery.keep import layer_keeps
 from keras_autoprune.surgery.plan import PrunePlan
 from keras_autoprune.surgery.weights import layer_weights, weight_keys
@@ -81,16 +82,22 @@ class MaskSet:
         self._masks.clear()
         self._previous.clear()
 
-    def apply(self, plan: PrunePlan) -> None:
-        """Sets the masks to ``plan`` and zeroes the masked entries now.
+    def apply(self, plan: PrunePlan, enforce: bool = True) -> None:
+        """Zeroes the entries ``plan`` masks now and, if ``enforce``, keeps them zero.
 
         All variables (trainable or not, e.g. BatchNormalization moving
         means) receive the handlers' masked values, so the live model equals
-        ``kap.mask_plan(model, plan)`` right after this call.
+        ``kap.mask_plan(model, plan)`` right after this call. With
+        ``enforce=False`` (soft pruning) only the filters creating the
+        removed channels are zeroed (normalisation parameters are kept, so
+        gradients still reach them) and the masks stay all ones: the zeroed
+        weights keep training and can grow back.
         """
         keeps = layer_keeps(self.graph, plan.removed_atoms(self.graph))
         for handler, layer in self._layers.values():
             keep = keeps.get(id(layer))
+            if not enforce and isinstance(handler, ChannelwiseHandler):
+                keep = None  # soft: normalisation parameters stay, so gradients reach the zeroed filters
             values = layer_weights(layer)
             if keep is not None:
                 ones = {k: np.ones_like(v) for k, v in values.items()}
@@ -101,7 +108,8 @@ class MaskSet:
             for key, variable in zip(weight_keys(layer), layer.weights):
                 variable.assign(values[key].astype(variable.dtype))
                 if id(variable) in self._masks:
-                    self._masks[id(variable)].assign((mask_values[key] != 0).astype("float32"))
+                    mask = (mask_values[key] != 0) if enforce else np.ones(variable.shape, bool)
+                    self._masks[id(variable)].assign(mask.astype("float32"))
 
 
     def set_variable_mask(self, variable, mask: np.ndarray) -> None:

@@ -84,9 +84,35 @@ class PrunePlan:
             raise PlanError(f"`round_to` must be a positive integer. Received: round_to={round_to!r}")
         if importance not in ("l1", "last"):
             raise PlanError(f"`importance` must be 'l1' or 'last'. Received: importance={importance!r}")
-        scores = channel_l1(graph) if importance == "l1" else None
+        if importance == "l1":
+            scores = channel_l1(graph)
+        else:
+            scores = {g.id: -np.arange(g.size, dtype=float) for g in graph.prunable_groups}
+        return cls.from_ratios(graph, {g.id: ratio for g in graph.prunable_groups}, scores, round_to)
+
+    @classmethod
+    def from_ratios(
+        cls,
+        graph: DependencyGraph,
+        ratios: Mapping[str, float],
+        scores: Mapping[str, np.ndarray],
+        round_to: int = 1,
+    ) -> "PrunePlan":
+        """Removes ``floor(ratio * size)`` lowest-scored channels of each named group.
+
+        Counted in whole chunks (GroupNormalization groups); the number kept
+        is rounded up to a multiple of ``round_to``; at least one channel
+        stays, and no layer of the group is left without channels.
+
+        Args:
+            graph: the model's `DependencyGraph`.
+            ratios: ``{group_id: fraction removed}`` for prunable groups.
+            scores: ``{group_id: per-channel score}``, higher = keep.
+            round_to: keep a multiple of this many channels.
+        """
         kept = {}
-        for group in graph.prunable_groups:
+        for group_id, ratio in ratios.items():
+            group = graph.group(group_id)
             n_chunks = int(group.chunks.max()) + 1
             chunk_size = group.size // n_chunks
             keep_chunks = max(1, n_chunks - math.floor(ratio * n_chunks))
@@ -96,10 +122,7 @@ class PrunePlan:
             if keep_chunks == n_chunks:
                 continue
             score = np.zeros(n_chunks)
-            if scores is not None:
-                np.add.at(score, group.chunks, scores[group.id])
-            else:
-                score -= np.arange(n_chunks)
+            np.add.at(score, group.chunks, scores[group_id])
             best = np.argsort(-score, kind="stable")[:keep_chunks]
             kept_channels = np.flatnonzero(np.isin(group.chunks, best))
             kept[group.id] = _cover_members(group, kept_channels, score)

@@ -1,0 +1,122 @@
+"""`PSAPCallback`: protective self-adaptive pruning during `fit`, also from scratch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from keras_autoprune.allocation.cost import PlanCost
+from keras_autoprune.budget import Budget
+from keras_autoprune.callbacks.base import PruningCallback
+from keras_autoprune.methods import psap
+from keras_autoprune.stats import collect_gradient_stats
+from keras_autoprune.stats.calibration import CalibrationData
+from keras_autoprune.surgery.plan import PrunePlan
+
+
+class PSAPCallback(PruningCallback):
+    """Prunes with PSAP: per-layer ratios from weight sparsity, soft pruning, gradient protection.
+
+    Every epoch from ``start_epoch`` to ``end_epoch`` (one round per epoch by
+    default) the model-wide target ramps (cubic) towards the budget; each
+    group's share follows its weight sparsity ratio; the lowest-norm filters
+    are zeroed *softly* (they keep training and may grow back), and a
+    gradient-norm EMA protects important filters and lets wrongly pruned ones
+    recover. The last round prunes for good: its masks are enforced in the
+    train step, and the slim model is rebuilt at the end. Needs no
+    pre-trained model (``start_epoch=0`` on a fresh one prunes from scratch).
+    See `keras_autoprune.methods.psap` and docs/methods/psap.md.
+
+    Args:
+        budget: `kap.Budget` reached at the last round.
+        data: a few labelled batches for the gradient statistics (one
+            calibration pass per round; ``num_batches`` bounds it). Labels
+            are used when given (empirical gradients), else sampled.
+        start_epoch, end_epoch, rounds: schedule; default one round per
+            epoch over ``[start_epoch, end_epoch)``.
+        kappa: ``ε_l = κ · mean|W_l|`` in the weight sparsity ratio. Default 0.05.
+        max_layer_ratio: most of a group pruned at once. Default 0.8.
+        protect_quantile: active filters in this top fraction of gradient
+            EMA are spared. Default 0.1.
+        ema: decay of the gradient-norm EMA. Default 0.5.
+        num_batches: calibration batches per round. Default 2.
+        batch_size: batch size for in-memory ``data``.
+        **kwargs: ``check_tolerance``, ``verbose`` (see `PruningCallback`).
+    """
+
+    ramp = "cubic"
+
+    def __init__(
+        self,
+        budget: Budget,
+        data: Any,
+        start_epoch: int = 0,
+        end_epoch: int | None = None,
+        rounds: int | None = None,
+        *,
+        kappa: float = 0.05,
+        max_layer_ratio: float = 0.8,
+        protect_quantile: float = 0.1,
+        ema: float = 0.5,
+        num_batches: int = 2,
+        batch_size: int = 64,
+        **kwargs: Any,
+    ):
+        if end_epoch is not None and rounds is None:
+            rounds = max(1, end_epoch - start_epoch)
+        super().__init__(budget, start_epoch=start_epoch, end_epoch=end_epoch, rounds=rounds or 1, **kwargs)
+        if data is None:
+            raise ValueError("`data` (a few labelled batches) is required for the gradient statistics. Received: data=None")
+        for name, value, low, high in (
+            ("kappa", kappa, 0.0, 1.0), ("max_layer_ratio", max_layer_ratio, 0.0, 1.0),
+            ("protect_quantile", protect_quantile, 0.0, 1.0), ("ema", ema, 0.0, 1.0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high or (
+                name in ("kappa", "max_layer_ratio") and value == 0
+            ):
+                raise ValueError(f"`{name}` must lie in {'(' if name in ('kappa', 'max_layer_ratio') else '['}{low}, {high}). Received: {name}={value!r}")
+        self.data = data
+        self.kappa = kappa
+        self.max_layer_ratio = max_layer_ratio
+        self.protect_quantile = protect_quantile
+        self.ema = ema
+        self.num_batches = num_batches
+        self.batch_size = batch_size
+
+    def check_model(self, model) -> None:
+        first = next(iter(CalibrationData(self.data, model, batch_size=self.batch_size, num_batches=1, require_labels=False)))
+        self._fisher = "empirical" if first.y is not None else "true"
+        self.grad_ema: dict[str, np.ndarray] = {}
+        self.statistics_seconds = 0.0
+        self._cost = None
+
+    def prune_round(self, target: float) -> None:
+        gradients = collect_gradient_stats(
+            self.model, self.data, fisher=self._fisher, num_batches=self.num_batches,
+            batch_size=self.batch_size, graph=self.graph, verbose=0,
+        )
+        self.statistics_seconds += gradients.seconds
+        norms = psap.group_gradient_norms(self.graph, gradients)
+        for group_id, value in norms.items():
+            previous = self.grad_ema.get(group_id)
+            self.grad_ema[group_id] = value if previous is None else self.ema * previous + (1 - self.ema) * value
+        zeroed = {g.id: np.zeros(g.size, bool) for g in self.graph.prunable_groups}
+        for group_id, kept in (self.plan.kept if self.plan is not None else {}).items():
+            zeroed[group_id][:] = True
+            zeroed[group_id][kept] = False
+        protected = psap.protected_channels(self.grad_ema, zeroed, self.protect_quantile)
+        self._cost = self._cost or PlanCost(self.model, self.graph)
+        sparsity = psap.group_sparsity(self.graph, self.kappa)
+        plan = psap.adaptive_plan(
+            self.model, self.graph, self.budget, target, sparsity, protected, self.max_layer_ratio, self._cost
+        )
+        plan.validate(self.graph)
+        final = len(self.history) + 1 == self.rounds
+        self._masks.apply(plan, enforce=final)
+        self.plan = plan
+        self.last_sparsity = sparsity
+        self.last_protected = protected
+
+    def compute_plan(self, target: float, removed: PrunePlan | None) -> PrunePlan:  # pragma: no cover
+        raise NotImplementedError("PSAPCallback computes its plans in prune_round")
