@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 _TEST = ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "scikit-learn>=1.2", "matplotlib>=3.6"]
 _DEMO = ["ai-edge-litert>=1.2", "matplotlib>=3.6", "scikit-learn>=1.2"]
-_BENCH = ["ai-edge-litert>=1.2", "matplotlib>=3.6", "tensorflow-datasets>=4.9"]
+_BENCH = ["ai-edge-litert>=1.2", "matplotlib>=3.6", "tensorflow-datasets>=4.9", "tf_keras>=2.16", "tensorflow-model-optimization>=0.8"]
 
 setup(
     name="keras-autoprune",

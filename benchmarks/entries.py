@@ -1,0 +1,229 @@
+"""The benchmarked methods, and one fine-tuning run of an entry.
+
+Every structured entry is a `kap.PruningCallback`, so masks, schedule and
+surgery are the library's own and identical for all; only the channel
+scores differ:
+
+- ``uniform_l1``: `PrunePlan.uniform` (the same fraction of every group,
+  smallest filter L1 norms) with the smallest ratio whose model meets the
+  round's FLOPs target (bisection), `UniformL1Callback`;
+- ``global_l1``: `kap.MagnitudeCallback` (filter L1 norms ranked model-wide);
+- ``taylor``: first-order Taylor, ``sum over a filter's weights of
+  |dL/dw * w|`` with the mean gradient of the training loss (empirical
+  Fisher) on the calibration set, `TaylorCallback`;
+- ``random``: uniformly random channel scores (seeded), `RandomCallback`;
+- ``nap``: `kap.NAPCallback` (K-FAC OBS saliencies) on the same calibration set.
+
+``unpruned`` is fine-tuned exactly like the others, without a callback; the
+TFMOT peer lives in `benchmarks.tfmot_peer`.
+
+A run (`run_entry`): the pretrained model, SGD with a fresh optimizer and
+the profile's fine-tuning learning rate; the first ``rounds`` epochs with
+the callback (pruning at the start of each), then the slim
+``cb.pruned_model`` (a physically smaller model, recompiled with a fresh
+optimizer, as the unpruned model is) for the remaining epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import keras
+import numpy as np
+
+import keras_autoprune as kap
+from benchmarks.data import BenchData
+from benchmarks.pretrain import load_pretrained
+from benchmarks.profiles import Profile, learning_rate
+from benchmarks.stages import Deadline, StageIncomplete
+from benchmarks.training import compile_model, fit_epochs
+from keras_autoprune.allocation import global_ranking_plan
+from keras_autoprune.evaluation import accuracy
+from keras_autoprune.stats import collect_gradient_stats
+
+
+class UniformL1Callback(kap.PruningCallback):
+    """Uniform L1 pruning: one ratio for every group, bisected to meet the FLOPs target.
+
+    The plan is ``PrunePlan.uniform(graph, ratio)`` with the smallest ratio
+    (to ``1e-4``) whose rebuilt model keeps at most ``target`` of the
+    budgeted cost. Channels removed by an earlier round have zero weights
+    under the masks, so the L1 order removes them first again.
+
+    Attributes:
+        ratio: the ratio of the last round.
+    """
+
+    ratio: float | None = None
+
+    def compute_plan(self, target: float, removed: kap.PrunePlan | None) -> kap.PrunePlan:
+        limit = target * self.budget.cost(self.model)
+
+        def plan(ratio: float) -> kap.PrunePlan:
+            return kap.PrunePlan.uniform(self.graph, ratio)
+
+        def fits(ratio: float) -> bool:
+            return self.budget.cost(kap.apply_plan(self.model, plan(ratio), self.graph)) <= limit
+
+        low, high = 0.0, 0.999
+        if not fits(high):
+            raise ValueError(f"Uniform pruning cannot reach {target:.1%} of the {self.budget.metric}.")
+        while high - low > 1e-4:
+            middle = (low + high) / 2
+            low, high = (low, middle) if fits(middle) else (middle, high)
+        self.ratio = high
+        result = plan(high)
+        for group_id, kept_before in (removed.kept if removed is not None else {}).items():
+            kept_now = result.kept.get(group_id)
+            if kept_now is None or not np.isin(kept_now, kept_before).all():
+                raise RuntimeError(f"Uniform round kept channels of group '{group_id}' removed earlier.")
+        return result
+
+
+class TaylorCallback(kap.PruningCallback):
+    """First-order Taylor pruning: ``score_c = sum_{w in filters creating c} |g_w * w|``.
+
+    ``g`` is the mean gradient of the training loss (real labels: the
+    empirical Fisher) over the calibration data, from
+    `keras_autoprune.stats.collect_gradient_stats`; a coupled group sums the
+    filters of all layers creating the channel (biases included).
+
+    Args:
+        data: calibration ``(x, y)``.
+        budget: a `kap.Budget`.
+        num_batches, batch_size: calibration batches per round.
+        **kwargs: `kap.PruningCallback` schedule arguments.
+    """
+
+    def __init__(self, data: Any, budget: kap.Budget, num_batches: int, batch_size: int, **kwargs: Any):
+        super().__init__(budget, **kwargs)
+        self.data, self.num_batches, self.batch_size = data, num_batches, batch_size
+        self.statistics_seconds = 0.0
+
+    def check_model(self, model: keras.Model) -> None:
+        self.statistics_seconds = 0.0
+
+    def compute_plan(self, target: float, removed: kap.PrunePlan | None) -> kap.PrunePlan:
+        stats = collect_gradient_stats(
+            self.model, self.data, fisher="empirical", num_batches=self.num_batches,
+            batch_size=self.batch_size, graph=self.graph, verbose=0,
+        )
+        self.statistics_seconds += stats.seconds
+        scores = taylor_scores(self.graph, stats)
+        return global_ranking_plan(self.model, self.graph, scores, self.budget, target, removed)
+
+
+def taylor_scores(graph: kap.DependencyGraph, stats: dict) -> dict[str, np.ndarray]:
+    """``{group_id: per-channel |gradient x weight| summed over the creating filters}``."""
+    layers = {record.name: record.operation for record in graph.records}
+    scores = {}
+    for group in graph.prunable_groups:
+        total = np.zeros(group.size)
+        for member in group.members:
+            layer_stats = stats.get(member.layer)
+            if member.side != "output" or member.tensor_index != 0 or layer_stats is None:
+                continue
+            layer = layers[member.layer]
+            kernel = np.abs(layer_stats.kernel_grad * np.asarray(layer.kernel))
+            width = kernel.shape[-2] * kernel.shape[-1] if layer_stats.kind == "depthwise_conv2d" else kernel.shape[-1]
+            per_output = kernel.reshape(-1, width).sum(axis=0)
+            if layer_stats.bias_grad is not None:
+                per_output = per_output + np.abs(layer_stats.bias_grad * np.asarray(layer.bias))
+            np.add.at(total, member.channels, per_output[member.positions])
+        scores[group.id] = total
+    if not any(score.any() for score in scores.values()):
+        raise RuntimeError("No prunable group received a Taylor score: no gradient statistics matched its layers.")
+    return scores
+
+
+class RandomCallback(kap.PruningCallback):
+    """Random channels: uniform random scores, the same in every round (seeded)."""
+
+    def __init__(self, budget: kap.Budget, seed: int, **kwargs: Any):
+        super().__init__(budget, **kwargs)
+        self.seed = seed
+
+    def compute_plan(self, target: float, removed: kap.PrunePlan | None) -> kap.PrunePlan:
+        rng = np.random.default_rng(self.seed)
+        scores = {group.id: rng.random(group.size) for group in self.graph.prunable_groups}
+        return global_ranking_plan(self.model, self.graph, scores, self.budget, target, removed)
+
+
+def make_callback(
+    entry: str, profile: Profile, budget: float | None, calibration: tuple, seed: int
+) -> kap.PruningCallback | None:
+    """The entry's callback (None for ``unpruned``)."""
+    if entry == "unpruned":
+        return None
+    target = kap.Budget(flops=budget)
+    schedule = {"rounds": profile.rounds, "verbose": 0}
+    calibration_options = {"num_batches": profile.calibration_batches, "batch_size": profile.batch_size}
+    if entry == "uniform_l1":
+        return UniformL1Callback(target, **schedule)
+    if entry == "global_l1":
+        return kap.MagnitudeCallback(target, **schedule)
+    if entry == "taylor":
+        return TaylorCallback(calibration, target, **calibration_options, **schedule)
+    if entry == "random":
+        return RandomCallback(target, seed, **schedule)
+    if entry == "nap":
+        return kap.NAPCallback(calibration, budget=target, **calibration_options, **schedule)
+    raise ValueError(f"Unknown entry {entry!r}.")
+
+
+def run_entry(
+    entry: str,
+    profile: Profile,
+    data: BenchData,
+    pretrained: pathlib.Path,
+    budget: float | None,
+    seed: int,
+    folder: pathlib.Path,
+    deadline: Deadline | None = None,
+) -> tuple[keras.Model, dict]:
+    """Fine-tunes (and prunes) one entry; returns the final model and its figures.
+
+    With a deadline, the fine-tuning after the pruning epochs stops early if
+    needed: the model and its progress are saved in ``folder`` and
+    `StageIncomplete` is raised; the next call continues from there.
+    """
+    state_path, checkpoint = folder / "state.json", folder / "checkpoint.keras"
+    lr = lambda epoch: learning_rate(epoch, profile.finetune_lr, profile.finetune_epochs, "cosine")  # noqa: E731
+    train = {"data": data, "batch_size": profile.batch_size, "seed": seed, "learning_rate": lr, "keras_module": keras}
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        model = keras.saving.load_model(checkpoint)
+    else:
+        keras.utils.set_random_seed(seed)
+        model = load_pretrained(pretrained)
+        reference = {"flops": kap.count_flops(model), "params": kap.count_params(model)}
+        callback = make_callback(entry, profile, budget, data.calibration(profile.calibration_batches * profile.batch_size), seed)
+        compile_model(model, keras, lr(0), profile.weight_decay)
+        phase = fit_epochs(model, first=0, last=profile.rounds, callbacks=[callback] if callback else [], **train)
+        if callback is not None:
+            model = callback.pruned_model
+            (folder / "plan.json").write_text(callback.plan.to_json())
+        state = {
+            "end_epoch": phase.end_epoch,
+            "fit_seconds": phase.seconds,
+            "pruning_seconds": getattr(callback, "pruning_seconds", 0.0),
+            "statistics_seconds": getattr(callback, "statistics_seconds", 0.0),
+            "flops_kept": kap.count_flops(model) / reference["flops"],
+            "params_kept": kap.count_params(model) / reference["params"],
+            "flops": kap.count_flops(model),
+            "params": kap.count_params(model),
+            "uniform_ratio": getattr(callback, "ratio", None),
+        }
+        compile_model(model, keras, lr(phase.end_epoch), profile.weight_decay)
+    phase = fit_epochs(model, first=state["end_epoch"], last=profile.finetune_epochs, deadline=deadline, **train)
+    state.update(end_epoch=phase.end_epoch, fit_seconds=state["fit_seconds"] + phase.seconds)
+    if phase.end_epoch < profile.finetune_epochs:
+        model.save(checkpoint)
+        state_path.write_text(json.dumps(state))
+        raise StageIncomplete(f"{entry}: fine-tuning stopped after epoch {phase.end_epoch}")
+    state.pop("end_epoch")
+    checkpoint.unlink(missing_ok=True)
+    figures = dict(entry=entry, budget=budget, seed=seed, accuracy=accuracy(model, (data.x_test, data.y_test)), **state)
+    return model, figures

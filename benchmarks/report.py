@@ -1,0 +1,234 @@
+"""Results of a benchmark run: JSON, markdown tables, goals and the accuracy-vs-FLOPs plot.
+
+The JSON (`benchmarks/results/<profile>.json`) holds every unit's figures
+(``runs``), the grouped latencies (``latency``, keyed ``"<seed>/<budget>"``),
+the configuration, command, machine and versions. `markdown` turns it into
+one table per budget (mean over seeds, and each seed's value when there are
+several) and the goals of issue 5; `update_docs` puts that between the
+profile's markers in ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import numpy as np
+
+from benchmarks.profiles import STRUCTURED_ENTRIES
+
+LABELS = {
+    "unpruned": "unpruned (same fine-tuning)", "uniform_l1": "uniform L1", "global_l1": "global L1",
+    "taylor": "first-order Taylor", "random": "random channels", "nap": "NAP", "tfmot": "TFMOT (tf_keras, unstructured)",
+}
+
+
+def write_json(path: pathlib.Path, results: dict) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+
+
+def runs_of(results: dict, entry: str, budget: float | None) -> list[dict]:
+    """The runs of an entry at a budget (the unpruned runs for any budget), one per seed."""
+    return [r for r in results["runs"] if r["entry"] == entry and (entry == "unpruned" or r["budget"] == budget)]
+
+
+def figure(results: dict, run: dict, budget: float, name: str) -> float | None:
+    """One figure of a run; the latency ones are read from the (seed, budget) group."""
+    if "error" in run:
+        return None
+    if name.startswith("latency_"):
+        _, precision, what = name.split("_", 2)
+        group = results["latency"].get(f"{run['seed']}/{budget}", {}).get(run["entry"], {})
+        return group.get(precision, {}).get(what)
+    if name.startswith("tflite_"):
+        _, precision, what = name.split("_", 2)
+        return run["tflite"][precision][what]
+    return run.get(name)
+
+
+def mean_figure(results: dict, entry: str, budget: float, name: str) -> tuple[float | None, list[float]]:
+    values = [figure(results, run, budget, name) for run in runs_of(results, entry, budget)]
+    values = [v for v in values if v is not None]
+    return (float(np.mean(values)) if values else None), values
+
+
+def _cell(results, entry, budget, name, fmt, scale=1.0):
+    mean, values = mean_figure(results, entry, budget, name)
+    if mean is None:
+        return "n/a"
+    text = fmt.format(mean * scale)
+    if len(values) > 1:
+        text += " (" + ", ".join(fmt.format(v * scale) for v in values) + ")"
+    return text
+
+
+def budget_table(results: dict, budget: float) -> str:
+    """Markdown table of every entry at one budget."""
+    header = (
+        "| entry | top-1 acc. (%) | vs unpruned (points) | FLOPs kept | params kept | .tflite float32 KiB (gzip) "
+        "| .tflite int8 KiB (gzip) | latency float32 ms (kept) | latency int8 ms (kept) | pruning s (of which statistics) "
+        "| fit s (vs unpruned) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    reference, _ = mean_figure(results, "unpruned", budget, "accuracy")
+    reference_fit, _ = mean_figure(results, "unpruned", budget, "fit_seconds")
+    lines = [header]
+    for entry in results["entries"]:
+        runs = runs_of(results, entry, budget)
+        if not runs:
+            continue
+        errors = [r["error"] for r in runs if "error" in r]
+        if errors:
+            lines.append(f"| {LABELS[entry]} | not run: {errors[0]} |" + " |" * 9)
+            continue
+        acc, _ = mean_figure(results, entry, budget, "accuracy")
+        fit, _ = mean_figure(results, entry, budget, "fit_seconds")
+        kib = "{:.0f}"
+        lines.append(" | ".join([
+            f"| {LABELS[entry]}",
+            _cell(results, entry, budget, "accuracy", "{:.2f}", 100),
+            f"{100 * (acc - reference):+.2f}" if entry != "unpruned" else "",
+            _cell(results, entry, budget, "flops_kept", "{:.3f}"),
+            _cell(results, entry, budget, "params_kept", "{:.3f}"),
+            f"{_cell(results, entry, budget, 'tflite_float32_bytes', kib, 1 / 1024)} "
+            f"({_cell(results, entry, budget, 'tflite_float32_gzip_bytes', kib, 1 / 1024)})",
+            f"{_cell(results, entry, budget, 'tflite_int8_bytes', kib, 1 / 1024)} "
+            f"({_cell(results, entry, budget, 'tflite_int8_gzip_bytes', kib, 1 / 1024)})",
+            f"{_cell(results, entry, budget, 'latency_float32_median_ms', '{:.3f}')} "
+            f"({_cell(results, entry, budget, 'latency_float32_kept', '{:.2f}')})",
+            f"{_cell(results, entry, budget, 'latency_int8_median_ms', '{:.3f}')} "
+            f"({_cell(results, entry, budget, 'latency_int8_kept', '{:.2f}')})",
+            f"{_cell(results, entry, budget, 'pruning_seconds', '{:.1f}')} "
+            f"({_cell(results, entry, budget, 'statistics_seconds', '{:.1f}')})",
+            f"{fit:.0f} ({fit / reference_fit:.2f})" + " |",
+        ]))
+    return "\n".join(lines)
+
+
+def goals(results: dict) -> list[dict]:
+    """The goals of issue 5, judged on the means over seeds (each seed's margin in the detail)."""
+    budgets = results["budgets"]
+    out = []
+
+    def margins(entry, other, budget):
+        mine, theirs = runs_of(results, entry, budget), runs_of(results, other, budget)
+        by_seed = {r["seed"]: r["accuracy"] for r in theirs if "error" not in r}
+        return [100 * (r["accuracy"] - by_seed[r["seed"]]) for r in mine if "error" not in r and r["seed"] in by_seed]
+
+    def add(goal, values, passes, unit="points"):
+        if not values:
+            out.append({"goal": goal, "met": None, "detail": "not measured (entry not run)"})
+            return
+        mean = float(np.mean(values))
+        detail = f"{mean:+.2f} {unit}" if unit == "points" else f"{mean:.2f}{unit}"
+        if len(values) > 1:
+            detail = f"mean {detail}; per seed " + ", ".join(f"{v:.2f}" for v in values)
+        out.append({"goal": goal, "met": bool(passes(mean)), "detail": detail})
+
+    if 0.5 in budgets:
+        add("NAP at 50% FLOPs within 1 point of unpruned", margins("nap", "unpruned", 0.5), lambda m: m >= -1.0)
+    for budget in budgets:
+        need = 2.0 if budget <= 0.25 else 0.0
+        for other in ("uniform_l1", "random"):
+            add(f"NAP ahead of {LABELS[other]} at {budget:.0%} FLOPs" + (" by >= 2 points" if need else ""),
+                margins("nap", other, budget), lambda m, need=need: m >= need and m > 0)
+    for budget in budgets:
+        for precision in ("float32", "int8"):
+            quotients = []
+            for run in runs_of(results, "nap", budget):
+                kept = figure(results, run, budget, f"latency_{precision}_kept")
+                if kept:
+                    quotients.append(run["flops_kept"] / kept)
+            add(f"NAP {precision} latency speedup >= 0.8 x FLOPs speedup at {budget:.0%} "
+                "(quotient = FLOPs kept / latency kept)", quotients, lambda m: m >= 0.8, " (quotient)")
+    unpruned_fit = {u["seed"]: u["fit_seconds"] for u in runs_of(results, "unpruned", None)}
+    for budget in budgets:
+        overheads = [100 * r["pruning_seconds"] / unpruned_fit[r["seed"]] for r in runs_of(results, "nap", budget)
+                     if "error" not in r and r["seed"] in unpruned_fit]
+        add(f"NAP pruning overhead (statistics + decision) <= 10% of the unpruned fit time at {budget:.0%}",
+            overheads, lambda m: m <= 10.0, "%")
+    return out
+
+
+def markdown(results: dict) -> str:
+    """The generated part of docs/benchmarks.md for one profile."""
+    config, machine, pre = results["config"], results["machine"], results["pretrained"]
+    seeds = results["seeds"]
+    lines = [
+        f"Command: `{results['command']}` ({results['wall_seconds'] / 60:.1f} min wall-clock"
+        f"{', pretraining included' if not pre.get('cached') else ', pretrained model from the cache'}; "
+        f"started {results['started']}).",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, load average {machine['load_start']:.2f} at the start "
+        f"and {machine['load_end']:.2f} at the end (shared with other work); "
+        + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
+        "",
+        f"Model: ResNet-{config['depth']} (width {config['width']}); pretrained for {pre['epochs']} epoch(s) "
+        f"({pre['train_seconds'] / 60:.1f} min): test accuracy {100 * pre['accuracy']:.2f}%. "
+        f"Fine-tuning: {config['finetune_epochs']} epoch(s), pruning at the start of the first {config['rounds']} "
+        f"(one round each), {len(seeds)} seed{'s' if len(seeds) > 1 else ''} "
+        f"({', '.join(map(str, seeds))}){'; cells give the mean and each seed' if len(seeds) > 1 else ''}.",
+    ]
+    for budget in results["budgets"]:
+        lines += ["", f"#### Budget: {budget:.0%} of the FLOPs kept", "", budget_table(results, budget)]
+    lines += ["", "#### Goals (issue 5)", "", "| goal | met | measured |", "|---|:---:|---|"]
+    for goal in results["goals"]:
+        met = {True: "yes", False: "**no**", None: "n/a"}[goal["met"]]
+        lines.append(f"| {goal['goal']} | {met} | {goal['detail']} |")
+    return "\n".join(lines)
+
+
+def update_docs(path: pathlib.Path, profile: str, text: str) -> None:
+    """Replaces the text between the profile's markers in ``path`` (appends them if missing)."""
+    path = pathlib.Path(path)
+    begin, end = f"<!-- benchmarks:{profile}:begin -->", f"<!-- benchmarks:{profile}:end -->"
+    block = f"{begin}\n{text}\n{end}"
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in current and end in current:
+        current = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, current, flags=re.S)
+    else:
+        current = current.rstrip("\n") + f"\n\n## Results: `{profile}` profile\n\n{block}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(current)
+
+
+def plot(results: dict, path: pathlib.Path) -> None:
+    """Accuracy vs FLOPs kept, one line per structured method, the unpruned model as a reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = results["budgets"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    reference, _ = mean_figure(results, "unpruned", budgets[0], "accuracy")
+    if reference is not None:
+        ax.axhline(100 * reference, color="black", linestyle="--", linewidth=1, label=LABELS["unpruned"])
+    ax.axhline(100 * results["pretrained"]["accuracy"], color="grey", linestyle=":", linewidth=1, label="pretrained (before fine-tuning)")
+    for entry in [e for e in results["entries"] if e in STRUCTURED_ENTRIES]:
+        points = []
+        for budget in budgets:
+            acc, accs = mean_figure(results, entry, budget, "accuracy")
+            flops, _ = mean_figure(results, entry, budget, "flops_kept")
+            if acc is not None:
+                points.append((flops, 100 * acc, 100 * (acc - min(accs)), 100 * (max(accs) - acc)))
+        if points:
+            x, y, low, high = map(np.array, zip(*sorted(points)))
+            ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=LABELS[entry])
+    tfmot = [(budget, mean_figure(results, "tfmot", budget, "accuracy")[0]) for budget in budgets]
+    tfmot = [(b, a) for b, a in tfmot if a is not None]
+    if tfmot:
+        ax.scatter([1.0] * len(tfmot), [100 * a for _, a in tfmot], marker="x", color="black",
+                   label="TFMOT (dense: all FLOPs kept)")
+    ax.set_xlabel("FLOPs kept (fraction of the unpruned model)")
+    ax.set_ylabel("top-1 test accuracy (%)")
+    ax.set_title(f"{results['profile']} profile: ResNet-{results['config']['depth']} on CIFAR-10")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

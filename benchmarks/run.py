@@ -1,0 +1,199 @@
+"""The CIFAR-10 pruning benchmark (issue 5).
+
+Run from the repository root::
+
+    python -m benchmarks.run --profile cpu                      # ResNet-20, <= 45 min on 2 cores
+    python -m benchmarks.run --profile smoke --docs none        # the pipeline in ~1 min
+    python -m benchmarks.run --profile gpu                      # ResNet-56; repeat until it says done
+    python -m benchmarks.run --profile cpu --seeds 0 1 --entries unpruned nap random
+
+Steps: load CIFAR-10 (``--data``, default ``../shared/data/cifar10-jpeg.tar.gz``);
+pretrain the profile's model once (cached under ``benchmarks/cache/``); for
+each seed, fine-tune the unpruned model and, at each FLOPs budget, every
+entry from the same pretrained weights with the same schedule
+(`benchmarks.entries`, `benchmarks.tfmot_peer`); export float32 and int8
+``.tflite`` files and time each budget's files together
+(`benchmarks.measure`); write ``benchmarks/results/<profile>.json``, the
+tables and goals in ``docs/benchmarks.md`` and
+``docs/img/accuracy_vs_flops.png`` (`benchmarks.report`).
+
+Stages: with ``--max-minutes`` (default for ``gpu``: 8.5) the run stops
+cleanly before that time, keeping every finished unit and a checkpoint of
+the one in progress, and exits with status 3; the same command continues it.
+``--resume`` keeps finished units for the other profiles too (after a crash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from benchmarks import report  # noqa: E402
+from benchmarks.data import DEFAULT_SOURCE, BenchData, load  # noqa: E402
+from benchmarks.entries import run_entry  # noqa: E402
+from benchmarks.measure import export_model, latency_figures  # noqa: E402
+from benchmarks.pretrain import load_pretrained, pretrain, pretrained_path  # noqa: E402
+from benchmarks.profiles import ALL_ENTRIES, PROFILES, Profile  # noqa: E402
+from benchmarks.stages import Deadline, StageIncomplete, UnitStore  # noqa: E402
+from benchmarks.tfmot_peer import run_tfmot  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+INCOMPLETE = 3
+"""Exit status of a stage that stopped before the profile finished."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), required=True)
+    parser.add_argument("--data", default=str(DEFAULT_SOURCE), help="CIFAR-10 folder, .tar.gz or TFDS name")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (default: 0)")
+    parser.add_argument("--entries", nargs="+", choices=ALL_ENTRIES, help="default: the profile's")
+    parser.add_argument("--cache-dir", default=str(REPO_ROOT / "benchmarks" / "cache"))
+    parser.add_argument("--results-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
+    parser.add_argument("--docs", default=str(REPO_ROOT / "docs" / "benchmarks.md"), help="'none' to leave docs alone")
+    parser.add_argument("--plot", default=str(REPO_ROOT / "docs" / "img" / "accuracy_vs_flops.png"))
+    parser.add_argument("--max-minutes", type=float, help="stop cleanly before this (default: the profile's stage time)")
+    parser.add_argument("--resume", action="store_true", help="keep finished units of an earlier run")
+    parser.add_argument("--retrain", action="store_true", help="discard the cached pretrained model")
+    parser.add_argument("--verbose", type=int, default=0, help="Keras fit verbosity")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs (or continues) a profile; returns the results dict (``{"incomplete": why}`` for a stage)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    profile = PROFILES[args.profile]
+    entries = ["unpruned"] + [e for e in ALL_ENTRIES[1:] if e in (args.entries or profile.entries)]
+    cache = pathlib.Path(args.cache_dir)
+    if args.retrain:
+        shutil.rmtree(pretrained_path(profile, cache), ignore_errors=True)
+    deadline = Deadline(args.max_minutes if args.max_minutes is not None else profile.stage_minutes)
+    context = {
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "clock": time.perf_counter(),
+        "load_start": os.getloadavg()[0],
+        "command": " ".join(["python -m benchmarks.run", *argv]),
+    }
+    try:
+        return run_profile(profile, args, entries, cache, deadline, context)
+    except StageIncomplete as stop:
+        print(f"Stage finished: {stop}. Run the same command again to continue.", flush=True)
+        return {"incomplete": str(stop)}
+
+
+def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path, deadline: Deadline, context: dict) -> dict:
+    log = _logger(context["clock"])
+    data = load(args.data, profile.train_per_class, profile.test_per_class)
+    log(f"data: {len(data.x_train)} training, {len(data.x_test)} test images")
+    pretrained_meta = pretrain(profile, data, cache, deadline, args.verbose)
+    pretrained = pretrained_path(profile, cache)
+    log(f"pretrained ({'cached' if pretrained_meta['cached'] else 'trained'}): accuracy {pretrained_meta['accuracy']:.4f}")
+    store = UnitStore(cache / profile.name / f"runs-{profile.run_key()}", fresh=not (profile.resumable or args.resume))
+    data_path = store.root / "data.npz"
+    if not data_path.exists():
+        data.save(data_path)
+    epoch_seconds = pretrained_meta["train_seconds"] / pretrained_meta["epochs"]
+    runs, latency = [], {}
+    for seed in args.seeds:
+        for budget in [None, *profile.budgets]:
+            group = [e for e in entries if (e == "unpruned") == (budget is None)]
+            for entry in group:
+                unit = _unit(seed, budget, entry)
+                result = store.result(unit)
+                if result is None:
+                    deadline.check(1.5 * profile.rounds * epoch_seconds + 120, unit)  # the pruning epochs
+                    result = store.save(unit, run_unit(entry, profile, data, data_path, pretrained, budget, seed, store, unit, deadline))
+                runs.append(result)
+                log(f"{unit}: " + (result["error"] if "error" in result else
+                                   f"accuracy {result['accuracy']:.4f}, FLOPs kept {result['flops_kept']:.3f}, "
+                                   f"params kept {result['params_kept']:.3f}, fit {result['fit_seconds']:.0f} s"))
+            if budget is not None:
+                unit = _unit(seed, budget, "latency")
+                files = {r["entry"]: r["tflite"] for r in runs
+                         if r["seed"] == seed and r["budget"] in (None, budget) and "error" not in r}
+                latency[f"{seed}/{budget}"] = store.result(unit) or store.save(unit, latency_figures(files, "unpruned", profile))
+                log(f"{unit}: " + ", ".join(f"{k} {v['float32']['kept']:.2f}" for k, v in latency[f"{seed}/{budget}"].items()))
+    results = {
+        "profile": profile.name, "command": context["command"], "started": context["started"],
+        "config": profile.to_dict(), "entries": entries, "seeds": list(args.seeds), "budgets": list(profile.budgets),
+        "machine": _machine(context), "versions": _versions(runs), "pretrained": pretrained_meta,
+        "runs": runs, "latency": latency, "wall_seconds": time.perf_counter() - context["clock"],
+    }
+    results["goals"] = report.goals(results)
+    report.write_json(pathlib.Path(args.results_dir) / f"{profile.name}.json", results)
+    if args.docs != "none":
+        report.update_docs(pathlib.Path(args.docs), profile.name, report.markdown(results))
+        report.plot(results, pathlib.Path(args.plot))
+    log(f"done: {pathlib.Path(args.results_dir) / f'{profile.name}.json'}")
+    return results
+
+
+def run_unit(entry, profile, data: BenchData, data_path, pretrained, budget, seed, store: UnitStore, unit, deadline) -> dict:
+    """One entry at one budget and seed: figures, with the ``.tflite`` files' figures under ``tflite``."""
+    folder = store.files(unit)
+    if entry == "tfmot":
+        nap = store.result(_unit(seed, budget, "nap"))
+        params_kept = nap["params_kept"] if nap else budget
+        remaining = deadline.remaining()
+        result = run_tfmot(load_pretrained(pretrained), data_path, params_kept, profile, seed, folder,
+                           max_seconds=None if remaining is None else max(0.0, remaining - 90))  # startup, export
+        if "incomplete" in result:
+            raise StageIncomplete(result["incomplete"])
+        return dict(result, entry="tfmot", budget=budget, seed=seed, params_target=params_kept,
+                    params_target_from="nap" if nap else "budget (NAP not run)")
+    model, figures = run_entry(entry, profile, data, pretrained, budget, seed, folder, deadline)
+    figures["tflite"] = export_model(model, folder, data.test_sample(profile.export_samples), profile)
+    return figures
+
+
+def _unit(seed: int, budget: float | None, entry: str) -> str:
+    return f"s{seed}-unpruned" if budget is None else f"s{seed}-b{round(100 * budget)}-{entry}"
+
+
+def _logger(clock: float):
+    def log(message: str) -> None:
+        print(f"[{(time.perf_counter() - clock) / 60:5.1f} min] {message}", flush=True)
+
+    return log
+
+
+def _machine(context: dict) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+        "load_start": context["load_start"], "load_end": os.getloadavg()[0],
+    }
+
+
+def _versions(runs: list[dict]) -> dict:
+    versions = {"python": platform.python_version()}
+    for name in ("tensorflow", "tensorflow-cpu", "keras", "ai-edge-litert"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    for run in runs:
+        if "tfmot_version" in run:
+            versions["tensorflow-model-optimization"] = run["tfmot_version"]
+            versions["tf_keras"] = run["tf_keras_version"]
+    return versions
+
+
+if __name__ == "__main__":
+    outcome = main()
+    sys.exit(INCOMPLETE if "incomplete" in outcome else 0)

@@ -1,0 +1,71 @@
+"""Resumable work: a wall-clock deadline per invocation and finished units on disk.
+
+A long profile (``gpu``) runs in stages: each invocation of
+``python -m benchmarks.run`` stops cleanly before its deadline, after saving
+what the next one needs (a training checkpoint, or the JSON result of each
+finished unit), and the same command run again continues where it stopped.
+
+A *unit* is one (seed, budget, entry) run or the pretraining; its result is
+``<root>/<unit>.json``, its files live in ``<root>/<unit>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import time
+
+
+class StageIncomplete(Exception):
+    """The invocation's deadline came before the profile finished; run it again to resume."""
+
+
+class Deadline:
+    """The end of this invocation's time, or none.
+
+    Args:
+        minutes: wall-clock minutes from now, or None for no limit.
+    """
+
+    def __init__(self, minutes: float | None):
+        self.end = None if minutes is None else time.monotonic() + 60.0 * minutes
+
+    def remaining(self) -> float | None:
+        """Seconds left (None without a deadline)."""
+        return None if self.end is None else max(0.0, self.end - time.monotonic())
+
+    def allows(self, seconds: float) -> bool:
+        """Whether work of ``seconds`` would still finish before the deadline."""
+        return self.end is None or time.monotonic() + seconds <= self.end
+
+    def check(self, seconds: float, what: str) -> None:
+        """Raises `StageIncomplete` unless ``what`` (about ``seconds``) fits."""
+        if not self.allows(seconds):
+            raise StageIncomplete(f"not enough time left for {what} (about {seconds:.0f} s)")
+
+
+class UnitStore:
+    """Finished units' JSON results under ``root`` (see the module docstring)."""
+
+    def __init__(self, root: pathlib.Path, fresh: bool = False):
+        self.root = pathlib.Path(root)
+        if fresh and self.root.exists():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def files(self, unit: str) -> pathlib.Path:
+        """The folder for the unit's files (created)."""
+        folder = self.root / unit
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def result(self, unit: str) -> dict | None:
+        path = self.root / f"{unit}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def save(self, unit: str, result: dict) -> dict:
+        path = self.root / f"{unit}.json"
+        path.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
+        path.with_suffix(".tmp").replace(path)
+        return result

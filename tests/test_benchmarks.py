@@ -1,0 +1,207 @@
+"""The benchmark suite: the `smoke` profile end to end, and its parts on their own."""
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import report
+from benchmarks.data import DEFAULT_SOURCE, BenchData, train_dataset
+from benchmarks.profiles import PROFILES, STRUCTURED_ENTRIES, learning_rate
+from benchmarks.stages import Deadline, StageIncomplete, UnitStore
+from benchmarks.tfmot_peer import architecture
+
+needs_cifar = pytest.mark.skipif(not DEFAULT_SOURCE.is_file(), reason="../shared/data/cifar10-jpeg.tar.gz is not present")
+
+
+@needs_cifar
+def test_smoke_profile_reports_every_entry_and_figure(tmp_path):
+    from benchmarks.run import main
+
+    results = main(["--profile", "smoke", "--docs", "none", "--results-dir", str(tmp_path),
+                    "--cache-dir", str(tmp_path / "cache")])
+    saved = json.loads((tmp_path / "smoke.json").read_text())
+    assert saved["runs"] == json.loads(json.dumps(results["runs"]))
+    profile = PROFILES["smoke"]
+    assert saved["entries"] == list(profile.entries)
+    expected = {("unpruned", None)} | {(e, b) for e in profile.entries if e != "unpruned" for b in profile.budgets}
+    assert {(r["entry"], r["budget"]) for r in saved["runs"]} == expected
+    assert len(saved["runs"]) == len(expected)
+
+    for run in saved["runs"]:
+        assert "error" not in run
+        assert 0.0 <= run["accuracy"] <= 1.0
+        assert 0.0 < run["params_kept"] <= 1.0 and run["fit_seconds"] > 0
+        if run["entry"] in STRUCTURED_ENTRIES:
+            assert run["flops_kept"] <= run["budget"] + 1e-12
+            assert run["params_kept"] < 1.0
+            assert run["pruning_seconds"] > 0
+        else:
+            assert run["flops_kept"] == 1.0 and run["pruning_seconds"] == 0.0
+        assert (run["statistics_seconds"] > 0) == (run["entry"] in ("taylor", "nap"))
+        float32, int8 = run["tflite"]["float32"], run["tflite"]["int8"]
+        assert float32["relative_error"] <= 1e-4 and 0.0 <= int8["top1_agreement"] <= 1.0
+        assert 0 < int8["bytes"] < float32["bytes"] and 0 < float32["gzip_bytes"] < float32["bytes"]
+
+    unpruned = next(r for r in saved["runs"] if r["entry"] == "unpruned")
+    for budget in profile.budgets:
+        group = saved["latency"][f"0/{budget}"]
+        assert set(group) == set(profile.entries)
+        for entry, figures in group.items():
+            for precision in ("float32", "int8"):
+                assert 0 < figures[precision]["median_ms"] <= figures[precision]["p90_ms"]
+                assert figures[precision]["kept"] > 0
+        assert group["unpruned"]["float32"]["kept"] == 1.0
+        pruned = [r for r in saved["runs"] if r["budget"] == budget]
+        assert all(r["tflite"]["float32"]["bytes"] < unpruned["tflite"]["float32"]["bytes"] for r in pruned)
+
+    assert saved["pretrained"]["epochs"] == 1 and 0 <= saved["pretrained"]["accuracy"] <= 1
+    assert all(goal["met"] in (True, False) for goal in saved["goals"])
+    assert len(saved["goals"]) == 1 + 4 + 4 + 2
+    text = report.markdown(saved)
+    for label in ("unpruned", "uniform L1", "global L1", "first-order Taylor", "random channels", "NAP"):
+        assert f"| {label}" in text
+    report.plot(saved, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_learning_rate_schedules():
+    assert learning_rate(0, 0.1, 4, "cosine") == pytest.approx(0.1)
+    assert learning_rate(2, 0.1, 4, "cosine") == pytest.approx(0.05)
+    assert learning_rate(3, 0.1, 4, "cosine") == pytest.approx(0.05 * (1 + math.cos(3 * math.pi / 4)))
+    assert [learning_rate(e, 0.1, 8, "step") for e in (0, 3, 4, 5, 6, 7)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    with pytest.raises(ValueError, match="Received: schedule='linear'"):
+        learning_rate(0, 0.1, 4, "linear")
+
+
+def _tiny_data(count=12):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+    return BenchData(x, np.arange(count) % 10, np.zeros((2, 32, 32, 3), np.float32), np.zeros(2, np.int64),
+                     np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32))
+
+
+def test_train_dataset_is_deterministic_per_seed_and_epoch():
+    data = _tiny_data()
+    batches = lambda seed, first, last: [x.numpy() for x, _ in train_dataset(data, 4, seed, first, last)]  # noqa: E731
+    two_epochs = batches(0, 0, 2)
+    assert len(two_epochs) == 6 and two_epochs[0].shape == (4, 32, 32, 3)
+    # A resumed run (starting at epoch 1) sees exactly the batches it would have seen.
+    np.testing.assert_array_equal(np.stack(batches(0, 1, 2)), np.stack(two_epochs[3:]))
+    assert not np.array_equal(two_epochs[0], batches(1, 0, 1)[0])
+    # Every image of an epoch is used once: labels are a permutation.
+    labels = np.concatenate([y.numpy() for _, y in train_dataset(data, 4, 0, 0, 1)])
+    assert sorted(labels.tolist()) == sorted(data.y_train.tolist())
+
+
+def test_bench_data_round_trip_and_normalisation(tmp_path):
+    data = _tiny_data()
+    data.save(tmp_path / "d.npz")
+    again = BenchData.load_npz(tmp_path / "d.npz")
+    np.testing.assert_array_equal(again.x_train, data.x_train)
+    x, y = data.calibration(5)
+    assert x.shape == (5, 32, 32, 3) and x.dtype == np.float32 and y.shape == (5,)
+    np.testing.assert_allclose(data.normalise(np.full((1, 1, 1, 3), 255, np.uint8)), 2.0)
+
+
+def test_unit_store_and_deadline(tmp_path):
+    store = UnitStore(tmp_path / "units")
+    assert store.result("a") is None
+    store.save("a", {"x": 1})
+    assert UnitStore(tmp_path / "units").result("a") == {"x": 1}
+    assert UnitStore(tmp_path / "units", fresh=True).result("a") is None
+    assert Deadline(None).allows(1e9)
+    with pytest.raises(StageIncomplete, match="pretraining"):
+        Deadline(0.0).check(1.0, "pretraining")
+
+
+def test_architecture_describes_the_residual_graph():
+    from keras_autoprune.zoo import resnet_cifar
+
+    description = architecture(resnet_cifar(8, width=8))
+    layers = {layer["name"]: layer for layer in description["layers"]}
+    assert description["output"] == "logits"
+    assert layers["s1b1_add"]["inputs"] == ["stem_relu", "s1b1_b_bn"]
+    assert layers["s2b1_proj"]["config"] == {"filters": 16, "kernel_size": [1, 1], "strides": [2, 2], "padding": "valid",
+                                             "dilation_rate": [1, 1], "use_bias": False, "activation": "linear"}
+    assert [layer["class"] for layer in description["layers"]].count("Conv2D") == 9
+
+
+def test_taylor_scores_sum_gradient_times_weight_over_the_creating_filters():
+    import keras
+
+    import keras_autoprune as kap
+    from benchmarks.entries import taylor_scores
+    from keras_autoprune.stats import collect_gradient_stats
+    from keras_autoprune.zoo import resnet_cifar
+
+    model = resnet_cifar(8, width=8)
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    graph = kap.DependencyGraph(model)
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(16, 32, 32, 3)).astype("float32"), np.arange(16) % 10)
+    stats = collect_gradient_stats(model, data, fisher="empirical", batch_size=16, graph=graph, verbose=0)
+    scores = taylor_scores(graph, stats)
+    assert set(scores) == {g.id for g in graph.prunable_groups}
+
+    def filters(name):
+        return np.abs(stats[name].kernel_grad * model.get_layer(name).kernel.numpy()).sum(axis=(0, 1, 2))
+
+    np.testing.assert_allclose(scores["s1b1_a_conv"], filters("s1b1_a_conv"), rtol=1e-12)
+    # A residual group sums every conv creating its channels (the projection and the block's last conv).
+    np.testing.assert_allclose(scores["s2b1_proj"], filters("s2b1_proj") + filters("s2b1_b_conv"), rtol=1e-12)
+    assert np.all(scores["s2b1_proj"] > 0)
+
+
+def test_fine_tuning_resumes_after_a_deadline(tmp_path):
+    """A stage stops after the pruning epoch and one more; the next call finishes the same run."""
+    import dataclasses
+
+    import keras
+
+    from benchmarks.entries import run_entry
+    from keras_autoprune.zoo import resnet_cifar
+
+    data = _tiny_data(40)
+    profile = dataclasses.replace(PROFILES["smoke"], finetune_epochs=3, batch_size=8, calibration_batches=1)
+    (tmp_path / "pre").mkdir()
+    resnet_cifar(8, width=8).save(tmp_path / "pre" / "model.keras")
+    folder = tmp_path / "unit"
+    folder.mkdir()
+    with pytest.raises(StageIncomplete, match="stopped after epoch 2"):
+        run_entry("global_l1", profile, data, tmp_path / "pre", 0.5, 0, folder, Deadline(0.0))
+    state = json.loads((folder / "state.json").read_text())
+    assert state["end_epoch"] == 2 and state["flops_kept"] <= 0.5
+    model, figures = run_entry("global_l1", profile, data, tmp_path / "pre", 0.5, 0, folder, Deadline(None))
+    assert isinstance(model, keras.Model) and not (folder / "checkpoint.keras").exists()
+    assert figures["flops_kept"] == state["flops_kept"] and figures["fit_seconds"] > state["fit_seconds"]
+    assert 0.0 <= figures["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (importlib.util.find_spec("tensorflow_model_optimization") and importlib.util.find_spec("tf_keras")),
+    reason="the TFMOT peer needs tf_keras and tensorflow-model-optimization (the bench extra)",
+)
+def test_tfmot_peer_matches_the_parameter_target_and_resumes(tmp_path):
+    import dataclasses
+
+    from benchmarks.tfmot_peer import run_tfmot
+    from keras_autoprune.zoo import resnet_cifar
+
+    data = _tiny_data(40)
+    data.save(tmp_path / "data.npz")
+    profile = dataclasses.replace(PROFILES["smoke"], finetune_epochs=3, batch_size=8, export_samples=4)
+    model = resnet_cifar(8, width=8)
+    stage = run_tfmot(model, tmp_path / "data.npz", 0.3, profile, 0, tmp_path, max_seconds=0.0)
+    assert stage == {"incomplete": "TFMOT fine-tuning stopped after epoch 2"}
+    result = run_tfmot(model, tmp_path / "data.npz", 0.3, profile, 0, tmp_path)
+    assert "error" not in result, result
+    assert result["twin_relative_error"] <= 1e-4
+    assert result["params_kept"] == pytest.approx(0.3, abs=0.01)  # non-zero parameters after strip_pruning
+    assert result["tflite"]["float32"]["relative_error"] <= 1e-4
+    assert result["tflite"]["float32"]["gzip_bytes"] < 0.6 * result["tflite"]["float32"]["bytes"]
+    assert not (tmp_path / "peer_state.json").exists()
