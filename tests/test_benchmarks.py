@@ -205,3 +205,21 @@ def test_tfmot_peer_matches_the_parameter_target_and_resumes(tmp_path):
     assert result["tflite"]["float32"]["relative_error"] <= 1e-4
     assert result["tflite"]["float32"]["gzip_bytes"] < 0.6 * result["tflite"]["float32"]["bytes"]
     assert not (tmp_path / "peer_state.json").exists()
+
+
+def test_pretraining_resumes_from_its_checkpoint(tmp_path):
+    import dataclasses
+
+    from benchmarks.pretrain import load_pretrained, pretrain, pretrained_path
+    from keras_autoprune.zoo import resnet_cifar
+
+    data = _tiny_data(16)
+    profile = dataclasses.replace(PROFILES["smoke"], pretrain_epochs=2, batch_size=8)
+    with pytest.raises(StageIncomplete, match="after epoch 1 of 2"):
+        pretrain(profile, data, tmp_path, Deadline(0.0))
+    folder = pretrained_path(profile, tmp_path)
+    assert json.loads((folder / "checkpoint.json").read_text())["epochs"] == 1
+    meta = pretrain(profile, data, tmp_path, Deadline(None))
+    assert meta["epochs"] == 2 and meta["cached"] is False and not (folder / "checkpoint.keras").exists()
+    assert pretrain(profile, data, tmp_path)["cached"] is True
+    assert load_pretrained(folder).count_params() == resnet_cifar(profile.depth, width=profile.width).count_params()
