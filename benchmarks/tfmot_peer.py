@@ -186,8 +186,9 @@ def run_peer(request: dict) -> dict:
                 layer.set_weights([weights[f"{layer.name}/{i}"] for i in range(len(layer.weights))])
     with np.load(request["probe"]) as probe:
         reference = probe["logits"]
-        twin_error = float(np.max(np.abs(np.asarray(model(probe["x"], training=False)) - reference)) / np.max(np.abs(reference)))
-    if twin_error > 1e-4:
+        twin_error = float(np.max(np.abs(np.asarray(model(probe["x"], training=False)) - reference))
+                           / max(float(np.max(np.abs(reference))), 1e-12))
+    if not twin_error <= 1e-4:  # NaN fails too
         raise RuntimeError(f"The tf_keras twin differs from the Keras 3 model by {twin_error:.3g} (relative).")
     total = model.count_params()
     prunable = sum(int(np.prod(layer.kernel.shape)) for layer in model.layers if isinstance(layer, (tf_keras.layers.Conv2D, tf_keras.layers.Dense)))

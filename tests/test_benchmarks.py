@@ -193,6 +193,7 @@ def test_tfmot_peer_matches_the_parameter_target_and_resumes(tmp_path):
     from keras_autoprune.zoo import resnet_cifar
 
     data = _tiny_data(40)
+    data.x_test, data.y_test = data.normalise(data.x_train[:4]), data.y_train[:4]  # non-zero logits
     data.save(tmp_path / "data.npz")
     profile = dataclasses.replace(PROFILES["smoke"], finetune_epochs=3, batch_size=8, export_samples=4)
     model = resnet_cifar(8, width=8)
