@@ -28,7 +28,15 @@ from keras_autoprune.graph import ChannelGroup, ChannelMember, DependencyGraph  
 from keras_autoprune.graph import handlers  # noqa: E402
 from keras_autoprune.graph.handlers import register_handler  # noqa: E402
 from keras_autoprune.report import LayerChange, PruningReport  # noqa: E402
-from keras_autoprune.surgery import PrunePlan, apply_plan, mask_plan  # noqa: E402
+from keras_autoprune.surgery import (  # noqa: E402
+    FactorizationPlan,
+    LayerFactorization,
+    LayerReplacement,
+    PrunePlan,
+    apply_plan,
+    mask_plan,
+    replace_layers,
+)
 from keras_autoprune import allocation  # noqa: E402
 
 __version__ = "0.1.0.dev0"
@@ -60,6 +68,10 @@ __all__ = sorted(
         "DependencyGraph",
         "PlanError",
         "PrunePlan",
+        "FactorizationPlan",
+        "LayerFactorization",
+        "LayerReplacement",
+        "replace_layers",
         "PruningReport",
         "SurgeryError",
         "UnsupportedModelError",

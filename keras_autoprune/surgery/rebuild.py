@@ -1,7 +1,7 @@
 """`apply_plan` and `mask_plan`: the two ways to execute a `PrunePlan`.
 
-Both clone the model (`keras.models.clone_model`, recursively through nested
-models) and then copy weights by variable path:
+Both clone the model with `keras_autoprune.surgery.clone.clone_layers`
+(recursively through nested models, weights copied by variable path):
 
 - `apply_plan` rebuilds every touched layer from a sliced config (fewer
   filters/units, fewer GroupNormalization groups, a new Reshape target) and
@@ -19,13 +19,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import keras
-import numpy as np
 
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.graph.handlers import LayerKeep, get_handler
+from keras_autoprune.surgery.clone import clone_layers
 from keras_autoprune.surgery.keep import layer_keeps
 from keras_autoprune.surgery.plan import PrunePlan
-from keras_autoprune.surgery.weights import assign_weights, layer_weights
+from keras_autoprune.surgery.weights import layer_weights
 
 
 def apply_plan(model: keras.Model, plan: PrunePlan, graph: DependencyGraph | None = None) -> keras.Model:
@@ -79,23 +79,12 @@ def _execute(model, plan: PrunePlan, graph: DependencyGraph | None, transform: T
             f"or leave `graph` out. Received: graph of '{graph.model.name}', model '{model.name}'"
         )
     keeps = layer_keeps(graph, plan.removed_atoms(graph))
-    new_weights: dict[int, dict[str, np.ndarray]] = {}
-    clones: dict[int, tuple[keras.layers.Layer, keras.layers.Layer]] = {}
 
-    def clone(layer):
-        if not isinstance(layer, keras.layers.Layer):
-            return layer  # a stateless `keras.ops` node: reused as is
-        config = layer.get_config()
-        weights = layer_weights(layer)
+    def rebuild(layer):
+        config, weights = layer.get_config(), layer_weights(layer)
         keep = keeps.get(id(layer))
         if keep is not None:
             config, weights = transform(get_handler(layer), layer, config, weights, keep)
-        new_layer = type(layer).from_config(config)
-        new_weights[id(layer)] = weights
-        clones[id(layer)] = (layer, new_layer)
-        return new_layer
+        return type(layer).from_config(config), weights
 
-    new_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    for key, (_, new_layer) in clones.items():
-        assign_weights(new_layer, new_weights[key])
-    return new_model
+    return clone_layers(model, rebuild)
