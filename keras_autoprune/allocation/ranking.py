@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from keras_autoprune.allocation.cost import PlanCost
+from keras_autoprune.allocation.search import shortest_fitting_prefix
 from keras_autoprune.budget import Budget
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.surgery.plan import PrunePlan
@@ -146,10 +147,4 @@ def global_ranking_plan(
             stacklevel=2,
         )
         return plan_from_prefix(graph, order, high)
-    while low < high:  # smallest count that fits
-        middle = (low + high) // 2
-        if fits(middle):
-            high = middle
-        else:
-            low = middle + 1
-    return plan_from_prefix(graph, order, low)
+    return plan_from_prefix(graph, order, shortest_fitting_prefix(fits, low, high))

@@ -91,41 +91,45 @@ class LayerFactorization:
         return np.einsum("ij,...jk,kl->...il", self.q_in @ self.q_in.T, np.asarray(kernel, np.float64), self.q_out @ self.q_out.T)
 
 
-def factorize_layer(layer, factorization: LayerFactorization) -> LayerReplacement:
-    """The rotation -> core -> rotation replacement of ``layer`` (see the module docstring).
+def factorized_layers(layer, n_in: int, n_out: int) -> list[keras.layers.Layer]:
+    """The unbuilt rotation-in, core and rotation-out layers replacing ``layer`` at core widths ``n_in``, ``n_out``.
 
-    The new layers are named ``<name>_rot_in``, ``<name>_core`` and
-    ``<name>_rot_out``. The core keeps the kernel regularizer (the
-    rotations are orthonormal, so an L2 penalty on the core equals the one
-    on the projected kernel); kernel constraints are dropped; the bias, its
-    regularizer and constraint, the activation and the activity regularizer
-    go to the last rotation.
+    They are named ``<name>_rot_in``, ``<name>_core`` and ``<name>_rot_out``.
+    The core keeps the kernel regularizer (the rotations are orthonormal, so
+    an L2 penalty on the core equals the one on the projected kernel);
+    kernel constraints are dropped; the bias, its regularizer and
+    constraint, the activation and the activity regularizer go to the last
+    rotation.
     """
     problem = factorization_problem(layer)
     if problem:
         raise PlanError(f"Layer '{layer.name}' cannot be factorised: {problem}.")
     config = layer.get_config()
-    kernel = np.asarray(layer.kernel.numpy())
-    bias = None if layer.bias is None else np.asarray(layer.bias.numpy())
-    n_in, n_out = factorization.rank
     width_key = "units" if isinstance(layer, keras.layers.Dense) else "filters"
     linear = dict(use_bias=False, activation=None, activity_regularizer=None, kernel_constraint=None,
                   bias_regularizer=None, bias_constraint=None)
     pointwise = {} if width_key == "units" else dict(kernel_size=1, strides=1, padding="valid", dilation_rate=1)
-    if width_key == "units":
-        for key in ("lora_rank", "lora_alpha"):
-            config.pop(key, None)
+    for key in ("lora_rank", "lora_alpha"):
+        config.pop(key, None)
     rot_in = type(layer).from_config({**config, **linear, **pointwise, "kernel_regularizer": None,
                                       width_key: n_in, "name": f"{layer.name}_rot_in"})
     core = type(layer).from_config({**config, **linear, width_key: n_out, "name": f"{layer.name}_core"})
     rot_out = type(layer).from_config({**config, **pointwise, "kernel_regularizer": None, "kernel_constraint": None,
-                                       width_key: kernel.shape[-1], "name": f"{layer.name}_rot_out"})
+                                       "name": f"{layer.name}_rot_out"})
+    return [rot_in, core, rot_out]
+
+
+def factorize_layer(layer, factorization: LayerFactorization) -> LayerReplacement:
+    """The rotation -> core -> rotation replacement of ``layer`` (see the module docstring and `factorized_layers`)."""
+    n_in, n_out = factorization.rank
+    layers = factorized_layers(layer, n_in, n_out)
+    kernel = np.asarray(layer.kernel.numpy())
     ones = (1,) * (kernel.ndim - 2)
     out_weights = {"kernel": factorization.q_out.T.reshape(ones + (n_out, kernel.shape[-1]))}
-    if bias is not None:
-        out_weights["bias"] = bias
+    if layer.bias is not None:
+        out_weights["bias"] = np.asarray(layer.bias.numpy())
     return LayerReplacement(
-        [rot_in, core, rot_out],
+        layers,
         [{"kernel": factorization.q_in.reshape(ones + factorization.q_in.shape)},
          {"kernel": factorization.core_kernel(kernel)},
          out_weights],
