@@ -28,8 +28,13 @@ import numpy as np
 
 
 def weight_saliency(weights: np.ndarray, a_inv_diag: np.ndarray, g_inv_diag: np.ndarray) -> np.ndarray:
-    """``W_pi² / (2 [A⁻¹]_pp [G⁻¹]_ii)`` for every weight, shape ``(P, C_out)``."""
-    return weights**2 / (2.0 * np.outer(a_inv_diag, g_inv_diag))
+    """``W_pi² / (2 [A⁻¹]_pp [G⁻¹]_ii)`` for every weight, shape ``(P, C_out)``.
+
+    Stacks ``(..., P, C_out)`` with diagonals ``(..., P)`` and ``(..., C_out)``
+    are scored block by block.
+    """
+    a_inv_diag, g_inv_diag = np.asarray(a_inv_diag), np.asarray(g_inv_diag)
+    return weights**2 / (2.0 * a_inv_diag[..., :, None] * g_inv_diag[..., None, :])
 
 
 def output_set_saliency(weights: np.ndarray, a: np.ndarray, g_inv: np.ndarray, columns: np.ndarray) -> float:
