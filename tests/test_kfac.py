@@ -18,6 +18,7 @@ import pytest
 import tensorflow as tf
 
 from keras_autoprune import DependencyGraph
+from keras_autoprune.scoring import kron_obs
 from keras_autoprune.stats import (
     GroupSaliency,
     collect_gradient_stats,
@@ -355,6 +356,21 @@ def test_depthwise_group_saliency_is_the_whole_channel_block():
     expected = [0.5 * np.trace(W[c].T @ f.A[c] @ W[c] @ f.G[c]) for c in range(2)]
     group = graph.groups[0]  # the input channels, tied to the depthwise outputs
     np.testing.assert_allclose(group_saliency(graph, group, factors, input_side=False), expected, rtol=1e-12)
+
+
+def test_depthwise_baseline_scores_sum_the_channel_block_columns():
+    """`output_scores` scores each output column c·M + m of a depthwise layer within its
+    channel block (A[c], G[c]) and sums a group channel's columns."""
+    model = depthwise_model()
+    graph = DependencyGraph(model)
+    factors = collect_kfac(model, (_x(model), LABELS), fisher="empirical", graph=graph, verbose=0)
+    f, layer = factors["dw"], model.get_layer("dw")
+    W = f.weight_matrix(layer.kernel.numpy(), layer.bias.numpy())  # (C, K+1, M)
+    _, G_inv = damped_inverses(f.A, f.G, 1e-3)
+    expected = [sum(0.5 * W[c][:, m] @ f.A[c] @ W[c][:, m] / G_inv[c][m, m] for m in range(2)) for c in range(2)]
+    saliency = GroupSaliency(graph, factors, damping=1e-3)
+    scores = saliency.output_scores(graph.groups[0], lambda w, fac, a_inv, g_inv: kron_obs(w, fac.A, g_inv))
+    np.testing.assert_allclose(scores, expected, rtol=1e-12)
 
 
 def test_float32_precision_is_close_to_float64():

@@ -16,6 +16,11 @@ inverses of `curvature.damped_inverses`:
   (input and output together), ``ΔL = ½ tr(W̃[c]ᵀ A[c] W̃[c] G[c])``;
   it is counted with the output side.
 
+Baseline scorers (`scoring.baselines`, via `GroupSaliency.output_scores`)
+give one score per output column of each producer layer (depthwise layers:
+per column of each channel's block, the Fisher being block-diagonal over
+channels); a group channel gets the sum over its output positions.
+
 A group channel gets the **sum** over the group's members (`ChannelMember`:
 the positions of the channel in each layer); layers without factors (not
 collected, or not Dense/Conv/Depthwise) add nothing.
@@ -23,7 +28,7 @@ collected, or not Dense/Conv/Depthwise) add nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -31,6 +36,9 @@ from keras_autoprune.graph.dependency import ChannelGroup, ChannelMember, Depend
 from keras_autoprune.scoring.obs import input_set_saliency, output_set_saliency
 from keras_autoprune.stats.curvature import damped_inverses
 from keras_autoprune.stats.kfac import KFACFactors
+
+
+LayerScores = Callable[[np.ndarray, KFACFactors, np.ndarray, np.ndarray], np.ndarray]
 
 
 class GroupSaliency:
@@ -49,7 +57,7 @@ class GroupSaliency:
         self._layers = {record.name: record.operation for record in graph.records}
         self._factors = factors
         self._damping = damping
-        self._cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._cache: dict[str, tuple[np.ndarray, KFACFactors, np.ndarray, np.ndarray]] = {}
 
     def group(self, group: ChannelGroup, *, output_side: bool = True, input_side: bool = True) -> np.ndarray:
         """Saliency of each of the group's channels, ``(group.size,)``, summed over members."""
@@ -60,13 +68,35 @@ class GroupSaliency:
                 np.add.at(total, channels, values)
         return total
 
+    def output_scores(self, group: ChannelGroup, layer_scores: LayerScores) -> np.ndarray:
+        """Per-channel sum of a per-output-column score over the group's producers.
+
+        Args:
+            group: the channel group.
+            layer_scores: ``f(W̃, factors, A'⁻¹, G'⁻¹)`` returning one score per
+                output column of ``W̃`` (``(C_out,)``; depthwise ``(C, M)``,
+                read in the layer's output order ``c·M + m``).
+
+        Returns:
+            ``(group.size,)``: ``Σ`` over output-side members and positions of
+            each channel; input-side members add nothing.
+        """
+        total = np.zeros(group.size)
+        for member in group.members:
+            factors = self._factors.get(member.layer)
+            if factors is None or member.side != "output" or member.tensor_index != 0:
+                continue
+            columns = np.reshape(layer_scores(*self._prepared(member.layer, factors)), -1)
+            np.add.at(total, member.channels, columns[member.positions])
+        return total
+
     def member(self, member: ChannelMember) -> tuple[np.ndarray, np.ndarray]:
         """``(channels, saliencies)`` of one member (empty if it does not count)."""
         factors = self._factors.get(member.layer)
         empty = (np.zeros(0, np.int64), np.zeros(0))
         if factors is None or member.tensor_index != 0 or (factors.depthwise and member.side == "input"):
             return empty
-        W, A_inv, G_inv = self._prepared(member.layer, factors)
+        W, _, A_inv, G_inv = self._prepared(member.layer, factors)
         channels = np.unique(member.channels)
         if factors.depthwise:
             blocks = member.positions // factors.kernel_shape[-1]
@@ -92,10 +122,7 @@ class GroupSaliency:
                 )
             layer = self._layers[name]
             W = factors.weight_matrix(np.asarray(layer.kernel), np.asarray(layer.bias) if factors.has_bias else None)
-            if factors.depthwise:
-                self._cache[name] = (W, None, None)
-            else:
-                self._cache[name] = (W, *damped_inverses(factors.A, factors.G, self._damping))
+            self._cache[name] = (W, factors, *damped_inverses(factors.A, factors.G, self._damping))
         return self._cache[name]
 
 
