@@ -88,6 +88,45 @@ def test_nap_ranks_by_saliency_not_by_layer(digits, pretrained):
         assert scores[group_id][gone].max() <= scores[group_id][kept].max()
 
 
+def test_baseline_scorers_sum_output_side_members(digits, pretrained):
+    """Group "c1" is produced by c1 and c2 (tied by the Add): a baseline scores it as the sum of
+    both layers' output columns, nothing from the consumers; Kron-OBS is NAP's output side."""
+    x_train, _, y_train, _ = digits
+    model = fresh(pretrained)
+    graph = kap.DependencyGraph(model)
+    factors = collect_kfac(model, (x_train[:128], y_train[:128]), graph=graph, verbose=0)
+
+    def c_obd_by_loops(name):
+        f, layer = factors[name], model.get_layer(name)
+        bias = layer.bias.numpy() if layer.use_bias else None
+        w = f.weight_matrix(layer.kernel.numpy(), bias)
+        return np.array([sum(0.5 * w[j, i] ** 2 * f.A[j, j] * f.G[i, i] for j in range(w.shape[0])) for i in range(w.shape[1])])
+
+    scores = nap.channel_saliencies(model, graph, factors, scorer="c-obd")
+    np.testing.assert_allclose(scores["c1"], c_obd_by_loops("c1") + c_obd_by_loops("c2"), rtol=1e-10)
+    np.testing.assert_allclose(scores["d1"], c_obd_by_loops("d1"), rtol=1e-10)
+    kron_obs = nap.channel_saliencies(model, graph, factors, scorer="kron-obs")
+    output_side = nap.channel_saliencies(model, graph, factors, input_side=False)
+    assert kron_obs.keys() == output_side.keys() == {"c1", "c3", "d1"}
+    for gid in kron_obs:
+        np.testing.assert_allclose(kron_obs[gid], output_side[gid], rtol=1e-10)
+    with_input = nap.channel_saliencies(model, graph, factors)
+    assert np.all(with_input["c3"] > kron_obs["c3"])  # NAP's default adds d1's input side
+
+
+@pytest.mark.parametrize("scorer", ["kron-obs", "kron-obd", "c-obs", "c-obd"])
+def test_baseline_scorer_end_to_end_meets_the_budget(digits, pretrained, scorer):
+    x_train, x_test, y_train, _ = digits
+    model = fresh(pretrained)
+    cb = kap.NAPCallback((x_train[:128], y_train[:128]), budget=kap.Budget(flops=0.5), scorer=scorer, verbose=0)
+    model.fit(x_train[:256], y_train[:256], epochs=1, batch_size=64, callbacks=[cb], verbose=0)
+    flops, slim_flops = kap.count_flops(model), kap.count_flops(cb.pruned_model)
+    assert cb.scorer == scorer and cb.input_side is False
+    assert slim_flops <= 0.5 * flops
+    assert slim_flops >= 0.5 * flops - max(kap.allocation.cost.channel_costs(model, cb.graph)[g].max() for g in cb.plan.kept)
+    np.testing.assert_allclose(np.asarray(cb.pruned_model(x_test)), np.asarray(model(x_test)), rtol=1e-4, atol=1e-4)
+
+
 def test_tolerance_mode_undoes_the_round_that_breaks_it(digits, pretrained):
     x_train, x_test, y_train, y_test = digits
     model = fresh(pretrained)
@@ -140,6 +179,11 @@ def test_obs_update_zeroes_removed_columns_and_moves_the_rest(digits, pretrained
         (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), fisher="exact"), ValueError, "fisher"),
         (dict(data=([0], [0]), validation_data=([0], [0])), ValueError, "max_accuracy_drop"),
         (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), damping=-1), ValueError, "damping"),
+        (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), scorer="obs"),
+         ValueError, r"scorer. must be one of \('nap', 'kron-obs', 'kron-obd', 'c-obs', 'c-obd'\)\. Received: scorer='obs'"),
+        (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), scorer="c-obs", input_side=True), ValueError, "output side only"),
+        (dict(data=([0], [0]), budget=kap.Budget(params=0.5), granularity="weight", scorer="kron-obs"),
+         ValueError, "granularity='channel'"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

@@ -45,8 +45,17 @@ class NAPCallback(PruningCallback):
         num_batches: calibration batches per round (None: all of ``data``).
         batch_size: batch size when ``data`` is in-memory arrays.
         damping: relative damping of the K-FAC inverses. Default 1e-3.
+        scorer: how channels are scored: ``"nap"`` (default: the OBS
+            saliency above) or a classic curvature baseline from the
+            EigenDamage paper, ranked the same way: ``"kron-obs"``
+            (``½ w_iᵀ A w_i / [G⁻¹]_ii``), ``"kron-obd"``
+            (``½ G_ii w_iᵀ A w_i``), ``"c-obs"``
+            (``½ Σ_j W_ji² / ([A⁻¹]_jj [G⁻¹]_ii)``) or ``"c-obd"``
+            (``½ Σ_j W_ji² A_jj G_ii``), see `keras_autoprune.scoring.baselines`.
+            Baselines are output-side only and need ``granularity="channel"``.
         input_side: add the saliency of the layers reading a channel
-            (default True).
+            (default None: True for ``scorer="nap"``; the baselines reject
+            True).
         cost_aware: rank by saliency per FLOP (or parameter) saved.
         obs_update: compensate the remaining outputs of a pruned layer with
             the OBS update.
@@ -76,7 +85,8 @@ class NAPCallback(PruningCallback):
         num_batches: int | None = None,
         batch_size: int = 32,
         damping: float = 1e-3,
-        input_side: bool = True,
+        scorer: str = "nap",
+        input_side: bool | None = None,
         cost_aware: bool = False,
         obs_update: bool = False,
         validation_data: Any = None,
@@ -107,6 +117,13 @@ class NAPCallback(PruningCallback):
                 "granularity='weight' zeroes single weights, which saves parameters, not dense FLOPs: "
                 f"use a parameter budget, e.g. kap.Budget(params=0.2). Received: budget={budget}"
             )
+        input_side = nap.check_scorer(scorer, input_side)
+        if granularity == "weight" and scorer != "nap":
+            raise ValueError(
+                "The baseline scorers rank whole output channels: use granularity='channel', or "
+                "scorer='nap' for per-weight saliencies (NAP's weight saliency is the per-weight term of C-OBS). "
+                f"Received: granularity={granularity!r}, scorer={scorer!r}"
+            )
         if fisher not in ("true", "empirical"):
             raise ValueError(f"`fisher` must be 'true' or 'empirical'. Received: fisher={fisher!r}")
         if not isinstance(damping, (int, float)) or damping <= 0:
@@ -119,6 +136,7 @@ class NAPCallback(PruningCallback):
         self.num_batches = num_batches
         self.batch_size = batch_size
         self.damping = damping
+        self.scorer = scorer
         self.input_side = input_side
         self.cost_aware = cost_aware
         self.obs_update = obs_update
@@ -162,7 +180,7 @@ class NAPCallback(PruningCallback):
             return
         plan = nap.nap_plan(
             self.model, self.graph, factors, self.budget, target, self.plan,
-            damping=self.damping, input_side=self.input_side, cost_aware=self.cost_aware,
+            damping=self.damping, input_side=self.input_side, cost_aware=self.cost_aware, scorer=self.scorer,
         )
         if self.obs_update:
             nap.obs_update(self.graph, factors, plan, self.damping)

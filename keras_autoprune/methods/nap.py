@@ -17,6 +17,12 @@ Structured mode (channels):
    lost some: ``W ← W − W_R [(G⁻¹)_RR]⁻¹ (G⁻¹)_{R,:}``
    (`scoring.obs.out_channel_update`).
 
+Baseline scorers (``scorer=``, `SCORERS`): step 2 can instead use one of
+the classic curvature baselines of `scoring.baselines` (C-OBD, C-OBS,
+Kron-OBD, Kron-OBS), dispatched through `_BASELINES`. They score the output
+side only, as in their papers (the producers' output columns, summed over a
+group's members); the input-side term is used by ``"nap"`` only.
+
 Fine-grained mode (weights): ``ΔL_pi = W_pi² / (2 [A⁻¹]_pp [G⁻¹]_ii)`` per
 weight, ranked over all layers, under a parameter budget (see
 `weight_masks`).
@@ -33,10 +39,41 @@ from keras_autoprune.allocation.cost import channel_costs
 from keras_autoprune.allocation.ranking import global_ranking_plan
 from keras_autoprune.budget import Budget
 from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.scoring import baselines
 from keras_autoprune.scoring.obs import out_channel_update, weight_saliency
 from keras_autoprune.stats import GroupSaliency, damped_inverses, split_weight_matrix, weight_matrix
 from keras_autoprune.stats.engine import StatisticsResult
 from keras_autoprune.surgery.plan import PrunePlan
+
+
+# The baseline scorers: per-layer output-column scores from (W̃, factors, A'⁻¹, G'⁻¹),
+# the damped inverses of `stats.damped_inverses` (formulas in `scoring.baselines`).
+_BASELINES = {
+    "kron-obs": lambda w, f, a_inv, g_inv: baselines.kron_obs(w, f.A, g_inv),
+    "kron-obd": lambda w, f, a_inv, g_inv: baselines.kron_obd(w, f.A, f.G),
+    "c-obs": lambda w, f, a_inv, g_inv: baselines.c_obs(w, a_inv, g_inv),
+    "c-obd": lambda w, f, a_inv, g_inv: baselines.c_obd(w, f.A, f.G),
+}
+SCORERS = ("nap", *_BASELINES)
+
+
+def check_scorer(scorer: str, input_side: bool | None = None) -> bool:
+    """Validates ``scorer`` and returns the effective ``input_side``.
+
+    ``input_side=None`` means True for ``"nap"`` and False for the baselines,
+    which are output-side only (``input_side=True`` with one is an error).
+    """
+    if scorer not in SCORERS:
+        raise ValueError(f"`scorer` must be one of {SCORERS}. Received: scorer={scorer!r}")
+    if scorer == "nap":
+        return True if input_side is None else bool(input_side)
+    if input_side:
+        raise ValueError(
+            f"The baseline scorer {scorer!r} scores the output side only (as in its paper); the input-side "
+            "saliency belongs to scorer='nap'. Leave `input_side` unset or False. "
+            f"Received: scorer={scorer!r}, input_side={input_side!r}"
+        )
+    return False
 
 
 def channel_saliencies(
@@ -44,13 +81,25 @@ def channel_saliencies(
     graph: DependencyGraph,
     factors: StatisticsResult,
     damping: float = 1e-3,
-    input_side: bool = True,
+    input_side: bool | None = None,
     cost_aware: bool = False,
     metric: str = "flops",
+    scorer: str = "nap",
 ) -> dict[str, np.ndarray]:
-    """NAP's per-channel scores (higher = keep) for every prunable group."""
+    """Per-channel scores (higher = keep) for every prunable group.
+
+    Args:
+        scorer: ``"nap"`` (OBS saliency, output side plus, with
+            ``input_side``, the consumers' input side) or a baseline of
+            `SCORERS` (output side only).
+        input_side: None: True for ``"nap"``; see `check_scorer`.
+    """
+    input_side = check_scorer(scorer, input_side)
     saliency = GroupSaliency(graph, factors, damping)
-    scores = {g.id: saliency.group(g, input_side=input_side) for g in graph.prunable_groups}
+    if scorer == "nap":
+        scores = {g.id: saliency.group(g, input_side=input_side) for g in graph.prunable_groups}
+    else:
+        scores = {g.id: saliency.output_scores(g, _BASELINES[scorer]) for g in graph.prunable_groups}
     if cost_aware:
         costs = channel_costs(model, graph, metric)
         scores = {gid: s / np.maximum(costs[gid], 1e-12) for gid, s in scores.items()}
