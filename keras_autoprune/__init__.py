@@ -13,7 +13,7 @@ check_tensorflow()
 
 from keras_autoprune.accounting import LayerCost, count_flops, count_params, flops_table, format_table  # noqa: E402
 from keras_autoprune.budget import Budget  # noqa: E402
-from keras_autoprune.callbacks import MagnitudeCallback, NAPCallback, PruningCallback, PSAPCallback  # noqa: E402
+from keras_autoprune.callbacks import EigenDamageCallback, MagnitudeCallback, NAPCallback, PruningCallback, PSAPCallback  # noqa: E402
 from keras_autoprune.errors import ExportError, PlanError, SurgeryError, UnsupportedModelError, VerificationError  # noqa: E402
 from keras_autoprune.export import (  # noqa: E402
     ExportResult,
@@ -45,6 +45,7 @@ __all__ = sorted(
     [
         "Budget",
         "ChannelGroup",
+        "EigenDamageCallback",
         "MagnitudeCallback",
         "NAPCallback",
         "PSAPCallback",

@@ -42,7 +42,7 @@ import numpy as np
 
 from keras_autoprune.accounting import flops_table
 from keras_autoprune.graph.dependency import check_model
-from keras_autoprune.surgery import PrunePlan
+from keras_autoprune.surgery import FactorizationPlan, PrunePlan
 
 _LOG_SPREAD = 100  # plot FLOPs on a log scale when max / min (nonzero) exceeds this
 _NAME_WIDTH = 32  # longer layer names are plotted as head…tail
@@ -127,9 +127,9 @@ class PruningReport:
         plan: PrunePlan | None = None,
         extra: Mapping[str, Any] | None = None,
     ):
-        if plan is not None and not isinstance(plan, PrunePlan):
+        if plan is not None and not isinstance(plan, (PrunePlan, FactorizationPlan)):
             raise TypeError(
-                "Expected `plan` to be a `kap.PrunePlan` or None. "
+                "Expected `plan` to be a `kap.PrunePlan`, a `kap.FactorizationPlan` or None. "
                 f"Received: plan of type {type(plan).__name__}"
             )
         if extra is not None and not isinstance(extra, Mapping):
@@ -157,8 +157,11 @@ class PruningReport:
             original: the model before pruning (Sequential or Functional).
             pruned: the model after pruning, of the same architecture (same
                 qualified layer names and kinds, same output shapes), e.g.
-                ``apply_plan(original, plan)``.
-            plan: the `PrunePlan` that was applied, if known.
+                ``apply_plan(original, plan)``. A layer replaced by a block of
+                layers (`kap.replace_layers`, `kap.FactorizationPlan.apply`)
+                gets one row with the block's FLOPs and parameters summed and
+                its output width.
+            plan: the `PrunePlan` or `FactorizationPlan` that was applied, if known.
             extra: run facts to store and show (see the class docstring).
             input_shape: input shape without the batch axis, for models
                 whose inputs have unknown dimensions (see `count_flops`).
@@ -173,7 +176,7 @@ class PruningReport:
         """
         _check_outputs(original, pruned)
         before = _costs_by_layer(original, input_shape)
-        after = _costs_by_layer(pruned, input_shape)
+        after = _merge_replaced(before, _costs_by_layer(pruned, input_shape))
         _check_layers(before, after)
         channels_before = _channels_by_layer(original)
         channels_after = _channels_by_layer(pruned)
@@ -181,7 +184,7 @@ class PruningReport:
         for name, (kind, flops, params) in before.items():
             _, flops_after, params_after = after[name]
             if flops or params or flops_after or params_after:
-                layers.append(LayerChange(name, kind, channels_before.get(name), channels_after.get(name),
+                layers.append(LayerChange(name, kind, channels_before.get(name), channels_after.get(name, channels_before.get(name)),
                                           flops, flops_after, params, params_after))
         return cls(layers, plan=plan, extra=extra)
 
@@ -255,7 +258,8 @@ class PruningReport:
             "Only layers with FLOPs or parameters are listed; the totals cover the whole model.",
         ]
         if self.plan is not None:
-            lines += ["", f"Plan: {len(self.plan.kept)} channel group(s) pruned."]
+            lines += ["", "Plan: " + (f"{len(self.plan.kept)} channel group(s) pruned." if isinstance(self.plan, PrunePlan)
+                                      else self.plan.describe())]
         if self.extra:
             lines += ["", "Run: " + "; ".join(f"{k}: {v}" for k, v in self.extra.items()) + "."]
         return "\n".join(lines)
@@ -382,6 +386,25 @@ def _costs_by_layer(model: keras.Model, input_shape: Any) -> dict[str, tuple[str
         _, flops, params = costs.get(row.layer, (row.kind, 0, 0))
         costs[row.layer] = (row.kind, flops + row.flops, params + row.params)
     return costs
+
+
+def _merge_replaced(before: dict[str, tuple], after: dict[str, tuple]) -> dict[str, tuple]:
+    """Folds the rows of a replacement block (``name/inner``, `kap.replace_layers`) into the layer ``name`` it replaced."""
+    merged: dict[str, tuple] = {}
+    for name, (kind, flops, params) in after.items():
+        owner = next((prefix for prefix in _prefixes(name) if prefix in before and prefix not in after), None)
+        if owner is None:
+            merged[name] = (kind, flops, params)
+            continue
+        _, flops_sum, params_sum = merged.get(owner, (before[owner][0], 0, 0))
+        merged[owner] = (before[owner][0], flops_sum + flops, params_sum + params)
+    return merged
+
+
+def _prefixes(name: str) -> list[str]:
+    """``"a/b/c"`` -> ``["a/b", "a"]``: the layers a qualified name is nested in, innermost first."""
+    parts = name.split("/")
+    return ["/".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
 def _channels_by_layer(model: keras.Model, prefix: str = "") -> dict[str, int | None]:

@@ -5,15 +5,17 @@ owns *when* and *how*:
 
 1. ``__init__`` checks the arguments (before any training).
 2. ``on_train_begin`` resets all state (instances are reusable), checks the
-   model (`DependencyGraph`), installs masks as variable constraints (see
-   `keras_autoprune.callbacks.masks`) and records the original cost.
+   model (`DependencyGraph`, ``check_graph``, ``check_model``), installs the
+   in-step enforcement as variable constraints (``install_constraints``:
+   masks, `keras_autoprune.callbacks.masks`, by default; projections for
+   EigenDamage) and records the original cost.
 3. At the beginning of each scheduled epoch (`round_epochs`) it asks the
    subclass for a plan meeting that round's target (`round_targets`) and
    applies it to the masks. Channels removed once stay removed.
 4. ``on_epoch_end`` adds ``flops_kept``, ``params_kept`` and
    ``pruning_seconds`` (time spent in statistics and decisions so far) to
    ``logs``, so `History`, TensorBoard and progress bars show them.
-5. ``on_train_end`` removes the constraints, sets ``self.plan``, builds
+5. ``on_train_end`` removes the constraints (``remove_constraints``), sets ``self.plan``, builds
    ``self.pruned_model = kap.apply_plan(model, plan)``, checks it against the
    masked model on a batch, and sets ``self.report``.
 
@@ -137,24 +139,38 @@ class PruningCallback(keras.callbacks.Callback):
         #: True once a method decides to prune no further (tolerance mode).
         self.stopped = False
         self._masks: MaskSet | None = None
+        self._installed = False
         self._original = {}
         self._epochs: dict[int, float] = {}
+
+    def check_graph(self, graph: DependencyGraph) -> None:
+        """Raises unless the method has something to prune (default: a prunable channel group)."""
+        if not graph.prunable_groups:
+            raise ValueError(
+                f"Model '{graph.model.name}' has no prunable channel group (see `kap.DependencyGraph(model).summary()`): "
+                "every channel reaches an input/output or crosses a layer without a handler."
+            )
+
+    def install_constraints(self, model: keras.Model) -> None:
+        """Puts the in-step enforcement on the model's variables (default: channel masks)."""
+        self._masks = MaskSet(self.graph)
+        self._masks.install(getattr(model, "distribute_strategy", None))
+
+    def remove_constraints(self) -> None:
+        """Undoes `install_constraints`."""
+        self._masks.remove()
 
     def on_train_begin(self, logs=None):
         self._reset()
         model = self.model
         self.graph = DependencyGraph(model)
-        if not self.graph.prunable_groups:
-            raise ValueError(
-                f"Model '{model.name}' has no prunable channel group (see `kap.DependencyGraph(model).summary()`): "
-                "every channel reaches an input/output or crosses a layer without a handler."
-            )
+        self.check_graph(self.graph)
         self.check_model(model)
         self._original = {"flops": count_flops(model), "params": count_params(model)}
         self._epochs = dict(zip(round_epochs(self.start_epoch, self.end_epoch, self.rounds), round_targets(self.budget.fraction, self.rounds, self.ramp)))
         self._kept = {"flops": 1.0, "params": 1.0}
-        self._masks = MaskSet(self.graph)
-        self._masks.install(getattr(model, "distribute_strategy", None))
+        self.install_constraints(model)
+        self._installed = True
         model.make_train_function(force=True)  # retrace: the constraints are now part of the step
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -181,9 +197,10 @@ class PruningCallback(keras.callbacks.Callback):
             logs["pruning_seconds"] = self.pruning_seconds
 
     def on_train_end(self, logs=None):
-        if self._masks is None:
+        if not self._installed:
             return
-        self._masks.remove()
+        self.remove_constraints()
+        self._installed = False
         self.model.train_function = None  # the next fit traces a step without masks
         if self.plan is None:
             return  # training stopped before the first round

@@ -1,0 +1,133 @@
+"""`EigenDamageCallback`: EigenDamage pruning in the Kronecker-factored eigenbasis during `fit`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from keras_autoprune.budget import Budget
+from keras_autoprune.callbacks.base import PruningCallback
+from keras_autoprune.callbacks.projections import ProjectionSet
+from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.methods import eigendamage
+from keras_autoprune.stats import collect_kfac
+from keras_autoprune.stats.calibration import CalibrationData
+
+
+class EigenDamageCallback(PruningCallback):
+    """Prunes eigen-directions of each layer's K-FAC eigenbasis; layers keep their widths.
+
+    At each round, channel-only K-FAC factors are collected on ``data``,
+    every eligible layer (Dense, Conv1D, Conv2D; not the classifier) is
+    rotated into the eigenbasis of its factors, and the globally least
+    important in- and out-directions are removed until the round's target
+    is met (see `keras_autoprune.methods.eigendamage`). During the rest of
+    ``fit`` each pruned kernel is kept in its subspace by a projection
+    applied inside the compiled train step
+    (`keras_autoprune.callbacks.projections`). Later rounds re-collect the
+    factors on the projected model and compose the bases.
+
+    At the end, ``pruned_model`` is the model with every pruned layer
+    replaced by three standard layers -- 1×1 rotation, core with the
+    original kernel size, 1×1 rotation carrying the bias and activation --
+    grouped in a `keras.Sequential` block named like the layer. Input and
+    output widths are unchanged, so BatchNormalization and residual
+    connections are untouched. ``plan`` is a `kap.FactorizationPlan` (JSON
+    with the bases); ``report`` compares the two models.
+
+    Args:
+        data: calibration data: ``(x, y)`` arrays, a batched `tf.data.Dataset`
+            or an iterable of batches (use a dataset or arrays with
+            ``rounds > 1``: a generator is consumed by the first round).
+        budget: `kap.Budget` to reach, counting the rotation layers.
+        rounds: pruning rounds; the kept fraction ramps linearly.
+        max_layer_ratio: a pruning never removes more than this fraction of
+            a layer's original input (or output) directions, and always
+            keeps one. Default 0.95 (the reference default).
+        fisher: ``"true"`` (labels sampled from the model, default) or
+            ``"empirical"``.
+        num_batches: calibration batches per round (None: all of ``data``).
+        batch_size: batch size when ``data`` is in-memory arrays.
+        **kwargs: ``start_epoch``, ``end_epoch``, ``check_tolerance``,
+            ``verbose`` (see `PruningCallback`).
+
+    Example:
+
+    >>> cb = kap.EigenDamageCallback((x_cal, y_cal), budget=kap.Budget(flops=0.5), rounds=2)  # doctest: +SKIP
+    >>> model.fit(x, y, epochs=6, callbacks=[cb])                                              # doctest: +SKIP
+    >>> cb.pruned_model.save("slim.keras"); open("plan.json", "w").write(cb.plan.to_json())    # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        budget: Budget,
+        rounds: int = 1,
+        *,
+        max_layer_ratio: float = 0.95,
+        fisher: str = "true",
+        num_batches: int | None = None,
+        batch_size: int = 32,
+        **kwargs: Any,
+    ):
+        super().__init__(budget, rounds=rounds, **kwargs)
+        if data is None:
+            raise ValueError("`data` (calibration batches) is required for the K-FAC statistics. Received: data=None")
+        if isinstance(max_layer_ratio, bool) or not isinstance(max_layer_ratio, (int, float)) or not 0 < max_layer_ratio < 1:
+            raise ValueError(
+                "`max_layer_ratio` is the largest fraction of a layer's directions one plan removes, in (0, 1), "
+                f"e.g. 0.95 or 0.5. Received: max_layer_ratio={max_layer_ratio!r}"
+            )
+        if fisher not in ("true", "empirical"):
+            raise ValueError(f"`fisher` must be 'true' or 'empirical'. Received: fisher={fisher!r}")
+        self.data = data
+        self.max_layer_ratio = float(max_layer_ratio)
+        self.fisher = fisher
+        self.num_batches = num_batches
+        self.batch_size = batch_size
+
+    # -- lifecycle additions -------------------------------------------
+    def check_graph(self, graph: DependencyGraph) -> None:
+        self._layers = eigendamage.eligible_layers(graph)
+        if not self._layers:
+            raise ValueError(
+                f"Model '{graph.model.name}' has no layer EigenDamage can factorise: it needs Dense, Conv1D or "
+                "Conv2D layers (ungrouped, not quantized) besides the classifier, i.e. whose outputs do not reach "
+                "a model output. Use kap.NAPCallback for other models."
+            )
+
+    def check_model(self, model: keras.Model) -> None:
+        # Fail before the first epoch on data that does not fit the model.
+        CalibrationData(self.data, model, batch_size=self.batch_size, num_batches=1, require_labels=self.fisher == "empirical")
+        self.statistics_seconds = 0.0
+        self._cost = eigendamage.FactorizedCost(model, self._layers)
+
+    def sample_inputs(self):
+        batch = next(iter(CalibrationData(self.data, self.model, batch_size=self.batch_size, num_batches=1, require_labels=False)))
+        return batch.x if len(batch.x) > 1 else batch.x[0]
+
+    def install_constraints(self, model: keras.Model) -> None:
+        self._projections = ProjectionSet(self._layers)
+        self._projections.install(getattr(model, "distribute_strategy", None))
+
+    def remove_constraints(self) -> None:
+        self._projections.remove()
+
+    def prune_round(self, target: float) -> None:
+        factors = collect_kfac(
+            self.model, self.data, layers=list(self._layers), fisher=self.fisher, num_batches=self.num_batches,
+            batch_size=self.batch_size, full_input_factor=False, graph=self.graph, verbose=self.verbose,
+        )
+        self.statistics_seconds += factors.seconds
+        plan = eigendamage.eigendamage_plan(
+            self.model, factors, self._cost, self.budget, target, self.plan, max_layer_ratio=self.max_layer_ratio,
+        )
+        self._projections.apply(plan)
+        self.plan = plan
+
+    def measure_kept(self) -> dict[str, float]:
+        return self._cost.kept(self.plan)
+
+    def build_pruned_model(self) -> keras.Model:
+        return self.plan.apply(self.model)
