@@ -12,7 +12,13 @@ scores differ:
   |dL/dw * w|`` with the mean gradient of the training loss (empirical
   Fisher) on the calibration set, `TaylorCallback`;
 - ``random``: uniformly random channel scores (seeded), `RandomCallback`;
-- ``nap``: `kap.NAPCallback` (K-FAC OBS saliencies) on the same calibration set.
+- ``nap``: `kap.NAPCallback` (K-FAC OBS saliencies) on the same calibration set;
+- ``nap_cost_aware``: the same with ``cost_aware=True`` (saliency per FLOP saved);
+- ``psap``: `kap.PSAPCallback` (weight-sparsity layer ratios, soft rounds,
+  gradient protection; the last round hard) on the same calibration set;
+- ``psap_scratch``: `kap.PSAPCallback` from the pretraining's *initial*
+  weights, trained as long as pretraining and fine-tuning together, pruning
+  while it trains (`scratch_schedule`).
 
 ``unpruned`` is fine-tuned exactly like the others, without a callback; the
 TFMOT peer lives in `benchmarks.tfmot_peer`.
@@ -21,11 +27,13 @@ A run (`run_entry`): the pretrained model, SGD with a fresh optimizer and
 the profile's fine-tuning learning rate; the first ``rounds`` epochs with
 the callback (pruning at the start of each), then the slim
 ``cb.pruned_model`` (a physically smaller model, recompiled with a fresh
-optimizer, as the unpruned model is) for the remaining epochs.
+optimizer, as the unpruned model is) for the remaining epochs. A scratch
+entry follows the same two phases with its own `Schedule`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Any
@@ -35,13 +43,82 @@ import numpy as np
 
 import keras_autoprune as kap
 from benchmarks.data import BenchData
-from benchmarks.pretrain import load_pretrained
-from benchmarks.profiles import Profile, learning_rate
+from benchmarks.pretrain import PRETRAIN_SEED, load_pretrained
+from benchmarks.profiles import SCRATCH_ENTRIES, Profile, learning_rate
 from benchmarks.stages import Deadline, StageIncomplete
 from benchmarks.training import compile_model, fit_epochs
 from keras_autoprune.allocation import global_ranking_plan
 from keras_autoprune.evaluation import accuracy
 from keras_autoprune.stats import collect_gradient_stats
+from keras_autoprune.zoo import resnet_cifar
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The epochs of one entry's run.
+
+    Attributes:
+        epochs: epochs trained in all.
+        prune_start, prune_end: pruning rounds run at the start of epochs
+            in ``[prune_start, prune_end)``, one per epoch; the callback's
+            ``fit`` covers epochs ``0 .. prune_end - 1``, the slim model
+            trains the rest.
+        base_lr, lr_schedule: `profiles.learning_rate` over ``epochs``.
+    """
+
+    epochs: int
+    prune_start: int
+    prune_end: int
+    base_lr: float
+    lr_schedule: str
+
+    def learning_rate(self, epoch: int) -> float:
+        return learning_rate(epoch, self.base_lr, self.epochs, self.lr_schedule)
+
+
+def finetune_schedule(profile: Profile) -> Schedule:
+    """Every entry but the scratch ones: ``finetune_epochs``, cosine from ``finetune_lr``, rounds in the first ``rounds``."""
+    return Schedule(profile.finetune_epochs, 0, profile.rounds, profile.finetune_lr, "cosine")
+
+
+def scratch_schedule(profile: Profile) -> Schedule:
+    """A scratch entry: the pretraining and fine-tuning epochs together, with the pretraining learning rate.
+
+    ``n = pretrain_epochs + finetune_epochs`` epochs, the pretraining's
+    schedule (``pretrain_lr``, ``pretrain_schedule``) stretched over the
+    ``n`` epochs: one decay from the pretraining rate, where the others
+    restart at the lower ``finetune_lr`` after pretraining. Rounds at the
+    start of epochs ``1 .. n // 3``: one epoch of plain training first (so
+    the filter norms and gradients are no longer those of the random
+    initialisation), the hard last round by a third of the run, and two
+    thirds of the epochs to train the final network (``cpu``: 21 epochs,
+    rounds at epochs 1-7, the slim model from epoch 8).
+    """
+    epochs = profile.pretrain_epochs + profile.finetune_epochs
+    start = min(1, epochs - 1)
+    end = min(epochs, start + max(1, epochs // 3))
+    return Schedule(epochs, start, end, profile.pretrain_lr, profile.pretrain_schedule)
+
+
+def entry_schedule(entry: str, profile: Profile) -> Schedule:
+    return scratch_schedule(profile) if entry in SCRATCH_ENTRIES else finetune_schedule(profile)
+
+
+def starting_model(entry: str, profile: Profile, pretrained: pathlib.Path, seed: int) -> keras.Model:
+    """The pretrained model, or for a scratch entry the weights pretraining started from.
+
+    A scratch entry builds ``resnet_cifar(depth, width)`` under
+    `benchmarks.pretrain.PRETRAIN_SEED`, so its starting weights are the
+    same for every seed (as the pretrained weights are for the other
+    entries). The global random seed is ``seed`` on return.
+    """
+    if entry in SCRATCH_ENTRIES:
+        keras.utils.set_random_seed(PRETRAIN_SEED)
+        model = resnet_cifar(profile.depth, width=profile.width)
+        keras.utils.set_random_seed(seed)
+        return model
+    keras.utils.set_random_seed(seed)
+    return load_pretrained(pretrained)
 
 
 class UniformL1Callback(kap.PruningCallback):
@@ -158,6 +235,7 @@ def make_callback(
     if entry == "unpruned":
         return None
     target = kap.Budget(flops=budget)
+    window = entry_schedule(entry, profile)
     schedule = {"rounds": profile.rounds, "verbose": 0}
     calibration_options = {"num_batches": profile.calibration_batches, "batch_size": profile.batch_size}
     if entry == "uniform_l1":
@@ -168,8 +246,12 @@ def make_callback(
         return TaylorCallback(calibration, target, **calibration_options, **schedule)
     if entry == "random":
         return RandomCallback(target, seed, **schedule)
-    if entry == "nap":
-        return kap.NAPCallback(calibration, budget=target, **calibration_options, **schedule)
+    if entry in ("nap", "nap_cost_aware"):
+        return kap.NAPCallback(calibration, budget=target, cost_aware=entry == "nap_cost_aware",
+                               **calibration_options, **schedule)
+    if entry in ("psap", "psap_scratch"):
+        return kap.PSAPCallback(target, calibration, start_epoch=window.prune_start, end_epoch=window.prune_end,
+                                rounds=window.prune_end - window.prune_start, **calibration_options, verbose=0)
     raise ValueError(f"Unknown entry {entry!r}.")
 
 
@@ -190,18 +272,18 @@ def run_entry(
     `StageIncomplete` is raised; the next call continues from there.
     """
     state_path, checkpoint = folder / "state.json", folder / "checkpoint.keras"
-    lr = lambda epoch: learning_rate(epoch, profile.finetune_lr, profile.finetune_epochs, "cosine")  # noqa: E731
+    schedule = entry_schedule(entry, profile)
+    lr = schedule.learning_rate
     train = {"data": data, "batch_size": profile.batch_size, "seed": seed, "learning_rate": lr, "keras_module": keras}
     if state_path.exists():
         state = json.loads(state_path.read_text())
         model = keras.saving.load_model(checkpoint)
     else:
-        keras.utils.set_random_seed(seed)
-        model = load_pretrained(pretrained)
+        model = starting_model(entry, profile, pretrained, seed)
         reference = {"flops": kap.count_flops(model), "params": kap.count_params(model)}
         callback = make_callback(entry, profile, budget, data.calibration(profile.calibration_batches * profile.batch_size), seed)
         compile_model(model, keras, lr(0), profile.weight_decay)
-        phase = fit_epochs(model, first=0, last=profile.rounds, callbacks=[callback] if callback else [], **train)
+        phase = fit_epochs(model, first=0, last=schedule.prune_end, callbacks=[callback] if callback else [], **train)
         if callback is not None:
             model = callback.pruned_model
             (folder / "plan.json").write_text(callback.plan.to_json())
@@ -215,11 +297,13 @@ def run_entry(
             "flops": kap.count_flops(model),
             "params": kap.count_params(model),
             "uniform_ratio": getattr(callback, "ratio", None),
+            "epochs": schedule.epochs,
+            "round_epochs": [round_["epoch"] for round_ in getattr(callback, "history", [])],
         }
         compile_model(model, keras, lr(phase.end_epoch), profile.weight_decay)
-    phase = fit_epochs(model, first=state["end_epoch"], last=profile.finetune_epochs, deadline=deadline, **train)
+    phase = fit_epochs(model, first=state["end_epoch"], last=schedule.epochs, deadline=deadline, **train)
     state.update(end_epoch=phase.end_epoch, fit_seconds=state["fit_seconds"] + phase.seconds)
-    if phase.end_epoch < profile.finetune_epochs:
+    if phase.end_epoch < schedule.epochs:
         model.save(checkpoint)
         state_path.write_text(json.dumps(state))
         raise StageIncomplete(f"{entry}: fine-tuning stopped after epoch {phase.end_epoch}")

@@ -20,8 +20,12 @@ from benchmarks.profiles import STRUCTURED_ENTRIES
 
 LABELS = {
     "unpruned": "unpruned (same fine-tuning)", "uniform_l1": "uniform L1", "global_l1": "global L1",
-    "taylor": "first-order Taylor", "random": "random channels", "nap": "NAP", "tfmot": "TFMOT (tf_keras, unstructured)",
+    "taylor": "first-order Taylor", "random": "random channels", "nap": "NAP", "nap_cost_aware": "NAP, cost-aware",
+    "psap": "PSAP", "psap_scratch": "PSAP from scratch (no pretraining)", "tfmot": "TFMOT (tf_keras, unstructured)",
 }
+
+_LINE_STYLES = {"nap_cost_aware": "--", "psap_scratch": "--"}
+"""Plot line styles of the variants (solid otherwise)."""
 
 
 def write_json(path: pathlib.Path, results: dict) -> None:
@@ -173,6 +177,16 @@ def markdown(results: dict) -> str:
         f"(one round each), {len(seeds)} seed{'s' if len(seeds) > 1 else ''} "
         f"({', '.join(map(str, seeds))}){'; cells give the mean and each seed' if len(seeds) > 1 else ''}.",
     ]
+    scratch = [r for r in results["runs"] if r["entry"] == "psap_scratch" and "error" not in r]
+    if scratch:
+        rounds = scratch[0]["round_epochs"]
+        lines += ["", (
+            f"PSAP from scratch: the pretraining's initial weights (not the pretrained ones) trained "
+            f"{scratch[0]['epochs']} epochs with the pretraining's learning rate ({config['pretrain_lr']}, "
+            f"{config['pretrain_schedule']} over the {scratch[0]['epochs']} epochs), pruning rounds at the start of "
+            f"epochs {rounds[0] + 1}-{rounds[-1] + 1} (1-based); its fit time covers all {scratch[0]['epochs']} "
+            f"epochs, the others' the {config['finetune_epochs']} fine-tuning epochs only."
+        )]
     for budget in results["budgets"]:
         lines += ["", f"#### Budget: {budget:.0%} of the FLOPs kept", "", budget_table(results, budget)]
     lines += ["", "#### Goals (issue 5)", "", "| goal | met | measured |", "|---|:---:|---|"]
@@ -218,7 +232,8 @@ def plot(results: dict, path: pathlib.Path) -> None:
                 points.append((flops, 100 * acc, 100 * (acc - min(accs)), 100 * (max(accs) - acc)))
         if points:
             x, y, low, high = map(np.array, zip(*sorted(points)))
-            ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=LABELS[entry])
+            ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=LABELS[entry],
+                        linestyle=_LINE_STYLES.get(entry, "-"))
     tfmot = [(budget, mean_figure(results, "tfmot", budget, "accuracy")[0]) for budget in budgets]
     tfmot = [(b, a) for b, a in tfmot if a is not None]
     if tfmot:

@@ -39,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from benchmarks import report  # noqa: E402
 from benchmarks.data import DEFAULT_SOURCE, BenchData, load  # noqa: E402
-from benchmarks.entries import run_entry  # noqa: E402
+from benchmarks.entries import entry_schedule, run_entry  # noqa: E402
 from benchmarks.measure import export_model, latency_figures  # noqa: E402
 from benchmarks.pretrain import load_pretrained, pretrain, pretrained_path  # noqa: E402
 from benchmarks.profiles import ALL_ENTRIES, PROFILES, Profile  # noqa: E402
@@ -111,7 +111,8 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
                 unit = _unit(seed, budget, entry)
                 result = store.result(unit)
                 if result is None:
-                    deadline.check(1.5 * profile.rounds * epoch_seconds + 120, unit)  # the pruning epochs
+                    pruning_epochs = entry_schedule(entry, profile).prune_end  # one fit call, not resumable
+                    deadline.check(1.5 * pruning_epochs * epoch_seconds + 120, unit)
                     result = store.save(unit, run_unit(entry, profile, data, data_path, pretrained, budget, seed, store, unit, deadline))
                 runs.append(result)
                 log(f"{unit}: " + (result["error"] if "error" in result else
@@ -121,7 +122,10 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
                 unit = _unit(seed, budget, "latency")
                 files = {r["entry"]: r["tflite"] for r in runs
                          if r["seed"] == seed and r["budget"] in (None, budget) and "error" not in r}
-                latency[f"{seed}/{budget}"] = store.result(unit) or store.save(unit, latency_figures(files, "unpruned", profile))
+                timed = store.result(unit)
+                if timed is None or set(timed) != set(files):  # time the group again when an entry was added
+                    timed = store.save(unit, latency_figures(files, "unpruned", profile))
+                latency[f"{seed}/{budget}"] = timed
                 log(f"{unit}: " + ", ".join(f"{k} {v['float32']['kept']:.2f}" for k, v in latency[f"{seed}/{budget}"].items()))
     results = {
         "profile": profile.name, "command": context["command"], "started": context["started"],

@@ -40,7 +40,11 @@ def test_smoke_profile_reports_every_entry_and_figure(tmp_path):
             assert run["pruning_seconds"] > 0
         else:
             assert run["flops_kept"] == 1.0 and run["pruning_seconds"] == 0.0
-        assert (run["statistics_seconds"] > 0) == (run["entry"] in ("taylor", "nap"))
+        assert (run["statistics_seconds"] > 0) == (run["entry"] in ("taylor", "nap", "nap_cost_aware", "psap", "psap_scratch"))
+        if run["entry"] == "psap_scratch":  # 1 + 1 epochs from the initialisation, its one round after the first
+            assert (run["epochs"], run["round_epochs"]) == (2, [1])
+        elif run["entry"] in STRUCTURED_ENTRIES:
+            assert (run["epochs"], run["round_epochs"]) == (1, [0])
         float32, int8 = run["tflite"]["float32"], run["tflite"]["int8"]
         assert float32["relative_error"] <= 1e-4 and 0.0 <= int8["top1_agreement"] <= 1.0
         assert 0 < int8["bytes"] < float32["bytes"] and 0 < float32["gzip_bytes"] < float32["bytes"]
@@ -61,8 +65,10 @@ def test_smoke_profile_reports_every_entry_and_figure(tmp_path):
     assert all(goal["met"] in (True, False) for goal in saved["goals"])
     assert len(saved["goals"]) == 1 + 4 + 4 + 2
     text = report.markdown(saved)
-    for label in ("unpruned", "uniform L1", "global L1", "first-order Taylor", "random channels", "NAP"):
-        assert f"| {label}" in text
+    for entry in profile.entries:
+        assert f"| {report.LABELS[entry]} |" in text
+    assert report.LABELS["psap_scratch"] == "PSAP from scratch (no pretraining)"
+    assert "trained 2 epochs with the pretraining's learning rate" in text
     report.plot(saved, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
 
@@ -224,3 +230,63 @@ def test_pretraining_resumes_from_its_checkpoint(tmp_path):
     assert meta["epochs"] == 2 and meta["cached"] is False and not (folder / "checkpoint.keras").exists()
     assert pretrain(profile, data, tmp_path)["cached"] is True
     assert load_pretrained(folder).count_params() == resnet_cifar(profile.depth, width=profile.width).count_params()
+
+
+def test_run_key_ignores_the_entry_list_but_not_the_schedule():
+    import dataclasses
+
+    cpu = PROFILES["cpu"]
+    # Adding an entry keeps the finished units of the others (benchmarks/cache/<profile>/runs-<key>).
+    assert dataclasses.replace(cpu, entries=("unpruned", "nap")).run_key() == cpu.run_key()
+    assert dataclasses.replace(cpu, resumable=True, stage_minutes=5.0).run_key() == cpu.run_key()
+    assert dataclasses.replace(cpu, finetune_lr=0.01).run_key() != cpu.run_key()
+    assert dataclasses.replace(cpu, budgets=(0.5,)).run_key() != cpu.run_key()
+
+
+def test_scratch_schedule_covers_pretraining_and_fine_tuning():
+    from benchmarks.entries import Schedule, entry_schedule, scratch_schedule
+
+    assert scratch_schedule(PROFILES["cpu"]) == Schedule(21, 1, 8, 0.1, "cosine")
+    assert scratch_schedule(PROFILES["smoke"]) == Schedule(2, 1, 2, 0.05, "cosine")
+    assert scratch_schedule(PROFILES["gpu"]) == Schedule(204, 1, 69, 0.1, "step")
+    assert entry_schedule("psap", PROFILES["cpu"]) == Schedule(6, 0, 2, 0.02, "cosine")
+    assert entry_schedule("psap_scratch", PROFILES["cpu"]).learning_rate(0) == pytest.approx(0.1)
+    assert "psap_scratch" not in PROFILES["gpu"].entries and "psap_scratch" in PROFILES["cpu"].entries
+
+
+def test_psap_scratch_starts_from_the_initialisation_and_meets_the_budget(tmp_path):
+    """psap_scratch trains the pretraining's initial weights, not the pretrained ones, and prunes while training."""
+    import dataclasses
+
+    import keras
+
+    import keras_autoprune as kap
+    from benchmarks.entries import run_entry, starting_model
+    from benchmarks.pretrain import PRETRAIN_SEED
+    from keras_autoprune.zoo import resnet_cifar
+
+    data = _tiny_data(40)
+    profile = dataclasses.replace(PROFILES["smoke"], pretrain_epochs=1, finetune_epochs=2, batch_size=8,
+                                  calibration_batches=1)
+    (tmp_path / "pre").mkdir()
+    keras.utils.set_random_seed(7)
+    resnet_cifar(8, width=8).save(tmp_path / "pre" / "model.keras")  # stands for the pretrained model
+    keras.utils.set_random_seed(PRETRAIN_SEED)
+    initial = resnet_cifar(8, width=8).get_weights()
+    pretrained = keras.saving.load_model(tmp_path / "pre" / "model.keras").get_weights()
+
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    for seed in (0, 1):
+        assert same(starting_model("psap_scratch", profile, tmp_path / "pre", seed).get_weights(), initial)
+    assert same(starting_model("psap", profile, tmp_path / "pre", 1).get_weights(), pretrained)
+    assert not same(initial, pretrained)
+
+    folder = tmp_path / "unit"
+    folder.mkdir()
+    model, figures = run_entry("psap_scratch", profile, data, tmp_path / "pre", 0.5, 0, folder)
+    # 1 + 2 epochs; rounds at epochs 1 .. 3 // 3 (one here), the slim model after.
+    assert (figures["epochs"], figures["round_epochs"]) == (3, [1])
+    assert figures["flops_kept"] <= 0.5 and figures["params_kept"] < 1.0
+    assert kap.count_flops(model) == figures["flops"] and figures["statistics_seconds"] > 0
