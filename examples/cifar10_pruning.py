@@ -1,12 +1,14 @@
-"""ResNet-20 on CIFAR-10, pruned with NAP during fit, exported to TFLite.
+"""ResNet-20 on CIFAR-10, pruned during fit (NAP, EigenDamage or PSAP), exported to TFLite.
 
-    python examples/cifar10_nap.py --data ../shared/data/cifar10-jpeg.tar.gz
-    python examples/cifar10_nap.py --data cifar10            # TFDS, when online
-    python examples/cifar10_nap.py --smoke                   # tiny subset (tests)
+    python examples/cifar10_pruning.py --data ../shared/data/cifar10-jpeg.tar.gz
+    python examples/cifar10_pruning.py --method eigendamage --flops 0.25
+    python examples/cifar10_pruning.py --data cifar10            # TFDS, when online
+    python examples/cifar10_pruning.py --smoke                   # tiny subset (tests)
 
 Trains a ResNet-20 (`keras_autoprune.zoo.resnet_cifar`) for ``--epochs``,
-then continues for ``--finetune-epochs`` with
-``NAPCallback(budget=Budget(flops=--flops), rounds=--rounds)``, reports test
+then continues for ``--finetune-epochs`` with the ``--method`` callback
+(``NAPCallback``, ``EigenDamageCallback`` or ``PSAPCallback``, each with
+``budget=Budget(flops=--flops)`` and ``rounds=--rounds``), reports test
 accuracy, FLOPs and parameters before/after, and writes the pruned model as
 ``.keras`` and verified float32 and int8 ``.tflite`` files. Full-size runs
 take about 80 s per epoch of 10,000 images on two CPU cores.
@@ -32,6 +34,15 @@ from keras_autoprune.zoo import resnet_cifar  # noqa: E402
 _DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
+METHODS = {
+    "nap": lambda data, budget, rounds: kap.NAPCallback(data, budget=budget, rounds=rounds, num_batches=8, batch_size=128),
+    "eigendamage": lambda data, budget, rounds: kap.EigenDamageCallback(
+        data, budget=budget, rounds=rounds, num_batches=8, batch_size=128),
+    "psap": lambda data, budget, rounds: kap.PSAPCallback(budget, data, rounds=rounds, num_batches=2, batch_size=128),
+}
+"""``--method``: the callback for a calibration set, a budget and a number of rounds."""
+
+
 def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Random horizontal flips and 4-pixel translations (pad-and-crop)."""
     flipped = np.where(rng.random(len(x))[:, None, None, None] < 0.5, x[:, :, ::-1], x)
@@ -48,7 +59,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--flops", type=float, default=0.5, help="fraction of FLOPs kept")
-    parser.add_argument("--out", default="cifar10_nap_out")
+    parser.add_argument("--method", choices=sorted(METHODS), default="nap")
+    parser.add_argument("--out", default="cifar10_pruning_out")
     parser.add_argument("--smoke", action="store_true", help="tiny subset, 1+1 epochs")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -73,7 +85,7 @@ def main(argv=None) -> dict:
     flops, params = kap.count_flops(model), kap.count_params(model)
 
     calibration = (x_train[:1024], y_train[:1024])
-    callback = kap.NAPCallback(calibration, budget=kap.Budget(flops=args.flops), rounds=args.rounds, num_batches=8, batch_size=128)
+    callback = METHODS[args.method](calibration, kap.Budget(flops=args.flops), args.rounds)
     model.optimizer.learning_rate.assign(0.01)
     model.fit(augment(x_train, rng), y_train, epochs=args.finetune_epochs, batch_size=128, verbose=0, callbacks=[callback])
     slim = callback.pruned_model
@@ -81,9 +93,9 @@ def main(argv=None) -> dict:
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slim.save(out / "resnet20_nap.keras")
-    float32 = export_tflite(slim, out / "resnet20_nap.tflite", representative_data=x_test[:100])
-    int8 = export_tflite(slim, out / "resnet20_nap_int8.tflite", quantize="int8", representative_data=x_test[:100])
+    slim.save(out / f"resnet20_{args.method}.keras")
+    float32 = export_tflite(slim, out / f"resnet20_{args.method}.tflite", representative_data=x_test[:100])
+    int8 = export_tflite(slim, out / f"resnet20_{args.method}_int8.tflite", quantize="int8", representative_data=x_test[:100])
     print(callback.report.to_markdown())
     print(f"test accuracy {before:.4f} -> {after:.4f}; FLOPs {kap.count_flops(slim) / flops:.1%} kept, "
           f"params {kap.count_params(slim) / params:.1%} kept")

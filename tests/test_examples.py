@@ -3,6 +3,8 @@
 import importlib.util
 import pathlib
 
+import pytest
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -21,14 +23,13 @@ def test_uniform_pruning_digits_smoke():
     assert result["accuracy_finetuned"] > 0.5  # digits is easy: the pruned net still learns
 
 
-def test_cifar10_nap_smoke(tmp_path):
-    import pytest
-
+@pytest.mark.parametrize("method", ["nap", "eigendamage"])
+def test_cifar10_pruning_smoke(tmp_path, method):
     archive = EXAMPLES.parents[1] / "shared" / "data" / "cifar10-jpeg.tar.gz"
     if not archive.is_file():
         pytest.skip("../shared/data/cifar10-jpeg.tar.gz is not present")
-    result = _load("cifar10_nap").main(["--smoke", "--data", str(archive), "--out", str(tmp_path)])
+    result = _load("cifar10_pruning").main(["--smoke", "--method", method, "--data", str(archive), "--out", str(tmp_path)])
     assert result["flops_kept"] <= 0.5
     assert result["float32"].relative_error <= 1e-4
     assert 0 <= result["int8"].top1_agreement <= 1
-    assert (tmp_path / "resnet20_nap.keras").is_file()
+    assert (tmp_path / f"resnet20_{method}.keras").is_file()
