@@ -44,7 +44,7 @@ import numpy as np
 import keras_autoprune as kap
 from benchmarks.data import BenchData
 from benchmarks.pretrain import PRETRAIN_SEED, load_pretrained
-from benchmarks.profiles import SCRATCH_ENTRIES, Profile, learning_rate
+from benchmarks.profiles import SCORER_ENTRIES, SCRATCH_ENTRIES, Profile, learning_rate
 from benchmarks.stages import Deadline, StageIncomplete
 from benchmarks.training import compile_model, fit_epochs
 from keras_autoprune.allocation import global_ranking_plan
@@ -249,6 +249,10 @@ def make_callback(
     if entry in ("nap", "nap_cost_aware"):
         return kap.NAPCallback(calibration, budget=target, cost_aware=entry == "nap_cost_aware",
                                **calibration_options, **schedule)
+    if entry in SCORER_ENTRIES:
+        return kap.NAPCallback(calibration, budget=target, scorer=entry.replace("_", "-"), **calibration_options, **schedule)
+    if entry == "eigendamage":
+        return kap.EigenDamageCallback(calibration, budget=target, **calibration_options, **schedule)
     if entry in ("psap", "psap_scratch"):
         return kap.PSAPCallback(target, calibration, start_epoch=window.prune_start, end_epoch=window.prune_end,
                                 rounds=window.prune_end - window.prune_start, **calibration_options, verbose=0)

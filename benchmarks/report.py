@@ -22,9 +22,11 @@ LABELS = {
     "unpruned": "unpruned (same fine-tuning)", "uniform_l1": "uniform L1", "global_l1": "global L1",
     "taylor": "first-order Taylor", "random": "random channels", "nap": "NAP", "nap_cost_aware": "NAP, cost-aware",
     "psap": "PSAP", "psap_scratch": "PSAP from scratch (no pretraining)", "tfmot": "TFMOT (tf_keras, unstructured)",
+    "kron_obs": "Kron-OBS (NAP framework)", "kron_obd": "Kron-OBD (NAP framework)", "c_obs": "C-OBS (NAP framework)",
+    "c_obd": "C-OBD (NAP framework)", "eigendamage": "EigenDamage",
 }
 
-_LINE_STYLES = {"nap_cost_aware": "--", "psap_scratch": "--"}
+_LINE_STYLES = {"nap_cost_aware": "--", "psap_scratch": "--", "kron_obs": ":", "kron_obd": ":", "c_obs": ":", "c_obd": ":"}
 """Plot line styles of the variants (solid otherwise)."""
 
 
@@ -155,6 +157,9 @@ def goals(results: dict) -> list[dict]:
                      if "error" not in r and r["seed"] in unpruned_fit]
         add(f"NAP pruning overhead (statistics + decision) <= 10% of the unpruned fit time at {budget:.0%}",
             overheads, lambda m: m <= 10.0, "%")
+    if 0.25 in budgets:
+        add("EigenDamage ahead of uniform L1 at 25% FLOPs by >= 2 points (issue 6)",
+            margins("eigendamage", "uniform_l1", 0.25), lambda m: m >= 2.0)
     return out
 
 
@@ -189,7 +194,7 @@ def markdown(results: dict) -> str:
         )]
     for budget in results["budgets"]:
         lines += ["", f"#### Budget: {budget:.0%} of the FLOPs kept", "", budget_table(results, budget)]
-    lines += ["", "#### Goals (issue 5)", "", "| goal | met | measured |", "|---|:---:|---|"]
+    lines += ["", "#### Goals (issues 5 and 6)", "", "| goal | met | measured |", "|---|:---:|---|"]
     for goal in results["goals"]:
         met = {True: "yes", False: "**no**", None: "n/a"}[goal["met"]]
         lines.append(f"| {goal['goal']} | {met} | {goal['detail']} |")
