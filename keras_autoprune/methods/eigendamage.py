@@ -41,6 +41,7 @@ from keras_autoprune.scoring.eigenbasis import direction_scores, kfe_importance
 from keras_autoprune.stats.curvature import symmetric_eigh
 from keras_autoprune.stats.kfac import KFACFactors
 from keras_autoprune.surgery.factorization import FactorizationPlan, LayerFactorization, factorization_problem, factorized_layers
+from keras_autoprune.surgery.replace import named_layers
 
 SIDES = ("in", "out")
 
@@ -204,8 +205,9 @@ def eigendamage_plan(
     target = budget.fraction if target is None else target
     current_layers = current.layers if current is not None else {}
     rotated, scores, widths, caps = {}, [], {}, {}
-    for name, layer in cost.layers.items():
-        kernel = np.asarray(layer.kernel.numpy(), np.float64)
+    live = named_layers(model)
+    for name in cost.layers:
+        kernel = np.asarray(live[name].kernel.numpy(), np.float64)
         rotated[name], importance = rotate(factors[name], kernel, current_layers.get(name))
         for side, score in zip(SIDES, direction_scores(importance)):
             original = kernel.shape[-2] if side == "in" else kernel.shape[-1]
