@@ -207,3 +207,11 @@ def test_model_without_factorisable_layers_fails_before_training():
     with pytest.raises(ValueError, match="no layer EigenDamage can factorise"):
         only_head.fit(np.zeros((8, 6), "float32"), np.zeros(8, "int32"), epochs=1, callbacks=[cb], verbose=0)
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
+
+
+def test_eigendamage_under_mirrored_strategy():
+    from tests.test_callbacks import run_distributed
+
+    result = run_distributed("EigenDamageCallback")
+    assert result["replicas"] == 2 and result["flops_kept"] <= 0.5
+    assert result["removed"] > 0 and result["removed_zero"] and result["error"] < 1e-4

@@ -3,7 +3,7 @@
 Run in its own process (logical devices must be set before TensorFlow
 starts): ``python tests/scripts/fit_distributed.py METHOD`` prints one JSON
 line with the figures the test checks. METHOD is a callback class name of
-keras_autoprune (e.g. MagnitudeCallback, NAPCallback).
+keras_autoprune (e.g. MagnitudeCallback, NAPCallback, EigenDamageCallback).
 """
 
 import json
@@ -43,13 +43,20 @@ def main(method: str) -> None:
     cb = callback_class(budget=kap.Budget(flops=0.5), verbose=0, **kwargs)
     model.fit(x, y, epochs=2, batch_size=16, callbacks=[cb], verbose=0)
     error = float(np.max(np.abs(np.asarray(cb.pruned_model(x)) - np.asarray(model(x)))))
-    removed = np.setdiff1d(np.arange(8), cb.plan.kept.get("c1", np.arange(8)))
+    if isinstance(cb.plan, kap.FactorizationPlan):  # EigenDamage: c2's kernel stayed in its subspace
+        factorization, kernel = cb.plan.layers["c2"], model.get_layer("c2").kernel.numpy()
+        removed = 16 - sum(factorization.rank)
+        enforced = bool(np.allclose(factorization.project(kernel), kernel, atol=1e-5))
+    else:  # channel masks: removed filters of c1 stayed zero
+        removed_channels = np.setdiff1d(np.arange(8), cb.plan.kept.get("c1", np.arange(8)))
+        removed = removed_channels.size
+        enforced = bool(np.all(model.get_layer("c1").kernel.numpy()[..., removed_channels] == 0))
     print(json.dumps({
         "replicas": strategy.num_replicas_in_sync,
         "flops_kept": kap.count_flops(cb.pruned_model) / kap.count_flops(model),
         "error": error,
-        "removed_zero": bool(np.all(model.get_layer("c1").kernel.numpy()[..., removed] == 0)),
-        "removed": int(removed.size),
+        "removed_zero": enforced,
+        "removed": int(removed),
     }))
 
 
