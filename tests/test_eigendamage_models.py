@@ -20,7 +20,7 @@ from tests.helpers import relative_error
 
 
 def orthonormal(n: int, k: int, seed: int) -> np.ndarray:
-    return np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))[0][:, :k]
+    return np.linalg.qr(np.random.default_rng(seed).normal(size=(n, k)))[0]
 
 
 # -- bases on wide layers ---------------------------------------------------------
@@ -41,3 +41,196 @@ def test_core_kernel_and_projection_are_batched_matmuls_fast_on_wide_layers():
     assert core.shape == (1, 1, 40, 300)
     np.testing.assert_allclose(wide.project(projected), projected, atol=1e-10)  # a projection
     np.testing.assert_allclose(wide.core_kernel(projected), core, atol=1e-10)
+
+
+# -- helpers ------------------------------------------------------------------------
+L = keras.layers
+
+
+def blobs(n: int = 128, shape: tuple = (12, 12, 3), classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian blobs around one random image per class: learnable in a few epochs."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = rng.normal(size=(classes,) + shape)[y] + rng.normal(size=(n,) + shape)
+    return x.astype("float32"), y
+
+
+def compiled(model: keras.Model, loss="sparse_categorical_crossentropy_logits") -> keras.Model:
+    if loss == "sparse_categorical_crossentropy_logits":
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), loss, metrics=["accuracy"])
+    return model
+
+
+def sequential(constraint=None, loss="sparse_categorical_crossentropy_logits") -> keras.Sequential:
+    keras.utils.set_random_seed(0)
+    return compiled(keras.Sequential([
+        keras.Input((12, 12, 3)),
+        L.Conv2D(16, 3, activation="relu", kernel_constraint=constraint, name="c1"),
+        L.MaxPooling2D(),
+        L.Conv2D(16, 3, padding="same", activation="relu", name="c2"),
+        L.GlobalAveragePooling2D(),
+        L.Dense(32, activation="relu", name="d1"),
+        L.Dense(4, name="head"),
+    ], name="seq"), loss)
+
+
+def fit(model, data, budget, x, y, rounds: int = 2, epochs: int = 3, **kwargs) -> kap.EigenDamageCallback:
+    cb = kap.EigenDamageCallback(data, budget=budget, rounds=rounds, verbose=0, **kwargs)
+    model.fit(x, y, epochs=epochs, batch_size=32, callbacks=[cb], verbose=0)
+    return cb
+
+
+def kept(cb, model, metric: str) -> float:
+    count = kap.count_flops if metric == "flops" else kap.count_params
+    return count(cb.pruned_model) / count(model)
+
+
+def assert_pruned_is_live(cb, model, x, tolerance: float = 1e-5) -> None:
+    """The three-layer model computes the trained (projected) model, and every kernel stayed in its subspace."""
+    assert relative_error(np.asarray(cb.pruned_model(x)), np.asarray(model(x))) <= tolerance
+    layers = kap.surgery.replace.named_layers(model)
+    for name, f in cb.plan.layers.items():
+        kernel = layers[name].kernel.numpy()
+        np.testing.assert_allclose(f.project(kernel), kernel, atol=1e-5)
+
+
+# -- architectures --------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [
+    kap.Budget(flops=0.5), pytest.param(kap.Budget(params=0.3), marks=pytest.mark.slow),
+], ids=["flops", "params"])
+def test_resnet_cifar_meets_the_budget_and_equals_the_live_model(budget):
+    from keras_autoprune.zoo import resnet_cifar
+
+    keras.utils.set_random_seed(0)
+    model = compiled(resnet_cifar(8, input_shape=(16, 16, 3), classes=4, width=8))
+    x, y = blobs(64, shape=(16, 16, 3))
+    cb = fit(model, (x[:32], y[:32]), budget, x, y, epochs=2)
+    assert budget.fraction - 0.05 <= kept(cb, model, budget.metric) <= budget.fraction
+    assert [h["target"] for h in cb.history] == pytest.approx([(1 + budget.fraction) / 2, budget.fraction])
+    assert "logits" not in cb.plan.layers and len(cb.plan.layers) >= 4
+    assert_pruned_is_live(cb, model, x[:16])
+    # Widths are unchanged: every BatchNormalization and Add is the original one.
+    bns = [l for l in cb.pruned_model.layers if isinstance(l, L.BatchNormalization)]
+    assert [l.gamma.shape for l in bns] == [l.gamma.shape for l in model.layers if isinstance(l, L.BatchNormalization)]
+
+
+def test_sequential_model():
+    model = sequential()
+    x, y = blobs()
+    cb = fit(model, (x, y), kap.Budget(flops=0.5), x, y)
+    assert 0.45 <= kept(cb, model, "flops") <= 0.5
+    assert set(cb.plan.layers) <= {"c1", "c2", "d1"} and cb.plan.layers
+    assert isinstance(cb.pruned_model, keras.Sequential)
+    assert_pruned_is_live(cb, model, x[:16])
+    assert all(model.get_layer(n).kernel.constraint is None for n in ("c1", "c2", "d1"))
+
+
+def test_nested_functional_sub_model():
+    block_in = keras.Input((6, 6, 8))
+    h = L.Conv2D(8, 3, padding="same", activation="relu", name="ic1")(block_in)
+    h = L.Conv2D(8, 3, padding="same", name="ic2")(h)
+    block = keras.Model(block_in, L.Add()([h, block_in]), name="block")
+    inputs = keras.Input((12, 12, 3))
+    h = L.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="stem")(inputs)
+    h = L.GlobalAveragePooling2D()(block(h))
+    keras.utils.set_random_seed(0)
+    model = compiled(keras.Model(inputs, L.Dense(4, name="head")(h)))
+    x, y = blobs()
+    cb = fit(model, (x, y), kap.Budget(flops=0.5), x, y)
+    assert set(cb.plan.layers) <= {"stem", "block/ic1", "block/ic2"} and {"block/ic1", "block/ic2"} & set(cb.plan.layers)
+    assert kept(cb, model, "flops") <= 0.5
+    assert isinstance(cb.pruned_model.get_layer("block"), keras.Model)  # the sub-model stays a sub-model
+    assert_pruned_is_live(cb, model, x[:16])
+
+
+def test_conv1d_on_sequences():
+    keras.utils.set_random_seed(0)
+    model = compiled(keras.Sequential([
+        keras.Input((24, 5)),
+        L.Conv1D(16, 5, padding="causal", activation="relu", name="c1"),
+        L.Conv1D(16, 3, strides=2, dilation_rate=1, activation="relu", name="c2"),
+        L.GlobalAveragePooling1D(),
+        L.Dense(3, name="head"),
+    ]))
+    x = np.random.default_rng(1).normal(size=(128, 24, 5)).astype("float32")
+    y = np.digitize(x[:, :, 0].mean(axis=1), [-0.1, 0.1])
+    cb = fit(model, (x, y), kap.Budget(params=0.5), x, y)
+    assert 0.4 <= kept(cb, model, "params") <= 0.5
+    assert set(cb.plan.layers) == {"c1", "c2"}
+    assert_pruned_is_live(cb, model, x[:16])
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_factorises_pointwise_convs_only_and_exports(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = compiled(keras.applications.MobileNetV2(
+        alpha=0.35, input_shape=(32, 32, 3), weights=None, classes=10, classifier_activation=None,
+    ))
+    x, y = blobs(64, (32, 32, 3), 10)
+    cb = fit(model, (x[:32], y[:32]), kap.Budget(flops=0.5), x, y, epochs=2)
+    layers = kap.surgery.replace.named_layers(model)
+    assert cb.plan.layers and all(type(layers[n]) is L.Conv2D for n in cb.plan.layers)
+    assert not any(isinstance(layers[n], L.DepthwiseConv2D) for n in cb._layers)
+    assert kept(cb, model, "flops") <= 0.5
+    assert_pruned_is_live(cb, model, x[:8], tolerance=1e-4)
+    assert kap.export_tflite(cb.pruned_model, tmp_path / "m.tflite", representative_data=x[:8]).verified
+
+
+# -- data sources and precision ---------------------------------------------------------
+def test_tf_data_dataset_for_calibration_and_training():
+    import tensorflow as tf
+
+    model = sequential()
+    x, y = blobs()
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(128, seed=0).batch(32)
+    cb = kap.EigenDamageCallback(dataset, budget=kap.Budget(flops=0.5), rounds=2, verbose=0)
+    model.fit(dataset, epochs=3, callbacks=[cb], verbose=0)
+    assert len(cb.history) == 2 and kept(cb, model, "flops") <= 0.5
+    assert_pruned_is_live(cb, model, x[:16])
+
+
+# -- state, constraints, what comes after fit ------------------------------------------------
+def test_fit_twice_with_the_same_callback_starts_over():
+    model = sequential()
+    x, y = blobs()
+    cb = fit(model, (x, y), kap.Budget(flops=0.5), x, y)
+    first_model, first_plan = cb.pruned_model, cb.plan
+    model.fit(x, y, epochs=3, batch_size=32, callbacks=[cb], verbose=0)
+    assert len(cb.history) == 2 and cb.pruned_model is not first_model and cb.plan is not first_plan
+    assert [h["target"] for h in cb.history] == pytest.approx([0.75, 0.5])
+    assert cb.history[0]["flops_kept"] > 0.5  # the first round of the second fit starts from the whole layer again
+    assert kept(cb, model, "flops") <= 0.5
+    assert_pruned_is_live(cb, model, x[:16])
+
+
+def test_user_kernel_constraint_runs_before_the_projection_and_is_restored():
+    constraint = keras.constraints.MaxNorm(0.1, axis=[0, 1, 2])  # binding: initial column norms are about 0.5
+    model = sequential(constraint=constraint)
+    x, y = blobs()
+    cb = fit(model, (x, y), kap.Budget(flops=0.5), x, y)
+    assert "c1" in cb.plan.layers
+    assert model.get_layer("c1").kernel.constraint is constraint and model.get_layer("c1").kernel_constraint is constraint
+    assert_pruned_is_live(cb, model, x[:16])  # the projection ran last: the kernel is in its subspace
+    norms = np.sqrt((model.get_layer("c1").kernel.numpy() ** 2).sum(axis=(0, 1, 2)))
+    assert norms.max() < 0.3  # and the constraint acted (up to the projection)
+    model.fit(x, y, epochs=1, verbose=0)  # after fit, the user's constraint alone
+    norms = np.sqrt((model.get_layer("c1").kernel.numpy() ** 2).sum(axis=(0, 1, 2)))
+    assert norms.max() <= 0.1 + 1e-6
+
+
+def test_pruned_model_saves_loads_exports_and_fine_tunes(tmp_path):
+    model = sequential()
+    x, y = blobs()
+    cb = fit(model, (x, y), kap.Budget(flops=0.5), x, y)
+    slim = cb.pruned_model
+    slim.save(tmp_path / "slim.keras")
+    loaded = keras.models.load_model(tmp_path / "slim.keras")
+    np.testing.assert_allclose(np.asarray(loaded(x[:16])), np.asarray(slim(x[:16])), atol=1e-6)
+    assert kap.export_tflite(slim, tmp_path / "slim.tflite", representative_data=x[:8]).verified
+    # The three layers train like any layers (the compile state comes with the clone).
+    before = [w.numpy().copy() for w in loaded.trainable_weights]
+    loss_before = loaded.evaluate(x, y, verbose=0)[0]
+    loaded.fit(x, y, epochs=3, batch_size=32, verbose=0)
+    assert all(not np.allclose(a, w.numpy()) for a, w in zip(before, loaded.trainable_weights))
+    assert loaded.evaluate(x, y, verbose=0)[0] < loss_before

@@ -16,6 +16,12 @@ because the rotations are orthonormal; with adaptive optimizers (Adam) the
 per-coordinate scaling happens in the full basis, so it is close but not
 identical. Biases are not projected: the last rotation layer carries the
 full bias.
+
+A constraint the kernel already has (e.g. ``keras.constraints.MaxNorm``)
+runs first and the projection last, so the kernel always ends a step in
+its subspace and the three-layer model equals the trained one; the user's
+constraint then holds up to the projection. It is restored after ``fit``
+(the three-layer model has no kernel constraints).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from keras_autoprune.surgery.factorization import FactorizationPlan
 
 
 class ProjectionConstraint(keras.constraints.Constraint):
-    """``P_in · K_k · P_out`` for every kernel offset (then the previous constraint, if any)."""
+    """The previous constraint, if any, then ``P_in · K_k · P_out`` for every kernel offset."""
 
     def __init__(self, p_in: keras.Variable, p_out: keras.Variable, previous=None):
         self.p_in = p_in
@@ -35,8 +41,9 @@ class ProjectionConstraint(keras.constraints.Constraint):
         self.previous = previous
 
     def __call__(self, w):
-        w = keras.ops.matmul(keras.ops.matmul(keras.ops.cast(self.p_in, w.dtype), w), keras.ops.cast(self.p_out, w.dtype))
-        return self.previous(w) if self.previous is not None else w
+        if self.previous is not None:
+            w = self.previous(w)
+        return keras.ops.matmul(keras.ops.matmul(keras.ops.cast(self.p_in, w.dtype), w), keras.ops.cast(self.p_out, w.dtype))
 
 
 class ProjectionSet:
