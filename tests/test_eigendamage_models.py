@@ -178,6 +178,26 @@ def test_mobilenet_v2_factorises_pointwise_convs_only_and_exports(tmp_path):
 
 
 # -- data sources and precision ---------------------------------------------------------
+@pytest.fixture
+def mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_mixed_float16_passes_the_final_check_with_float16_rounding(mixed_precision):
+    """The three float16 layers round differently from the one they replace (about 1e-3 relative here)."""
+    model = sequential()
+    assert model.get_layer("c1").compute_dtype == "float16"
+    x, y = blobs()
+    cb = fit(model, (x, y), kap.Budget(flops=0.5), x, y)
+    assert cb.rebuilt_tolerance() == 32 * 2.0**-11
+    assert kept(cb, model, "flops") <= 0.5
+    assert cb.pruned_model.get_layer("c1").layers[1].compute_dtype == "float16"
+    error = relative_error(np.asarray(cb.pruned_model(x[:16]), np.float32), np.asarray(model(x[:16]), np.float32))
+    assert 0 < error < cb.rebuilt_tolerance()
+
+
 def test_tf_data_dataset_for_calibration_and_training():
     import tensorflow as tf
 

@@ -111,6 +111,10 @@ class PruningCallback(keras.callbacks.Callback):
         """A batch of inputs for the final rebuilt-vs-masked check (or None)."""
         return None
 
+    def rebuilt_tolerance(self) -> float:
+        """Relative tolerance of the final rebuilt-vs-masked check (default ``check_tolerance``)."""
+        return self.check_tolerance
+
     def prune_round(self, target: float) -> None:
         """One pruning round: a new plan for ``target``, applied to the masks."""
         plan = self.compute_plan(target, self.plan)
@@ -217,10 +221,12 @@ class PruningCallback(keras.callbacks.Callback):
         expected = np.asarray(self.model(inputs, training=False), np.float64)
         received = np.asarray(self.pruned_model(inputs, training=False), np.float64)
         error = np.max(np.abs(expected - received)) / max(np.max(np.abs(expected)), 1e-12)
-        if error > self.check_tolerance:
+        tolerance = self.rebuilt_tolerance()
+        if error > tolerance:
             raise SurgeryError(
                 f"The rebuilt model differs from the masked model by {error:.3g} (relative), above "
-                f"check_tolerance={self.check_tolerance}. This is a bug in keras_autoprune; please report it."
+                f"the tolerance {tolerance:.3g} (check_tolerance={self.check_tolerance}). "
+                "This is a bug in keras_autoprune; please report it."
             )
 
     def _make_report(self):
