@@ -210,6 +210,74 @@ def test_tf_data_dataset_for_calibration_and_training():
     assert_pruned_is_live(cb, model, x[:16])
 
 
+def test_generator_is_read_once_rounds_one_works_more_fail_in_init():
+    x, y = blobs()
+
+    def batches():
+        for start in range(0, len(x), 32):
+            yield x[start:start + 32], y[start:start + 32]
+
+    with pytest.raises(ValueError, match=r"read once per round \(rounds=2\).*one-shot iterator \(generator\).*list of batches"):
+        kap.EigenDamageCallback(batches(), budget=kap.Budget(flops=0.5), rounds=2)
+    model = sequential()
+    generator = batches()
+    cb = fit(model, generator, kap.Budget(flops=0.5), x, y, rounds=1, epochs=2)
+    assert kept(cb, model, "flops") <= 0.5
+    assert_pruned_is_live(cb, model, x[:16])
+    # The same callback in a second fit: the generator is exhausted; said before any training.
+    weights = [w.copy() for w in model.get_weights()]
+    with pytest.raises(ValueError, match="exhausted generator.*new generator before each fit"):
+        model.fit(x, y, epochs=1, callbacks=[cb], verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
+    # A list of batches is re-iterable: rounds > 1 work.
+    cb = fit(sequential(), list(batches()), kap.Budget(flops=0.5), x, y, rounds=2)
+    assert len(cb.history) == 2
+
+
+# -- misuse fails before training ------------------------------------------------------
+class EpochCounter(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs += 1
+
+
+@pytest.mark.parametrize("case", ["unreachable", "regression loss", "wrong input shape"])
+def test_misuse_fails_before_the_first_epoch(case):
+    x, y = blobs()
+    budget, data, model = kap.Budget(flops=0.5), (x, y), sequential()
+    if case == "unreachable":
+        budget, match = kap.Budget(params=0.01), r"Received: kap.Budget\(params=0.01\).*keeps 10.1% of its params.*Budget\(params=0.11\) or more"
+    elif case == "regression loss":
+        model, match = sequential(loss="mse"), "Expected a classification loss. Received: loss='mse'"
+    else:
+        data, match = (x[:, :8, :8], y), r"`data` does not fit model 'seq'.*\(None, 12, 12, 3\).*\(32, 8, 8, 3\)"
+    counter = EpochCounter()
+    cb = kap.EigenDamageCallback(data, budget=budget, start_epoch=1, verbose=0)
+    with pytest.raises(ValueError, match=match):
+        model.fit(x, y, epochs=2, callbacks=[counter, cb], verbose=0)
+    assert counter.epochs == 0
+
+
+def test_unreachable_floor_is_the_maximal_plan():
+    """The floor the callback reports before training is what `eigendamage_plan` reaches removing everything it may."""
+    from keras_autoprune.methods import eigendamage
+    from keras_autoprune.stats import collect_kfac
+
+    model = sequential()
+    x, y = blobs(64)
+    layers = eigendamage.eligible_layers(kap.DependencyGraph(model))
+    cost = eigendamage.FactorizedCost(model, layers)
+    factors = collect_kfac(model, (x, y), layers=list(layers), full_input_factor=False, verbose=0)
+    for ratio in (0.5, 0.95):
+        with pytest.warns(UserWarning, match="cannot reach"):
+            plan = eigendamage.eigendamage_plan(model, factors, cost, kap.Budget(params=0.01), max_layer_ratio=ratio)
+        assert cost.cost(cost.smallest(ratio), "params") / cost.total["params"] == cost.kept(plan)["params"]
+    assert cost.smallest(0.95) == {"c1": (1, 1), "c2": (1, 1), "d1": (1, 2)}
+
+
 # -- state, constraints, what comes after fit ------------------------------------------------
 def test_fit_twice_with_the_same_callback_starts_over():
     model = sequential()

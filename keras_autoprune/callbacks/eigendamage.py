@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import keras
+import numpy as np
 
 from keras_autoprune.budget import Budget
 from keras_autoprune.callbacks.base import PruningCallback
@@ -13,6 +16,7 @@ from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.methods import eigendamage
 from keras_autoprune.stats import collect_kfac
 from keras_autoprune.stats.calibration import CalibrationData
+from keras_autoprune.stats.loss import resolve_likelihood
 
 #: Unit roundoff of low-precision compute dtypes: the three layers round
 #: differently from the one they replace, so the final check allows more.
@@ -41,9 +45,10 @@ class EigenDamageCallback(PruningCallback):
     with the bases); ``report`` compares the two models.
 
     Args:
-        data: calibration data: ``(x, y)`` arrays, a batched `tf.data.Dataset`
-            or an iterable of batches (use a dataset or arrays with
-            ``rounds > 1``: a generator is consumed by the first round).
+        data: calibration data: ``(x, y)`` arrays, a batched `tf.data.Dataset`,
+            a `keras.utils.PyDataset` or an iterable of batches. A generator
+            (any one-shot iterator) can be read once: it needs ``rounds=1``
+            and a new generator for each ``fit``.
         budget: `kap.Budget` to reach, counting the rotation layers.
         rounds: pruning rounds; the kept fraction ramps linearly.
         max_layer_ratio: a pruning never removes more than this fraction of
@@ -85,6 +90,13 @@ class EigenDamageCallback(PruningCallback):
             )
         if fisher not in ("true", "empirical"):
             raise ValueError(f"`fisher` must be 'true' or 'empirical'. Received: fisher={fisher!r}")
+        if isinstance(data, Iterator) and rounds > 1:
+            raise ValueError(
+                f"Expected calibration data that can be read once per round (rounds={rounds}). Received: a one-shot "
+                f"iterator ({type(data).__name__}), which the first round would exhaust. Fix: pass arrays (x, y), "
+                "a tf.data.Dataset, a keras.utils.PyDataset or a list of batches "
+                "(e.g. `list(itertools.islice(generator, 8))`), or use rounds=1."
+            )
         self.data = data
         self.max_layer_ratio = float(max_layer_ratio)
         self.fisher = fisher
@@ -102,14 +114,49 @@ class EigenDamageCallback(PruningCallback):
             )
 
     def check_model(self, model: keras.Model) -> None:
-        # Fail before the first epoch on data that does not fit the model.
-        CalibrationData(self.data, model, batch_size=self.batch_size, num_batches=1, require_labels=self.fisher == "empirical")
+        # Fail before the first epoch on a loss, data or budget that cannot work.
+        resolve_likelihood(model).check_output(model)
+        self._data = self.data
+        if isinstance(self.data, Iterator):  # read the first batch once and put it back
+            first = next(self.data, None)
+            if first is None:
+                raise ValueError(
+                    f"Expected calibration batches in `data`. Received: an exhausted {type(self.data).__name__} "
+                    "(a one-shot iterator is read once, e.g. by an earlier fit). Fix: give the callback a new "
+                    "generator before each fit, or a re-iterable source (arrays, a tf.data.Dataset, a list of batches)."
+                )
+            self._data = itertools.chain([first], self.data)
+            checked = iter([first])
+        else:
+            checked = self.data
+        try:
+            batch = next(iter(CalibrationData(
+                checked, model, batch_size=self.batch_size, num_batches=1, require_labels=self.fisher == "empirical",
+            )))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"EigenDamageCallback `data` does not fit model '{model.name}': {error}") from error
+        self._sample = batch.x if len(batch.x) > 1 else batch.x[0]
         self.statistics_seconds = 0.0
         self._cost = eigendamage.FactorizedCost(model, self._layers)
+        self._check_reachable(model)
+
+    def _check_reachable(self, model: keras.Model) -> None:
+        metric = self.budget.metric
+        smallest = self._cost.smallest(self.max_layer_ratio)
+        floor = self._cost.cost(smallest, metric)
+        if floor > self.budget.fraction * self._cost.total[metric]:
+            fraction = floor / self._cost.total[metric]
+            raise ValueError(
+                f"Expected a budget EigenDamage can reach on model '{model.name}'. Received: kap.Budget({metric}="
+                f"{self.budget.fraction}), but with every factorisable layer at its smallest core "
+                f"(max_layer_ratio={self.max_layer_ratio}) the model keeps {fraction:.1%} of its {metric} (only "
+                f"{len(self._cost.layers)} layer(s) can be factorised, the classifier and layers of other kinds stay "
+                f"whole, and the rotation layers add their own cost). Fix: kap.Budget({metric}={_round_up(fraction)}) or "
+                "more, or a larger max_layer_ratio."
+            )
 
     def sample_inputs(self):
-        batch = next(iter(CalibrationData(self.data, self.model, batch_size=self.batch_size, num_batches=1, require_labels=False)))
-        return batch.x if len(batch.x) > 1 else batch.x[0]
+        return self._sample
 
     def rebuilt_tolerance(self) -> float:
         roundoff = max((_ROUNDOFF.get(l.dtype_policy.compute_dtype, 0.0) for l in self._cost.layers.values()), default=0.0)
@@ -124,7 +171,7 @@ class EigenDamageCallback(PruningCallback):
 
     def prune_round(self, target: float) -> None:
         factors = collect_kfac(
-            self.model, self.data, layers=list(self._layers), fisher=self.fisher, num_batches=self.num_batches,
+            self.model, self._data, layers=list(self._layers), fisher=self.fisher, num_batches=self.num_batches,
             batch_size=self.batch_size, full_input_factor=False, graph=self.graph, verbose=self.verbose,
         )
         self.statistics_seconds += factors.seconds
@@ -139,3 +186,9 @@ class EigenDamageCallback(PruningCallback):
 
     def build_pruned_model(self) -> keras.Model:
         return self.plan.apply(self.model)
+
+
+def _round_up(fraction: float) -> float:
+    """``fraction`` rounded up to two significant digits (a budget to suggest)."""
+    digits = 1 - int(np.floor(np.log10(fraction)))
+    return float(np.ceil(fraction * 10**digits) / 10**digits)

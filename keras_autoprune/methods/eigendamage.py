@@ -128,10 +128,22 @@ class FactorizedCost:
             total += self.layer_cost(name, n_in, n_out)[0][metric] - self.original[name][metric]
         return total
 
+    def smallest(self, max_layer_ratio: float) -> dict[str, tuple[int, int]]:
+        """``{name: (n_in, n_out)}``: every layer at the smallest core `eigendamage_plan` may leave it."""
+        return {
+            name: tuple(width - removable(width, max_layer_ratio) for width in layer.kernel.shape[-2:])
+            for name, layer in self.layers.items()
+        }
+
     def kept(self, plan: FactorizationPlan) -> dict[str, float]:
         """FLOPs and parameters of ``plan.apply(model)`` as fractions of the original."""
         ranks = {name: f.rank for name, f in plan.layers.items()}
         return {m: self.cost(ranks, m) / self.total[m] for m in ("flops", "params")}
+
+
+def removable(width: int, max_layer_ratio: float) -> int:
+    """How many of a layer side's ``width`` original directions may be removed (at most the ratio, one kept)."""
+    return min(int(max_layer_ratio * width), width - 1)
 
 
 def _with_channels(shape: tuple, axis: int, width: int) -> tuple:
@@ -212,7 +224,7 @@ def eigendamage_plan(
         for side, score in zip(SIDES, direction_scores(importance)):
             original = kernel.shape[-2] if side == "in" else kernel.shape[-1]
             widths[name, side] = len(score)
-            caps[name, side] = max(0, min(int(max_layer_ratio * original), original - 1) - (original - len(score)))
+            caps[name, side] = max(0, removable(original, max_layer_ratio) - (original - len(score)))
             scores += [(float(s), len(scores), name, side, int(i)) for i, s in enumerate(score)]
     scores.sort()
     order, taken = [], dict.fromkeys(caps, 0)
