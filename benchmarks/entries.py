@@ -251,8 +251,10 @@ def make_callback(
                                **calibration_options, **schedule)
     if entry in SCORER_ENTRIES:
         return kap.NAPCallback(calibration, budget=target, scorer=entry.replace("_", "-"), **calibration_options, **schedule)
-    if entry == "eigendamage":
-        return kap.EigenDamageCallback(calibration, budget=target, **calibration_options, **schedule)
+    if entry in ("eigendamage", "eigendamage_capped"):
+        # The capped variant keeps at least a quarter of every layer side (the default cap keeps 5%).
+        cap = {"max_layer_ratio": 0.75} if entry == "eigendamage_capped" else {}
+        return kap.EigenDamageCallback(calibration, budget=target, **cap, **calibration_options, **schedule)
     if entry in ("psap", "psap_scratch"):
         return kap.PSAPCallback(target, calibration, start_epoch=window.prune_start, end_epoch=window.prune_end,
                                 rounds=window.prune_end - window.prune_start, **calibration_options, verbose=0)

@@ -30,7 +30,7 @@ SCORER_ENTRIES = ("kron_obs", "kron_obd", "c_obs", "c_obd")
 """NAP's framework with a classic curvature scorer (`kap.NAPCallback(scorer=...)`), named after the scorer."""
 
 STRUCTURED_ENTRIES = ("uniform_l1", "global_l1", "taylor", "random", "nap", "nap_cost_aware", *SCORER_ENTRIES,
-                      "eigendamage", "psap", "psap_scratch")
+                      "eigendamage", "eigendamage_capped", "psap", "psap_scratch")
 """Entries that remove channels or eigen-directions (their FLOPs must meet the budget)."""
 
 SCRATCH_ENTRIES = ("psap_scratch",)
@@ -136,7 +136,7 @@ PROFILES: dict[str, Profile] = {
         calibration_batches=2, batch_size=32, pretrain_epochs=1, pretrain_lr=0.05,
         # Without TFMOT (its own process) and with one scorer entry: the four
         # scorer entries run the same code path (`NAPCallback(scorer=...)`).
-        finetune_epochs=1, finetune_lr=0.01, entries=tuple(e for e in ALL_ENTRIES[:-1] if e not in SCORER_ENTRIES[1:]),
+        finetune_epochs=1, finetune_lr=0.01, entries=tuple(e for e in ALL_ENTRIES[:-1] if e not in (*SCORER_ENTRIES[1:], "eigendamage_capped")),
         latency_runs=20, latency_rounds=2, latency_warmup=2, export_samples=20,
     ),
     "cpu": Profile(

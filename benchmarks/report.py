@@ -24,9 +24,10 @@ LABELS = {
     "psap": "PSAP", "psap_scratch": "PSAP from scratch (no pretraining)", "tfmot": "TFMOT (tf_keras, unstructured)",
     "kron_obs": "Kron-OBS (NAP framework)", "kron_obd": "Kron-OBD (NAP framework)", "c_obs": "C-OBS (NAP framework)",
     "c_obd": "C-OBD (NAP framework)", "eigendamage": "EigenDamage",
+    "eigendamage_capped": "EigenDamage, max_layer_ratio=0.75",
 }
 
-_LINE_STYLES = {"nap_cost_aware": "--", "psap_scratch": "--", "kron_obs": ":", "kron_obd": ":", "c_obs": ":", "c_obd": ":"}
+_LINE_STYLES = {"nap_cost_aware": "--", "psap_scratch": "--", "kron_obs": ":", "kron_obd": ":", "c_obs": ":", "c_obd": ":", "eigendamage_capped": "--"}
 """Plot line styles of the variants (solid otherwise)."""
 
 
