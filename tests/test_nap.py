@@ -221,3 +221,20 @@ def test_nap_under_mixed_precision(digits):
         keras.mixed_precision.set_global_policy("float32")
     assert model.get_layer("c1").compute_dtype == "float16"
     assert kap.count_flops(cb.pruned_model) <= 0.5 * kap.count_flops(model)
+
+
+def test_generator_data_is_read_once_with_one_round_and_refused_with_more(digits, pretrained):
+    x_train, _, y_train, _ = digits
+
+    def batches():
+        for start in range(0, 256, 64):
+            yield x_train[start:start + 64], y_train[start:start + 64]
+
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        kap.NAPCallback(batches(), kap.Budget(flops=0.5), rounds=2)
+    model = fresh(pretrained)
+    cb = kap.NAPCallback(batches(), kap.Budget(flops=0.5), verbose=0)
+    model.fit(x_train[:256], y_train[:256], epochs=1, batch_size=64, callbacks=[cb], verbose=0)
+    assert kap.count_flops(cb.pruned_model) / kap.count_flops(model) <= 0.5
+    with pytest.raises(ValueError, match="exhausted generator"):  # the same generator, read by the first fit
+        model.fit(x_train[:64], y_train[:64], epochs=1, callbacks=[cb], verbose=0)

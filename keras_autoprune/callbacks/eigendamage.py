@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -11,11 +9,11 @@ import numpy as np
 
 from keras_autoprune.budget import Budget
 from keras_autoprune.callbacks.base import PruningCallback
+from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable
 from keras_autoprune.callbacks.projections import ProjectionSet
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.methods import eigendamage
 from keras_autoprune.stats import collect_kfac
-from keras_autoprune.stats.calibration import CalibrationData
 from keras_autoprune.stats.loss import resolve_likelihood
 
 #: Unit roundoff of low-precision compute dtypes: the three layers round
@@ -90,13 +88,7 @@ class EigenDamageCallback(PruningCallback):
             )
         if fisher not in ("true", "empirical"):
             raise ValueError(f"`fisher` must be 'true' or 'empirical'. Received: fisher={fisher!r}")
-        if isinstance(data, Iterator) and rounds > 1:
-            raise ValueError(
-                f"Expected calibration data that can be read once per round (rounds={rounds}). Received: a one-shot "
-                f"iterator ({type(data).__name__}), which the first round would exhaust. Fix: pass arrays (x, y), "
-                "a tf.data.Dataset, a keras.utils.PyDataset or a list of batches "
-                "(e.g. `list(itertools.islice(generator, 8))`), or use rounds=1."
-            )
+        check_readable(data, rounds, "EigenDamageCallback")
         self.data = data
         self.max_layer_ratio = float(max_layer_ratio)
         self.fisher = fisher
@@ -116,26 +108,8 @@ class EigenDamageCallback(PruningCallback):
     def check_model(self, model: keras.Model) -> None:
         # Fail before the first epoch on a loss, data or budget that cannot work.
         resolve_likelihood(model).check_output(model)
-        self._data = self.data
-        if isinstance(self.data, Iterator):  # read the first batch once and put it back
-            first = next(self.data, None)
-            if first is None:
-                raise ValueError(
-                    f"Expected calibration batches in `data`. Received: an exhausted {type(self.data).__name__} "
-                    "(a one-shot iterator is read once, e.g. by an earlier fit). Fix: give the callback a new "
-                    "generator before each fit, or a re-iterable source (arrays, a tf.data.Dataset, a list of batches)."
-                )
-            self._data = itertools.chain([first], self.data)
-            checked = iter([first])
-        else:
-            checked = self.data
-        try:
-            batch = next(iter(CalibrationData(
-                checked, model, batch_size=self.batch_size, num_batches=1, require_labels=self.fisher == "empirical",
-            )))
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"EigenDamageCallback `data` does not fit model '{model.name}': {error}") from error
-        self._sample = batch.x if len(batch.x) > 1 else batch.x[0]
+        self._source = CalibrationSource(self.data, model, batch_size=self.batch_size,
+                                         require_labels=self.fisher == "empirical", owner="EigenDamageCallback")
         self.statistics_seconds = 0.0
         self._cost = eigendamage.FactorizedCost(model, self._layers)
         self._check_reachable(model)
@@ -156,7 +130,7 @@ class EigenDamageCallback(PruningCallback):
             )
 
     def sample_inputs(self):
-        return self._sample
+        return self._source.sample_inputs
 
     def rebuilt_tolerance(self) -> float:
         roundoff = max((_ROUNDOFF.get(l.dtype_policy.compute_dtype, 0.0) for l in self._cost.layers.values()), default=0.0)
@@ -171,7 +145,7 @@ class EigenDamageCallback(PruningCallback):
 
     def prune_round(self, target: float) -> None:
         factors = collect_kfac(
-            self.model, self._data, layers=list(self._layers), fisher=self.fisher, num_batches=self.num_batches,
+            self.model, self._source.data, layers=list(self._layers), fisher=self.fisher, num_batches=self.num_batches,
             batch_size=self.batch_size, full_input_factor=False, graph=self.graph, verbose=self.verbose,
         )
         self.statistics_seconds += factors.seconds

@@ -9,10 +9,10 @@ import numpy as np
 
 from keras_autoprune.budget import Budget
 from keras_autoprune.callbacks.base import PruningCallback
+from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable
 from keras_autoprune.evaluation import accuracy
 from keras_autoprune.methods import nap
 from keras_autoprune.stats import collect_kfac
-from keras_autoprune.stats.calibration import CalibrationData
 from keras_autoprune.surgery.plan import PrunePlan
 from keras_autoprune.surgery.weights import assign_weights, layer_weights
 
@@ -29,9 +29,10 @@ class NAPCallback(PruningCallback):
 
     Args:
         data: calibration data: ``(x, y)`` arrays, a batched `tf.data.Dataset`,
-            or an iterable of batches (a generator is consumed by the first
-            round: use a dataset or arrays with ``rounds > 1``). Labels are
-            only needed with ``fisher="empirical"``.
+            a `keras.utils.PyDataset` or an iterable of batches. A generator
+            (any one-shot iterator) can be read once: it needs ``rounds=1``
+            and a new generator for each ``fit``. Labels are only needed
+            with ``fisher="empirical"``.
         budget: `kap.Budget` to reach. In tolerance mode it is the most the
             callback may prune (default there: ``Budget(flops=0.1)``).
         rounds: pruning rounds, the kept fraction ramping linearly.
@@ -130,6 +131,7 @@ class NAPCallback(PruningCallback):
             raise ValueError(f"`damping` must be a positive number. Received: damping={damping!r}")
         if max_accuracy_drop is not None and not 0 <= max_accuracy_drop < 1:
             raise ValueError(f"`max_accuracy_drop` is a fraction in [0, 1), e.g. 0.01. Received: {max_accuracy_drop!r}")
+        check_readable(data, rounds, "NAPCallback")
         self.data = data
         self.granularity = granularity
         self.fisher = fisher
@@ -146,7 +148,8 @@ class NAPCallback(PruningCallback):
     # -- lifecycle additions -------------------------------------------
     def check_model(self, model: keras.Model) -> None:
         # Fail before the first epoch on data that does not fit the model.
-        CalibrationData(self.data, model, batch_size=self.batch_size, num_batches=1, require_labels=self.fisher == "empirical")
+        self._source = CalibrationSource(self.data, model, batch_size=self.batch_size,
+                                         require_labels=self.fisher == "empirical", owner="NAPCallback")
         self.statistics_seconds = 0.0
         self.weight_masks: dict[str, np.ndarray] | None = None
         self.base_accuracy = None
@@ -155,13 +158,12 @@ class NAPCallback(PruningCallback):
             self.base_accuracy = accuracy(model, self.validation_data, self.batch_size)
 
     def sample_inputs(self):
-        batch = next(iter(CalibrationData(self.data, self.model, batch_size=self.batch_size, num_batches=1, require_labels=False)))
-        return batch.x if len(batch.x) > 1 else batch.x[0]
+        return self._source.sample_inputs
 
     def _factors(self):
         factors = collect_kfac(
             self.model,
-            self.data,
+            self._source.data,
             fisher=self.fisher,
             num_batches=self.num_batches,
             batch_size=self.batch_size,

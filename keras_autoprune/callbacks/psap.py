@@ -9,9 +9,9 @@ import numpy as np
 from keras_autoprune.allocation.cost import PlanCost
 from keras_autoprune.budget import Budget
 from keras_autoprune.callbacks.base import PruningCallback
+from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable
 from keras_autoprune.methods import psap
 from keras_autoprune.stats import collect_gradient_stats
-from keras_autoprune.stats.calibration import CalibrationData
 from keras_autoprune.surgery.plan import PrunePlan
 
 
@@ -76,6 +76,7 @@ class PSAPCallback(PruningCallback):
                 name in ("kappa", "max_layer_ratio") and value == 0
             ):
                 raise ValueError(f"`{name}` must lie in {'(' if name in ('kappa', 'max_layer_ratio') else '['}{low}, {high}). Received: {name}={value!r}")
+        check_readable(data, self.rounds, "PSAPCallback")
         self.data = data
         self.kappa = kappa
         self.max_layer_ratio = max_layer_ratio
@@ -85,15 +86,15 @@ class PSAPCallback(PruningCallback):
         self.batch_size = batch_size
 
     def check_model(self, model) -> None:
-        first = next(iter(CalibrationData(self.data, model, batch_size=self.batch_size, num_batches=1, require_labels=False)))
-        self._fisher = "empirical" if first.y is not None else "true"
+        self._source = CalibrationSource(self.data, model, batch_size=self.batch_size, require_labels=False, owner="PSAPCallback")
+        self._fisher = "empirical" if self._source.first.y is not None else "true"
         self.grad_ema: dict[str, np.ndarray] = {}
         self.statistics_seconds = 0.0
         self._cost = None
 
     def prune_round(self, target: float) -> None:
         gradients = collect_gradient_stats(
-            self.model, self.data, fisher=self._fisher, num_batches=self.num_batches,
+            self.model, self._source.data, fisher=self._fisher, num_batches=self.num_batches,
             batch_size=self.batch_size, graph=self.graph, verbose=0,
         )
         self.statistics_seconds += gradients.seconds

@@ -1,0 +1,77 @@
+"""The calibration data of a pruning callback, checked before training.
+
+Every statistics-based callback (NAP, EigenDamage, PSAP) reads ``data`` once
+per pruning round. Re-iterable sources (arrays, a `tf.data.Dataset`, a
+`keras.utils.PyDataset`, a list of batches) are read afresh each round; a
+one-shot iterator (a generator) can be read only once, so it is refused with
+``rounds > 1`` (`check_readable`), and `CalibrationSource` reads its first
+batch to check it against the model and puts it back in front.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+
+from keras_autoprune.stats.calibration import CalibrationData
+
+
+def check_readable(data: Any, rounds: int, owner: str) -> None:
+    """Raises if ``data`` is a one-shot iterator that ``rounds > 1`` rounds would need to read again."""
+    if isinstance(data, Iterator) and rounds > 1:
+        raise ValueError(
+            f"{owner}: expected calibration data that can be read once per round (rounds={rounds}). Received: a "
+            f"one-shot iterator ({type(data).__name__}), which the first round would exhaust. Fix: pass arrays "
+            "(x, y), a tf.data.Dataset, a keras.utils.PyDataset or a list of batches "
+            "(e.g. `list(itertools.islice(generator, 8))`), or use rounds=1."
+        )
+
+
+class CalibrationSource:
+    """``data`` checked against ``model``, with its first batch.
+
+    Args:
+        data: the callback's ``data`` argument.
+        model: the model being pruned.
+        batch_size: batch size for in-memory arrays.
+        require_labels: whether batches must carry labels (empirical Fisher).
+        owner: the callback's name, for error messages.
+
+    Attributes:
+        data: what the statistics should read (for a one-shot iterator: its
+            first batch chained back in front of the rest).
+        first: the first batch (`CalibrationBatch`).
+
+    Raises:
+        ValueError, TypeError: data that does not fit the model (the message
+            names the callback and the model), or an exhausted iterator.
+    """
+
+    def __init__(self, data: Any, model: keras.Model, *, batch_size: int, require_labels: bool, owner: str):
+        self.data = data
+        checked = data
+        if isinstance(data, Iterator):  # read the first batch once and put it back
+            first = next(data, None)
+            if first is None:
+                raise ValueError(
+                    f"{owner}: expected calibration batches in `data`. Received: an exhausted "
+                    f"{type(data).__name__} (a one-shot iterator is read once, e.g. by an earlier fit). Fix: give the "
+                    "callback a new generator before each fit, or a re-iterable source (arrays, a tf.data.Dataset, "
+                    "a list of batches)."
+                )
+            self.data = itertools.chain([first], data)
+            checked = iter([first])
+        try:
+            self.first = next(iter(CalibrationData(
+                checked, model, batch_size=batch_size, num_batches=1, require_labels=require_labels,
+            )))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{owner} `data` does not fit model '{model.name}': {error}") from error
+
+    @property
+    def sample_inputs(self):
+        """The first batch's inputs, as the model takes them (one array, or a list for several inputs)."""
+        return self.first.x if len(self.first.x) > 1 else self.first.x[0]
