@@ -224,7 +224,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     budgets = results["budgets"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(9.0, 4.6))
     reference, _ = mean_figure(results, "unpruned", budgets[0], "accuracy")
     if reference is not None:
         ax.axhline(100 * reference, color="black", linestyle="--", linewidth=1, label=LABELS["unpruned"])
@@ -249,7 +249,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
     ax.set_ylabel("top-1 test accuracy (%)")
     ax.set_title(f"{results['profile']} profile: ResNet-{results['config']['depth']} on CIFAR-10")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: many entries
     fig.tight_layout()
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
