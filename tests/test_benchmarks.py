@@ -48,7 +48,9 @@ def test_smoke_profile_reports_every_entry_and_figure(tmp_path):
             assert (run["epochs"], run["round_epochs"]) == (1, [0])
         float32, int8 = run["tflite"]["float32"], run["tflite"]["int8"]
         assert float32["relative_error"] <= 1e-4 and 0.0 <= int8["top1_agreement"] <= 1.0
-        assert 0 < int8["bytes"] < float32["bytes"] and 0 < float32["gzip_bytes"] < float32["bytes"], run["entry"]
+        assert 0 < int8["bytes"] and 0 < float32["gzip_bytes"] < float32["bytes"], run["entry"]
+        if run["entry"] != "eigendamage":  # at width 8, three layers' int8 scales and zero points outweigh the kernels
+            assert int8["bytes"] < float32["bytes"], run["entry"]
 
     unpruned = next(r for r in saved["runs"] if r["entry"] == "unpruned")
     for budget in profile.budgets:
@@ -64,7 +66,7 @@ def test_smoke_profile_reports_every_entry_and_figure(tmp_path):
 
     assert saved["pretrained"]["epochs"] == 1 and 0 <= saved["pretrained"]["accuracy"] <= 1
     assert all(goal["met"] in (True, False) for goal in saved["goals"])
-    assert len(saved["goals"]) == 1 + 4 + 4 + 2
+    assert len(saved["goals"]) == 1 + 4 + 4 + 2 + 1  # issue 5's goals, then EigenDamage's (issue 6)
     text = report.markdown(saved)
     for entry in profile.entries:
         assert f"| {report.LABELS[entry]} |" in text
@@ -145,6 +147,7 @@ def test_taylor_scores_sum_gradient_times_weight_over_the_creating_filters():
     from keras_autoprune.stats import collect_gradient_stats
     from keras_autoprune.zoo import resnet_cifar
 
+    keras.utils.set_random_seed(0)  # an unseeded initialisation can leave a channel with no gradient
     model = resnet_cifar(8, width=8)
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     graph = kap.DependencyGraph(model)

@@ -53,6 +53,9 @@ def test_protection_rule_keeps_large_gradient_filters_and_lets_wrongly_pruned_re
     # Zeroed 0 (5.0 > median of active [2, 3, 9, 0.5] = 2.5) is protected; zeroed 1 (1.0) is not.
     # Active: the top quarter (>= 75th percentile 4.5) is channel 4 (9.0).
     np.testing.assert_array_equal(protected, [True, False, False, False, True, False])
+    # The hard round: no regrowth protection, only the sparing of the top active channels.
+    hard = psap.protected_channels(ema, zeroed, protect_quantile=0.25, regrow=False)["g"]
+    np.testing.assert_array_equal(hard, [False, False, False, False, True, False])
 
 
 def test_protected_filters_are_never_pruned():
@@ -77,6 +80,11 @@ def test_pretrained_budget_met_soft_then_hard_and_rebuilt_equals_masked(digits):
     np.testing.assert_allclose(np.asarray(cb.pruned_model(x_test)), np.asarray(model(x_test)), rtol=1e-4, atol=1e-4)
     assert accuracy(cb.pruned_model, (x_test, y_test)) > 0.85
     assert cb.statistics_seconds > 0 and set(cb.grad_ema) == {g.id for g in cb.graph.prunable_groups}
+    # The hard round never keeps a channel that is still all zero (one that did not regrow).
+    for layer in cb.pruned_model.layers:
+        if isinstance(layer, (L.Conv2D, L.Dense)) and layer is not cb.pruned_model.layers[-1]:
+            per_filter = np.abs(layer.kernel.numpy()).reshape(-1, layer.kernel.shape[-1]).sum(axis=0)
+            assert np.all(per_filter > 0), f"{layer.name} keeps {int(np.sum(per_filter == 0))} all-zero filter(s)"
 
 
 def leaky_cnn():

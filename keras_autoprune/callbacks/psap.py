@@ -12,6 +12,7 @@ from keras_autoprune.callbacks.base import PruningCallback
 from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable
 from keras_autoprune.methods import psap
 from keras_autoprune.stats import collect_gradient_stats
+from keras_autoprune.surgery.importance import channel_l1
 from keras_autoprune.surgery.plan import PrunePlan
 
 
@@ -106,14 +107,17 @@ class PSAPCallback(PruningCallback):
         for group_id, kept in (self.plan.kept if self.plan is not None else {}).items():
             zeroed[group_id][:] = True
             zeroed[group_id][kept] = False
-        protected = psap.protected_channels(self.grad_ema, zeroed, self.protect_quantile)
+        final = len(self.history) + 1 == self.rounds
+        if final:  # the hard round: a channel still all zero has not regrown and is not worth keeping
+            filters = channel_l1(self.graph)
+            zeroed = {g: off & (filters[g] == 0) for g, off in zeroed.items()}
+        protected = psap.protected_channels(self.grad_ema, zeroed, self.protect_quantile, regrow=not final)
         self._cost = self._cost or PlanCost(self.model, self.graph)
         sparsity = psap.group_sparsity(self.graph, self.kappa)
         plan = psap.adaptive_plan(
             self.model, self.graph, self.budget, target, sparsity, protected, self.max_layer_ratio, self._cost
         )
         plan.validate(self.graph)
-        final = len(self.history) + 1 == self.rounds
         self._masks.apply(plan, enforce=final)
         self.plan = plan
         self.last_sparsity = sparsity

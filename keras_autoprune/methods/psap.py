@@ -64,6 +64,7 @@ def protected_channels(
     grad_ema: dict[str, np.ndarray],
     zeroed: dict[str, np.ndarray],
     protect_quantile: float = 0.1,
+    regrow: bool = True,
 ) -> dict[str, np.ndarray]:
     """Channels that may not be pruned at this step, per group.
 
@@ -72,6 +73,10 @@ def protected_channels(
         zeroed: boolean array per group, True for channels zeroed now.
         protect_quantile: active channels whose EMA is in this top fraction
             of their group are spared.
+        regrow: protect zeroed channels whose EMA exceeds the active
+            channels' median so they can regrow (soft rounds). False in the
+            final hard round: a channel zeroed there is removed for good, so
+            keeping one that is still zero would only waste the budget.
 
     Returns:
         Boolean array per group (True = protected).
@@ -82,7 +87,8 @@ def protected_channels(
         active = ema[~off]
         guard = np.zeros(len(ema), bool)
         if active.size:
-            guard |= off & (ema > np.median(active))  # wrongly pruned: let it regrow
+            if regrow:
+                guard |= off & (ema > np.median(active))  # wrongly pruned: let it regrow
             cut = np.quantile(active, 1 - protect_quantile) if protect_quantile > 0 else np.inf
             guard |= ~off & (ema >= cut) & (protect_quantile > 0)
         protected[group_id] = guard
