@@ -229,7 +229,9 @@ def plot(results: dict, path: pathlib.Path) -> None:
     if reference is not None:
         ax.axhline(100 * reference, color="black", linestyle="--", linewidth=1, label=LABELS["unpruned"])
     ax.axhline(100 * results["pretrained"]["accuracy"], color="grey", linestyle=":", linewidth=1, label="pretrained (before fine-tuning)")
-    for entry in [e for e in results["entries"] if e in STRUCTURED_ENTRIES]:
+    structured = [e for e in results["entries"] if e in STRUCTURED_ENTRIES]
+    colors = {entry: plt.cm.tab20(i % 20) for i, entry in enumerate(structured)}  # distinct for up to 20 entries
+    for entry in structured:
         points = []
         for budget in budgets:
             acc, accs = mean_figure(results, entry, budget, "accuracy")
@@ -238,7 +240,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
                 points.append((flops, 100 * acc, 100 * (acc - min(accs)), 100 * (max(accs) - acc)))
         if points:
             x, y, low, high = map(np.array, zip(*sorted(points)))
-            ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=LABELS[entry],
+            ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=LABELS[entry], color=colors[entry],
                         linestyle=_LINE_STYLES.get(entry, "-"))
     tfmot = [(budget, mean_figure(results, "tfmot", budget, "accuracy")[0]) for budget in budgets]
     tfmot = [(b, a) for b, a in tfmot if a is not None]
