@@ -95,8 +95,9 @@ class FactorizedCost:
                 "flops": sum(call_flops(layer, ins, outs) for ins, outs in calls),
                 "params": layer.count_params(),
             }
+            points = {(a, b): self._composite(layer, calls, a, b) for a in (1, 2) for b in (1, 2)}
             self._coefficients[name] = {
-                metric: _bilinear(lambda a, b, m=metric: self._composite(layer, calls, a, b)[m]) for metric in ("flops", "params")
+                metric: _bilinear({point: costs[metric] for point, costs in points.items()}) for metric in ("flops", "params")
             }
 
     @staticmethod
@@ -152,9 +153,9 @@ def _with_channels(shape: tuple, axis: int, width: int) -> tuple:
     return tuple(shape)
 
 
-def _bilinear(f) -> np.ndarray:
-    """Coefficients ``(a, b, c, d)`` of ``f(n_in, n_out) = a + b·n_in + c·n_out + d·n_in·n_out``."""
-    f11, f21, f12, f22 = f(1, 1), f(2, 1), f(1, 2), f(2, 2)
+def _bilinear(f: dict[tuple[int, int], int]) -> np.ndarray:
+    """Coefficients ``(a, b, c, d)`` of ``f(n_in, n_out) = a + b·n_in + c·n_out + d·n_in·n_out`` from ``f`` at (1|2, 1|2)."""
+    f11, f21, f12, f22 = f[1, 1], f[2, 1], f[1, 2], f[2, 2]
     d = f22 - f21 - f12 + f11
     b, c = f21 - f11 - d, f12 - f11 - d
     return np.array([f11 - b - c - d, b, c, d], np.int64)
