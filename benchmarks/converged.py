@@ -118,6 +118,28 @@ def _decode_archive(source: pathlib.Path) -> Cifar10:
     return Cifar10(*splits["train"], *splits["test"])
 
 
+PROTOCOL_IMAGES = {"calibration": 1024, "batchnorm": 2048}
+"""Training images every entry of the one-shot protocol reads: the methods' calibration set and the
+BatchNormalization re-estimation set (`protocol_data`)."""
+
+
+def protocol_data(data: Cifar10, seed: int = 0) -> dict[str, np.ndarray]:
+    """The fixed, non-augmented training images every entry shares (raw float32 pixels).
+
+    ``calibration_x``/``calibration_y``: the first 1,024 of a permutation
+    keyed by ``seed``; ``batchnorm_x``: the next 2,048 (16 batches of 128).
+    Keras entries and the Torch-Pruning peer read the same arrays.
+    """
+    order = np.random.default_rng(seed).permutation(len(data.x_train))
+    calibration = order[: PROTOCOL_IMAGES["calibration"]]
+    batchnorm = order[PROTOCOL_IMAGES["calibration"] : PROTOCOL_IMAGES["calibration"] + PROTOCOL_IMAGES["batchnorm"]]
+    return {
+        "calibration_x": data.x_train[calibration].astype(np.float32),
+        "calibration_y": data.y_train[calibration],
+        "batchnorm_x": data.x_train[batchnorm].astype(np.float32),
+    }
+
+
 def augment(images: np.ndarray, labels: np.ndarray, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """One epoch of training data: a permutation, random flips and 4-pixel pad-and-crop, float32 pixels.
 
