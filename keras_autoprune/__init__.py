@@ -12,6 +12,7 @@ from keras_autoprune._version_check import check_tensorflow
 check_tensorflow()
 
 from keras_autoprune.accounting import LayerCost, count_flops, count_params, flops_table, format_table  # noqa: E402
+from keras_autoprune.batchnorm import recalibrate_batchnorm  # noqa: E402
 from keras_autoprune.budget import Budget  # noqa: E402
 from keras_autoprune.callbacks import EigenDamageCallback, MagnitudeCallback, NAPCallback, PruningCallback, PSAPCallback  # noqa: E402
 from keras_autoprune.errors import ExportError, PlanError, SurgeryError, UnsupportedModelError, VerificationError  # noqa: E402
@@ -44,6 +45,7 @@ __version__ = "0.1.0.dev0"
 __all__ = sorted(
     [
         "Budget",
+        "recalibrate_batchnorm",
         "ChannelGroup",
         "EigenDamageCallback",
         "MagnitudeCallback",

@@ -21,6 +21,9 @@ owns *when* and *how*:
 
 The user's model keeps its masked (zeroed) weights after training; the slim
 model is ``cb.pruned_model``.
+
+``cb.prune(model)`` runs the same lifecycle once without training (one-shot,
+post-training pruning) on a copy of the model.
 """
 
 from __future__ import annotations
@@ -131,6 +134,44 @@ class PruningCallback(keras.callbacks.Callback):
         """The final slim model (called once, after the masks are removed)."""
         self._masks.apply(self.plan)  # also zeroes non-trainable entries (moving means)
         return apply_plan(self.model, self.plan, self.graph)
+
+    # -- one-shot -------------------------------------------------------
+    def prune(self, model: keras.Model) -> keras.Model:
+        """One-shot pruning of a trained model, without training; returns the slim model.
+
+        Runs the callback's lifecycle on a copy of ``model`` (the user's model
+        is not changed): the checks of ``on_train_begin``, one round to the
+        budget (statistics from the callback's calibration data where the
+        method reads data), then the slim model, its check against the masked
+        copy and the report, exactly as at the end of ``fit``. Afterwards
+        ``plan``, ``pruned_model``, ``report`` and ``pruning_seconds`` are set
+        as after ``fit``. The copy is compiled with ``model``'s loss when
+        ``model`` has one (the curvature methods read it).
+
+        Re-estimating the BatchNormalization statistics of the result on
+        training images (`kap.recalibrate_batchnorm`) usually recovers much of
+        the accuracy one-shot pruning loses.
+
+        Raises:
+            ValueError: the callback has ``rounds > 1`` (rounds are spread over
+                training epochs; use ``fit``), or what ``fit`` would raise.
+        """
+        if self.rounds != 1:
+            raise ValueError(
+                f"`prune` runs one round without training. Received: a {type(self).__name__} with rounds={self.rounds}. "
+                "Fix: construct it with rounds=1, or prune while training with model.fit(..., callbacks=[cb])."
+            )
+        copy = keras.models.clone_model(model)
+        copy.set_weights(model.get_weights())
+        if getattr(model, "loss", None) is not None:
+            copy.compile(loss=model.loss)
+        self.set_model(copy)
+        self.on_train_begin()
+        try:
+            self.on_epoch_begin(self.start_epoch)
+        finally:
+            self.on_train_end()
+        return self.pruned_model
 
     # -- lifecycle -----------------------------------------------------
     def _reset(self) -> None:

@@ -1,0 +1,98 @@
+"""One-shot pruning (`PruningCallback.prune`) and `kap.recalibrate_batchnorm`."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import keras_autoprune as kap
+from keras_autoprune.batchnorm import batchnorm_layers
+
+L = keras.layers
+
+
+def _cnn(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", name="c1")(inputs)
+    x = L.BatchNormalization(name="bn1")(x)
+    x = L.ReLU()(x)
+    x = L.Conv2D(12, 3, padding="same", name="c2")(x)
+    x = L.BatchNormalization(name="bn2")(x)
+    x = L.ReLU()(x)
+    x = L.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, L.Dense(4, name="logits")(x))
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _data(count: int = 64, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(1.0, 2.0, (count, 8, 8, 3)).astype("float32"), rng.integers(0, 4, count)
+
+
+def test_recalibrate_batchnorm_is_the_average_of_batch_statistics():
+    model = _cnn()
+    x, _ = _data(64)
+    momentum = model.get_layer("bn1").momentum
+    assert kap.recalibrate_batchnorm(model, x, batch_size=16) == 2
+    # bn1 reads c1's output directly: its statistics are the mean over the four batches of each batch's moments.
+    features = keras.Model(model.inputs, model.get_layer("c1").output).predict(x, verbose=0).reshape(4, 16, -1, 8)
+    means = features.mean(axis=(1, 2))
+    variances = features.var(axis=(1, 2))
+    bn1 = model.get_layer("bn1")
+    np.testing.assert_allclose(np.asarray(bn1.moving_mean), means.mean(axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn1.moving_variance), variances.mean(axis=0), rtol=1e-4, atol=1e-5)
+    assert bn1.momentum == momentum  # restored
+    kernel = model.get_layer("c1").kernel.numpy().copy()
+    kap.recalibrate_batchnorm(model, x, batch_size=16)
+    np.testing.assert_array_equal(model.get_layer("c1").kernel.numpy(), kernel)  # no weight is trained
+
+
+def test_recalibrate_batchnorm_reaches_nested_layers_and_respects_num_batches():
+    inner = _cnn()
+    inputs = keras.Input((8, 8, 3))
+    outer = keras.Model(inputs, inner(inputs))
+    assert len(batchnorm_layers(outer)) == 2
+    x, _ = _data(64)
+    before = np.asarray(inner.get_layer("bn1").moving_mean).copy()
+    assert kap.recalibrate_batchnorm(outer, (x, None), batch_size=16, num_batches=1) == 2
+    first = keras.Model(inner.inputs, inner.get_layer("c1").output).predict(x[:16], verbose=0)
+    np.testing.assert_allclose(np.asarray(inner.get_layer("bn1").moving_mean), first.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(before, np.asarray(inner.get_layer("bn1").moving_mean))
+
+
+def test_recalibrate_batchnorm_without_batchnorm_or_data():
+    inputs = keras.Input((4,))
+    plain = keras.Model(inputs, L.Dense(2)(inputs))
+    assert kap.recalibrate_batchnorm(plain, np.zeros((0, 4), "float32")) == 0
+    with pytest.raises(ValueError, match="at least one calibration batch"):
+        kap.recalibrate_batchnorm(_cnn(), iter([]))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "nap", "psap", "eigendamage"])
+def test_prune_is_one_round_without_training(method):
+    model = _cnn()
+    x, y = _data(64)
+    weights = [w.copy() for w in model.get_weights()]
+    budget = kap.Budget(flops=0.6)
+    callback = {
+        "magnitude": lambda: kap.MagnitudeCallback(budget, verbose=0),
+        "nap": lambda: kap.NAPCallback((x, y), budget=budget, num_batches=2, batch_size=32, verbose=0),
+        "psap": lambda: kap.PSAPCallback(budget, (x, y), num_batches=2, batch_size=32, verbose=0),
+        "eigendamage": lambda: kap.EigenDamageCallback((x, y), budget=kap.Budget(flops=0.8), num_batches=2, batch_size=32, verbose=0),
+    }[method]()
+    slim = callback.prune(model)
+    assert slim is callback.pruned_model and callback.plan is not None and callback.report is not None
+    kept = kap.count_flops(slim) / kap.count_flops(model)
+    assert kept <= callback.budget.fraction + 1e-9
+    assert kept < 0.999
+    for before, after in zip(weights, model.get_weights()):  # the user's model is untouched
+        np.testing.assert_array_equal(before, after)
+    assert slim.predict(x[:4], verbose=0).shape == (4, 4)
+
+
+def test_prune_refuses_several_rounds():
+    with pytest.raises(ValueError, match="rounds=1"):
+        kap.MagnitudeCallback(kap.Budget(flops=0.5), rounds=2, verbose=0).prune(_cnn())
