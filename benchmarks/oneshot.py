@@ -1,0 +1,195 @@
+"""Benchmark v2, protocol 1: one-shot pruning curves of the converged models, no fine-tuning.
+
+The instrument for method work: every entry prunes the committed converged
+model (`benchmarks.converged`, ``benchmarks/models/``) once, to each FLOPs
+target in `TARGETS`, with `kap.PruningCallback.prune` (one round, no
+training) and the same calibration images (`converged.protocol_data`: 1,024
+training images, 8 batches of 128). Each pruned model is evaluated on all
+10,000 test images (a) as pruned and (b) after `kap.recalibrate_batchnorm`
+on the same 2,048 other training images (16 batches of 128) for every entry.
+
+    python -m benchmarks.oneshot --model resnet20                  # all entries and targets (resumable)
+    python -m benchmarks.oneshot --model resnet20 --entries nap uniform_l1 --targets 0.5
+
+Rows are appended to ``benchmarks/results/v2/oneshot_<model>.json`` as they
+finish (a rerun skips finished rows; ``--fresh`` starts over) and the plot
+``docs/img/v2_oneshot_<model>.png`` is redrawn from them. ``--out`` writes
+elsewhere (the published files are left alone). The Torch-Pruning rows come
+from `benchmarks.torch_peer` (its own process) and are drawn from
+``oneshot_torch_<model>.json`` beside them when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from benchmarks import converged
+
+TARGETS = (0.8, 0.65, 0.5, 0.35, 0.25)
+ENTRIES = ("uniform_l1", "global_l1", "taylor", "random", "nap", "nap_cost_aware", "c_obd", "c_obs",
+           "kron_obd", "kron_obs", "eigendamage", "psap")
+"""Protocol 1's entries, as in `benchmarks.entries` (TFMOT prunes individual weights and does not
+remove FLOPs in one shot: it appears in protocol 2 only)."""
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results" / "v2"
+PLOT_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "img"
+BATCH_SIZE = 128
+
+
+def make_callback(entry: str, target: float, calibration: tuple[np.ndarray, np.ndarray], seed: int = 0):
+    """The entry's callback for one round to ``target`` FLOPs kept."""
+    import keras_autoprune as kap
+    from benchmarks.entries import RandomCallback, TaylorCallback, UniformL1Callback
+
+    budget = kap.Budget(flops=target)
+    batches = {"num_batches": len(calibration[0]) // BATCH_SIZE, "batch_size": BATCH_SIZE}
+    if entry == "uniform_l1":
+        return UniformL1Callback(budget, verbose=0)
+    if entry == "global_l1":
+        return kap.MagnitudeCallback(budget, verbose=0)
+    if entry == "taylor":
+        return TaylorCallback(calibration, budget, **batches, verbose=0)
+    if entry == "random":
+        return RandomCallback(budget, seed, verbose=0)
+    if entry in ("nap", "nap_cost_aware"):
+        return kap.NAPCallback(calibration, budget=budget, cost_aware=entry == "nap_cost_aware", **batches, verbose=0)
+    if entry in ("c_obd", "c_obs", "kron_obd", "kron_obs"):
+        return kap.NAPCallback(calibration, budget=budget, scorer=entry.replace("_", "-"), **batches, verbose=0)
+    if entry == "eigendamage":
+        return kap.EigenDamageCallback(calibration, budget=budget, **batches, verbose=0)
+    if entry == "psap":
+        return kap.PSAPCallback(budget, calibration, **batches, verbose=0)
+    raise ValueError(f"Expected an entry of {ENTRIES}. Received: {entry!r}")
+
+
+def load_model(name: str):
+    """The committed converged model, compiled with its loss (the curvature methods read it)."""
+    import keras
+
+    model = keras.saving.load_model(converged.MODELS_DIR / f"{name}.keras", compile=False)
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def run_row(model, entry: str, target: float, shared: dict, data: converged.Cifar10) -> dict:
+    """Prunes ``model`` once for (entry, target) and measures it; an entry that fails records its error."""
+    import keras_autoprune as kap
+
+    row = {"entry": entry, "target": target}
+    start = time.perf_counter()
+    try:
+        callback = make_callback(entry, target, (shared["calibration_x"], shared["calibration_y"]))
+        slim = callback.prune(model)
+    except Exception as error:  # an entry that cannot reach a target is a result, not a crash
+        return dict(row, error=f"{type(error).__name__}: {error}")
+    row.update(
+        flops_kept=kap.count_flops(slim) / kap.count_flops(model),
+        params_kept=kap.count_params(slim) / kap.count_params(model),
+        pruning_seconds=callback.pruning_seconds,
+        statistics_seconds=getattr(callback, "statistics_seconds", 0.0),
+        accuracy=converged.test_accuracy(slim, data),
+    )
+    kap.recalibrate_batchnorm(slim, shared["batchnorm_x"], batch_size=BATCH_SIZE)
+    row["accuracy_bn"] = converged.test_accuracy(slim, data)
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def run(
+    model_name: str,
+    entries: tuple[str, ...] = ENTRIES,
+    targets: tuple[float, ...] = TARGETS,
+    out: pathlib.Path | None = None,
+    data: converged.Cifar10 | None = None,
+    fresh: bool = False,
+    log=print,
+) -> list[dict]:
+    """Runs (or continues) protocol 1 for one model; returns all rows of its result file."""
+    out = pathlib.Path(out) if out is not None else RESULTS_DIR / f"oneshot_{model_name}.json"
+    data = data or converged.load_cifar10()
+    shared = converged.protocol_data(data)
+    model = load_model(model_name)
+    result = json.loads(out.read_text()) if out.exists() and not fresh else {"model": model_name, "rows": []}
+    done = {(row["entry"], row["target"]) for row in result["rows"]}
+    started = time.perf_counter()
+    if ("unpruned", 1.0) not in done:
+        unpruned = {"entry": "unpruned", "target": 1.0, "flops_kept": 1.0, "params_kept": 1.0}
+        unpruned["accuracy"] = unpruned["accuracy_bn"] = converged.test_accuracy(model, data)
+        result["rows"].append(unpruned)
+    todo = [(e, t) for e in entries for t in targets if (e, t) not in done]
+    for index, (entry, target) in enumerate(todo, 1):
+        row = run_row(model, entry, target, shared, data)
+        result["rows"].append(row)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        figures = (f"FLOPs kept {row['flops_kept']:.3f}, accuracy {row['accuracy']:.4f}, after BN re-estimation "
+                   f"{row['accuracy_bn']:.4f} ({row['seconds']:.0f} s)") if "error" not in row else row["error"]
+        log(f"[{index}/{len(todo)}] {model_name} {entry} @ {target}: {figures}")
+    result["seconds_this_run"] = time.perf_counter() - started
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result["rows"]
+
+
+def plot(model_name: str, rows: list[dict], path: pathlib.Path) -> None:
+    """Accuracy against FLOPs kept, one line per entry; left: as pruned, right: after BN re-estimation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    unpruned = next((r for r in rows if r["entry"] == "unpruned"), None)
+    entries = sorted({r["entry"] for r in rows if r["entry"] != "unpruned" and "error" not in r})
+    colours = plt.get_cmap("tab20")
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for axis, key, title in zip(axes, ("accuracy", "accuracy_bn"), ("as pruned", "after BatchNormalization re-estimation")):
+        for index, entry in enumerate(entries):
+            points = sorted((r["flops_kept"], r[key]) for r in rows if r["entry"] == entry and "error" not in r)
+            style = "--" if entry.startswith("tp_") else "-"
+            axis.plot(*zip(*points), style, marker="o", markersize=3, color=colours(index % 20), label=entry)
+        if unpruned:
+            axis.axhline(unpruned["accuracy"], color="black", linewidth=0.8, label="unpruned")
+        axis.set_title(f"{model_name}, one-shot, {title}")
+        axis.set_xlabel("FLOPs kept")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 accuracy (10,000 CIFAR-10 test images)")
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def all_rows(model_name: str, folder: pathlib.Path) -> list[dict]:
+    """This protocol's rows and, when present, the Torch-Pruning peer's (``oneshot_torch_<model>.json``)."""
+    rows = json.loads((folder / f"oneshot_{model_name}.json").read_text())["rows"]
+    peer = folder / f"oneshot_torch_{model_name}.json"
+    if peer.exists():
+        loaded = json.loads(peer.read_text())
+        rows += loaded["rows"] if isinstance(loaded, dict) else loaded
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.oneshot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(converged.ARCHITECTURES), required=True)
+    parser.add_argument("--entries", nargs="+", default=list(ENTRIES), choices=ENTRIES)
+    parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
+    parser.add_argument("--out", type=pathlib.Path, help="result folder (default: the published benchmarks/results/v2)")
+    parser.add_argument("--data", default=str(converged.DEFAULT_SOURCE))
+    parser.add_argument("--fresh", action="store_true", help="discard finished rows")
+    args = parser.parse_args(argv)
+    folder = args.out or RESULTS_DIR
+    run(args.model, tuple(args.entries), tuple(args.targets), out=folder / f"oneshot_{args.model}.json",
+        data=converged.load_cifar10(args.data), fresh=args.fresh, log=lambda line: print(line, flush=True))
+    plot_dir = PLOT_DIR if args.out is None else folder
+    plot(args.model, all_rows(args.model, folder), plot_dir / f"v2_oneshot_{args.model}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Benchmark v2: the converged models' data, recipe and training (`benchmarks.converged`) and protocol 1 (`benchmarks.oneshot`)."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from benchmarks import converged, oneshot
+
+pytestmark = pytest.mark.skipif(not converged.DEFAULT_SOURCE.exists(), reason="needs ../shared/data/cifar10-jpeg.tar.gz")
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    return converged.load_cifar10()
+
+
+def test_cifar10_archive_decodes_to_balanced_uint8_arrays(cifar):
+    assert cifar.x_train.shape == (50000, 32, 32, 3) and cifar.x_test.shape == (10000, 32, 32, 3)
+    assert cifar.x_train.dtype == np.uint8
+    assert np.bincount(cifar.y_train).tolist() == [5000] * 10 and np.bincount(cifar.y_test).tolist() == [1000] * 10
+    mean, variance = cifar.pixel_statistics()
+    np.testing.assert_allclose(mean, cifar.x_train.reshape(-1, 3).mean(axis=0), rtol=1e-6)
+    assert np.all((variance > 2000) & (variance < 6000))
+
+
+def test_committed_models_match_their_manifest(cifar):
+    """The converged models load in safe mode with no benchmark code and reach the manifest's accuracy."""
+    manifest = json.loads((converged.MODELS_DIR / "manifest.json").read_text())
+    assert set(manifest["models"]) == {"resnet20", "mobilenetv2"}
+    measured = converged.verify(data=cifar, log=lambda line: None)
+    for name, entry in manifest["models"].items():
+        assert measured[name] == pytest.approx(entry["test_accuracy"], abs=5e-4)
+        model = keras.saving.load_model(converged.MODELS_DIR / entry["file"], safe_mode=True, compile=False)
+        assert model.layers[1].__class__.__name__ == "Normalization"  # raw pixels in
+    assert manifest["models"]["mobilenetv2"]["test_accuracy"] >= 0.89
+
+
+def test_augment_is_a_seeded_flip_and_crop():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(6)
+    x, y = converged.augment(images, labels, seed=3, epoch=1)
+    again, _ = converged.augment(images, labels, seed=3, epoch=1)
+    other, _ = converged.augment(images, labels, seed=3, epoch=2)
+    np.testing.assert_array_equal(x, again)
+    assert not np.array_equal(x, other)
+    assert x.dtype == np.float32 and x.shape == images.shape and sorted(y.tolist()) == labels.tolist()
+    padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0))).astype(np.float32)
+    for image, label in zip(x, y):  # every output is some crop of its padded source, flipped or not
+        source = padded[label]
+        crops = [source[r:r + 32, c:c + 32] for r in range(9) for c in range(9)]
+        assert any(np.array_equal(image, crop) or np.array_equal(image, crop[:, ::-1]) for crop in crops)
+
+
+def test_recipe_learning_rate_warms_up_then_decays_to_zero():
+    recipe = converged.Recipe(peak_learning_rate=0.1, warmup_epochs=2)
+    assert recipe.learning_rate(0, 10) == pytest.approx(0.05)
+    assert recipe.learning_rate(1, 10) == pytest.approx(0.1)
+    assert recipe.learning_rate(2, 10) == pytest.approx(0.1)
+    assert recipe.learning_rate(6, 10) == pytest.approx(0.05)
+    assert recipe.learning_rate(10, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_training_in_stages_equals_one_uninterrupted_run(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    tiny = converged.Cifar10(rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64),
+                             rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 16))
+    monkeypatch.setitem(converged.ARCHITECTURES, "tiny", {"builder": "resnet_cifar", "kwargs": {"depth": 8, "width": 4},
+                                                         "target_accuracy": 0.0})
+    recipe = converged.Recipe(epochs=3, batch_size=32, warmup_epochs=1)
+    whole = converged.train("tiny", tmp_path / "whole", tiny, recipe, log=lambda line: None)
+    assert converged.train("tiny", tmp_path / "staged", tiny, recipe, stage_epochs=2, log=lambda line: None) is None
+    assert (tmp_path / "staged" / "tiny.checkpoint.keras").exists()
+    staged = converged.train("tiny", tmp_path / "staged", tiny, recipe, stage_epochs=2, log=lambda line: None)
+    assert staged["epochs"] == whole["epochs"] == 3
+    assert [row["lr"] for row in staged["history"]] == [row["lr"] for row in whole["history"]]
+    first = keras.saving.load_model(tmp_path / "whole" / "tiny.keras")
+    second = keras.saving.load_model(tmp_path / "staged" / "tiny.keras")
+    assert not first.compiled  # saved without optimizer state
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_protocol_one_prunes_once_and_reestimates_batchnorm(cifar, tmp_path):
+    subset = converged.Cifar10(cifar.x_train, cifar.y_train, cifar.x_test[::20], cifar.y_test[::20])
+    rows = oneshot.run("resnet20", entries=("uniform_l1",), targets=(0.65,), out=tmp_path / "rows.json", data=subset,
+                       log=lambda line: None)
+    unpruned, pruned = rows
+    assert unpruned["entry"] == "unpruned" and unpruned["accuracy"] > 0.85
+    assert pruned["flops_kept"] <= 0.65 and pruned["flops_kept"] > 0.55
+    assert 0.1 <= pruned["accuracy"] < unpruned["accuracy"]
+    assert pruned["accuracy_bn"] != pruned["accuracy"]
+    again = oneshot.run("resnet20", entries=("uniform_l1",), targets=(0.65,), out=tmp_path / "rows.json", data=subset,
+                        log=lambda line: None)
+    assert again == rows  # finished rows are kept, not recomputed
+    oneshot.plot("resnet20", rows, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_protocol_one_records_an_entry_that_cannot_run():
+    model = oneshot.load_model("resnet20")
+    shared = {"calibration_x": np.zeros((128, 32, 32, 3), "float32"), "calibration_y": np.zeros(128, "int64"),
+              "batchnorm_x": np.zeros((128, 32, 32, 3), "float32")}
+    row = oneshot.run_row(model, "eigendamage", 0.01, shared, data=None)
+    assert "error" in row and "budget" in row["error"]
