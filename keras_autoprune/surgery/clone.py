@@ -1,12 +1,21 @@
 """`clone_layers`: the one cloning loop behind every surgery.
 
-`apply_plan`, `mask_plan` and `replace_layers` all rebuild a model the same
-way: `keras.models.clone_model` walks the model recursively (nested
-Sequential and Functional models included, shared layers cloned once), a
-*rebuild* function turns each original layer into its new layer and the
-weights that layer must receive, and the weights are assigned by variable
-path (`keras_autoprune.surgery.weights`) once the clone is built. The input
-model is never modified.
+`apply_plan`, `mask_plan`, `replace_layers` and `FactorizationPlan` all
+build a model the same way: `keras.models.clone_model` walks the model
+recursively (nested Sequential and Functional models included, shared layers
+cloned once), and a *rebuild* function gives, for each original layer, the
+layer that takes its place:
+
+- a layer surgery does not change is copied as it is (`copy_layer`: state
+  and weights deep-copied by `keras_autoprune.surgery.duplicate`, never
+  rebuilt from its config), so a custom, unnamed-sublayer or
+  non-serialisable layer (a `Lambda`) never breaks the model;
+- a layer surgery changes is rebuilt from its changed config
+  (`layer_from_config`) and receives its new weights once the clone is built,
+  matched by variable path, else by position with shape checks
+  (`keras_autoprune.surgery.weights.assign_weights`).
+
+The input model is never modified.
 """
 
 from __future__ import annotations
@@ -16,10 +25,13 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from keras_autoprune.surgery.weights import assign_weights
+from keras_autoprune.errors import UnsupportedModelError
+from keras_autoprune.surgery.duplicate import duplicate_layer
+from keras_autoprune.surgery.weights import assign_weights, layer_weights
 
-#: ``rebuild(layer) -> (new_layer, {weight key: value})``.
-Rebuild = Callable[[keras.layers.Layer], tuple[keras.layers.Layer, dict[str, np.ndarray]]]
+#: ``rebuild(layer) -> (new_layer, {weight key: value} or None)``; ``None``
+#: means the new layer already holds its weights (a copy).
+Rebuild = Callable[[keras.layers.Layer], tuple[keras.layers.Layer, dict[str, np.ndarray] | None]]
 
 
 def clone_layers(model: keras.Model, rebuild: Rebuild) -> keras.Model:
@@ -27,10 +39,11 @@ def clone_layers(model: keras.Model, rebuild: Rebuild) -> keras.Model:
 
     Args:
         model: a built Sequential or Functional model (left unchanged).
-        rebuild: returns, for one original layer, the unbuilt layer that
-            takes its place (any layer, a `keras.Sequential` of several
-            included) and the values of the new layer's weights, keyed as
-            `keras_autoprune.surgery.weights.weight_keys` names them.
+        rebuild: returns, for one original layer, the layer that takes its
+            place (a copy, or an unbuilt layer: any layer, a
+            `keras.Sequential` of several included) and the values of the new
+            layer's weights keyed as `keras_autoprune.surgery.weights.weight_keys`
+            names them (``None`` for a copy that holds its weights).
 
     Returns:
         The new model, same kind and name, with its weights assigned.
@@ -41,10 +54,59 @@ def clone_layers(model: keras.Model, rebuild: Rebuild) -> keras.Model:
         if not isinstance(layer, keras.layers.Layer):
             return layer  # a stateless `keras.ops` node: reused as is
         new_layer, weights = rebuild(layer)
-        new_weights.append((new_layer, weights))
+        if weights is not None:
+            new_weights.append((new_layer, weights))
         return new_layer
 
     new_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
     for new_layer, weights in new_weights:
         assign_weights(new_layer, weights)
     return new_model
+
+
+def copy_layer(layer: keras.layers.Layer) -> tuple[keras.layers.Layer, dict[str, np.ndarray] | None]:
+    """An independent copy of ``layer`` for `clone_layers`: ``(copy, None)``.
+
+    The copy is `duplicate_layer`'s (state and weights deep-copied). Only if
+    that fails (an attribute Python cannot deep-copy) is the layer rebuilt
+    from ``get_config()``, returning ``(new layer, its weights)`` (assigned by
+    key, else by position).
+
+    Raises:
+        UnsupportedModelError: neither works; names the layer, both
+            failures and the fix.
+    """
+    try:
+        return duplicate_layer(layer), None
+    except Exception as copy_error:  # noqa: BLE001 - any failure falls back to the config
+        try:
+            return type(layer).from_config(layer.get_config()), layer_weights(layer)
+        except Exception as config_error:  # noqa: BLE001 - reported with the fix
+            cls = type(layer).__name__
+            raise UnsupportedModelError(
+                f"Layer '{layer.name}' ({cls}) cannot be copied into the new model: copying its state "
+                f"failed ({type(copy_error).__name__}: {copy_error}) and rebuilding it from its config "
+                f"failed ({type(config_error).__name__}: {config_error}). Fix: make `{cls}.get_config()` "
+                f"return every `__init__` argument, so that `{cls}.from_config(layer.get_config())` "
+                "rebuilds the layer, or build the model from standard Keras layers."
+            ) from config_error
+
+
+def layer_from_config(layer: keras.layers.Layer, config: dict) -> keras.layers.Layer:
+    """``type(layer).from_config(config)`` for a layer that surgery changes.
+
+    Raises:
+        UnsupportedModelError: the class cannot be rebuilt from its (changed)
+            config; names the layer and the fix, instead of Keras's error.
+    """
+    try:
+        return type(layer).from_config(config)
+    except Exception as error:  # noqa: BLE001 - reported with the fix
+        cls = type(layer).__name__
+        raise UnsupportedModelError(
+            f"Layer '{layer.name}' ({cls}) must be rebuilt with new channels, but "
+            f"`{cls}.from_config` failed on its changed config ({type(error).__name__}: {error}). "
+            f"Fix: make `{cls}.get_config()` return every `__init__` argument, so that "
+            f"`{cls}.from_config(layer.get_config())` rebuilds the layer, or leave the channel "
+            f"groups through '{layer.name}' out of the plan."
+        ) from error

@@ -42,7 +42,7 @@ import keras
 import numpy as np
 
 from keras_autoprune.errors import PlanError
-from keras_autoprune.surgery.clone import clone_layers
+from keras_autoprune.surgery.clone import clone_layers, copy_layer
 from keras_autoprune.surgery.replace import LayerReplacement, named_layers, replace_layers
 from keras_autoprune.surgery.weights import layer_weights
 
@@ -198,10 +198,11 @@ class FactorizationPlan:
         targets = {id(by_name[name]): f for name, f in self.layers.items()}
 
         def rebuild(layer):
-            weights = layer_weights(layer)
+            new_layer, weights = copy_layer(layer)
             if id(layer) in targets:
+                weights = layer_weights(layer)
                 weights["kernel"] = targets[id(layer)].project(weights["kernel"])
-            return type(layer).from_config(layer.get_config()), weights
+            return new_layer, weights
 
         return clone_layers(model, rebuild)
 

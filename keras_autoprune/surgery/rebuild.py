@@ -1,13 +1,16 @@
 """`apply_plan` and `mask_plan`: the two ways to execute a `PrunePlan`.
 
 Both clone the model with `keras_autoprune.surgery.clone.clone_layers`
-(recursively through nested models, weights copied by variable path):
+(recursively through nested models). A layer the plan does not touch is
+copied as it is (state and weights, never rebuilt from its config), so a
+custom or non-serialisable layer only blocks the channels around itself.
 
 - `apply_plan` rebuilds every touched layer from a sliced config (fewer
   filters/units, fewer GroupNormalization groups, a new Reshape target) and
-  copies the sliced weights: the channels are physically gone.
-- `mask_plan` keeps the architecture and zeroes the removed channels'
-  parameters (what masks do during training).
+  assigns the sliced weights (by variable path, else by position with shape
+  checks): the channels are physically gone.
+- `mask_plan` copies every layer and zeroes the removed channels'
+  parameters in the touched ones (what masks do during training).
 
 Contract, checked by the tests on every handler and architecture:
 ``apply_plan(m, p)(x) == mask_plan(m, p)(x)`` to 1e-5 relative error.
@@ -16,13 +19,11 @@ The input model is never modified.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import keras
 
 from keras_autoprune.graph.dependency import DependencyGraph
-from keras_autoprune.graph.handlers import LayerKeep, get_handler
-from keras_autoprune.surgery.clone import clone_layers
+from keras_autoprune.graph.handlers import get_handler
+from keras_autoprune.surgery.clone import clone_layers, copy_layer, layer_from_config
 from keras_autoprune.surgery.keep import layer_keeps
 from keras_autoprune.surgery.plan import PrunePlan
 from keras_autoprune.surgery.weights import layer_weights
@@ -45,7 +46,7 @@ def apply_plan(model: keras.Model, plan: PrunePlan, graph: DependencyGraph | Non
     >>> graph = kap.DependencyGraph(model)                  # doctest: +SKIP
     >>> slim = kap.apply_plan(model, kap.PrunePlan.uniform(graph, 0.5), graph)  # doctest: +SKIP
     """
-    return _execute(model, plan, graph, lambda handler, layer, config, weights, keep: handler.prune(layer, config, weights, keep))
+    return _execute(model, plan, graph, masking=False)
 
 
 def mask_plan(model: keras.Model, plan: PrunePlan, graph: DependencyGraph | None = None) -> keras.Model:
@@ -58,17 +59,10 @@ def mask_plan(model: keras.Model, plan: PrunePlan, graph: DependencyGraph | None
     gamma/beta), and, where a removed channel still carries a non-zero value
     that the pruned model cannot fold into a bias, the weights reading it.
     """
-
-    def zero(handler, layer, config, weights, keep):
-        return config, handler.mask(layer, weights, keep)
-
-    return _execute(model, plan, graph, zero)
+    return _execute(model, plan, graph, masking=True)
 
 
-Transform = Callable[[object, keras.layers.Layer, dict, dict, LayerKeep], tuple[dict, dict]]
-
-
-def _execute(model, plan: PrunePlan, graph: DependencyGraph | None, transform: Transform) -> keras.Model:
+def _execute(model, plan: PrunePlan, graph: DependencyGraph | None, masking: bool) -> keras.Model:
     if not isinstance(plan, PrunePlan):
         raise TypeError(f"Expected a `kap.PrunePlan`. Received: plan of type {type(plan).__name__}")
     if graph is None:
@@ -81,10 +75,22 @@ def _execute(model, plan: PrunePlan, graph: DependencyGraph | None, transform: T
     keeps = layer_keeps(graph, plan.removed_atoms(graph))
 
     def rebuild(layer):
-        config, weights = layer.get_config(), layer_weights(layer)
         keep = keeps.get(id(layer))
-        if keep is not None:
-            config, weights = transform(get_handler(layer), layer, config, weights, keep)
-        return type(layer).from_config(config), weights
+        if keep is None:
+            return copy_layer(layer)  # untouched: copied as it is, never rebuilt from its config
+        handler = get_handler(layer)
+        source = layer_weights(layer)
+        if masking:
+            new_layer, _ = copy_layer(layer)
+            return new_layer, handler.mask(layer, source, keep)
+        config, weights = handler.prune(layer, layer.get_config(), source, keep)
+        return layer_from_config(layer, config), _in_source_order(weights, source)
 
     return clone_layers(model, rebuild)
+
+
+def _in_source_order(weights: dict, source: dict) -> dict:
+    """``weights`` ordered like the original layer's variables (for positional matching)."""
+    ordered = {key: weights[key] for key in source if key in weights}
+    ordered.update((key, value) for key, value in weights.items() if key not in ordered)
+    return ordered

@@ -12,7 +12,7 @@ block that keeps the original layer's name, so:
   loads as ``.keras`` without custom objects and converts to TFLite;
 - `count_flops`, `flops_table` and `kap.DependencyGraph` see the block's
   layers as ``name/inner`` (nested models are supported everywhere);
-- every other layer is cloned with its weights (`clone_layers`), and the
+- every other layer is copied with its weights (`copy_layer`), and the
   input model is never modified.
 
 Example (a Dense layer split into two, computing the same function):
@@ -33,8 +33,7 @@ import keras
 import numpy as np
 
 from keras_autoprune.graph.dependency import check_model
-from keras_autoprune.surgery.clone import clone_layers
-from keras_autoprune.surgery.weights import layer_weights
+from keras_autoprune.surgery.clone import clone_layers, copy_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +111,7 @@ def replace_layers(model: keras.Model, replacements: Mapping[str, LayerReplaceme
     def rebuild(layer):
         replacement = targets.get(id(layer))
         if replacement is None:
-            return type(layer).from_config(layer.get_config()), layer_weights(layer)
+            return copy_layer(layer)
         return replacement.block(layer.name)
 
     return clone_layers(model, rebuild)

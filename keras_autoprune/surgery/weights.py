@@ -1,4 +1,4 @@
-"""Reading and writing a layer's weights by variable path, never by position.
+"""Reading and writing a layer's weights by variable path (by position only as a checked fallback).
 
 Keys are paths relative to the layer (``"kernel"``, ``"sub/bias"``). Variables
 created without an explicit name get globally unique-ified names
@@ -47,17 +47,40 @@ def layer_weights(layer) -> dict[str, np.ndarray]:
 
 
 def assign_weights(layer, values: dict[str, np.ndarray]) -> None:
-    """Assigns ``values`` (by relative path) to the variables of ``layer``."""
-    for name, variable in zip(weight_keys(layer), layer.weights):
-        if name not in values:
-            raise SurgeryError(
-                f"Layer '{layer.name}' has a variable '{name}' that surgery did not provide "
-                f"(provided: {sorted(values)}). This is a bug in its handler."
-            )
-        value = values[name]
+    """Assigns ``values`` to the variables of ``layer``, by key, else by position.
+
+    Keys are matched first (`weight_keys`). When they do not match (a
+    layer rebuilt from its config whose unnamed sublayers got new automatic
+    names: ``conv2d_7/kernel`` for ``conv2d_1/kernel``), the values are
+    assigned by position, in the order of ``values`` (the source layer's
+    variable order), provided the counts are equal and every shape matches.
+
+    Raises:
+        SurgeryError: neither matching works (names the variable, the keys
+            and the shapes).
+    """
+    keys = weight_keys(layer)
+    if all(key in values for key in keys):
+        pairs = [(key, variable, values[key]) for key, variable in zip(keys, layer.weights)]
+    else:
+        pairs = _by_position(layer, keys, values)
+    for key, variable, value in pairs:
         if tuple(value.shape) != tuple(variable.shape):
             raise SurgeryError(
-                f"Layer '{layer.name}', variable '{name}': surgery produced shape {value.shape}, "
+                f"Layer '{layer.name}', variable '{key}': surgery produced shape {value.shape}, "
                 f"the rebuilt layer expects {tuple(variable.shape)}. This is a bug in its handler."
             )
         variable.assign(value.astype(variable.dtype))
+
+
+def _by_position(layer, keys: list[str], values: dict[str, np.ndarray]) -> list:
+    expected = [tuple(v.shape) for v in layer.weights]
+    received = [tuple(np.shape(v)) for v in values.values()]
+    if expected != received:
+        missing = next(key for key in keys if key not in values)
+        raise SurgeryError(
+            f"Layer '{layer.name}' has a variable '{missing}' that surgery did not provide, and the "
+            f"values cannot be matched by position either. Expected: {list(zip(keys, expected))}. "
+            f"Received: {list(zip(values, received))}. This is a bug in its handler."
+        )
+    return [(key, variable, value) for key, variable, value in zip(keys, layer.weights, values.values())]

@@ -1,0 +1,225 @@
+"""Surgery never rebuilds untouched layers from their config (issue 13, deliverable 1).
+
+Custom layers with unnamed sublayers, `Lambda` layers and layers whose
+``get_config`` does not round-trip only block the channels around
+themselves; the rest of the model is pruned exactly.
+"""
+
+import threading
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import keras_autoprune as kap
+from keras_autoprune.surgery.duplicate import duplicate_layer
+from tests.helpers import assert_contract, randomize
+
+L = keras.layers
+
+
+class Block(keras.layers.Layer):
+    """Conv + BN with automatic (unstable) sublayer names."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = L.Conv2D(filters, 3, padding="same")
+        self.bn = L.BatchNormalization()
+
+    def call(self, x):
+        return keras.ops.relu(self.bn(self.conv(x)))
+
+
+class ForgetfulScale(keras.layers.Layer):
+    """``x * factor`` whose get_config forgets ``factor`` (no round trip)."""
+
+    def __init__(self, factor, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, x):
+        return x * self.factor
+
+    def get_config(self):
+        return super().get_config()
+
+
+class LockedScale(ForgetfulScale):
+    """Cannot be deep-copied (holds a lock) nor rebuilt from its config."""
+
+    def __init__(self, factor, **kwargs):
+        super().__init__(factor, **kwargs)
+        self.lock = threading.Lock()
+
+
+class ChannelScale(keras.layers.Layer):
+    def build(self, input_shape):
+        self.gamma = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.gamma
+
+
+class ScaleBlock(keras.layers.Layer):
+    """A per-channel scale held by an unnamed sublayer (registered below)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = ChannelScale()
+
+    def call(self, x):
+        return self.inner(x)
+
+
+class ForgetfulChannelScale(ChannelScale):
+    def __init__(self, unused, **kwargs):
+        super().__init__(**kwargs)
+        self.unused = unused
+
+    def get_config(self):
+        return super().get_config()
+
+
+kap.register_handler(ScaleBlock, kap.handlers.ChannelwiseHandler())
+kap.register_handler(ForgetfulChannelScale, kap.handlers.ChannelwiseHandler())
+
+
+def _model(middle: keras.layers.Layer) -> keras.Model:
+    """c1 -> middle (unknown or custom) -> c2 -> relu -> c3 -> GAP -> Dense."""
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", name="c1")(inputs)
+    x = middle(x)
+    x = L.Conv2D(5, 3, padding="same", name="c2")(x)
+    x = L.ReLU(name="r2")(x)
+    x = L.Conv2D(4, 1, name="c3")(x)
+    model = keras.Model(inputs, L.Dense(2, name="head")(L.GlobalAveragePooling2D()(x)))
+    randomize(model)
+    return model
+
+
+def _graph(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return kap.DependencyGraph(model)
+
+
+def _snapshot(model):
+    return [np.array(v.numpy()) for v in model.weights]
+
+
+def _check_untouched(model, slim, name, before):
+    """The slim model's ``name`` is an independent copy with the same weights; the input model is unchanged."""
+    old, new = model.get_layer(name), slim.get_layer(name)
+    assert new is not old and type(new) is type(old)
+    assert [v.path for v in new.weights] == [v.path for v in old.weights]
+    for a, b in zip(new.weights, old.weights):
+        assert a is not b
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(before, _snapshot(model)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "middle, name",
+    [
+        (lambda: Block(4, name="blk"), "blk"),
+        (lambda: L.Lambda(lambda t: t * 2.0, name="lam"), "lam"),
+        (lambda: ForgetfulScale(2.0, name="sc"), "sc"),
+    ],
+    ids=["unnamed-sublayers", "lambda", "config-no-round-trip"],
+)
+def test_untouched_custom_layer_is_copied_and_neighbours_are_pruned(middle, name):
+    model = _model(middle())
+    before = _snapshot(model)
+    graph = _graph(model)
+    assert not graph.group("c1").prunable  # blocked by the unknown layer
+    plan = kap.PrunePlan({"c2": [0, 2, 4], "c3": [1, 3]})
+    slim, _ = assert_contract(model, plan, graph)
+    assert slim.get_layer("c2").filters == 3 and slim.get_layer("c3").filters == 2
+    np.testing.assert_array_equal(slim.get_layer("c3").kernel.numpy(), model.get_layer("c3").kernel.numpy()[:, :, [0, 2, 4]][..., [1, 3]])
+    _check_untouched(model, slim, name, before)
+    x = np.random.default_rng(1).normal(size=(2, 8, 8, 6)).astype("float32")
+    np.testing.assert_array_equal(slim.get_layer(name)(x), model.get_layer(name)(x))
+
+
+def test_copied_layer_trains_independently_of_the_input_model():
+    model = _model(Block(4, name="blk"))
+    before = _snapshot(model)
+    slim = kap.apply_plan(model, kap.PrunePlan({"c2": [0, 1]}), _graph(model))
+    slim.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    rng = np.random.default_rng(0)
+    slim.fit(rng.normal(size=(4, 8, 8, 3)).astype("float32"), rng.normal(size=(4, 2)).astype("float32"), verbose=0)
+    assert not np.array_equal(slim.get_layer("blk").conv.kernel.numpy(), model.get_layer("blk").conv.kernel.numpy())
+    for a, b in zip(before, _snapshot(model)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_touched_custom_layer_with_unnamed_sublayer_gets_weights_by_position():
+    model = _model(ScaleBlock(name="sb"))
+    model.get_layer("sb").inner.gamma.assign(np.arange(1, 7, dtype="float32"))
+    graph = _graph(model)
+    assert graph.group("c1").prunable
+    slim, _ = assert_contract(model, kap.PrunePlan({"c1": [1, 3, 4]}), graph)
+    np.testing.assert_array_equal(slim.get_layer("sb").inner.gamma.numpy(), [2.0, 4.0, 5.0])
+
+
+def test_touched_layer_without_config_round_trip_is_a_clear_error():
+    model = _model(ForgetfulChannelScale(7, name="fcs"))
+    plan = kap.PrunePlan({"c1": [0, 1]})
+    kap.mask_plan(model, plan)  # same architecture: copied, no config needed
+    with pytest.raises(kap.UnsupportedModelError, match=r"(?s)'fcs' \(ForgetfulChannelScale\).*from_config.*Fix: make"):
+        kap.apply_plan(model, plan)
+
+
+def test_layer_that_can_be_neither_copied_nor_rebuilt_is_a_clear_error():
+    model = _model(LockedScale(2.0, name="locked"))
+    with pytest.raises(kap.UnsupportedModelError, match=r"(?s)'locked' \(LockedScale\).*lock.*Fix: make"):
+        kap.apply_plan(model, kap.PrunePlan({"c2": [0, 1]}), _graph(model))
+
+
+def test_replace_layers_copies_unnamed_sublayer_blocks():
+    model = _model(Block(4, name="blk"))
+    before = _snapshot(model)
+    head = model.get_layer("head")
+    swap = kap.LayerReplacement([L.Dense(2, name="head2")], [{"kernel": head.kernel.numpy(), "bias": head.bias.numpy()}])
+    new = kap.replace_layers(model, {"head": swap})
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(new(x), model(x), rtol=1e-6, atol=1e-6)
+    _check_untouched(model, new, "blk", before)
+
+
+def test_duplicate_layer_copies_seed_generators_and_nested_functional_models():
+    tower_in = keras.Input((4,))
+    tower = keras.Model(tower_in, L.Dense(3)(L.Dense(5, activation="relu")(tower_in)))
+
+    class Holder(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.tower = tower
+            self.drop = L.Dropout(0.5, seed=3)
+
+        def call(self, x, training=False):
+            return self.drop(self.tower(x), training=training)
+
+    holder = Holder()
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype("float32")
+    expected = np.asarray(holder(x))
+    copy = duplicate_layer(holder)
+    np.testing.assert_array_equal(copy(x), expected)
+    assert {id(v) for v in copy.variables}.isdisjoint({id(v) for v in holder.variables})
+    assert len(copy.variables) == len(holder.variables) == 5  # 2 kernels, 2 biases, 1 seed state
+    copy.tower.layers[-1].kernel.assign(np.zeros((5, 3), "float32"))
+    np.testing.assert_array_equal(holder(x), expected)
+
+
+@pytest.mark.filterwarnings("ignore:`build\\(\\)` was called on layer 'blk'")  # Keras, about Block itself
+def test_pruned_model_with_copied_custom_layer_saves_and_loads(tmp_path):
+    model = _model(Block(4, name="blk"))
+    slim = kap.apply_plan(model, kap.PrunePlan({"c2": [0, 1, 3]}), _graph(model))
+    path = str(tmp_path / "slim.keras")
+    slim.save(path)
+    loaded = keras.saving.load_model(path, custom_objects={"Block": Block})
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(loaded(x), slim(x), rtol=1e-6, atol=1e-6)
+    assert loaded.get_layer("c2").filters == 3
