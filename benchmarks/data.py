@@ -87,6 +87,23 @@ def load(
     return BenchData(x_train, y_train, ((x_test - mean) / std).astype(np.float32), y_test, mean, std)
 
 
+def load_converged(source: str | os.PathLike = DEFAULT_SOURCE) -> BenchData:
+    """All of CIFAR-10 for a converged base model (`benchmarks.converged`), which reads raw pixels.
+
+    The images are `converged.load_cifar10`'s (Pillow-decoded, as the model
+    was trained); ``mean = 0`` and ``std = 1/255`` make `BenchData.normalise`
+    return raw pixel values in [0, 255] (to float32 rounding), so the
+    augmentation, calibration and export data of the other profiles apply
+    unchanged.
+    """
+    from benchmarks.converged import load_cifar10
+
+    arrays = load_cifar10(source)
+    mean, std = np.zeros(3, np.float32), np.full(3, 1.0 / 255.0, np.float32)
+    data = BenchData(arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test, mean, std)
+    return dataclasses.replace(data, x_test=data.normalise(arrays.x_test))
+
+
 def train_dataset(data: BenchData, batch_size: int, seed: int, first_epoch: int, last_epoch: int):
     """Augmented batches of epochs ``first_epoch .. last_epoch - 1``, one after the other.
 

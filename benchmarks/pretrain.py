@@ -6,13 +6,15 @@ architecture, data subset and schedule, `Profile.pretrain_key`) and
 deadline (``gpu``) saves ``checkpoint.keras`` (weights and optimizer state)
 when it stops early and continues from it on the next invocation.
 Pretraining always uses seed 0: the ``--seeds`` of a run vary the
-fine-tuning only.
+fine-tuning only. A profile with a ``base_model`` (``v2``) is not
+pretrained: the committed converged model is copied into the folder.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import keras
 
@@ -24,6 +26,25 @@ from keras_autoprune.evaluation import accuracy
 from keras_autoprune.zoo import resnet_cifar
 
 PRETRAIN_SEED = 0
+
+
+CPU_EPOCH_SECONDS = 360.0
+"""Seconds of one 50,000-image ResNet-20 epoch on two CPU cores (measured), the stage planning of a converged base model."""
+
+
+def _use_converged(name: str, folder: pathlib.Path) -> dict:
+    """Copies the committed converged model ``name`` into ``folder``; its manifest entry becomes the meta."""
+    from benchmarks import converged
+
+    entry = json.loads((converged.MODELS_DIR / "manifest.json").read_text())["models"][name]
+    source = converged.MODELS_DIR / entry["file"]
+    if converged.sha256(source) != entry["sha256"]:
+        raise ValueError(f"{source} differs from its manifest entry (sha256); run `python -m benchmarks.converged verify`.")
+    shutil.copyfile(source, folder / "model.keras")
+    meta = {"accuracy": entry["test_accuracy"], "epochs": entry["epochs"], "train_seconds": CPU_EPOCH_SECONDS * entry["epochs"],
+            "base_model": name, "sha256": entry["sha256"], "trained_on": entry["machine"]}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    return dict(meta, cached=False)
 
 
 def pretrained_path(profile: Profile, cache_root: pathlib.Path) -> pathlib.Path:
@@ -53,6 +74,8 @@ def pretrain(
     if meta_path.exists() and (folder / "model.keras").exists():
         return dict(json.loads(meta_path.read_text()), cached=True)
     folder.mkdir(parents=True, exist_ok=True)
+    if profile.base_model is not None:
+        return _use_converged(profile.base_model, folder)
     checkpoint, progress_path = folder / "checkpoint.keras", folder / "checkpoint.json"
     if checkpoint.exists() and progress_path.exists():
         model = keras.saving.load_model(checkpoint)

@@ -11,6 +11,11 @@ of a run is trained, pruned and measured the same way:
   (pretraining included) take at most 45 minutes on two shared CPU cores
   (see docs/benchmarks.md, "How the cpu profile was sized"; the issue-7
   entries add more).
+- ``v2``: Benchmark v2's protocol 2: the committed converged ResNet-20
+  (`benchmarks.converged`, raw pixels in) fine-tuned 4 epochs on all
+  50,000 training images at 50% and 25% FLOPs kept by the headline entries,
+  two pruning rounds inside those epochs; resumable unit by unit (about
+  6 hours on two CPU cores). No pretraining: ``base_model`` names the model.
 - ``gpu``: ResNet-56 on the full CIFAR-10 with He et al.'s schedule (SGD
   0.1, divided by 10 at epochs 82 and 123 of 164), fine-tuning 40 epochs;
   resumable in stages of at most ``stage_minutes`` (one H100).
@@ -69,6 +74,8 @@ class Profile:
         export_samples: samples for the export verification.
         resumable: keep finished units between invocations (stages).
         stage_minutes: default wall-clock limit of one invocation (None: none).
+        base_model: a converged model of ``benchmarks/models`` (its manifest
+            name) that replaces pretraining; its data are raw pixels.
     """
 
     name: str
@@ -93,11 +100,12 @@ class Profile:
     export_samples: int = 100
     resumable: bool = False
     stage_minutes: float | None = None
+    base_model: str | None = None
 
     def pretrain_key(self) -> str:
         """Digest of everything that determines the pretrained weights."""
         fields = ("depth", "width", "train_per_class", "batch_size", "pretrain_epochs", "pretrain_lr",
-                  "pretrain_schedule", "weight_decay")
+                  "pretrain_schedule", "weight_decay", "base_model")
         return _digest({f: getattr(self, f) for f in fields})
 
     def run_key(self) -> str:
@@ -146,6 +154,12 @@ PROFILES: dict[str, Profile] = {
         name="cpu", depth=20, width=16, train_per_class=500, test_per_class=None,
         calibration_batches=4, batch_size=128, pretrain_epochs=15, pretrain_lr=0.1,
         finetune_epochs=6, finetune_lr=0.02, rounds=2,
+    ),
+    "v2": Profile(
+        name="v2", depth=20, width=16, train_per_class=None, test_per_class=None,
+        calibration_batches=8, batch_size=128, pretrain_epochs=0, pretrain_lr=0.1,
+        finetune_epochs=4, finetune_lr=0.01, rounds=2, resumable=True, base_model="resnet20",
+        entries=("unpruned", "uniform_l1", "taylor", "nap", "eigendamage", "psap", "tfmot"),
     ),
     "gpu": Profile(
         name="gpu", depth=56, width=16, train_per_class=None, test_per_class=None,

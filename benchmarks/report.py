@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("results")
     parser.add_argument("--docs", default=str(root / "docs" / "benchmarks.md"))
-    parser.add_argument("--plot", default=str(root / "docs" / "img" / "accuracy_vs_flops.png"))
+    parser.add_argument("--plot", default=str(root / "docs" / "img" / "accuracy_vs_flops_cpu.png"))
     args = parser.parse_args(argv)
     results = json.loads(pathlib.Path(args.results).read_text())
     results["goals"] = goals(results)

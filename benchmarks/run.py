@@ -3,7 +3,8 @@
 Run from the repository root::
 
     python -m benchmarks.run --profile cpu                      # ResNet-20, <= 45 min on 2 cores
-    python -m benchmarks.run --profile smoke --docs none        # the pipeline in ~1 min
+    python -m benchmarks.run --profile smoke                    # the pipeline in ~1 min (writes no docs)
+    python -m benchmarks.run --profile v2                       # protocol 2 (hours; repeat until done)
     python -m benchmarks.run --profile gpu                      # ResNet-56; repeat until it says done
     python -m benchmarks.run --profile cpu --seeds 0 1 --entries unpruned nap random
 
@@ -15,7 +16,8 @@ entry from the same pretrained weights with the same schedule
 ``.tflite`` files and time each budget's files together
 (`benchmarks.measure`); write ``benchmarks/results/<profile>.json``, the
 tables and goals in ``docs/benchmarks.md`` and
-``docs/img/accuracy_vs_flops.png`` (`benchmarks.report`).
+``docs/img/accuracy_vs_flops_<profile>.png`` (`benchmarks.report`); the
+``smoke`` profile writes neither unless ``--docs``/``--plot`` name a file.
 
 Stages: with ``--max-minutes`` (default for ``gpu``: 8.5) the run stops
 cleanly before that time, keeping every finished unit and a checkpoint of
@@ -38,7 +40,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from benchmarks import report  # noqa: E402
-from benchmarks.data import DEFAULT_SOURCE, BenchData, load  # noqa: E402
+from benchmarks.data import DEFAULT_SOURCE, BenchData, load, load_converged  # noqa: E402
 from benchmarks.entries import entry_schedule, run_entry  # noqa: E402
 from benchmarks.measure import export_model, latency_figures  # noqa: E402
 from benchmarks.pretrain import load_pretrained, pretrain, pretrained_path  # noqa: E402
@@ -59,8 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--entries", nargs="+", choices=ALL_ENTRIES, help="default: the profile's")
     parser.add_argument("--cache-dir", default=str(REPO_ROOT / "benchmarks" / "cache"))
     parser.add_argument("--results-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
-    parser.add_argument("--docs", default=str(REPO_ROOT / "docs" / "benchmarks.md"), help="'none' to leave docs alone")
-    parser.add_argument("--plot", default=str(REPO_ROOT / "docs" / "img" / "accuracy_vs_flops.png"))
+    parser.add_argument("--docs", help="page to update, 'none' to leave docs alone (default: docs/benchmarks.md; smoke: none)")
+    parser.add_argument("--plot", help="default: docs/img/accuracy_vs_flops_<profile>.png when docs are written")
+    parser.add_argument("--budgets", type=float, nargs="+", help="FLOPs budgets to run (default: the profile's)")
     parser.add_argument("--max-minutes", type=float, help="stop cleanly before this (default: the profile's stage time)")
     parser.add_argument("--resume", action="store_true", help="keep finished units of an earlier run")
     parser.add_argument("--retrain", action="store_true", help="discard the cached pretrained model")
@@ -73,6 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     profile = PROFILES[args.profile]
+    if args.docs is None:
+        args.docs = "none" if profile.name == "smoke" else str(REPO_ROOT / "docs" / "benchmarks.md")
+    if args.plot is None:
+        args.plot = str(REPO_ROOT / "docs" / "img" / f"accuracy_vs_flops_{profile.name}.png")
     entries = ["unpruned"] + [e for e in ALL_ENTRIES[1:] if e in (args.entries or profile.entries)]
     cache = pathlib.Path(args.cache_dir)
     if args.retrain:
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path, deadline: Deadline, context: dict) -> dict:
     log = _logger(context["clock"])
-    data = load(args.data, profile.train_per_class, profile.test_per_class)
+    data = load_converged(args.data) if profile.base_model else load(args.data, profile.train_per_class, profile.test_per_class)
     log(f"data: {len(data.x_train)} training, {len(data.x_test)} test images")
     pretrained_meta = pretrain(profile, data, cache, deadline, args.verbose)
     pretrained = pretrained_path(profile, cache)
@@ -105,7 +112,7 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
     epoch_seconds = pretrained_meta["train_seconds"] / pretrained_meta["epochs"]
     runs, latency = [], {}
     for seed in args.seeds:
-        for budget in [None, *profile.budgets]:
+        for budget in [None, *(args.budgets or profile.budgets)]:
             group = [e for e in entries if (e == "unpruned") == (budget is None)]
             for entry in group:
                 unit = _unit(seed, budget, entry)
@@ -129,7 +136,7 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
                 log(f"{unit}: " + ", ".join(f"{k} {v['float32']['kept']:.2f}" for k, v in latency[f"{seed}/{budget}"].items()))
     results = {
         "profile": profile.name, "command": context["command"], "started": context["started"],
-        "config": profile.to_dict(), "entries": entries, "seeds": list(args.seeds), "budgets": list(profile.budgets),
+        "config": profile.to_dict(), "entries": entries, "seeds": list(args.seeds), "budgets": list(args.budgets or profile.budgets),
         "machine": _machine(context), "versions": _versions(runs), "pretrained": pretrained_meta,
         "runs": runs, "latency": latency, "wall_seconds": time.perf_counter() - context["clock"],
     }

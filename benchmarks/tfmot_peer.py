@@ -51,6 +51,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Layer classes the twin can rebuild, and the config fields it copies.
 _LAYER_FIELDS = {
     "InputLayer": ("batch_shape",),
+    "Normalization": ("axis", "mean", "variance"),
     "Conv2D": ("filters", "kernel_size", "strides", "padding", "dilation_rate", "use_bias", "activation"),
     "BatchNormalization": ("axis", "momentum", "epsilon", "center", "scale"),
     "ReLU": ("max_value", "negative_slope", "threshold"),
@@ -197,7 +198,13 @@ def run_peer(request: dict) -> dict:
     updates = min(8, prune_steps)
     frequency = prune_steps // updates
     schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, sparsity, begin_step=0, end_step=frequency * updates, frequency=frequency)
-    pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
+
+    def wrap(layer):  # the kernels that are pruned; the other layers (Normalization, BN, ...) stay as they are
+        if isinstance(layer, (tf_keras.layers.Conv2D, tf_keras.layers.Dense)):
+            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
+        return layer
+
+    pruned = tf_keras.models.clone_model(model, clone_function=wrap)
 
     lr = lambda epoch: learning_rate(epoch, profile.finetune_lr, profile.finetune_epochs, "cosine")  # noqa: E731
     train = {"data": data, "batch_size": profile.batch_size, "seed": seed, "learning_rate": lr, "keras_module": tf_keras,

@@ -107,3 +107,22 @@ def test_protocol_one_records_an_entry_that_cannot_run():
               "batchnorm_x": np.zeros((128, 32, 32, 3), "float32")}
     row = oneshot.run_row(model, "eigendamage", 0.01, shared, data=None)
     assert "error" in row and "budget" in row["error"]
+
+
+def test_protocol_two_starts_from_the_committed_model_with_raw_pixels(cifar, tmp_path):
+    """The ``v2`` profile: the converged model replaces pretraining, and its data are raw pixels."""
+    from benchmarks.data import load_converged
+    from benchmarks.pretrain import load_pretrained, pretrain, pretrained_path
+    from benchmarks.profiles import PROFILES
+    from benchmarks.tfmot_peer import architecture
+
+    data = load_converged()
+    np.testing.assert_allclose(data.x_test[:4], cifar.x_test[:4].astype(np.float32), rtol=1e-6)
+    np.testing.assert_allclose(data.normalise(cifar.x_train[:4]), cifar.x_train[:4].astype(np.float32), rtol=1e-6)
+    profile = PROFILES["v2"]
+    meta = pretrain(profile, data, tmp_path)
+    manifest = json.loads((converged.MODELS_DIR / "manifest.json").read_text())["models"]["resnet20"]
+    assert meta["accuracy"] == manifest["test_accuracy"] and meta["sha256"] == manifest["sha256"]
+    model = load_pretrained(pretrained_path(profile, tmp_path))
+    assert converged.sha256(pretrained_path(profile, tmp_path) / "model.keras") == manifest["sha256"]
+    assert "Normalization" in {layer["class"] for layer in architecture(model)["layers"]}  # the TFMOT twin rebuilds it

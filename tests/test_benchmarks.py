@@ -18,10 +18,13 @@ needs_cifar = pytest.mark.skipif(not DEFAULT_SOURCE.is_file(), reason="../shared
 
 @needs_cifar
 def test_smoke_profile_reports_every_entry_and_figure(tmp_path):
-    from benchmarks.run import main
+    from benchmarks.run import REPO_ROOT, main
 
-    results = main(["--profile", "smoke", "--docs", "none", "--results-dir", str(tmp_path),
-                    "--cache-dir", str(tmp_path / "cache")])
+    published = [REPO_ROOT / "docs" / "benchmarks.md", *sorted((REPO_ROOT / "docs" / "img").glob("*.png"))]
+    before = {path: path.read_bytes() for path in published}
+    results = main(["--profile", "smoke", "--results-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
+    assert {path: path.read_bytes() for path in published} == before  # smoke never rewrites the published page or plots
+    assert not (REPO_ROOT / "docs" / "img" / "accuracy_vs_flops_smoke.png").exists()
     saved = json.loads((tmp_path / "smoke.json").read_text())
     assert saved["runs"] == json.loads(json.dumps(results["runs"]))
     profile = PROFILES["smoke"]
