@@ -12,9 +12,10 @@ on the same 2,048 other training images (16 batches of 128) for every entry.
     python -m benchmarks.oneshot --model resnet20 --entries nap uniform_l1 --targets 0.5
 
 Rows are appended to ``benchmarks/results/v2/oneshot_<model>.json`` as they
-finish (a rerun skips finished rows; ``--fresh`` starts over) and the plot
-``docs/img/v2_oneshot_<model>.png`` is redrawn from them. ``--out`` writes
-elsewhere (the published files are left alone). The Torch-Pruning rows come
+finish (a rerun skips finished rows; ``--fresh`` starts over); the plot
+``docs/img/v2_oneshot_<model>.png`` and the table in ``docs/benchmarks.md``
+are redrawn from them. ``--out`` writes elsewhere (the published files are
+left alone). The Torch-Pruning rows come
 from `benchmarks.torch_peer` (its own process) and are drawn from
 ``oneshot_torch_<model>.json`` beside them when present.
 """
@@ -38,6 +39,7 @@ ENTRIES = ("uniform_l1", "global_l1", "taylor", "random", "nap", "nap_cost_aware
 remove FLOPs in one shot: it appears in protocol 2 only)."""
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results" / "v2"
 PLOT_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "img"
+DOCS_PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 BATCH_SIZE = 128
 
 
@@ -164,6 +166,30 @@ def plot(model_name: str, rows: list[dict], path: pathlib.Path) -> None:
     plt.close(figure)
 
 
+def markdown(rows: list[dict]) -> str:
+    """The table of the docs: per entry and target, accuracy as pruned / after BN re-estimation (and FLOPs, params kept)."""
+    targets = sorted({r["target"] for r in rows if r["entry"] != "unpruned"}, reverse=True)
+    entries = list(dict.fromkeys(r["entry"] for r in rows if r["entry"] != "unpruned"))
+    cells = {(r["entry"], r["target"]): r for r in rows}
+    unpruned = next((r for r in rows if r["entry"] == "unpruned"), None)
+    lines = ["| entry | " + " | ".join(f"{t:.0%} FLOPs" for t in targets) + " |", "|---|" + "---|" * len(targets)]
+    if unpruned:
+        lines.append(f"| unpruned | {100 * unpruned['accuracy']:.2f} |" + " |" * (len(targets) - 1))
+    for entry in entries:
+        row = []
+        for target in targets:
+            cell = cells.get((entry, target))
+            if cell is None:
+                row.append("")
+            elif "error" in cell:
+                row.append("fails: " + cell["error"].split(":")[0])
+            else:
+                row.append(f"{100 * cell['accuracy']:.1f} / **{100 * cell['accuracy_bn']:.1f}** "
+                           f"({cell['flops_kept']:.2f}, {cell['params_kept']:.2f})")
+        lines.append(f"| {entry} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + ("\n\nCells: top-1 % as pruned / **after BN re-estimation** (FLOPs kept, parameters kept).")
+
+
 def all_rows(model_name: str, folder: pathlib.Path) -> list[dict]:
     """This protocol's rows and, when present, the Torch-Pruning peer's (``oneshot_torch_<model>.json``)."""
     rows = json.loads((folder / f"oneshot_{model_name}.json").read_text())["rows"]
@@ -186,8 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.out or RESULTS_DIR
     run(args.model, tuple(args.entries), tuple(args.targets), out=folder / f"oneshot_{args.model}.json",
         data=converged.load_cifar10(args.data), fresh=args.fresh, log=lambda line: print(line, flush=True))
-    plot_dir = PLOT_DIR if args.out is None else folder
-    plot(args.model, all_rows(args.model, folder), plot_dir / f"v2_oneshot_{args.model}.png")
+    rows = all_rows(args.model, folder)
+    print(markdown(rows))
+    if args.out is None:  # the published results: the plot and the table of docs/benchmarks.md
+        from benchmarks.report import update_docs
+
+        plot(args.model, rows, PLOT_DIR / f"v2_oneshot_{args.model}.png")
+        update_docs(DOCS_PAGE, f"oneshot_{args.model}", markdown(rows))
+    else:
+        plot(args.model, rows, folder / f"v2_oneshot_{args.model}.png")
     return 0
 
 

@@ -9,7 +9,7 @@ of a run is trained, pruned and measured the same way:
 - ``cpu``: ResNet-20 on 5,000 CIFAR-10 training images (500 per class) and
   the full 10,000 test images; sized so that the issue-5 entries
   (pretraining included) take at most 45 minutes on two shared CPU cores
-  (see docs/benchmarks.md, "How the cpu profile was sized"; the issue-7
+  (see docs/benchmarks_quick.md, "How the cpu profile was sized"; the issue-7
   entries add more).
 - ``v2``: Benchmark v2's protocol 2: the committed converged ResNet-20
   (`benchmarks.converged`, raw pixels in) fine-tuned 4 epochs on all

@@ -5,7 +5,7 @@ The JSON (`benchmarks/results/<profile>.json`) holds every unit's figures
 the configuration, command, machine and versions. `markdown` turns it into
 one table per budget (mean over seeds, and each seed's value when there are
 several) and the goals of issue 5; `update_docs` puts that between the
-profile's markers in ``docs/benchmarks.md``.
+profile's markers in its page (``docs/benchmarks.md`` for ``v2``, ``docs/benchmarks_quick.md`` otherwise).
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def goals(results: dict) -> list[dict]:
 
 
 def markdown(results: dict) -> str:
-    """The generated part of docs/benchmarks.md for one profile."""
+    """The generated part of a profile's benchmark page."""
     config, machine, pre = results["config"], results["machine"], results["pretrained"]
     seeds = results["seeds"]
     lines = [
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     root = pathlib.Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("results")
-    parser.add_argument("--docs", default=str(root / "docs" / "benchmarks.md"))
+    parser.add_argument("--docs", default=str(root / "docs" / "benchmarks_quick.md"))
     parser.add_argument("--plot", default=str(root / "docs" / "img" / "accuracy_vs_flops_cpu.png"))
     args = parser.parse_args(argv)
     results = json.loads(pathlib.Path(args.results).read_text())

@@ -15,7 +15,7 @@ entry from the same pretrained weights with the same schedule
 (`benchmarks.entries`, `benchmarks.tfmot_peer`); export float32 and int8
 ``.tflite`` files and time each budget's files together
 (`benchmarks.measure`); write ``benchmarks/results/<profile>.json``, the
-tables and goals in ``docs/benchmarks.md`` and
+tables and goals in the profile's page (``docs/benchmarks.md`` for ``v2``, ``docs/benchmarks_quick.md`` otherwise) and
 ``docs/img/accuracy_vs_flops_<profile>.png`` (`benchmarks.report`); the
 ``smoke`` profile writes neither unless ``--docs``/``--plot`` name a file.
 
@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--entries", nargs="+", choices=ALL_ENTRIES, help="default: the profile's")
     parser.add_argument("--cache-dir", default=str(REPO_ROOT / "benchmarks" / "cache"))
     parser.add_argument("--results-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
-    parser.add_argument("--docs", help="page to update, 'none' to leave docs alone (default: docs/benchmarks.md; smoke: none)")
+    parser.add_argument("--docs", help="page to update, 'none' to leave docs alone (default: docs/benchmarks.md for v2, "
+                        "docs/benchmarks_quick.md for cpu and gpu, none for smoke)")
     parser.add_argument("--plot", help="default: docs/img/accuracy_vs_flops_<profile>.png when docs are written")
     parser.add_argument("--budgets", type=float, nargs="+", help="FLOPs budgets to run (default: the profile's)")
     parser.add_argument("--max-minutes", type=float, help="stop cleanly before this (default: the profile's stage time)")
@@ -76,8 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     profile = PROFILES[args.profile]
-    if args.docs is None:
-        args.docs = "none" if profile.name == "smoke" else str(REPO_ROOT / "docs" / "benchmarks.md")
+    if args.docs is None:  # Benchmark v2's page; the older profiles have their own
+        page = "benchmarks.md" if profile.base_model else "benchmarks_quick.md"
+        args.docs = "none" if profile.name == "smoke" else str(REPO_ROOT / "docs" / page)
     if args.plot is None:
         args.plot = str(REPO_ROOT / "docs" / "img" / f"accuracy_vs_flops_{profile.name}.png")
     entries = ["unpruned"] + [e for e in ALL_ENTRIES[1:] if e in (args.entries or profile.entries)]
