@@ -1,0 +1,110 @@
+"""RED stage 1: adaptive hashing of the scalar weights of each layer.
+
+For every weight tensor ``w`` of a convolution, depthwise, separable,
+transposed-convolution or Dense layer (`LINEAR_CLASSES`: ``kernel``,
+``depthwise_kernel``, ``pointwise_kernel`` and ``bias`` each on their own),
+the values are replaced by the modes of their Gaussian kernel density
+estimate (`keras_autoprune.red.kde`):
+
+    h = bandwidth_scale · 0.9 · min(σ, IQR / 1.34) · n^(−1/5)   (Silverman)
+    w_i  ←  m_k   for the basin k that holds w_i.
+
+Decision: **per layer (per weight tensor), not per output neuron.** All
+neurons of a layer share one set of modes, so two neurons whose weights fall
+in the same basins become *identical* and stage 2 can merge them, and one
+input channel's k×k kernels repeat across output channels, which stage 3
+exploits. Per-neuron modes would give every neuron its own values and
+almost never make two neurons equal. Kernels and biases get separate
+densities because their scales differ (a bias after BatchNormalization
+folding carries ``β − s μ``).
+
+Weights of other layers (a BatchNormalization that could not be folded,
+PReLU, LayerScale, ...) are left unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.red.kde import density_modes, silverman_bandwidth
+from keras_autoprune.red.records import clone_with, is_linear_layer
+from keras_autoprune.surgery.clone import layer_from_config
+from keras_autoprune.surgery.weights import layer_weights
+
+HASHED_WEIGHTS = ("kernel", "depthwise_kernel", "pointwise_kernel", "bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class HashedTensor:
+    """What hashing did to one weight tensor.
+
+    Attributes:
+        layer: qualified layer name.
+        weight: weight key (``"kernel"``, ``"bias"``, ...).
+        size: number of scalars.
+        distinct_before: distinct values before hashing.
+        distinct_after: distinct values after hashing (modes in use).
+        bandwidth: the KDE bandwidth ``h``.
+    """
+
+    layer: str
+    weight: str
+    size: int
+    distinct_before: int
+    distinct_after: int
+    bandwidth: float
+
+
+def hash_values(values: np.ndarray, bandwidth_scale: float) -> tuple[np.ndarray, float]:
+    """``values`` snapped to the modes of their KDE, and the bandwidth used.
+
+    Example:
+
+    >>> v = np.array([0.0, 0.01, 0.02, 1.0, 1.01, 1.02])
+    >>> hashed, h = hash_values(v, bandwidth_scale=0.1)
+    >>> np.unique(hashed).size
+    2
+    """
+    bandwidth = bandwidth_scale * silverman_bandwidth(values)
+    return density_modes(values, bandwidth).snap(values), bandwidth
+
+
+def hash_weights(
+    model: keras.Model, bandwidth_scale: float = 1.0, graph: DependencyGraph | None = None
+) -> tuple[keras.Model, list[HashedTensor]]:
+    """Returns a copy of ``model`` whose linear layers' weights are hashed.
+
+    Args:
+        model: a built Sequential or Functional model (left unchanged);
+            usually already BatchNormalization-folded.
+        bandwidth_scale: multiplies Silverman's bandwidth; smaller keeps
+            more distinct values (closer to the original model).
+        graph: ``DependencyGraph(model)`` if already built.
+
+    Returns:
+        ``(hashed_model, tensors)``: the new model and one `HashedTensor`
+        per hashed weight, in graph order.
+    """
+    if graph is None:
+        graph = DependencyGraph(model)
+    plans: dict[int, tuple] = {}
+    tensors = []
+    for record in graph.records:
+        layer = record.operation
+        if not record.first_call or not is_linear_layer(layer) or id(layer) in plans:
+            continue
+        weights = layer_weights(layer)
+        for key in HASHED_WEIGHTS:
+            if key not in weights:
+                continue
+            original = weights[key]
+            hashed, bandwidth = hash_values(original.astype(np.float64), bandwidth_scale)
+            weights[key] = hashed.astype(original.dtype)
+            tensors.append(HashedTensor(record.name, key, int(original.size), int(np.unique(original).size),
+                                        int(np.unique(weights[key]).size), float(bandwidth)))
+        plans[id(layer)] = (layer_from_config(layer, layer.get_config()), weights)
+    return clone_with(model, lambda layer: plans.get(id(layer))), tensors

@@ -1,0 +1,178 @@
+"""RED stage 2: merging identical (or near-identical) output neurons.
+
+Within every prunable `ChannelGroup`, channels with equal signatures
+(`keras_autoprune.red.signatures`) carry equal values ``x_i = x_j`` wherever
+the group's channels appear. Every reader computes
+``sum_c W[c] x_c = ... + (W[i] + W[j]) x_i + 0 · x_j``, so a merge is
+
+1. a weight fold: in every reader kernel, ``W[i] += W[j]; W[j] = 0``
+   (rows at the same spatial position after a Flatten), which leaves the
+   model's function unchanged, then
+2. a `kap.PrunePlan` removing ``j``, executed by `kap.apply_plan`: channel
+   ``j`` is now read by nothing, so removing it is exact.
+
+The kept channel of a cluster is its lowest index. **Exactness**: with
+``merge_threshold=0`` only channels with bit-identical signatures merge and
+the merged model equals the unmerged one to float rounding (the tests check
+1e-5 relative).
+
+Near-identical channels (``merge_threshold > 0``): channels are clustered
+greedily in index order; a channel joins the first cluster leader ``i`` with
+
+    d(i, j) = max over members m of ||s_i^m − s_j^m|| / max(||s_i^m||, ||s_j^m||)
+
+at most ``merge_threshold`` (``s^m``: the channel's weights in member
+layer m, see `signatures`). The leader's weights are kept unchanged and the
+model is then only approximately equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import keras
+import numpy as np
+
+from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.graph.handlers import LinearHandler, SeparableHandler
+from keras_autoprune.red.records import GraphIndex, with_weights
+from keras_autoprune.red.signatures import GroupSignatures, group_signatures
+from keras_autoprune.surgery import PrunePlan, apply_plan
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeResult:
+    """What stage 2 did.
+
+    Attributes:
+        model: the merged model (a new model).
+        plan: the `PrunePlan` applied to the weight-folded model (its group
+            ids are those of ``DependencyGraph`` of the input model).
+        clusters: ``{group_id: [[kept, merged, ...], ...]}``, clusters of
+            more than one channel only.
+        merged_per_layer: ``{layer: output neurons removed}`` for the layers
+            that create the merged channels.
+        blocked: ``{group_id: reason}`` for prunable groups that could not
+            be examined.
+    """
+
+    model: keras.Model
+    plan: PrunePlan
+    clusters: dict[str, list[list[int]]]
+    merged_per_layer: dict[str, int]
+    blocked: dict[str, str]
+
+    @property
+    def merged(self) -> int:
+        """Channels removed in total."""
+        return sum(len(c) - 1 for clusters in self.clusters.values() for c in clusters)
+
+
+def merge_neurons(model: keras.Model, merge_threshold: float = 0.0, graph: DependencyGraph | None = None) -> MergeResult:
+    """Merges the identical output neurons of ``model`` (see the module docstring).
+
+    Args:
+        model: a built Sequential or Functional model (left unchanged),
+            usually BatchNormalization-folded and hashed.
+        merge_threshold: 0 merges exactly identical neurons only; a positive
+            value also merges neurons within that relative distance.
+        graph: ``DependencyGraph(model)`` if already built.
+
+    Returns:
+        A `MergeResult`; with nothing to merge its ``model`` is a copy.
+    """
+    if graph is None:
+        graph = DependencyGraph(model)
+    index = GraphIndex(graph)
+    cache: dict = {}
+    clusters: dict[str, list[list[int]]] = {}
+    blocked: dict[str, str] = {}
+    signatures: dict[str, GroupSignatures] = {}
+    for group in graph.prunable_groups:
+        if group.size < 2:
+            continue
+        signature = group_signatures(index, group, cache)
+        if signature.blocked:
+            blocked[group.id] = signature.blocked
+            continue
+        found = [c for c in _clusters(signature, merge_threshold) if len(c) > 1]
+        if found:
+            clusters[group.id] = found
+            signatures[group.id] = signature
+    if not clusters:
+        return MergeResult(with_weights(model, {}), PrunePlan({}), {}, {}, blocked)
+
+    folded = _fold_readers(model, signatures, clusters, cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same unknown layers were reported for `model`
+        folded_graph = DependencyGraph(folded)
+    kept = {}
+    for group_id, found in clusters.items():
+        gone = {j for cluster in found for j in cluster[1:]}
+        kept[group_id] = [c for c in range(graph.group(group_id).size) if c not in gone]
+    plan = PrunePlan(kept)
+    merged = apply_plan(folded, plan, folded_graph)
+    return MergeResult(merged, plan, clusters, _per_layer(index, graph, clusters), blocked)
+
+
+def _clusters(signature: GroupSignatures, threshold: float) -> list[list[int]]:
+    channels = range(signature.group.size)
+    if threshold <= 0:
+        by_key: dict[bytes, list[int]] = {}
+        for c in channels:
+            by_key.setdefault(signature.key(c), []).append(c)
+        return list(by_key.values())
+    vectors = [signature.vectors(c) for c in channels]
+    members = sorted({m for v in vectors for m in v})
+    stacks = {}
+    for m in members:  # channels absent from a member get NaN rows (never within threshold)
+        width = max(len(v[m]) for v in vectors if m in v)
+        stacks[m] = np.stack([v[m] if m in v and len(v[m]) == width else np.full(width, np.nan) for v in vectors])
+    norms = {m: np.linalg.norm(s, axis=1) for m, s in stacks.items()}
+    present = np.stack([[m in v for m in members] for v in vectors]) if members else np.zeros((len(vectors), 0), bool)
+    unassigned = np.ones(len(vectors), bool)
+    out = []
+    for leader in channels:
+        if not unassigned[leader]:
+            continue
+        distance = np.zeros(len(vectors))
+        for m in members:
+            diff = np.linalg.norm(stacks[m] - stacks[m][leader], axis=1)
+            scale = np.maximum(np.maximum(norms[m], norms[m][leader]), 1e-30)
+            distance = np.maximum(distance, np.where(diff == 0, 0.0, diff / scale))
+        same_members = np.all(present == present[leader], axis=1)
+        joined = unassigned & same_members & (distance <= threshold)  # NaN compares False
+        joined[leader] = True
+        out.append(np.flatnonzero(joined).tolist())
+        unassigned &= ~joined
+    return out
+
+
+def _fold_readers(model, signatures, clusters, cache) -> keras.Model:
+    """``model`` with every reader's rows of merged channels added into the kept ones."""
+    updates: dict[int, dict[str, np.ndarray]] = {}
+    for group_id, found in clusters.items():
+        for reader in signatures[group_id].readers:
+            weights = updates.setdefault(id(reader.layer), {k: v.copy() for k, v in cache[id(reader.layer)].items()})
+            kernel = np.moveaxis(weights[reader.weight], reader.axis, 0)  # a view: writes go through
+            for cluster in found:
+                keep_rows = reader.rows[cluster[0]]
+                for j in cluster[1:]:
+                    kernel[keep_rows] += kernel[reader.rows[j]]
+                    kernel[reader.rows[j]] = 0
+    return with_weights(model, updates)
+
+
+def _per_layer(index: GraphIndex, graph: DependencyGraph, clusters) -> dict[str, int]:
+    """Output neurons removed from each layer creating merged channels."""
+    counts: dict[str, int] = {}
+    for group_id, found in clusters.items():
+        gone = np.array(sorted(j for cluster in found for j in cluster[1:]))
+        for member in graph.group(group_id).members:
+            record = index.record(member.layer)
+            creates = isinstance(record.handler, SeparableHandler) or (
+                isinstance(record.handler, LinearHandler) and not record.handler._depthwise(record.operation))
+            if member.side == "output" and creates:
+                counts[member.layer] = counts.get(member.layer, 0) + int(np.isin(member.channels, gone).sum())
+    return counts

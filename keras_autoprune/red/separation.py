@@ -1,0 +1,157 @@
+"""RED stage 3: uneven depthwise separation of hashed convolutions.
+
+After hashing, the k×k kernels ``K[:, :, c, o]`` that one input channel ``c``
+sends to the output channels ``o`` often repeat. Let ``U_c`` be the distinct
+non-zero kernels of input channel ``c`` and ``u_c = |U_c|``. Then
+
+    y_o = sum_c conv(x_c, K[:, :, c, o])
+        = sum_c sum_{m < u_c} [K[:, :, c, o] = U_c[m]] · conv(x_c, U_c[m]),
+
+a depthwise convolution applying the distinct kernels to their channel,
+followed by a 1×1 convolution whose entries are 0 or 1.
+
+Decision (uneven multiplier with standard layers): Keras's depthwise layers
+have one ``depth_multiplier`` for all channels, so the block is **one
+depthwise convolution with the largest multiplier** ``M = max_c u_c``
+(channel ``c``'s unused slots hold zero kernels) followed by a 1×1
+convolution from ``C_in·M`` channels, whose rows of the unused slots are 0.
+Gathering channels by multiplier would need gather ops that cost memory
+traffic and are not layers. The block keeps the convolution's name (a
+`keras.Sequential` from `kap.replace_layers`); the depthwise part takes its
+strides, padding and dilation, the 1×1 part its bias and activation.
+
+Cost, at ``P`` output positions (``kap.count_flops`` formulas):
+
+    before: 2·K·C_in·C_out·P + b        after: 2·K·C_in·M·P + 2·C_in·M·C_out·P + b
+
+A convolution is separated only when ``after < before``, i.e.
+``M·(K + C_out) < K·C_out``. Conv1D and Conv2D with ``groups=1``,
+``channels_last`` and ``"valid"``/``"same"`` padding are candidates (there is
+no DepthwiseConv3D).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.red.records import GraphIndex
+from keras_autoprune.surgery import LayerReplacement, replace_layers
+from keras_autoprune.surgery.weights import layer_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Separation:
+    """One separated convolution.
+
+    Attributes:
+        layer: qualified name.
+        multiplier: ``M``, the depthwise multiplier.
+        distinct_kernels: ``sum_c u_c``.
+        flops_before: FLOPs of the convolution (all calls).
+        flops_after: FLOPs of the depthwise + 1×1 block (all calls).
+    """
+
+    layer: str
+    multiplier: int
+    distinct_kernels: int
+    flops_before: int
+    flops_after: int
+
+
+def distinct_kernels(kernel: np.ndarray) -> list[list[np.ndarray]]:
+    """Per input channel, the distinct non-zero kernels in first-seen output order.
+
+    Args:
+        kernel: ``(*taps, C_in, C_out)``.
+    """
+    out = []
+    for c in range(kernel.shape[-2]):
+        seen: dict[bytes, np.ndarray] = {}
+        for o in range(kernel.shape[-1]):
+            k = kernel[..., c, o]
+            if np.any(k):
+                seen.setdefault(k.tobytes(), k)
+        out.append(list(seen.values()))
+    return out
+
+
+def separate_layer(layer: keras.layers.Layer, name: str, positions: int, calls: int = 1) -> tuple[LayerReplacement, Separation] | None:
+    """The depthwise + 1×1 replacement of ``layer`` if it lowers FLOPs, else None.
+
+    Args:
+        layer: a Conv1D/Conv2D layer.
+        name: its qualified name (for the report).
+        positions: ``P``, output positions of one call.
+        calls: how many times the layer is called.
+    """
+    config = layer.get_config()
+    weights = layer_weights(layer)
+    kernel = weights["kernel"]
+    taps, (c_in, c_out) = int(np.prod(kernel.shape[:-2])), kernel.shape[-2:]
+    kernels = distinct_kernels(kernel)
+    multiplier = max(1, max(len(k) for k in kernels))
+    bias_flops = c_out * positions if config["use_bias"] else 0
+    before = calls * (2 * taps * c_in * c_out * positions + bias_flops)
+    after = calls * (2 * taps * c_in * multiplier * positions + 2 * c_in * multiplier * c_out * positions + bias_flops)
+    if after >= before:
+        return None
+    depthwise = np.zeros(kernel.shape[:-2] + (c_in, multiplier), kernel.dtype)
+    pointwise = np.zeros((1,) * (kernel.ndim - 2) + (c_in * multiplier, c_out), kernel.dtype)
+    for c, unique in enumerate(kernels):
+        for m, k in enumerate(unique):
+            depthwise[..., c, m] = k
+            uses = np.all(kernel[..., c, :] == k[..., None], axis=tuple(range(kernel.ndim - 2)))
+            pointwise[..., c * multiplier + m, :] = uses.astype(kernel.dtype)
+    rank = kernel.ndim - 2
+    depthwise_class = keras.layers.DepthwiseConv1D if rank == 1 else keras.layers.DepthwiseConv2D
+    conv_class = keras.layers.Conv1D if rank == 1 else keras.layers.Conv2D
+    first = depthwise_class(
+        kernel_size=config["kernel_size"], strides=config["strides"], padding=config["padding"],
+        depth_multiplier=multiplier, dilation_rate=config["dilation_rate"], use_bias=False,
+        dtype=layer.dtype_policy, name=f"{layer.name}_depthwise",
+    )
+    second = conv_class(c_out, 1, activation=config["activation"], use_bias=config["use_bias"],
+                        dtype=layer.dtype_policy, name=f"{layer.name}_pointwise")
+    second_weights = {"kernel": pointwise}
+    if config["use_bias"]:
+        second_weights["bias"] = weights["bias"]
+    replacement = LayerReplacement([first, second], [{"kernel": depthwise}, second_weights])
+    return replacement, Separation(name, multiplier, sum(len(k) for k in kernels), before, after)
+
+
+def separate_depthwise(model: keras.Model, graph: DependencyGraph | None = None) -> tuple[keras.Model, list[Separation]]:
+    """Separates every convolution of ``model`` where that lowers FLOPs.
+
+    Args:
+        model: a built Sequential or Functional model (left unchanged),
+            usually hashed.
+        graph: ``DependencyGraph(model)`` if already built.
+
+    Returns:
+        ``(new_model, separations)``; with nothing separated the model is a
+        copy.
+    """
+    if graph is None:
+        graph = DependencyGraph(model)
+    index = GraphIndex(graph)
+    replacements, separations = {}, []
+    for record in graph.records:
+        layer = record.operation
+        if not record.first_call or type(layer) not in (keras.layers.Conv1D, keras.layers.Conv2D):
+            continue
+        config = layer.get_config()
+        if (config.get("groups", 1) != 1 or config.get("data_format", "channels_last") != "channels_last"
+                or config["padding"] not in ("valid", "same")):
+            continue
+        positions = int(np.prod([d or 1 for d in record.call.out_shapes[0][1:-1]]))
+        found = separate_layer(layer, record.name, positions, index.calls[id(layer)])
+        if found is not None:
+            replacements[record.name], separation = found
+            separations.append(separation)
+    if not replacements:
+        return replace_layers(model, {}), []
+    return replace_layers(model, replacements), separations

@@ -1,0 +1,188 @@
+"""What makes a channel of a `ChannelGroup` what it is, and who reads it.
+
+Two channels ``i`` and ``j`` of a group carry identical values in every
+tensor of the group when every layer of the group treats them alike:
+
+- each layer that *creates* them (Conv, Dense, ConvTranspose, the pointwise
+  part of SeparableConv) has identical kernel columns and biases for them
+  (same input, same weights, same activation: same output);
+- each layer that transforms them one channel at a time (a depthwise
+  convolution, a BatchNormalization that was not folded, PReLU, LayerScale,
+  the depthwise part of a SeparableConv, ...) has identical per-channel
+  weights for them;
+- weightless layers (activations, pooling, merges such as a residual Add or a
+  squeeze-excite Multiply, Concatenate, Flatten) apply the same function to
+  both; the merge's other operands are channels of the same group, so they
+  are covered by the two rules above.
+
+The *signature* of a channel collects, member by member, those weights (and
+how many positions the channel occupies in the member, e.g. ``H·W`` after a
+Flatten). Equal signatures mean equal channels, so the check respects the
+dependency graph by construction: channels tied by a residual Add or a
+squeeze-excite gate are equal only if *every* producing branch agrees.
+
+The layers that *read* a channel with a weight per input position (Conv,
+Dense, ConvTranspose, SeparableConv's pointwise kernel) are the *readers*: a
+merge adds the removed channel's rows of their kernels into the kept
+channel's rows. A reader that is depthwise (one filter per channel) is not a
+reader but a per-channel transform (its filters enter the signature), and a
+SeparableConv reads through its depthwise filters, which therefore enter the
+signature too.
+
+A member whose layer has weights that none of these rules covers (a custom
+layer with a custom handler) makes its group unmergeable, as does a
+GroupNormalization (its statistics mix the channels of a normalisation
+group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from keras_autoprune.graph.dependency import ChannelGroup
+from keras_autoprune.graph.handlers import (
+    ActivationHandler,
+    ChannelwiseHandler,
+    ConcatenateHandler,
+    DepthwiseHandler,
+    LinearHandler,
+    MergeHandler,
+    PassThroughHandler,
+    ReshapeHandler,
+    SeparableHandler,
+)
+from keras_autoprune.red.records import GraphIndex
+from keras_autoprune.surgery.weights import layer_weights
+
+_WEIGHTLESS = (ActivationHandler, ConcatenateHandler, MergeHandler, PassThroughHandler, ReshapeHandler)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reader:
+    """Rows of one reader's kernel that read a group's channels.
+
+    Attributes:
+        layer: the reading layer (the object of the analysed model).
+        weight: kernel key (``"kernel"`` or ``"pointwise_kernel"``).
+        axis: the kernel's input-channel axis.
+        rows: ``{channel: kernel rows reading it}``, rows in a consistent
+            order (the k-th row of ``i`` and of ``j`` read the same spatial
+            position after a Flatten).
+    """
+
+    layer: object
+    weight: str
+    axis: int
+    rows: dict[int, np.ndarray]
+
+
+@dataclasses.dataclass
+class GroupSignatures:
+    """Per-channel signatures and readers of one group.
+
+    Attributes:
+        group: the group.
+        pieces: per member, ``{channel: 1-D float64 array}`` (members that
+            hold no weights for the channel contribute its position count).
+        readers: the group's readers.
+        blocked: why the group cannot merge (None if it can).
+    """
+
+    group: ChannelGroup
+    pieces: list[dict[int, np.ndarray]]
+    readers: list[Reader]
+    blocked: str | None = None
+
+    def key(self, channel: int) -> bytes:
+        """Exact signature: equal keys mean equal channels."""
+        parts = []
+        for member, pieces in enumerate(self.pieces):
+            if channel in pieces:
+                parts.append(member.to_bytes(4, "little") + pieces[channel].tobytes())
+        return b"|".join(parts)
+
+    def vectors(self, channel: int) -> dict[int, np.ndarray]:
+        """``{member: piece}`` for ``channel`` (for near-identical distances)."""
+        return {m: p[channel] for m, p in enumerate(self.pieces) if channel in p}
+
+
+def group_signatures(index: GraphIndex, group: ChannelGroup, cache: dict | None = None) -> GroupSignatures:
+    """Signatures and readers of ``group`` (see the module docstring).
+
+    Args:
+        index: lookups over the model's graph.
+        group: a group of that graph.
+        cache: ``{id(layer): weights}`` shared between calls (optional).
+    """
+    cache = {} if cache is None else cache
+    pieces: list[dict[int, np.ndarray]] = []
+    readers: list[Reader] = []
+    if not group.prunable:
+        return GroupSignatures(group, [], [], f"the group is not prunable ({group.reason})")
+    if len(np.unique(group.chunks)) != group.size:
+        return GroupSignatures(group, [], [], "a GroupNormalization mixes its channels")
+    for member in group.members:
+        record = index.record(member.layer)
+        layer, handler = record.operation, record.handler
+        if id(layer) not in cache:
+            cache[id(layer)] = layer_weights(layer) if getattr(layer, "weights", None) else {}
+        weights = cache[id(layer)]
+        positions = {int(c): member.positions[member.channels == c] for c in np.unique(member.channels)}
+        found = _member(layer, handler, member.side, weights, positions, len(record.call.in_layouts[0]) if record.call.in_layouts else 0)
+        if isinstance(found, str):
+            return GroupSignatures(group, [], [], f"layer '{member.layer}' {found}")
+        piece, reader = found
+        pieces.append({c: np.concatenate([[float(len(p))], piece(p)]) for c, p in positions.items()})
+        if reader is not None:
+            readers.append(reader)
+    return GroupSignatures(group, pieces, readers)
+
+
+def _member(layer, handler, side, weights, positions, in_width):
+    """``(piece(positions) -> 1-D array, Reader or None)`` or a reason string."""
+    nothing = (lambda p: np.zeros(0), None)
+    if isinstance(handler, LinearHandler):
+        kernel = weights["kernel"]
+        if handler._depthwise(layer):
+            return (_columns(weights, "kernel", -1), None) if side == "output" else nothing
+        if side == "output":
+            return _columns(weights, "kernel", handler.out_axis), None
+        return nothing[0], Reader(layer, "kernel", handler.in_axis % kernel.ndim, positions)
+    if isinstance(handler, DepthwiseHandler):
+        if side == "input":
+            return nothing
+        flat = dict(weights, kernel=weights["kernel"].reshape(weights["kernel"].shape[:-2] + (-1,)))
+        return _columns(flat, "kernel", -1), None
+    if isinstance(handler, SeparableHandler):
+        if side == "output":
+            return _columns(weights, "pointwise_kernel", -1), None
+        depthwise = weights["depthwise_kernel"]
+        multiplier = depthwise.shape[-1]
+        rows = {c: (p[:, None] * multiplier + np.arange(multiplier)).ravel() for c, p in positions.items()}
+        pointwise = weights["pointwise_kernel"]
+        piece = lambda p: np.take(depthwise, p, axis=-2).astype(np.float64).ravel()  # noqa: E731
+        return piece, Reader(layer, "pointwise_kernel", pointwise.ndim - 2, rows)
+    if isinstance(handler, ChannelwiseHandler):
+        if side == "output":
+            return nothing
+        per_channel = [w for w in weights.values() if w.ndim and w.shape[-1] == in_width]
+        return (lambda p: np.concatenate([np.take(w, p, axis=-1).astype(np.float64).ravel() for w in per_channel] or [np.zeros(0)])), None
+    if isinstance(handler, _WEIGHTLESS) and not weights:
+        return nothing
+    return f"({type(layer).__name__}, handler {type(handler).__name__}) has weights RED cannot compare per channel"
+
+
+def _columns(weights: dict, key: str, axis: int):
+    """``piece(p)``: the kernel slices at output positions ``p`` and their biases."""
+    kernel = weights[key]
+    bias = weights.get("bias")
+
+    def piece(p):
+        out = [np.take(kernel, p, axis=axis).astype(np.float64).ravel()]
+        if bias is not None:
+            out.append(bias[p].astype(np.float64))
+        return np.concatenate(out)
+
+    return piece

@@ -1,0 +1,349 @@
+"""RED (keras_autoprune.red): BN folding, hashing, exact merging, depthwise separation, compress."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import keras_autoprune as kap
+from keras_autoprune.red import density_modes, fold_batchnorm, hash_weights, merge_neurons, separate_depthwise, silverman_bandwidth
+from tests.helpers import randomize, relative_error, subclassed_model
+
+L = keras.layers
+
+
+def _inputs(model, seed=1, batch=2):
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 1, (batch,) + tuple(model.inputs[0].shape[1:])).astype("float32")
+
+
+def _assert_same(a, b, x, tolerance=1e-5):
+    error = relative_error(np.asarray(a(x)), np.asarray(b(x)))
+    assert error <= tolerance, f"relative error {error:.3g}"
+
+
+def _copy_channel(layer, source, target, axis=-1):
+    """Makes output channel ``target`` of ``layer`` equal to ``source`` (every per-channel weight)."""
+    for variable in layer.weights:
+        value = np.array(variable.numpy())
+        moved = np.moveaxis(value, axis, 0) if value.ndim > 1 else value
+        moved[target] = moved[source]
+        variable.assign(value)
+
+
+# -- stage 1: density modes and hashing -----------------------------------------
+
+
+def test_density_modes_find_planted_clusters():
+    rng = np.random.default_rng(0)
+    centres = np.array([-1.0, 0.0, 2.0])
+    values = np.concatenate([c + rng.normal(0, 0.01, 50) for c in centres])
+    modes = density_modes(values, bandwidth=0.05)
+    np.testing.assert_allclose(modes.modes, centres, atol=0.01)
+    assert len(modes.boundaries) == 2
+    assert np.unique(modes.snap(values)).size == 3
+
+
+def test_silverman_bandwidth_formula():
+    values = np.arange(10.0)
+    q25, q75 = np.percentile(values, [25, 75])
+    expected = 0.9 * min(values.std(), (q75 - q25) / 1.34) * 10 ** -0.2
+    assert silverman_bandwidth(values) == pytest.approx(expected)
+    assert silverman_bandwidth(np.ones(5)) == 0.0
+
+
+def test_snapped_values_stay_in_their_basin():
+    values = np.random.default_rng(1).normal(0, 1, 3000)
+    modes = density_modes(values, bandwidth=0.05)
+    snapped = modes.snap(values)
+    assert 3 <= len(modes.modes) < 3000
+    assert np.isin(snapped, modes.modes).all()
+    np.testing.assert_array_equal(modes.basin(snapped), modes.basin(values))
+
+
+def test_hash_weights_reduces_distinct_values_and_keeps_basins():
+    model = keras.Sequential([keras.Input((12,)), L.Dense(16, name="d1"), L.Dense(4, name="d2")])
+    randomize(model, seed=2)
+    hashed, tensors = hash_weights(model, bandwidth_scale=0.5)
+    assert [(t.layer, t.weight) for t in tensors] == [("d1", "kernel"), ("d1", "bias"), ("d2", "kernel"), ("d2", "bias")]
+    for tensor in tensors:
+        before = model.get_layer(tensor.layer).weights[0 if tensor.weight == "kernel" else 1].numpy().ravel()
+        after = hashed.get_layer(tensor.layer).weights[0 if tensor.weight == "kernel" else 1].numpy().ravel()
+        assert tensor.distinct_before == before.size and tensor.distinct_after == np.unique(after).size
+        assert tensor.distinct_after < tensor.distinct_before
+        modes = density_modes(before.astype(np.float64), tensor.bandwidth)
+        np.testing.assert_allclose(after, modes.modes[modes.basin(before.astype(np.float64))], rtol=1e-6)
+    assert np.unique(model.get_layer("d1").kernel.numpy()).size == 12 * 16  # input model untouched
+
+
+# -- stage 0: BatchNormalization folding ------------------------------------------
+
+
+PRODUCERS = {
+    "conv2d": lambda: L.Conv2D(4, 3, padding="same", use_bias=False),
+    "conv1d": lambda: L.Conv1D(4, 2),
+    "grouped": lambda: L.Conv2D(4, 3, groups=2),
+    "depthwise": lambda: L.DepthwiseConv2D(3, depth_multiplier=2),
+    "separable": lambda: L.SeparableConv2D(4, 3, depth_multiplier=2),
+    "transpose": lambda: L.Conv2DTranspose(4, 3, strides=2),
+    "dense": lambda: L.Dense(4),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PRODUCERS))
+def test_batchnorm_folding_is_exact(kind):
+    shape = (7, 4) if kind == "conv1d" else (6, 6, 4)
+    inputs = keras.Input(shape)
+    x = PRODUCERS[kind]()(inputs)
+    x = L.BatchNormalization(name="bn", epsilon=0.01)(x)
+    model = keras.Model(inputs, L.ReLU()(x))
+    randomize(model, seed=3)
+    folded, folds = fold_batchnorm(model)
+    assert [f.norm for f in folds] == ["bn"]
+    assert "bn" not in [layer.name for layer in folded.layers]
+    _assert_same(folded, model, _inputs(model))
+    assert kap.count_params(folded) == kap.count_params(model) - 4 * model.get_layer("bn").gamma.shape[0] + (
+        0 if model.layers[1].use_bias else model.get_layer("bn").gamma.shape[0])
+
+
+def test_batchnorm_kept_where_folding_would_be_wrong():
+    inputs = keras.Input((5, 5, 3))
+    a = L.Conv2D(4, 3, activation="relu", name="relu_conv")(inputs)
+    a = L.BatchNormalization(name="after_activation")(a)
+    b = L.Conv2D(4, 3, name="shared_output")(inputs)
+    b2 = L.BatchNormalization(name="output_read_twice")(b)
+    s = L.Add()([a, b2, b])
+    s = L.BatchNormalization(name="after_add")(s)
+    model = keras.Model(inputs, s)
+    randomize(model, seed=4)
+    folded, folds = fold_batchnorm(model)
+    assert folds == []
+    _assert_same(folded, model, _inputs(model))
+
+
+def test_batchnorm_folding_in_sequential_model_keeps_an_identity():
+    model = keras.Sequential([keras.Input((4, 4, 2)), L.Conv2D(3, 3, name="c"), L.BatchNormalization(name="bn"), L.ReLU()])
+    randomize(model, seed=5)
+    folded, folds = fold_batchnorm(model)
+    assert len(folds) == 1 and type(folded.get_layer("bn")).__name__ == "Identity"
+    _assert_same(folded, model, _inputs(model))
+
+
+# -- stage 2: merging -------------------------------------------------------------
+
+
+def _chain_model():
+    inputs = keras.Input((6, 6, 3))
+    x = L.Conv2D(8, 3, padding="same", name="c1")(inputs)
+    x = L.BatchNormalization(name="bn1")(x)
+    x = L.ReLU()(x)
+    x = L.Conv2D(6, 3, name="c2", activation="relu")(x)
+    x = L.Flatten()(x)
+    outputs = L.Dense(3, name="head")(x)
+    model = keras.Model(inputs, outputs)
+    randomize(model, seed=6)
+    return model
+
+
+def test_merging_finds_planted_duplicates_exactly():
+    model = _chain_model()
+    for target in (2, 5):  # channels 2 and 5 of c1 copy channel 0 (conv and BN weights)
+        _copy_channel(model.get_layer("c1"), 0, target)
+        _copy_channel(model.get_layer("bn1"), 0, target)
+    _copy_channel(model.get_layer("c2"), 1, 4)  # read through Flatten by the head
+    folded, _ = fold_batchnorm(model)
+    result = merge_neurons(folded)
+    assert result.clusters == {"c1": [[0, 2, 5]], "c2": [[1, 4]]}
+    assert result.merged_per_layer == {"c1": 2, "c2": 1}
+    assert result.model.get_layer("c1").filters == 6 and result.model.get_layer("c2").filters == 5
+    assert result.model.get_layer("head").kernel.shape[0] == 4 * 4 * 5
+    _assert_same(result.model, model, _inputs(model))
+
+
+def test_merging_without_duplicates_changes_nothing():
+    model = _chain_model()
+    result = merge_neurons(model)
+    assert result.merged == 0 and result.plan.kept == {}
+    assert kap.count_flops(result.model) == kap.count_flops(model)
+
+
+def _residual_model():
+    inputs = keras.Input((5, 5, 3))
+    stem = L.Conv2D(6, 3, padding="same", name="stem", activation="relu")(inputs)
+    branch = L.Conv2D(6, 3, padding="same", name="branch")(stem)
+    shortcut = L.Conv2D(6, 1, name="shortcut")(inputs)
+    x = L.ReLU()(L.Add()([branch, shortcut]))
+    x = L.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, L.Dense(2, name="head")(x))
+    randomize(model, seed=7)
+    return model
+
+
+def test_residual_tied_channels_merge_only_when_every_producer_agrees():
+    model = _residual_model()
+    _copy_channel(model.get_layer("branch"), 1, 3)  # only one producer of the Add agrees
+    assert merge_neurons(model).merged == 0
+
+    _copy_channel(model.get_layer("shortcut"), 1, 3)  # now both do
+    result = merge_neurons(model)
+    assert result.clusters == {"branch": [[1, 3]]}
+    assert result.merged_per_layer == {"branch": 1, "shortcut": 1}
+    assert result.model.get_layer("branch").filters == 5 and result.model.get_layer("shortcut").filters == 5
+    _assert_same(result.model, model, _inputs(model))
+
+
+def test_depthwise_transform_must_agree_too():
+    inputs = keras.Input((6, 6, 2))
+    x = L.Conv2D(4, 1, name="expand")(inputs)
+    x = L.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    model = keras.Model(inputs, L.Conv2D(3, 1, name="project")(x))
+    randomize(model, seed=8)
+    _copy_channel(model.get_layer("expand"), 0, 2)
+    assert merge_neurons(model).merged == 0  # the depthwise filters of 0 and 2 differ
+    _copy_channel(model.get_layer("dw"), 0, 2, axis=-2)
+    result = merge_neurons(model)
+    assert result.clusters == {"expand": [[0, 2]]}
+    _assert_same(result.model, model, _inputs(model))
+
+
+def test_concatenation_and_squeeze_excite_readers():
+    inputs = keras.Input((5, 5, 3))
+    a = L.Conv2D(4, 3, padding="same", name="a")(inputs)
+    b = L.Conv2D(3, 1, name="b")(inputs)
+    x = L.Concatenate()([b, a])
+    gate = L.Dense(7, activation="sigmoid", name="gate")(L.Dense(2, name="squeeze")(L.GlobalAveragePooling2D()(x)))
+    x = L.Multiply()([x, L.Reshape((1, 1, 7))(gate)])
+    model = keras.Model(inputs, L.Conv2D(2, 1, name="out")(x))
+    randomize(model, seed=9)
+    _copy_channel(model.get_layer("a"), 0, 3)  # concat positions 3 and 6
+    assert merge_neurons(model).merged == 0  # the gate of positions 3 and 6 differs
+    _copy_channel(model.get_layer("gate"), 3, 6)
+    result = merge_neurons(model)
+    assert result.clusters == {"b": [[3, 6]]}  # one group: the gate ties the concatenation together
+    assert result.model.get_layer("a").filters == 3 and result.model.get_layer("b").filters == 3
+    _assert_same(result.model, model, _inputs(model))
+
+
+def test_near_identical_neurons_merge_by_threshold():
+    model = _chain_model()
+    conv = model.get_layer("c2")
+    _copy_channel(conv, 1, 4)
+    kernel = conv.kernel.numpy()
+    kernel[..., 4] *= 1.01
+    conv.kernel.assign(kernel)
+    assert merge_neurons(model).merged == 0
+    result = merge_neurons(model, merge_threshold=0.02)
+    assert result.clusters == {"c2": [[1, 4]]}
+    assert relative_error(np.asarray(result.model(_inputs(model))), np.asarray(model(_inputs(model)))) < 0.05
+
+
+# -- stage 3: uneven depthwise separation -------------------------------------------
+
+
+def test_separation_is_exact_and_only_where_cheaper():
+    rng = np.random.default_rng(10)
+    inputs = keras.Input((6, 6, 4))
+    x = L.Conv2D(16, 3, padding="same", name="repeats", activation="relu")(inputs)
+    model = keras.Model(inputs, L.Conv2D(8, 3, name="distinct")(x))
+    randomize(model, seed=10)
+    kernel = np.zeros((3, 3, 4, 16), "float32")
+    for c in range(4):  # two distinct kernels per input channel (and some zero kernels)
+        choices = rng.normal(0, 1, (2, 3, 3))
+        pick = rng.integers(0, 3, 16)
+        for o in range(16):
+            kernel[:, :, c, o] = 0 if pick[o] == 2 else choices[pick[o]]
+    model.get_layer("repeats").kernel.assign(kernel)
+    separated, separations = separate_depthwise(model)
+    assert [s.layer for s in separations] == ["repeats"] and separations[0].multiplier == 2
+    assert separations[0].flops_after < separations[0].flops_before
+    assert kap.count_flops(separated) == kap.count_flops(model) - separations[0].flops_before + separations[0].flops_after
+    _assert_same(separated, model, _inputs(model))
+
+
+# -- the API ---------------------------------------------------------------------------
+
+
+def test_compress_end_to_end(tmp_path):
+    model = _chain_model()
+    _copy_channel(model.get_layer("c1"), 0, 3)
+    _copy_channel(model.get_layer("bn1"), 0, 3)
+    snapshot = [w.numpy().copy() for w in model.weights]
+    result = kap.red.compress(model, bandwidth_scale=0.05, separate_depthwise=True)
+    assert [s.stage for s in result.stages] == ["original", "batchnorm_folded", "hashed", "merged", "separated"]
+    assert result.stages[0].flops == kap.count_flops(model) and result.stages[-1].flops == kap.count_flops(result.model)
+    assert result.neurons_merged >= 1 and result.merged_per_layer["c1"] >= 1
+    assert set(result.distinct_values) == {"c1", "c2", "head"}
+    assert result.report.totals["flops_after"] == kap.count_flops(result.model)
+    assert result.report.totals["flops_before"] == kap.count_flops(model)
+    x = _inputs(model)
+    _assert_same(result.model, result.hashed_model, x)
+    for before, variable in zip(snapshot, model.weights):
+        np.testing.assert_array_equal(before, variable.numpy())
+    path = tmp_path / "red.keras"
+    result.model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(result.model(x)), rtol=1e-6, atol=1e-6)
+    assert "neurons merged" in result.summary()
+
+
+def test_compress_with_budget_picks_a_scale_that_fits():
+    model = _residual_model()
+    budget = kap.Budget(flops=0.8)
+    result = kap.red.compress(model, bandwidth_scale=0.1, budget=budget, separate_depthwise=True)
+    assert result.stages[-1].flops <= 0.8 * kap.count_flops(model)
+    assert result.bandwidth_scale > 0.1
+    with pytest.raises(ValueError, match="cannot reach the budget"):
+        kap.red.compress(model, bandwidth_scale=0.001, budget=kap.Budget(params=0.01))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"bandwidth_scale": -1.0}, "bandwidth_scale"),
+        ({"bandwidth_scale": "wide"}, "bandwidth_scale"),
+        ({"merge_threshold": float("nan")}, "merge_threshold"),
+        ({"separate_depthwise": "yes"}, "separate_depthwise"),
+        ({"budget": 0.5}, "kap.Budget"),
+        ({"budget": kap.Budget(flops=0.5), "bandwidth_scale": 0.0}, "bandwidth_scale"),
+    ],
+)
+def test_compress_rejects_bad_arguments(kwargs, match):
+    model = keras.Sequential([keras.Input((3,)), L.Dense(2)])
+    with pytest.raises(ValueError, match=match) as error:
+        kap.red.compress(model, **kwargs)
+    assert "Received" in str(error.value)
+
+
+def test_compress_rejects_subclassed_models():
+    with pytest.raises(kap.UnsupportedModelError, match="functional"):
+        kap.red.compress(subclassed_model())
+
+
+# -- keras.applications with random weights ----------------------------------------------
+
+
+def _application(name):
+    apps = keras.applications
+    builders = {
+        "MobileNetV2": lambda: apps.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=4),
+        "ResNet50": lambda: apps.ResNet50(input_shape=(32, 32, 3), weights=None, classes=4),
+        "EfficientNetB0": lambda: apps.EfficientNetB0(input_shape=(32, 32, 3), weights=None, classes=4),
+        "DenseNet121": lambda: apps.DenseNet121(input_shape=(32, 32, 3), weights=None, classes=4),
+        "ConvNeXtTiny": lambda: apps.ConvNeXtTiny(input_shape=(32, 32, 3), weights=None, classes=4),
+    }
+    return builders[name]()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["MobileNetV2"] + [pytest.param(n, marks=pytest.mark.slow) for n in ("ResNet50", "EfficientNetB0", "DenseNet121", "ConvNeXtTiny")],
+)
+def test_compress_applications_stay_exact(name):
+    model = _application(name)
+    randomize(model, seed=11, kernels=False)
+    result = kap.red.compress(model, bandwidth_scale=0.1, separate_depthwise=True)
+    x = _inputs(model, batch=1)
+    _assert_same(result.model, result.hashed_model, x)
+    assert result.report.totals["flops_after"] == kap.count_flops(result.model)
+    assert len(result.folded_norms) > 0
