@@ -24,10 +24,17 @@ model is ``cb.pruned_model``.
 
 ``cb.prune(model)`` runs the same lifecycle once without training (one-shot,
 post-training pruning) on a copy of the model.
+
+Interrupted training: with ``state_dir`` the state is written at the end of
+every epoch and a resumed ``fit`` (``BackupAndRestore``, or a checkpoint and
+``fit(initial_epoch=e)``) continues from it (`keras_autoprune.callbacks.state`).
+A ``fit`` that starts after a scheduled round without that state fails at
+its first epoch instead of losing the pruning silently.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import keras
@@ -37,6 +44,7 @@ from keras_autoprune.accounting import count_flops, count_params
 from keras_autoprune.allocation.schedule import round_epochs, round_targets
 from keras_autoprune.budget import Budget
 from keras_autoprune.callbacks.masks import MaskSet
+from keras_autoprune.callbacks.state import StateStore, fingerprint
 from keras_autoprune.errors import SurgeryError
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.surgery.plan import PrunePlan
@@ -57,10 +65,16 @@ class PruningCallback(keras.callbacks.Callback):
         check_tolerance: relative tolerance of the final check that the
             rebuilt model equals the masked one. Default 1e-4.
         verbose: 0 silent, 1 one line per round. Default 1.
+        state_dir: folder for the pruning state, written at the end of every
+            epoch, so that an interrupted ``fit`` resumes with its pruning
+            (give the same folder and arguments to the resumed run). Default
+            None: no state is written.
     """
 
     #: How the kept fraction ramps over the rounds (`allocation.round_targets`).
     ramp: str = "linear"
+    #: The class of ``plan`` (how a state file stores it).
+    plan_class = PrunePlan
 
     def __init__(
         self,
@@ -70,6 +84,7 @@ class PruningCallback(keras.callbacks.Callback):
         rounds: int = 1,
         check_tolerance: float = 1e-4,
         verbose: int = 1,
+        state_dir: str | os.PathLike | None = None,
     ):
         super().__init__()
         if not isinstance(budget, Budget):
@@ -95,6 +110,8 @@ class PruningCallback(keras.callbacks.Callback):
         self.rounds = rounds
         self.check_tolerance = check_tolerance
         self.verbose = verbose
+        self.state_dir = state_dir
+        self._store = StateStore(state_dir) if state_dir is not None else None
         self._reset()
 
     # -- to be provided by a method ------------------------------------
@@ -113,6 +130,18 @@ class PruningCallback(keras.callbacks.Callback):
     def sample_inputs(self):
         """A batch of inputs for the final rebuilt-vs-masked check (or None)."""
         return None
+
+    def method_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """What the method keeps between rounds, for a state file: JSON values and named arrays (default: none)."""
+        return {}, {}
+
+    def restore_method_state(self, values: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Undoes `method_state` when a ``fit`` resumes (``plan`` and ``history`` are restored already)."""
+
+    def restore_constraints(self) -> None:
+        """Puts the restored plan back into the in-step enforcement (default: enforced channel masks)."""
+        if self.plan is not None:
+            self._masks.apply(self.plan)
 
     def rebuilt_tolerance(self) -> float:
         """Relative tolerance of the final rebuilt-vs-masked check (default ``check_tolerance``)."""
@@ -187,6 +216,7 @@ class PruningCallback(keras.callbacks.Callback):
         self._installed = False
         self._original = {}
         self._epochs: dict[int, float] = {}
+        self._first_epoch: int | None = None
 
     def check_graph(self, graph: DependencyGraph) -> None:
         """Raises unless the method has something to prune (default: a prunable channel group)."""
@@ -219,6 +249,9 @@ class PruningCallback(keras.callbacks.Callback):
         model.make_train_function(force=True)  # retrace: the constraints are now part of the step
 
     def on_epoch_begin(self, epoch, logs=None):
+        if self._first_epoch is None:
+            self._first_epoch = epoch
+            self._resume(epoch)
         if epoch not in self._epochs or self.stopped:
             return
         start = time.perf_counter()
@@ -240,6 +273,68 @@ class PruningCallback(keras.callbacks.Callback):
             logs["flops_kept"] = self._kept["flops"]
             logs["params_kept"] = self._kept["params"]
             logs["pruning_seconds"] = self.pruning_seconds
+        if self._store is not None:
+            self._save_state(epoch)
+
+    # -- interrupted training (state_dir) ---------------------------------
+    def _settings(self) -> dict:
+        return {"budget": str(self.budget), "start_epoch": self.start_epoch, "end_epoch": self.end_epoch, "rounds": self.rounds}
+
+    def _save_state(self, epoch: int) -> None:
+        values, arrays = self.method_state()
+        state = {
+            "callback": type(self).__name__, "settings": self._settings(), "model": fingerprint(self.model),
+            "epoch": epoch, "plan": self.plan.to_json() if self.plan is not None else None, "history": self.history,
+            "pruning_seconds": self.pruning_seconds, "stopped": self.stopped, "kept": self._kept,
+            "original": self._original, "method": values,
+        }
+        self._store.save(epoch, state, arrays)
+
+    def _resume(self, epoch: int) -> None:
+        """At a fit's first epoch: restores the state of the end of ``epoch - 1``, or fails if rounds would be lost."""
+        earlier = sorted(e + 1 for e in self._epochs if e < epoch)
+        saved = self._store.load(epoch - 1) if self._store is not None and epoch > 0 else None
+        if saved is not None:
+            self._restore(*saved)
+            return
+        if not earlier:
+            return
+        where = (
+            f"state_dir={str(self.state_dir)!r} holds no state for the end of epoch {epoch} (states found for epochs "
+            f"{[e + 1 for e in self._store.epochs()]})" if self._store is not None
+            else "this callback has no state_dir, so the pruning of the earlier fit would be lost"
+        )
+        raise ValueError(
+            f"{type(self).__name__}: this fit starts at epoch {epoch + 1}, after the pruning round(s) scheduled at "
+            f"epoch(s) {earlier}, but {where}. Fix: create the callback with state_dir=... (the same folder in the "
+            "interrupted and the resumed run, e.g. beside keras.callbacks.BackupAndRestore's backup_dir), or start "
+            "the fit before the first round."
+        )
+
+    def _restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
+        problems = []
+        if state["callback"] != type(self).__name__:
+            problems.append(f"it was written by {state['callback']}")
+        if state["settings"] != self._settings():
+            problems.append(f"its settings {state['settings']} differ from this callback's {self._settings()}")
+        if state["model"] != fingerprint(self.model):
+            problems.append("its model has other variables (names or shapes)")
+        if problems:
+            raise ValueError(
+                f"{type(self).__name__}: the pruning state {self._store.path(state['epoch'])} does not belong to this "
+                f"run: {'; '.join(problems)}. Fix: resume with the same model and callback arguments, or give a new state_dir."
+            )
+        self.plan = self.plan_class.from_json(state["plan"]) if state["plan"] is not None else None
+        self.history = state["history"]
+        self.pruning_seconds = state["pruning_seconds"]
+        self.stopped = state["stopped"]
+        self._kept = state["kept"]
+        self._original = state["original"]
+        self.restore_method_state(state["method"], arrays)
+        self.restore_constraints()
+        if self.verbose:
+            print(f"\n{type(self).__name__}: resumed from the state of epoch {state['epoch'] + 1} "
+                  f"({len(self.history)} of {self.rounds} round(s) done).")
 
     def on_train_end(self, logs=None):
         if not self._installed:

@@ -15,6 +15,7 @@ from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.methods import eigendamage
 from keras_autoprune.stats import collect_kfac
 from keras_autoprune.stats.loss import resolve_likelihood
+from keras_autoprune.surgery.factorization import FactorizationPlan
 
 #: Unit roundoff of low-precision compute dtypes: the three layers round
 #: differently from the one they replace, so the final check allows more.
@@ -65,6 +66,8 @@ class EigenDamageCallback(PruningCallback):
     >>> model.fit(x, y, epochs=6, callbacks=[cb])                                              # doctest: +SKIP
     >>> cb.pruned_model.save("slim.keras"); open("plan.json", "w").write(cb.plan.to_json())    # doctest: +SKIP
     """
+
+    plan_class = FactorizationPlan
 
     def __init__(
         self,
@@ -135,6 +138,16 @@ class EigenDamageCallback(PruningCallback):
     def rebuilt_tolerance(self) -> float:
         roundoff = max((_ROUNDOFF.get(l.dtype_policy.compute_dtype, 0.0) for l in self._cost.layers.values()), default=0.0)
         return max(self.check_tolerance, 32 * roundoff)
+
+    def method_state(self):
+        return {"statistics_seconds": self.statistics_seconds}, {}
+
+    def restore_method_state(self, values, arrays) -> None:
+        self.statistics_seconds = values["statistics_seconds"]
+
+    def restore_constraints(self) -> None:
+        if self.plan is not None:
+            self._projections.apply(self.plan)
 
     def install_constraints(self, model: keras.Model) -> None:
         self._projections = ProjectionSet(self._layers)

@@ -160,6 +160,22 @@ class NAPCallback(PruningCallback):
     def sample_inputs(self):
         return self._source.sample_inputs
 
+    def method_state(self):
+        masks = {f"weight_mask:{name}": mask for name, mask in (self.weight_masks or {}).items()}
+        return {"base_accuracy": self.base_accuracy, "statistics_seconds": self.statistics_seconds}, masks
+
+    def restore_method_state(self, values, arrays) -> None:
+        self.base_accuracy = values["base_accuracy"]  # of the unpruned model, not of the resumed one
+        self.statistics_seconds = values["statistics_seconds"]
+        masks = {name.split(":", 1)[1]: mask for name, mask in arrays.items() if name.startswith("weight_mask:")}
+        self.weight_masks = masks or None
+
+    def restore_constraints(self) -> None:
+        if self.granularity == "weight" and self.weight_masks is not None:
+            self._apply_weight_masks(self.weight_masks)
+        elif self.granularity == "channel":
+            super().restore_constraints()
+
     def _factors(self):
         factors = collect_kfac(
             self.model,

@@ -93,6 +93,20 @@ class PSAPCallback(PruningCallback):
         self.statistics_seconds = 0.0
         self._cost = None
 
+    def method_state(self):
+        emas = {f"grad_ema:{group_id}": value for group_id, value in self.grad_ema.items()}
+        return {"statistics_seconds": self.statistics_seconds}, emas
+
+    def restore_method_state(self, values, arrays) -> None:
+        self.statistics_seconds = values["statistics_seconds"]
+        self.grad_ema = {name.split(":", 1)[1]: value for name, value in arrays.items() if name.startswith("grad_ema:")}
+
+    def restore_constraints(self) -> None:
+        # Soft rounds enforce nothing (their zeroed filters train on and may have regrown in the restored
+        # weights); after the hard round the masks are enforced.
+        if self.plan is not None and len(self.history) == self.rounds:
+            self._masks.apply(self.plan, enforce=True)
+
     def prune_round(self, target: float) -> None:
         gradients = collect_gradient_stats(
             self.model, self._source.data, fisher=self._fisher, num_batches=self.num_batches,
