@@ -120,9 +120,13 @@ class _Timer:
         rng = np.random.default_rng(0)
         for detail in self.interpreter.get_input_details():
             dtype = detail["dtype"]
-            if np.issubdtype(dtype, np.integer):
+            if np.issubdtype(dtype, np.integer) and detail["quantization"][0] == 0:
+                value = rng.integers(0, 2, detail["shape"])  # token ids, masks: 0 or 1 is valid
+            elif np.issubdtype(dtype, np.integer):
                 info = np.iinfo(dtype)
                 value = rng.integers(info.min, info.max, detail["shape"], endpoint=True)
+            elif dtype == np.bool_:
+                value = rng.integers(0, 2, detail["shape"])
             else:
                 value = rng.uniform(-1, 1, detail["shape"])
             self.interpreter.set_tensor(detail["index"], value.astype(dtype))

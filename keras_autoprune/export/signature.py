@@ -6,9 +6,14 @@ endpoint named ``serving_default`` runs ``model(inputs, training=False)``.
 The signature's names are stable and do not depend on layer names:
 
 - inputs: ``input_0``, ``input_1``, ... in the order of ``model.inputs``,
-  each ``float32`` with the model's input shape and an unknown batch axis;
+  each ``float32`` (or the input's integer/bool dtype: token ids, masks),
+  the model's input shape and an unknown batch axis; a model called with a
+  dict (``{"token_ids": ..., "padding_mask": ...}``) keeps its keys as names;
 - outputs: ``output_0``, ``output_1``, ... in the order of
-  ``model.outputs`` (a dict, so the names survive the export).
+  ``model.outputs``, or the keys of a model's dict outputs.
+
+The flat order is `keras.tree.flatten`'s (dict keys sorted), the order of
+``model.inputs`` and ``model.outputs``.
 
 Example:
 
@@ -23,6 +28,8 @@ from __future__ import annotations
 
 import inspect
 import pathlib
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -65,32 +72,78 @@ def tensor_names(prefix: str, count: int) -> list[str]:
     return [f"{prefix}_{i}" for i in range(count)]
 
 
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def _structure_names(structure: Any, prefix: str, count: int) -> list[str]:
+    """The keys of a flat dict structure (in `keras.tree.flatten` order) if usable, else positional names."""
+    if isinstance(structure, dict) and len(structure) == count and all(
+        isinstance(k, str) and _NAME.match(k) for k in structure
+    ) and all(not isinstance(v, (dict, list, tuple)) for v in structure.values()):
+        return keras.tree.flatten({key: key for key in structure})
+    return tensor_names(prefix, count)
+
+
+def input_structure(model: keras.Model) -> Any:
+    """How ``model`` takes its inputs: one tensor, a list, or a dict (``model.input``)."""
+    try:
+        return model.input
+    except (AttributeError, ValueError):  # a Sequential that was never called
+        return model.inputs[0] if len(model.inputs) == 1 else list(model.inputs)
+
+
 def input_names(model: keras.Model) -> list[str]:
-    """The signature's input names: ``input_0`` ... in ``model.inputs`` order."""
-    return tensor_names("input", len(model.inputs))
+    """The signature's input names, in ``model.inputs`` order.
+
+    The dict keys for a model with dict inputs (``token_ids``,
+    ``padding_mask``), else ``input_0``, ``input_1``, ...
+    """
+    return _structure_names(input_structure(model), "input", len(model.inputs))
 
 
 def output_names(model: keras.Model) -> list[str]:
-    """The signature's output names: ``output_0`` ... in ``model.outputs`` order."""
-    return tensor_names("output", len(model.outputs))
+    """The signature's output names, in ``model.outputs`` order.
+
+    The dict keys for a model with dict outputs, else ``output_0``, ...
+    """
+    try:
+        structure = model.output
+    except (AttributeError, ValueError):
+        structure = None
+    return _structure_names(structure, "output", len(model.outputs))
+
+
+def input_dtypes(model: keras.Model) -> list[str]:
+    """The signature's input dtypes: ``float32`` for floating inputs, else the input's own (``int32``, ``bool``)."""
+    dtypes = [keras.backend.standardize_dtype(tensor.dtype) for tensor in model.inputs]
+    return ["float32" if "float" in dtype else dtype for dtype in dtypes]
 
 
 def input_specs(model: keras.Model) -> list[tf.TensorSpec]:
-    """One float32 `tf.TensorSpec` per input, named, with an unknown batch axis."""
+    """One named `tf.TensorSpec` per input (`input_dtypes`, the input's shape, an unknown batch axis)."""
     return [
-        tf.TensorSpec((None, *tensor.shape[1:]), tf.float32, name=name)
-        for tensor, name in zip(model.inputs, input_names(model))
+        tf.TensorSpec((None, *tensor.shape[1:]), tf.as_dtype(dtype), name=name)
+        for tensor, dtype, name in zip(model.inputs, input_dtypes(model), input_names(model))
     ]
 
 
+def pack_inputs(model: keras.Model, flat: Sequence[Any]) -> Any:
+    """``flat`` (one value per ``model.inputs``) in the structure ``model`` is called with."""
+    return keras.tree.pack_sequence_as(input_structure(model), list(flat))
+
+
+def flat_outputs(result: Any) -> list:
+    """A model's outputs (tensor, list or dict) as a flat list, in ``model.outputs`` order."""
+    return keras.tree.flatten(result)
+
+
 def serving_function(model: keras.Model):
-    """Returns ``fn(*inputs) -> {output_i: tensor}``, the inference call."""
+    """Returns ``fn(*inputs) -> {output name: tensor}``, the inference call."""
     outputs = output_names(model)
 
     def serve(*inputs):
-        result = model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
-        flat = result if isinstance(result, (list, tuple)) else [result]
-        return dict(zip(outputs, flat))
+        result = model(pack_inputs(model, inputs), training=False)
+        return dict(zip(outputs, flat_outputs(result)))
 
     return serve
 

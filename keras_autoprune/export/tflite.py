@@ -64,7 +64,11 @@ def export_tflite(
 
     Arguments are checked before any work. The file is verified on
     ``num_samples`` samples of ``representative_data`` (uniform random
-    inputs in ``[-1, 1)`` when None) against ``model(x, training=False)``.
+    inputs in ``[-1, 1)`` when None; 0 or 1 for integer inputs) against
+    ``model(x, training=False)``. Models with several inputs or outputs,
+    dict inputs (integer token ids, padding masks) and dict outputs are
+    supported: the file's signature names are
+    `keras_autoprune.export.signature`'s.
 
     Args:
         model: a built Sequential or Functional `keras.Model`.
@@ -72,10 +76,12 @@ def export_tflite(
         quantize: None (float32, the default), ``"dynamic"``, ``"float16"``
             or ``"int8"`` (see the module docstring).
         representative_data: sample inputs, preprocessed like the training
-            data: a NumPy array ``(N, *input_shape)``, a batched
-            `tf.data.Dataset` of ``x`` or ``(x, y)``, or an iterable /
-            generator of such batches. Required for ``"int8"``, where it
-            calibrates the activation ranges. Defaults to None.
+            data: a NumPy array ``(N, *input_shape)`` (a tuple of arrays for
+            several inputs, a dict ``{key: array}`` for dict inputs), a
+            batched `tf.data.Dataset` of ``x`` or ``(x, y)``, or an
+            iterable / generator of such batches (see
+            `keras_autoprune.export.data`). Required for ``"int8"``, where
+            it calibrates the activation ranges. Defaults to None.
         allow_flex: allow TensorFlow Select (Flex) ops when builtins lack an
             op. Defaults to False: conversion then fails with an
             `ExportError` naming the ops. A file with Flex ops cannot be
@@ -103,7 +109,8 @@ def export_tflite(
     Raises:
         UnsupportedModelError: ``model`` is not a built Keras model.
         ValueError, TypeError: bad arguments or representative data.
-        ExportError: conversion needs ops outside the TFLite builtins.
+        ExportError: conversion needs ops outside the TFLite builtins, or
+            no conversion path gives a file with the expected signature.
         VerificationError: the file's error exceeds ``tolerance`` (float32)
             or its top-1 agreement is below ``min_top1_agreement``.
     """

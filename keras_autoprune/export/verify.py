@@ -32,7 +32,14 @@ import keras
 import numpy as np
 
 from keras_autoprune.errors import VerificationError
-from keras_autoprune.export.signature import SIGNATURE_KEY, input_names, output_names, tensor_names
+from keras_autoprune.export.signature import (
+    SIGNATURE_KEY,
+    flat_outputs,
+    input_names,
+    output_names,
+    pack_inputs,
+    tensor_names,
+)
 
 BATCH_SIZE = 16
 """Samples per call when running the models (bounds the memory used)."""
@@ -80,9 +87,9 @@ def verify_tflite(path: str | pathlib.Path, model: keras.Model, inputs: Sequence
     Args:
         path: the file.
         model: the Keras model it was converted from.
-        inputs: one float32 array per model input, samples on axis 0
-            (`keras_autoprune.export.data.sample_inputs` makes them from
-            any representative data).
+        inputs: one array per model input, in ``model.inputs`` order,
+            samples on axis 0 (`keras_autoprune.export.data.sample_inputs`
+            makes them from any representative data, dicts included).
 
     Returns:
         The `Figures` (errors and top-1 agreement).
@@ -93,26 +100,34 @@ def verify_tflite(path: str | pathlib.Path, model: keras.Model, inputs: Sequence
     >>> figures.relative_error < 1e-4                                # doctest: +SKIP
     True
     """
-    return compare(keras_outputs(model, inputs), tflite_outputs(path, inputs))
+    names = (input_names(model), output_names(model))
+    return compare(keras_outputs(model, inputs), tflite_outputs(path, inputs, input_names=names[0], output_names=names[1]))
 
 
 def keras_outputs(model: keras.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """``model(inputs, training=False)`` in batches, one array per output."""
+    """``model(inputs, training=False)`` in batches, one array per output (``model.outputs`` order)."""
     def run(batch: list[np.ndarray]) -> list:
-        result = model(batch[0] if len(batch) == 1 else batch, training=False)
-        return list(result) if isinstance(result, (list, tuple)) else [result]
+        return flat_outputs(model(pack_inputs(model, batch), training=False))
 
     return _batched(run, inputs)
 
 
-def tflite_outputs(path: str | pathlib.Path, inputs: Sequence[np.ndarray], num_threads: int = 1) -> list[np.ndarray]:
+def tflite_outputs(
+    path: str | pathlib.Path,
+    inputs: Sequence[np.ndarray],
+    num_threads: int = 1,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> list[np.ndarray]:
     """Runs a ``.tflite`` file written by `export_tflite` on ``inputs``.
 
     Args:
-        path: the file; it must have the ``serving_default`` signature with
-            inputs ``input_0`` ... and outputs ``output_0`` ...
-        inputs: one float32 array per input, samples on axis 0.
+        path: the file; it must have the ``serving_default`` signature.
+        inputs: one array per input, samples on axis 0.
         num_threads: LiteRT threads. Defaults to 1.
+        input_names, output_names: the signature's names, in order
+            (`keras_autoprune.export.signature.input_names` of the model).
+            Defaults to ``input_0`` ... and every ``output_0`` ...
 
     Returns:
         One float32 array per output (dequantized for int8 outputs).
@@ -123,8 +138,8 @@ def tflite_outputs(path: str | pathlib.Path, inputs: Sequence[np.ndarray], num_t
     runner = interpreter.get_signature_runner(SIGNATURE_KEY)
     in_details = runner.get_input_details()
     out_details = runner.get_output_details()
-    names = tensor_names("input", len(inputs))
-    outputs = tensor_names("output", len(out_details))
+    names = list(input_names) if input_names is not None else tensor_names("input", len(inputs))
+    outputs = list(output_names) if output_names is not None else tensor_names("output", len(out_details))
 
     def run(batch: list[np.ndarray]) -> list[np.ndarray]:
         feed = {name: _quantize(x, in_details[name]) for name, x in zip(names, batch)}
@@ -214,15 +229,15 @@ def _batched(run: Callable[[list[np.ndarray]], list[np.ndarray]], inputs: Sequen
 
 def _quantize(x: np.ndarray, details: dict) -> np.ndarray:
     dtype = details["dtype"]
-    if np.issubdtype(dtype, np.floating):
-        return x.astype(dtype)
     scale, zero_point = details["quantization"]
+    if np.issubdtype(dtype, np.floating) or scale == 0:  # float, or not quantized (token ids, masks)
+        return x.astype(dtype)
     info = np.iinfo(dtype)
     return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
 
 
 def _dequantize(y: np.ndarray, details: dict) -> np.ndarray:
-    if np.issubdtype(details["dtype"], np.floating):
-        return y.astype(np.float32)
     scale, zero_point = details["quantization"]
+    if np.issubdtype(details["dtype"], np.floating) or scale == 0:
+        return y.astype(np.float32)
     return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
