@@ -9,6 +9,16 @@ Subcommands:
       keras-autoprune demo
       keras-autoprune demo --data ../shared/data/cifar10-jpeg.tar.gz
 
+- ``prune``: fine-tune and prune a saved model on an image data set, print
+  the report, write the slim ``.keras`` (and ``.tflite`` files)::
+
+      keras-autoprune prune resnet20.keras --data cifar10-jpeg.tar.gz --scale none \\
+          --budget flops=0.5 --method nap --epochs 2 --out slim.keras --tflite slim.tflite
+
+- ``report``: the per-layer FLOPs and parameters of a saved model::
+
+      keras-autoprune report slim.keras
+
 - ``export``: convert a saved Keras model to a verified ``.tflite`` file
   and/or a SavedModel for TF Serving, and print the verification figures::
 
@@ -42,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(subcommands)
+    _add_prune(subcommands)
+    _add_report(subcommands)
     _add_export(subcommands)
     # More subcommands go here, one `_add_<name>(subcommands)` each, which
     # adds its subparser and sets `run=_run_<name>` with `set_defaults`.
@@ -92,6 +104,67 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     Budget(flops=args.flops)  # checks the value before any work
     run_demo(args.data, args.epochs, args.finetune_epochs, args.flops, args.out, args.max_per_class)
+    return 0
+
+
+# -- prune ----------------------------------------------------------------
+def _add_prune(subcommands: argparse._SubParsersAction) -> None:
+    from keras_autoprune.prune_saved import METHODS
+
+    parser = subcommands.add_parser(
+        "prune",
+        help="prune a saved .keras model while fine-tuning it on images",
+        description=(
+            "Load a saved model (safe mode), fine-tune it for --epochs with a pruning callback on an image "
+            "data set (pruning rounds in the first two epochs), print the report and write the slim model."
+        ),
+    )
+    parser.add_argument("model", help="the model file (.keras)")
+    parser.add_argument("--data", required=True, metavar="DIR|ARCHIVE|TFDS_NAME",
+                        help="<root>/{train,test}/<class>/*.jpg, a .tar.gz of one, or a TFDS name")
+    parser.add_argument("--budget", required=True, help="flops=F or params=F: the fraction kept, e.g. flops=0.5")
+    parser.add_argument("--method", choices=METHODS, default="nap", help="default: nap")
+    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs, pruning in the first two (default: 2)")
+    parser.add_argument("--out", required=True, metavar="OUT.keras", help="where to write the pruned model")
+    parser.add_argument("--scale", choices=["unit", "symmetric", "none"], default="unit",
+                        help="pixels the model expects: unit = [0,1] (default), symmetric = [-1,1], none = raw 0-255")
+    parser.add_argument("--learning-rate", type=float, default=0.01, help="SGD rate if the model is saved uncompiled")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-per-class", type=int, default=None, help="use at most this many images per class")
+    parser.add_argument("--tflite", metavar="OUT.tflite", help="also export a verified float32 .tflite")
+    parser.add_argument("--int8", metavar="OUT.tflite", help="also export a verified int8 .tflite")
+    parser.add_argument("--unsafe", action="store_true",
+                        help="load with safe_mode=False (needed for Lambda layers; runs code stored in the file)")
+    parser.set_defaults(run=_run_prune)
+
+
+def _run_prune(args: argparse.Namespace) -> int:
+    from keras_autoprune.prune_saved import parse_budget, prune_saved_model
+
+    outcome = prune_saved_model(
+        args.model, args.data, parse_budget(args.budget), args.out, method=args.method, epochs=args.epochs,
+        scale=args.scale, learning_rate=args.learning_rate, batch_size=args.batch_size,
+        max_per_class=args.max_per_class, tflite=args.tflite, int8=args.int8, unsafe=args.unsafe,
+    )
+    print(outcome.report.to_markdown())
+    if outcome.accuracy_before is not None:
+        print(f"test accuracy: {outcome.accuracy_before:.4f} before, {outcome.accuracy_after:.4f} after")
+    print(f"wrote {', '.join(outcome.files)} ({outcome.seconds:.0f} s)")
+    return 0
+
+
+# -- report ---------------------------------------------------------------
+def _add_report(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser("report", help="per-layer FLOPs and parameters of a saved model")
+    parser.add_argument("model", help="the model file (.keras)")
+    parser.add_argument("--unsafe", action="store_true", help="load with safe_mode=False (runs code stored in the file)")
+    parser.set_defaults(run=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from keras_autoprune.prune_saved import describe_model
+
+    print(describe_model(args.model, unsafe=args.unsafe))
     return 0
 
 

@@ -117,3 +117,66 @@ def test_load_images_errors(tmp_path):
 def test_demo_subcommand_rejects_a_bad_budget_before_work(capsys):
     assert main(["demo", "--flops", "1.5"]) == 2
     assert "(0, 1]" in capsys.readouterr().err
+
+
+# -- prune and report ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """``<root>/{train,test}/<class>/*.png``: three classes of 12 x 12 images told apart by colour."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 24), ("test", 8)):
+        for label, colour in enumerate(([200, 30, 30], [30, 200, 30], [30, 30, 200])):
+            for index in range(count):
+                image = np.clip(rng.normal(colour, 40, (12, 12, 3)), 0, 255).astype("uint8")
+                _write(root / split / f"class{label}" / f"{index}.png", image)
+    return root
+
+
+@pytest.fixture(scope="module")
+def uncompiled_cnn_file(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    path = tmp_path_factory.mktemp("cnn") / "cnn.keras"
+    keras.Model(inputs, keras.layers.Dense(3)(x)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("method", ["magnitude", "nap"])
+def test_prune_subcommand_prunes_a_saved_model(uncompiled_cnn_file, image_folder, tmp_path, capsys, method):
+    import keras_autoprune as kap
+
+    out = tmp_path / "slim.keras"
+    status = main(["prune", str(uncompiled_cnn_file), "--data", str(image_folder), "--budget", "flops=0.6",
+                   "--method", method, "--epochs", "2", "--batch-size", "16", "--out", str(out), "--tflite",
+                   str(tmp_path / "slim.tflite")])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy:" in printed and "wrote" in printed and "|" in printed  # the report table
+    original = keras.saving.load_model(uncompiled_cnn_file)
+    slim = keras.saving.load_model(out)  # safe mode
+    assert kap.count_flops(slim) <= 0.6 * kap.count_flops(original)
+    assert (tmp_path / "slim.tflite").stat().st_size > 0
+
+
+def test_prune_subcommand_checks_arguments_before_work(uncompiled_cnn_file, image_folder, tmp_path, capsys):
+    base = ["prune", str(uncompiled_cnn_file), "--data", str(image_folder), "--out", str(tmp_path / "o.keras")]
+    assert main([*base, "--budget", "flops=1.5"]) == 2
+    assert "(0, 1]" in capsys.readouterr().err
+    assert main([*base, "--budget", "latency=0.5"]) == 2
+    assert "Expected --budget flops=F or params=F" in capsys.readouterr().err
+    assert main(["prune", str(tmp_path / "missing.keras"), "--data", str(image_folder), "--budget", "flops=0.5",
+                 "--out", str(tmp_path / "o.keras")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o.keras").exists()
+
+
+def test_report_subcommand_prints_layers_and_totals(uncompiled_cnn_file, capsys):
+    assert main(["report", str(uncompiled_cnn_file)]) == 0
+    printed = capsys.readouterr().out
+    model = keras.saving.load_model(uncompiled_cnn_file)
+    assert f"{model.count_params():,} parameters" in printed
+    assert "prunable channel groups" in printed and "conv2d" in printed

@@ -1,0 +1,156 @@
+"""Pruning a saved ``.keras`` model on an image data set: what ``keras-autoprune prune`` runs.
+
+The model is loaded in safe mode (``unsafe=True`` opts out: a ``.keras``
+file with ``Lambda`` layers can then run arbitrary code), compiled if it was
+saved uncompiled (SGD with Nesterov momentum 0.9 and a sparse cross-entropy,
+``from_logits`` unless the last layer applies a softmax), and fine-tuned
+``epochs`` epochs with the method's callback; pruning rounds run at the start
+of the first ``min(2, epochs)`` epochs and the remaining epochs fine-tune the
+pruned network. Images come from `keras_autoprune.datasets.load_images`
+(a ``<root>/{train,test}/<class>/*`` folder, a ``.tar.gz`` of one, or a TFDS
+name), resized to the model's input and scaled like ``keras-autoprune export``
+(``unit``: [0, 1], ``symmetric``: [-1, 1], ``none``: raw [0, 255]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from keras_autoprune.budget import Budget
+
+METHODS = ("nap", "eigendamage", "psap", "magnitude")
+CALIBRATION_IMAGES = 1024
+
+
+def parse_budget(text: str) -> Budget:
+    """``"flops=0.5"`` or ``"params=0.3"`` -> `Budget`."""
+    metric, _, value = text.partition("=")
+    if metric not in ("flops", "params") or not value:
+        raise ValueError(f"Expected --budget flops=F or params=F with F in (0, 1]. Received: --budget {text!r}. Fix: e.g. --budget flops=0.5")
+    try:
+        fraction = float(value)
+    except ValueError:
+        raise ValueError(f"Expected a number after '{metric}='. Received: --budget {text!r}. Fix: e.g. --budget flops=0.5") from None
+    return Budget(**{metric: fraction})
+
+
+@dataclasses.dataclass
+class PruneOutcome:
+    """What `prune_saved_model` produced: the slim model, its report, the accuracies and files."""
+
+    pruned_model: object
+    report: object
+    accuracy_before: float | None
+    accuracy_after: float | None
+    seconds: float
+    files: list[str]
+
+
+def prune_saved_model(
+    model_path: str | os.PathLike,
+    data: str | os.PathLike,
+    budget: Budget,
+    out: str | os.PathLike,
+    *,
+    method: str = "nap",
+    epochs: int = 2,
+    scale: str = "unit",
+    learning_rate: float = 0.01,
+    batch_size: int = 64,
+    max_per_class: int | None = None,
+    tflite: str | os.PathLike | None = None,
+    int8: str | os.PathLike | None = None,
+    unsafe: bool = False,
+    log=print,
+) -> PruneOutcome:
+    """Loads, prunes while fine-tuning, evaluates, saves and optionally exports a model (module docstring).
+
+    Raises:
+        ValueError: bad arguments or files, before any training.
+    """
+    import keras
+
+    import keras_autoprune as kap
+    from keras_autoprune.datasets import load_images
+    from keras_autoprune.evaluation import accuracy
+    from keras_autoprune.export.images import SCALES
+
+    if method not in METHODS:
+        raise ValueError(f"Expected --method to be one of {METHODS}. Received: {method!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"Expected --epochs >= 1 (pruning happens while training). Received: {epochs!r}")
+    if scale not in SCALES:
+        raise ValueError(f"Expected --scale to be one of {list(SCALES)}. Received: {scale!r}")
+    if not pathlib.Path(model_path).is_file():
+        raise ValueError(f"Expected a saved model file (.keras). Received: '{model_path}', which does not exist.")
+    if not str(out).endswith(".keras"):
+        raise ValueError(f"Expected --out to name a .keras file. Received: '{out}'")
+    start = time.perf_counter()
+    model = keras.saving.load_model(model_path, safe_mode=not unsafe)
+    if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
+        raise ValueError(f"Expected a model with one image input (N, H, W, C). Received inputs {[tuple(t.shape) for t in model.inputs]}")
+    height, width = model.inputs[0].shape[1:3]
+    multiplier, offset = SCALES[scale]
+
+    def images(split):
+        x, y, classes = load_images(data, split, image_size=(height, width), max_per_class=max_per_class)
+        return (x * multiplier + offset).astype("float32"), y, classes
+
+    x_train, y_train, classes = images("train")
+    try:
+        test = images("test")[:2]
+    except (ValueError, FileNotFoundError):
+        test = None
+    log(f"data: {len(x_train)} training images, {0 if test is None else len(test[0])} test images, {len(classes)} classes")
+    if getattr(model, "loss", None) is None:
+        from_logits = getattr(model.layers[-1], "activation", None) is not keras.activations.softmax
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits), metrics=["accuracy"])
+    accuracy_before = accuracy(model, test, batch_size) if test is not None else None
+    order = np.random.default_rng(0).permutation(len(x_train))[:CALIBRATION_IMAGES]
+    calibration = (x_train[order], y_train[order])
+    rounds = min(2, epochs)
+    options = {"rounds": rounds, "verbose": 1}
+    calibration_options = {"num_batches": max(1, len(order) // batch_size), "batch_size": batch_size}
+    callback = {
+        "nap": lambda: kap.NAPCallback(calibration, budget=budget, **calibration_options, **options),
+        "eigendamage": lambda: kap.EigenDamageCallback(calibration, budget=budget, **calibration_options, **options),
+        "psap": lambda: kap.PSAPCallback(budget, calibration, **calibration_options, **options),
+        "magnitude": lambda: kap.MagnitudeCallback(budget, **options),
+    }[method]()
+    model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, callbacks=[callback],
+              verbose=1 if sys.stdout.isatty() else 2)
+    slim = callback.pruned_model
+    accuracy_after = accuracy(slim, test, batch_size) if test is not None else None
+    slim.save(out)
+    files = [str(out)]
+    for path, quantize in ((tflite, None), (int8, "int8")):
+        if path is not None:
+            sample = (test[0] if test is not None else x_train)[:100]
+            result = kap.export_tflite(slim, path, quantize=quantize, representative_data=sample)
+            log(result.summary())
+            files.append(str(path))
+    return PruneOutcome(slim, callback.report, accuracy_before, accuracy_after, time.perf_counter() - start, files)
+
+
+def describe_model(model_path: str | os.PathLike, unsafe: bool = False) -> str:
+    """The per-layer FLOPs and parameters table of a saved model, with its totals (``keras-autoprune report``)."""
+    import keras
+
+    import keras_autoprune as kap
+
+    if not pathlib.Path(model_path).is_file():
+        raise ValueError(f"Expected a saved model file (.keras). Received: '{model_path}', which does not exist.")
+    model = keras.saving.load_model(model_path, safe_mode=not unsafe, compile=False)
+    table = kap.format_table(kap.flops_table(model))
+    graph = kap.DependencyGraph(model)
+    prunable = sum(group.size for group in graph.prunable_groups)
+    total = sum(group.size for group in graph.groups)
+    return (f"{table}\n\nmodel '{model.name}': {kap.count_params(model):,} parameters, {kap.count_flops(model):,} FLOPs per "
+            f"example; {len(graph.prunable_groups)} prunable channel groups ({prunable} of {total} channels)")
