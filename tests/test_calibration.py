@@ -189,3 +189,19 @@ def test_true_fisher_accepts_inputs_without_labels(logits_model, data):
     assert first.num_examples == N and first.fisher == "true" and weighted.num_examples == 2 * N
     assert_same(first, second, 1e-6)
     assert_same(weighted, second, 1e-12)
+
+
+def test_labels_outside_the_models_classes_are_refused():
+    from keras_autoprune.stats.calibration import CalibrationData
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    x = np.zeros((8, 4), "float32")
+    assert next(iter(CalibrationData((x, np.arange(8) % 3), model))).y.max() == 2
+    with pytest.raises(ValueError, match=r"labels in \[0, 3\).*from 0 to 7 in batch 0"):
+        CalibrationData((x, np.arange(8)), model)
+    with pytest.raises(ValueError, match="labels from -1 to"):
+        CalibrationData((x, -np.ones(8, "int64")), model)
+    with pytest.raises(ValueError, match="one-hot labels with 3 columns"):
+        CalibrationData((x, np.eye(4, dtype="float32")[np.arange(8) % 4]), model)
+    assert CalibrationData((x, np.arange(8) % 4), model, require_labels=False)  # labels unused: not checked

@@ -124,6 +124,7 @@ class CalibrationData:
         if y is not None and self._require_labels:
             y = _array(y, "y")
             _same_size(y, size, "labels y", index)
+            _check_classes(y, self._functional, index)
         else:
             y = None
         if sample_weight is None:
@@ -169,6 +170,30 @@ class CalibrationData:
                 )
             _same_size(array, arrays[0].shape[0], "inputs", index)
         return arrays
+
+
+def _check_classes(y: np.ndarray, model: keras.Model, index: int) -> None:
+    """Labels of a single ``(B, C)``-output classifier: integers in ``[0, C)``, or one-hot rows of ``C`` columns."""
+    if len(model.outputs) != 1 or len(model.outputs[0].shape) != 2:
+        return
+    classes = model.outputs[0].shape[-1]
+    if classes is None or classes < 2 or y.size == 0:
+        return
+    sparse = y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)
+    if sparse:
+        low, high = y.min(), y.max()
+        if low < 0 or high >= classes or not np.all(y == np.round(y)):
+            raise ValueError(
+                f"Expected integer class labels in [0, {classes}) for model '{model.name}' and its {classes} "
+                f"outputs. Received: labels from {low} to {high} in batch {index}. Fix: map the labels to "
+                "0 .. classes-1 (e.g. with np.unique(y, return_inverse=True)), or check that the data set "
+                "belongs to this model."
+            )
+    elif y.ndim == 2 and y.shape[1] != classes:
+        raise ValueError(
+            f"Expected one-hot labels with {classes} columns for model '{model.name}'. Received: labels of shape "
+            f"{y.shape} in batch {index}."
+        )
 
 
 def _source(data: Any, batch_size: int) -> tuple[Iterator[Any], int | None]:
