@@ -5,6 +5,8 @@ from setuptools import find_packages, setup
 _TEST = ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "scikit-learn>=1.2", "matplotlib>=3.6"]
 _DEMO = ["ai-edge-litert>=1.2", "matplotlib>=3.6", "scikit-learn>=1.2"]
 _BENCH = ["ai-edge-litert>=1.2", "matplotlib>=3.6", "tensorflow-datasets>=4.9", "tf_keras>=2.16", "tensorflow-model-optimization>=0.8"]
+# The Torch-Pruning peer of benchmark v2 (benchmarks/torch_peer.py); not in "all": torch is large.
+_TORCH = ["torch", "torch-pruning==1.6.*"]
 
 setup(
     name="keras-autoprune",
@@ -29,6 +31,7 @@ setup(
         "test": _TEST,
         "demo": _DEMO,
         "bench": _BENCH,
+        "torch": _TORCH,
         "all": sorted(set(_TEST + _DEMO + _BENCH)),
     },
     entry_points={"console_scripts": ["keras-autoprune=keras_autoprune.cli:main"]},
