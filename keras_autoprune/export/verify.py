@@ -100,8 +100,8 @@ def verify_tflite(path: str | pathlib.Path, model: keras.Model, inputs: Sequence
     >>> figures.relative_error < 1e-4                                # doctest: +SKIP
     True
     """
-    names = (input_names(model), output_names(model))
-    return compare(keras_outputs(model, inputs), tflite_outputs(path, inputs, input_names=names[0], output_names=names[1]))
+    received = tflite_outputs(path, inputs, input_names=input_names(model), output_names=output_names(model))
+    return compare(keras_outputs(model, inputs), received)
 
 
 def keras_outputs(model: keras.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
