@@ -39,7 +39,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ logs: errors reach the user as exceptions
 
 from keras_autoprune.errors import ExportError  # noqa: E402
 

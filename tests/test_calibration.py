@@ -205,3 +205,15 @@ def test_labels_outside_the_models_classes_are_refused():
     with pytest.raises(ValueError, match="one-hot labels with 3 columns"):
         CalibrationData((x, np.eye(4, dtype="float32")[np.arange(8) % 4]), model)
     assert CalibrationData((x, np.arange(8) % 4), model, require_labels=False)  # labels unused: not checked
+
+
+def test_progress_bar_prints_plain_lines_when_not_a_terminal(capsys):
+    from keras_autoprune.stats.calibration import progress_bar
+
+    bar = progress_bar(3, verbose=1)  # pytest captures stdout: not a terminal
+    for step in range(3):
+        bar.update(step + 1)
+    assert bar.verbose == 2
+    printed = capsys.readouterr().out
+    assert "3/3" in printed and "\r" not in printed and "\x1b" not in printed
+    assert progress_bar(3, verbose=0).verbose == 0

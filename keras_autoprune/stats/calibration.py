@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -264,5 +265,12 @@ def _check_count(name: str, value: Any) -> None:
 
 
 def progress_bar(total: int | None, verbose: int) -> keras.utils.Progbar:
-    """A Keras progress bar over calibration batches (``verbose=0``: silent)."""
+    """A Keras progress bar over calibration batches (``verbose=0``: silent).
+
+    When standard output is not a terminal (a log file, CI), a bar redrawn
+    in place would fill the log with control characters: it then prints one
+    plain line when the pass ends (Keras' ``verbose=2``).
+    """
+    if verbose == 1 and not sys.stdout.isatty():
+        verbose = 2
     return keras.utils.Progbar(total, verbose=verbose, unit_name="batch")
