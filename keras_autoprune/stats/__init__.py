@@ -11,7 +11,7 @@ from keras_autoprune.stats.engine import StatisticsResult, run_statistics
 from keras_autoprune.stats.gradients import GradientStatistic, GradientStats, collect_gradient_stats
 from keras_autoprune.stats.groups import GroupSaliency, group_saliency
 from keras_autoprune.stats.kfac import KFACFactors, KFACStatistic, collect_kfac
-from keras_autoprune.stats.loss import SUPPORTED_LOSSES, Likelihood, resolve_likelihood
+from keras_autoprune.stats.loss import SUPPORTED_LOSSES, Likelihood, OutputLikelihood, resolve_likelihood
 from keras_autoprune.stats.taps import SUPPORTED_LAYERS, split_weight_matrix, weight_matrix
 
 __all__ = sorted(
@@ -24,6 +24,7 @@ __all__ = sorted(
         "KFACFactors",
         "KFACStatistic",
         "Likelihood",
+        "OutputLikelihood",
         "SUPPORTED_LAYERS",
         "SUPPORTED_LOSSES",
         "StatisticsResult",

@@ -46,12 +46,13 @@ class CalibrationBatch:
 
     Attributes:
         x: one array per model input, in the order of ``model.inputs``.
-        y: labels, or None.
+        y: labels, or None; read through a likelihood (`CalibrationData`'s
+            ``likelihood``): a list of label arrays, one per output with a loss.
         sample_weight: ``(B,)`` float64 weights (ones when none were given).
     """
 
     x: list[np.ndarray]
-    y: np.ndarray | None
+    y: np.ndarray | list[np.ndarray] | None
     sample_weight: np.ndarray
 
     @property
@@ -59,7 +60,9 @@ class CalibrationBatch:
         return int(self.x[0].shape[0])
 
     def slice(self, start: int, stop: int) -> CalibrationBatch:
-        y = None if self.y is None else self.y[start:stop]
+        y = self.y
+        if y is not None:
+            y = [a[start:stop] for a in y] if isinstance(y, list) else y[start:stop]
         return CalibrationBatch([a[start:stop] for a in self.x], y, self.sample_weight[start:stop])
 
 
@@ -72,6 +75,11 @@ class CalibrationData:
         batch_size: batch size for in-memory arrays (ignored otherwise).
         num_batches: stop after this many batches (None: the whole source).
         require_labels: whether every batch must carry labels.
+        likelihood: when given (a `stats.loss.Likelihood`), labels are read
+            through it: any structure Keras takes for the model's outputs,
+            checked and converted per output (`Likelihood.targets`). Without
+            it, labels are one array, checked as a classifier's.
+        labels_reason: why labels are needed (for the message when missing).
 
     Raises:
         TypeError: unsupported source type.
@@ -86,12 +94,16 @@ class CalibrationData:
         batch_size: int = 32,
         num_batches: int | None = None,
         require_labels: bool = True,
+        likelihood: Any = None,
+        labels_reason: str | None = None,
     ):
         _check_count("batch_size", batch_size)
         if num_batches is not None:
             _check_count("num_batches", num_batches)
         self._functional = check_model(model)
         self._require_labels = require_labels
+        self._likelihood = likelihood
+        self._labels_reason = labels_reason
         self._num_batches = num_batches
         self._elements, length = _source(data, batch_size)
         self.total: int | None = length if num_batches is None else min(num_batches, length or num_batches)
@@ -117,12 +129,24 @@ class CalibrationData:
         x = self._flat_inputs(x, index)
         size = x[0].shape[0]
         if y is None and self._require_labels:
+            if self._labels_reason:
+                raise ValueError(
+                    f"Expected (x, y) batches: {self._labels_reason}. Received: batch {index} without labels. "
+                    "Fix: give labels."
+                )
             raise ValueError(
                 "Expected (x, y) batches: the empirical Fisher uses the real labels. "
                 f"Received: batch {index} without labels. Fix: give labels, or use fisher='true', "
                 "which samples labels from the model's predictions."
             )
-        if y is not None and self._require_labels:
+        if y is not None and self._require_labels and self._likelihood is not None:
+            y = keras.tree.map_structure(lambda a: None if a is None else _array(a, "y"), y)
+            for leaf in keras.tree.flatten(y):
+                if leaf is not None:  # an output without a loss needs no labels
+                    _same_size(leaf, size, "labels y", index)
+            shapes = [tuple(t.shape) for t in self._functional.outputs]
+            y = self._likelihood.targets(y, shapes, index)
+        elif y is not None and self._require_labels:
             y = _array(y, "y")
             _same_size(y, size, "labels y", index)
             _check_classes(y, self._functional, index)

@@ -1,19 +1,25 @@
 """The calibration pass shared by every statistic (K-FAC, gradients).
 
 For each batch: replay the model in inference mode (`taps.replay`), take the
-per-example negative log-likelihood ``−log p(y_b|x_b)`` (true Fisher: ``y_b``
-sampled from the model; empirical: the real labels), and one
+per-example negative log-likelihood ``−log p(y_b|x_b)`` of every output with
+a loss (true Fisher: ``y_b`` sampled from the model; empirical: the real
+labels; scaled per output as `stats.likelihoods` says), and one
 ``tf.GradientTape`` gives ``δ = ∂(Σ_b −log p(y_b|x_b))/∂s`` for every tapped
-pre-activation ``s``. In inference mode examples are independent, so these
+pre-activation ``s``. A loss that defines no distribution (`stats.loss`)
+makes the pass use the empirical Fisher whatever ``fisher`` asked for; the
+result's ``fisher`` says which one was used. In inference mode examples are independent, so these
 are the per-example ``δ``s; no per-example parameter gradient is stored.
 Each `Statistic` turns ``(patches, δ, sample weights)`` into sums over the
 chunk's examples, which are added up in float64 on the host. The step is one
 `tf.function` per pass (traced at most twice: full and remainder chunks).
 
-- **Randomness.** Example ``k`` of the pass (counted over batches) uses
-  ``u_k``, the k-th draw of ``np.random.default_rng(seed).random``, to sample
-  its label (`loss.sample_targets`): results do not depend on batching,
-  chunking or the number of replicas (up to float rounding).
+- **Randomness.** Example ``k`` of the pass (counted over batches) uses the
+  next ``n`` draws of ``np.random.default_rng(seed).random``, ``n`` the
+  labels it needs (one per position of each output with a loss, outputs in
+  order: ``n = 1`` for a classifier, whose example ``k`` uses the k-th draw),
+  to sample its labels by inverse CDF (`likelihoods.OutputLikelihood.sample`):
+  results do not depend on batching, chunking or the number of replicas (up
+  to float rounding).
 - **Memory.** A batch is processed in chunks of ``chunk_size`` examples,
   by default as many as keep the largest per-layer work array (im2col
   patches, per-example gradients) under 2**25 float64 elements (256 MiB).
@@ -38,9 +44,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.graph.dependency import DependencyGraph, check_model
 from keras_autoprune.stats.calibration import CalibrationBatch, CalibrationData, progress_bar
-from keras_autoprune.stats.loss import Likelihood, resolve_likelihood, sample_targets
+from keras_autoprune.stats.loss import Likelihood, resolve_likelihood
 from keras_autoprune.stats.taps import Tap, replay, resolve_taps
 
 FISHER_TYPES = ("true", "empirical")
@@ -73,15 +79,20 @@ class StatisticsResult(dict):
         num_examples: examples seen (sum of sample weights when given).
         num_batches: batches seen.
         seconds: wall-clock time of the pass.
-        fisher: ``"true"`` or ``"empirical"``.
+        fisher: the Fisher used, ``"true"`` or ``"empirical"``.
+        likelihood: the `stats.loss.Likelihood` the labels came from
+            (``likelihood.describe(fisher)`` says which Fisher and why).
     """
 
-    def __init__(self, items: dict, *, num_examples: float, num_batches: int, seconds: float, fisher: str):
+    def __init__(
+        self, items: dict, *, num_examples: float, num_batches: int, seconds: float, fisher: str, likelihood=None
+    ):
         super().__init__(items)
         self.num_examples = num_examples
         self.num_batches = num_batches
         self.seconds = seconds
         self.fisher = fisher
+        self.likelihood = likelihood
 
 
 def run_statistics(
@@ -92,6 +103,7 @@ def run_statistics(
     layers: Sequence[Any] | None = None,
     fisher: str = "true",
     loss: Any = None,
+    loss_weights: Any = None,
     seed: int = 0,
     num_batches: int | None = None,
     batch_size: int = 32,
@@ -110,8 +122,9 @@ def run_statistics(
         raise ValueError(f"Expected an integer seed. Received: seed={seed!r}")
     if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
         raise ValueError(f"Expected a positive integer or None. Received: chunk_size={chunk_size!r}")
-    likelihood = resolve_likelihood(model, loss)
-    num_classes = likelihood.check_output(model)
+    likelihood = resolve_likelihood(model, loss, loss_weights)
+    likelihood.check_model(model)
+    fisher = likelihood.fisher(fisher)
     if graph is None:
         with warnings.catch_warnings():  # pruning-handler warnings do not concern statistics
             warnings.simplefilter("ignore")
@@ -122,21 +135,24 @@ def run_statistics(
             "Expected at least one Dense, Conv1D, Conv2D or DepthwiseConv2D layer to collect statistics for. "
             f"Received: model '{model.name}' with none (layers={layers!r})."
         )
+    empirical = fisher == "empirical"
     batches = CalibrationData(
-        data, model, batch_size=batch_size, num_batches=num_batches, require_labels=fisher == "empirical"
+        data, model, batch_size=batch_size, num_batches=num_batches, require_labels=empirical,
+        likelihood=likelihood if empirical else None, labels_reason=likelihood.labels_reason(),
     )
     step = _make_step(model, taps, likelihood, fisher, statistics)
     chunk = chunk_size or _auto_chunk(taps, statistics)
     uniforms = np.random.default_rng(int(seed))
+    shapes = _OutputShapes(model)
     scale = _INITIAL_LOSS_SCALE if any(t.layer.compute_dtype == "float16" for t in taps.values()) else 1.0
     totals: list[dict[str, dict[str, np.ndarray]]] = [{} for _ in statistics]
     bar = progress_bar(batches.total, verbose)
     start, seen, count = time.perf_counter(), 0.0, 0
     for count, batch in enumerate(batches, start=1):
-        labels = uniforms.random(batch.size) if fisher == "true" else likelihood.targets(batch.y, num_classes)
+        labels = batch.y if empirical else _uniforms(uniforms, batch.size, likelihood.noise_widths(shapes(batch.x)))
         for lo in range(0, batch.size, chunk):
             part = batch.slice(lo, lo + chunk)
-            sums, scale = _run_chunk(step, part, labels[lo : lo + chunk], scale, count)
+            sums, scale = _run_chunk(step, part, [a[lo : lo + chunk] for a in labels], scale, count)
             for total, layer_sums in zip(totals, sums):
                 _accumulate(total, layer_sums)
         seen += float(batch.sample_weight.sum())
@@ -151,21 +167,46 @@ def run_statistics(
             num_batches=count,
             seconds=seconds,
             fisher=fisher,
+            likelihood=likelihood,
         )
         for stat, total in zip(statistics, totals)
     ]
+
+
+def _uniforms(rng: np.random.Generator, size: int, widths: list[int]) -> list[np.ndarray]:
+    """Per head, ``(size, width)`` uniforms; example ``k`` takes the next ``Σ widths`` draws."""
+    draws = rng.random((size, sum(widths)))
+    bounds = np.cumsum([0, *widths])
+    return [draws[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+class _OutputShapes:
+    """The model's output shapes (without batch) for a batch's inputs; computed once per input shape when unknown."""
+
+    def __init__(self, model: keras.Model):
+        self._functional = check_model(model)
+        self._static = [tuple(t.shape[1:]) for t in self._functional.outputs]
+        self._known = all(d is not None for shape in self._static for d in shape)
+        self._cache: dict[tuple, list[tuple]] = {}
+
+    def __call__(self, x: list[np.ndarray]) -> list[tuple]:
+        if self._known:
+            return self._static
+        key = tuple(a.shape[1:] for a in x)
+        if key not in self._cache:
+            specs = [keras.KerasTensor((1, *a.shape[1:]), dtype=t.dtype) for a, t in zip(x, self._functional.inputs)]
+            struct = keras.tree.pack_sequence_as(self._functional._inputs_struct, specs)
+            outputs = keras.tree.flatten(self._functional.compute_output_spec(struct))
+            self._cache[key] = [tuple(o.shape[1:]) for o in outputs]
+        return self._cache[key]
 
 
 def _make_step(model, taps: dict[str, Tap], likelihood: Likelihood, fisher: str, statistics):
     def replica_step(x, labels, weights, scale):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             outputs, records, logits = replay(model, list(x), taps, tape.watch)
-            log_probs = likelihood.log_probabilities(outputs, logits.get(id(outputs)))
-            if fisher == "true":
-                targets = sample_targets(log_probs, labels)
-            else:
-                targets = tf.cast(labels, log_probs.dtype)
-            total = -tf.reduce_sum(targets * log_probs) * tf.cast(scale, log_probs.dtype)
+            objective = likelihood.objective(keras.tree.flatten(outputs), logits, list(labels), fisher)
+            total = objective * tf.cast(scale, objective.dtype)
         grads = tape.gradient(
             total, [r.pre_activation for r in records], unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
@@ -194,14 +235,14 @@ def _make_step(model, taps: dict[str, Tap], likelihood: Likelihood, fisher: str,
         return tf.nest.map_structure(lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None), per_replica)
 
     def split_step(x, labels, weights, scale):
-        parts = [np.array_split(a, replicas) for a in (*x, labels, weights)]
+        parts = [np.array_split(a, replicas) for a in (*x, *labels, weights)]
 
         def value(context, index):
             return tf.constant(parts[index][context.replica_id_in_sync_group])
 
         values = [strategy.experimental_distribute_values_from_function(lambda c, i=i: value(c, i)) for i in range(len(parts))]
         with strategy.scope():
-            return distributed(values[: len(x)], values[-2], values[-1], scale)
+            return distributed(values[: len(x)], values[len(x) : -1], values[-1], scale)
 
     return split_step
 

@@ -112,6 +112,7 @@ def collect_gradient_stats(
     num_batches: int | None = None,
     batch_size: int = 32,
     loss: Any = None,
+    loss_weights: Any = None,
     seed: int = 0,
     chunk_size: int | None = None,
     graph: DependencyGraph | None = None,

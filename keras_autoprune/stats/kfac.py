@@ -188,6 +188,7 @@ def collect_kfac(
     num_batches: int | None = None,
     batch_size: int = 32,
     loss: Any = None,
+    loss_weights: Any = None,
     seed: int = 0,
     full_input_factor: bool = True,
     precision: str = "float64",
@@ -195,20 +196,26 @@ def collect_kfac(
     graph: DependencyGraph | None = None,
     verbose: int = 1,
 ) -> StatisticsResult:
-    """K-FAC factors of a classifier's layers from one calibration pass.
+    """K-FAC factors of a model's layers from one calibration pass.
 
     Args:
-        model: a built Sequential or Functional classifier (nested models
-            and `tf.distribute` strategies are fine), run in inference mode.
+        model: a built Sequential or Functional model (nested models, several
+            outputs and `tf.distribute` strategies are fine), run in inference
+            mode.
         data: calibration batches, see `keras_autoprune.stats.calibration`.
         layers: qualified names or layer objects; None: every Dense, Conv1D,
             Conv2D and DepthwiseConv2D layer (grouped/quantized ones skipped).
         fisher: ``"true"`` (labels sampled from the model, seeded; labels in
             ``data`` are optional and ignored) or ``"empirical"`` (the labels
-            in ``data``).
+            in ``data``). A loss that defines no distribution (not a
+            cross-entropy, MSE or MAE: `keras_autoprune.stats.loss`) always
+            gives the empirical Fisher; the result's ``fisher`` says which.
         num_batches: stop after this many batches (None: all of ``data``).
         batch_size: batch size for in-memory arrays.
-        loss: the classification loss; None reads ``model.loss``.
+        loss: the loss defining ``p(y|x)``, as `keras.Model.compile` takes
+            it (per output for several); None reads the compiled loss.
+        loss_weights: per-output weights; None: the compiled ones (with
+            ``loss=None``) or 1.
         seed: seed of the label sampling (true Fisher).
         full_input_factor: also compute the full ``A``; False computes only
             ``A_channel`` (saves memory for wide convolutions; depthwise layers
