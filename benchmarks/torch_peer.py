@@ -29,9 +29,10 @@ model in eval mode (BatchNormalization reads its moving statistics, so the
 per-sample losses are independent) and installed as ``.grad`` of every
 candidate. The per-sample gradients come from ``torch.func.vmap`` rather
 than Torch-Pruning's ``accumulate_grad`` loop: the same quantity (a test
-checks it against one backward pass per sample), about a hundred times
-faster on a CPU, and ``accumulate_grad`` in 1.6.1 keeps only the last
-sample (it looks up parameter *names* in a dict keyed by parameters).
+checks it against one backward pass per sample) in one batched pass,
+where the documented loop runs a backward pass of the whole batch per
+sample; and ``accumulate_grad`` in 1.6.1 keeps only the last sample (it
+looks up parameter *names* in a dict keyed by parameters).
 
 The classifier (the final ``Linear``) is never pruned (``ignored_layers``).
 The pruning ratio that meets the FLOPs target is found by bisection, each
@@ -483,6 +484,11 @@ def oneshot_rows(
     on_row=None,
 ) -> list[dict[str, Any]]:
     """One row per (entry, target) for the committed model ``name`` (see the module docstring).
+
+    Row: ``entry, model, target, flops_kept, params_kept, accuracy, accuracy_bn, seconds``
+    (``gradient_seconds``, computed once per importance and shared by its rows, plus
+    ``search_seconds``, the bisection), ``pruning_ratio``, ``candidates``, ``row_seconds``
+    (evaluations included) and, for Taylor/Hessian, ``gradient_images``.
 
     ``protocol``: the shared calibration and BatchNormalization images (default
     ``converged.protocol_data(data)``). ``test_images`` evaluates on N evenly spaced test images only (tests: the test set is sorted by class); ``hessian_images``
