@@ -244,14 +244,15 @@ class EpochCounter(keras.callbacks.Callback):
         self.epochs += 1
 
 
-@pytest.mark.parametrize("case", ["unreachable", "regression loss", "wrong input shape"])
+@pytest.mark.parametrize("case", ["unreachable", "custom loss without labels", "wrong input shape"])
 def test_misuse_fails_before_the_first_epoch(case):
     x, y = blobs()
     budget, data, model = kap.Budget(flops=0.5), (x, y), sequential()
     if case == "unreachable":
         budget, match = kap.Budget(params=0.01), r"Received: kap.Budget\(params=0.01\).*keeps 10.1% of its params.*Budget\(params=0.11\) or more"
-    elif case == "regression loss":
-        model, match = sequential(loss="mse"), "Expected a classification loss. Received: loss='mse'"
+    elif case == "custom loss without labels":  # the empirical Fisher needs the labels
+        model, data = sequential(loss=lambda y_true, y_pred: keras.ops.mean(y_pred**2, axis=-1)), x
+        match = "`data` does not fit model 'seq'.*defines no distribution to sample labels from.*Fix: give labels"
     else:
         data, match = (x[:, :8, :8], y), r"`data` does not fit model 'seq'.*\(None, 12, 12, 3\).*\(32, 8, 8, 3\)"
     counter = EpochCounter()

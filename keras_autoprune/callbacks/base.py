@@ -48,6 +48,7 @@ from keras_autoprune.callbacks.state import StateStore, fingerprint
 from keras_autoprune.errors import SurgeryError
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.surgery.plan import PrunePlan
+from keras_autoprune.surgery.clone import clone_model
 from keras_autoprune.surgery.rebuild import apply_plan
 
 
@@ -127,6 +128,10 @@ class PruningCallback(keras.callbacks.Callback):
     def check_model(self, model: keras.Model) -> None:
         """Method-specific checks of the model, called in ``on_train_begin``."""
 
+    def run_facts(self) -> dict:
+        """Method facts for the report's ``extra`` (e.g. which Fisher the statistics used)."""
+        return {}
+
     def sample_inputs(self):
         """A batch of inputs for the final rebuilt-vs-masked check (or None)."""
         return None
@@ -174,8 +179,8 @@ class PruningCallback(keras.callbacks.Callback):
         method reads data), then the slim model, its check against the masked
         copy and the report, exactly as at the end of ``fit``. Afterwards
         ``plan``, ``pruned_model``, ``report`` and ``pruning_seconds`` are set
-        as after ``fit``. The copy is compiled with ``model``'s loss when
-        ``model`` has one (the curvature methods read it).
+        as after ``fit``. The copy is compiled with ``model``'s loss (and loss
+        weights) when ``model`` has one (the curvature methods read it).
 
         Re-estimating the BatchNormalization statistics of the result on
         training images (`kap.recalibrate_batchnorm`) usually recovers much of
@@ -190,10 +195,11 @@ class PruningCallback(keras.callbacks.Callback):
                 f"`prune` runs one round without training. Received: a {type(self).__name__} with rounds={self.rounds}. "
                 "Fix: construct it with rounds=1, or prune while training with model.fit(..., callbacks=[cb])."
             )
-        copy = keras.models.clone_model(model)
+        copy = clone_model(model)
         copy.set_weights(model.get_weights())
         if getattr(model, "loss", None) is not None:
-            copy.compile(loss=model.loss)
+            config = getattr(getattr(model, "_compile_config", None), "config", None) or {}
+            copy.compile(loss=model.loss, loss_weights=config.get("loss_weights"))
         self.set_model(copy)
         self.on_train_begin()
         try:
@@ -354,9 +360,10 @@ class PruningCallback(keras.callbacks.Callback):
             rng = np.random.default_rng(0)
             inputs = [rng.normal(size=(2,) + tuple(t.shape[1:])).astype("float32") for t in self.model.inputs]
             inputs = inputs[0] if len(inputs) == 1 else inputs
-        expected = np.asarray(self.model(inputs, training=False), np.float64)
-        received = np.asarray(self.pruned_model(inputs, training=False), np.float64)
-        error = np.max(np.abs(expected - received)) / max(np.max(np.abs(expected)), 1e-12)
+        expected = [np.asarray(o, np.float64) for o in keras.tree.flatten(self.model(inputs, training=False))]
+        received = [np.asarray(o, np.float64) for o in keras.tree.flatten(self.pruned_model(inputs, training=False))]
+        largest = max(max(float(np.max(np.abs(e))) for e in expected), 1e-12)
+        error = max(float(np.max(np.abs(e - r))) for e, r in zip(expected, received)) / largest
         tolerance = self.rebuilt_tolerance()
         if error > tolerance:
             raise SurgeryError(
@@ -374,5 +381,6 @@ class PruningCallback(keras.callbacks.Callback):
             self.model,
             self.pruned_model,
             plan=self.plan,
-            extra={"method": type(self).__name__, "budget": str(self.budget), "pruning_seconds": self.pruning_seconds},
+            extra={"method": type(self).__name__, "budget": str(self.budget), "pruning_seconds": self.pruning_seconds,
+                   **self.run_facts()},
         )

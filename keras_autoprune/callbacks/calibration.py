@@ -17,6 +17,7 @@ from typing import Any
 import keras
 
 from keras_autoprune.stats.calibration import CalibrationData
+from keras_autoprune.stats.loss import Likelihood, resolve_likelihood
 
 
 def check_readable(data: Any, rounds: int, owner: str) -> None:
@@ -39,6 +40,8 @@ class CalibrationSource:
         batch_size: batch size for in-memory arrays.
         require_labels: whether batches must carry labels (empirical Fisher).
         owner: the callback's name, for error messages.
+        likelihood: the model's `Likelihood` (from `resolve_fisher`): labels
+            are checked against its outputs and losses.
 
     Attributes:
         data: what the statistics should read (for a one-shot iterator: its
@@ -50,7 +53,10 @@ class CalibrationSource:
             names the callback and the model), or an exhausted iterator.
     """
 
-    def __init__(self, data: Any, model: keras.Model, *, batch_size: int, require_labels: bool, owner: str):
+    def __init__(
+        self, data: Any, model: keras.Model, *, batch_size: int, require_labels: bool, owner: str,
+        likelihood: Likelihood | None = None,
+    ):
         self.data = data
         checked = data
         if isinstance(data, Iterator):  # read the first batch once and put it back
@@ -67,6 +73,8 @@ class CalibrationSource:
         try:
             self.first = next(iter(CalibrationData(
                 checked, model, batch_size=batch_size, num_batches=1, require_labels=require_labels,
+                likelihood=likelihood if require_labels else None,
+                labels_reason=likelihood.labels_reason() if likelihood is not None else None,
             )))
         except (TypeError, ValueError) as error:
             raise type(error)(f"{owner} `data` does not fit model '{model.name}': {error}") from error
@@ -75,3 +83,29 @@ class CalibrationSource:
     def sample_inputs(self):
         """The first batch's inputs, as the model takes them (one array, or a list for several inputs)."""
         return self.first.x if len(self.first.x) > 1 else self.first.x[0]
+
+
+def resolve_fisher(model: keras.Model, requested: str, owner: str, verbose: int) -> tuple[Likelihood, str]:
+    """The model's `Likelihood` and the Fisher its statistics will use; says which in one line when verbose.
+
+    ``requested`` (``"true"`` or ``"empirical"``) is kept unless a loss
+    defines no distribution to sample: then the empirical Fisher is used.
+
+    Raises:
+        ValueError: no loss, or a loss that does not fit the model's outputs
+            (the message names the callback).
+    """
+    try:
+        likelihood = resolve_likelihood(model)
+        likelihood.check_model(model)
+    except ValueError as error:
+        raise ValueError(f"{owner}: {error}") from error
+    fisher = likelihood.fisher(requested)
+    if verbose:
+        print(f"{owner}: {likelihood.describe(fisher)}.")
+    return likelihood, fisher
+
+
+def fisher_facts(likelihood: Likelihood, fisher: str) -> dict:
+    """The report's ``extra`` entries that say which Fisher the statistics used."""
+    return {"fisher": fisher, "likelihood": likelihood.describe(fisher)}

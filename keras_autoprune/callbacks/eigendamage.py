@@ -9,12 +9,11 @@ import numpy as np
 
 from keras_autoprune.budget import Budget
 from keras_autoprune.callbacks.base import PruningCallback
-from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable
+from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable, fisher_facts, resolve_fisher
 from keras_autoprune.callbacks.projections import ProjectionSet
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.methods import eigendamage
 from keras_autoprune.stats import collect_kfac
-from keras_autoprune.stats.loss import resolve_likelihood
 from keras_autoprune.surgery.factorization import FactorizationPlan
 
 #: Unit roundoff of low-precision compute dtypes: the three layers round
@@ -54,7 +53,8 @@ class EigenDamageCallback(PruningCallback):
             a layer's original input (or output) directions, and always
             keeps one. Default 0.95 (the reference default).
         fisher: ``"true"`` (labels sampled from the model, default) or
-            ``"empirical"``.
+            ``"empirical"``; a loss that defines no distribution uses the
+            empirical Fisher, as for `NAPCallback`.
         num_batches: calibration batches per round (None: all of ``data``).
         batch_size: batch size when ``data`` is in-memory arrays.
         **kwargs: ``start_epoch``, ``end_epoch``, ``check_tolerance``,
@@ -110,9 +110,10 @@ class EigenDamageCallback(PruningCallback):
 
     def check_model(self, model: keras.Model) -> None:
         # Fail before the first epoch on a loss, data or budget that cannot work.
-        resolve_likelihood(model).check_output(model)
+        self._likelihood, self._fisher = resolve_fisher(model, self.fisher, "EigenDamageCallback", self.verbose)
         self._source = CalibrationSource(self.data, model, batch_size=self.batch_size,
-                                         require_labels=self.fisher == "empirical", owner="EigenDamageCallback")
+                                         require_labels=self._fisher == "empirical", owner="EigenDamageCallback",
+                                         likelihood=self._likelihood)
         self.statistics_seconds = 0.0
         self._cost = eigendamage.FactorizedCost(model, self._layers)
         self._check_reachable(model)
@@ -134,6 +135,9 @@ class EigenDamageCallback(PruningCallback):
 
     def sample_inputs(self):
         return self._source.sample_inputs
+
+    def run_facts(self) -> dict:
+        return fisher_facts(self._likelihood, self._fisher)
 
     def rebuilt_tolerance(self) -> float:
         roundoff = max((_ROUNDOFF.get(l.dtype_policy.compute_dtype, 0.0) for l in self._cost.layers.values()), default=0.0)
@@ -158,7 +162,7 @@ class EigenDamageCallback(PruningCallback):
 
     def prune_round(self, target: float) -> None:
         factors = collect_kfac(
-            self.model, self._source.data, layers=list(self._layers), fisher=self.fisher, num_batches=self.num_batches,
+            self.model, self._source.data, layers=list(self._layers), fisher=self._fisher, num_batches=self.num_batches,
             batch_size=self.batch_size, full_input_factor=False, graph=self.graph, verbose=self.verbose,
         )
         self.statistics_seconds += factors.seconds

@@ -9,10 +9,11 @@ import numpy as np
 
 from keras_autoprune.budget import Budget
 from keras_autoprune.callbacks.base import PruningCallback
-from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable
+from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable, fisher_facts, resolve_fisher
 from keras_autoprune.evaluation import accuracy
 from keras_autoprune.methods import nap
 from keras_autoprune.stats import collect_kfac
+from keras_autoprune.surgery.clone import clone_model
 from keras_autoprune.surgery.plan import PrunePlan
 from keras_autoprune.surgery.weights import assign_weights, layer_weights
 
@@ -42,7 +43,11 @@ class NAPCallback(PruningCallback):
             the returned model has the same shapes with zeroed weights and no
             masks).
         fisher: ``"true"`` (labels sampled from the model, default) or
-            ``"empirical"``.
+            ``"empirical"``. The model's compiled loss defines ``p(y|x)``:
+            cross-entropies (per position too), MSE, MAE, several outputs
+            with their ``loss_weights``; any other loss uses the empirical
+            Fisher (``data`` then needs labels). ``report.extra["fisher"]``
+            says which was used (`keras_autoprune.stats.loss`).
         num_batches: calibration batches per round (None: all of ``data``).
         batch_size: batch size when ``data`` is in-memory arrays.
         damping: relative damping of the K-FAC inverses. Default 1e-3.
@@ -148,8 +153,10 @@ class NAPCallback(PruningCallback):
     # -- lifecycle additions -------------------------------------------
     def check_model(self, model: keras.Model) -> None:
         # Fail before the first epoch on data that does not fit the model.
+        self._likelihood, self._fisher = resolve_fisher(model, self.fisher, "NAPCallback", self.verbose)
         self._source = CalibrationSource(self.data, model, batch_size=self.batch_size,
-                                         require_labels=self.fisher == "empirical", owner="NAPCallback")
+                                         require_labels=self._fisher == "empirical", owner="NAPCallback",
+                                         likelihood=self._likelihood)
         self.statistics_seconds = 0.0
         self.weight_masks: dict[str, np.ndarray] | None = None
         self.base_accuracy = None
@@ -159,6 +166,9 @@ class NAPCallback(PruningCallback):
 
     def sample_inputs(self):
         return self._source.sample_inputs
+
+    def run_facts(self) -> dict:
+        return fisher_facts(self._likelihood, self._fisher)
 
     def method_state(self):
         masks = {f"weight_mask:{name}": mask for name, mask in (self.weight_masks or {}).items()}
@@ -180,7 +190,7 @@ class NAPCallback(PruningCallback):
         factors = collect_kfac(
             self.model,
             self._source.data,
-            fisher=self.fisher,
+            fisher=self._fisher,
             num_batches=self.num_batches,
             batch_size=self.batch_size,
             graph=self.graph,
@@ -274,7 +284,7 @@ class NAPCallback(PruningCallback):
     def build_pruned_model(self) -> keras.Model:
         if self.granularity == "channel":
             return super().build_pruned_model()
-        clone = keras.models.clone_model(self.model)
+        clone = clone_model(self.model)
         for old, new in zip(_layers(self.model), _layers(clone)):
             if old.weights:
                 assign_weights(new, layer_weights(old))

@@ -9,7 +9,7 @@ import numpy as np
 from keras_autoprune.allocation.cost import PlanCost
 from keras_autoprune.budget import Budget
 from keras_autoprune.callbacks.base import PruningCallback
-from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable
+from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable, fisher_facts, resolve_fisher
 from keras_autoprune.methods import psap
 from keras_autoprune.stats import collect_gradient_stats
 from keras_autoprune.surgery.importance import channel_l1
@@ -31,9 +31,11 @@ class PSAPCallback(PruningCallback):
 
     Args:
         budget: `kap.Budget` reached at the last round.
-        data: a few labelled batches for the gradient statistics (one
-            calibration pass per round; ``num_batches`` bounds it). Labels
-            are used when given (empirical gradients), else sampled.
+        data: a few batches for the gradient statistics (one calibration
+            pass per round; ``num_batches`` bounds it). Labels are sampled
+            from the model (true Fisher) when the compiled loss defines a
+            distribution (cross-entropies, MSE, MAE); any other loss uses
+            the labels in ``data`` (empirical Fisher), as `NAPCallback` says.
         start_epoch, end_epoch, rounds: schedule; default one round per
             epoch over ``[start_epoch, end_epoch)``.
         kappa: ``ε_l = κ · mean|W_l|`` in the weight sparsity ratio. Default 0.05.
@@ -87,11 +89,15 @@ class PSAPCallback(PruningCallback):
         self.batch_size = batch_size
 
     def check_model(self, model) -> None:
-        self._source = CalibrationSource(self.data, model, batch_size=self.batch_size, require_labels=False, owner="PSAPCallback")
-        self._fisher = "empirical" if self._source.first.y is not None else "true"
+        self._likelihood, self._fisher = resolve_fisher(model, "true", "PSAPCallback", self.verbose)
+        self._source = CalibrationSource(self.data, model, batch_size=self.batch_size, owner="PSAPCallback",
+                                         require_labels=self._fisher == "empirical", likelihood=self._likelihood)
         self.grad_ema: dict[str, np.ndarray] = {}
         self.statistics_seconds = 0.0
         self._cost = None
+
+    def run_facts(self) -> dict:
+        return fisher_facts(self._likelihood, self._fisher)
 
     def method_state(self):
         emas = {f"grad_ema:{group_id}": value for group_id, value in self.grad_ema.items()}

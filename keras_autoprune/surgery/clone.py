@@ -58,9 +58,38 @@ def clone_layers(model: keras.Model, rebuild: Rebuild) -> keras.Model:
             new_weights.append((new_layer, weights))
         return new_layer
 
-    new_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    new_model = clone_model(model, clone_function=clone, recursive=True)
     for new_layer, weights in new_weights:
         assign_weights(new_layer, weights)
+    return new_model
+
+
+def clone_model(model: keras.Model, **kwargs) -> keras.Model:
+    """`keras.models.clone_model`, also for a model compiled with objects Keras cannot deserialise.
+
+    Keras compiles a clone from ``model.get_compile_config()``, which fails
+    for an unregistered custom loss or metric function. Then the clone is
+    compiled with the same loss, loss weights and metrics objects and a fresh
+    optimizer of the same configuration instead.
+    """
+    if not getattr(model, "compiled", False):
+        return keras.models.clone_model(model, **kwargs)
+    try:
+        keras.saving.deserialize_keras_object(model.get_compile_config())  # what Keras will do
+    except (TypeError, ValueError):
+        pass
+    else:
+        return keras.models.clone_model(model, **kwargs)
+    model.compiled = False  # clone without the compile config, then compile from the objects
+    try:
+        new_model = keras.models.clone_model(model, **kwargs)
+    finally:
+        model.compiled = True
+    settings = dict(getattr(model, "_compile_config").config)
+    optimizer = settings.pop("optimizer", None)
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        optimizer = type(optimizer).from_config(optimizer.get_config())
+    new_model.compile(optimizer=optimizer, **settings)
     return new_model
 
 
