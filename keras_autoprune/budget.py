@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import keras
 
@@ -60,3 +61,9 @@ class Budget:
 
     def __str__(self) -> str:
         return f"{self.fraction:.0%} of {'FLOPs' if self.metric == 'flops' else 'parameters'}"
+
+
+def round_up_fraction(fraction: float) -> float:
+    """``fraction`` rounded up to two significant digits: a budget to suggest in an error message."""
+    digits = 1 - int(math.floor(math.log10(fraction)))
+    return float(math.ceil(fraction * 10**digits) / 10**digits)

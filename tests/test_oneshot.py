@@ -96,3 +96,15 @@ def test_prune_is_one_round_without_training(method):
 def test_prune_refuses_several_rounds():
     with pytest.raises(ValueError, match="rounds=1"):
         kap.MagnitudeCallback(kap.Budget(flops=0.5), rounds=2, verbose=0).prune(_cnn())
+
+
+def test_an_unreachable_budget_fails_before_training():
+    model = _cnn()
+    kernel = model.get_layer("c1").kernel.numpy().copy()
+    # The classifier and the input-side channels stay: at most a few percent of the parameters can remain
+    with pytest.raises(ValueError, match=r"down to one channel the model keeps .*Fix: kap.Budget\(params=0\.\d+\)"):
+        kap.MagnitudeCallback(kap.Budget(params=0.01), verbose=0).prune(model)
+    x, y = _data(32)
+    with pytest.raises(ValueError, match="Expected a budget NAPCallback can reach"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[kap.NAPCallback((x, y), budget=kap.Budget(params=0.01), verbose=0)])
+    np.testing.assert_array_equal(model.get_layer("c1").kernel.numpy(), kernel)  # no step was trained

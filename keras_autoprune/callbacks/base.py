@@ -42,7 +42,7 @@ import numpy as np
 
 from keras_autoprune.accounting import count_flops, count_params
 from keras_autoprune.allocation.schedule import round_epochs, round_targets
-from keras_autoprune.budget import Budget
+from keras_autoprune.budget import Budget, round_up_fraction
 from keras_autoprune.callbacks.masks import MaskSet
 from keras_autoprune.callbacks.state import StateStore, fingerprint
 from keras_autoprune.errors import SurgeryError
@@ -131,6 +131,25 @@ class PruningCallback(keras.callbacks.Callback):
     def run_facts(self) -> dict:
         """Method facts for the report's ``extra`` (e.g. which Fisher the statistics used)."""
         return {}
+
+    def check_budget(self, model: keras.Model) -> None:
+        """Raises before training when the budget is below the smallest model the method can build.
+
+        The floor is ``model`` with every prunable channel group down to one
+        channel (one chunk for GroupNormalization groups); layers whose
+        channels cannot be pruned stay whole.
+        """
+        smallest = apply_plan(model, PrunePlan.uniform(self.graph, 1.0 - 1e-9, importance="last"), self.graph)
+        floor = self.budget.cost(smallest) / self.budget.cost(model)
+        if floor > self.budget.fraction:
+            metric = self.budget.metric
+            raise ValueError(
+                f"Expected a budget {type(self).__name__} can reach on model '{model.name}'. Received: "
+                f"kap.Budget({metric}={self.budget.fraction}), but with every prunable channel group down to one "
+                f"channel the model keeps {floor:.1%} of its {metric} (the layers whose channels cannot be pruned "
+                f"stay whole: see kap.DependencyGraph(model).summary()). Fix: kap.Budget({metric}="
+                f"{round_up_fraction(floor)}) or more."
+            )
 
     def sample_inputs(self):
         """A batch of inputs for the final rebuilt-vs-masked check (or None)."""
@@ -247,6 +266,7 @@ class PruningCallback(keras.callbacks.Callback):
         self.graph = DependencyGraph(model)
         self.check_graph(self.graph)
         self.check_model(model)
+        self.check_budget(model)
         self._original = {"flops": count_flops(model), "params": count_params(model)}
         self._epochs = dict(zip(round_epochs(self.start_epoch, self.end_epoch, self.rounds), round_targets(self.budget.fraction, self.rounds, self.ramp)))
         self._kept = {"flops": 1.0, "params": 1.0}

@@ -7,7 +7,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_autoprune.budget import Budget
+from keras_autoprune.budget import Budget, round_up_fraction
 from keras_autoprune.callbacks.base import PruningCallback
 from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable, fisher_facts, resolve_fisher
 from keras_autoprune.callbacks.projections import ProjectionSet
@@ -129,7 +129,7 @@ class EigenDamageCallback(PruningCallback):
                 f"{self.budget.fraction}), but with every factorisable layer at its smallest core "
                 f"(max_layer_ratio={self.max_layer_ratio}) the model keeps {fraction:.1%} of its {metric} (only "
                 f"{len(self._cost.layers)} layer(s) can be factorised, the classifier and layers of other kinds stay "
-                f"whole, and the rotation layers add their own cost). Fix: kap.Budget({metric}={_round_up(fraction)}) or "
+                f"whole, and the rotation layers add their own cost). Fix: kap.Budget({metric}={round_up_fraction(fraction)}) or "
                 "more, or a larger max_layer_ratio."
             )
 
@@ -152,6 +152,9 @@ class EigenDamageCallback(PruningCallback):
     def restore_constraints(self) -> None:
         if self.plan is not None:
             self._projections.apply(self.plan)
+
+    def check_budget(self, model: keras.Model) -> None:
+        """EigenDamage's floor is that of its factorised layers (`_check_reachable`, in ``check_model``)."""
 
     def install_constraints(self, model: keras.Model) -> None:
         self._projections = ProjectionSet(self._layers)
@@ -178,8 +181,3 @@ class EigenDamageCallback(PruningCallback):
     def build_pruned_model(self) -> keras.Model:
         return self.plan.apply(self.model)
 
-
-def _round_up(fraction: float) -> float:
-    """``fraction`` rounded up to two significant digits (a budget to suggest)."""
-    digits = 1 - int(np.floor(np.log10(fraction)))
-    return float(np.ceil(fraction * 10**digits) / 10**digits)

@@ -170,6 +170,10 @@ class NAPCallback(PruningCallback):
     def run_facts(self) -> dict:
         return fisher_facts(self._likelihood, self._fisher)
 
+    def check_budget(self, model: keras.Model) -> None:
+        if self.granularity == "channel":  # the weight mode checks its own floor in its first round
+            super().check_budget(model)
+
     def method_state(self):
         masks = {f"weight_mask:{name}": mask for name, mask in (self.weight_masks or {}).items()}
         return {"base_accuracy": self.base_accuracy, "statistics_seconds": self.statistics_seconds}, masks
