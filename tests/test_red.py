@@ -247,6 +247,17 @@ def test_concatenation_and_squeeze_excite_readers():
     _assert_same(result.model, model, _inputs(model))
 
 
+def test_group_normalization_blocks_merging():
+    inputs = keras.Input((5, 5, 2))
+    x = L.Conv2D(4, 1, name="c")(inputs)
+    x = L.GroupNormalization(groups=2, name="gn")(x)
+    model = keras.Model(inputs, L.Conv2D(2, 1, name="out")(x))
+    randomize(model, seed=13)
+    _copy_channel(model.get_layer("c"), 0, 1)
+    result = merge_neurons(model)
+    assert result.merged == 0 and "GroupNormalization" in result.blocked["c"]
+
+
 def test_near_identical_neurons_merge_by_threshold():
     model = _chain_model()
     conv = model.get_layer("c2")

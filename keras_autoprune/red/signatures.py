@@ -168,10 +168,19 @@ def _member(layer, handler, side, weights, positions, in_width):
         if side == "output":
             return nothing
         per_channel = [w for w in weights.values() if w.ndim and w.shape[-1] == in_width]
-        return (lambda p: np.concatenate([np.take(w, p, axis=-1).astype(np.float64).ravel() for w in per_channel] or [np.zeros(0)])), None
+        return _slices(per_channel), None
     if isinstance(handler, _WEIGHTLESS) and not weights:
         return nothing
     return f"({type(layer).__name__}, handler {type(handler).__name__}) has weights RED cannot compare per channel"
+
+
+def _slices(per_channel: list[np.ndarray]):
+    """``piece(p)``: every per-channel weight at positions ``p`` (last axis)."""
+
+    def piece(p):
+        return np.concatenate([np.take(w, p, axis=-1).astype(np.float64).ravel() for w in per_channel] + [np.zeros(0)])
+
+    return piece
 
 
 def _columns(weights: dict, key: str, axis: int):
