@@ -69,8 +69,8 @@ def fold_batchnorm(model: keras.Model, graph: DependencyGraph | None = None) -> 
     >>> x = keras.layers.Conv2D(3, 3, name="conv")(inputs)
     >>> outputs = keras.layers.BatchNormalization(name="bn")(x)
     >>> folded, folds = fold_batchnorm(keras.Model(inputs, outputs))
-    >>> folds, [layer.name for layer in folded.layers]
-    ([FoldedNorm(norm='bn', into='conv')], ['input_layer', 'conv'])
+    >>> folds, [layer.name for layer in folded.layers[1:]]
+    ([FoldedNorm(norm='bn', into='conv')], ['conv'])
     """
     if graph is None:
         graph = DependencyGraph(model)
