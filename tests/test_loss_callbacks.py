@@ -126,3 +126,15 @@ def test_eigendamage_and_psap_prune_regression_models(loss):
     psap = kap.PSAPCallback(kap.Budget(flops=0.6), (x, y), verbose=0)
     assert kap.count_flops(psap.prune(model)) <= 0.6 * kap.count_flops(model)
     assert psap.report.extra["fisher"] == ("true" if loss == "mae" else "empirical")
+
+
+def test_surgery_compiles_the_slim_model_with_an_unregistered_custom_loss():
+    """Keras clones a compiled model from its compile config, which cannot name an unregistered
+    function: the slim model gets the same loss object and a fresh optimizer of the same config."""
+    x, y = regression_data(32)
+    model = regression_model(huber_cubed)
+    slim = kap.apply_plan(model, kap.PrunePlan.uniform(kap.DependencyGraph(model), 0.5))
+    assert slim.loss is huber_cubed and slim.optimizer is not model.optimizer
+    assert float(slim.optimizer.learning_rate) == pytest.approx(0.01)
+    slim.fit(x, y, epochs=1, verbose=0)
+    assert model.compiled and model.optimizer.iterations.numpy() == 0  # the input model is untouched

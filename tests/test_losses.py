@@ -252,12 +252,13 @@ def test_resolved_kinds():
     kinds = {
         "mse": "gaussian", keras.losses.MeanSquaredError(): "gaussian", "mae": "laplace",
         "binary_crossentropy": "bernoulli", keras.losses.categorical_crossentropy: "categorical",
-        keras.losses.Huber(): "None", "log_cosh": "None", keras.losses.BinaryFocalCrossentropy(): "None",
-        squared_error: "None",
+        keras.losses.Huber(): None, "log_cosh": None, keras.losses.BinaryFocalCrossentropy(): None,
+        squared_error: None,
     }
     model = linear_model()
     for loss, kind in kinds.items():
         assert resolve_likelihood(model, loss).kind == kind, loss
+    assert resolve_likelihood(two_output_model()).kind == "multi"
 
 
 MIRRORED = textwrap.dedent(

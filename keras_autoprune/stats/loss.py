@@ -64,9 +64,9 @@ class Likelihood:
     source: str
 
     @property
-    def kind(self) -> str:
-        """The kind of a single-output likelihood (``"multi"`` for several outputs)."""
-        return str(self.heads[0].kind) if len(self.heads) == 1 else "multi"
+    def kind(self) -> str | None:
+        """The kind of a single-output likelihood (None: no distribution; ``"multi"`` for several outputs)."""
+        return self.heads[0].kind if len(self.heads) == 1 else "multi"
 
     @property
     def from_logits(self) -> bool:
