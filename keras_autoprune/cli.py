@@ -19,6 +19,12 @@ Subcommands:
 
       keras-autoprune report slim.keras
 
+- ``red``: compress a saved model with RED, data-free and without
+  fine-tuning; print the report and the per-stage figures::
+
+      keras-autoprune red model.keras red.keras --bandwidth-scale 0.05 --separate-depthwise \\
+          --budget flops=0.75 --tflite red.tflite
+
 - ``export``: convert a saved Keras model to a verified ``.tflite`` file
   and/or a SavedModel for TF Serving, and print the verification figures::
 
@@ -55,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(subcommands)
     _add_report(subcommands)
     _add_export(subcommands)
+    _add_red(subcommands)
     # More subcommands go here, one `_add_<name>(subcommands)` each, which
     # adds its subparser and sets `run=_run_<name>` with `set_defaults`.
     return parser
@@ -242,6 +249,54 @@ def _run_export(args: argparse.Namespace) -> int:
             tolerance=args.tolerance, min_top1_agreement=args.min_top1,
         )
         print(result.summary())
+    return 0
+
+
+# -- red ------------------------------------------------------------------
+def _add_red(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "red",
+        help="compress a saved .keras model with RED (no data, no fine-tuning)",
+        description=(
+            "Load a saved model (safe mode), compress it with RED (BatchNormalization folding, weight hashing, "
+            "exact merging of identical neurons, optional depthwise separation), print the report and the "
+            "per-stage figures and write the compressed model. No data is read."
+        ),
+    )
+    parser.add_argument("model", help="the model file (.keras)")
+    parser.add_argument("out", metavar="OUT.keras", help="where to write the compressed model")
+    parser.add_argument("--bandwidth-scale", type=float, default=0.05,
+                        help="multiplies Silverman's bandwidth of each weight density: larger hashes coarser "
+                             "(more merging, lower accuracy); 0 skips hashing (default: 0.05)")
+    parser.add_argument("--merge-threshold", type=float, default=0.0,
+                        help="relative distance below which neurons merge; 0 merges identical ones only, "
+                             "exactly (default: 0)")
+    parser.add_argument("--separate-depthwise", action="store_true",
+                        help="split convolutions whose hashed kernels repeat into depthwise + 1x1 where cheaper")
+    parser.add_argument("--budget", default=None,
+                        help="flops=F or params=F: search --bandwidth-scale upwards for the fraction kept")
+    parser.add_argument("--unsafe", action="store_true",
+                        help="load with safe_mode=False (needed for Lambda layers; runs code stored in the file)")
+    parser.add_argument("--tflite", metavar="OUT.tflite", help="also export a verified float32 .tflite")
+    parser.set_defaults(run=_run_red)
+
+
+def _run_red(args: argparse.Namespace) -> int:
+    from keras_autoprune.prune_saved import parse_budget
+    from keras_autoprune.red.saved import compress_saved_model, stage_details
+
+    budget = parse_budget(args.budget) if args.budget is not None else None
+    outcome = compress_saved_model(
+        args.model, args.out, bandwidth_scale=args.bandwidth_scale, merge_threshold=args.merge_threshold,
+        separate_depthwise=args.separate_depthwise, budget=budget, unsafe=args.unsafe, tflite=args.tflite,
+    )
+    report = outcome.result.report
+    print(report.to_markdown() if report is not None else "(no per-layer report for this model)")
+    print()
+    print(stage_details(outcome.result))
+    if outcome.export_summary:
+        print(outcome.export_summary)
+    print(f"wrote {', '.join(outcome.files)} ({outcome.seconds:.0f} s)")
     return 0
 
 

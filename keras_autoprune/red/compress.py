@@ -165,6 +165,11 @@ def compress(
 
 def _check_arguments(model, bandwidth_scale, merge_threshold, separate_depthwise, budget) -> None:
     check_model(model)
+    check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget)
+
+
+def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget) -> None:
+    """Checks `compress`'s arguments other than the model (raises ValueError), before any work."""
     for name, value in (("bandwidth_scale", bandwidth_scale), ("merge_threshold", merge_threshold)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
             raise ValueError(

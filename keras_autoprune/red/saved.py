@@ -1,0 +1,118 @@
+"""RED on a saved ``.keras`` file: what ``keras-autoprune red`` runs.
+
+    keras-autoprune red model.keras red.keras --bandwidth-scale 0.05 --separate-depthwise --tflite red.tflite
+
+The model is loaded in safe mode (``unsafe=True`` opts out: a ``.keras``
+file with ``Lambda`` layers can then run arbitrary code), compressed with
+`keras_autoprune.red.compress` (no data, no fine-tuning), saved, and
+optionally exported to a float32 ``.tflite`` verified with LiteRT. Every
+argument is checked before the model is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+
+from keras_autoprune.budget import Budget
+from keras_autoprune.red.compress import RedResult, check_options
+
+
+@dataclasses.dataclass(frozen=True)
+class RedOutcome:
+    """What `compress_saved_model` produced.
+
+    Attributes:
+        result: the `RedResult` (``result.model`` is what was saved).
+        files: the files written, in order.
+        seconds: wall time of loading, compressing, saving and exporting.
+        export_summary: the `ExportResult.summary()` line of the ``.tflite``, or None.
+    """
+
+    result: RedResult
+    files: tuple[str, ...]
+    seconds: float
+    export_summary: str | None
+
+
+def check_paths(model_path: str | os.PathLike, out: str | os.PathLike, tflite: str | os.PathLike | None = None) -> None:
+    """Checks the input file exists and the output names, before any work (raises ValueError)."""
+    if not pathlib.Path(model_path).is_file():
+        raise ValueError(f"Expected a saved model file (.keras). Received: '{model_path}', which does not exist.")
+    if pathlib.Path(out).suffix != ".keras":
+        raise ValueError(f"Expected the output model to be a .keras file. Received: OUT='{out}'. Fix: e.g. red.keras")
+    if tflite is not None and pathlib.Path(tflite).suffix != ".tflite":
+        raise ValueError(f"Expected a .tflite file name. Received: --tflite '{tflite}'. Fix: e.g. --tflite red.tflite")
+    for path in (out, tflite):
+        if path is not None and not pathlib.Path(path).resolve().parent.is_dir():
+            raise ValueError(f"Expected an existing folder for the output. Received: '{path}'")
+
+
+def compress_saved_model(
+    model_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    bandwidth_scale: float = 0.05,
+    merge_threshold: float = 0.0,
+    separate_depthwise: bool = False,
+    budget: Budget | None = None,
+    unsafe: bool = False,
+    tflite: str | os.PathLike | None = None,
+) -> RedOutcome:
+    """Loads ``model_path``, compresses it with RED, writes ``out`` (and ``tflite``).
+
+    Args:
+        model_path: a ``.keras`` file.
+        out: the compressed model's ``.keras`` file.
+        bandwidth_scale, merge_threshold, separate_depthwise, budget: as in
+            `keras_autoprune.red.compress`.
+        unsafe: load with ``safe_mode=False``.
+        tflite: also export a float32 ``.tflite`` here, verified with LiteRT
+            on random inputs.
+
+    Returns:
+        A `RedOutcome`.
+
+    Raises:
+        ValueError: a bad argument (before any work) or an unreachable budget.
+        ExportError: the ``.tflite`` failed conversion or verification.
+    """
+    check_paths(model_path, out, tflite)
+    check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget)
+    import keras
+
+    from keras_autoprune.red.compress import compress
+
+    start = time.perf_counter()
+    model = keras.saving.load_model(model_path, safe_mode=not unsafe, compile=False)
+    result = compress(model, bandwidth_scale=bandwidth_scale, merge_threshold=merge_threshold,
+                      separate_depthwise=separate_depthwise, budget=budget)
+    result.model.save(out)
+    files, summary = [str(out)], None
+    if tflite is not None:
+        from keras_autoprune.export import export_tflite
+
+        summary = export_tflite(result.model, tflite).summary()
+        files.append(str(tflite))
+    return RedOutcome(result, tuple(files), time.perf_counter() - start, summary)
+
+
+def stage_details(result: RedResult) -> str:
+    """The per-stage figures as text: `RedResult.summary`, then per layer the
+    distinct values after hashing, the neurons merged and the separations."""
+    lines = [result.summary(), "", "distinct values after hashing (per layer and weight):"]
+    distinct = result.distinct_values
+    if not distinct:
+        lines.append("  none hashed (bandwidth_scale=0)")
+    for layer, weights in distinct.items():
+        lines.append(f"  {layer}: " + ", ".join(f"{key} {count:,}" for key, count in weights.items()))
+    lines.append(f"neurons merged: {result.neurons_merged}" + (" (per layer below)" if result.merged_per_layer else ""))
+    for layer, count in result.merged_per_layer.items():
+        lines.append(f"  {layer}: {count}")
+    lines.append(f"layers separated: {len(result.separations)}")
+    for s in result.separations:
+        lines.append(f"  {s.layer}: multiplier {s.multiplier}, {s.distinct_kernels} distinct kernels, "
+                     f"FLOPs {s.flops_before:,} -> {s.flops_after:,}")
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""``keras-autoprune red``: a saved model compressed with RED from the command line."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import keras_autoprune as kap
+from keras_autoprune.cli import main
+from tests.helpers import relative_error
+from tests.test_red import _chain_model, _copy_channel, _inputs
+
+
+@pytest.fixture(scope="module")
+def duplicates_file(tmp_path_factory):
+    """The chain model (conv+BN, conv, flatten, dense) with channels 2 and 5 of c1 copying channel 0."""
+    model = _chain_model()
+    for target in (2, 5):
+        _copy_channel(model.get_layer("c1"), 0, target)
+        _copy_channel(model.get_layer("bn1"), 0, target)
+    path = tmp_path_factory.mktemp("red_cli") / "model.keras"
+    model.save(path)
+    return path, model
+
+
+def test_red_subcommand_writes_a_smaller_exact_model(duplicates_file, tmp_path, capsys):
+    path, model = duplicates_file
+    out, tflite = tmp_path / "red.keras", tmp_path / "red.tflite"
+    status = main(["red", str(path), str(out), "--bandwidth-scale", "0.05", "--tflite", str(tflite)])
+    printed = capsys.readouterr().out
+    assert status == 0
+    loaded = keras.saving.load_model(out, safe_mode=True)
+    assert kap.count_params(loaded) < kap.count_params(model) and kap.count_flops(loaded) < kap.count_flops(model)
+    assert loaded.get_layer("c1").filters == 6  # 0, 2 and 5 became one channel
+    hashed = kap.red.compress(model, bandwidth_scale=0.05).hashed_model
+    x = _inputs(model, batch=4)
+    assert relative_error(np.asarray(loaded(x)), np.asarray(hashed(x))) <= 1e-5
+    for figure in ("batchnorm_folded", "merged", "distinct values after hashing", "c1: kernel",
+                   "neurons merged: 2", "  c1: 2", "layers separated: 0", "max abs error", "top-1 agreement"):
+        assert figure in printed
+    assert tflite.is_file() and str(out) in printed.splitlines()[-1]
+
+
+def test_red_subcommand_with_a_budget_and_separation(duplicates_file, tmp_path, capsys):
+    path, model = duplicates_file
+    out = tmp_path / "red.keras"
+    assert main(["red", str(path), str(out), "--budget", "flops=0.9", "--separate-depthwise"]) == 0
+    printed = capsys.readouterr().out
+    assert "separated" in printed
+    assert kap.count_flops(keras.saving.load_model(out)) <= 0.9 * kap.count_flops(model)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--bandwidth-scale", "-1"], "bandwidth_scale"),
+        (["--merge-threshold", "nan"], "merge_threshold"),
+        (["--budget", "flops"], "--budget"),
+        (["--budget", "flops=1.5"], "1.5"),
+        (["--bandwidth-scale", "0", "--budget", "flops=0.5"], "bandwidth_scale=0"),
+        (["--tflite", "red.bin"], ".tflite"),
+    ],
+)
+def test_red_subcommand_rejects_bad_arguments_before_work(extra, message, duplicates_file, tmp_path, capsys, monkeypatch):
+    path, _ = duplicates_file
+    monkeypatch.setattr(keras.saving, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    out = tmp_path / "red.keras"
+    assert main(["red", str(path), str(out)] + extra) == 2
+    error = capsys.readouterr().err
+    assert "keras-autoprune red: error:" in error and message in error
+    assert not out.exists()
+
+
+def test_red_subcommand_rejects_bad_paths(duplicates_file, tmp_path, capsys):
+    path, _ = duplicates_file
+    assert main(["red", str(tmp_path / "missing.keras"), str(tmp_path / "red.keras")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["red", str(path), str(tmp_path / "red.h5")]) == 2
+    assert "OUT=" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: not a number
+        main(["red", str(path), str(tmp_path / "red.keras"), "--bandwidth-scale", "wide"])
+    assert exit_info.value.code == 2
