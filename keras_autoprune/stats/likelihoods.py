@@ -220,7 +220,9 @@ class OutputLikelihood:
                 f"Received: labels of shape {y.shape} in batch {index}."
             )
         if not np.issubdtype(y.dtype, np.number) and y.dtype != bool:
-            raise ValueError(f"Expected numeric labels for output '{self.name}'. Received: dtype {y.dtype} in batch {index}.")
+            raise ValueError(
+                f"Expected numeric labels for output '{self.name}'. Received: dtype {y.dtype} in batch {index}."
+            )
         y = y.astype(np.float64)
         if self.kind == "bernoulli" and not np.all((y >= 0) & (y <= 1)):
             raise ValueError(

@@ -88,7 +88,8 @@ class Likelihood:
             return f"true Fisher (labels sampled from the model): {heads}"
         if self.samplable:
             return f"empirical Fisher (requested; the real labels): {heads}"
-        return f"empirical Fisher (squared gradients of the loss at the real labels), because {self._unsampled()}: {heads}"
+        reason = self._unsampled()
+        return f"empirical Fisher (squared gradients of the loss at the real labels), because {reason}: {heads}"
 
     def labels_reason(self) -> str | None:
         """Why the data must carry labels whatever Fisher is asked for (None when the true Fisher exists)."""
@@ -249,7 +250,9 @@ def _head(index: int, name: str, given: Any, weight: float) -> OutputLikelihood:
         try:
             resolved = keras.losses.get(given)
         except ValueError as error:
-            raise ValueError(f"Expected a loss Keras knows. Received: loss={given!r} for output '{name}'. ({error})") from error
+            raise ValueError(
+                f"Expected a loss Keras knows. Received: loss={given!r} for output '{name}'. ({error})"
+            ) from error
     if not callable(resolved):
         raise ValueError(f"Expected a loss: a keras.losses.Loss, a function or a string. Received: loss={given!r}.")
     from keras.src.losses.losses import LossFunctionWrapper  # how Keras wraps a loss function (not exported)
