@@ -216,3 +216,17 @@ def test_progress_bar_prints_plain_lines_when_not_a_terminal(capsys):
     printed = capsys.readouterr().out
     assert "3/3" in printed and "\r" not in printed and "\x1b" not in printed
     assert progress_bar(3, verbose=0).verbose == 0
+
+
+def test_inputs_of_the_wrong_kind_are_refused():
+    from keras_autoprune.stats.calibration import CalibrationData
+
+    ids = keras.Input((5,), dtype="int32", name="token_ids")
+    model = keras.Model(ids, keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.Embedding(10, 4)(ids))))
+    good = np.arange(20).reshape(4, 5) % 10
+    assert next(iter(CalibrationData((good, np.zeros(4, "int64")), model))).x[0].shape == (4, 5)
+    assert CalibrationData((good.astype("float32"), np.zeros(4, "int64")), model)  # whole numbers as floats: fine
+    with pytest.raises(ValueError, match="whole numbers for the integer input 'token_ids'"):
+        CalibrationData((good + 0.5, np.zeros(4, "int64")), model)
+    with pytest.raises(TypeError, match="numeric inputs"):
+        CalibrationData((np.full((4, 5), "a"), np.zeros(4, "int64")), model)

@@ -194,7 +194,23 @@ class CalibrationData:
                     f"{array.shape} in batch {index}."
                 )
             _same_size(array, arrays[0].shape[0], "inputs", index)
+            _check_dtype(array, tensor, index)
         return arrays
+
+
+def _check_dtype(array: np.ndarray, tensor: Any, index: int) -> None:
+    """Numbers for numeric inputs, and whole numbers for integer inputs (token ids, indices)."""
+    expected = str(tensor.dtype)
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise TypeError(
+            f"Expected numeric inputs ({expected}) for input '{tensor.name}'. Received: an array of dtype "
+            f"{array.dtype} in batch {index}. Fix: convert the data to numbers before calibration."
+        )
+    if "int" in expected and np.issubdtype(array.dtype, np.floating) and not np.all(array == np.round(array)):
+        raise ValueError(
+            f"Expected whole numbers for the integer input '{tensor.name}' ({expected}: token ids or indices). "
+            f"Received: float values with fractions in batch {index}. Fix: pass the integer ids the model reads."
+        )
 
 
 def _check_classes(y: np.ndarray, model: keras.Model, index: int) -> None:
