@@ -1,0 +1,331 @@
+"""Benchmark v2, RED entry: data-free compression of the converged models, no fine-tuning.
+
+Each point compresses the committed converged model (`benchmarks.converged`,
+``benchmarks/models/``) with `kap.red.compress` (stage 3 on:
+``separate_depthwise=True``) at one ``(bandwidth_scale, merge_threshold)``
+and measures top-1 accuracy on the 10,000 CIFAR-10 test images. No data is
+read by the method, nothing is fine-tuned and BatchNormalization statistics
+are not re-estimated (without data they cannot be). Beside every point,
+data-free uniform L1 (`kap.PrunePlan.uniform` + `kap.apply_plan`, the same
+fraction of every channel group, no fine-tuning, no re-estimation) is
+bisected on its ratio to the same FLOPs kept (the smallest ratio keeping at
+most RED's fraction).
+
+    python -m benchmarks.red_bench --model resnet20          # the default sweep of the model
+    python -m benchmarks.red_bench --model mobilenetv2 --bandwidth-scales 0.05 0.1 --merge-thresholds 0.1
+
+Rows ``{entry: "red" | "uniform_l1_datafree", model, bandwidth_scale,
+merge_threshold, flops_kept, params_kept, accuracy, seconds, ...}`` go to
+``benchmarks/results/v2/red_<model>.json`` as they finish (a rerun skips
+finished points; ``--fresh`` starts over), the plot to
+``docs/img/v2_red_<model>.png``. ``seconds`` is the compression (RED) or the
+bisection and surgery (uniform L1), not the evaluation.
+
+Latency: the best RED point that removes FLOPs beyond BatchNormalization
+folding (the fewest FLOPs within 1 point of the original accuracy, else the
+most accurate) is exported to a float32 ``.tflite`` with `kap.export_tflite`
+(verified with LiteRT) and timed against the original with
+`kap.measure_latencies` (interleaved rounds, 1 thread, batch 1). Where the
+sweep separated convolutions (stage 3), the same setting with and without
+separation is timed too, so the effect of the uneven depthwise blocks alone
+is measured. ``--no-latency`` skips both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+from benchmarks import converged
+
+SWEEPS = {
+    "resnet20": {"bandwidth_scales": (0.05, 0.1, 0.15, 0.2, 0.3, 1.0), "merge_thresholds": (0.3, 0.4, 0.5)},
+    "mobilenetv2": {"bandwidth_scales": (0.01, 0.02, 0.05, 0.1, 0.2, 1.0), "merge_thresholds": (0.1, 0.2, 0.3)},
+}
+"""Default sweep per model: ``bandwidth_scale`` with ``merge_threshold=0``, then the merge thresholds at
+``MERGE_SCALE``. Ranges from the first measurements (docs/methods/red.md): past 0.3 (ResNet-20) and 0.2
+(MobileNetV2) both models are at chance; 1.0 is kept as the point where stage 3 separates convolutions."""
+MERGE_SCALE = 0.05
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results" / "v2"
+PLOT_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "img"
+PROTOCOL = ("data-free: kap.red.compress(separate_depthwise=True), no fine-tuning, no BatchNormalization "
+            "re-estimation; uniform_l1_datafree: kap.apply_plan(model, kap.PrunePlan.uniform(graph, ratio)), ratio "
+            "bisected to RED's FLOPs kept; accuracy on the 10,000 CIFAR-10 test images")
+RATIO_TOLERANCE = 1e-3
+ACCURACY_TOLERANCE = 0.01  # the latency point: within 1 point of the original
+
+
+def sweep_points(bandwidth_scales, merge_thresholds, merge_scale: float = MERGE_SCALE) -> list[tuple[float, float]]:
+    """``(bandwidth_scale, merge_threshold)`` pairs: each scale at threshold 0, each threshold at ``merge_scale``."""
+    points = [(float(s), 0.0) for s in bandwidth_scales] + [(float(merge_scale), float(t)) for t in merge_thresholds]
+    return list(dict.fromkeys(points))
+
+
+def red_row(model, model_name: str, bandwidth_scale: float, merge_threshold: float,
+            evaluate: Callable, separate_depthwise: bool = True) -> tuple[dict, object]:
+    """One RED point: the row and the `RedResult`."""
+    import numpy as np
+
+    import keras_autoprune as kap
+
+    start = time.perf_counter()
+    result = kap.red.compress(model, bandwidth_scale=bandwidth_scale, merge_threshold=merge_threshold,
+                              separate_depthwise=separate_depthwise)
+    seconds = time.perf_counter() - start
+    first, last = result.stages[0], result.stages[-1]
+    kernels = [t.distinct_after for t in result.hashed if t.weight != "bias"]
+    row = {
+        "entry": "red", "model": model_name, "bandwidth_scale": bandwidth_scale, "merge_threshold": merge_threshold,
+        "flops_kept": last.flops / first.flops, "params_kept": last.params / first.params,
+        "accuracy": evaluate(result.model), "seconds": seconds,
+        "flops": last.flops, "params": last.params,
+        "stages": {s.stage: {"flops": s.flops, "params": s.params} for s in result.stages},
+        "neurons_merged": result.neurons_merged,
+        "merged_per_layer": result.merged_per_layer,
+        "convolutions_separated": len(result.separations),
+        "separations": [{"layer": s.layer, "multiplier": s.multiplier, "flops_before": s.flops_before,
+                         "flops_after": s.flops_after} for s in result.separations],
+        "kernel_distinct_values_median": float(np.median(kernels)) if kernels else None,
+        "distinct_values": result.distinct_values,
+    }
+    return row, result
+
+
+def uniform_ratio(model, target: float, graph=None, tolerance: float = RATIO_TOLERANCE):
+    """The smallest ratio (to ``tolerance``) whose `PrunePlan.uniform` keeps at most ``target`` of the FLOPs.
+
+    Returns ``(ratio, slim model)``; ``(None, None)`` when even ratio 0.999 keeps more.
+    """
+    import keras_autoprune as kap
+
+    graph = graph or kap.DependencyGraph(model)
+    limit = target * kap.count_flops(model)
+    cache: dict[tuple, object] = {}
+
+    def slim(ratio: float):
+        plan = kap.PrunePlan.uniform(graph, ratio)
+        key = tuple(sorted((g, len(k)) for g, k in plan.kept.items()))
+        if key not in cache:
+            cache[key] = kap.apply_plan(model, plan, graph)
+        return cache[key]
+
+    low, high = 0.0, 0.999
+    if kap.count_flops(slim(high)) > limit:
+        return None, None
+    while high - low > tolerance:
+        middle = (low + high) / 2
+        low, high = (low, middle) if kap.count_flops(slim(middle)) <= limit else (middle, high)
+    return high, slim(high)
+
+
+def uniform_row(model, model_name: str, beside: dict, evaluate: Callable, graph=None) -> dict:
+    """Data-free uniform L1 at the FLOPs kept of the RED row ``beside``."""
+    import keras_autoprune as kap
+
+    start = time.perf_counter()
+    ratio, slim = uniform_ratio(model, beside["flops_kept"], graph)
+    row = {"entry": "uniform_l1_datafree", "model": model_name, "bandwidth_scale": beside["bandwidth_scale"],
+           "merge_threshold": beside["merge_threshold"], "target_flops_kept": beside["flops_kept"]}
+    if slim is None:
+        return dict(row, error=f"uniform L1 cannot keep as little as {beside['flops_kept']:.1%} of the FLOPs")
+    seconds = time.perf_counter() - start
+    return dict(row, flops_kept=kap.count_flops(slim) / kap.count_flops(model),
+                params_kept=kap.count_params(slim) / kap.count_params(model),
+                accuracy=evaluate(slim), seconds=seconds, ratio=ratio)
+
+
+def sweep(model, model_name: str, evaluate: Callable, points: list[tuple[float, float]],
+          done: list[dict] | None = None, on_row: Callable | None = None, log=print) -> list[dict]:
+    """RED at every point and uniform L1 beside it; rows in ``done`` are kept and their points skipped.
+
+    Uniform L1 is bisected once per distinct FLOPs target; a point with the
+    same target as an earlier one gets a copy (``"same_as"`` names it).
+    """
+    import keras_autoprune as kap
+
+    rows = list(done or [])
+    graph = kap.DependencyGraph(model)
+    for index, (scale, threshold) in enumerate(points, 1):
+        red = next((r for r in rows if r["entry"] == "red" and (r["bandwidth_scale"], r["merge_threshold"]) == (scale, threshold)), None)
+        if red is None:
+            red, _ = red_row(model, model_name, scale, threshold, evaluate)
+            rows.append(red)
+            _emit(on_row, rows)
+        uniform = next((r for r in rows if r["entry"] == "uniform_l1_datafree"
+                        and (r["bandwidth_scale"], r["merge_threshold"]) == (scale, threshold)), None)
+        if uniform is None:
+            twin = next((r for r in rows if r["entry"] == "uniform_l1_datafree" and "same_as" not in r
+                         and r["target_flops_kept"] == red["flops_kept"]), None)
+            if twin is not None:
+                uniform = dict(twin, bandwidth_scale=scale, merge_threshold=threshold,
+                               same_as=[twin["bandwidth_scale"], twin["merge_threshold"]])
+            else:
+                uniform = uniform_row(model, model_name, red, evaluate, graph)
+            rows.append(uniform)
+            _emit(on_row, rows)
+        log(f"[{index}/{len(points)}] {model_name} bandwidth_scale={scale:g} merge_threshold={threshold:g}: RED "
+            f"{red['accuracy']:.4f} at {red['flops_kept']:.3f} FLOPs ({red['neurons_merged']} merged, "
+            f"{red['convolutions_separated']} separated); uniform L1 "
+            + (f"{uniform['accuracy']:.4f} at {uniform['flops_kept']:.3f}" if "error" not in uniform else uniform["error"]))
+    return rows
+
+
+def _emit(on_row, rows):
+    if on_row is not None:
+        on_row(rows)
+
+
+def latency_point(rows: list[dict], original_accuracy: float) -> dict | None:
+    """The RED row timed: removes FLOPs beyond BN folding; the fewest FLOPs within 1 point, else the most accurate."""
+    removing = [r for r in rows if r["entry"] == "red"
+                and r["stages"][list(r["stages"])[-1]]["flops"] < r["stages"]["batchnorm_folded"]["flops"]]
+    close = [r for r in removing if r["accuracy"] >= original_accuracy - ACCURACY_TOLERANCE]
+    if close:
+        return min(close, key=lambda r: (r["flops_kept"], -r["accuracy"]))
+    return max(removing, key=lambda r: (r["accuracy"], -r["flops_kept"])) if removing else None
+
+
+def measure_latency(model, rows: list[dict], original_accuracy: float, folder: pathlib.Path,
+                    runs: int = 300, log=print) -> dict:
+    """Exports and times the original against the `latency_point` (and, if any, separated vs not)."""
+    import keras_autoprune as kap
+
+    folder = pathlib.Path(folder)
+    out: dict = {"num_threads": 1, "runs": runs, "rounds": 10}
+    best = latency_point(rows, original_accuracy)
+    if best is None:
+        return dict(out, note="no RED point removes FLOPs beyond BatchNormalization folding")
+    files = {"original": (model, folder / "original.tflite")}
+    red = kap.red.compress(model, bandwidth_scale=best["bandwidth_scale"], merge_threshold=best["merge_threshold"],
+                           separate_depthwise=True)
+    files["red"] = (red.model, folder / "red.tflite")
+    separating = [r for r in rows if r["entry"] == "red" and r["convolutions_separated"] > 0]
+    if separating:
+        point = min(separating, key=lambda r: r["bandwidth_scale"])
+        on = kap.red.compress(model, bandwidth_scale=point["bandwidth_scale"], merge_threshold=point["merge_threshold"],
+                              separate_depthwise=True)
+        off = kap.red.compress(model, bandwidth_scale=point["bandwidth_scale"], merge_threshold=point["merge_threshold"],
+                               separate_depthwise=False)
+        files["separated"] = (on.model, folder / "separated.tflite")
+        files["not_separated"] = (off.model, folder / "not_separated.tflite")
+        out["separation_point"] = {"bandwidth_scale": point["bandwidth_scale"], "merge_threshold": point["merge_threshold"],
+                                   "convolutions_separated": len(on.separations),
+                                   "flops_separated": kap.count_flops(on.model),
+                                   "flops_not_separated": kap.count_flops(off.model)}
+    exports = {}
+    for key, (keras_model, path) in files.items():
+        result = kap.export_tflite(keras_model, path)
+        exports[key] = {"size_bytes": result.size_bytes, "max_abs_error": result.max_abs_error,
+                        "flops": kap.count_flops(keras_model)}
+        log(f"exported {key}: {result.size_bytes:,} bytes, max abs error {result.max_abs_error:.2g}")
+    timings = kap.measure_latencies([path for _, path in files.values()], num_threads=1, warmup=20, runs=runs, rounds=10)
+    for key, timing in zip(files, timings):
+        exports[key].update(median_ms=timing.median_ms, p90_ms=timing.p90_ms, min_ms=timing.min_ms)
+    out.update(point={"bandwidth_scale": best["bandwidth_scale"], "merge_threshold": best["merge_threshold"],
+                      "accuracy": best["accuracy"], "flops_kept": best["flops_kept"]},
+               files=exports,
+               latency_ratio=exports["red"]["median_ms"] / exports["original"]["median_ms"])
+    if "separated" in exports:
+        out["separation_latency_ratio"] = exports["separated"]["median_ms"] / exports["not_separated"]["median_ms"]
+    log(f"latency (median, 1 thread): original {exports['original']['median_ms']:.3f} ms, RED "
+        f"{exports['red']['median_ms']:.3f} ms (ratio {out['latency_ratio']:.3f})"
+        + (f"; separated / not separated {out['separation_latency_ratio']:.3f}" if "separated" in exports else ""))
+    return out
+
+
+def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
+    """Accuracy against FLOPs kept: RED (the bandwidth sweep as a line, merge thresholds as points) and uniform L1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "error" not in r]
+    figure, axis = plt.subplots(figsize=(7.5, 5))
+    scale_line = sorted((r["flops_kept"], r["accuracy"]) for r in rows if r["entry"] == "red" and r["merge_threshold"] == 0)
+    merges = sorted((r["flops_kept"], r["accuracy"]) for r in rows if r["entry"] == "red" and r["merge_threshold"] > 0)
+    uniform = sorted({(r["flops_kept"], r["accuracy"]) for r in rows if r["entry"] == "uniform_l1_datafree"})
+    if scale_line:
+        axis.plot(*zip(*scale_line), "-o", color="tab:red", markersize=4, label="RED, bandwidth_scale sweep")
+    if merges:
+        axis.plot(*zip(*merges), "s", color="tab:purple", markersize=6,
+                  label=f"RED, bandwidth_scale={MERGE_SCALE:g}, merge_threshold > 0")
+    if uniform:
+        axis.plot(*zip(*uniform), "--^", color="tab:blue", markersize=4, label="uniform L1, data-free")
+    axis.axhline(result["original"]["accuracy"], color="black", linewidth=0.8, label="original")
+    axis.set_xlabel("FLOPs kept")
+    axis.set_ylabel("top-1 accuracy (10,000 CIFAR-10 test images)")
+    axis.set_title(f"{model_name}: data-free, no fine-tuning, no BN re-estimation")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, data: converged.Cifar10,
+        fresh: bool = False, latency: bool = True, log=print) -> dict:
+    """Runs (or continues) the sweep for one model and writes ``out``; returns the result."""
+    import keras
+
+    import keras_autoprune as kap
+
+    model = keras.saving.load_model(converged.MODELS_DIR / f"{model_name}.keras", compile=False)
+    result = json.loads(out.read_text()) if out.exists() and not fresh else {}
+    if result.get("protocol") != PROTOCOL:  # the hand-written first version: start over
+        result = {}
+    result.update(model=model_name, protocol=PROTOCOL, machine=converged.machine_description(),
+                  command=f"python -m benchmarks.red_bench --model {model_name}")
+    if "original" not in result:
+        result["original"] = {"accuracy": converged.test_accuracy(model, data), "flops": kap.count_flops(model),
+                              "params": kap.count_params(model)}
+
+    def save(rows):
+        result["rows"] = rows
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
+    started = time.perf_counter()
+    rows = sweep(model, model_name, lambda m: converged.test_accuracy(m, data), points,
+                 done=result.get("rows"), on_row=save, log=log)
+    result["sweep_seconds_this_run"] = time.perf_counter() - started
+    if latency:
+        with tempfile.TemporaryDirectory() as folder:
+            result["latency"] = measure_latency(model, rows, result["original"]["accuracy"], pathlib.Path(folder), log=log)
+    save(rows)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.red_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(SWEEPS), required=True)
+    parser.add_argument("--bandwidth-scales", nargs="+", type=float, help="default: the model's SWEEPS entry")
+    parser.add_argument("--merge-thresholds", nargs="+", type=float, help="default: the model's SWEEPS entry")
+    parser.add_argument("--out", type=pathlib.Path, help="result folder (default: the published benchmarks/results/v2)")
+    parser.add_argument("--data", default=str(converged.DEFAULT_SOURCE))
+    parser.add_argument("--fresh", action="store_true", help="discard finished points")
+    parser.add_argument("--no-latency", action="store_true", help="skip the .tflite export and LiteRT timing")
+    args = parser.parse_args(argv)
+    sweep_spec = SWEEPS[args.model]
+    scales = args.bandwidth_scales if args.bandwidth_scales is not None else sweep_spec["bandwidth_scales"]
+    thresholds = args.merge_thresholds if args.merge_thresholds is not None else sweep_spec["merge_thresholds"]
+    for value in list(scales) + list(thresholds):
+        if not math.isfinite(value) or value < 0:
+            parser.error(f"Expected finite values >= 0. Received: {value}")
+    folder = args.out or RESULTS_DIR
+    result = run(args.model, sweep_points(scales, thresholds), folder / f"red_{args.model}.json",
+                 converged.load_cifar10(args.data), fresh=args.fresh, latency=not args.no_latency,
+                 log=lambda line: print(line, flush=True))
+    plot(args.model, result, (PLOT_DIR if args.out is None else folder) / f"v2_red_{args.model}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""benchmarks.red_bench: the RED sweep and uniform L1 beside it, on a tiny model."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+import keras_autoprune as kap
+from benchmarks import red_bench
+from tests.test_red import _chain_model, _copy_channel
+
+
+def test_sweep_rows_pair_red_with_uniform_l1_at_the_same_flops():
+    model = _chain_model()
+    for target in (2, 5):
+        _copy_channel(model.get_layer("c1"), 0, target)
+        _copy_channel(model.get_layer("bn1"), 0, target)
+    x = np.random.default_rng(0).normal(0, 1, (32,) + tuple(model.inputs[0].shape[1:])).astype("float32")
+    labels = np.argmax(np.asarray(model(x)), axis=-1)
+
+    def evaluate(m):  # agreement with the original's predictions
+        return float(np.mean(np.argmax(np.asarray(m(x)), axis=-1) == labels))
+
+    points = red_bench.sweep_points([0.05, 0.05], [0.3], merge_scale=0.05)
+    assert points == [(0.05, 0.0), (0.05, 0.3)]
+    saved = []
+    rows = red_bench.sweep(model, "tiny", evaluate, points[:1], on_row=lambda r: saved.append(len(r)), log=lambda _: None)
+    assert [r["entry"] for r in rows] == ["red", "uniform_l1_datafree"] and saved == [1, 2]
+    red, uniform = rows
+    slim = kap.red.compress(model, bandwidth_scale=0.05, separate_depthwise=True).model
+    assert red["flops_kept"] == kap.count_flops(slim) / kap.count_flops(model)
+    assert red["neurons_merged"] == 2 and red["merged_per_layer"] == {"c1": 2}
+    assert red["accuracy"] == evaluate(slim)
+    assert uniform["target_flops_kept"] == red["flops_kept"] and uniform["flops_kept"] <= red["flops_kept"]
+    ratio, pruned = red_bench.uniform_ratio(model, red["flops_kept"])
+    assert ratio == uniform["ratio"] and kap.count_flops(pruned) / kap.count_flops(model) == uniform["flops_kept"]
+    # the smallest such ratio: one tolerance step less keeps more than RED's FLOPs
+    less = kap.apply_plan(model, kap.PrunePlan.uniform(kap.DependencyGraph(model), ratio - red_bench.RATIO_TOLERANCE))
+    assert kap.count_flops(less) / kap.count_flops(model) > red["flops_kept"]
+    # resuming keeps the finished rows and adds only the new point
+    rows = red_bench.sweep(model, "tiny", evaluate, points, done=rows, log=lambda _: None)
+    assert [(r["entry"], r["merge_threshold"]) for r in rows][2:] == [("red", 0.3), ("uniform_l1_datafree", 0.3)]
+    best = red_bench.latency_point(rows, original_accuracy=1.0)
+    assert best is not None and best["entry"] == "red" and best["neurons_merged"] >= 2
+
+
+def test_plot_writes_a_png(tmp_path):
+    rows = [
+        {"entry": "red", "bandwidth_scale": 0.05, "merge_threshold": 0.0, "flops_kept": 0.9, "accuracy": 0.8},
+        {"entry": "red", "bandwidth_scale": 0.05, "merge_threshold": 0.3, "flops_kept": 0.7, "accuracy": 0.6},
+        {"entry": "uniform_l1_datafree", "bandwidth_scale": 0.05, "merge_threshold": 0.0, "flops_kept": 0.89, "accuracy": 0.7},
+    ]
+    path = tmp_path / "red.png"
+    red_bench.plot("tiny", {"original": {"accuracy": 0.85}, "rows": rows}, path)
+    assert path.read_bytes()[:4] == b"\x89PNG"
