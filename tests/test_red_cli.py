@@ -81,3 +81,44 @@ def test_red_subcommand_rejects_bad_paths(duplicates_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse: not a number
         main(["red", str(path), str(tmp_path / "red.keras"), "--bandwidth-scale", "wide"])
     assert exit_info.value.code == 2
+
+
+def _repeating_kernels_model():
+    """A 3x3 convolution whose input channels send two distinct kernels each: stage 3 separates it."""
+    rng = np.random.default_rng(10)
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(16, 3, padding="same", name="repeats", activation="relu")(inputs)
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 1, name="head")(x))
+    kernel = np.zeros((3, 3, 4, 16), "float32")
+    for c in range(4):
+        choices = rng.normal(0, 0.5, (2, 3, 3))
+        pick = rng.integers(0, 3, 16)
+        for o in range(16):
+            kernel[:, :, c, o] = 0 if pick[o] == 2 else choices[pick[o]]
+    model.get_layer("repeats").kernel.assign(kernel)
+    model.get_layer("repeats").bias.assign(rng.normal(0, 0.1, 16).astype("float32"))
+    return model
+
+
+def test_separated_model_exports_to_a_verified_tflite(tmp_path, capsys):
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = _repeating_kernels_model()
+    path, out, tflite = tmp_path / "model.keras", tmp_path / "red.keras", tmp_path / "red.tflite"
+    model.save(path)
+    assert main(["red", str(path), str(out), "--bandwidth-scale", "0", "--separate-depthwise", "--tflite", str(tflite)]) == 0
+    printed = capsys.readouterr().out
+    assert "layers separated: 1" in printed and "repeats: multiplier 2" in printed
+    loaded = keras.saving.load_model(out, safe_mode=True)
+    assert kap.count_flops(loaded) < kap.count_flops(model)
+    assert [type(layer).__name__ for layer in loaded.get_layer("repeats").layers] == ["DepthwiseConv2D", "Conv2D"]
+    x = _inputs(model, batch=1)
+    expected = np.asarray(model(x))
+    assert relative_error(np.asarray(loaded(x)), expected) <= 1e-5
+    interpreter = Interpreter(model_path=str(tflite))  # LiteRT runs the separated block
+    interpreter.allocate_tensors()
+    assert "DEPTHWISE_CONV_2D" in {op["op_name"] for op in interpreter._get_ops_details()}
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    assert relative_error(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), expected) <= 1e-5
+    assert interpreter.get_input_details()[0]["dtype"] == np.float32
