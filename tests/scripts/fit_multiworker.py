@@ -1,0 +1,44 @@
+"""One worker of a two-worker `MultiWorkerMirroredStrategy` pruning run (tests/test_multiworker.py).
+
+``python tests/scripts/fit_multiworker.py OUT_DIR INDEX`` with ``TF_CONFIG``
+set (no ``TF_CONFIG``: the single-worker reference). Every worker reads the
+whole calibration set, so every worker computes the same statistics and the
+same plan; each writes ``plan-<INDEX>.json`` and the chief (index 0) the
+pruned model.
+"""
+
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_autoprune as kap  # noqa: E402
+
+
+def main(out: pathlib.Path, index: int) -> None:
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if "TF_CONFIG" in os.environ else tf.distribute.get_strategy()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 4, 64)
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 8, 3))
+        h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inputs)
+        h = keras.layers.Conv2D(12, 3, padding="same", activation="relu", name="c2")(h)
+        h = keras.layers.GlobalAveragePooling2D()(h)
+        model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(h))
+        model.compile(optimizer=keras.optimizers.SGD(0.05), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = kap.NAPCallback((x, y), budget=kap.Budget(flops=0.5), rounds=2, num_batches=2, batch_size=32, verbose=0)
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=3, verbose=0, callbacks=[callback])
+    (out / f"plan-{index}.json").write_text(callback.plan.to_json())
+    if index == 0:
+        callback.pruned_model.save(out / "pruned.keras")
+
+
+if __name__ == "__main__":
+    main(pathlib.Path(sys.argv[1]), int(sys.argv[2]))
