@@ -18,6 +18,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["keras_autoprune", "keras_autoprune.*"]),
+    py_modules=["keras_autoprune_cli"],  # the command's entry point: quiets TensorFlow before it loads
     python_requires=">=3.10",
     # TensorFlow comes from an extra so that CPU-only machines can use the
     # small `tensorflow-cpu` wheel and GPU machines the full one: both provide
@@ -34,7 +35,7 @@ setup(
         "torch": _TORCH,
         "all": sorted(set(_TEST + _DEMO + _BENCH)),
     },
-    entry_points={"console_scripts": ["keras-autoprune=keras_autoprune.cli:main"]},
+    entry_points={"console_scripts": ["keras-autoprune=keras_autoprune_cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Framework :: Keras",

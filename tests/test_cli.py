@@ -180,3 +180,18 @@ def test_report_subcommand_prints_layers_and_totals(uncompiled_cnn_file, capsys)
     model = keras.saving.load_model(uncompiled_cnn_file)
     assert f"{model.count_params():,} parameters" in printed
     assert "prunable channel groups" in printed and "conv2d" in printed
+
+
+def test_the_installed_command_prints_no_tensorflow_logs(uncompiled_cnn_file):
+    import os
+    import shutil
+    import subprocess
+
+    command = shutil.which("keras-autoprune")
+    if command is None:
+        pytest.skip("the keras-autoprune command is not installed (pip install -e .)")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([command, "report", str(uncompiled_cnn_file)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "prunable channel groups" in done.stdout
+    assert done.stderr == ""  # no C++ start-up lines (CUDA probing, oneDNN notices)
