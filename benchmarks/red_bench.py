@@ -45,7 +45,7 @@ from collections.abc import Callable
 from benchmarks import converged
 
 SWEEPS = {
-    "resnet20": {"bandwidth_scales": (0.05, 0.1, 0.15, 0.2, 0.3, 1.0), "merge_thresholds": (0.3, 0.4, 0.5)},
+    "resnet20": {"bandwidth_scales": (0.05, 0.1, 0.15, 0.2, 0.3, 1.0), "merge_thresholds": (0.3, 0.35, 0.4, 0.45, 0.5)},
     "mobilenetv2": {"bandwidth_scales": (0.01, 0.02, 0.05, 0.1, 0.2, 1.0), "merge_thresholds": (0.1, 0.2, 0.3)},
 }
 """Default sweep per model: ``bandwidth_scale`` with ``merge_threshold=0``, then the merge thresholds at
@@ -240,7 +240,8 @@ def measure_latency(model, rows: list[dict], original_accuracy: float, folder: p
 
 
 def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
-    """Accuracy against FLOPs kept: RED (the bandwidth sweep as a line, merge thresholds as points) and uniform L1."""
+    """Accuracy against FLOPs kept: RED (the bandwidth sweep as a line in knob order, each point labelled with its
+    bandwidth_scale; merge thresholds as labelled squares) and uniform L1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,8 +249,9 @@ def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
 
     rows = [r for r in result["rows"] if "error" not in r]
     figure, axis = plt.subplots(figsize=(7.5, 5))
-    scale_line = sorted((r["flops_kept"], r["accuracy"]) for r in rows if r["entry"] == "red" and r["merge_threshold"] == 0)
-    merges = sorted((r["flops_kept"], r["accuracy"]) for r in rows if r["entry"] == "red" and r["merge_threshold"] > 0)
+    red = sorted((r for r in rows if r["entry"] == "red"), key=lambda r: (r["merge_threshold"], r["bandwidth_scale"]))
+    scale_line = [(r["flops_kept"], r["accuracy"]) for r in red if r["merge_threshold"] == 0]  # in knob order
+    merges = [(r["flops_kept"], r["accuracy"]) for r in red if r["merge_threshold"] > 0]
     uniform = sorted({(r["flops_kept"], r["accuracy"]) for r in rows if r["entry"] == "uniform_l1_datafree"})
     if scale_line:
         axis.plot(*zip(*scale_line), "-o", color="tab:red", markersize=4, label="RED, bandwidth_scale sweep")
@@ -258,6 +260,10 @@ def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
                   label=f"RED, bandwidth_scale={MERGE_SCALE:g}, merge_threshold > 0")
     if uniform:
         axis.plot(*zip(*uniform), "--^", color="tab:blue", markersize=4, label="uniform L1, data-free")
+    for r in red:
+        label = f"{r['bandwidth_scale']:g}" if r["merge_threshold"] == 0 else f"t={r['merge_threshold']:g}"
+        axis.annotate(label, (r["flops_kept"], r["accuracy"]), textcoords="offset points", xytext=(-4, 4),
+                      ha="right", fontsize=7, color="tab:red" if r["merge_threshold"] == 0 else "tab:purple")
     axis.axhline(result["original"]["accuracy"], color="black", linewidth=0.8, label="original")
     axis.set_xlabel("FLOPs kept")
     axis.set_ylabel("top-1 accuracy (10,000 CIFAR-10 test images)")
@@ -268,6 +274,24 @@ def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def markdown(result: dict) -> str:
+    """The table of the docs: each RED point and uniform L1 beside it (accuracy %, FLOPs and parameters kept)."""
+    rows = result["rows"]
+    uniform = {(r["bandwidth_scale"], r["merge_threshold"]): r for r in rows if r["entry"] == "uniform_l1_datafree"}
+    lines = ["| bandwidth_scale | merge_threshold | RED accuracy | FLOPs kept | params kept | neurons merged | convs separated "
+             "| median distinct kernel values | uniform L1 accuracy | its FLOPs kept | its params kept |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted((r for r in rows if r["entry"] == "red"), key=lambda r: (r["merge_threshold"], r["bandwidth_scale"])):
+        u = uniform.get((r["bandwidth_scale"], r["merge_threshold"]), {"error": "not run"})
+        twin = ("| " + str(u["error"]) + " | | |" if "error" in u else
+                f"| {100 * u['accuracy']:.2f}% | {u['flops_kept']:.1%} | {u['params_kept']:.1%} |")
+        median = r.get("kernel_distinct_values_median")
+        lines.append(f"| {r['bandwidth_scale']:g} | {r['merge_threshold']:g} | {100 * r['accuracy']:.2f}% | {r['flops_kept']:.1%} "
+                     f"| {r['params_kept']:.1%} | {r['neurons_merged']:,} | {r['convolutions_separated']} "
+                     f"| {'' if median is None else f'{median:g}'} " + twin)
+    return "\n".join(lines)
 
 
 def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, data: converged.Cifar10,
@@ -324,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                  converged.load_cifar10(args.data), fresh=args.fresh, latency=not args.no_latency,
                  log=lambda line: print(line, flush=True))
     plot(args.model, result, (PLOT_DIR if args.out is None else folder) / f"v2_red_{args.model}.png")
+    print(markdown(result))
     return 0
 
 
