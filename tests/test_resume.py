@@ -144,3 +144,24 @@ def test_a_state_of_another_run_is_refused(tmp_path):
     other = kap.MagnitudeCallback(kap.Budget(flops=0.6), start_epoch=1, rounds=2, verbose=0, state_dir=tmp_path / "whole")
     with pytest.raises(ValueError, match="does not belong to this run: its settings"):
         _fit(_model(), [other], initial_epoch=3)
+
+
+def test_one_callback_reused_on_another_model_starts_afresh(tmp_path):
+    callback = kap.MagnitudeCallback(kap.Budget(flops=0.5), verbose=0)
+    first = _model()
+    first.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+    plan_first = callback.plan.to_json()
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", name="other")(inputs)
+    second = keras.Model(inputs, L.Dense(4)(L.GlobalAveragePooling2D()(L.ReLU()(x))))
+    second.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    second.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+    assert callback.plan.to_json() != plan_first and len(callback.history) == 1
+    assert callback.pruned_model.get_layer("other").filters < 6  # this model's plan, not the first one's
+    # With a state folder, a state written for the first model is refused for the second.
+    stateful = kap.MagnitudeCallback(kap.Budget(flops=0.5), start_epoch=1, rounds=2, verbose=0, state_dir=tmp_path / "s")
+    _fit(_model(), [stateful])
+    with pytest.raises(ValueError, match="its model has other variables"):
+        second.fit(X, Y, batch_size=32, epochs=EPOCHS, initial_epoch=3, verbose=0, callbacks=[
+            kap.MagnitudeCallback(kap.Budget(flops=0.5), start_epoch=1, rounds=2, verbose=0, state_dir=tmp_path / "s")])
