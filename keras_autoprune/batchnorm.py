@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import numpy as np
 
 from keras_autoprune.stats.calibration import CalibrationData
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import numpy as np
 
 from keras_autoprune.budget import Budget, round_up_fraction
 from keras_autoprune.callbacks.base import PruningCallback
