@@ -39,6 +39,7 @@ from keras_autoprune.surgery import (  # noqa: E402
     replace_layers,
 )
 from keras_autoprune import allocation  # noqa: E402
+from keras_autoprune import metapruning  # noqa: E402
 from keras_autoprune import red  # noqa: E402
 
 __version__ = "0.1.0.dev0"
@@ -83,6 +84,7 @@ __all__ = sorted(
         "apply_plan",
         "handlers",
         "mask_plan",
+        "metapruning",
         "register_handler",
     ]
 )

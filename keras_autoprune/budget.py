@@ -10,15 +10,19 @@ import keras
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """A limit on the FLOPs or the parameters kept, as a fraction of the original.
+    """A limit on the FLOPs, parameters or latency kept, as a fraction of the original.
 
-    Exactly one of ``flops`` and ``params`` is given, in ``(0, 1]``.
+    Exactly one of ``flops``, ``params`` and ``latency`` is given, in ``(0, 1]``.
 
     Args:
         flops: keep at most this fraction of the original FLOPs
             (`kap.count_flops`).
         params: keep at most this fraction of the original parameters
             (`kap.count_params`).
+        latency: keep at most this fraction of the original model's LiteRT
+            latency, estimated from a per-layer table measured on the target
+            (`kap.metapruning.LatencyTable`); only `kap.metapruning.search`
+            accepts it.
 
     Example:
 
@@ -28,13 +32,15 @@ class Budget:
 
     flops: float | None = None
     params: float | None = None
+    latency: float | None = None
 
     def __post_init__(self):
-        given = {k: v for k, v in (("flops", self.flops), ("params", self.params)) if v is not None}
+        given = {k: v for k, v in (("flops", self.flops), ("params", self.params), ("latency", self.latency))
+                 if v is not None}
         if len(given) != 1:
             raise ValueError(
-                "A Budget limits exactly one quantity: `Budget(flops=0.5)` or `Budget(params=0.25)`. "
-                f"Received: flops={self.flops}, params={self.params}"
+                "A Budget limits exactly one quantity: `Budget(flops=0.5)`, `Budget(params=0.25)` or "
+                f"`Budget(latency=0.5)`. Received: flops={self.flops}, params={self.params}, latency={self.latency}"
             )
         (name, value), = given.items()
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
@@ -45,22 +51,34 @@ class Budget:
 
     @property
     def metric(self) -> str:
-        """``"flops"`` or ``"params"``."""
-        return "flops" if self.flops is not None else "params"
+        """``"flops"``, ``"params"`` or ``"latency"``."""
+        return "flops" if self.flops is not None else "params" if self.params is not None else "latency"
 
     @property
     def fraction(self) -> float:
         """The fraction kept."""
-        return float(self.flops if self.flops is not None else self.params)
+        return float(getattr(self, self.metric))
 
     def cost(self, model: keras.Model) -> int:
-        """The budgeted quantity of ``model`` (FLOPs or parameters)."""
+        """The budgeted quantity of ``model`` (FLOPs or parameters; a latency budget raises)."""
         from keras_autoprune.accounting import count_flops, count_params
 
+        self.require_countable("Budget.cost")
         return count_flops(model) if self.metric == "flops" else count_params(model)
 
+    def require_countable(self, method: str) -> None:
+        """Raises for a latency budget: ``method`` counts FLOPs or parameters only."""
+        if self.metric == "latency":
+            raise ValueError(
+                f"{method} budgets FLOPs or parameters, counted from the model; a latency budget needs a "
+                "latency table measured on the target and is accepted by `kap.metapruning.search` only. "
+                f"Received: budget=kap.Budget(latency={self.latency}). Fix: use `kap.Budget(flops=...)` "
+                "here, or `kap.metapruning.search(model, data, kap.Budget(latency=...), latency_table=...)`."
+            )
+
     def __str__(self) -> str:
-        return f"{self.fraction:.0%} of {'FLOPs' if self.metric == 'flops' else 'parameters'}"
+        names = {"flops": "FLOPs", "params": "parameters", "latency": "latency"}
+        return f"{self.fraction:.0%} of {names[self.metric]}"
 
 
 def round_up_fraction(fraction: float) -> float:

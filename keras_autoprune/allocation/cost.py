@@ -15,6 +15,8 @@ the first-order saving of removing that channel alone.
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 
@@ -76,10 +78,26 @@ class PlanCost:
 
     def __call__(self, plan: PrunePlan, metric: str = "flops") -> int:
         """Cost of the pruned model: ``"flops"`` or ``"params"``."""
+        total = 0
+        for call in self.pruned_calls(plan, shapes=metric != "params"):
+            if metric == "params":
+                if call.record.first_call:
+                    total += sum(int(np.prod(w.shape)) for w in call.weights.values())
+            else:
+                total += call_flops(call.layer, call.in_shapes, call.out_shapes)
+        return total
+
+    def pruned_calls(self, plan: PrunePlan, shapes: bool = True):
+        """Every call of the pruned model, as a `PrunedCall`, in execution order.
+
+        Args:
+            plan: the plan.
+            shapes: also shorten the input and output shapes (skip it when
+                only the weights are needed).
+        """
         removed = plan.removed_atoms(self.graph)
         keeps = layer_keeps(self.graph, removed)
         calls: dict[str, int] = {}
-        total = 0
         for record in self.graph.records:
             index = calls.get(record.name, 0)
             calls[record.name] = index + 1
@@ -89,16 +107,32 @@ class PlanCost:
             config = None
             if keep is not None and isinstance(operation, keras.layers.Layer):
                 config, weights = record.handler.prune(operation, operation.get_config(), weights, keep)
-            if metric == "params":
-                if record.first_call:
-                    total += sum(int(np.prod(w.shape)) for w in weights.values())
-                continue
-            ins, outs = self._shapes[record.name][index]
-            ins = [_shorten(s, layout, removed) for s, layout in zip(ins, record.call.in_layouts)]
-            outs = [_shorten(s, layout, removed) for s, layout in zip(outs, record.out_layouts)]
+            ins = outs = None
+            if shapes:
+                ins, outs = self._shapes[record.name][index]
+                ins = [_shorten(s, layout, removed) for s, layout in zip(ins, record.call.in_layouts)]
+                outs = [_shorten(s, layout, removed) for s, layout in zip(outs, record.out_layouts)]
             layer = type(operation).from_config(config) if config is not None else operation
-            total += call_flops(layer, ins, outs)
-        return total
+            yield PrunedCall(record, layer, ins, outs, weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunedCall:
+    """One call of a plan's pruned model, computed without building it.
+
+    Attributes:
+        record: the original call (`DependencyGraph.records`).
+        layer: the pruned layer (unbuilt, from the pruned config), or the
+            original operation when the plan does not change it.
+        in_shapes, out_shapes: pruned shapes (batch 1), or None when not asked for.
+        weights: the pruned weights, keyed as `layer_weights` names them.
+    """
+
+    record: object
+    layer: object
+    in_shapes: list | None
+    out_shapes: list | None
+    weights: dict
 
 
 def _shorten(shape: tuple, layout: np.ndarray, removed: np.ndarray) -> tuple:

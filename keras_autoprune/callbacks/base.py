@@ -93,6 +93,7 @@ class PruningCallback(keras.callbacks.Callback):
                 "`budget` must be a kap.Budget, e.g. `kap.Budget(flops=0.5)`. "
                 f"Received: budget={budget!r} of type {type(budget).__name__}"
             )
+        budget.require_countable(type(self).__name__)
         for name, value in (("start_epoch", start_epoch), ("rounds", rounds)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "rounds" else 0):
                 raise ValueError(

@@ -44,12 +44,7 @@ class MaskSet:
 
     def __init__(self, graph: DependencyGraph):
         self.graph = graph
-        self._layers = {}
-        for record in graph.records:
-            layer = record.operation
-            if record.first_call and isinstance(layer, keras.layers.Layer) and layer.trainable_weights:
-                if any(_touches(graph, record, g) for g in graph.prunable_groups):
-                    self._layers[id(layer)] = (record.handler, layer)
+        self._layers = maskable_layers(graph)
         self._masks: dict[int, keras.Variable] = {}
         self._previous: dict[int, object] = {}
 
@@ -122,7 +117,19 @@ class MaskSet:
         variable.assign((np.asarray(variable.numpy()) * combined).astype(variable.dtype))
 
 
-def _touches(graph: DependencyGraph, record, group) -> bool:
-    index = graph.group_index(group.id)
-    layouts = list(record.call.in_layouts) + list(record.out_layouts)
-    return any(len(l) and np.any(graph.atom_group[l] == index) for l in layouts)
+def maskable_layers(graph: DependencyGraph) -> dict[int, tuple]:
+    """``{id(layer): (handler, layer)}``: the layers with trainable weights that a prunable group touches."""
+    layers = {}
+    for record in graph.records:
+        layer = record.operation
+        if not (record.first_call and isinstance(layer, keras.layers.Layer) and layer.trainable_weights):
+            continue
+        if any(is_prunable_layout(graph, l) for l in list(record.call.in_layouts) + list(record.out_layouts)):
+            layers[id(layer)] = (record.handler, layer)
+    return layers
+
+
+def is_prunable_layout(graph: DependencyGraph, layout: np.ndarray) -> bool:
+    """Whether a tensor with channel ``layout`` (atom per position) carries channels of a prunable group."""
+    prunable = [graph.group_index(g.id) for g in graph.prunable_groups]
+    return bool(len(layout) and np.isin(graph.atom_group[layout], prunable).any())

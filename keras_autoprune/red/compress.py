@@ -188,6 +188,8 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget) 
             "Expected `budget` to be a `kap.Budget`, e.g. `kap.Budget(flops=0.75)`, or None. "
             f"Received: budget={budget!r} of type {type(budget).__name__}"
         )
+    if budget is not None:
+        budget.require_countable("kap.red.compress")
 
 
 def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool) -> RedResult:

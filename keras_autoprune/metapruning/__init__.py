@@ -1,0 +1,42 @@
+"""MetaPruning (Liu et al., ICCV 2019): a PruningNet and an evolutionary search.
+
+>>> result = kap.metapruning.search(model, train_ds, kap.Budget(flops=0.5),
+...                                 validation_data=held_out)   # doctest: +SKIP
+
+See `keras_autoprune.metapruning.search` and docs/methods/metapruning.md.
+"""
+
+from keras_autoprune.metapruning.evolution import EvolutionarySearch, SearchHistory, SearchSettings
+from keras_autoprune.metapruning.genes import DEFAULT_SCALES, GeneSpace
+from keras_autoprune.metapruning.latency import LatencyCheck, LatencyTable, LayerTiming, check_latency
+from keras_autoprune.metapruning.pruningnet import GeneSampler, PruningNet
+from keras_autoprune.metapruning.search import (
+    CandidateScorer,
+    SearchResult,
+    SmoothedCrossentropy,
+    cost_function,
+    search,
+    train_pruningnet,
+    uniform_gene,
+)
+
+__all__ = [
+    "CandidateScorer",
+    "DEFAULT_SCALES",
+    "EvolutionarySearch",
+    "GeneSampler",
+    "GeneSpace",
+    "LatencyCheck",
+    "LatencyTable",
+    "LayerTiming",
+    "PruningNet",
+    "SearchHistory",
+    "SearchResult",
+    "SearchSettings",
+    "SmoothedCrossentropy",
+    "check_latency",
+    "cost_function",
+    "search",
+    "train_pruningnet",
+    "uniform_gene",
+]

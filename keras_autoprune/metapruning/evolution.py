@@ -1,0 +1,203 @@
+"""`EvolutionarySearch`: the best gene under a cost window, scored without training.
+
+Each iteration (Liu et al., section 3.3):
+
+1. every candidate of the population not scored yet is scored (results are
+   cached by gene, in memory and optionally in a JSON file, so an
+   interrupted search resumes where it stopped);
+2. the ``parents`` best genes seen so far are kept;
+3. the next population is ``mutations`` mutants of random parents (each
+   choice redrawn with ``mutation_probability``), ``crossovers`` uniform
+   crossovers of two random parents, and random genes up to
+   ``population``.
+
+Every candidate is checked against the cost window
+``low <= cost(gene) <= high`` *before* it is scored (a cost is a fraction of
+the original model's FLOPs, parameters or estimated latency); a child
+outside the window is discarded and redrawn, up to ``max_tries`` draws per
+child. Same seed, same scores: same search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+from keras_autoprune.metapruning.genes import Gene, GeneSpace
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """Sizes of the evolutionary search (defaults: the paper's).
+
+    Attributes:
+        population: candidates per iteration.
+        parents: best genes kept as parents (the paper's top-k).
+        mutations: mutants per iteration.
+        crossovers: crossover children per iteration.
+        iterations: number of iterations.
+        mutation_probability: chance that a mutant redraws each choice.
+        max_tries: draws allowed per child before giving up on it (the
+            window may be narrow).
+    """
+
+    population: int = 50
+    parents: int = 10
+    mutations: int = 25
+    crossovers: int = 25
+    iterations: int = 20
+    mutation_probability: float = 0.1
+    max_tries: int = 100
+
+    def __post_init__(self):
+        for name in ("population", "parents", "iterations", "max_tries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1. Received: {name}={value!r}")
+        for name in ("mutations", "crossovers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be an int >= 0. Received: {name}={value!r}")
+        if self.mutations + self.crossovers > self.population:
+            raise ValueError(
+                "`mutations + crossovers` children must fit in the `population`. Received: "
+                f"mutations={self.mutations}, crossovers={self.crossovers}, population={self.population}"
+            )
+        if not 0 < self.mutation_probability <= 1:
+            raise ValueError(f"`mutation_probability` must be in (0, 1]. Received: {self.mutation_probability!r}")
+
+
+@dataclasses.dataclass
+class SearchHistory:
+    """What the search saw.
+
+    Attributes:
+        best_scores: best score found after each iteration.
+        best_genes: the gene of each of those scores.
+        scores: every scored gene and its score (the cache).
+        costs: the cost fraction of every scored gene.
+        rejected: candidates discarded for being outside the window.
+    """
+
+    best_scores: list[float] = dataclasses.field(default_factory=list)
+    best_genes: list[Gene] = dataclasses.field(default_factory=list)
+    scores: dict[Gene, float] = dataclasses.field(default_factory=dict)
+    costs: dict[Gene, float] = dataclasses.field(default_factory=dict)
+    rejected: int = 0
+
+
+class EvolutionarySearch:
+    """Searches ``space`` for the gene of highest ``score`` with ``low <= cost(gene) <= high``.
+
+    Args:
+        space: the `GeneSpace`.
+        score: ``gene -> float``, higher is better (e.g. held-out accuracy of
+            the PruningNet's weights for that gene).
+        cost: ``gene -> fraction of the original cost``.
+        high: the budget (largest cost fraction allowed).
+        low: the smallest cost fraction allowed (the window's lower end).
+        settings: `SearchSettings`.
+        seed: seed of every random draw.
+        cache_path: JSON file of scores: read at the start if it exists,
+            rewritten after every scored gene.
+        verbose: 1 shows a progress bar per iteration, 0 is silent.
+    """
+
+    def __init__(self, space: GeneSpace, score: Callable[[Gene], float], cost: Callable[[Gene], float], high: float,
+                 low: float = 0.0, settings: SearchSettings | None = None, seed: int = 0,
+                 cache_path: str | os.PathLike | None = None, verbose: int = 1):
+        if not 0 <= low < high:
+            raise ValueError(f"Expected a window with 0 <= low < high. Received: low={low}, high={high}")
+        self.space = space
+        self.score = score
+        self.cost = cost
+        self.low, self.high = float(low), float(high)
+        self.settings = settings or SearchSettings()
+        self.seed = seed
+        self.cache_path = pathlib.Path(cache_path) if cache_path is not None else None
+        self.verbose = verbose
+        self.history = SearchHistory()
+        self._cost_cache: dict[Gene, float] = {}
+        if self.cache_path is not None and self.cache_path.exists():
+            self._read_cache()
+
+    def allowed(self, gene: Gene) -> bool:
+        """Whether ``gene``'s cost fraction is inside the window (computed once per gene)."""
+        if gene not in self._cost_cache:
+            self._cost_cache[gene] = float(self.cost(gene))
+        return self.low <= self._cost_cache[gene] <= self.high
+
+    def run(self) -> tuple[Gene, float]:
+        """Runs every iteration; returns the best gene and its score."""
+        rng = np.random.default_rng(self.seed)
+        settings = self.settings
+        population = self._fill([], settings.population, rng, lambda: self.space.random(rng))
+        if not population:
+            raise ValueError(
+                f"No random gene of {len(self.space)} choices has a cost in [{self.low:.3f}, {self.high:.3f}] "
+                f"after {settings.max_tries * settings.population} draws. Fix: widen the window (a lower "
+                "`low`), raise the budget, or add smaller `scales`."
+            )
+        for iteration in range(settings.iterations):
+            self._score_all(population, iteration)
+            ranked = sorted(self.history.scores.items(), key=lambda item: (-item[1], item[0]))
+            ranked = [gene for gene, _ in ranked if self.allowed(gene)]
+            best = ranked[0]
+            self.history.best_genes.append(best)
+            self.history.best_scores.append(self.history.scores[best])
+            parents = ranked[: settings.parents]
+            children = self._fill([], settings.mutations, rng, lambda: self.space.mutate(
+                parents[rng.integers(len(parents))], rng, settings.mutation_probability))
+            children = self._fill(children, settings.mutations + settings.crossovers, rng, lambda: self.space.crossover(
+                parents[rng.integers(len(parents))], parents[rng.integers(len(parents))], rng))
+            population = self._fill(children, settings.population, rng, lambda: self.space.random(rng))
+        return self.history.best_genes[-1], self.history.best_scores[-1]
+
+    def _fill(self, genes: list[Gene], size: int, rng, draw) -> list[Gene]:
+        genes = list(genes)
+        target = size - len(genes)
+        for _ in range(target * self.settings.max_tries):
+            if len(genes) >= size:
+                break
+            gene = draw()
+            if self.allowed(gene):
+                genes.append(gene)
+            else:
+                self.history.rejected += 1
+        return genes
+
+    def _score_all(self, population: list[Gene], iteration: int) -> None:
+        todo = [g for g in dict.fromkeys(population) if g not in self.history.scores]
+        bar = keras.utils.Progbar(len(todo), verbose=self.verbose, unit_name="candidate") if todo and self.verbose else None
+        if self.verbose:
+            print(f"Iteration {iteration + 1}/{self.settings.iterations}: {len(todo)} new candidates "
+                  f"({len(population) - len(todo)} cached)")
+        for i, gene in enumerate(todo):
+            self.history.scores[gene] = float(self.score(gene))
+            self.history.costs[gene] = self._cost_cache[gene]
+            if self.cache_path is not None:
+                self._write_cache()
+            if bar is not None:
+                best = max(self.history.scores.values())
+                bar.update(i + 1, values=[("best", best)])
+
+    def _read_cache(self) -> None:
+        stored = json.loads(self.cache_path.read_text())
+        for row in stored.get("scores", []):
+            gene = self.space.check(row["gene"])
+            self.history.scores[gene] = float(row["score"])
+            self.history.costs[gene] = float(row["cost"])
+            self._cost_cache[gene] = float(row["cost"])
+
+    def _write_cache(self) -> None:
+        rows = [{"gene": list(g), "score": s, "cost": self.history.costs[g]} for g, s in self.history.scores.items()]
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"scales": list(self.space.scales), "scores": rows}))
+        os.replace(tmp, self.cache_path)

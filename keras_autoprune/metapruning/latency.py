@@ -1,0 +1,278 @@
+"""`LatencyTable`: a model's LiteRT latency estimated from per-layer measurements.
+
+Built once per model and target machine (`LatencyTable.build`): for every
+layer whose channels a prunable group changes (convolutions, depthwise
+convolutions, Dense...) a one-layer model is converted to ``.tflite`` at
+each grid point of its input and output widths and timed with
+`kap.measure_latency` (batch 1, ``num_threads`` threads). Layers with the
+same configuration and input shape share their measurements. A candidate's
+latency is
+
+``T(plan) = T_full - sum_l t_l(c_in^full, c_out^full) + sum_l t_l(c_in(plan), c_out(plan))``
+
+where ``t_l`` is bilinear interpolation in the layer's measured grid (linear
+extrapolation below its smallest width) and ``T_full`` is the measured
+latency of the whole model: everything the table does not model (additions,
+pooling, the interpreter's overhead) is taken as constant.
+
+The table is JSON (`save`, `load`): build it on the target device (phone,
+board) with the same call, ship the file back, and search with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+
+from keras_autoprune.accounting import call_shapes
+from keras_autoprune.allocation.cost import PlanCost
+from keras_autoprune.callbacks.masks import is_prunable_layout
+from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.surgery.plan import PrunePlan
+
+_WIDTH_KEYS = ("filters", "units")
+
+
+@dataclasses.dataclass
+class LayerTiming:
+    """Measured latency of one layer signature on a grid of widths.
+
+    Attributes:
+        in_widths, out_widths: the grid (channels), increasing.
+        ms: ``ms[i][j]``: median latency at ``in_widths[i]``, ``out_widths[j]``.
+    """
+
+    in_widths: list[int]
+    out_widths: list[int]
+    ms: list[list[float]]
+
+    def at(self, c_in: float, c_out: float) -> float:
+        """Bilinear interpolation (linear extrapolation outside the grid)."""
+        grid = np.asarray(self.ms, float)
+        rows = np.array([_interp(c_out, self.out_widths, row) for row in grid])
+        return float(_interp(c_in, self.in_widths, rows))
+
+
+class LatencyTable:
+    """Per-layer latencies of one model on one machine.
+
+    Attributes:
+        model_name: the model it was built for.
+        full_ms: measured latency of the whole model.
+        layers: ``{layer name: signature}``.
+        timings: ``{signature: LayerTiming}``.
+        num_threads: LiteRT threads used.
+    """
+
+    def __init__(self, model_name: str, full_ms: float, layers: dict[str, str], timings: dict[str, LayerTiming],
+                 num_threads: int = 1):
+        self.model_name = model_name
+        self.full_ms = float(full_ms)
+        self.layers = dict(layers)
+        self.timings = dict(timings)
+        self.num_threads = num_threads
+        self._cost: PlanCost | None = None
+
+    # -- building ---------------------------------------------------------------
+    @classmethod
+    def build(cls, model: keras.Model, scales: Sequence[float] = (0.25, 0.5, 0.75, 1.0), num_threads: int = 1,
+              runs: int = 30, verbose: int = 1) -> "LatencyTable":
+        """Measures ``model``'s prunable layers on a ``len(scales)``-squared grid of widths.
+
+        Args:
+            model: the unpruned model.
+            scales: grid of width fractions for each layer's input and output.
+            num_threads: LiteRT threads (1 for a phone's single big core).
+            runs: timed calls per measurement.
+            verbose: 1 shows a progress bar.
+        """
+        from keras_autoprune.export.convert import convert
+        from keras_autoprune.export.latency import measure_latency
+
+        graph = DependencyGraph(model)
+        shapes = call_shapes(model)
+        layers, todo = {}, {}
+        for record in _prunable_calls(graph):
+            in_shape = shapes[record.name][0][0][0]
+            signature = _signature(record, in_shape)
+            layers[record.name] = signature
+            todo.setdefault(signature, (record, in_shape))
+        grids = {signature: _grid(record, graph, scales) for signature, (record, _) in todo.items()}
+        bar = keras.utils.Progbar(sum(len(a) * len(b) for a, b in grids.values()) + 1, verbose=verbose,
+                                  unit_name="measurement")
+        timings = {}
+        with tempfile.TemporaryDirectory() as scratch:
+            path = pathlib.Path(scratch) / "m.tflite"
+
+            def time_model(m: keras.Model) -> float:
+                content, _ = convert(m, None, [])
+                path.write_bytes(content)
+                return measure_latency(path, num_threads=num_threads, runs=runs).median_ms
+
+            for signature, (record, in_shape) in todo.items():
+                in_widths, out_widths = grids[signature]
+                ms = []
+                for a in in_widths:
+                    ms.append([time_model(_one_layer_model(record, in_shape, a, b)) for b in out_widths])
+                    bar.add(len(out_widths))
+                timings[signature] = LayerTiming(in_widths, out_widths, ms)
+            full_ms = time_model(model)
+            bar.add(1)
+        return cls(model.name, full_ms, layers, timings, num_threads)
+
+    # -- estimating -------------------------------------------------------------
+    def bind(self, model: keras.Model, graph: DependencyGraph | None = None) -> "LatencyTable":
+        """Attaches the model whose plans `estimate` prices (checks the table was built for it)."""
+        graph = graph or DependencyGraph(model)
+        names = {r.name for r in _prunable_calls(graph)}
+        if names != set(self.layers):
+            raise ValueError(
+                f"This latency table was built for model '{self.model_name}' with prunable layers "
+                f"{sorted(self.layers)[:5]}..., not for model '{model.name}' ({sorted(names)[:5]}...). "
+                "Fix: build it with `LatencyTable.build(model)` on this model."
+            )
+        self._cost = PlanCost(model, graph)
+        return self
+
+    def estimate(self, plan: PrunePlan) -> float:
+        """Estimated latency (ms) of ``apply_plan(model, plan)`` (see the module docstring)."""
+        if self._cost is None:
+            raise ValueError("Call `table.bind(model)` before `estimate`: the table needs the model's graph.")
+        total = self.full_ms
+        for call in self._cost.pruned_calls(plan):
+            signature = self.layers.get(call.record.name)
+            if signature is None:
+                continue
+            timing = self.timings[signature]
+            full_in, full_out = timing.in_widths[-1], timing.out_widths[-1]
+            c_in, c_out = call.in_shapes[0][-1], call.out_shapes[0][-1]
+            total += timing.at(c_in, c_out) - timing.at(full_in, full_out)
+        return total
+
+    # -- files --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"model": self.model_name, "full_ms": self.full_ms, "num_threads": self.num_threads,
+                "layers": self.layers, "timings": {k: dataclasses.asdict(v) for k, v in self.timings.items()}}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the table as JSON."""
+        pathlib.Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LatencyTable":
+        """Reads a table written by `save`."""
+        data = json.loads(pathlib.Path(path).read_text())
+        timings = {k: LayerTiming(**v) for k, v in data["timings"].items()}
+        return cls(data["model"], data["full_ms"], data["layers"], timings, data.get("num_threads", 1))
+
+
+def _prunable_calls(graph: DependencyGraph) -> list:
+    """First calls of one-input layers with a kernel (convolutions, Dense) that prunable channels cross."""
+    calls = []
+    for record in graph.records:
+        layer = record.operation
+        if not record.first_call or not isinstance(layer, keras.layers.Layer):
+            continue
+        if not any(len(w.shape) >= 2 for w in layer.weights):
+            continue
+        if len(record.call.in_layouts) != 1 or len(record.out_layouts) != 1:
+            continue
+        if is_prunable_layout(graph, record.call.in_layouts[0]) or is_prunable_layout(graph, record.out_layouts[0]):
+            calls.append(record)
+    return calls
+
+
+def _grid(record, graph: DependencyGraph, scales: Sequence[float]) -> tuple[list[int], list[int]]:
+    """Input and output widths to measure; one width where the layer's config cannot set it or it is not pruned."""
+    in_layout, out_layout = record.call.in_layouts[0], record.out_layouts[0]
+    config = record.operation.get_config()
+    in_widths = [len(in_layout)]
+    if is_prunable_layout(graph, in_layout):
+        in_widths = sorted({_scaled(s, len(in_layout)) for s in scales})
+    out_widths = [len(out_layout)]
+    if is_prunable_layout(graph, out_layout) and any(k in config for k in _WIDTH_KEYS):
+        out_widths = sorted({_scaled(s, len(out_layout)) for s in scales})
+    return in_widths, out_widths
+
+
+def _signature(record, in_shape: tuple) -> str:
+    config = {k: v for k, v in record.operation.get_config().items() if k not in ("name", "trainable")}
+    return json.dumps({"class": type(record.operation).__name__, "config": config, "input": list(in_shape[1:])},
+                      sort_keys=True, default=str)
+
+
+def _one_layer_model(record, in_shape: tuple, c_in: int, c_out: int) -> keras.Model:
+    config = dict(record.operation.get_config())
+    config.pop("name", None)
+    for key in _WIDTH_KEYS:
+        if key in config:
+            config[key] = c_out
+    inputs = keras.Input(tuple(int(d) for d in in_shape[1:-1]) + (c_in,))
+    return keras.Model(inputs, type(record.operation).from_config(config)(inputs))
+
+
+def _scaled(scale: float, width: int) -> int:
+    return max(1, int(round(scale * width)))
+
+
+def _interp(x: float, xs: Sequence[int], ys: np.ndarray) -> float:
+    xs = np.asarray(xs, float)
+    ys = np.asarray(ys, float)
+    if len(xs) == 1:
+        return float(ys[0])
+    if x <= xs[0]:
+        i = 0
+    elif x >= xs[-1]:
+        i = len(xs) - 2
+    else:
+        i = int(np.searchsorted(xs, x)) - 1
+    t = (x - xs[i]) / (xs[i + 1] - xs[i])
+    return float(ys[i] + t * (ys[i + 1] - ys[i]))
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyCheck:
+    """How well a `LatencyTable` predicts measured latencies.
+
+    Attributes:
+        predicted_ms, measured_ms: per model, in order.
+        correlation: Pearson correlation of the two (nan for fewer than 2 models).
+        mean_relative_error: mean of ``|predicted - measured| / measured``.
+        max_relative_error: the largest of those.
+    """
+
+    predicted_ms: tuple[float, ...]
+    measured_ms: tuple[float, ...]
+    correlation: float
+    mean_relative_error: float
+    max_relative_error: float
+
+
+def check_latency(table: LatencyTable, model: keras.Model, plans: Sequence[PrunePlan], runs: int = 50,
+                  rounds: int = 5) -> LatencyCheck:
+    """Converts ``apply_plan(model, plan)`` for every plan, measures them interleaved and compares with the table."""
+    from keras_autoprune.export.convert import convert
+    from keras_autoprune.export.latency import measure_latencies
+    from keras_autoprune.surgery.rebuild import apply_plan
+
+    graph = DependencyGraph(model)
+    table.bind(model, graph)
+    predicted = [table.estimate(plan) for plan in plans]
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = []
+        for i, plan in enumerate(plans):
+            content, _ = convert(apply_plan(model, plan, graph=graph), None, [])
+            paths.append(pathlib.Path(scratch) / f"candidate_{i}.tflite")
+            paths[-1].write_bytes(content)
+        measured = [r.median_ms for r in measure_latencies(paths, num_threads=table.num_threads, runs=runs,
+                                                            rounds=rounds)]
+    errors = np.abs(np.subtract(predicted, measured)) / np.asarray(measured)
+    correlation = float(np.corrcoef(predicted, measured)[0, 1]) if len(plans) > 1 else float("nan")
+    return LatencyCheck(tuple(predicted), tuple(measured), correlation, float(errors.mean()), float(errors.max()))

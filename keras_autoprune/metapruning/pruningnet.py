@@ -1,0 +1,216 @@
+"""`PruningNet`: a hyper-network that generates a model's weights for any gene.
+
+For every weight tensor ``W`` (kernel of a convolution, depthwise
+convolution or Dense layer) whose shape a prunable channel group changes,
+a two-layer perceptron maps the layer's encoding ``e = (in_scale,
+out_scale)`` (fractions of its input and output channels kept by the gene)
+to the full tensor:
+
+``W(e) = reshape(relu(e A + a) B + b)``,   ``A: 2 x H``, ``B: H x numel(W)``.
+
+The model runs with ``W(e)`` masked to the gene's channels, using the same
+per-layer masks as `kap.mask_plan` (so the PruningNet's output for a gene
+equals the output of the slim model `PruningNet.materialize` builds). The
+other per-channel variables (biases, BatchNormalization ``gamma``/``beta``)
+are shared by all genes and masked likewise; BatchNormalization statistics
+are shared during training and re-estimated per candidate before scoring.
+
+Warm start (DECIDE, the default): ``B = 0`` and ``b = W_trained``, so at
+every gene the PruningNet starts from the user's trained weights cropped to
+the gene (the paper trains from scratch; starting from a converged model
+makes a few epochs enough on a CPU). ``warm_start=False`` draws ``b`` from
+a He-normal distribution and ``B`` small, as from scratch.
+
+The model runs through ``Model.stateless_call`` with the generated values in
+place of its variables, so any functional model works unchanged and
+gradients reach ``A, a, B, b``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+
+from keras_autoprune.callbacks.masks import maskable_layers
+from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.metapruning.genes import DEFAULT_SCALES, GeneSpace
+from keras_autoprune.surgery.keep import layer_keeps
+from keras_autoprune.surgery.plan import PrunePlan
+from keras_autoprune.surgery.rebuild import apply_plan
+from keras_autoprune.surgery.weights import weight_keys
+
+
+class PruningNet(keras.Model):
+    """Generates weights for every channel configuration of ``model``.
+
+    Args:
+        model: a trained (or freshly built) Sequential or Functional model;
+            it is copied and never changed.
+        scales: the width choices of every gene (`GeneSpace`).
+        hidden: units ``H`` of each generator's hidden layer (the paper
+            uses 32 to 64).
+        warm_start: start every generated tensor at ``model``'s weights
+            (``True``) or from a random initialisation (``False``).
+        seed: seed of the generators' initialisation.
+
+    Attributes:
+        base: the copy of ``model`` whose variables are generated.
+        space: the `GeneSpace` (one gene per prunable channel group).
+        gene: the gene the network currently runs.
+
+    Example:
+
+    >>> net = PruningNet(model)                              # doctest: +SKIP
+    >>> net.compile("sgd", loss)                             # doctest: +SKIP
+    >>> net.fit(data, epochs=2, callbacks=[GeneSampler()])   # doctest: +SKIP
+    >>> slim = net.materialize(gene)                         # doctest: +SKIP
+    """
+
+    def __init__(self, model: keras.Model, scales: Sequence[float] = DEFAULT_SCALES, hidden: int = 32,
+                 warm_start: bool = True, seed: int = 0, name: str | None = None):
+        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
+            raise ValueError(f"`hidden` is the width of each generator's hidden layer, an int >= 1. Received: hidden={hidden!r}")
+        super().__init__(name=name or f"{model.name}_pruningnet")
+        base = apply_plan(model, PrunePlan({}))  # an independent copy with the same weights
+        self.graph = DependencyGraph(base)
+        self.space = GeneSpace(self.graph, scales)
+        self.base = base
+        self.hidden = hidden
+        self.warm_start = bool(warm_start)
+        rng = np.random.default_rng(seed)
+        self._layers_touched = maskable_layers(self.graph)
+        self._masks: dict[int, keras.Variable] = {}
+        self._generators: dict[int, _Generator] = {}
+        for _, layer in self._layers_touched.values():
+            for key, variable in zip(weight_keys(layer), layer.weights):
+                if not variable.trainable:
+                    continue
+                self._masks[id(variable)] = keras.Variable(np.ones(variable.shape, "float32"), trainable=False,
+                                                           name=f"mask_{key}")
+                if len(variable.shape) >= 2:
+                    self._generators[id(variable)] = _Generator(self, variable, hidden, self.warm_start, rng)
+                    variable.trainable = False  # its value comes from the generator
+        self._encodings = {key: keras.Variable(np.ones((1, 2), "float32"), trainable=False, name="encoding")
+                           for key in self._layers_touched}
+        self._layer_of = {id(v): id(layer) for _, layer in self._layers_touched.values() for v in layer.weights}
+        self.gene = self.space.full
+
+    # -- genes ----------------------------------------------------------------
+    def set_gene(self, gene: Sequence[int]) -> None:
+        """Runs the network at ``gene`` from now on (assigns masks and encodings; no retracing)."""
+        gene = self.space.check(gene)
+        plan = self.space.plan(gene)
+        keeps = layer_keeps(self.graph, plan.removed_atoms(self.graph))
+        for key, (handler, layer) in self._layers_touched.items():
+            keep = keeps.get(key)
+            ones = {k: np.ones(v.shape, "float32") for k, v in zip(weight_keys(layer), layer.weights)}
+            masks = handler.mask(layer, ones, keep) if keep is not None else ones
+            for k, variable in zip(weight_keys(layer), layer.weights):
+                if id(variable) in self._masks:
+                    self._masks[id(variable)].assign((np.asarray(masks[k]) != 0).astype("float32"))
+            encoding = [1.0, 1.0] if keep is None else [_kept_fraction(keep.inputs), _kept_fraction(keep.outputs)]
+            self._encodings[key].assign(np.array([encoding], "float32"))
+        self.gene = gene
+
+    def materialize(self, gene: Sequence[int] | None = None) -> keras.Model:
+        """The slim plain Keras model of ``gene`` (default: the current one) with generated weights.
+
+        Built by `kap.apply_plan` from the base model holding the generated
+        weights; its BatchNormalization statistics are the shared ones of
+        training: re-estimate them (`kap.recalibrate_batchnorm`) before use.
+        """
+        if gene is not None:
+            self.set_gene(gene)
+        for generator in self._generators.values():
+            generator.variable.assign(keras.ops.convert_to_numpy(generator.value()))
+        return apply_plan(self.base, self.space.plan(self.gene), graph=self.graph)
+
+    # -- forward ----------------------------------------------------------------
+    def call(self, inputs, training=False):
+        trainable = [self._value(v) for v in self.base.trainable_variables]
+        non_trainable = [self._value(v) for v in self.base.non_trainable_variables]
+        outputs, updated = self.base.stateless_call(trainable, non_trainable, inputs, training=training)
+        if training:
+            for variable, value in zip(self.base.non_trainable_variables, updated):
+                if id(variable) not in self._generators:
+                    variable.assign(value)
+        return outputs
+
+    def _value(self, variable):
+        key = id(variable)
+        generator = self._generators.get(key)
+        if generator is not None:
+            return generator.value() * self._masks[key]
+        if key in self._masks:
+            return variable * self._masks[key]
+        return variable.value
+
+    def encoding(self, variable) -> keras.Variable:
+        """The ``(in_scale, out_scale)`` encoding variable of ``variable``'s layer."""
+        return self._encodings[self._layer_of[id(variable)]]
+
+
+class _Generator:
+    """``W(e) = reshape(relu(e A + a) B + b)`` for one weight tensor (see the module docstring)."""
+
+    def __init__(self, net: PruningNet, variable, hidden: int, warm_start: bool, rng: np.random.Generator):
+        self.net = net
+        self.variable = variable
+        self.shape = tuple(variable.shape)
+        size = int(np.prod(self.shape))
+        fan_in = size // self.shape[-1]
+        name = variable.path.replace("/", "_")
+        self.first = net.add_weight(shape=(2, hidden), name=f"{name}_A",
+                                    initializer=keras.initializers.Constant(rng.normal(0, 1, (2, hidden)).astype("float32")))
+        self.first_bias = net.add_weight(shape=(hidden,), name=f"{name}_a", initializer="zeros")
+        if warm_start:
+            second, start = np.zeros((hidden, size), "float32"), np.asarray(variable.numpy(), "float32").reshape(-1)
+        else:
+            std = np.sqrt(2.0 / fan_in)
+            second = rng.normal(0, 0.01 * std, (hidden, size)).astype("float32")
+            start = rng.normal(0, std, size).astype("float32")
+        self.second = net.add_weight(shape=(hidden, size), name=f"{name}_B", initializer=keras.initializers.Constant(second))
+        self.second_bias = net.add_weight(shape=(size,), name=f"{name}_b", initializer=keras.initializers.Constant(start))
+
+    def value(self):
+        encoding = self.net.encoding(self.variable)
+        hidden = keras.ops.relu(keras.ops.matmul(encoding, self.first) + self.first_bias)
+        flat = keras.ops.matmul(hidden, self.second) + self.second_bias
+        return keras.ops.reshape(flat, self.shape)
+
+
+class GeneSampler(keras.callbacks.Callback):
+    """Draws a uniformly random gene before every training batch of a `PruningNet`.
+
+    Each choice is drawn independently and uniformly among the width scales
+    (the paper's training distribution). Evaluation batches run the gene
+    left by the last training batch.
+
+    Args:
+        seed: seed of the draws (training is then reproducible given the data order).
+    """
+
+    def __init__(self, seed: int | None = 0):
+        super().__init__()
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+
+    def on_train_begin(self, logs=None):
+        if not isinstance(self.model, PruningNet):
+            raise TypeError(
+                "GeneSampler drives a kap.metapruning.PruningNet: use it in `pruningnet.fit(...)`. "
+                f"Received: a model of type {type(self.model).__name__}"
+            )
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.model.set_gene(self.model.space.random(self._rng))
+
+    def on_train_end(self, logs=None):
+        self.model.set_gene(self.model.space.full)
+
+
+def _kept_fraction(keeps: Sequence[np.ndarray]) -> float:
+    kept = np.asarray(keeps[0], bool) if len(keeps) else np.ones(1, bool)
+    return float(kept.mean()) if kept.size else 1.0

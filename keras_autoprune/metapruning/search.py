@@ -1,0 +1,293 @@
+"""`search`: MetaPruning end to end (train a PruningNet, search, build the winner).
+
+>>> result = kap.metapruning.search(model, train_ds, kap.Budget(flops=0.5),
+...                                 validation_data=held_out)        # doctest: +SKIP
+>>> result.model, result.report, result.history.best_scores       # doctest: +SKIP
+
+The stages are usable on their own: `PruningNet` + `train_pruningnet` (or a
+plain ``fit`` with a `GeneSampler`), `CandidateScorer`, `EvolutionarySearch`,
+`PruningNet.materialize`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_autoprune.allocation.cost import PlanCost
+from keras_autoprune.batchnorm import recalibrate_batchnorm
+from keras_autoprune.budget import Budget
+from keras_autoprune.evaluation import accuracy
+from keras_autoprune.metapruning.evolution import EvolutionarySearch, SearchHistory, SearchSettings
+from keras_autoprune.metapruning.genes import DEFAULT_SCALES, Gene, GeneSpace
+from keras_autoprune.metapruning.latency import LatencyTable
+from keras_autoprune.metapruning.pruningnet import GeneSampler, PruningNet
+from keras_autoprune.report import PruningReport
+from keras_autoprune.surgery.plan import PrunePlan
+
+
+def train_pruningnet(net: PruningNet, data: Any, epochs: int = 1, learning_rate: float | None = None,
+                     label_smoothing: float = 0.1, from_logits: bool | None = None, seed: int = 0,
+                     batch_size: int = 128, callbacks: Sequence[keras.callbacks.Callback] = (),
+                     verbose: int | str = "auto"):
+    """Trains ``net`` with ``fit``, one random gene per batch (the paper's recipe).
+
+    SGD (Nesterov momentum 0.9) with the learning rate decayed linearly to 0
+    over the run (constant when the number of batches is unknown), label
+    smoothing on the cross-entropy. For another recipe, compile ``net``
+    yourself and call ``net.fit(..., callbacks=[GeneSampler()])``.
+
+    Args:
+        net: the `PruningNet`.
+        data: labelled training batches for ``fit`` (a batched
+            `tf.data.Dataset` of ``(x, y)``, integer or one-hot labels).
+        epochs: passes over ``data``.
+        learning_rate: initial rate; default 0.01 for a warm-started
+            PruningNet, 0.1 from scratch.
+        label_smoothing: label smoothing (the paper: 0.1).
+        from_logits: whether the model outputs logits; default: ``True``
+            unless its last layer applies a softmax.
+        seed: seed of the genes drawn.
+        batch_size: batch size for ``(x, y)`` arrays.
+        callbacks: more callbacks for ``fit`` (e.g. `keras.callbacks.BackupAndRestore`).
+        verbose: ``fit``'s verbosity.
+
+    Returns:
+        The `keras.callbacks.History` of ``fit``.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"`epochs` must be an int >= 1. Received: epochs={epochs!r}")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"`label_smoothing` must be in [0, 1). Received: label_smoothing={label_smoothing!r}")
+    rate = learning_rate if learning_rate is not None else (0.01 if net.warm_start else 0.1)
+    arrays = _is_labelled_arrays(data)
+    steps = -(-len(data[0]) // batch_size) if arrays else _batches(data)
+    if steps:
+        rate = keras.optimizers.schedules.PolynomialDecay(rate, decay_steps=steps * epochs, end_learning_rate=0.0)
+    logits = _outputs_logits(net.base) if from_logits is None else bool(from_logits)
+    classes = int(net.base.outputs[0].shape[-1])
+    net.compile(optimizer=keras.optimizers.SGD(rate, momentum=0.9, nesterov=True),
+                loss=SmoothedCrossentropy(classes, label_smoothing, logits))
+    inputs = {"x": data[0], "y": data[1], "batch_size": batch_size} if arrays else {"x": data}
+    return net.fit(**inputs, epochs=epochs, callbacks=[GeneSampler(seed), *callbacks], verbose=verbose)
+
+
+class SmoothedCrossentropy(keras.losses.Loss):
+    """Cross-entropy with label smoothing for integer or one-hot labels.
+
+    ``y = (1 - s) onehot + s / K``; loss ``-sum_k y_k log p_k``.
+    """
+
+    def __init__(self, classes: int, label_smoothing: float = 0.1, from_logits: bool = True,
+                 name: str = "smoothed_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.classes, self.label_smoothing, self.from_logits = classes, label_smoothing, from_logits
+
+    def call(self, y_true, y_pred):
+        if len(y_true.shape) < len(y_pred.shape) or y_true.shape[-1] != self.classes:
+            y_true = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), self.classes)
+        return keras.losses.categorical_crossentropy(y_true, y_pred, from_logits=self.from_logits,
+                                                     label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "classes": self.classes, "label_smoothing": self.label_smoothing,
+                "from_logits": self.from_logits}
+
+
+class CandidateScorer:
+    """Scores a gene: its generated slim model, BatchNormalization re-estimated, top-1 on held-out data.
+
+    Args:
+        net: the trained `PruningNet`.
+        validation_data: labelled held-out batches (re-iterable: arrays or
+            a `tf.data.Dataset`).
+        recalibration_data: training batches for `kap.recalibrate_batchnorm`
+            (re-iterable).
+        recalibration_batches: batches used to re-estimate the statistics
+            (the paper: about 100; 20 of 128 images are enough on CIFAR).
+        batch_size: batch size for in-memory arrays.
+    """
+
+    def __init__(self, net: PruningNet, validation_data: Any, recalibration_data: Any,
+                 recalibration_batches: int = 20, batch_size: int = 128):
+        self.net = net
+        self.validation_data = validation_data
+        self.recalibration_data = recalibration_data
+        self.recalibration_batches = recalibration_batches
+        self.batch_size = batch_size
+
+    def model(self, gene: Gene) -> keras.Model:
+        """The slim model of ``gene`` with generated weights and re-estimated statistics."""
+        slim = self.net.materialize(gene)
+        recalibrate_batchnorm(slim, self.recalibration_data, batch_size=self.batch_size,
+                              num_batches=self.recalibration_batches)
+        return slim
+
+    def __call__(self, gene: Gene) -> float:
+        return accuracy(self.model(gene), self.validation_data, batch_size=self.batch_size)
+
+
+def cost_function(net: PruningNet, budget: Budget, latency_table: LatencyTable | None = None):
+    """``gene -> fraction of the original cost`` for ``budget``'s metric (FLOPs, parameters, latency)."""
+    space = net.space
+    if budget.metric == "latency":
+        if not isinstance(latency_table, LatencyTable):
+            raise ValueError(
+                "A latency budget prices candidates with a latency table measured on the target. Received: "
+                f"latency_table={latency_table!r}. Fix: `table = kap.metapruning.LatencyTable.build(model)` "
+                "(on the target, or load a saved one) and pass `latency_table=table`."
+            )
+        table = latency_table.bind(net.base, net.graph)
+        return lambda gene: table.estimate(space.plan(gene)) / table.full_ms
+    plan_cost = PlanCost(net.base, net.graph)
+    full = plan_cost(PrunePlan({}), budget.metric)
+    return lambda gene: plan_cost(space.plan(gene), budget.metric) / full
+
+
+def uniform_gene(space: GeneSpace, cost, budget: float) -> Gene:
+    """The widest uniform gene (every group at the same scale) whose cost fraction is at most ``budget``."""
+    for choice in reversed(range(len(space.scales))):
+        gene = space.uniform(choice)
+        if cost(gene) <= budget:
+            return gene
+    raise ValueError(f"No uniform width reaches {budget:.1%}; the smallest scale is {space.scales[0]}.")
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """What `search` found.
+
+    Attributes:
+        model: the winner, a plain Keras model with the PruningNet's
+            generated weights and re-estimated BatchNormalization statistics
+            (train it further with the usual recipe, or use `scratch_model`).
+        gene: the winner's gene; widths: ``{group_id: channels kept}``.
+        plan: the winner's `kap.PrunePlan` on the original model.
+        score: its held-out accuracy in the search; cost: its cost fraction.
+        report: a `kap.PruningReport` of the original against the winner.
+        history: the `SearchHistory` (best score per iteration, every score).
+        pruningnet: the trained `PruningNet` (search again with another budget).
+        train_seconds, search_seconds: time in PruningNet training and in the search.
+    """
+
+    model: keras.Model
+    gene: Gene
+    widths: dict[str, int]
+    plan: PrunePlan
+    score: float
+    cost: float
+    report: PruningReport
+    history: SearchHistory
+    pruningnet: PruningNet
+    train_seconds: float
+    search_seconds: float
+
+    def scratch_model(self) -> keras.Model:
+        """The winner's architecture with freshly initialised weights (to train from scratch)."""
+        return keras.models.clone_model(self.model)
+
+
+def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: Any = None,
+           recalibration_data: Any = None, epochs: int = 1, pruningnet: PruningNet | None = None,
+           scales: Sequence[float] = DEFAULT_SCALES, window: float = 0.05, settings: SearchSettings | None = None,
+           latency_table: LatencyTable | None = None, recalibration_batches: int = 20, batch_size: int = 128,
+           seed: int = 0, cache_path: str | os.PathLike | None = None, verbose: int = 1) -> SearchResult:
+    """MetaPruning: trains a `PruningNet` on ``data``, searches genes under ``budget``, builds the winner.
+
+    Args:
+        model: the model to prune (never changed).
+        data: labelled training batches (a batched `tf.data.Dataset`, or
+            ``(x, y)`` arrays) for the PruningNet's training.
+        budget: `kap.Budget` of FLOPs, parameters or latency (a latency
+            budget needs ``latency_table``).
+        validation_data: labelled held-out batches that score candidates;
+            default: for ``(x, y)`` arrays, their last 10% (at most 5,000),
+            held out of the training; a dataset needs it explicitly.
+        recalibration_data: batches re-estimating BatchNormalization before
+            each score; default ``data``.
+        epochs: PruningNet training epochs (0 with a trained ``pruningnet``).
+        pruningnet: a `PruningNet` of ``model`` already built (and trained).
+        scales: width choices per gene (the paper's 31 by default).
+        window: candidates cost between ``budget - window`` and ``budget``
+            (fractions of the original).
+        settings: `SearchSettings` (population, iterations, ...).
+        latency_table: a `LatencyTable` of ``model`` for latency budgets.
+        recalibration_batches, batch_size: see `CandidateScorer`.
+        seed: seed of training genes, search draws and generators.
+        cache_path: JSON file of scored genes (resumes an interrupted search).
+        verbose: 1 shows progress, 0 is silent.
+
+    Returns:
+        A `SearchResult`.
+    """
+    if not isinstance(budget, Budget):
+        raise TypeError(f"`budget` must be a kap.Budget, e.g. kap.Budget(flops=0.5). Received: budget={budget!r}")
+    if not 0 <= window < budget.fraction:
+        raise ValueError(f"`window` must be in [0, budget) = [0, {budget.fraction}). Received: window={window!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0 or (epochs == 0 and pruningnet is None):
+        raise ValueError(
+            f"`epochs` must be an int >= 1 (>= 0 when a trained `pruningnet` is given). Received: epochs={epochs!r}"
+        )
+    if budget.metric == "latency" and not isinstance(latency_table, LatencyTable):
+        cost_function(None, budget, latency_table)  # raises the explanation
+    data, validation_data = _held_out(data, validation_data)
+    recalibration_data = data if recalibration_data is None else recalibration_data
+    net = pruningnet if pruningnet is not None else PruningNet(model, scales=scales, seed=seed)
+    start = time.perf_counter()
+    if epochs:
+        train_pruningnet(net, data, epochs=epochs, seed=seed, batch_size=batch_size, verbose="auto" if verbose else 0)
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    scorer = CandidateScorer(net, validation_data, recalibration_data, recalibration_batches, batch_size)
+    evolution = EvolutionarySearch(net.space, scorer, cost_function(net, budget, latency_table), high=budget.fraction,
+                                   low=budget.fraction - window, settings=settings, seed=seed,
+                                   cache_path=cache_path, verbose=verbose)
+    gene, score = evolution.run()
+    winner = scorer.model(gene)
+    search_seconds = time.perf_counter() - start
+    plan = net.space.plan(gene)
+    report = PruningReport.from_models(model, winner, plan, extra={
+        "method": "metapruning", "budget": str(budget), "search_score": score,
+        "pruningnet_epochs": epochs, "train_seconds": train_seconds, "search_seconds": search_seconds,
+        "candidates_scored": len(evolution.history.scores)})
+    return SearchResult(winner, gene, net.space.group_widths(gene), plan, score, evolution.history.costs[gene], report,
+                        evolution.history, net, train_seconds, search_seconds)
+
+
+def _held_out(data: Any, validation_data: Any) -> tuple[Any, Any]:
+    if validation_data is not None:
+        return data, validation_data
+    if _is_labelled_arrays(data):
+        x, y = data
+        count = min(5000, max(1, len(x) // 10))
+        return (x[:-count], y[:-count]), (x[-count:], y[-count:])
+    raise ValueError(
+        "MetaPruning scores candidates on held-out labelled data. Received: validation_data=None with "
+        f"data of type {type(data).__name__}. Fix: pass `validation_data=` (e.g. un-augmented training "
+        "examples kept out of `data`), or give `data` as `(x, y)` arrays to hold out their last 10%."
+    )
+
+
+def _is_labelled_arrays(data: Any) -> bool:
+    return isinstance(data, tuple) and len(data) == 2 and all(isinstance(a, np.ndarray) for a in data)
+
+
+def _batches(data: Any) -> int | None:
+    import tensorflow as tf
+
+    if isinstance(data, tf.data.Dataset):
+        count = int(data.cardinality())
+        return count if count > 0 else None
+    return None
+
+
+def _outputs_logits(model: keras.Model) -> bool:
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    return not (isinstance(last, keras.layers.Softmax) or getattr(activation, "__name__", "") == "softmax")
