@@ -193,6 +193,8 @@ class IndexMapHandler(LayerHandler):
     def prune_operation(self, op, call, keep):
         new_op, args, kwargs = self.rewrite(op, call, keep)
         verify_rewrite(op, call, keep, new_op, args, kwargs)
+        if new_op is op and args is call.args and kwargs is call.kwargs:
+            return op  # nothing names channel positions: reused as is
         return OperationCall(new_op, args, kwargs)
 
 

@@ -45,7 +45,11 @@ def _new_positions(in_keep: np.ndarray) -> np.ndarray:
 
 
 def _rebuilt(op, **changes):
-    """A new operation of ``op``'s class with some config entries changed."""
+    """A new operation of ``op``'s class with some config entries changed.
+
+    Rewritten calls always get a new operation, so that the input model's
+    operations do not gain nodes of the pruned model.
+    """
     return type(op).from_config(dict(op.get_config(), **changes))
 
 
@@ -140,8 +144,8 @@ class GetItemHandler(IndexMapHandler):
             entries[entry] = int(new[int(item) % len(in_keep)])
         new_key = type(key)(entries) if isinstance(key, (tuple, list)) else entries[0]
         if len(call.args) > 1:
-            return op, (call.args[0], new_key) + tuple(call.args[2:]), call.kwargs
-        return op, call.args, dict(call.kwargs, key=new_key)
+            return _rebuilt(op), (call.args[0], new_key) + tuple(call.args[2:]), call.kwargs
+        return _rebuilt(op), call.args, dict(call.kwargs, key=new_key)
 
 
 class TakeHandler(IndexMapHandler):
@@ -162,8 +166,8 @@ class TakeHandler(IndexMapHandler):
         new = _new_positions(in_keep)[indices]
         new = new.tolist() if new.ndim else int(new)
         if len(call.args) > 1:
-            return op, (call.args[0], new) + tuple(call.args[2:]), call.kwargs
-        return op, call.args, dict(call.kwargs, indices=new)
+            return _rebuilt(op), (call.args[0], new) + tuple(call.args[2:]), call.kwargs
+        return _rebuilt(op), call.args, dict(call.kwargs, indices=new)
 
 
 class RepeatHandler(IndexMapHandler):
