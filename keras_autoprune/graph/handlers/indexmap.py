@@ -4,7 +4,7 @@
 `reshape` and ``x[...]`` (GetItem) copy input elements to output positions,
 and pad may add constants. Which input channel lands on which output channel
 position is found by running the operation on an *id grid*: a float64 array
-of the input's static shape (batch 1) whose element ``e`` (in C order) holds
+of the input's static shape (batch 2) whose element ``e`` (in C order) holds
 ``e + 1``. Output element value ``v`` then came from input element ``v - 1``,
 whose channel is ``(v - 1) % C``. The operation runs a second time on twice
 the grid: a value the operation injects (padding with ``constant_values=k``)
@@ -64,25 +64,27 @@ class ChannelMap:
 
 
 def id_grid(shape: tuple) -> np.ndarray:
-    """``arange(1, n + 1)`` in the given shape (batch and unknown dims filled)."""
-    dims = [1 if i == 0 and d is None else (UNKNOWN_DIM if d is None else int(d)) for i, d in enumerate(shape)]
+    """``arange(1, n + 1)`` in the given shape (unknown batch: 2, other unknown dims: `UNKNOWN_DIM`)."""
+    dims = [2 if i == 0 and d is None else (UNKNOWN_DIM if d is None else int(d)) for i, d in enumerate(shape)]
     return (np.arange(int(np.prod(dims)), dtype=np.float64) + 1).reshape(dims)
+
+
+def substitute(obj: Any, tensors: list) -> Any:
+    """``obj`` (call arguments) with every ``TensorRef(i)`` replaced by ``tensors[i]``."""
+    if isinstance(obj, TensorRef):
+        return tensors[obj.index]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(substitute(o, tensors) for o in obj)
+    if isinstance(obj, dict):
+        return {k: substitute(v, tensors) for k, v in obj.items()}
+    return obj
 
 
 def run_on(operation: Any, args: tuple, kwargs: dict, grid: np.ndarray) -> list[np.ndarray]:
     """The outputs of ``operation`` with tensor argument 0 replaced by ``grid``."""
     import keras  # local: keeps `import keras_autoprune.graph.handlers` light
 
-    def fill(obj):
-        if isinstance(obj, TensorRef):
-            return grid
-        if isinstance(obj, (list, tuple)) and not isinstance(obj, str):
-            return type(obj)(fill(o) for o in obj)
-        if isinstance(obj, dict):
-            return {k: fill(v) for k, v in obj.items()}
-        return obj
-
-    outputs = operation(*fill(args), **fill(kwargs))
+    outputs = operation(*substitute(args, [grid]), **substitute(kwargs, [grid]))
     return [np.asarray(keras.ops.convert_to_numpy(o), np.float64) for o in keras.tree.flatten(outputs)]
 
 
@@ -93,12 +95,11 @@ def _column_range(values: np.ndarray, where: np.ndarray, fill: float) -> tuple[n
     return np.where(np.isfinite(low), low, fill), np.where(np.isfinite(high), high, fill)
 
 
-def decode(once: np.ndarray, twice: np.ndarray, width: int) -> tuple[ChannelMap | None, np.ndarray]:
+def decode(once: np.ndarray, twice: np.ndarray, width: int) -> ChannelMap | None:
     """Reads one output's `ChannelMap` off its two id-grid runs.
 
-    Returns:
-        ``(map, mixed)``: ``mixed`` marks output positions where several
-        input channels meet (``map`` is None if there are any).
+    Returns None when elements of several input channels meet on one
+    output channel position.
     """
     columns = once.shape[-1] if once.ndim else 0
     once = once.reshape(-1, columns) if once.ndim >= 2 else once.reshape(1, columns)
@@ -106,12 +107,11 @@ def decode(once: np.ndarray, twice: np.ndarray, width: int) -> tuple[ChannelMap 
     copied = (once >= 1) & (twice == 2 * once)
     channel = np.where(copied, (np.round(once) - 1) % width, 0)
     low, high = _column_range(channel, copied, -1)
-    mixed = low != high
+    if (low != high).any():
+        return None
     value_low, value_high = _column_range(once, ~copied, np.nan)
     injected = np.where(value_low == value_high, value_low, np.nan)
-    if mixed.any():
-        return None, mixed
-    return ChannelMap(low.astype(np.int64), injected, (~copied).any(axis=0)), mixed
+    return ChannelMap(low.astype(np.int64), injected, (~copied).any(axis=0))
 
 
 class IndexMapHandler(LayerHandler):
@@ -148,17 +148,13 @@ class IndexMapHandler(LayerHandler):
         grid = id_grid(call.in_shapes[0])
         if grid.size > MAX_GRID_ELEMENTS:
             return None, f"has {grid.size} input elements, too many to map its channels"
-        outputs = zip(run_on(op, call.args, call.kwargs, grid), run_on(op, call.args, call.kwargs, 2 * grid))
-        maps = []
-        for once, twice in outputs:
-            channel_map, mixed = decode(once, twice, width)
-            if channel_map is None:
-                return None, self.mixing_reason(op, call, mixed)
-            maps.append(channel_map)
+        outputs = list(zip(run_on(op, call.args, call.kwargs, grid), run_on(op, call.args, call.kwargs, 2 * grid)))
+        if any(once.size == 0 for once, _ in outputs):
+            return None, "has an empty output on a batch of 2 (it indexes the batch axis)"
+        maps = [decode(once, twice, width) for once, twice in outputs]
+        if any(m is None for m in maps):
+            return None, "moves the channel axis or mixes it with another axis"
         return maps, None
-
-    def mixing_reason(self, op: Any, call: CallInfo, mixed: np.ndarray) -> str:
-        return "moves the channel axis or mixes it with another axis"
 
     # -- graph ----------------------------------------------------------
     def propagate(self, layer, call, ctx):
@@ -241,14 +237,4 @@ class OperationCall:
         import keras
 
         tensors = [t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)]
-
-        def fill(obj):
-            if isinstance(obj, TensorRef):
-                return tensors[obj.index]
-            if isinstance(obj, (list, tuple)):
-                return type(obj)(fill(o) for o in obj)
-            if isinstance(obj, dict):
-                return {k: fill(v) for k, v in obj.items()}
-            return obj
-
-        return self.operation(*fill(self.args), **fill(self.kwargs))
+        return self.operation(*substitute(self.args, tensors), **substitute(self.kwargs, tensors))

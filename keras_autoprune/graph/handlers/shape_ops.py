@@ -53,6 +53,18 @@ def _rebuilt(op, **changes):
     return type(op).from_config(dict(op.get_config(), **changes))
 
 
+def _argument(call, name: str):
+    """The operation's second call argument (after the tensor), positional or ``name=``."""
+    return call.args[1] if len(call.args) > 1 else call.kwargs[name]
+
+
+def _with_argument(call, name: str, value) -> tuple[tuple, dict]:
+    """The call's ``(args, kwargs)`` with its second argument replaced by ``value``."""
+    if len(call.args) > 1:
+        return (call.args[0], value) + tuple(call.args[2:]), call.kwargs
+    return call.args, dict(call.kwargs, **{name: value})
+
+
 class PadOpHandler(IndexMapHandler):
     """``keras.ops.pad``: padding the channel axis adds constant channels."""
 
@@ -81,8 +93,7 @@ class SliceHandler(IndexMapHandler):
     """``keras.ops.slice(x, start_indices, shape)``: channel bounds re-counted."""
 
     def rewrite(self, op, call, keep):
-        args = list(call.args)
-        start = list(args[1] if len(args) > 1 else call.kwargs["start_indices"])
+        start = list(_argument(call, "start_indices"))
         shape = list(op.shape)
         in_keep = keep.inputs[0]
         begin = int(start[-1])
@@ -90,12 +101,7 @@ class SliceHandler(IndexMapHandler):
         start[-1] = int(in_keep[:begin].sum())
         if shape[-1] != -1:
             shape[-1] = int(in_keep[begin:end].sum())
-        kwargs = dict(call.kwargs)
-        if len(args) > 1:
-            args[1] = start
-        else:
-            kwargs["start_indices"] = start
-        return _rebuilt(op, shape=shape), tuple(args), kwargs
+        return (_rebuilt(op, shape=shape), *_with_argument(call, "start_indices", start))
 
 
 def _channel_entry(key, rank: int) -> int | None:
@@ -112,11 +118,8 @@ def _channel_entry(key, rank: int) -> int | None:
 class GetItemHandler(IndexMapHandler):
     """``x[key]``: an integer or a step-1 slice on the channel axis is re-counted."""
 
-    def _key(self, call):
-        return call.args[1] if len(call.args) > 1 else call.kwargs["key"]
-
     def blocked_reason(self, op, call):
-        key = self._key(call)
+        key = _argument(call, "key")
         entry = _channel_entry(key, len(call.in_shapes[0]))
         if entry is None:
             return None
@@ -128,7 +131,7 @@ class GetItemHandler(IndexMapHandler):
         return f"indexes the channel axis with {item!r}, which cannot be re-expressed after pruning"
 
     def rewrite(self, op, call, keep):
-        key = self._key(call)
+        key = _argument(call, "key")
         entry = _channel_entry(key, len(call.in_shapes[0]))
         if entry is None:
             return op, call.args, call.kwargs
@@ -143,40 +146,32 @@ class GetItemHandler(IndexMapHandler):
         else:
             entries[entry] = int(new[int(item) % len(in_keep)])
         new_key = type(key)(entries) if isinstance(key, (tuple, list)) else entries[0]
-        if len(call.args) > 1:
-            return _rebuilt(op), (call.args[0], new_key) + tuple(call.args[2:]), call.kwargs
-        return _rebuilt(op), call.args, dict(call.kwargs, key=new_key)
+        return (_rebuilt(op), *_with_argument(call, "key", new_key))
 
 
-class TakeHandler(IndexMapHandler):
-    """``keras.ops.take(x, indices, axis)``: indices of the kept channels."""
+class _AlongAxisHandler(IndexMapHandler):
+    """An operation with an ``axis``; ``axis=None`` flattens the input and blocks."""
 
     def blocked_reason(self, op, call):
-        if op.axis is None:
-            return "takes from the flattened input (axis=None)"
-        return None
+        return "works on the flattened input (axis=None)" if op.axis is None else None
+
+
+class TakeHandler(_AlongAxisHandler):
+    """``keras.ops.take(x, indices, axis)``: indices of the kept channels."""
 
     def rewrite(self, op, call, keep):
         if not _on_channels(op.axis, len(call.in_shapes[0])):
             return op, call.args, call.kwargs
         in_keep = keep.inputs[0]
-        indices = np.asarray(call.args[1] if len(call.args) > 1 else call.kwargs["indices"]) % len(in_keep)
+        indices = np.asarray(_argument(call, "indices")) % len(in_keep)
         if indices.ndim:
             indices = indices[..., keep.outputs[0]]
         new = _new_positions(in_keep)[indices]
-        new = new.tolist() if new.ndim else int(new)
-        if len(call.args) > 1:
-            return _rebuilt(op), (call.args[0], new) + tuple(call.args[2:]), call.kwargs
-        return _rebuilt(op), call.args, dict(call.kwargs, indices=new)
+        return (_rebuilt(op), *_with_argument(call, "indices", new.tolist() if new.ndim else int(new)))
 
 
-class RepeatHandler(IndexMapHandler):
+class RepeatHandler(_AlongAxisHandler):
     """``keras.ops.repeat``: per-channel repeat counts of the kept channels."""
-
-    def blocked_reason(self, op, call):
-        if op.axis is None:
-            return "repeats the flattened input (axis=None)"
-        return None
 
     def rewrite(self, op, call, keep):
         repeats = np.asarray(op.repeats)
