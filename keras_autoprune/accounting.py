@@ -36,10 +36,18 @@ Cheaper element-wise work, as TensorFlow's profiler counts it:
   `ACTIVATION_FLOPS` (relu, sigmoid, tanh: 0; swish: 2; softmax: 5, ...;
   the ``keras.ops.gelu`` node with its default ``approximate=True``: 7).
 
-Reshapes, padding, cropping, concatenation, dropout and inputs cost 0.
-**Layers and ops not listed above also count 0 FLOPs** (their parameters
-are still counted); a subclassed `keras.Model` anywhere in the graph raises
-`UnsupportedModelError`.
+Moving data costs 0: reshapes, flatten, padding, cropping, nearest-neighbour
+up-sampling, concatenation, dropout and noise layers, Identity, Embedding
+lookups, and the `keras.ops` nodes ``pad``, ``split``, ``slice``, ``x[...]``,
+``take``, ``transpose``, ``repeat``, ``tile``, ``reshape``, ``stack``, ...
+(`FREE_OPS`).
+
+**Layers and ops without a formula** (custom layers, ``Lambda``, bilinear
+up-sampling, ``keras.ops.exp``, an activation not in `ACTIVATION_FLOPS`, ...)
+count 0 FLOPs but are not hidden: their `flops_table` rows have
+``counted=False``, `format_table` marks them, and `count_flops` warns once,
+naming them. Their parameters are counted. A subclassed `keras.Model`
+anywhere in the graph raises `UnsupportedModelError`.
 
 Relation to TensorFlow's profiler (``tf.compat.v1.profiler`` float operations
 of the frozen ``tf.function`` at batch 1), measured on TF 2.21: convolution,
@@ -116,6 +124,15 @@ _OP_ELEMENTWISE = {
     "Power", "Negative", "Square",
 }
 _OP_REDUCTIONS = {"Mean", "Sum"}
+_OP_ACTIVATIONS.update({
+    "LeakyRelu": "leaky_relu", "Elu": "elu", "Selu": "selu", "Softplus": "softplus", "Softsign": "softsign",
+})
+FREE_OPS: frozenset[str] = frozenset({
+    "Pad", "Split", "Slice", "GetItem", "Take", "TakeAlongAxis", "Transpose", "Repeat", "Tile",
+    "Reshape", "Swapaxes", "Moveaxis", "ExpandDims", "Squeeze", "Concatenate", "Stack", "Cast",
+    "Flip", "Roll", "Ravel",
+})
+"""`keras.ops` node classes that only move data: 0 FLOPs, counted."""
 
 _L = keras.layers
 _CONV = (_L.Conv1D, _L.Conv2D, _L.Conv3D)
@@ -128,6 +145,18 @@ _GLOBAL_POOL = (_L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D,
                 _L.GlobalAveragePooling3D, _L.GlobalMaxPooling1D,
                 _L.GlobalMaxPooling2D, _L.GlobalMaxPooling3D)
 _MERGE = (_L.Add, _L.Subtract, _L.Multiply, _L.Maximum, _L.Minimum)
+_WITH_FORMULA = (
+    _CONV + _CONV_TRANSPOSE + _DEPTHWISE + _SEPARABLE + _POOL + _GLOBAL_POOL + _MERGE
+    + (_L.Dense, _L.BatchNormalization, _L.LayerNormalization, _L.GroupNormalization, _L.Rescaling,
+       _L.Normalization, _L.PReLU, _L.Average, _L.Activation, _L.Softmax, _L.ReLU, _L.LeakyReLU, _L.ELU)
+)
+_FREE_LAYERS = (
+    _L.InputLayer, _L.Reshape, _L.Flatten, _L.Permute, _L.RepeatVector, _L.Concatenate, _L.Identity,
+    _L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D, _L.Cropping1D, _L.Cropping2D, _L.Cropping3D,
+    _L.UpSampling1D, _L.UpSampling3D, _L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D,
+    _L.SpatialDropout3D, _L.GaussianDropout, _L.GaussianNoise, _L.AlphaDropout,
+    _L.ActivityRegularization, _L.Embedding,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,12 +170,17 @@ class LayerCost:
         flops: FLOPs of this call at batch size 1.
         params: weights first seen at this call (a layer called twice has
             its parameters on its first row only).
+        counted: False when there is no FLOPs formula for this kind of
+            layer or op (a custom layer, ``Lambda``, ``keras.ops.exp``, ...),
+            or for its built-in ``activation``: ``flops`` leaves that work
+            out (0 for a layer or op without a formula).
     """
 
     layer: str
     kind: str
     flops: int
     params: int
+    counted: bool = True
 
 
 def count_flops(model: keras.Model, input_shape: Any = None) -> int:
@@ -163,14 +197,26 @@ def count_flops(model: keras.Model, input_shape: Any = None) -> int:
 
     Returns:
         The total over every layer call, ``sum(r.flops for r in
-        flops_table(model))``.
+        flops_table(model))``. Layers and ops without a formula count 0;
+        a warning names them (``[r.layer for r in flops_table(model) if not
+        r.counted]``).
 
     Raises:
         UnsupportedModelError: for subclassed models.
         ValueError: when an input dimension is unknown and no ``input_shape``
             is given.
     """
-    return sum(row.flops for row in flops_table(model, input_shape))
+    rows = flops_table(model, input_shape)
+    uncounted = list(dict.fromkeys(f"'{r.layer}' ({r.kind})" for r in rows if not r.counted))
+    if uncounted:
+        warnings.warn(
+            f"count_flops: no FLOPs formula for {len(uncounted)} layer(s)/op(s) of model "
+            f"'{model.name}', counted as 0: {', '.join(uncounted[:10])}"
+            f"{' ...' if len(uncounted) > 10 else ''}. The total leaves out what they compute; "
+            "`flops_table(model)` marks them with counted=False.",
+            stacklevel=2,
+        )
+    return sum(row.flops for row in rows)
 
 
 def count_params(model: keras.Model) -> int:
@@ -219,6 +265,22 @@ def call_flops(operation: Any, in_shapes: list[Shape], out_shapes: list[Shape]) 
     return int(_op_flops(operation, in_shapes, out_shapes))
 
 
+def has_formula(operation: Any) -> bool:
+    """Whether `call_flops` knows what ``operation`` computes (0-cost data movement included)."""
+    if isinstance(operation, keras.layers.Layer):
+        if isinstance(operation, _L.UpSampling2D):
+            return operation.interpolation == "nearest"
+        if isinstance(operation, _FREE_LAYERS):
+            return True
+        if not isinstance(operation, _WITH_FORMULA):
+            return False
+        activation = getattr(operation, "activation", None)
+        name = getattr(activation, "__name__", activation)
+        return activation is None or (isinstance(name, str) and name in ACTIVATION_FLOPS)
+    kind = type(operation).__name__
+    return kind in FREE_OPS or kind in _OP_ELEMENTWISE or kind in _OP_REDUCTIONS or kind in _OP_ACTIVATIONS or kind == "Matmul"
+
+
 def call_shapes(model: keras.Model, input_shape: Any = None) -> dict[str, list[tuple[list[Shape], list[Shape]]]]:
     """Input and output shapes of every call, as `count_flops` sees them.
 
@@ -236,7 +298,7 @@ def call_shapes(model: keras.Model, input_shape: Any = None) -> dict[str, list[t
 def format_table(rows: Sequence[LayerCost]) -> str:
     """Formats `flops_table` rows as a fixed-width text table with totals."""
     header = ("layer", "kind", "FLOPs", "params")
-    body = [(r.layer, r.kind, f"{r.flops:,}", f"{r.params:,}") for r in rows]
+    body = [(r.layer, r.kind, f"{r.flops:,}" if r.counted else "?", f"{r.params:,}") for r in rows]
     total = ("total", "", f"{sum(r.flops for r in rows):,}",
              f"{sum(r.params for r in rows):,}")
     widths = [max(len(line[i]) for line in [header, total, *body]) for i in range(4)]
@@ -246,7 +308,8 @@ def format_table(rows: Sequence[LayerCost]) -> str:
                 f"{line[2]:>{widths[2]}}  {line[3]:>{widths[3]}}")
 
     rule = "-" * len(fmt(header))
-    return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(total)])
+    note = ["? = no FLOPs formula for this layer: counted as 0"] if not all(r.counted for r in rows) else []
+    return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(total), *note])
 
 
 def _shape(tensor: Any) -> Shape:
@@ -404,7 +467,8 @@ class _Walker:
                 params += math.prod(variable.shape)
         flops = call_flops(op, ins, outs) if self.with_flops else 0
         self.shapes.setdefault(prefix + op.name, []).append((ins, outs))
-        self.rows.append(LayerCost(prefix + op.name, type(op).__name__, int(flops), int(params)))
+        counted = has_formula(op) if self.with_flops else True
+        self.rows.append(LayerCost(prefix + op.name, type(op).__name__, int(flops), int(params), counted))
 
     def _output_shapes(self, node: Any, ins: list[Shape]) -> list[Shape]:
         """Output shapes of ``node`` for input shapes ``ins``.

@@ -3,6 +3,8 @@ cross-check against TensorFlow's own profiler (`tests/profiler_flops.py`)."""
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import pytest
 
@@ -210,3 +212,44 @@ def test_within_3_percent_of_tf_profiler_on_applications(name):
     assert _relative(ours, profiler_flops(model)) < 0.03
     assert _relative(ours, _REFERENCE_FLOPS[name]) < 0.03
     assert count_params(model) == model.count_params()
+
+
+class _Scale(keras.layers.Layer):
+    """A custom layer: ``count_flops`` has no formula for it."""
+
+    def call(self, x):
+        return x * 2.0
+
+
+def _model_with_uncounted_layers():
+    inputs = keras.Input((4, 4, 3))
+    x = L.Conv2D(2, 1, name="c")(inputs)                 # 2·3·2·16 + 32 = 224
+    x = _Scale(name="scale")(x)
+    x = L.Lambda(lambda t: t + 1.0, name="plus_one")(x)
+    x = keras.ops.exp(x)
+    x = keras.ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])  # moves data: counted, 0
+    x = keras.ops.split(x, 2, axis=-1)[0]
+    return keras.Model(inputs, L.UpSampling2D(interpolation="bilinear", name="up")(x))
+
+
+def test_layers_without_a_formula_are_reported():
+    model = _model_with_uncounted_layers()
+    rows = flops_table(model)
+    uncounted = [(r.layer, r.kind) for r in rows if not r.counted]
+    assert [kind for _, kind in uncounted] == ["_Scale", "Lambda", "Exp", "UpSampling2D"]
+    assert {r.kind: r.counted for r in rows if r.counted} == {"Conv2D": True, "Pad": True, "Split": True}
+    with pytest.warns(UserWarning, match=r"no FLOPs formula for 4 layer\(s\)/op\(s\).*'scale' \(_Scale\), 'plus_one' \(Lambda\)"):
+        assert count_flops(model) == 224
+    lines = format_table(rows).splitlines()
+    assert [line.split()[2] for line in lines[2:-3]] == ["224", "?", "?", "?", "0", "0", "?"]
+    assert lines[-1] == "? = no FLOPs formula for this layer: counted as 0"
+
+
+def test_a_fully_counted_model_does_not_warn():
+    inputs = keras.Input((4, 4, 3))
+    x = keras.ops.transpose(L.Conv2D(2, 1, activation="swish")(inputs), [0, 2, 1, 3])
+    model = keras.Model(inputs, L.UpSampling2D()(x[:, 1:3]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert count_flops(model) == 2 * 3 * 2 * 16 + 32 + 2 * 32
+    assert all(r.counted for r in flops_table(model))

@@ -34,7 +34,7 @@ from keras_autoprune.surgery.weights import assign_weights, layer_weights
 Rebuild = Callable[[keras.layers.Layer], tuple[keras.layers.Layer, dict[str, np.ndarray] | None]]
 
 
-def clone_layers(model: keras.Model, rebuild: Rebuild) -> keras.Model:
+def clone_layers(model: keras.Model, rebuild: Rebuild, rebuild_op: Callable | None = None) -> keras.Model:
     """Clones ``model`` with every layer replaced by ``rebuild(layer)``.
 
     Args:
@@ -44,6 +44,9 @@ def clone_layers(model: keras.Model, rebuild: Rebuild) -> keras.Model:
             `keras.Sequential` of several included) and the values of the new
             layer's weights keyed as `keras_autoprune.surgery.weights.weight_keys`
             names them (``None`` for a copy that holds its weights).
+        rebuild_op: returns, for one `keras.ops` node (not a layer), what
+            the clone calls in its place (the operation itself, or a
+            rewritten call); by default every operation is reused as is.
 
     Returns:
         The new model, same kind and name, with its weights assigned.
@@ -52,7 +55,7 @@ def clone_layers(model: keras.Model, rebuild: Rebuild) -> keras.Model:
 
     def clone(layer):
         if not isinstance(layer, keras.layers.Layer):
-            return layer  # a stateless `keras.ops` node: reused as is
+            return layer if rebuild_op is None else rebuild_op(layer)  # a stateless `keras.ops` node
         new_layer, weights = rebuild(layer)
         if weights is not None:
             new_weights.append((new_layer, weights))

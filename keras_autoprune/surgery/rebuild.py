@@ -8,7 +8,9 @@ custom or non-serialisable layer only blocks the channels around itself.
 - `apply_plan` rebuilds every touched layer from a sliced config (fewer
   filters/units, fewer GroupNormalization groups, a new Reshape target) and
   assigns the sliced weights (by variable path, else by position with shape
-  checks): the channels are physically gone.
+  checks): the channels are physically gone. A touched `keras.ops` node
+  whose arguments name channel positions (split points, slice bounds, take
+  indices) is called with rewritten arguments (`LayerHandler.prune_operation`).
 - `mask_plan` copies every layer and zeroes the removed channels'
   parameters in the touched ones (what masks do during training).
 
@@ -86,7 +88,15 @@ def _execute(model, plan: PrunePlan, graph: DependencyGraph | None, masking: boo
         config, weights = handler.prune(layer, layer.get_config(), source, keep)
         return layer_from_config(layer, config), _in_source_order(weights, source)
 
-    return clone_layers(model, rebuild)
+    calls = {id(r.operation): r for r in graph.records if r.first_call}
+
+    def rebuild_op(operation):
+        keep, record = keeps.get(id(operation)), calls.get(id(operation))
+        if masking or keep is None or record is None:
+            return operation  # masked: same architecture, same operations
+        return record.handler.prune_operation(operation, record.call, keep)
+
+    return clone_layers(model, rebuild, rebuild_op)
 
 
 def _in_source_order(weights: dict, source: dict) -> dict:

@@ -27,6 +27,7 @@ from keras_autoprune.graph.handlers.linear import LinearHandler
 from keras_autoprune.graph.handlers.merge import ConcatenateHandler, MergeHandler
 from keras_autoprune.graph.handlers.passthrough import PassThroughHandler, ZeroPaddingHandler
 from keras_autoprune.graph.handlers.reshape import ReshapeHandler
+from keras_autoprune.graph.handlers.shape_ops import IndexMapHandler, operation_handlers
 
 __all__ = [
     "CallInfo",
@@ -89,6 +90,7 @@ def _default_registry() -> dict[type, LayerHandler]:
     registry.update({cls: merge for cls in _MERGES})
     registry.update({cls: ConcatenateHandler() for cls in (L.Concatenate, _np_ops.Concatenate)})
     registry.update({cls: ReshapeHandler() for cls in (L.Flatten, L.Reshape)})
+    registry.update(operation_handlers())
     registry.update(application_handlers())
     return registry
 
@@ -140,7 +142,7 @@ def registered_classes() -> list[type]:
 
 __all__ += [
     "ActivationHandler", "BatchNormHandler", "ChannelwiseHandler", "ConcatenateHandler",
-    "DepthwiseHandler", "GroupNormHandler", "LayerScaleHandler", "LinearHandler", "MergeHandler",
+    "DepthwiseHandler", "GroupNormHandler", "IndexMapHandler", "LayerScaleHandler", "LinearHandler", "MergeHandler",
     "NormalizationHandler", "PReLUHandler", "PassThroughHandler", "RescalingHandler",
     "ReshapeHandler", "SeparableHandler", "StatisticsBlockingHandler", "ZeroPaddingHandler",
 ]

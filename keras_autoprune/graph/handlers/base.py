@@ -122,6 +122,16 @@ class LayerHandler:
         """L1 norm of the weights creating each output channel, if any."""
         return None
 
+    def prune_operation(self, operation: Any, call: CallInfo, keep: LayerKeep) -> Any:
+        """What replaces a `keras.ops` node (not a layer) in the pruned model.
+
+        Returns the operation itself (the default: its arguments do not name
+        channel positions) or a callable that calls a rewritten operation
+        with rewritten arguments (see
+        `keras_autoprune.graph.handlers.indexmap.OperationCall`).
+        """
+        return operation
+
 
 def _channels(shape: tuple) -> int:
     """Length of the channel (last) axis; 0 for tensors without one."""
