@@ -10,6 +10,10 @@ layer that takes its place:
   and weights deep-copied by `keras_autoprune.surgery.duplicate`, never
   rebuilt from its config), so a custom, unnamed-sublayer or
   non-serialisable layer (a `Lambda`) never breaks the model;
+- a nested model or a traced custom layer (``nested``) is cloned layer by
+  layer on new inputs of the widths it now receives; a custom layer seen
+  through (`keras_autoprune.graph.trace`) becomes its traced functional
+  model, made of standard layers;
 - a layer surgery changes is rebuilt from its changed config
   (`layer_from_config`) and receives its new weights once the clone is built,
   matched by variable path, else by position with shape checks
@@ -32,9 +36,11 @@ from keras_autoprune.surgery.weights import assign_weights, layer_weights
 #: ``rebuild(layer) -> (new_layer, {weight key: value} or None)``; ``None``
 #: means the new layer already holds its weights (a copy).
 Rebuild = Callable[[keras.layers.Layer], tuple[keras.layers.Layer, dict[str, np.ndarray] | None]]
+#: ``nested(layer) -> (functional model to clone in its place, new input shapes)`` or None.
+Nested = Callable[[keras.layers.Layer], "tuple[keras.Model, list[tuple]] | None"]
 
 
-def clone_layers(model: keras.Model, rebuild: Rebuild) -> keras.Model:
+def clone_layers(model: keras.Model, rebuild: Rebuild, nested: Nested | None = None) -> keras.Model:
     """Clones ``model`` with every layer replaced by ``rebuild(layer)``.
 
     Args:
@@ -44,21 +50,39 @@ def clone_layers(model: keras.Model, rebuild: Rebuild) -> keras.Model:
             `keras.Sequential` of several included) and the values of the new
             layer's weights keyed as `keras_autoprune.surgery.weights.weight_keys`
             names them (``None`` for a copy that holds its weights).
+        nested: for nested models and traced custom layers, the functional
+            model to clone in their place and the shapes of its new inputs
+            (their channel widths may have changed); None clones nested
+            models with Keras's ``recursive=True`` at their original widths.
 
     Returns:
         The new model, same kind and name, with its weights assigned.
     """
     new_weights: list[tuple[keras.layers.Layer, dict[str, np.ndarray]]] = []
 
+    cache: dict[int, keras.layers.Layer] = {}
+
     def clone(layer):
         if not isinstance(layer, keras.layers.Layer):
             return layer  # a stateless `keras.ops` node: reused as is
-        new_layer, weights = rebuild(layer)
-        if weights is not None:
-            new_weights.append((new_layer, weights))
+        if id(layer) in cache:
+            return cache[id(layer)]
+        inner = nested(layer) if nested is not None else None
+        if inner is not None:
+            functional, shapes = inner
+            inputs = [keras.Input(batch_shape=s, dtype=t.dtype, name=t.name) for s, t in zip(shapes, functional.inputs)]
+            inputs = keras.tree.pack_sequence_as(functional._inputs_struct, inputs)
+            if isinstance(layer, keras.Sequential):  # stays a Sequential
+                functional = layer
+            new_layer = keras.models.clone_model(functional, input_tensors=inputs, clone_function=clone)
+        else:
+            new_layer, weights = rebuild(layer)
+            if weights is not None:
+                new_weights.append((new_layer, weights))
+        cache[id(layer)] = new_layer
         return new_layer
 
-    new_model = clone_model(model, clone_function=clone, recursive=True)
+    new_model = clone_model(model, clone_function=clone, recursive=nested is None)
     for new_layer, weights in new_weights:
         assign_weights(new_layer, weights)
     return new_model

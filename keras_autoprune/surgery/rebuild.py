@@ -72,7 +72,18 @@ def _execute(model, plan: PrunePlan, graph: DependencyGraph | None, masking: boo
             "`graph` was built for another model. Pass `DependencyGraph(model)` of this model, "
             f"or leave `graph` out. Received: graph of '{graph.model.name}', model '{model.name}'"
         )
-    keeps = layer_keeps(graph, plan.removed_atoms(graph))
+    removed = plan.removed_atoms(graph)
+    keeps = layer_keeps(graph, removed)
+
+    def nested(layer):
+        entry = graph.nested.get(id(layer))
+        if entry is None:
+            return None
+        functional, layouts = entry
+        shapes = [tuple(t.shape) for t in functional.inputs]
+        if not masking:
+            shapes = [s[:-1] + (int((~removed[l]).sum()),) if len(l) else s for s, l in zip(shapes, layouts)]
+        return functional, shapes
 
     def rebuild(layer):
         keep = keeps.get(id(layer))
@@ -86,7 +97,7 @@ def _execute(model, plan: PrunePlan, graph: DependencyGraph | None, masking: boo
         config, weights = handler.prune(layer, layer.get_config(), source, keep)
         return layer_from_config(layer, config), _in_source_order(weights, source)
 
-    return clone_layers(model, rebuild)
+    return clone_layers(model, rebuild, nested)
 
 
 def _in_source_order(weights: dict, source: dict) -> dict:
