@@ -82,8 +82,15 @@ def main() -> None:
         )
         print(row, flush=True)
         lines.append(row + "\n")
+    keep = ""  # the keras-hub section (benchmarks/keras_hub_report.py) is kept
+    if os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as f:
+            text = f.read()
+        if "\n## keras-hub backbones" in text:
+            keep = "\n## keras-hub backbones" + text.split("\n## keras-hub backbones", 1)[1]
     with open(args.out, "w", encoding="utf-8") as f:
         f.writelines(lines)
+        f.write(keep)
     print(f"wrote {args.out}")
 
 

@@ -61,6 +61,18 @@ def clone_layers(model: keras.Model, rebuild: Rebuild, nested: Nested | None = N
     new_weights: list[tuple[keras.layers.Layer, dict[str, np.ndarray]]] = []
 
     cache: dict[int, keras.layers.Layer] = {}
+    traced: set[int] = set()  # the clones standing for custom layers seen through
+
+    def call(new_layer, *args, **kwargs):
+        if id(new_layer) not in traced:
+            return new_layer(*args, **kwargs)
+        # A traced model takes the custom layer's tensor arguments, in node order.
+        tensors = [a for a in keras.tree.flatten((args, kwargs)) if isinstance(a, keras.KerasTensor)]
+        return new_layer(keras.tree.pack_sequence_as(new_layer._inputs_struct, tensors))
+
+    def replay(source, **kwargs):
+        calls = {} if isinstance(source, keras.Sequential) else {"call_function": call}
+        return clone_model(source, clone_function=clone, **calls, **kwargs)
 
     def clone(layer):
         if not isinstance(layer, keras.layers.Layer):
@@ -74,7 +86,9 @@ def clone_layers(model: keras.Model, rebuild: Rebuild, nested: Nested | None = N
             inputs = keras.tree.pack_sequence_as(functional._inputs_struct, inputs)
             if isinstance(layer, keras.Sequential):  # stays a Sequential
                 functional = layer
-            new_layer = keras.models.clone_model(functional, input_tensors=inputs, clone_function=clone)
+            new_layer = replay(functional, input_tensors=inputs)
+            if not isinstance(layer, keras.Model):
+                traced.add(id(new_layer))
         else:
             new_layer, weights = rebuild(layer)
             if weights is not None:
@@ -82,7 +96,7 @@ def clone_layers(model: keras.Model, rebuild: Rebuild, nested: Nested | None = N
         cache[id(layer)] = new_layer
         return new_layer
 
-    new_model = clone_model(model, clone_function=clone, recursive=nested is None)
+    new_model = replay(model) if nested is not None else clone_model(model, clone_function=clone, recursive=True)
     for new_layer, weights in new_weights:
         assign_weights(new_layer, weights)
     return new_model

@@ -22,7 +22,7 @@ from __future__ import annotations
 import keras
 
 from keras_autoprune.graph.dependency import DependencyGraph
-from keras_autoprune.graph.handlers import get_handler
+from keras_autoprune.graph.handlers import LayerHandler, get_handler
 from keras_autoprune.surgery.clone import clone_layers, copy_layer, layer_from_config
 from keras_autoprune.surgery.keep import layer_keeps
 from keras_autoprune.surgery.plan import PrunePlan
@@ -87,9 +87,9 @@ def _execute(model, plan: PrunePlan, graph: DependencyGraph | None, masking: boo
 
     def rebuild(layer):
         keep = keeps.get(id(layer))
-        if keep is None:
-            return copy_layer(layer)  # untouched: copied as it is, never rebuilt from its config
         handler = get_handler(layer)
+        if keep is None or (type(handler).prune is LayerHandler.prune and not layer.weights):
+            return copy_layer(layer)  # untouched or unchanged: copied as it is, never rebuilt from its config
         source = layer_weights(layer)
         if masking:
             new_layer, _ = copy_layer(layer)
