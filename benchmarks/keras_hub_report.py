@@ -14,12 +14,9 @@ its heading, so the keras.applications table above it is kept.
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import tempfile
 import time
-import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -28,7 +25,7 @@ import keras_hub  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_autoprune as kap  # noqa: E402
-from benchmarks.zoo_report import _limitations  # noqa: E402
+from benchmarks.zoo_report import _limitations, report_setup  # noqa: E402
 from tests.keras_hub_zoo import BACKBONES, sweep_one  # noqa: E402
 
 MARKER = "## keras-hub backbones"
@@ -60,19 +57,19 @@ def _tflite(slim) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="docs/architectures.md")
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    machine = f"{platform.machine()} Linux, {os.cpu_count()} cores"
+    args, machine = report_setup(__doc__)
     lines = [HEADER.format(hub=keras_hub.__version__, machine=machine, tf=tf.__version__, keras=keras.__version__)]
     for name in BACKBONES:
         start = time.perf_counter()
         r = sweep_one(name)
         seconds = time.perf_counter() - start
-        flops, flops_after = kap.count_flops(r["model"]), kap.count_flops(r["slim"])
+        try:
+            flops, flops_after = kap.count_flops(r["model"]), kap.count_flops(r["slim"])
+        except ValueError:  # unknown sequence length (BERT)
+            flops = flops_after = 0
         row = (
-            f"| {name} | {r['groups']} | {r['prunable_groups']} | {r['prunable_share']:.0%} | {flops / 1e6:.1f}M | "
+            f"| {name} | {r['groups']} | {r['prunable_groups']} | {r['prunable_share']:.0%} | "
+            f"{f'{flops / 1e6:.1f}M' if flops else 'n/a'} | "
             f"{f'{flops_after / flops:.1%}' if flops else 'n/a'} | {r['error']:.1e} | {len(r['graph'].traced)} | {seconds:.1f} | "
             f"{_tflite(r['slim'])} | {_limitations(r['graph'])} |"
         )

@@ -64,12 +64,17 @@ def _limitations(graph) -> str:
     return "; ".join(f"{reason} ({n} groups)" for reason, n in sorted(reasons.items())) or "none"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def report_setup(description: str) -> tuple[argparse.Namespace, str]:
+    """Parses ``--out``, silences warnings; returns the arguments and the machine's description."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default="docs/architectures.md")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    machine = f"{platform.machine()} Linux, {os.cpu_count()} cores"
+    return args, f"{platform.machine()} Linux, {os.cpu_count()} cores"
+
+
+def main() -> None:
+    args, machine = report_setup(__doc__)
     lines = [HEADER.format(machine=machine, tf=tf.__version__, keras=keras.__version__)]
     for name, size in ARCHITECTURES:
         r = sweep_one(name, size)

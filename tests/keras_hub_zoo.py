@@ -6,12 +6,8 @@ The arguments follow keras-hub's own backbone tests, shrunk further.
 
 from __future__ import annotations
 
-import time
-
 import keras
 import numpy as np
-
-import keras_autoprune as kap
 
 
 def _resnet(version: int):
@@ -157,19 +153,13 @@ def sample_inputs(model: keras.Model, batch: int = 2, seed: int = 0):
 def sweep_one(name: str, ratio: float = 0.3) -> dict:
     """Graph, uniform plan, apply and mask; figures for the test and the docs."""
     from tests.helpers import randomize, relative_error
+    from tests.zoo import timed_surgery
 
     model = BACKBONES[name]()
     randomize(model, scale=0.05)
     x = sample_inputs(model)
     outputs = [np.asarray(v) for v in keras.tree.flatten(model(x))]
-    start = time.perf_counter()
-    graph = kap.DependencyGraph(model)
-    graph_s = time.perf_counter() - start
-    plan = kap.PrunePlan.uniform(graph, ratio)
-    start = time.perf_counter()
-    slim = kap.apply_plan(model, plan, graph)
-    apply_s = time.perf_counter() - start
-    masked = kap.mask_plan(model, plan, graph)
+    graph, slim, masked, graph_s, apply_s = timed_surgery(model, ratio)
     expected = [np.asarray(v) for v in keras.tree.flatten(masked(x))]
     received = [np.asarray(v) for v in keras.tree.flatten(slim(x))]
     channels = sum(g.size for g in graph.groups)

@@ -17,21 +17,10 @@ import tensorflow as tf
 
 import keras_autoprune as kap
 from keras_autoprune.surgery.duplicate import duplicate_layer
-from tests.helpers import assert_contract, randomize
+from tests.helpers import Block, assert_contract, randomize
 
 L = keras.layers
 
-
-class Block(keras.layers.Layer):
-    """Conv + BN with automatic (unstable) sublayer names (traceable)."""
-
-    def __init__(self, filters, **kwargs):
-        super().__init__(**kwargs)
-        self.conv = L.Conv2D(filters, 3, padding="same")
-        self.bn = L.BatchNormalization()
-
-    def call(self, x):
-        return keras.ops.relu(self.bn(self.conv(x)))
 
 
 class OpaqueBlock(Block):
