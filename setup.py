@@ -2,7 +2,13 @@
 
 from setuptools import find_packages, setup
 
-_TEST = ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "scikit-learn>=1.2", "matplotlib>=3.6"]
+# keras-hub: the backbone sweep (tests/test_keras_hub.py). It pulls tensorflow-text, which requires
+# the full `tensorflow` wheel of the same minor version: in a test environment it sits next to
+# tensorflow-cpu (same version, same files). The sweep is skipped where keras-hub is absent.
+_TEST = [
+    "pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "scikit-learn>=1.2", "matplotlib>=3.6",
+    'keras-hub==0.32.*; python_version >= "3.11"',
+]
 _DEMO = ["ai-edge-litert>=1.2", "matplotlib>=3.6", "scikit-learn>=1.2"]
 _BENCH = ["ai-edge-litert>=1.2", "matplotlib>=3.6", "tensorflow-datasets>=4.9", "tf_keras>=2.16", "tensorflow-model-optimization>=0.8"]
 # The Torch-Pruning peer of benchmark v2 (benchmarks/torch_peer.py); not in "all": torch is large.

@@ -64,12 +64,17 @@ def _limitations(graph) -> str:
     return "; ".join(f"{reason} ({n} groups)" for reason, n in sorted(reasons.items())) or "none"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def report_setup(description: str) -> tuple[argparse.Namespace, str]:
+    """Parses ``--out``, silences warnings; returns the arguments and the machine's description."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default="docs/architectures.md")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    machine = f"{platform.machine()} Linux, {os.cpu_count()} cores"
+    return args, f"{platform.machine()} Linux, {os.cpu_count()} cores"
+
+
+def main() -> None:
+    args, machine = report_setup(__doc__)
     lines = [HEADER.format(machine=machine, tf=tf.__version__, keras=keras.__version__)]
     for name, size in ARCHITECTURES:
         r = sweep_one(name, size)
@@ -82,8 +87,15 @@ def main() -> None:
         )
         print(row, flush=True)
         lines.append(row + "\n")
+    keep = ""  # the keras-hub section (benchmarks/keras_hub_report.py) is kept
+    if os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as f:
+            text = f.read()
+        if "\n## keras-hub backbones" in text:
+            keep = "\n## keras-hub backbones" + text.split("\n## keras-hub backbones", 1)[1]
     with open(args.out, "w", encoding="utf-8") as f:
         f.writelines(lines)
+        f.write(keep)
     print(f"wrote {args.out}")
 
 

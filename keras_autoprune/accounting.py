@@ -100,6 +100,7 @@ import keras
 
 from keras_autoprune.errors import UnsupportedModelError
 from keras_autoprune.graph.dependency import check_model
+from keras_autoprune.graph.trace import see_through
 
 Shape = tuple[int | None, ...]
 
@@ -443,8 +444,8 @@ class _Walker:
                     continue
                 op = node.operation
                 ins = [shapes.get(id(t), _shape(t)) for t in node.arguments.keras_tensors]
-                if isinstance(op, keras.Model):
-                    inner = check_model(op)
+                inner = check_model(op) if isinstance(op, keras.Model) else see_through(op, node)[0]
+                if inner is not None:  # a nested model, or a custom layer seen through
                     if len(ins) != len(inner.inputs):
                         raise UnsupportedModelError(
                             f"Expected nested model '{op.name}' to be called on its "

@@ -77,3 +77,23 @@ def subclassed_model():
     net = Net()
     net(np.zeros((1, 3), "float32"))
     return net
+
+
+def _block_class():
+    import keras
+
+    class Block(keras.layers.Layer):
+        """Conv + BN + relu with automatic (unstable) sublayer names: a traceable custom layer."""
+
+        def __init__(self, filters, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = keras.layers.Conv2D(filters, 3, padding="same")
+            self.bn = keras.layers.BatchNormalization()
+
+        def call(self, x):
+            return keras.ops.relu(self.bn(self.conv(x)))
+
+    return Block
+
+
+Block = _block_class()

@@ -2,7 +2,9 @@
 
 Custom layers with unnamed sublayers, `Lambda` layers and layers whose
 ``get_config`` does not round-trip only block the channels around
-themselves; the rest of the model is pruned exactly.
+themselves; the rest of the model is pruned exactly. The custom layers here
+call TensorFlow ops, so they cannot be traced (seen through, see
+tests/test_custom_layers.py) and stay opaque.
 """
 
 import threading
@@ -11,35 +13,32 @@ import warnings
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_autoprune as kap
 from keras_autoprune.surgery.duplicate import duplicate_layer
-from tests.helpers import assert_contract, randomize
+from tests.helpers import Block, assert_contract, randomize
 
 L = keras.layers
 
 
-class Block(keras.layers.Layer):
-    """Conv + BN with automatic (unstable) sublayer names."""
 
-    def __init__(self, filters, **kwargs):
-        super().__init__(**kwargs)
-        self.conv = L.Conv2D(filters, 3, padding="same")
-        self.bn = L.BatchNormalization()
+class OpaqueBlock(Block):
+    """`Block` ending with a TensorFlow op: it cannot be traced."""
 
     def call(self, x):
-        return keras.ops.relu(self.bn(self.conv(x)))
+        return tf.nn.relu(self.bn(self.conv(x)))
 
 
 class ForgetfulScale(keras.layers.Layer):
-    """``x * factor`` whose get_config forgets ``factor`` (no round trip)."""
+    """``x * factor`` (a TensorFlow op) whose get_config forgets ``factor`` (no round trip)."""
 
     def __init__(self, factor, **kwargs):
         super().__init__(**kwargs)
         self.factor = factor
 
     def call(self, x):
-        return x * self.factor
+        return tf.multiply(x, self.factor)
 
     def get_config(self):
         return super().get_config()
@@ -123,7 +122,7 @@ def _check_untouched(model, slim, name, before):
 @pytest.mark.parametrize(
     "middle, name",
     [
-        (lambda: Block(4, name="blk"), "blk"),
+        (lambda: OpaqueBlock(4, name="blk"), "blk"),
         (lambda: L.Lambda(lambda t: t * 2.0, name="lam"), "lam"),
         (lambda: ForgetfulScale(2.0, name="sc"), "sc"),
     ],
@@ -145,7 +144,7 @@ def test_untouched_custom_layer_is_copied_and_neighbours_are_pruned(middle, name
 
 
 def test_copied_layer_trains_independently_of_the_input_model():
-    model = _model(Block(4, name="blk"))
+    model = _model(OpaqueBlock(4, name="blk"))
     before = _snapshot(model)
     slim = kap.apply_plan(model, kap.PrunePlan({"c2": [0, 1]}), _graph(model))
     slim.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
@@ -217,11 +216,11 @@ def test_duplicate_layer_copies_seed_generators_and_nested_functional_models():
 
 @pytest.mark.filterwarnings("ignore:`build\\(\\)` was called on layer 'blk'")  # Keras, about Block itself
 def test_pruned_model_with_copied_custom_layer_saves_and_loads(tmp_path):
-    model = _model(Block(4, name="blk"))
+    model = _model(OpaqueBlock(4, name="blk"))
     slim = kap.apply_plan(model, kap.PrunePlan({"c2": [0, 1, 3]}), _graph(model))
     path = str(tmp_path / "slim.keras")
     slim.save(path)
-    loaded = keras.saving.load_model(path, custom_objects={"Block": Block})
+    loaded = keras.saving.load_model(path, custom_objects={"OpaqueBlock": OpaqueBlock})
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
     np.testing.assert_allclose(loaded(x), slim(x), rtol=1e-6, atol=1e-6)
     assert loaded.get_layer("c2").filters == 3

@@ -35,12 +35,8 @@ def build(name: str, size: int) -> keras.Model:
     return constructor(**kwargs)
 
 
-def sweep_one(name: str, size: int, ratio: float = 0.3) -> dict:
-    """Graph + uniform plan + both executions; returns figures for the docs."""
-    from tests.helpers import randomize, relative_error
-
-    model = build(name, size)
-    randomize(model, scale=0.05)
+def timed_surgery(model: keras.Model, ratio: float):
+    """``(graph, apply_plan, mask_plan, graph seconds, apply seconds)`` for the uniform plan."""
     start = time.perf_counter()
     graph = kap.DependencyGraph(model)
     graph_s = time.perf_counter() - start
@@ -48,7 +44,16 @@ def sweep_one(name: str, size: int, ratio: float = 0.3) -> dict:
     start = time.perf_counter()
     slim = kap.apply_plan(model, plan, graph)
     apply_s = time.perf_counter() - start
-    masked = kap.mask_plan(model, plan, graph)
+    return graph, slim, kap.mask_plan(model, plan, graph), graph_s, apply_s
+
+
+def sweep_one(name: str, size: int, ratio: float = 0.3) -> dict:
+    """Graph + uniform plan + both executions; returns figures for the docs."""
+    from tests.helpers import randomize, relative_error
+
+    model = build(name, size)
+    randomize(model, scale=0.05)
+    graph, slim, masked, graph_s, apply_s = timed_surgery(model, ratio)
     x = np.random.default_rng(0).normal(0, 1, (1, size, size, 3)).astype("float32")
     expected, received = np.asarray(masked(x)), np.asarray(slim(x))
     channels = sum(g.size for g in graph.groups)

@@ -20,6 +20,7 @@ from keras_autoprune.errors import UnsupportedModelError
 from keras_autoprune.graph.atoms import AtomTable
 from keras_autoprune.graph.context import WalkContext
 from keras_autoprune.graph.handlers import CallInfo, LayerHandler, TensorRef, get_handler
+from keras_autoprune.graph.trace import see_through
 
 _BLOCKER = LayerHandler()
 
@@ -127,6 +128,11 @@ class DependencyGraph:
         groups: list of `ChannelGroup`, in topological order.
         unknown_layers: qualified names of layers without a handler (their
             channels are not prunable).
+        nested: ``{id(layer): (functional model, input layouts of its first
+            call)}`` for every nested model and every traced custom layer.
+        traced: ``{id(custom layer): traced functional model}``: custom
+            layers seen through (`keras_autoprune.graph.trace`); the
+            surgery puts a clone of the traced model in their place.
 
     Example:
 
@@ -148,6 +154,9 @@ class DependencyGraph:
         self.unknown_layers: list[str] = []
         #: tensor key -> key of the tensor it is (nested model boundaries).
         self.tensor_alias: dict[int, int] = {}
+        self.nested: dict[int, tuple[keras.Model, list[np.ndarray]]] = {}
+        self.traced: dict[int, keras.Model] = {}
+        self._untraced: dict[int, str] = {}
         self._space_cache: dict[int, dict[int, np.ndarray]] = {}
         self._first_inputs: dict[int, list[np.ndarray]] = {}
         self.input_layouts = [
@@ -183,8 +192,9 @@ class DependencyGraph:
                 tensors = list(node.arguments.keras_tensors)
                 node_in = [layouts[id(t)] for t in tensors]
                 operation = node.operation
-                if isinstance(operation, keras.Model) and _is_graph_model(operation):
-                    inner = check_model(operation)
+                inner = self._inner_model(operation, node)
+                if inner is not None:
+                    self.nested.setdefault(id(operation), (inner, node_in))
                     node_out = self._walk(inner, node_in, prefix + operation.name + "/")
                     self.tensor_alias.update({id(i): id(o) for i, o in zip(inner.inputs, tensors)})
                     self.tensor_alias.update({id(o): id(i) for o, i in zip(node.outputs, inner.outputs)})
@@ -194,11 +204,24 @@ class DependencyGraph:
                     layouts[id(tensor)] = layout
         return [layouts[id(t)] for t in functional.outputs]
 
+    def _inner_model(self, operation, node) -> keras.Model | None:
+        """The functional model to walk for ``operation``: a nested model, a traced custom layer, or None."""
+        if isinstance(operation, keras.Model) and _is_graph_model(operation):
+            return check_model(operation)
+        traced, reason = see_through(operation, node)
+        if traced is None:
+            if reason:
+                self._untraced[id(operation)] = reason
+            return None
+        self.traced[id(operation)] = traced
+        return traced
+
     def _walk_call(self, operation, node, tensors, in_layouts, prefix) -> list[np.ndarray]:
         name = prefix + operation.name
         handler = get_handler(operation)
         if handler is None:
-            self.unknown_layers.append(f"'{name}' ({type(operation).__name__})")
+            why = self._untraced.get(id(operation))
+            self.unknown_layers.append(f"'{name}' ({type(operation).__name__}{'; not traced: ' + why if why else ''})")
             handler = _BLOCKER
         args, kwargs = _refs(node, tensors)
         call = CallInfo(

@@ -7,7 +7,8 @@ which cannot reach layers inside a nested model (their symbolic tensors belong
 to the inner graph: Keras 3.15 raises "Output with path `0` is not connected
 to `inputs`"), the model is *replayed*: the functional graph is executed
 node by node (`Functional._run_through_graph`, the same order Keras uses),
-recursing into nested Functional/Sequential models, so every layer is reached
+recursing into nested Functional/Sequential models and into the traced models
+of custom layers (`keras_autoprune.graph.trace`), so every layer is reached
 under the same qualified name as in `DependencyGraph` (``outer/inner``).
 
 A tapped layer with a built-in activation is called with its ``activation``
@@ -31,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_autoprune.graph.dependency import DependencyGraph, _is_graph_model, check_model
+from keras_autoprune.graph.trace import traced_model
 
 L = keras.layers
 
@@ -237,6 +239,10 @@ def replay(
             if isinstance(op, keras.Model) and _is_graph_model(op):
                 inner = check_model(op)
                 return run(inner, args[0] if args else kwargs["inputs"], prefix + op.name + "/")
+            traced = traced_model(op)
+            if traced is not None:  # a custom layer seen through: its tensor arguments, in node order
+                tensors = [a for a in keras.tree.flatten((args, kwargs)) if keras.ops.is_tensor(a)]
+                return run(traced, keras.tree.pack_sequence_as(traced._inputs_struct, tensors), prefix + op.name + "/")
             name = prefix + op.name
             if "training" in getattr(op, "_call_context_args", ()):
                 kwargs["training"] = False

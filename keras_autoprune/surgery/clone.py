@@ -10,6 +10,10 @@ layer that takes its place:
   and weights deep-copied by `keras_autoprune.surgery.duplicate`, never
   rebuilt from its config), so a custom, unnamed-sublayer or
   non-serialisable layer (a `Lambda`) never breaks the model;
+- a nested model or a traced custom layer (``nested``) is cloned layer by
+  layer on new inputs of the widths it now receives; a custom layer seen
+  through (`keras_autoprune.graph.trace`) becomes its traced functional
+  model, made of standard layers;
 - a layer surgery changes is rebuilt from its changed config
   (`layer_from_config`) and receives its new weights once the clone is built,
   matched by variable path, else by position with shape checks
@@ -32,9 +36,12 @@ from keras_autoprune.surgery.weights import assign_weights, layer_weights
 #: ``rebuild(layer) -> (new_layer, {weight key: value} or None)``; ``None``
 #: means the new layer already holds its weights (a copy).
 Rebuild = Callable[[keras.layers.Layer], tuple[keras.layers.Layer, dict[str, np.ndarray] | None]]
+#: ``nested(layer) -> (functional model to clone in its place, new input shapes)`` or None.
+Nested = Callable[[keras.layers.Layer], "tuple[keras.Model, list[tuple]] | None"]
 
 
-def clone_layers(model: keras.Model, rebuild: Rebuild, rebuild_op: Callable | None = None) -> keras.Model:
+def clone_layers(model: keras.Model, rebuild: Rebuild, rebuild_op: Callable | None = None,
+                 nested: Nested | None = None) -> keras.Model:
     """Clones ``model`` with every layer replaced by ``rebuild(layer)``.
 
     Args:
@@ -47,21 +54,53 @@ def clone_layers(model: keras.Model, rebuild: Rebuild, rebuild_op: Callable | No
         rebuild_op: returns, for one `keras.ops` node (not a layer), what
             the clone calls in its place (the operation itself, or a
             rewritten call); by default every operation is reused as is.
+        nested: for nested models and traced custom layers, the functional
+            model to clone in their place and the shapes of its new inputs
+            (their channel widths may have changed); None clones nested
+            models with Keras's ``recursive=True`` at their original widths.
 
     Returns:
         The new model, same kind and name, with its weights assigned.
     """
     new_weights: list[tuple[keras.layers.Layer, dict[str, np.ndarray]]] = []
 
+    cache: dict[int, keras.layers.Layer] = {}
+    traced: set[int] = set()  # the clones standing for custom layers seen through
+
+    def call(new_layer, *args, **kwargs):
+        if id(new_layer) not in traced:
+            return new_layer(*args, **kwargs)
+        # A traced model takes the custom layer's tensor arguments, in node order.
+        tensors = [a for a in keras.tree.flatten((args, kwargs)) if isinstance(a, keras.KerasTensor)]
+        return new_layer(keras.tree.pack_sequence_as(new_layer._inputs_struct, tensors))
+
+    def replay(source, **kwargs):
+        calls = {} if isinstance(source, keras.Sequential) else {"call_function": call}
+        return clone_model(source, clone_function=clone, **calls, **kwargs)
+
     def clone(layer):
         if not isinstance(layer, keras.layers.Layer):
             return layer if rebuild_op is None else rebuild_op(layer)  # a stateless `keras.ops` node
-        new_layer, weights = rebuild(layer)
-        if weights is not None:
-            new_weights.append((new_layer, weights))
+        if id(layer) in cache:
+            return cache[id(layer)]
+        inner = nested(layer) if nested is not None else None
+        if inner is not None:
+            functional, shapes = inner
+            inputs = [keras.Input(batch_shape=s, dtype=t.dtype, name=t.name) for s, t in zip(shapes, functional.inputs)]
+            inputs = keras.tree.pack_sequence_as(functional._inputs_struct, inputs)
+            if isinstance(layer, keras.Sequential):  # stays a Sequential
+                functional = layer
+            new_layer = replay(functional, input_tensors=inputs)
+            if not isinstance(layer, keras.Model):
+                traced.add(id(new_layer))
+        else:
+            new_layer, weights = rebuild(layer)
+            if weights is not None:
+                new_weights.append((new_layer, weights))
+        cache[id(layer)] = new_layer
         return new_layer
 
-    new_model = clone_model(model, clone_function=clone, recursive=True)
+    new_model = replay(model) if nested is not None else clone_model(model, clone_function=clone, recursive=True)
     for new_layer, weights in new_weights:
         assign_weights(new_layer, weights)
     return new_model

@@ -24,7 +24,7 @@ from __future__ import annotations
 import keras
 
 from keras_autoprune.graph.dependency import DependencyGraph
-from keras_autoprune.graph.handlers import get_handler
+from keras_autoprune.graph.handlers import LayerHandler, get_handler
 from keras_autoprune.surgery.clone import clone_layers, copy_layer, layer_from_config
 from keras_autoprune.surgery.keep import layer_keeps
 from keras_autoprune.surgery.plan import PrunePlan
@@ -74,13 +74,24 @@ def _execute(model, plan: PrunePlan, graph: DependencyGraph | None, masking: boo
             "`graph` was built for another model. Pass `DependencyGraph(model)` of this model, "
             f"or leave `graph` out. Received: graph of '{graph.model.name}', model '{model.name}'"
         )
-    keeps = layer_keeps(graph, plan.removed_atoms(graph))
+    removed = plan.removed_atoms(graph)
+    keeps = layer_keeps(graph, removed)
+
+    def nested(layer):
+        entry = graph.nested.get(id(layer))
+        if entry is None:
+            return None
+        functional, layouts = entry
+        shapes = [tuple(t.shape) for t in functional.inputs]
+        if not masking:
+            shapes = [s[:-1] + (int((~removed[l]).sum()),) if len(l) else s for s, l in zip(shapes, layouts)]
+        return functional, shapes
 
     def rebuild(layer):
         keep = keeps.get(id(layer))
-        if keep is None:
-            return copy_layer(layer)  # untouched: copied as it is, never rebuilt from its config
         handler = get_handler(layer)
+        if keep is None or (type(handler).prune is LayerHandler.prune and not layer.weights):
+            return copy_layer(layer)  # untouched or unchanged: copied as it is, never rebuilt from its config
         source = layer_weights(layer)
         if masking:
             new_layer, _ = copy_layer(layer)
@@ -96,7 +107,7 @@ def _execute(model, plan: PrunePlan, graph: DependencyGraph | None, masking: boo
             return operation  # masked: same architecture, same operations
         return record.handler.prune_operation(operation, record.call, keep)
 
-    return clone_layers(model, rebuild, rebuild_op)
+    return clone_layers(model, rebuild, rebuild_op, nested)
 
 
 def _in_source_order(weights: dict, source: dict) -> dict:

@@ -26,6 +26,7 @@ from keras_autoprune.graph.handlers.depthwise import DepthwiseHandler, Separable
 from keras_autoprune.graph.handlers.linear import LinearHandler
 from keras_autoprune.graph.handlers.merge import ConcatenateHandler, MergeHandler
 from keras_autoprune.graph.handlers.passthrough import PassThroughHandler, ZeroPaddingHandler
+from keras_autoprune.graph.handlers.reduction import ReductionHandler
 from keras_autoprune.graph.handlers.reshape import ReshapeHandler
 from keras_autoprune.graph.handlers.shape_ops import IndexMapHandler, operation_handlers
 
@@ -91,6 +92,7 @@ def _default_registry() -> dict[type, LayerHandler]:
     registry.update({cls: ConcatenateHandler() for cls in (L.Concatenate, _np_ops.Concatenate)})
     registry.update({cls: ReshapeHandler() for cls in (L.Flatten, L.Reshape)})
     registry.update(operation_handlers())
+    registry.update({cls: ReductionHandler() for cls in (_np_ops.Mean, _np_ops.Max, _np_ops.Min)})
     registry.update(application_handlers())
     return registry
 

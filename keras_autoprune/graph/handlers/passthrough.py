@@ -17,8 +17,8 @@ class PassThroughHandler(LayerHandler):
     """Output channels are the input channels, in the same order."""
 
     def propagate(self, layer, call, ctx):
-        config = layer.get_config()
-        if config.get("data_format", "channels_last") == "channels_first":
+        # The attribute, not get_config(): some layers' configs do not serialise (keras-hub's Identity).
+        if getattr(layer, "data_format", "channels_last") == "channels_first":
             reason = f"layer '{layer.name}' uses data_format='channels_first', which is not supported"
             ctx.fix(call.in_layouts[0], reason)
             return [ctx.fix(ctx.new_space(len(call.in_layouts[0])), reason)]
