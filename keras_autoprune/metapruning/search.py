@@ -135,19 +135,23 @@ class CandidateScorer:
 
 def cost_function(net: PruningNet, budget: Budget, latency_table: LatencyTable | None = None):
     """``gene -> fraction of the original cost`` for ``budget``'s metric (FLOPs, parameters, latency)."""
+    _check_latency_table(budget, latency_table)
     space = net.space
     if budget.metric == "latency":
-        if not isinstance(latency_table, LatencyTable):
-            raise ValueError(
-                "A latency budget prices candidates with a latency table measured on the target. Received: "
-                f"latency_table={latency_table!r}. Fix: `table = kap.metapruning.LatencyTable.build(model)` "
-                "(on the target, or load a saved one) and pass `latency_table=table`."
-            )
         table = latency_table.bind(net.base, net.graph)
         return lambda gene: table.estimate(space.plan(gene)) / table.full_ms
     plan_cost = PlanCost(net.base, net.graph)
     full = plan_cost(PrunePlan({}), budget.metric)
     return lambda gene: plan_cost(space.plan(gene), budget.metric) / full
+
+
+def _check_latency_table(budget: Budget, latency_table: Any) -> None:
+    if budget.metric == "latency" and not isinstance(latency_table, LatencyTable):
+        raise ValueError(
+            "A latency budget prices candidates with a latency table measured on the target. Received: "
+            f"latency_table={latency_table!r}. Fix: `table = kap.metapruning.LatencyTable.build(model)` "
+            "(on the target, or load a saved one) and pass `latency_table=table`."
+        )
 
 
 def uniform_gene(space: GeneSpace, cost, budget: float) -> Gene:
@@ -234,8 +238,7 @@ def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: An
         raise ValueError(
             f"`epochs` must be an int >= 1 (>= 0 when a trained `pruningnet` is given). Received: epochs={epochs!r}"
         )
-    if budget.metric == "latency" and not isinstance(latency_table, LatencyTable):
-        cost_function(None, budget, latency_table)  # raises the explanation
+    _check_latency_table(budget, latency_table)
     data, validation_data = _held_out(data, validation_data)
     recalibration_data = data if recalibration_data is None else recalibration_data
     net = pruningnet if pruningnet is not None else PruningNet(model, scales=scales, seed=seed)

@@ -1,0 +1,217 @@
+"""MetaPruning: genes, the PruningNet, the evolutionary search, latency tables, `search`."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import keras_autoprune as kap
+from keras_autoprune import metapruning as mp
+from tests.helpers import randomize, relative_error
+
+L = keras.layers
+SMALL = mp.SearchSettings(population=6, parents=2, mutations=2, crossovers=2, iterations=2)
+
+
+def _residual_net(seed: int = 0) -> keras.Model:
+    """Conv(8) -> BN -> relu -> [Conv(8) -> BN] + shortcut -> relu -> Conv(6) -> GAP -> Dense(4)."""
+    inputs = keras.Input((8, 8, 3))
+    x = L.ReLU()(L.BatchNormalization(name="bn1")(L.Conv2D(8, 3, padding="same", name="c1")(inputs)))
+    y = L.BatchNormalization(name="bn2")(L.Conv2D(8, 3, padding="same", name="c2")(x))
+    x = L.ReLU()(L.Add()([x, y]))
+    x = L.ReLU()(L.Conv2D(6, 1, name="c3")(x))
+    model = keras.Model(inputs, L.Dense(4, name="head")(L.GlobalAveragePooling2D()(x)), name="residual_net")
+    randomize(model, seed, kernels=False)
+    return model
+
+
+def _data(count: int = 64, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 1, (count, 8, 8, 3)).astype("float32"), rng.integers(0, 4, count)
+
+
+# -- genes ----------------------------------------------------------------------------
+def test_gene_space_has_one_gene_per_prunable_group_and_residual_channels_share_one():
+    space = mp.GeneSpace(kap.DependencyGraph(_residual_net()), scales=(0.25, 0.5, 1.0))
+    assert [(g.id, g.size) for g in space.groups] == [("c1", 8), ("c3", 6)]  # c1 and c2 are tied by the Add
+    assert space.widths == ((2, 4, 8), (2, 3, 6))
+    assert space.full == (2, 2) and space.uniform(1) == (1, 1)
+    plan = space.plan((0, 1))
+    assert {k: list(v) for k, v in plan.kept.items()} == {"c1": [0, 1], "c3": [0, 1, 2]}
+    assert space.plan(space.full) == kap.PrunePlan({})
+
+
+def test_mutation_and_crossover_keep_genes_valid():
+    space = mp.GeneSpace(kap.DependencyGraph(_residual_net()))
+    rng = np.random.default_rng(0)
+    genes = [space.random(rng) for _ in range(50)]
+    for a, b in zip(genes, genes[1:]):
+        child = space.crossover(a, b, rng)
+        assert all(k in (x, y) for k, x, y in zip(child, a, b))
+        mutant = space.mutate(a, rng, probability=0.5)
+        assert space.check(mutant) == mutant and space.check(child) == child
+    assert space.mutate(genes[0], rng, probability=1e-12) == genes[0]
+    with pytest.raises(ValueError, match="one choice per prunable group"):
+        space.check((1,))
+    with pytest.raises(ValueError, match="index `scales`"):
+        space.check((0, 31))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        mp.GeneSpace(kap.DependencyGraph(_residual_net()), scales=(0.5, 0.25))
+
+
+# -- PruningNet ----------------------------------------------------------------------------
+def test_warm_started_pruningnet_equals_the_model_at_full_width_and_leaves_it_unchanged():
+    model = _residual_net()
+    x, _ = _data(8)
+    before = [np.array(w) for w in model.get_weights()]
+    net = mp.PruningNet(model, scales=(0.25, 0.5, 1.0))
+    np.testing.assert_array_equal(np.asarray(net(x)), np.asarray(model(x)))
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_generated_weights_have_the_cropped_shapes_of_a_gene_and_match_the_pruningnet():
+    model = _residual_net()
+    net = mp.PruningNet(model, scales=(0.25, 0.5, 1.0), warm_start=False, seed=1)
+    x, _ = _data(8)
+    net.set_gene((0, 1))  # c1/c2: 2 channels, c3: 3 channels
+    expected = np.asarray(net(x))
+    slim = net.materialize()
+    assert slim.get_layer("c1").kernel.shape == (3, 3, 3, 2)
+    assert slim.get_layer("c2").kernel.shape == (3, 3, 2, 2)
+    assert slim.get_layer("c3").kernel.shape == (1, 1, 2, 3)
+    assert slim.get_layer("head").kernel.shape == (3, 4)
+    assert relative_error(np.asarray(slim(x)), expected) < 1e-5
+    # Another gene gives other weights: the generator depends on the encoding.
+    other = net.materialize((1, 1))
+    assert other.get_layer("c3").kernel.shape == (1, 1, 4, 3)
+
+
+def test_training_with_the_gene_sampler_draws_a_gene_per_batch_and_updates_the_generators():
+    net = mp.PruningNet(_residual_net(), scales=(0.25, 0.5, 1.0))
+    x, y = _data(64)
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(self.model.gene)
+
+    start = [np.array(w) for w in net.trainable_weights]
+    mp.train_pruningnet(net, (x, y), epochs=1, batch_size=16, callbacks=[Spy()], verbose=0)
+    assert len(seen) == 4 and len(set(seen)) > 1
+    assert net.gene == net.space.full  # left at full width after training
+    changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(start, net.trainable_weights)]
+    assert sum(changed) >= len(changed) - 2  # every generator and shared variable trained (B of unused rows may not)
+    sampler = mp.GeneSampler()
+    sampler.set_model(_residual_net())
+    with pytest.raises(TypeError, match="GeneSampler drives"):
+        sampler.on_train_begin()
+
+
+# -- search --------------------------------------------------------------------------------
+def test_genes_outside_the_window_are_rejected_before_scoring():
+    net = mp.PruningNet(_residual_net(), scales=(0.25, 0.5, 0.75, 1.0))
+    cost = mp.cost_function(net, kap.Budget(flops=0.5))
+    scored = []
+
+    def score(gene):
+        scored.append(gene)
+        return -abs(cost(gene) - 0.45)
+
+    search = mp.EvolutionarySearch(net.space, score, cost, high=0.5, low=0.3, settings=SMALL, seed=0, verbose=0)
+    best, value = search.run()
+    assert scored and all(0.3 <= cost(g) <= 0.5 for g in scored)
+    assert search.history.rejected > 0
+    assert value == max(search.history.scores.values()) and best in scored
+    assert search.history.best_scores == sorted(search.history.best_scores)  # elitist: never worse
+
+
+def test_search_is_deterministic_under_a_seed_and_resumes_from_its_cache(tmp_path):
+    net = mp.PruningNet(_residual_net(), scales=(0.25, 0.5, 0.75, 1.0))
+    cost = mp.cost_function(net, kap.Budget(flops=0.6))
+    x, y = _data(64)
+    scorer = mp.CandidateScorer(net, (x[:32], y[:32]), (x[32:], y[32:]), recalibration_batches=1, batch_size=32)
+    runs = []
+    for _ in range(2):
+        search = mp.EvolutionarySearch(net.space, scorer, cost, high=0.6, low=0.2, settings=SMALL, seed=3, verbose=0)
+        runs.append((search.run(), search.history.scores))
+    assert runs[0] == runs[1]
+    calls = []
+    path = tmp_path / "scores.json"
+    first = mp.EvolutionarySearch(net.space, scorer, cost, high=0.6, low=0.2, settings=SMALL, seed=3,
+                                  cache_path=path, verbose=0).run()
+    stored = json.loads(path.read_text())
+    assert len(stored["scores"]) == len(runs[0][1])
+    resumed = mp.EvolutionarySearch(net.space, lambda g: calls.append(g) or 0.0, cost, high=0.6, low=0.2,
+                                    settings=SMALL, seed=3, cache_path=path, verbose=0).run()
+    assert calls == [] and resumed == first
+
+
+def test_search_builds_a_winner_within_budget_that_saves_and_exports(tmp_path):
+    model = _residual_net()
+    x, y = _data(96)  # full batches only: TF 2.21's oneDNN can crash on some ragged last batches
+    result = mp.search(model, (x[:64], y[:64]), kap.Budget(flops=0.5), validation_data=(x[64:], y[64:]), epochs=1,
+                       scales=(0.25, 0.5, 0.75, 1.0), window=0.3, settings=SMALL, recalibration_batches=2,
+                       batch_size=16, verbose=0)
+    flops = kap.count_flops(result.model) / kap.count_flops(model)
+    assert flops == pytest.approx(result.cost, abs=1e-12) and 0.2 <= flops <= 0.5
+    assert result.widths == result.pruningnet.space.group_widths(result.gene)
+    assert result.model.get_layer("c3").kernel.shape[-1] == result.widths["c3"]
+    assert result.report.flops_kept == pytest.approx(flops)
+    assert result.history.best_scores[-1] == result.score
+    path = tmp_path / "winner.keras"
+    result.model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(np.asarray(loaded(x[:4])), np.asarray(result.model(x[:4])), rtol=1e-5, atol=1e-6)
+    assert kap.export_tflite(result.model, str(tmp_path / "winner.tflite")).verified
+    scratch = result.scratch_model()
+    assert [w.shape for w in scratch.weights] == [w.shape for w in result.model.weights]
+
+
+def test_search_checks_its_arguments_before_any_work():
+    model = _residual_net()
+    x, y = _data(16)
+    with pytest.raises(ValueError, match="held-out labelled data"):
+        mp.search(model, keras.utils.PyDataset(), kap.Budget(flops=0.5))
+    with pytest.raises(ValueError, match="latency table"):
+        mp.search(model, (x, y), kap.Budget(latency=0.5))
+    with pytest.raises(ValueError, match="`window`"):
+        mp.search(model, (x, y), kap.Budget(flops=0.1), window=0.2)
+    with pytest.raises(ValueError, match="`epochs`"):
+        mp.search(model, (x, y), kap.Budget(flops=0.5), epochs=0)
+
+
+# -- latency -------------------------------------------------------------------------------
+def test_latency_budget_is_refused_by_methods_that_count_flops():
+    budget = kap.Budget(latency=0.5)
+    assert budget.metric == "latency" and budget.fraction == 0.5 and str(budget) == "50% of latency"
+    with pytest.raises(ValueError, match="only"):
+        kap.NAPCallback(data=_data(8), budget=budget)
+    with pytest.raises(ValueError, match="kap.red.compress budgets FLOPs or parameters"):
+        kap.red.compress(_residual_net(), budget=budget)
+    with pytest.raises(ValueError, match="exactly one quantity"):
+        kap.Budget(flops=0.5, latency=0.5)
+
+
+def test_latency_table_interpolates_its_grid_and_round_trips(tmp_path):
+    model = _residual_net()
+    table = mp.LatencyTable.build(model, scales=(0.5, 1.0), runs=5, verbose=0)
+    # Every convolution and the head: c1 reads 3 channels and c2 reads 8, so they are measured apart.
+    assert set(table.layers) == {"c1", "c2", "c3", "head"}
+    c2 = table.timings[table.layers["c2"]]
+    assert c2.in_widths == [4, 8] and c2.out_widths == [4, 8]
+    assert c2.at(4, 8) == pytest.approx(c2.ms[0][1]) and c2.at(6, 8) == pytest.approx((c2.ms[0][1] + c2.ms[1][1]) / 2)
+    table.bind(model)
+    assert table.estimate(kap.PrunePlan({})) == pytest.approx(table.full_ms)
+    path = tmp_path / "table.json"
+    table.save(path)
+    loaded = mp.LatencyTable.load(path).bind(model)
+    plan = kap.PrunePlan({"c1": [0, 1, 2, 3]})
+    assert loaded.estimate(plan) == pytest.approx(table.estimate(plan))
+    with pytest.raises(ValueError, match="built for model"):
+        loaded.bind(keras.Sequential([keras.Input((4,)), L.Dense(3, name="d1"), L.Dense(2)]))
+    check = mp.check_latency(table, model, [kap.PrunePlan({}), plan], runs=5, rounds=1)
+    assert len(check.measured_ms) == 2 and all(m > 0 for m in check.measured_ms)
+    assert check.predicted_ms[0] == pytest.approx(table.full_ms)
