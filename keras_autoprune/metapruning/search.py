@@ -34,7 +34,7 @@ from keras_autoprune.surgery.plan import PrunePlan
 
 def train_pruningnet(net: PruningNet, data: Any, epochs: int = 1, learning_rate: float | None = None,
                      label_smoothing: float = 0.1, from_logits: bool | None = None, seed: int = 0,
-                     batch_size: int = 128, callbacks: Sequence[keras.callbacks.Callback] = (),
+                     batch_size: int = 128, decay: bool = True, callbacks: Sequence[keras.callbacks.Callback] = (),
                      verbose: int | str = "auto"):
     """Trains ``net`` with ``fit``, one random gene per batch (the paper's recipe).
 
@@ -55,6 +55,9 @@ def train_pruningnet(net: PruningNet, data: Any, epochs: int = 1, learning_rate:
             unless its last layer applies a softmax.
         seed: seed of the genes drawn.
         batch_size: batch size for ``(x, y)`` arrays.
+        decay: decay the rate linearly to 0 over this call (``False``: keep
+            it constant, e.g. when training in one-epoch stages with your own
+            per-stage rate).
         callbacks: more callbacks for ``fit`` (e.g. `keras.callbacks.BackupAndRestore`).
         verbose: ``fit``'s verbosity.
 
@@ -68,7 +71,7 @@ def train_pruningnet(net: PruningNet, data: Any, epochs: int = 1, learning_rate:
     rate = learning_rate if learning_rate is not None else (0.01 if net.warm_start else 0.1)
     arrays = _is_labelled_arrays(data)
     steps = -(-len(data[0]) // batch_size) if arrays else _batches(data)
-    if steps:
+    if steps and decay:
         rate = keras.optimizers.schedules.PolynomialDecay(rate, decay_steps=steps * epochs, end_learning_rate=0.0)
     logits = _outputs_logits(net.base) if from_logits is None else bool(from_logits)
     classes = int(net.base.outputs[0].shape[-1])

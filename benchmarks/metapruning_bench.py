@@ -1,0 +1,246 @@
+"""Benchmark v2: MetaPruning on the converged ResNet-20, in resumable stages.
+
+    python -m benchmarks.metapruning_bench train --epochs 2      # PruningNet training, one epoch per stage
+    python -m benchmarks.metapruning_bench search --target 0.5   # evolutionary search at 50% FLOPs kept
+    python -m benchmarks.metapruning_bench finetune --target 0.5 --epochs 4   # searched vs uniform widths
+    python -m benchmarks.metapruning_bench latency --target 0.5  # latency table, latency-budget search, check
+
+Data (fixed, shared by every stage): the 50,000 CIFAR-10 training images are
+split by a seeded permutation into 45,000 that train the PruningNet and the
+fine-tuned winners (flip and crop augmentation, `converged.augment`) and
+5,000 held out, of which the first 2,000 score search candidates and 2,560
+(20 batches of 128) re-estimate BatchNormalization before each score. The
+test images are only used for the final figures.
+
+The PruningNet starts from the committed converged weights (warm start) and
+trains with SGD (Nesterov 0.9), label smoothing 0.1 and a learning rate
+decayed linearly from 0.01 to 0 over the planned epochs, one epoch per
+stage; its weights stay in the cache (``$KERAS_AUTOPRUNE_CACHE``, 35 MB, not
+committed: rerun ``train`` to rebuild them). Everything measured is written to
+``benchmarks/results/v2/metapruning_<model>.json`` as soon as it is known.
+The searched widths and the uniform widths at the same FLOPs (the widest
+uniform gene within the budget) both start from the PruningNet's generated
+weights and are fine-tuned with the same recipe and epochs
+(`benchmarks.profiles` v2: SGD 0.01 cosine, the converged recipe's weight
+decay).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from benchmarks import converged
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results" / "v2"
+HELD_OUT = 5000
+SCORE_IMAGES = 2000
+RECALIBRATION_BATCHES = 20
+BATCH_SIZE = 128
+SETTINGS = {"population": 16, "parents": 4, "mutations": 6, "crossovers": 6, "iterations": 5}
+"""Search sizes for 2 CPU cores (the paper: 50, 10, 25, 25, 20)."""
+SCALES = tuple(round(0.1 + 0.05 * i, 2) for i in range(19))
+"""Width choices 0.10, 0.15, ..., 1.00 (coarser than the paper's 31: fewer, more distinct genes)."""
+
+
+def _paths(model_name: str) -> dict[str, pathlib.Path]:
+    from keras_autoprune.datasets import cache_dir
+
+    cache = cache_dir() / "metapruning"
+    cache.mkdir(parents=True, exist_ok=True)
+    return {"weights": cache / f"pruningnet_{model_name}.weights.h5", "results": RESULTS_DIR / f"metapruning_{model_name}.json",
+            "scores": cache / f"scores_{model_name}_{{tag}}.json", "table": RESULTS_DIR / f"latency_table_{model_name}.json"}
+
+
+def _split(data: converged.Cifar10) -> dict[str, np.ndarray]:
+    order = np.random.default_rng(1).permutation(len(data.x_train))
+    train, held = order[HELD_OUT:], order[:HELD_OUT]
+    return {"train_x": data.x_train[train], "train_y": data.y_train[train],
+            "score_x": data.x_train[held[:SCORE_IMAGES]].astype(np.float32), "score_y": data.y_train[held[:SCORE_IMAGES]],
+            "bn_x": data.x_train[held[SCORE_IMAGES:SCORE_IMAGES + RECALIBRATION_BATCHES * BATCH_SIZE]].astype(np.float32)}
+
+
+def _full_batches(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``floor(N / 128) * 128`` examples (44,928 of 45,000): no ragged last batch."""
+    count = len(x) // BATCH_SIZE * BATCH_SIZE
+    return x[:count], y[:count]
+
+
+def _load(path: pathlib.Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _store(path: pathlib.Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, sort_keys=True))
+
+
+def _network(model_name: str, paths: dict):
+    import keras
+
+    from keras_autoprune import metapruning as mp
+
+    model = keras.saving.load_model(converged.MODELS_DIR / f"{model_name}.keras")
+    net = mp.PruningNet(model, scales=SCALES, seed=0)
+    if paths["weights"].exists():
+        net(np.zeros((1, 32, 32, 3), np.float32))
+        net.load_weights(paths["weights"])
+    return model, net
+
+
+def train(model_name: str, epochs: int, log=print) -> None:
+    """Trains the PruningNet up to ``epochs`` epochs in all, one epoch per stage (resumes)."""
+    from keras_autoprune import metapruning as mp
+
+    paths = _paths(model_name)
+    results = _load(paths["results"])
+    state = results.setdefault("pruningnet", {"epochs_done": 0, "seconds": [], "loss": [], "planned_epochs": epochs})
+    state["planned_epochs"] = max(epochs, state.get("planned_epochs", epochs))
+    data = converged.load_cifar10()
+    split = _split(data)
+    model, net = _network(model_name, paths)
+    for epoch in range(state["epochs_done"], epochs):
+        x, y = _full_batches(*converged.augment(split["train_x"], split["train_y"], seed=2, epoch=epoch))
+        rate = 0.01 * (1 - epoch / state["planned_epochs"])
+        start = time.perf_counter()
+        history = mp.train_pruningnet(net, (x, y), epochs=1, learning_rate=rate, decay=False, seed=epoch,
+                                      batch_size=BATCH_SIZE, verbose=2)
+        state["seconds"].append(time.perf_counter() - start)
+        state["loss"].append(float(history.history["loss"][-1]))
+        state["epochs_done"] = epoch + 1
+        net.save_weights(paths["weights"])
+        _store(paths["results"], results)
+        log(f"PruningNet epoch {epoch + 1}/{epochs}: loss {state['loss'][-1]:.4f}, {state['seconds'][-1]:.0f} s")
+
+
+def search(model_name: str, target: float, metric: str = "flops", log=print) -> dict:
+    """Searches at ``target`` (FLOPs or latency kept); scores the uniform gene of the same budget too."""
+    import keras_autoprune as kap
+    from keras_autoprune import metapruning as mp
+
+    paths = _paths(model_name)
+    results = _load(paths["results"])
+    split = _split(converged.load_cifar10())
+    model, net = _network(model_name, paths)
+    budget = kap.Budget(**{metric: target})
+    table = mp.LatencyTable.load(paths["table"]) if metric == "latency" else None
+    cost = mp.cost_function(net, budget, table)
+    scorer = mp.CandidateScorer(net, (split["score_x"], split["score_y"]), split["bn_x"],
+                                recalibration_batches=RECALIBRATION_BATCHES, batch_size=BATCH_SIZE)
+    tag = f"{metric}_{target}"
+    start = time.perf_counter()
+    evolution = mp.EvolutionarySearch(net.space, scorer, cost, high=target, low=target - 0.05,
+                                      settings=mp.SearchSettings(**SETTINGS), seed=0,
+                                      cache_path=str(paths["scores"]).format(tag=tag))
+    gene, score = evolution.run()
+    seconds = time.perf_counter() - start
+    uniform = mp.uniform_gene(net.space, cost, target)
+    row = {"gene": list(gene), "score": score, "cost": evolution.history.costs[gene],
+           "widths": net.space.group_widths(gene), "best_scores": evolution.history.best_scores,
+           "candidates": len(evolution.history.scores), "rejected": evolution.history.rejected, "seconds": seconds,
+           "uniform_gene": list(uniform), "uniform_score": scorer(uniform), "uniform_cost": cost(uniform),
+           "uniform_widths": net.space.group_widths(uniform),
+           "pruningnet_epochs": results.get("pruningnet", {}).get("epochs_done", 0)}
+    results = _load(paths["results"])
+    results.setdefault("search", {})[tag] = row
+    _store(paths["results"], results)
+    log(f"search {tag}: best {score:.4f} at cost {row['cost']:.3f} ({row['candidates']} candidates, {seconds:.0f} s); "
+        f"uniform {row['uniform_score']:.4f} at cost {row['uniform_cost']:.3f}")
+    return row
+
+
+def finetune(model_name: str, target: float, epochs: int, metric: str = "flops", log=print) -> None:
+    """Fine-tunes the searched and the uniform gene of ``target`` the same epochs; test accuracy of each."""
+    import keras
+
+    import keras_autoprune as kap
+    from benchmarks.profiles import PROFILES, learning_rate
+
+    paths = _paths(model_name)
+    tag = f"{metric}_{target}"
+    row = _load(paths["results"])["search"][tag]
+    data = converged.load_cifar10()
+    split = _split(data)
+    profile = PROFILES["v2"]
+    model, net = _network(model_name, paths)
+    for entry, gene in (("searched", row["gene"]), ("uniform", row["uniform_gene"])):
+        results = _load(paths["results"])
+        done = results.setdefault("finetune", {}).setdefault(tag, {}).get(entry)
+        if done and done["epochs"] >= epochs:
+            continue
+        slim = net.materialize(gene)
+        kap.recalibrate_batchnorm(slim, split["bn_x"], batch_size=BATCH_SIZE)
+        before = converged.test_accuracy(slim, data)
+        slim.compile(optimizer=keras.optimizers.SGD(profile.finetune_lr, momentum=0.9, nesterov=True,
+                                                    weight_decay=converged.Recipe().weight_decay),
+                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        start = time.perf_counter()
+        for epoch in range(epochs):
+            slim.optimizer.learning_rate = learning_rate(epoch, profile.finetune_lr, epochs, "cosine")
+            x, y = _full_batches(*converged.augment(split["train_x"], split["train_y"], seed=3, epoch=epoch))
+            slim.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=2)
+        results = _load(paths["results"])
+        results["finetune"].setdefault(tag, {})[entry] = {
+            "epochs": epochs, "test_before": before, "test_after": converged.test_accuracy(slim, data),
+            "flops_kept": kap.count_flops(slim) / kap.count_flops(model), "seconds": time.perf_counter() - start}
+        _store(paths["results"], results)
+        log(f"{tag} {entry}: {results['finetune'][tag][entry]}")
+
+
+def latency(model_name: str, target: float, log=print) -> None:
+    """Builds the latency table (once), searches under a latency budget, checks the table on the candidates."""
+    import keras
+
+    import keras_autoprune as kap
+    from keras_autoprune import metapruning as mp
+
+    paths = _paths(model_name)
+    model = keras.saving.load_model(converged.MODELS_DIR / f"{model_name}.keras")
+    if not paths["table"].exists():
+        start = time.perf_counter()
+        mp.LatencyTable.build(model).save(paths["table"])
+        log(f"latency table: {time.perf_counter() - start:.0f} s")
+    row = search(model_name, target, metric="latency", log=log)
+    table = mp.LatencyTable.load(paths["table"])
+    _, net = _network(model_name, paths)
+    scored = sorted(_load(pathlib.Path(str(paths["scores"]).format(tag=f"latency_{target}")))["scores"],
+                    key=lambda r: -r["score"])[:10]
+    plans = [net.space.plan(r["gene"]) for r in scored]
+    check = mp.check_latency(table, model, plans)
+    results = _load(paths["results"])
+    results["search"][f"latency_{target}"]["check"] = {
+        "predicted_ms": check.predicted_ms, "measured_ms": check.measured_ms, "correlation": check.correlation,
+        "mean_relative_error": check.mean_relative_error, "max_relative_error": check.max_relative_error,
+        "winner_measured_fraction": check.measured_ms[0] / table.full_ms, "full_ms": table.full_ms}
+    _store(paths["results"], results)
+    log(f"latency check: r={check.correlation:.3f}, mean error {check.mean_relative_error:.1%}, "
+        f"winner at {check.measured_ms[0] / table.full_ms:.1%} of the full model's latency (budget {target:.0%})")
+    del row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.metapruning_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=("train", "search", "finetune", "latency"))
+    parser.add_argument("--model", default="resnet20", choices=sorted(converged.ARCHITECTURES))
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--target", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    if args.stage == "train":
+        train(args.model, args.epochs, log)
+    elif args.stage == "search":
+        search(args.model, args.target, log=log)
+    elif args.stage == "finetune":
+        finetune(args.model, args.target, args.epochs, log=log)
+    else:
+        latency(args.model, args.target, log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
