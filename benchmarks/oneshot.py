@@ -6,7 +6,8 @@ target in `TARGETS`, with `kap.PruningCallback.prune` (one round, no
 training) and the same calibration images (`converged.protocol_data`: 1,024
 training images, 8 batches of 128). Each pruned model is evaluated on all
 10,000 test images (a) as pruned and (b) after `kap.recalibrate_batchnorm`
-on the same 2,048 other training images (16 batches of 128) for every entry.
+on the same 2,048 other training images (16 batches of 128, augmented once with flips and crops
+as in training: `converged.protocol_data`) for every entry.
 
     python -m benchmarks.oneshot --model resnet20                  # all entries and targets (resumable)
     python -m benchmarks.oneshot --model resnet20 --entries nap uniform_l1 --targets 0.5
@@ -132,6 +133,11 @@ def run(
     shared = converged.protocol_data(data)
     model = load_model(model_name)
     result = json.loads(out.read_text()) if out.exists() and not fresh else {"model": model_name, "rows": []}
+    if result.get("batchnorm_set", "clean") != converged.BATCHNORM_SET and result["rows"]:
+        # Rows re-estimated on another image set: kept for the record, measured again.
+        result.setdefault("superseded", {})[result.get("batchnorm_set", "clean")] = result["rows"]
+        result["rows"] = []
+    result["batchnorm_set"] = converged.BATCHNORM_SET
     done = {(row["entry"], row["target"]) for row in result["rows"]}
     started = time.perf_counter()
     if ("unpruned", 1.0) not in done:

@@ -593,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     base = accuracy(twin, data.x_test, data.y_test)
     print(f"{args.model}: twin test accuracy {base:.4f}", flush=True)
     record = {"protocol": "one-shot, no fine-tuning (benchmark v2 protocol 1)", "model": args.model, "base_accuracy": base,
+              "batchnorm_set": converged.BATCHNORM_SET,
               "versions": versions(), "command": " ".join(["python -m benchmarks.torch_peer", *(argv if argv is not None else sys.argv[1:])]),
               "rows": []}
 
