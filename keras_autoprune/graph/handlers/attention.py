@@ -45,7 +45,8 @@ import numpy as np
 
 from keras_autoprune.graph.handlers.base import CallInfo, LayerHandler, LayerKeep, SublayerMember, TensorRef, channels
 
-_CALL_ARGS = (
+#: Parameter names of `MultiHeadAttention.call`, in order.
+CALL_ARGS = (
     "query", "value", "key", "query_mask", "value_mask", "key_mask", "attention_mask",
     "return_attention_scores", "training", "use_causal_mask",
 )
@@ -55,7 +56,7 @@ _HEAD_AXIS = {"query": 1, "key": 1, "value": 1, "gate": 1, "attention_output": 0
 
 
 def _bound(call: CallInfo) -> dict[str, Any]:
-    bound = dict(zip(_CALL_ARGS, call.args))
+    bound = dict(zip(CALL_ARGS, call.args))
     bound.update(call.kwargs)
     return bound
 
