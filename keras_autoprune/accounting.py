@@ -17,6 +17,14 @@ Exact multiply-accumulates (the dominant term):
 - ``SeparableConv1D/2D``: ``2·K·C_in·M·P + 2·C_in·M·C_out·P + b``.
 - ``Dense`` on any rank: ``2·C_in·C_out·P + b`` (``P`` = all leading axes).
 - ``keras.ops.matmul`` nodes: ``2·k·N_out`` (``k`` the contracted size).
+- ``MultiHeadAttention`` (``H`` heads of key size ``K`` and value size
+  ``V``; ``T`` query and ``S`` key/value positions; input widths ``D_q``,
+  ``D_k``, ``D_v``; output width ``D_o``): the projections
+  ``2·T·D_q·H·K + 2·S·D_k·H·K + 2·S·D_v·H·V + 2·T·H·V·D_o`` (+ their
+  biases), the query scaling ``T·H·K``, the scores ``2·H·T·S·K``, their
+  softmax ``5·H·T·S`` and the weighted sum ``2·H·T·S·V`` (with
+  ``use_gate``: ``2·T·D_q·H·V`` + bias + ``T·H·V``). The key is taken to be
+  the value unless a third tensor of the value's shape is passed.
 
 Cheaper element-wise work, as TensorFlow's profiler counts it:
 
@@ -148,7 +156,7 @@ _GLOBAL_POOL = (_L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D,
 _MERGE = (_L.Add, _L.Subtract, _L.Multiply, _L.Maximum, _L.Minimum)
 _WITH_FORMULA = (
     _CONV + _CONV_TRANSPOSE + _DEPTHWISE + _SEPARABLE + _POOL + _GLOBAL_POOL + _MERGE
-    + (_L.Dense, _L.BatchNormalization, _L.LayerNormalization, _L.GroupNormalization, _L.Rescaling,
+    + (_L.Dense, _L.MultiHeadAttention, _L.BatchNormalization, _L.LayerNormalization, _L.GroupNormalization, _L.Rescaling,
        _L.Normalization, _L.PReLU, _L.Average, _L.Activation, _L.Softmax, _L.ReLU, _L.LeakyReLU, _L.ELU)
 )
 _FREE_LAYERS = (
@@ -383,6 +391,8 @@ def _layer_flops(layer: Any, ins: list[Shape], outs: list[Shape]) -> int:
         return 2 * macs + bias + act
     if isinstance(layer, _L.Dense):
         return 2 * _dim(x[-1]) * n_out + bias + act
+    if isinstance(layer, _L.MultiHeadAttention):
+        return _attention_flops(layer, ins, outs)
     if isinstance(layer, _L.BatchNormalization):
         return 2 * n_out
     if isinstance(layer, _L.LayerNormalization):
@@ -406,6 +416,22 @@ def _layer_flops(layer: Any, ins: list[Shape], outs: list[Shape]) -> int:
     if isinstance(layer, _L.Softmax):
         return ACTIVATION_FLOPS["softmax"] * n_out
     return 0
+
+
+def _attention_flops(layer: Any, ins: list[Shape], outs: list[Shape]) -> int:
+    """FLOPs of one MultiHeadAttention call (formula in the module docstring)."""
+    query, value = ins[0], ins[1] if len(ins) > 1 else ins[0]
+    key = ins[2] if len(ins) > 2 and len(ins[2]) == len(value) and ins[2][:-1] == value[:-1] else value
+    heads, k, v = layer.num_heads, layer.key_dim, layer.value_dim or layer.key_dim
+    t, s = _numel(query[:-1]), _numel(value[:-1])
+    d_out = _numel(outs[0]) // max(t, 1)
+    bias = int(layer.use_bias)
+    flops = 2 * t * _dim(query[-1]) * heads * k + 2 * s * _dim(key[-1]) * heads * k + 2 * s * _dim(value[-1]) * heads * v
+    flops += 2 * t * heads * v * d_out + bias * (t * heads * k + s * heads * (k + v) + t * d_out)
+    flops += t * heads * k + heads * t * s * (2 * k + 5 + 2 * v)
+    if getattr(layer, "_use_gate", False):
+        flops += 2 * t * _dim(query[-1]) * heads * v + bias * t * heads * v + t * heads * v
+    return flops
 
 
 def _op_flops(op: Any, ins: list[Shape], outs: list[Shape]) -> int:

@@ -43,6 +43,7 @@ def channel_costs(model: keras.Model, graph: DependencyGraph, metric: str = "flo
         if record.first_call:
             widths[(record.name, "input")] = [len(l) for l in record.call.in_layouts]
             widths[(record.name, "output")] = [len(l) for l in record.out_layouts]
+            widths[(record.name, "internal")] = [len(l) for l in record.internal_layouts]
     costs = {}
     for group in graph.prunable_groups:
         cost = np.zeros(group.size)

@@ -124,7 +124,8 @@ def maskable_layers(graph: DependencyGraph) -> dict[int, tuple]:
         layer = record.operation
         if not (record.first_call and isinstance(layer, keras.layers.Layer) and layer.trainable_weights):
             continue
-        if any(is_prunable_layout(graph, l) for l in list(record.call.in_layouts) + list(record.out_layouts)):
+        layouts = list(record.call.in_layouts) + list(record.out_layouts) + list(record.internal_layouts)
+        if any(is_prunable_layout(graph, l) for l in layouts):
             layers[id(layer)] = (record.handler, layer)
     return layers
 

@@ -21,12 +21,31 @@ class WalkContext:
         self._atoms = atoms
         self._owner = owner
         self._cache = space_cache
+        #: Internal channel spaces of this call (`internal_space`), in order.
+        self.internal: list[np.ndarray] = []
 
     def new_space(self, size: int, output_index: int = 0) -> np.ndarray:
         """Fresh channels for output ``output_index`` (same ones on every call)."""
         if output_index not in self._cache:
             self._cache[output_index] = self._atoms.new_space(size, self._owner)
         return self._cache[output_index]
+
+    def internal_space(self, size: int, index: int = 0) -> np.ndarray:
+        """Fresh channels that live inside the layer, on no tensor (attention heads).
+
+        Like `new_space`, but the channels are not on any of the layer's
+        outputs: they become members of their group with side
+        ``"internal"`` and reach the handler's `prune`/`mask` as
+        ``LayerKeep.internal[index]``. Every call of a shared layer gets the
+        same channels.
+        """
+        key = ("internal", index)
+        if key not in self._cache:
+            self._cache[key] = self._atoms.new_space(size, self._owner)
+        while len(self.internal) <= index:
+            self.internal.append(np.zeros(0, np.int64))
+        self.internal[index] = self._cache[key]
+        return self._cache[key]
 
     def tie(self, layout_a: np.ndarray, layout_b: np.ndarray) -> None:
         """Positions i of both layouts are the same channel."""

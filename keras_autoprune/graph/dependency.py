@@ -32,8 +32,11 @@ class ChannelMember:
     Attributes:
         layer: qualified layer name (``outer_model/inner_layer`` for nested
             models).
-        side: ``"input"`` or ``"output"`` of that layer.
-        tensor_index: which input tensor (0 for outputs / single inputs).
+        side: ``"input"`` or ``"output"`` of that layer, or ``"internal"``
+            for channels that live inside it on no tensor (the heads of a
+            MultiHeadAttention, `WalkContext.internal_space`).
+        tensor_index: which input tensor (0 for outputs / single inputs);
+            for ``"internal"``, which internal space of the layer.
         positions: positions on the tensor's channel (last) axis.
         channels: the group channel held at each position (the index map;
             a Flatten output repeats every channel ``H*W`` times).
@@ -85,6 +88,7 @@ class CallRecord:
     output_keys: list[int]
     out_layouts: list[np.ndarray]
     first_call: bool
+    internal_layouts: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
 def check_model(model: Any) -> keras.Model:
@@ -248,6 +252,8 @@ class DependencyGraph:
                 stacklevel=3,
             )
             handler = _BLOCKER
+            for layout in ctx.internal:
+                ctx.fix(layout, f"handler {type(handler).__name__} failed on '{name}'")
             out_layouts = _BLOCKER.propagate(operation, call, ctx)
         self.records.append(
             CallRecord(
@@ -259,6 +265,7 @@ class DependencyGraph:
                 output_keys=[id(t) for t in node.outputs],
                 out_layouts=out_layouts,
                 first_call=first_call,
+                internal_layouts=list(ctx.internal),
             )
         )
         return out_layouts
@@ -329,6 +336,7 @@ class DependencyGraph:
                 continue
             sides = [("input", i, l) for i, l in enumerate(record.call.in_layouts)]
             sides += [("output", i, l) for i, l in enumerate(record.out_layouts)]
+            sides += [("internal", i, l) for i, l in enumerate(record.internal_layouts)]
             for side, index, layout in sides:
                 if not len(layout):
                     continue

@@ -100,6 +100,9 @@ class GradientStatistic:
         kernel_shape = tuple(int(d) for d in tap.layer.kernel.shape)
         sq_kernel, sq_bias = split_weight_matrix(sums["sq"] / examples, kernel_shape, tap.has_bias, tap.depthwise)
         kernel, bias = split_weight_matrix(sums["mean"] / examples, kernel_shape, tap.has_bias, tap.depthwise)
+        if tap.has_bias:  # a MultiHeadAttention projection's bias has several axes
+            bias_shape = tuple(tap.layer.bias.shape)
+            sq_bias, bias = sq_bias.reshape(bias_shape), bias.reshape(bias_shape)
         return GradientStats(tap.name, tap.kind, sq_kernel, sq_bias, kernel, bias, examples, fisher)
 
 

@@ -24,6 +24,12 @@ channels); a group channel gets the sum over its output positions.
 A group channel gets the **sum** over the group's members (`ChannelMember`:
 the positions of the channel in each layer); layers without factors (not
 collected, or not Dense/Conv/Depthwise) add nothing.
+
+Internal channels (the heads of a MultiHeadAttention, members with side
+``"internal"``) are scored through the sublayers that hold them
+(`LayerHandler.internal_members`): a head is the sum of the output-side
+saliencies of its query, key and value columns and the input-side saliency
+of its rows of the output projection (factors ``mha/query`` ...).
 """
 
 from __future__ import annotations
@@ -55,6 +61,17 @@ class GroupSaliency:
 
     def __init__(self, graph: DependencyGraph, factors: Mapping[str, KFACFactors], damping: float = 1e-3):
         self._layers = {record.name: record.operation for record in graph.records}
+        self._internal: dict[tuple[str, int], list[ChannelMember]] = {}
+        for record in graph.records:
+            if not record.first_call:
+                continue
+            for index in range(len(record.internal_layouts)):
+                members = []
+                for sub in record.handler.internal_members(record.operation, index):
+                    name = f"{record.name}/{sub.sublayer.name}"
+                    self._layers[name] = sub.sublayer
+                    members.append(ChannelMember(name, sub.side, 0, sub.positions, sub.channels))
+                self._internal[(record.name, index)] = members
         self._factors = factors
         self._damping = damping
         self._cache: dict[str, tuple[np.ndarray, KFACFactors, np.ndarray, np.ndarray]] = {}
@@ -62,11 +79,25 @@ class GroupSaliency:
     def group(self, group: ChannelGroup, *, output_side: bool = True, input_side: bool = True) -> np.ndarray:
         """Saliency of each of the group's channels, ``(group.size,)``, summed over members."""
         total = np.zeros(group.size)
-        for member in group.members:
+        for member in self._expanded(group):
             if (member.side == "output" and output_side) or (member.side == "input" and input_side):
                 channels, values = self.member(member)
                 np.add.at(total, channels, values)
         return total
+
+    def _expanded(self, group: ChannelGroup) -> list[ChannelMember]:
+        """The group's members, internal ones replaced by their sublayer members (channels mapped)."""
+        members = []
+        for member in group.members:
+            if member.side != "internal":
+                members.append(member)
+                continue
+            for sub in self._internal.get((member.layer, member.tensor_index), []):
+                channel_of = dict(zip(member.positions.tolist(), member.channels.tolist()))
+                at = np.isin(sub.channels, member.positions)
+                channels = np.array([channel_of[c] for c in sub.channels[at].tolist()], np.int64)
+                members.append(ChannelMember(sub.layer, sub.side, 0, sub.positions[at], channels))
+        return members
 
     def output_scores(self, group: ChannelGroup, layer_scores: LayerScores) -> np.ndarray:
         """Per-channel sum of a per-output-column score over the group's producers.
@@ -82,7 +113,7 @@ class GroupSaliency:
             each channel; input-side members add nothing.
         """
         total = np.zeros(group.size)
-        for member in group.members:
+        for member in self._expanded(group):
             factors = self._factors.get(member.layer)
             if factors is None or member.side != "output" or member.tensor_index != 0:
                 continue
@@ -105,7 +136,7 @@ class GroupSaliency:
         elif member.side == "output":
             values = [output_set_saliency(W, factors.A, G_inv, member.positions[member.channels == c]) for c in channels]
         else:
-            in_channels, taps = factors.kernel_shape[-2], int(np.prod(factors.kernel_shape[:-2]))
+            taps, in_channels = factors.patch_layout
             offsets = np.arange(taps) * in_channels
             values = [
                 input_set_saliency(W, factors.G, A_inv, (offsets[:, None] + member.positions[member.channels == c]).ravel())

@@ -1,5 +1,8 @@
 """K-FAC curvature factors of Dense, Conv1D, Conv2D and DepthwiseConv2D layers.
 
+(And of the query/key/value/output projections of a MultiHeadAttention,
+read as Dense layers on their flattened feature axes: `taps`.)
+
 A layer computes ``s_t = W̃ᵀ a_t`` at each of its ``T`` output locations,
 with ``W̃ = [kernel.reshape(-1, Cout); bias]`` of shape ``(D, Cout)`` and
 ``a_t`` the im2col patch ordered ``(kh, kw, Cin)`` followed by a constant 1
@@ -53,7 +56,8 @@ class KFACFactors:
 
     Attributes:
         layer_name: qualified layer name (``outer/inner`` in nested models).
-        kind: ``"dense"``, ``"conv1d"``, ``"conv2d"`` or ``"depthwise_conv2d"``.
+        kind: ``"dense"``, ``"conv1d"``, ``"conv2d"``, ``"depthwise_conv2d"``
+            or ``"einsum_dense"`` (a MultiHeadAttention projection).
         A: input factor ``(D, D)``, ``D = K·Cin [+1]``, bias row last; depthwise:
             ``(Cin, K[+1], K[+1])``; None when only ``A_channel`` was collected.
         A_channel: channel-only factor ``(Cin, Cin)``; None for depthwise.
@@ -95,7 +99,15 @@ class KFACFactors:
             raise ValueError(f"Expected a kernel of shape {self.kernel_shape}. Received: shape {kernel.shape}.")
         if self.has_bias and bias is None:
             raise ValueError(f"Expected the bias of layer '{self.layer_name}'. Received: bias=None.")
-        return weight_matrix(kernel, bias if self.has_bias else None, self.depthwise)
+        out_channels = None if self.depthwise else self.G.shape[0]
+        return weight_matrix(kernel, bias if self.has_bias else None, self.depthwise, out_channels)
+
+    @property
+    def patch_layout(self) -> tuple[int, int]:
+        """``(K, Cin)``: kernel positions and input channels of a patch (rows of ``W̃`` are ``k·Cin + c``)."""
+        if self.kind == "einsum_dense":  # a MultiHeadAttention projection: one position, flattened inputs
+            return 1, int(np.prod(self.kernel_shape)) // self.G.shape[0]
+        return int(np.prod(self.kernel_shape[:-2])), self.kernel_shape[-2]
 
     def fisher_block(self) -> np.ndarray:
         """``A ⊗ G`` over the row-major ``vec(W̃)``; depthwise: one block per channel."""

@@ -19,6 +19,14 @@ replayed graph and ``∂loss/∂s`` comes straight from the tape.
 
 Every layer is called with ``training=False`` (inference mode: BatchNorm uses
 its moving statistics, Dropout is off). Keras masks are not propagated.
+
+A `MultiHeadAttention` is one node of the graph, but its query, key, value
+and output projections (``EinsumDense`` sublayers) are tapped as Dense
+layers on their flattened feature axes (kind ``"einsum_dense"``: kernel
+``(D, H, K)`` read as ``(D, H·K)``, output kernel ``(H, V, D)`` as
+``(H·V, D)``), under the names ``mha/query``, ``mha/key``, ``mha/value`` and
+``mha/attention_output``: the replay runs the layer's own steps
+(`_attention_call`) so that their inputs and outputs are tensors of the tape.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ SUPPORTED_LAYERS: dict[str, type] = {
     "conv2d": L.Conv2D,
     "depthwise_conv2d": L.DepthwiseConv2D,
 }
+#: Projections of a MultiHeadAttention tapped as kind "einsum_dense" (the gate is not).
+ATTENTION_PROJECTIONS = ("query_dense", "key_dense", "value_dense", "output_dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +62,8 @@ class Tap:
     Attributes:
         name: qualified layer name (as in `DependencyGraph`).
         layer: the layer object.
-        kind: ``"dense"``, ``"conv1d"``, ``"conv2d"`` or ``"depthwise_conv2d"``.
+        kind: ``"dense"``, ``"conv1d"``, ``"conv2d"``, ``"depthwise_conv2d"``
+            or ``"einsum_dense"`` (a MultiHeadAttention projection).
         taps: kernel positions per patch ``K`` (``kh*kw``; 1 for Dense).
         in_channels: ``Cin``.
         out_channels: ``Cout`` (``Cin * depth_multiplier`` for depthwise).
@@ -91,7 +102,7 @@ class Tap:
         """
         x = _channels_last(inputs) if self._channels_first else inputs
         batch = tf.shape(x)[0]
-        if self.kind == "dense":
+        if self.kind in ("dense", "einsum_dense"):
             return tf.reshape(x, [batch, -1, 1, self.in_channels])
         layer = self.layer
         padding = layer.padding.upper()
@@ -149,19 +160,32 @@ def resolve_taps(graph: DependencyGraph, layers: Sequence[str | Any] | None = No
             configuration.
     """
     first_calls = {}
+    projections = {}
     for record in graph.records:
         first_calls.setdefault(record.name, record)
+    for name, record in list(first_calls.items()):
+        projections.update(attention_projections(name, record))
     names_of = {}
     for name, record in first_calls.items():
         names_of.setdefault(id(record.operation), name)
+    for name, (record, sublayer) in projections.items():
+        names_of.setdefault(id(sublayer), name)
     if layers is None:
         wanted = [n for n, r in first_calls.items() if layer_kind(r.operation) and not _unsupported_config(r.operation)]
+        wanted += [n for n, (r, _) in projections.items() if not _unsupported_config(r.operation)]
     else:
         if isinstance(layers, (str, keras.layers.Layer)):
             layers = [layers]
-        wanted = [_qualified_name(item, first_calls, names_of) for item in layers]
+        wanted = [_qualified_name(item, {**first_calls, **projections}, names_of) for item in layers]
     taps = {}
     for name in wanted:
+        if name in projections:
+            record, sublayer = projections[name]
+            reason = _unsupported_config(record.operation)
+            if reason:
+                raise ValueError(f"Expected a MultiHeadAttention that is not quantized. Received: layer '{name}' with {reason}.")
+            taps[name] = _projection_tap(name, record, sublayer)
+            continue
         record = first_calls[name]
         kind, reason = layer_kind(record.operation), _unsupported_config(record.operation)
         if kind is None or reason:
@@ -173,6 +197,30 @@ def resolve_taps(graph: DependencyGraph, layers: Sequence[str | Any] | None = No
             )
         taps[name] = _make_tap(name, record, kind)
     return taps
+
+
+def attention_projections(name: str, record) -> dict[str, tuple[Any, Any]]:
+    """``{"mha/query": (record, sublayer), ...}`` for a MultiHeadAttention call (else empty)."""
+    layer = record.operation
+    if not (isinstance(layer, L.MultiHeadAttention) and record.first_call and layer.built):
+        return {}
+    subs = [getattr(layer, attribute) for attribute in ATTENTION_PROJECTIONS]
+    return {f"{name}/{sub.name}": (record, sub) for sub in subs}
+
+
+def _projection_tap(name: str, record, sublayer) -> Tap:
+    """A MultiHeadAttention projection as a Dense layer on its flattened feature axes."""
+    from keras_autoprune.graph.handlers.attention import attention_inputs
+
+    layer = record.operation
+    kernel_shape = tuple(int(d) for d in sublayer.kernel.shape)
+    is_output = sublayer is layer.output_dense
+    in_channels = int(np.prod(kernel_shape[:2])) if is_output else kernel_shape[0]
+    out_channels = int(np.prod(kernel_shape)) // in_channels
+    source = "query" if is_output or sublayer is layer.query_dense else "key" if sublayer is layer.key_dense else "value"
+    shape = record.call.in_shapes[attention_inputs(record.call)[source]]
+    locations = None if any(d is None for d in shape[1:-1]) else int(np.prod(shape[1:-1], dtype=np.int64))
+    return Tap(name, sublayer, "einsum_dense", 1, in_channels, out_channels, sublayer.bias is not None, locations)
 
 
 def _qualified_name(item, first_calls, names_of) -> str:
@@ -246,6 +294,11 @@ def replay(
             name = prefix + op.name
             if "training" in getattr(op, "_call_context_args", ()):
                 kwargs["training"] = False
+            if isinstance(op, L.MultiHeadAttention) and any(n.startswith(name + "/") for n in taps):
+                return _attention_call(op, args, kwargs, lambda sub, x: tapped(name + "/" + sub.name, sub, (x,), {}))
+            return tapped(name, op, args, kwargs)
+
+        def tapped(name, op, args, kwargs):
             tap = taps.get(name)
             if tap is None:
                 outputs = op(*args, **kwargs)
@@ -278,6 +331,29 @@ def replay(
     return outputs, records, logits
 
 
+def _attention_call(layer, args, kwargs, project):
+    """`MultiHeadAttention.call` in inference mode, with ``project(sublayer, x)`` for each projection."""
+    from keras_autoprune.graph.handlers.attention import CALL_ARGS
+
+    bound = dict(zip(CALL_ARGS, args))
+    bound.update(kwargs)
+    query, value = bound["query"], bound["value"]
+    key = bound.get("key")
+    key = value if key is None else key
+    mask = layer._compute_attention_mask(
+        query, value, query_mask=bound.get("query_mask"), value_mask=bound.get("value_mask"),
+        key_mask=bound.get("key_mask"), attention_mask=bound.get("attention_mask"),
+        use_causal_mask=bound.get("use_causal_mask", False),
+    )
+    scores_wanted = bound.get("return_attention_scores", False)
+    q, k, v = project(layer.query_dense, query), project(layer.key_dense, key), project(layer.value_dense, value)
+    attended, scores = layer._compute_attention(q, k, v, mask, training=False, return_attention_scores=scores_wanted)
+    if getattr(layer, "_use_gate", False):
+        attended = keras.ops.multiply(attended, layer._gate_dense(query))
+    output = project(layer.output_dense, attended)
+    return (output, scores) if scores_wanted else output
+
+
 def _activation_name(activation) -> str | None:
     if activation is keras.activations.softmax:
         return "softmax"
@@ -301,11 +377,13 @@ def _probability_activation(op) -> str | None:
     return None
 
 
-def weight_matrix(kernel: Any, bias: Any, depthwise: bool) -> np.ndarray:
+def weight_matrix(kernel: Any, bias: Any, depthwise: bool, out_channels: int | None = None) -> np.ndarray:
     """``W̃``, the layer's parameters in the layout of the im2col patches (float64).
 
-    ``[kernel.reshape(-1, Cout); bias]`` of shape ``(K·Cin [+1], Cout)``;
-    depthwise (kernel ``(kh, kw, C, M)``): ``(C, K [+1], M)`` with
+    ``[kernel.reshape(-1, Cout); bias]`` of shape ``(K·Cin [+1], Cout)``
+    (``Cout = out_channels``, default the kernel's last axis; a
+    MultiHeadAttention projection has several output axes, and its bias is
+    flattened); depthwise (kernel ``(kh, kw, C, M)``): ``(C, K [+1], M)`` with
     ``W̃[c] = [kernel[:, :, c, :].reshape(K, M); bias[c·M:(c+1)·M]]``.
     """
     kernel = np.asarray(kernel, np.float64)
@@ -315,10 +393,10 @@ def weight_matrix(kernel: Any, bias: Any, depthwise: bool) -> np.ndarray:
         if bias is None:
             return matrix
         return np.concatenate([matrix, np.asarray(bias, np.float64).reshape(channels, 1, multiplier)], axis=1)
-    matrix = kernel.reshape(-1, kernel.shape[-1])
+    matrix = kernel.reshape(-1, out_channels or kernel.shape[-1])
     if bias is None:
         return matrix
-    return np.concatenate([matrix, np.asarray(bias, np.float64)[None]], axis=0)
+    return np.concatenate([matrix, np.asarray(bias, np.float64).reshape(1, -1)], axis=0)
 
 
 def split_weight_matrix(
@@ -331,5 +409,5 @@ def split_weight_matrix(
         kernel = np.moveaxis(matrix[:, :taps, :], 0, 1).reshape(kernel_shape)
         bias = matrix[:, taps, :].reshape(channels * multiplier) if has_bias else None
         return kernel, bias
-    rows = int(np.prod(kernel_shape[:-1]))
+    rows = int(np.prod(kernel_shape)) // matrix.shape[-1]
     return matrix[:rows].reshape(kernel_shape), (matrix[rows] if has_bias else None)

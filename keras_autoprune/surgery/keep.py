@@ -38,7 +38,8 @@ def layer_keeps(graph: DependencyGraph, removed: np.ndarray) -> dict[int, LayerK
     for record in graph.records:
         in_removed = [removed[layout] for layout in record.call.in_layouts]
         out_removed = [removed[layout] for layout in record.out_layouts]
-        if not any(r.any() for r in in_removed + out_removed):
+        internal_removed = [removed[layout] for layout in record.internal_layouts]
+        if not any(r.any() for r in in_removed + out_removed + internal_removed):
             continue
         in_values = [value_of(k, len(l)) for k, l in zip(record.input_keys, record.call.in_layouts)]
         out_values = record.handler.constants(record.operation, record.call, in_values)
@@ -57,6 +58,8 @@ def layer_keeps(graph: DependencyGraph, removed: np.ndarray) -> dict[int, LayerK
                 outputs=[~r for r in out_removed],
                 fold=fold,
                 zero_rows=zero_rows,
+                internal=[~r for r in internal_removed],
+                call=record.call,
             )
         else:  # a shared layer: fold only what every call folds identically
             first = keeps[key]

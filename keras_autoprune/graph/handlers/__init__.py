@@ -14,6 +14,7 @@ from keras.src.ops import numpy as _np_ops
 
 from keras_autoprune.graph.handlers.applications import LayerScaleHandler, application_handlers
 from keras_autoprune.graph.handlers.activation import ActivationHandler, PReLUHandler, RescalingHandler
+from keras_autoprune.graph.handlers.attention import MultiHeadAttentionHandler
 from keras_autoprune.graph.handlers.base import CallInfo, LayerHandler, LayerKeep, TensorRef
 from keras_autoprune.graph.handlers.channelwise import (
     BatchNormHandler,
@@ -23,6 +24,7 @@ from keras_autoprune.graph.handlers.channelwise import (
     StatisticsBlockingHandler,
 )
 from keras_autoprune.graph.handlers.depthwise import DepthwiseHandler, SeparableHandler
+from keras_autoprune.graph.handlers.embedding import EmbeddingHandler
 from keras_autoprune.graph.handlers.linear import LinearHandler
 from keras_autoprune.graph.handlers.merge import ConcatenateHandler, MergeHandler
 from keras_autoprune.graph.handlers.passthrough import PassThroughHandler, ZeroPaddingHandler
@@ -77,6 +79,8 @@ def _default_registry() -> dict[type, LayerHandler]:
         {cls: LinearHandler("filters", transposed=True) for cls in (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)}
     )
     registry[L.Dense] = LinearHandler("units")
+    registry[L.MultiHeadAttention] = MultiHeadAttentionHandler()
+    registry[L.Embedding] = EmbeddingHandler()
     registry.update({cls: DepthwiseHandler() for cls in (L.DepthwiseConv1D, L.DepthwiseConv2D)})
     registry.update({cls: SeparableHandler() for cls in (L.SeparableConv1D, L.SeparableConv2D)})
     registry[L.BatchNormalization] = BatchNormHandler()
@@ -144,7 +148,7 @@ def registered_classes() -> list[type]:
 
 __all__ += [
     "ActivationHandler", "BatchNormHandler", "ChannelwiseHandler", "ConcatenateHandler",
-    "DepthwiseHandler", "GroupNormHandler", "IndexMapHandler", "LayerScaleHandler", "LinearHandler", "MergeHandler",
+    "DepthwiseHandler", "EmbeddingHandler", "GroupNormHandler", "IndexMapHandler", "LayerScaleHandler", "LinearHandler", "MergeHandler", "MultiHeadAttentionHandler",
     "NormalizationHandler", "PReLUHandler", "PassThroughHandler", "RescalingHandler",
     "ReshapeHandler", "SeparableHandler", "StatisticsBlockingHandler", "ZeroPaddingHandler",
 ]

@@ -41,6 +41,25 @@ class CallInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class SublayerMember:
+    """Where internal channels sit in one sublayer, read as a Dense layer.
+
+    Attributes:
+        sublayer: the sublayer object (its qualified name is
+            ``layer/sublayer.name``).
+        side: ``"output"`` (columns) or ``"input"`` (rows) of its kernel
+            flattened to ``(inputs, outputs)``.
+        positions: column or row positions.
+        channels: the internal channel at each position.
+    """
+
+    sublayer: Any
+    side: str
+    positions: np.ndarray
+    channels: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
 class TensorRef:
     """Stands for the i-th tensor argument of a call in `CallInfo.args`."""
 
@@ -61,16 +80,21 @@ class LayerKeep:
         zero_rows: per tensor input, removed channels whose value in the masked
             model is not zero and cannot be folded: `mask` zeroes the weights
             that read them, so both models ignore them.
+        internal: per internal space of the layer (`WalkContext.internal_space`,
+            e.g. attention heads), a bool array (True = kept).
+        call: the layer's first call (which tensor argument is which).
     """
 
     inputs: list[np.ndarray]
     outputs: list[np.ndarray]
     fold: list[np.ndarray]
     zero_rows: list[np.ndarray]
+    internal: list[np.ndarray] = dataclasses.field(default_factory=list)
+    call: CallInfo | None = None
 
     @property
     def changes_anything(self) -> bool:
-        return not all(k.all() for k in self.inputs + self.outputs)
+        return not all(k.all() for k in self.inputs + self.outputs + self.internal)
 
 
 class LayerHandler:
@@ -121,6 +145,20 @@ class LayerHandler:
     def output_l1(self, layer: Any, weights: dict[str, np.ndarray]) -> np.ndarray | None:
         """L1 norm of the weights creating each output channel, if any."""
         return None
+
+    def internal_l1(self, layer: Any, weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Per internal space, the L1 norm of the weights of each internal channel."""
+        return []
+
+    def internal_members(self, layer: Any, index: int) -> list["SublayerMember"]:
+        """Where the channels of internal space ``index`` sit in the layer's sublayers.
+
+        Lets layer-level statistics (K-FAC factors of the sublayers, keyed
+        ``layer/sublayer``) score internal channels: a head of a
+        MultiHeadAttention is a set of output columns of the query, key and
+        value projections and of input rows of the output projection.
+        """
+        return []
 
     def prune_operation(self, operation: Any, call: CallInfo, keep: LayerKeep) -> Any:
         """What replaces a `keras.ops` node (not a layer) in the pruned model.
