@@ -13,7 +13,8 @@ own (a crash or an out-of-memory kill is recorded, not fatal):
 file run with LiteRT and judged with the export module's own criterion
 (`keras_autoprune.export.verify.check_figures`): float32 to the default
 relative tolerance, int8 to a top-1 agreement of at least
-`tests.zoo.INT8_MIN_TOP1`. Results go to ``benchmarks/results/export_sweep.json``
+`tests.zoo.INT8_MIN_TOP1` (and a relative error below
+`tests.zoo.INT8_MAX_RELATIVE_ERROR`), as `tests/test_export_sweep.py` does. Results go to ``benchmarks/results/export_sweep.json``
 (architectures already there are skipped: delete an entry to run it again)
 and a table between markers in ``docs/export.md``.
 """
@@ -67,7 +68,7 @@ def judge(key: str, entry: dict) -> str:
     """Why a file fails the export module's own check (`check_figures`) at the sweep's thresholds, or ''."""
     from keras_autoprune.errors import VerificationError
     from keras_autoprune.export.verify import Figures, check_figures
-    from tests.zoo import FLOAT32_TOLERANCE, INT8_MIN_TOP1
+    from tests.zoo import FLOAT32_TOLERANCE, INT8_MAX_RELATIVE_ERROR, INT8_MIN_TOP1
 
     figures = Figures(entry["max_abs_error"], entry["relative_error"], entry["top1_agreement"], entry["num_samples"])
     try:
@@ -75,6 +76,8 @@ def judge(key: str, entry: dict) -> str:
                       INT8_MIN_TOP1 if key == "int8" else None)
     except VerificationError as error:
         return f"VerificationError: {error}"
+    if key == "int8" and not figures.relative_error < INT8_MAX_RELATIVE_ERROR:
+        return f"Received: relative error {figures.relative_error:.3g} >= {INT8_MAX_RELATIVE_ERROR:g}"
     return ""
 
 
