@@ -122,7 +122,9 @@ def _row(r: dict) -> str:
     cells.append(f"{sizes[1] / sizes[0]:.2f}" if all(sizes) else "")
     majority = f" ({r['keras_majority']:.0%})" if "keras_majority" in r else ""
     cells.append(f"{r['keras_classes']}{majority}" if "keras_classes" in r else "")
-    notes = [f"{k}: {_cell_failure(r[k])}" for k in EXPORTS if r[k]["failure"]]
+    failures = {k: _cell_failure(r[k]) for k in EXPORTS if r[k]["failure"]}
+    same = len(failures) == len(EXPORTS) and len(set(failures.values())) == 1
+    notes = [f"both: {failures['float32']}"] if same else [f"{k}: {text}" for k, text in failures.items()]
     cells.append("; ".join(notes).replace("|", "/"))
     return "| " + " | ".join(cells) + " |"
 
