@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import time
 
 import keras
@@ -35,6 +37,27 @@ def build(name: str, size: int) -> keras.Model:
     return constructor(**kwargs)
 
 
+def randomized(name: str, size: int) -> keras.Model:
+    """`build`, then every weight drawn as in the docs (`tests.helpers.randomize`, scale 0.05)."""
+    from tests.helpers import randomize
+
+    model = build(name, size)
+    randomize(model, scale=0.05)
+    return model
+
+
+def images(name: str, size: int, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` random images in the model's input range.
+
+    Uniform pixels in [0, 255] through the architecture's own
+    ``preprocess_input`` (caffe, torch or [-1, 1] scaling; the identity for
+    models that rescale inside: EfficientNet, ConvNeXt, MobileNetV3).
+    """
+    module = importlib.import_module(getattr(keras.applications, name).__module__)
+    pixels = np.random.default_rng(seed).uniform(0, 255, (count, size, size, 3)).astype("float32")
+    return np.asarray(module.preprocess_input(pixels), dtype="float32")
+
+
 def timed_surgery(model: keras.Model, ratio: float):
     """``(graph, apply_plan, mask_plan, graph seconds, apply seconds)`` for the uniform plan."""
     start = time.perf_counter()
@@ -49,10 +72,9 @@ def timed_surgery(model: keras.Model, ratio: float):
 
 def sweep_one(name: str, size: int, ratio: float = 0.3) -> dict:
     """Graph + uniform plan + both executions; returns figures for the docs."""
-    from tests.helpers import randomize, relative_error
+    from tests.helpers import relative_error
 
-    model = build(name, size)
-    randomize(model, scale=0.05)
+    model = randomized(name, size)
     graph, slim, masked, graph_s, apply_s = timed_surgery(model, ratio)
     x = np.random.default_rng(0).normal(0, 1, (1, size, size, 3)).astype("float32")
     expected, received = np.asarray(masked(x)), np.asarray(slim(x))
@@ -76,3 +98,55 @@ def sweep_one(name: str, size: int, ratio: float = 0.3) -> dict:
         slim=slim,
         model=model,
     )
+
+
+#: Exported in the default test run (float32 and int8, ~40 s on 2 busy cores); the rest are marked slow.
+EXPORT_FAST = {"MobileNetV3Small"}
+#: Representative images per export: int8 calibration and LiteRT verification.
+EXPORT_SAMPLES = 16
+#: Largest float32 relative error accepted: `kap.export_tflite`'s default ``tolerance``.
+FLOAT32_TOLERANCE = inspect.signature(kap.export_tflite).parameters["tolerance"].default
+#: Lowest int8 top-1 agreement with Keras accepted (``min_top1_agreement``). Low on purpose:
+#: these untrained nets quantize poorly (38-69% measured; TF's own converter gives the same
+#: files and figures), trained ones agree on 96% (tests/test_export.py). 2.5x chance for 10 classes.
+INT8_MIN_TOP1 = 0.25
+#: Largest int8 relative error accepted: below 1, a file closer to Keras than an all-zero output.
+INT8_MAX_RELATIVE_ERROR = 1.0
+
+
+def pruned(name: str, size: int, ratio: float = 0.3) -> tuple[keras.Model, keras.Model]:
+    """``(model, apply_plan(model, uniform plan))`` with the weights of the surgery sweep."""
+    model = randomized(name, size)
+    graph = kap.DependencyGraph(model)
+    return model, kap.apply_plan(model, kap.PrunePlan.uniform(graph, ratio), graph)
+
+
+def export_case(name: str, size: int, ratio: float = 0.3) -> tuple[keras.Model, keras.Model, np.ndarray]:
+    """``(model, slim, images)`` for the export sweep.
+
+    `pruned`, then the slim model's BatchNormalization statistics
+    re-estimated on the `EXPORT_SAMPLES` images (`kap.recalibrate_batchnorm`):
+    with the sweep's random weights and statistics, deep nets otherwise
+    give the same output for every input, and comparing files on them
+    would check little more than the biases.
+    """
+    model, slim = pruned(name, size, ratio)
+    x = images(name, size, EXPORT_SAMPLES)
+    kap.recalibrate_batchnorm(slim, x)
+    return model, slim, x
+
+
+def timed_export(model: keras.Model, path, quantize: str | None, data: np.ndarray, check: bool = True):
+    """``(kap.export_tflite(...), seconds)`` on ``data``.
+
+    With ``check``, float32 is verified to `FLOAT32_TOLERANCE` and int8 to
+    a top-1 agreement of `INT8_MIN_TOP1` (`kap.VerificationError`
+    otherwise); without, the figures are only reported.
+    """
+    start = time.perf_counter()
+    result = kap.export_tflite(
+        model, path, quantize=quantize, representative_data=data, num_samples=len(data),
+        tolerance=FLOAT32_TOLERANCE if check else None,
+        min_top1_agreement=INT8_MIN_TOP1 if check and quantize == "int8" else None,
+    )
+    return result, time.perf_counter() - start
