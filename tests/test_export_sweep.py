@@ -24,8 +24,15 @@ from tests.zoo import (
 # int8 calibration inside TF's converter still uses tf.lite.Interpreter.
 pytestmark = pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
 
+KNOWN_FAILURES = {
+    "InceptionV3": "measured: float32 relative error 2.1e-4 (> 1e-4) and int8 relative error 1.37 on random "
+                   "weights; cause not found yet (docs/export.md)",
+}
+"""Architectures whose export does not verify, with what was measured."""
+
 CASES = [
-    pytest.param(name, size, id=name, marks=() if name in EXPORT_FAST else pytest.mark.slow)
+    pytest.param(name, size, id=name, marks=([] if name in EXPORT_FAST else [pytest.mark.slow])
+                 + ([pytest.mark.xfail(reason=KNOWN_FAILURES[name], strict=True)] if name in KNOWN_FAILURES else []))
     for name, size in ARCHITECTURES
 ]
 
