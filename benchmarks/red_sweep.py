@@ -5,6 +5,7 @@ Run from the repository root (about an hour on 2 shared cores)::
     python -m benchmarks.red_sweep                      # every architecture of tests/zoo.py
     python -m benchmarks.red_sweep --resume             # keep the rows already in the JSON
     python -m benchmarks.red_sweep --only ResNet50 VGG16 --doc none
+    python -m benchmarks.red_sweep --report             # rewrite the table from the JSON
 
 Each architecture of `tests.zoo.ARCHITECTURES` (the surgery sweep's list and
 input sizes) runs `tests.red_zoo.red_sweep_one` in a fresh process (so a
@@ -71,6 +72,9 @@ def markdown(results: dict) -> str:
         f"{sum(r['planted_merged'] for r in ok)} of {sum(r['planted'] for r in ok)} planted copies merged; "
         f"{sum(r['random_merged'] for r in ok)} neurons merged on the random weights in all.\n"
     )
+    missing = [name for name, _ in ARCHITECTURES if name not in {r["name"] for r in rows}]
+    if missing:
+        lines.append(f"\nNot run yet ({len(missing)}): {', '.join(missing)}.\n")
     return "".join(lines)
 
 
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--only", nargs="+", help="architecture names (default: all)")
     parser.add_argument("--resume", action="store_true", help="keep rows already in the JSON")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per architecture")
+    parser.add_argument("--report", action="store_true", help="only rewrite the page from the JSON")
     parser.add_argument("--one", nargs=2, metavar=("NAME", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:  # the child process: one architecture, its row as the last line
@@ -119,6 +124,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     if unknown:
         parser.error(f"unknown architectures {sorted(unknown)}. Received: --only {' '.join(args.only)}")
     path = pathlib.Path(args.json)
+    if args.report:
+        results = json.loads(path.read_text())
+        update_docs(pathlib.Path(args.doc), "red-sweep", markdown(results))
+        return results
     done = {r["name"]: r for r in json.loads(path.read_text())["rows"]} if args.resume and path.exists() else {}
     results = {"context": _context(), "rows": []}
     for name, size in ARCHITECTURES:
