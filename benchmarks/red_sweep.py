@@ -1,6 +1,7 @@
 """RED's exactness sweep over the keras.applications zoo (issue 14).
 
-Run from the repository root (about an hour on 2 shared cores)::
+Run from the repository root (about an hour of row time on 2 shared cores, plus a few seconds of
+start-up per row)::
 
     python -m benchmarks.red_sweep                      # every architecture of tests/zoo.py
     python -m benchmarks.red_sweep --resume             # keep the rows already in the JSON
