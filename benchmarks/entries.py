@@ -23,6 +23,17 @@ scores differ:
 ``unpruned`` is fine-tuned exactly like the others, without a callback; the
 TFMOT peer lives in `benchmarks.tfmot_peer`.
 
+A one-shot entry (`ONE_SHOT_ENTRIES`) compresses the model once, without
+data, before the first epoch, then fine-tunes it like every other entry
+(same epochs, learning rates and batches), without a callback:
+
+- ``red``: `kap.red.compress` with ``budget=kap.Budget(flops=budget)`` (its
+  budget mode: the smallest ``bandwidth_scale`` from the default 0.05 up to
+  100 times it whose compressed model fits; no merge threshold, no depthwise
+  separation). The compressed model has its BatchNormalizations folded, so
+  it is fine-tuned without them. A budget RED cannot reach is a result
+  (`EntryCannotRun`), not a crash.
+
 A run (`run_entry`): the pretrained model, SGD with a fresh optimizer and
 the profile's fine-tuning learning rate; the first ``rounds`` epochs with
 the callback (pruning at the start of each), then the slim
@@ -36,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import time
 from typing import Any
 
 import keras
@@ -44,13 +56,17 @@ import numpy as np
 import keras_autoprune as kap
 from benchmarks.data import BenchData
 from benchmarks.pretrain import PRETRAIN_SEED, load_pretrained
-from benchmarks.profiles import SCORER_ENTRIES, SCRATCH_ENTRIES, Profile, learning_rate
+from benchmarks.profiles import ONE_SHOT_ENTRIES, SCORER_ENTRIES, SCRATCH_ENTRIES, Profile, learning_rate
 from benchmarks.stages import Deadline, StageIncomplete
 from benchmarks.training import compile_model, fit_epochs
 from keras_autoprune.allocation import global_ranking_plan
 from keras_autoprune.evaluation import accuracy
 from keras_autoprune.stats import collect_gradient_stats
 from keras_autoprune.zoo import resnet_cifar
+
+
+class EntryCannotRun(Exception):
+    """The entry cannot produce a model at this budget (the run records the message as its result)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,11 +244,29 @@ class RandomCallback(kap.PruningCallback):
         return global_ranking_plan(self.model, self.graph, scores, self.budget, target, removed)
 
 
+def compress_one_shot(entry: str, model: keras.Model, budget: float) -> tuple[keras.Model, dict]:
+    """A one-shot entry's compressed model and figures (see the module docstring).
+
+    Raises:
+        EntryCannotRun: the budget is out of the method's reach.
+    """
+    if entry != "red":
+        raise ValueError(f"Unknown one-shot entry {entry!r}. Expected one of {ONE_SHOT_ENTRIES}.")
+    start = time.perf_counter()
+    try:
+        result = kap.red.compress(model, budget=kap.Budget(flops=budget))
+    except ValueError as error:
+        raise EntryCannotRun(f"ValueError: {error}") from error
+    figures = {"pruning_seconds": time.perf_counter() - start, "bandwidth_scale": result.bandwidth_scale,
+               "neurons_merged": result.neurons_merged, "batchnorm_folded": len(result.folded_norms)}
+    return result.model, figures
+
+
 def make_callback(
     entry: str, profile: Profile, budget: float | None, calibration: tuple, seed: int
 ) -> kap.PruningCallback | None:
-    """The entry's callback (None for ``unpruned``)."""
-    if entry == "unpruned":
+    """The entry's callback (None for ``unpruned`` and the one-shot entries)."""
+    if entry == "unpruned" or entry in ONE_SHOT_ENTRIES:
         return None
     target = kap.Budget(flops=budget)
     window = entry_schedule(entry, profile)
@@ -287,6 +321,9 @@ def run_entry(
     else:
         model = starting_model(entry, profile, pretrained, seed)
         reference = {"flops": kap.count_flops(model), "params": kap.count_params(model)}
+        one_shot = {}
+        if entry in ONE_SHOT_ENTRIES:
+            model, one_shot = compress_one_shot(entry, model, budget)
         callback = make_callback(entry, profile, budget, data.calibration(profile.calibration_batches * profile.batch_size), seed)
         compile_model(model, keras, lr(0), profile.weight_decay)
         phase = fit_epochs(model, first=0, last=schedule.prune_end, callbacks=[callback] if callback else [], **train)
@@ -296,7 +333,7 @@ def run_entry(
         state = {
             "end_epoch": phase.end_epoch,
             "fit_seconds": phase.seconds,
-            "pruning_seconds": getattr(callback, "pruning_seconds", 0.0),
+            "pruning_seconds": getattr(callback, "pruning_seconds", one_shot.get("pruning_seconds", 0.0)),
             "statistics_seconds": getattr(callback, "statistics_seconds", 0.0),
             "flops_kept": kap.count_flops(model) / reference["flops"],
             "params_kept": kap.count_params(model) / reference["params"],
@@ -304,7 +341,8 @@ def run_entry(
             "params": kap.count_params(model),
             "uniform_ratio": getattr(callback, "ratio", None),
             "epochs": schedule.epochs,
-            "round_epochs": [round_["epoch"] for round_ in getattr(callback, "history", [])],
+            "round_epochs": [0] if one_shot else [round_["epoch"] for round_ in getattr(callback, "history", [])],
+            **{k: v for k, v in one_shot.items() if k != "pruning_seconds"},
         }
         compile_model(model, keras, lr(phase.end_epoch), profile.weight_decay)
     phase = fit_epochs(model, first=state["end_epoch"], last=schedule.epochs, deadline=deadline, **train)

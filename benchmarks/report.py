@@ -24,7 +24,7 @@ LABELS = {
     "psap": "PSAP", "psap_scratch": "PSAP from scratch (no pretraining)", "tfmot": "TFMOT (tf_keras, unstructured)",
     "kron_obs": "Kron-OBS (NAP framework)", "kron_obd": "Kron-OBD (NAP framework)", "c_obs": "C-OBS (NAP framework)",
     "c_obd": "C-OBD (NAP framework)", "eigendamage": "EigenDamage",
-    "eigendamage_capped": "EigenDamage, max_layer_ratio=0.75",
+    "eigendamage_capped": "EigenDamage, max_layer_ratio=0.75", "red": "RED (data-free, then fine-tuned)",
 }
 
 _LINE_STYLES = {"nap_cost_aware": "--", "psap_scratch": "--", "kron_obs": ":", "kron_obd": ":", "c_obs": ":", "c_obd": ":", "eigendamage_capped": "--"}

@@ -41,7 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from benchmarks import report  # noqa: E402
 from benchmarks.data import DEFAULT_SOURCE, BenchData, load, load_converged  # noqa: E402
-from benchmarks.entries import entry_schedule, run_entry  # noqa: E402
+from benchmarks.entries import EntryCannotRun, entry_schedule, run_entry  # noqa: E402
 from benchmarks.measure import export_model, latency_figures  # noqa: E402
 from benchmarks.pretrain import load_pretrained, pretrain, pretrained_path  # noqa: E402
 from benchmarks.profiles import ALL_ENTRIES, PROFILES, Profile  # noqa: E402
@@ -164,7 +164,10 @@ def run_unit(entry, profile, data: BenchData, data_path, pretrained, budget, see
             raise StageIncomplete(result["incomplete"])
         return dict(result, entry="tfmot", budget=budget, seed=seed, params_target=params_kept,
                     params_target_from="nap" if nap else "budget (NAP not run)")
-    model, figures = run_entry(entry, profile, data, pretrained, budget, seed, folder, deadline)
+    try:
+        model, figures = run_entry(entry, profile, data, pretrained, budget, seed, folder, deadline)
+    except EntryCannotRun as error:  # a budget out of the method's reach is a result
+        return {"entry": entry, "budget": budget, "seed": seed, "error": str(error)}
     figures["tflite"] = export_model(model, folder, data.test_sample(profile.export_samples), profile)
     return figures
 

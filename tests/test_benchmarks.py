@@ -221,6 +221,49 @@ def test_tfmot_peer_matches_the_parameter_target_and_resumes(tmp_path):
     assert not (tmp_path / "peer_state.json").exists()
 
 
+def test_red_entry_compresses_without_data_then_fine_tunes_like_the_others(tmp_path):
+    """``red``: `kap.red.compress` to the FLOPs budget before epoch 0, then the common fine-tuning, no callback."""
+    import dataclasses
+
+    import keras
+
+    import keras_autoprune as kap
+    from benchmarks.entries import EntryCannotRun, run_entry
+    from benchmarks.run import run_unit
+    from keras_autoprune.zoo import resnet_cifar
+
+    data = _tiny_data(40)
+    profile = dataclasses.replace(PROFILES["smoke"], finetune_epochs=2, batch_size=8, calibration_batches=1)
+    (tmp_path / "pre").mkdir()
+    keras.utils.set_random_seed(3)
+    pretrained = resnet_cifar(8, width=8)
+    pretrained.save(tmp_path / "pre" / "model.keras")
+    compressed = kap.red.compress(pretrained, budget=kap.Budget(flops=0.5))  # data-free, hence deterministic
+    folder = tmp_path / "unit"
+    folder.mkdir()
+    model, figures = run_entry("red", profile, data, tmp_path / "pre", 0.5, 0, folder)
+    assert (figures["epochs"], figures["round_epochs"]) == (2, [0])
+    assert figures["statistics_seconds"] == 0.0 and figures["pruning_seconds"] > 0
+    assert figures["bandwidth_scale"] == compressed.bandwidth_scale > 0.05
+    assert figures["neurons_merged"] == compressed.neurons_merged > 0
+    assert figures["batchnorm_folded"] == 9
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    assert figures["flops"] == kap.count_flops(model) == kap.count_flops(compressed.model)
+    assert figures["flops_kept"] == kap.count_flops(model) / kap.count_flops(pretrained) <= 0.5
+    assert figures["params"] == kap.count_params(compressed.model) < kap.count_params(pretrained)
+    kernels = [(w.numpy(), v.numpy()) for w, v in zip(model.weights, compressed.model.weights) if w.path.endswith("kernel")]
+    assert len(kernels) == 10 and all(not np.array_equal(a, b) for a, b in kernels)  # fine-tuned from RED's weights
+    assert 0.0 <= figures["accuracy"] <= 1.0 and figures["fit_seconds"] > 0
+
+    with pytest.raises(EntryCannotRun, match="cannot reach the budget"):
+        run_entry("red", profile, data, tmp_path / "pre", 0.001, 0, folder)
+    store = UnitStore(tmp_path / "units")
+    row = run_unit("red", profile, data, None, tmp_path / "pre", 0.001, 1, store, "s1-b0-red", Deadline(None))
+    assert row["entry"] == "red" and row["budget"] == 0.001 and row["seed"] == 1
+    assert row["error"].startswith("ValueError: RED cannot reach the budget")
+    assert "red" in PROFILES["v2"].entries and "red" in STRUCTURED_ENTRIES and "red" not in PROFILES["smoke"].entries
+
+
 def test_pretraining_resumes_from_its_checkpoint(tmp_path):
     import dataclasses
 

@@ -8,6 +8,7 @@ import pytest
 
 import keras_autoprune as kap
 from keras_autoprune.red import density_modes, fold_batchnorm, hash_weights, merge_neurons, separate_depthwise, silverman_bandwidth
+from keras_autoprune.red.separation import distinct_kernels
 from tests.helpers import randomize, relative_error, subclassed_model
 
 L = keras.layers
@@ -292,6 +293,30 @@ def test_separation_is_exact_and_only_where_cheaper():
     assert separations[0].flops_after < separations[0].flops_before
     assert kap.count_flops(separated) == kap.count_flops(model) - separations[0].flops_before + separations[0].flops_after
     _assert_same(separated, model, _inputs(model))
+
+
+def test_separation_compares_kernels_by_value():
+    """A kernel holding -0.0 where its twin holds 0.0 is the same kernel (one slot, not two that both fire)."""
+    rng = np.random.default_rng(14)
+    inputs = keras.Input((6, 6, 2))
+    model = keras.Model(inputs, L.Conv2D(8, 3, name="c")(inputs))
+    a, b = rng.normal(size=(2, 3, 3)).astype("float32")
+    a[0, 0] = 0.0
+    kernel = np.zeros((3, 3, 2, 8), "float32")
+    kernel[:, :, 0, :] = np.where(np.arange(8) % 2, a[..., None], b[..., None])
+    kernel[:, :, 1, :] = b[..., None]
+    kernel[0, 0, 0, 1] = -0.0
+    model.get_layer("c").kernel.assign(kernel)
+    separated, separations = separate_depthwise(model)
+    assert [(s.multiplier, s.distinct_kernels) for s in separations] == [(2, 3)]
+    _assert_same(separated, model, _inputs(model))
+
+
+def test_separation_skips_a_convolution_at_its_first_channel_with_too_many_kernels():
+    kernel = np.random.default_rng(15).normal(size=(3, 3, 4, 16))
+    # M·(K + C_out) < K·C_out allows at most 5 kernels per channel here; channel 0 has 16.
+    assert distinct_kernels(kernel, limit=(9 * 16 - 1) // (9 + 16)) is None
+    assert [len(k) for k in distinct_kernels(kernel)] == [16] * 4
 
 
 # -- the API ---------------------------------------------------------------------------

@@ -62,20 +62,33 @@ class Separation:
     flops_after: int
 
 
-def distinct_kernels(kernel: np.ndarray) -> list[list[np.ndarray]]:
+def distinct_kernels(kernel: np.ndarray, limit: int | None = None) -> list[list[np.ndarray]] | None:
     """Per input channel, the distinct non-zero kernels in first-seen output order.
+
+    Kernels are compared by value (``-0.0 == 0.0``), as the 0/1 pointwise
+    entries are computed, so every output uses exactly one slot.
 
     Args:
         kernel: ``(*taps, C_in, C_out)``.
+        limit: stop and return None as soon as one input channel has more
+            than ``limit`` distinct kernels (None: no limit).
+
+    Example:
+
+    >>> k = np.zeros((1, 2, 1, 3)); k[..., 0, 0] = k[..., 0, 2] = [1.0, 2.0]
+    >>> [[u.tolist() for u in unique] for unique in distinct_kernels(k)]
+    [[[[1.0, 2.0]]]]
     """
+    taps = kernel.shape[:-2]
+    flat = kernel.reshape((-1,) + kernel.shape[-2:])  # (K, C_in, C_out)
     out = []
     for c in range(kernel.shape[-2]):
-        seen: dict[bytes, np.ndarray] = {}
-        for o in range(kernel.shape[-1]):
-            k = kernel[..., c, o]
-            if np.any(k):
-                seen.setdefault(k.tobytes(), k)
-        out.append(list(seen.values()))
+        columns = flat[:, c, :].T  # (C_out, K): one kernel per row
+        columns = columns[np.any(columns != 0, axis=1)]
+        _, first = np.unique(columns, axis=0, return_index=True)
+        if limit is not None and len(first) > limit:
+            return None
+        out.append([columns[i].reshape(taps) for i in np.sort(first)])
     return out
 
 
@@ -92,7 +105,10 @@ def separate_layer(layer: keras.layers.Layer, name: str, positions: int, calls: 
     weights = layer_weights(layer)
     kernel = weights["kernel"]
     taps, (c_in, c_out) = int(np.prod(kernel.shape[:-2])), kernel.shape[-2:]
-    kernels = distinct_kernels(kernel)
+    # Cheaper only if M·(K + C_out) < K·C_out: stop at the first channel with more kernels.
+    kernels = distinct_kernels(kernel, limit=(taps * c_out - 1) // (taps + c_out))
+    if kernels is None:
+        return None
     multiplier = max(1, max(len(k) for k in kernels))
     bias_flops = c_out * positions if config["use_bias"] else 0
     before = calls * (2 * taps * c_in * c_out * positions + bias_flops)
