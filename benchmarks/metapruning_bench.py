@@ -4,6 +4,7 @@
     python -m benchmarks.metapruning_bench search --target 0.5   # evolutionary search at 50% FLOPs kept
     python -m benchmarks.metapruning_bench finetune --target 0.5 --epochs 4   # searched vs uniform widths
     python -m benchmarks.metapruning_bench latency --target 0.5  # latency table, latency-budget search, check
+    python -m benchmarks.metapruning_bench report                # the table in docs/methods/metapruning.md
 
 Data (fixed, shared by every stage): the 50,000 CIFAR-10 training images are
 split by a seeded permutation into 45,000 that train the PruningNet and the
@@ -223,9 +224,36 @@ def latency(model_name: str, target: float, log=print) -> None:
     del row
 
 
+def markdown(results: dict) -> str:
+    """The figures measured so far, as markdown."""
+    lines = []
+    state = results.get("pruningnet")
+    if state:
+        lines.append(f"PruningNet: {state['epochs_done']} epoch(s) from the converged weights, "
+                     f"{sum(state['seconds']) / 60:.0f} min on 2 shared CPU cores; training loss (label-smoothed, "
+                     f"random genes) per epoch: {', '.join(f'{v:.3f}' for v in state['loss'])}.\n")
+    rows = results.get("search", {})
+    if rows:
+        lines += ["| budget | searched: held-out top-1 | cost | uniform: held-out top-1 | cost | candidates | search min |",
+                  "|---|---|---|---|---|---|---|"]
+        for tag, row in sorted(rows.items()):
+            lines.append(f"| {tag.replace('_', ' ')} | {row['score']:.4f} | {row['cost']:.3f} | {row['uniform_score']:.4f} | "
+                         f"{row['uniform_cost']:.3f} | {row['candidates']} | {row['seconds'] / 60:.0f} |")
+        lines.append("\nHeld-out top-1: 2,000 training images kept out of the PruningNet's training, generated "
+                     "weights, BatchNormalization re-estimated, no fine-tuning.\n")
+    tuned = results.get("finetune", {})
+    if tuned:
+        lines += ["| budget | entry | epochs | test top-1 before | after fine-tuning | FLOPs kept |", "|---|---|---|---|---|---|"]
+        for tag, entries in sorted(tuned.items()):
+            for entry, row in sorted(entries.items()):
+                lines.append(f"| {tag.replace('_', ' ')} | {entry} | {row['epochs']} | {row['test_before']:.4f} | "
+                             f"{row['test_after']:.4f} | {row['flops_kept']:.3f} |")
+    return "\n".join(lines) or "Not run yet."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.metapruning_bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("train", "search", "finetune", "latency"))
+    parser.add_argument("stage", choices=("train", "search", "finetune", "latency", "report"))
     parser.add_argument("--model", default="resnet20", choices=sorted(converged.ARCHITECTURES))
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--target", type=float, default=0.5)
@@ -237,8 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         search(args.model, args.target, log=log)
     elif args.stage == "finetune":
         finetune(args.model, args.target, args.epochs, log=log)
-    else:
+    elif args.stage == "latency":
         latency(args.model, args.target, log)
+    else:
+        from benchmarks.report import update_docs
+
+        page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "methods" / "metapruning.md"
+        update_docs(page, f"metapruning_{args.model}", markdown(_load(_paths(args.model)["results"])))
     return 0
 
 
