@@ -135,9 +135,10 @@ def search(model_name: str, target: float, metric: str = "flops", log=print) -> 
                                 recalibration_batches=RECALIBRATION_BATCHES, batch_size=BATCH_SIZE)
     tag = f"{metric}_{target}"
     start = time.perf_counter()
+    epochs = results.get("pruningnet", {}).get("epochs_done", 0)
     evolution = mp.EvolutionarySearch(net.space, scorer, cost, high=target, low=target - 0.05,
                                       settings=mp.SearchSettings(**SETTINGS), seed=0,
-                                      cache_path=str(paths["scores"]).format(tag=tag))
+                                      cache_path=str(paths["scores"]).format(tag=tag), cache_key=f"pruningnet epochs {epochs}")
     gene, score = evolution.run()
     seconds = time.perf_counter() - start
     uniform = mp.uniform_gene(net.space, cost, target)

@@ -85,12 +85,37 @@ def test_generated_weights_have_the_cropped_shapes_of_a_gene_and_match_the_pruni
     assert slim.get_layer("head").kernel.shape == (3, 4)
     assert relative_error(np.asarray(slim(x)), expected) < 1e-5
     # Another gene gives other weights: the generator depends on the encoding.
+    first = np.asarray(slim.get_layer("c3").kernel)
     other = net.materialize((1, 1))
     assert other.get_layer("c3").kernel.shape == (1, 1, 4, 3)
+    assert not np.allclose(np.asarray(other.get_layer("c3").kernel)[:, :, :2, :], first)
+
+
+def test_frozen_layers_are_generated_too():
+    model = _residual_net()
+    model.trainable = False
+    net = mp.PruningNet(model, scales=(0.25, 0.5, 1.0), warm_start=False, seed=1)
+    assert len(net._generators) == 4  # c1, c2, c3, head kernels
+    x, _ = _data(8)
+    net.set_gene((0, 1))
+    assert relative_error(np.asarray(net.materialize()(x)), np.asarray(net(x))) < 1e-5
+    assert not model.trainable  # the user's model is left as it was
+
+
+def test_removed_channels_leave_the_shared_batchnorm_statistics_alone():
+    net = mp.PruningNet(_residual_net(), scales=(0.25, 0.5, 1.0))
+    x, _ = _data(16)
+    bn = net.base.get_layer("bn1")
+    before = np.asarray(bn.moving_variance).copy()
+    net.set_gene((0, 2))  # c1/c2 keep channels 0 and 1 of 8
+    net(x, training=True)
+    after = np.asarray(bn.moving_variance)
+    assert np.array_equal(after[2:], before[2:]) and not np.allclose(after[:2], before[:2])
 
 
 def test_training_with_the_gene_sampler_draws_a_gene_per_batch_and_updates_the_generators():
-    net = mp.PruningNet(_residual_net(), scales=(0.25, 0.5, 1.0))
+    model = _residual_net()
+    net = mp.PruningNet(model, scales=(0.25, 0.5, 1.0))
     x, y = _data(64)
     seen = []
 
@@ -101,6 +126,11 @@ def test_training_with_the_gene_sampler_draws_a_gene_per_batch_and_updates_the_g
     start = [np.array(w) for w in net.trainable_weights]
     mp.train_pruningnet(net, (x, y), epochs=1, batch_size=16, callbacks=[Spy()], verbose=0)
     assert len(seen) == 4 and len(set(seen)) > 1
+    genes, seen[:] = list(seen), []
+    twin = mp.PruningNet(model, scales=(0.25, 0.5, 1.0))
+    mp.train_pruningnet(twin, (x, y), epochs=1, batch_size=16, callbacks=[Spy()], verbose=0)
+    assert seen == genes  # same seed: same genes, same batches, the same network up to float reduction order
+    assert all(np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6) for a, b in zip(net.weights, twin.weights))
     assert net.gene == net.space.full  # left at full width after training
     changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(start, net.trainable_weights)]
     assert sum(changed) >= len(changed) - 2  # every generator and shared variable trained (B of unused rows may not)
@@ -138,15 +168,45 @@ def test_search_is_deterministic_under_a_seed_and_resumes_from_its_cache(tmp_pat
         search = mp.EvolutionarySearch(net.space, scorer, cost, high=0.6, low=0.2, settings=SMALL, seed=3, verbose=0)
         runs.append((search.run(), search.history.scores))
     assert runs[0] == runs[1]
-    calls = []
+
+
+def _space_of(groups: int = 5):
+    """A model with ``groups`` independent conv groups, 31 scales: many genes, a cheap synthetic score."""
+    inputs = keras.Input((4, 4, 2))
+    x = inputs
+    for i in range(groups):
+        x = L.Conv2D(8, 1, name=f"c{i}")(x)
+    model = keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    space = mp.GeneSpace(kap.DependencyGraph(model))
+    cost = mp.cost_function(mp.PruningNet(model), kap.Budget(flops=0.5))
+    return space, cost
+
+
+def test_a_rerun_on_the_cache_scores_nothing_new_and_a_truncated_cache_resumes_the_same_search(tmp_path):
+    space, cost = _space_of()
+    settings = mp.SearchSettings(population=12, parents=3, mutations=4, crossovers=4, iterations=6)
+    score = lambda gene: float(np.sin(np.dot(gene, np.arange(1, len(gene) + 1))))  # noqa: E731
     path = tmp_path / "scores.json"
-    first = mp.EvolutionarySearch(net.space, scorer, cost, high=0.6, low=0.2, settings=SMALL, seed=3,
-                                  cache_path=path, verbose=0).run()
+
+    def search(scorer, key=""):
+        evolution = mp.EvolutionarySearch(space, scorer, cost, high=0.5, low=0.3, settings=settings, seed=1,
+                                          cache_path=path, cache_key=key, verbose=0)
+        return evolution.run(), evolution.history
+
+    calls = []
+    first, history = search(lambda g: calls.append(g) or score(g))
+    assert len(calls) == len(history.scores) > 40
+    rerun = []
+    assert search(lambda g: rerun.append(g) or score(g))[0] == first and rerun == []
     stored = json.loads(path.read_text())
-    assert len(stored["scores"]) == len(runs[0][1])
-    resumed = mp.EvolutionarySearch(net.space, lambda g: calls.append(g) or 0.0, cost, high=0.6, low=0.2,
-                                    settings=SMALL, seed=3, cache_path=path, verbose=0).run()
-    assert calls == [] and resumed == first
+    stored["scores"] = stored["scores"][:20]  # interrupted after 20 scores
+    path.write_text(json.dumps(stored))
+    resumed = []
+    again, history_again = search(lambda g: resumed.append(g) or score(g))
+    assert again == first and history_again.best_scores == history.best_scores
+    assert len(resumed) == len(calls) - 20
+    with pytest.raises(ValueError, match="do not apply"):
+        search(score, key="another pruningnet")
 
 
 def test_search_builds_a_winner_within_budget_that_saves_and_exports(tmp_path):
@@ -168,6 +228,7 @@ def test_search_builds_a_winner_within_budget_that_saves_and_exports(tmp_path):
     assert kap.export_tflite(result.model, str(tmp_path / "winner.tflite")).verified
     scratch = result.scratch_model()
     assert [w.shape for w in scratch.weights] == [w.shape for w in result.model.weights]
+    assert not np.allclose(np.asarray(scratch.get_layer("c1").kernel), np.asarray(result.model.get_layer("c1").kernel))
 
 
 def test_search_checks_its_arguments_before_any_work():
@@ -184,6 +245,15 @@ def test_search_checks_its_arguments_before_any_work():
 
 
 # -- latency -------------------------------------------------------------------------------
+def test_layer_timing_interpolates_and_never_goes_below_zero():
+    timing = mp.LayerTiming(in_widths=[16, 32], out_widths=[8], ms=[[0.02], [0.05]])
+    assert timing.at(24, 8) == pytest.approx(0.035)
+    assert timing.at(40, 8) == pytest.approx(0.065)  # linear above the grid
+    assert timing.at(1, 8) == 0.0  # -0.008 by extrapolation, clamped
+    with pytest.raises(ValueError, match="width fractions"):
+        mp.LatencyTable.build(_residual_net(), scales=())
+
+
 def test_latency_budget_is_refused_by_methods_that_count_flops():
     budget = kap.Budget(latency=0.5)
     assert budget.metric == "latency" and budget.fraction == 0.5 and str(budget) == "50% of latency"
@@ -197,7 +267,7 @@ def test_latency_budget_is_refused_by_methods_that_count_flops():
 
 def test_latency_table_interpolates_its_grid_and_round_trips(tmp_path):
     model = _residual_net()
-    table = mp.LatencyTable.build(model, scales=(0.5, 1.0), runs=5, verbose=0)
+    table = mp.LatencyTable.build(model, scales=(0.5,), runs=5, verbose=0)  # 1.0 is always added
     # Every convolution and the head: c1 reads 3 channels and c2 reads 8, so they are measured apart.
     assert set(table.layers) == {"c1", "c2", "c3", "head"}
     c2 = table.timings[table.layers["c2"]]
@@ -212,6 +282,10 @@ def test_latency_table_interpolates_its_grid_and_round_trips(tmp_path):
     assert loaded.estimate(plan) == pytest.approx(table.estimate(plan))
     with pytest.raises(ValueError, match="built for model"):
         loaded.bind(keras.Sequential([keras.Input((4,)), L.Dense(3, name="d1"), L.Dense(2)]))
+    wider = _residual_net()
+    wider = keras.Model(wider.inputs, wider.outputs, name="same_names")
+    assert loaded.bind(wider) is loaded  # same layers, configurations and shapes: accepted
+    assert 0 < table.estimate(plan) < table.full_ms
     check = mp.check_latency(table, model, [kap.PrunePlan({}), plan], runs=5, rounds=1)
     assert len(check.measured_ms) == 2 and all(m > 0 for m in check.measured_ms)
-    assert check.predicted_ms[0] == pytest.approx(table.full_ms)
+    assert check.predicted_ms == (pytest.approx(table.full_ms), pytest.approx(table.estimate(plan)))

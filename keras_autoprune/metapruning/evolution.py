@@ -2,9 +2,11 @@
 
 Each iteration (Liu et al., section 3.3):
 
-1. every candidate of the population not scored yet is scored (results are
-   cached by gene, in memory and optionally in a JSON file, so an
-   interrupted search resumes where it stopped);
+1. every candidate of the population not scored yet is scored (scores are
+   kept by gene, in memory and optionally in a JSON file: a rerun with the
+   same seed replays the same draws and reads the scores it already has,
+   so an interrupted search resumes where it stopped and a finished one
+   scores nothing new);
 2. the ``parents`` best genes seen so far are kept;
 3. the next population is ``mutations`` mutants of random parents (each
    choice redrawn with ``mutation_probability``), ``crossovers`` uniform
@@ -105,15 +107,18 @@ class EvolutionarySearch:
         settings: `SearchSettings`.
         seed: seed of every random draw.
         cache_path: JSON file of scores: read at the start if it exists,
-            rewritten after every scored gene.
+            rewritten after every scored gene. Costs are always recomputed.
+        cache_key: what the scores depend on (e.g. a fingerprint of the
+            PruningNet's weights and of the scoring data); a file written
+            with another key or other ``scales`` is refused, not reused.
         verbose: 1 shows a progress bar per iteration, 0 is silent.
     """
 
     def __init__(self, space: GeneSpace, score: Callable[[Gene], float], cost: Callable[[Gene], float], high: float,
                  low: float = 0.0, settings: SearchSettings | None = None, seed: int = 0,
-                 cache_path: str | os.PathLike | None = None, verbose: int = 1):
-        if not 0 <= low < high:
-            raise ValueError(f"Expected a window with 0 <= low < high. Received: low={low}, high={high}")
+                 cache_path: str | os.PathLike | None = None, cache_key: str = "", verbose: int = 1):
+        if not 0 <= low <= high:
+            raise ValueError(f"Expected a window with 0 <= low <= high. Received: low={low}, high={high}")
         self.space = space
         self.score = score
         self.cost = cost
@@ -121,9 +126,11 @@ class EvolutionarySearch:
         self.settings = settings or SearchSettings()
         self.seed = seed
         self.cache_path = pathlib.Path(cache_path) if cache_path is not None else None
+        self.cache_key = str(cache_key)
         self.verbose = verbose
         self.history = SearchHistory()
         self._cost_cache: dict[Gene, float] = {}
+        self._stored: dict[Gene, float] = {}
         if self.cache_path is not None and self.cache_path.exists():
             self._read_cache()
 
@@ -154,8 +161,8 @@ class EvolutionarySearch:
             parents = ranked[: settings.parents]
             children = self._fill([], settings.mutations, rng, lambda: self.space.mutate(
                 parents[rng.integers(len(parents))], rng, settings.mutation_probability))
-            children = self._fill(children, settings.mutations + settings.crossovers, rng, lambda: self.space.crossover(
-                parents[rng.integers(len(parents))], parents[rng.integers(len(parents))], rng))
+            children = self._fill(children, settings.mutations + settings.crossovers, rng,
+                                  lambda: self.space.crossover(*_two(parents, rng), rng))
             population = self._fill(children, settings.population, rng, lambda: self.space.random(rng))
         return self.history.best_genes[-1], self.history.best_scores[-1]
 
@@ -179,9 +186,11 @@ class EvolutionarySearch:
             print(f"Iteration {iteration + 1}/{self.settings.iterations}: {len(todo)} new candidates "
                   f"({len(population) - len(todo)} cached)")
         for i, gene in enumerate(todo):
-            self.history.scores[gene] = float(self.score(gene))
+            stored = self._stored.get(gene)
+            self.history.scores[gene] = float(self.score(gene)) if stored is None else stored
             self.history.costs[gene] = self._cost_cache[gene]
-            if self.cache_path is not None:
+            if self.cache_path is not None and stored is None:
+                self._stored[gene] = self.history.scores[gene]
                 self._write_cache()
             if bar is not None:
                 best = max(self.history.scores.values())
@@ -189,15 +198,27 @@ class EvolutionarySearch:
 
     def _read_cache(self) -> None:
         stored = json.loads(self.cache_path.read_text())
+        scales, key = tuple(stored.get("scales", ())), stored.get("key", "")
+        if scales != tuple(self.space.scales) or key != self.cache_key:
+            raise ValueError(
+                f"The score cache '{self.cache_path}' was written for scales {scales} and key {key!r}; this search "
+                f"has scales {tuple(self.space.scales)} and key {self.cache_key!r}, so its scores do not apply. "
+                "Fix: use another `cache_path`, or delete the file to score again."
+            )
         for row in stored.get("scores", []):
-            gene = self.space.check(row["gene"])
-            self.history.scores[gene] = float(row["score"])
-            self.history.costs[gene] = float(row["cost"])
-            self._cost_cache[gene] = float(row["cost"])
+            self._stored[self.space.check(row["gene"])] = float(row["score"])
 
     def _write_cache(self) -> None:
-        rows = [{"gene": list(g), "score": s, "cost": self.history.costs[g]} for g, s in self.history.scores.items()]
+        rows = [{"gene": list(g), "score": s} for g, s in self._stored.items()]
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.cache_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"scales": list(self.space.scales), "scores": rows}))
+        tmp.write_text(json.dumps({"scales": list(self.space.scales), "key": self.cache_key, "scores": rows}))
         os.replace(tmp, self.cache_path)
+
+
+def _two(parents: list[Gene], rng: np.random.Generator) -> tuple[Gene, Gene]:
+    """Two different parents (the same one twice when there is only one)."""
+    if len(parents) < 2:
+        return parents[0], parents[0]
+    first, second = rng.choice(len(parents), 2, replace=False)
+    return parents[first], parents[second]

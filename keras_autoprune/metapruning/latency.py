@@ -11,7 +11,7 @@ latency is
 ``T(plan) = T_full - sum_l t_l(c_in^full, c_out^full) + sum_l t_l(c_in(plan), c_out(plan))``
 
 where ``t_l`` is bilinear interpolation in the layer's measured grid (linear
-extrapolation below its smallest width) and ``T_full`` is the measured
+extrapolation outside it, never below 0) and ``T_full`` is the measured
 latency of the whole model: everything the table does not model (additions,
 pooling, the interpreter's overhead) is taken as constant.
 
@@ -54,10 +54,10 @@ class LayerTiming:
     ms: list[list[float]]
 
     def at(self, c_in: float, c_out: float) -> float:
-        """Bilinear interpolation (linear extrapolation outside the grid)."""
+        """Bilinear interpolation (linear extrapolation outside the grid, never below 0)."""
         grid = np.asarray(self.ms, float)
         rows = np.array([_interp(c_out, self.out_widths, row) for row in grid])
-        return float(_interp(c_in, self.in_widths, rows))
+        return max(0.0, float(_interp(c_in, self.in_widths, rows)))
 
 
 class LatencyTable:
@@ -82,13 +82,15 @@ class LatencyTable:
 
     # -- building ---------------------------------------------------------------
     @classmethod
-    def build(cls, model: keras.Model, scales: Sequence[float] = (0.25, 0.5, 0.75, 1.0), num_threads: int = 1,
+    def build(cls, model: keras.Model, scales: Sequence[float] = (0.1, 0.4, 0.7, 1.0), num_threads: int = 1,
               runs: int = 30, verbose: int = 1) -> "LatencyTable":
         """Measures ``model``'s prunable layers on a ``len(scales)``-squared grid of widths.
 
         Args:
             model: the unpruned model.
-            scales: grid of width fractions for each layer's input and output.
+            scales: grid of width fractions for each layer's input and output,
+                in (0, 1]; 1.0 (the full width) is always added. Start it at
+                the smallest gene scale so that no estimate extrapolates.
             num_threads: LiteRT threads (1 for a phone's single big core).
             runs: timed calls per measurement.
             verbose: 1 shows a progress bar.
@@ -96,6 +98,10 @@ class LatencyTable:
         from keras_autoprune.export.convert import convert
         from keras_autoprune.export.latency import measure_latency
 
+        scales = tuple(float(x) for x in scales)
+        if not scales or any(not 0 < x <= 1 for x in scales):
+            raise ValueError(f"`scales` are width fractions in (0, 1], e.g. (0.1, 0.4, 0.7, 1.0). Received: scales={scales}")
+        scales = tuple(sorted(set(scales) | {1.0}))
         graph = DependencyGraph(model)
         shapes = call_shapes(model)
         layers, todo = {}, {}
@@ -131,11 +137,13 @@ class LatencyTable:
     def bind(self, model: keras.Model, graph: DependencyGraph | None = None) -> "LatencyTable":
         """Attaches the model whose plans `estimate` prices (checks the table was built for it)."""
         graph = graph or DependencyGraph(model)
-        names = {r.name for r in _prunable_calls(graph)}
-        if names != set(self.layers):
+        shapes = call_shapes(model)
+        signatures = {r.name: _signature(r, shapes[r.name][0][0][0]) for r in _prunable_calls(graph)}
+        if signatures != self.layers:
             raise ValueError(
                 f"This latency table was built for model '{self.model_name}' with prunable layers "
-                f"{sorted(self.layers)[:5]}..., not for model '{model.name}' ({sorted(names)[:5]}...). "
+                f"{sorted(self.layers)[:5]}..., not for model '{model.name}' ({sorted(signatures)[:5]}...: "
+                "other layers, configurations or input shapes). "
                 "Fix: build it with `LatencyTable.build(model)` on this model."
             )
         self._cost = PlanCost(model, graph)
@@ -158,6 +166,7 @@ class LatencyTable:
 
     # -- files --------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The table as plain JSON values (`save` writes it)."""
         return {"model": self.model_name, "full_ms": self.full_ms, "num_threads": self.num_threads,
                 "layers": self.layers, "timings": {k: dataclasses.asdict(v) for k, v in self.timings.items()}}
 

@@ -28,6 +28,7 @@ gradients reach ``A, a, B, b``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import keras
@@ -74,6 +75,9 @@ class PruningNet(keras.Model):
             raise ValueError(f"`hidden` is the width of each generator's hidden layer, an int >= 1. Received: hidden={hidden!r}")
         super().__init__(name=name or f"{model.name}_pruningnet")
         base = apply_plan(model, PrunePlan({}))  # an independent copy with the same weights
+        # Frozen layers are about the user's own fine-tuning; the hyper-network trains every generator.
+        for layer in base._flatten_layers(include_self=True, recursive=True):
+            layer.trainable = True
         self.graph = DependencyGraph(base)
         self.space = GeneSpace(self.graph, scales)
         self.base = base
@@ -92,6 +96,16 @@ class PruningNet(keras.Model):
                 if len(variable.shape) >= 2:
                     self._generators[id(variable)] = _Generator(self, variable, hidden, self.warm_start, rng)
                     variable.trainable = False  # its value comes from the generator
+        # Moving statistics of a channel are updated only while the gene keeps it (the mask of the layer's
+        # same-shaped trainable variable, e.g. BatchNormalization gamma): removed channels read 0.
+        self._statistic_masks: dict[int, keras.Variable] = {}
+        for _, layer in self._layers_touched.values():
+            masks = [self._masks[id(v)] for v in layer.weights if id(v) in self._masks]
+            for variable in layer.weights:
+                if not variable.trainable:
+                    same = [m for m in masks if tuple(m.shape) == tuple(variable.shape)]
+                    if same:
+                        self._statistic_masks[id(variable)] = same[0]
         self._encodings = {key: keras.Variable(np.ones((1, 2), "float32"), trainable=False, name="encoding")
                            for key in self._layers_touched}
         self._layer_of = {id(v): id(layer) for _, layer in self._layers_touched.values() for v in layer.weights}
@@ -118,8 +132,10 @@ class PruningNet(keras.Model):
         """The slim plain Keras model of ``gene`` (default: the current one) with generated weights.
 
         Built by `kap.apply_plan` from the base model holding the generated
-        weights; its BatchNormalization statistics are the shared ones of
-        training: re-estimate them (`kap.recalibrate_batchnorm`) before use.
+        weights (their values are written into ``base``'s kernels, which the
+        PruningNet's own forward pass never reads); its BatchNormalization
+        statistics are the shared ones of training: re-estimate them
+        (`kap.recalibrate_batchnorm`) before use.
         """
         if gene is not None:
             self.set_gene(gene)
@@ -134,8 +150,10 @@ class PruningNet(keras.Model):
         outputs, updated = self.base.stateless_call(trainable, non_trainable, inputs, training=training)
         if training:
             for variable, value in zip(self.base.non_trainable_variables, updated):
-                if id(variable) not in self._generators:
-                    variable.assign(value)
+                if id(variable) in self._generators:
+                    continue
+                mask = self._statistic_masks.get(id(variable))
+                variable.assign(value if mask is None else keras.ops.where(mask > 0, value, variable))
         return outputs
 
     def _value(self, variable):
@@ -202,6 +220,13 @@ class GeneSampler(keras.callbacks.Callback):
             raise TypeError(
                 "GeneSampler drives a kap.metapruning.PruningNet: use it in `pruningnet.fit(...)`. "
                 f"Received: a model of type {type(self.model).__name__}"
+            )
+        if getattr(self.model, "steps_per_execution", 1) > 1:
+            warnings.warn(
+                f"GeneSampler draws a gene per call of the train function; with steps_per_execution="
+                f"{self.model.steps_per_execution} each gene trains that many batches. Compile with "
+                "steps_per_execution=1 for one gene per batch.",
+                stacklevel=2,
             )
 
     def on_train_batch_begin(self, batch, logs=None):

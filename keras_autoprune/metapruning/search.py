@@ -12,6 +12,7 @@ plain ``fit`` with a `GeneSampler`), `CandidateScorer`, `EvolutionarySearch`,
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -42,6 +43,10 @@ def train_pruningnet(net: PruningNet, data: Any, epochs: int = 1, learning_rate:
     over the run (constant when the number of batches is unknown), label
     smoothing on the cross-entropy. For another recipe, compile ``net``
     yourself and call ``net.fit(..., callbacks=[GeneSampler()])``.
+
+    ``(x, y)`` arrays are shuffled each epoch by a permutation drawn from
+    ``seed``, so the same seed trains the same network; a dataset is read in
+    the order it yields.
 
     Args:
         net: the `PruningNet`.
@@ -77,8 +82,18 @@ def train_pruningnet(net: PruningNet, data: Any, epochs: int = 1, learning_rate:
     classes = int(net.base.outputs[0].shape[-1])
     net.compile(optimizer=keras.optimizers.SGD(rate, momentum=0.9, nesterov=True),
                 loss=SmoothedCrossentropy(classes, label_smoothing, logits))
-    inputs = {"x": data[0], "y": data[1], "batch_size": batch_size} if arrays else {"x": data}
-    return net.fit(**inputs, epochs=epochs, callbacks=[GeneSampler(seed), *callbacks], verbose=verbose)
+    sampler = GeneSampler(seed)
+    if not arrays:
+        return net.fit(data, epochs=epochs, callbacks=[sampler, *callbacks], verbose=verbose)
+    order_rng = np.random.default_rng(seed)
+    losses = []
+    for epoch in range(epochs):
+        order = order_rng.permutation(len(data[0]))
+        history = net.fit(data[0][order], data[1][order], batch_size=batch_size, epochs=epoch + 1, initial_epoch=epoch,
+                          shuffle=False, callbacks=[sampler, *callbacks], verbose=verbose)
+        losses.extend(history.history["loss"])
+    history.history["loss"] = losses
+    return history
 
 
 class SmoothedCrossentropy(keras.losses.Loss):
@@ -119,6 +134,13 @@ class CandidateScorer:
 
     def __init__(self, net: PruningNet, validation_data: Any, recalibration_data: Any,
                  recalibration_batches: int = 20, batch_size: int = 128):
+        for name, value in (("recalibration_batches", recalibration_batches), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1. Received: {name}={value!r}")
+        if validation_data is None or recalibration_data is None:
+            raise ValueError("CandidateScorer needs labelled `validation_data` and `recalibration_data` batches. "
+                             f"Received: validation_data={type(validation_data).__name__}, "
+                             f"recalibration_data={type(recalibration_data).__name__}")
         self.net = net
         self.validation_data = validation_data
         self.recalibration_data = recalibration_data
@@ -133,6 +155,7 @@ class CandidateScorer:
         return slim
 
     def __call__(self, gene: Gene) -> float:
+        """Top-1 accuracy of ``gene``'s model on the validation data."""
         return accuracy(self.model(gene), self.validation_data, batch_size=self.batch_size)
 
 
@@ -163,7 +186,8 @@ def uniform_gene(space: GeneSpace, cost, budget: float) -> Gene:
         gene = space.uniform(choice)
         if cost(gene) <= budget:
             return gene
-    raise ValueError(f"No uniform width reaches {budget:.1%}; the smallest scale is {space.scales[0]}.")
+    raise ValueError(f"Expected a budget that a uniform width can reach. Received: budget={budget!r}, but the "
+                     f"smallest scale ({space.scales[0]}) keeps more. Fix: add smaller scales.")
 
 
 @dataclasses.dataclass
@@ -214,20 +238,23 @@ def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: An
         budget: `kap.Budget` of FLOPs, parameters or latency (a latency
             budget needs ``latency_table``).
         validation_data: labelled held-out batches that score candidates;
-            default: for ``(x, y)`` arrays, their last 10% (at most 5,000),
-            held out of the training; a dataset needs it explicitly.
+            default: for ``(x, y)`` arrays, 10% of them (at most 5,000, drawn
+            with ``seed``), held out of the training; a dataset needs it
+            explicitly.
         recalibration_data: batches re-estimating BatchNormalization before
             each score; default ``data``.
         epochs: PruningNet training epochs (0 with a trained ``pruningnet``).
         pruningnet: a `PruningNet` of ``model`` already built (and trained).
         scales: width choices per gene (the paper's 31 by default).
         window: candidates cost between ``budget - window`` and ``budget``
-            (fractions of the original).
+            (fractions of the original); 0 accepts the budget exactly only.
         settings: `SearchSettings` (population, iterations, ...).
         latency_table: a `LatencyTable` of ``model`` for latency budgets.
         recalibration_batches, batch_size: see `CandidateScorer`.
         seed: seed of training genes, search draws and generators.
-        cache_path: JSON file of scored genes (resumes an interrupted search).
+        cache_path: JSON file of scored genes (resumes an interrupted search;
+            keyed by a fingerprint of the trained PruningNet, so scores of
+            another network are refused).
         verbose: 1 shows progress, 0 is silent.
 
     Returns:
@@ -242,18 +269,20 @@ def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: An
             f"`epochs` must be an int >= 1 (>= 0 when a trained `pruningnet` is given). Received: epochs={epochs!r}"
         )
     _check_latency_table(budget, latency_table)
-    data, validation_data = _held_out(data, validation_data)
+    data, validation_data = _held_out(data, validation_data, seed)
     recalibration_data = data if recalibration_data is None else recalibration_data
     net = pruningnet if pruningnet is not None else PruningNet(model, scales=scales, seed=seed)
+    # Everything that can be checked is checked before the (long) training.
+    cost = cost_function(net, budget, latency_table)
+    scorer = CandidateScorer(net, validation_data, recalibration_data, recalibration_batches, batch_size)
     start = time.perf_counter()
     if epochs:
         train_pruningnet(net, data, epochs=epochs, seed=seed, batch_size=batch_size, verbose="auto" if verbose else 0)
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    scorer = CandidateScorer(net, validation_data, recalibration_data, recalibration_batches, batch_size)
-    evolution = EvolutionarySearch(net.space, scorer, cost_function(net, budget, latency_table), high=budget.fraction,
-                                   low=budget.fraction - window, settings=settings, seed=seed,
-                                   cache_path=cache_path, verbose=verbose)
+    evolution = EvolutionarySearch(net.space, scorer, cost, high=budget.fraction, low=budget.fraction - window,
+                                   settings=settings, seed=seed, cache_path=cache_path,
+                                   cache_key=_fingerprint(net, recalibration_batches, batch_size), verbose=verbose)
     gene, score = evolution.run()
     winner = scorer.model(gene)
     search_seconds = time.perf_counter() - start
@@ -266,18 +295,28 @@ def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: An
                         evolution.history, net, train_seconds, search_seconds)
 
 
-def _held_out(data: Any, validation_data: Any) -> tuple[Any, Any]:
+def _held_out(data: Any, validation_data: Any, seed: int) -> tuple[Any, Any]:
     if validation_data is not None:
         return data, validation_data
     if _is_labelled_arrays(data):
         x, y = data
         count = min(5000, max(1, len(x) // 10))
-        return (x[:-count], y[:-count]), (x[-count:], y[-count:])
+        order = np.random.default_rng(seed).permutation(len(x))  # data may be sorted by class
+        kept, held = order[:-count], order[-count:]
+        return (x[kept], y[kept]), (x[held], y[held])
     raise ValueError(
         "MetaPruning scores candidates on held-out labelled data. Received: validation_data=None with "
         f"data of type {type(data).__name__}. Fix: pass `validation_data=` (e.g. un-augmented training "
         "examples kept out of `data`), or give `data` as `(x, y)` arrays to hold out their last 10%."
     )
+
+
+def _fingerprint(net: PruningNet, *settings) -> str:
+    """What the scores depend on: the PruningNet's weights and the scoring settings."""
+    digest = hashlib.sha1(repr(settings).encode())
+    for weight in net.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _is_labelled_arrays(data: Any) -> bool:
