@@ -108,7 +108,7 @@ import keras
 
 from keras_autoprune.errors import UnsupportedModelError
 from keras_autoprune.graph.dependency import check_model
-from keras_autoprune.graph.trace import see_through
+from keras_autoprune.graph.trace import expand_outputs, see_through
 
 Shape = tuple[int | None, ...]
 
@@ -479,6 +479,8 @@ class _Walker:
                             f"{len(ins)} tensor(s). Fix: call it on a flat list of inputs."
                         )
                     outs = self.walk(inner, f"{prefix}{op.name}/", ins)
+                    if not isinstance(op, keras.Model):  # a traced layer's constant outputs
+                        outs = expand_outputs(inner, outs, lambda i, _: _shape(node.outputs[i]))
                 else:
                     outs = self._output_shapes(node, ins)
                     self._record(prefix, op, ins, outs)

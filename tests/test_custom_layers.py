@@ -238,3 +238,98 @@ def test_layer_with_own_weights_is_not_traced():
     with pytest.warns(UserWarning, match=r"'opaque' \(Scaled; not traced: it holds variables of its own"):
         graph = kap.DependencyGraph(_model(Scaled(4, name="opaque")))
     assert not graph.group("c1").prunable and graph.group("c2").prunable
+
+
+# -- what keras-hub's DeiT and MiT layers do (no keras-hub needed) -------------------------------------
+
+
+class ScoredBlock(keras.layers.Layer):
+    """A residual MLP block that returns ``(x, None)``, as DeiT's encoder block does without scores."""
+
+    def __init__(self, width, hidden, **kwargs):
+        super().__init__(**kwargs)
+        self.up = L.Dense(hidden, activation="relu", name="up")
+        self.down = L.Dense(width, name="down")
+
+    def call(self, x, return_scores=False):
+        return x + self.down(self.up(x)), None
+
+
+class Encoder(keras.layers.Layer):
+    """Two `ScoredBlock`s; returns the tokens and an empty placeholder (as DeiT's encoder does)."""
+
+    def __init__(self, width, hidden, **kwargs):
+        super().__init__(**kwargs)
+        self.blocks = [ScoredBlock(width, hidden, name=f"block_{i}") for i in range(2)]
+
+    def call(self, x):
+        for block in self.blocks:
+            x, scores = block(x, return_scores=False)
+        n, c = keras.ops.shape(x)[1], keras.ops.shape(x)[2]
+        return x, keras.ops.empty((0, n, c), dtype=x.dtype)
+
+
+class SpatialMLP(keras.layers.Layer):
+    """MiT's MixFFN: Dense, tokens reshaped to an image with the batch size read by ``ops.shape``, depthwise conv."""
+
+    def __init__(self, width, hidden, **kwargs):
+        super().__init__(**kwargs)
+        self.fc1 = L.Dense(hidden, name="fc1")
+        self.dwconv = L.DepthwiseConv2D(3, padding="same", name="dwconv")
+        self.fc2 = L.Dense(width, name="fc2")
+
+    def call(self, x):
+        x = self.fc1(x)
+        shape = keras.ops.shape(x)
+        side = int(shape[1] ** 0.5)
+        x = keras.ops.reshape(x, (shape[0], side, side, shape[2]))  # shape[0] is None when traced
+        x = keras.ops.reshape(self.dwconv(x), (shape[0], -1, shape[2]))
+        return self.fc2(keras.ops.nn.gelu(x))
+
+
+def _token_model(middle: keras.layers.Layer, tuple_output: bool) -> keras.Model:
+    """tokens (16, 4) -> c1 (8) -> middle -> c2 (6) -> mean -> head (3)."""
+    inputs = keras.Input((16, 4), name="tokens")
+    x = L.Dense(8, name="c1")(inputs)
+    x = middle(x)
+    if tuple_output:
+        x, _ = x
+    x = L.Dense(6, activation="relu", name="c2")(x)
+    model = keras.Model(inputs, L.Dense(3, name="head")(L.GlobalAveragePooling1D(name="gap")(x)))
+    randomize(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    "factory, tuple_output, hidden",
+    [
+        (lambda: Encoder(8, 12, name="enc"), True, {"enc/block_0/up": 12, "enc/block_1/up": 12}),
+        (lambda: SpatialMLP(8, 12, name="enc"), False, {"enc/fc1": 12, "enc/fc2": 8}),
+    ],
+    ids=["none-and-placeholder-outputs", "reshape-with-symbolic-batch-size"],
+)
+def test_custom_layers_returning_none_or_reshaping_with_a_none_batch_are_traced(factory, tuple_output, hidden, tmp_path):
+    model = _token_model(factory(), tuple_output)
+    x = np.random.default_rng(1).normal(size=(3, 16, 4)).astype("float32")  # another batch size than traced
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # seen through, blocks included: no "no pruning handler" warning
+        graph = kap.DependencyGraph(model)
+    # The residual stream (c1) is prunable too; the unused placeholder adds no group.
+    expected = {"input:tokens": (4, False), "c1": (8, True), "c2": (6, True), "head": (3, False)}
+    expected.update({name: (size, True) for name, size in hidden.items()})
+    assert {g.id: (g.size, g.prunable) for g in graph.groups} == expected
+
+    plan = kap.PrunePlan.uniform(graph, ratio=0.5)
+    slim, masked = assert_contract(model, plan, graph)
+    np.testing.assert_allclose(slim(x), masked(x), rtol=1e-5, atol=1e-5)
+    for name, size in hidden.items():
+        layer = slim
+        for part in name.split("/"):
+            layer = layer.get_layer(part)
+        assert layer.units == size // 2
+    assert kap.count_flops(slim) < kap.count_flops(model)
+    path = str(tmp_path / "slim.keras")
+    slim.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)  # standard layers and ops: no custom objects
+    np.testing.assert_allclose(loaded(x), slim(x), rtol=1e-6, atol=1e-6)
+    assert kap.export_tflite(slim, str(tmp_path / "slim.tflite"), num_samples=4).verified

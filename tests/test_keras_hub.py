@@ -4,9 +4,9 @@ For each backbone: the groups found and how many are prunable (exact, for
 keras-hub 0.32), ``apply_plan == mask_plan`` to 1e-5, the input model
 untouched, fewer FLOPs, and a verified TFLite export of the pruned model.
 Transformers: the heads of `keras.layers.MultiHeadAttention` and the MLP
-hidden units are prunable (ViT, BERT); DeiT's encoder cannot be traced (its
-blocks return None next to a tensor) and MiT uses its own attention layer,
-so they stay blocked; their figures are asserted as they are. The figures are published in
+hidden units are prunable (ViT, BERT, DeiT, whose encoder blocks return
+``(x, None)``); MiT's MixFFN hidden units are prunable, and its own attention
+layer (Dense + ``ops.matmul``) is traced but blocks at its matmuls. The figures are published in
 docs/architectures.md (`python -m benchmarks.keras_hub_report`).
 """
 
@@ -34,8 +34,8 @@ EXPECTED = {
     "HGNetV2": (12, 8, True),
     "DeepLabV3": (25, 14, True),
     "ViT": (6, 4, True),  # 2 blocks: heads + MLP hidden units each
-    "DeiT": (5, 0, True),  # DeiTEncoder is not traced: its blocks return (tensor, None)
-    "MiT": (7, 0, True),  # SegFormerMultiheadAttention (not keras's MultiHeadAttention) is not traced
+    "DeiT": (6, 4, True),  # 2 blocks: heads + MLP hidden units each (blocks returning (x, None) are traced)
+    "MiT": (25, 2, True),  # MixFFN hidden units; SegFormer attention is traced but its matmuls block
     "BERT": (6, 4, False),  # heads + MLP hidden units; its TFLite conversion fails (ValueError)
 }
 

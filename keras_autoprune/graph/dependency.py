@@ -20,7 +20,7 @@ from keras_autoprune.errors import UnsupportedModelError
 from keras_autoprune.graph.atoms import AtomTable
 from keras_autoprune.graph.context import WalkContext
 from keras_autoprune.graph.handlers import CallInfo, LayerHandler, TensorRef, get_handler
-from keras_autoprune.graph.trace import see_through
+from keras_autoprune.graph.trace import expand_outputs, see_through
 
 _BLOCKER = LayerHandler()
 
@@ -184,7 +184,7 @@ class DependencyGraph:
 
     # -- walking --------------------------------------------------------
     def _walk(self, functional, in_layouts: list[np.ndarray], prefix: str) -> list[np.ndarray]:
-        layouts = {id(t): layout for t, layout in zip(functional.inputs, in_layouts)}
+        layouts = _Layouts((id(t), layout) for t, layout in zip(functional.inputs, in_layouts))
         nodes_by_depth = functional._nodes_by_depth
         # Within a depth, follow the order in which the layers were created so
         # that group ids name the branch the user wrote first.
@@ -201,12 +201,26 @@ class DependencyGraph:
                     self.nested.setdefault(id(operation), (inner, node_in))
                     node_out = self._walk(inner, node_in, prefix + operation.name + "/")
                     self.tensor_alias.update({id(i): id(o) for i, o in zip(inner.inputs, tensors)})
-                    self.tensor_alias.update({id(o): id(i) for o, i in zip(node.outputs, inner.outputs)})
+                    inner_out = list(inner.outputs)
+                    if id(operation) in self.traced:
+                        # A traced layer's constant outputs (placeholders) carry none of its input channels;
+                        # their layouts are made only if read (an unused placeholder adds no group).
+                        node_out = expand_outputs(inner, node_out, lambda i, _: self._constant_layout(operation, node.outputs[i]))
+                        inner_out = expand_outputs(inner, inner_out, lambda i, _: None)
+                    self.tensor_alias.update({id(o): id(i) for o, i in zip(node.outputs, inner_out) if i is not None})
                 else:
                     node_out = self._walk_call(operation, node, tensors, node_in, prefix)
                 for tensor, layout in zip(node.outputs, node_out):
                     layouts[id(tensor)] = layout
         return [layouts[id(t)] for t in functional.outputs]
+
+    def _constant_layout(self, operation, tensor) -> "_Lazy":
+        def make() -> np.ndarray:
+            layout = self.atoms.new_space(_width(tensor.shape), operation.name)
+            self.atoms.fix(layout, f"it is a constant output of traced layer '{operation.name}'")
+            return layout
+
+        return _Lazy(make)
 
     def _inner_model(self, operation, node) -> keras.Model | None:
         """The functional model to walk for ``operation``: a nested model, a traced custom layer, or None."""
@@ -385,6 +399,24 @@ def _is_graph_model(model) -> bool:
     from keras.src.models.functional import Functional
 
     return isinstance(model, (keras.Sequential, Functional))
+
+
+class _Lazy:
+    """A layout made on first use (a traced layer's constant output)."""
+
+    def __init__(self, make):
+        self.make = make
+
+
+class _Layouts(dict):
+    """Tensor key -> layout; `_Lazy` layouts are made when first read."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if isinstance(value, _Lazy):
+            value = value.make()
+            self[key] = value
+        return value
 
 
 def _width(shape) -> int:

@@ -25,6 +25,26 @@ runs them; Python control flow on ``training`` therefore follows the
 inference branch, and the training-mode check rejects a layer whose
 training branch differs.
 
+Outputs and intermediate values need not all be tensors: only the tensor
+leaves of what ``call`` returns are traced. Its other leaves (``None``,
+Python numbers, tensors that do not depend on the inputs, such as an
+``ops.empty`` placeholder) are constants of the trace, put back in place
+wherever the traced model stands for the layer (`expand_outputs`); channels
+reading them are blocked. A custom sublayer whose own symbolic call fails
+(Keras records no call returning ``None``, as in ``return x, None``) is
+traced first, the same way, and called as its traced model: a nested
+functional model named after it, walked and pruned like any nested model.
+
+A reshape target built from ``ops.shape`` of a symbolic tensor holds
+``None`` for the unknown batch size (``ops.reshape(x, (B, H, W, C))`` with
+``B = ops.shape(x)[0]``), which Keras accepts symbolically but not at run
+time. The trace completes it: a single ``None`` with no ``-1`` becomes
+``-1`` (the only size that keeps the element count); ``(B, -1, C)`` of an
+input whose dimensions other than the batch are static keeps the batch
+axis, so ``-1`` becomes the per-sample size and ``B`` becomes ``-1``. The
+traced graph is then rebuilt, so that every shape after the reshape is
+static again.
+
 What is not traced (the layer then blocks the channels that cross it, with
 a warning naming it and the reason): built-in Keras layers; layers that own
 variables themselves (``self.add_weight``, a seed generator) rather than
@@ -47,6 +67,8 @@ from keras_autoprune.graph.handlers import get_handler
 
 #: layer -> {input signature: (traced model or None, reason)}.
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+#: traced model -> (the layer's output structure, {flat position: constant leaf}).
+_LEAVES: "weakref.WeakKeyDictionary[Any, tuple[Any, dict[int, Any]]]" = weakref.WeakKeyDictionary()
 _TOLERANCE = 1e-4
 
 
@@ -61,10 +83,7 @@ def see_through(operation: Any, node: Any) -> tuple[keras.Model | None, str | No
         ``(model, None)``, ``(None, reason)`` for a custom layer that could
         not be traced, or ``(None, None)`` for a layer not meant to be traced.
     """
-    if isinstance(operation, keras.Model) or not isinstance(operation, keras.layers.Layer):
-        return None, None
-    module = type(operation).__module__ or ""
-    if module == "keras" or module.startswith("keras.") or get_handler(operation) is not None:
+    if not _traceable(operation):
         return None, None
     return trace_layer(operation, node)
 
@@ -83,15 +102,49 @@ def trace_layer(layer: keras.layers.Layer, node: Any) -> tuple[keras.Model | Non
         whose layers are ``layer``'s sublayers; or ``(None, reason)``.
         Results are cached per layer and input signature.
     """
-    tensors = list(node.arguments.keras_tensors)
-    signature = tuple((tuple(t.shape), str(t.dtype)) for t in tensors)
+    return _trace_cached(layer, node.arguments)
+
+
+def _trace_cached(layer, arguments) -> tuple[keras.Model | None, str | None]:
+    tensors = list(arguments.keras_tensors)
+    signature = (tuple((tuple(t.shape), str(t.dtype)) for t in tensors), _static_arguments(arguments))
     cache = _CACHE.setdefault(layer, {})
     if signature not in cache:
         try:
-            cache[signature] = _trace(layer, node, tensors)
+            cache[signature] = _trace(layer, arguments, tensors)
         except Exception as error:  # noqa: BLE001 - any failure: the layer stays opaque
             cache[signature] = (None, f"tracing its call failed ({type(error).__name__}: {error})")
     return cache[signature]
+
+
+def _static_arguments(arguments) -> str:
+    """The call's non-tensor arguments (flags such as ``return_attention_scores``), as a cache key."""
+    leaves = keras.tree.flatten((arguments.args, arguments.kwargs))
+    return repr([None if isinstance(v, keras.KerasTensor) else v for v in leaves])
+
+
+def expand_outputs(model: keras.Model, values: list, constant=None) -> list:
+    """A traced layer's flat outputs: ``values`` with the layer's constant leaves put back.
+
+    Args:
+        model: a traced model (`trace_layer`).
+        values: one value per output of ``model``, in order.
+        constant: ``constant(position, leaf)`` gives what stands for a
+            constant leaf; by default the leaf itself.
+
+    Returns:
+        One value per leaf of what the layer returns (per output of its
+        functional node), in ``keras.tree.flatten`` order; ``values`` itself
+        when every leaf is a tensor.
+    """
+    constants = _LEAVES.get(model, (None, {}))[1] if _accepts_weakref(model) else {}
+    if not constants:
+        return list(values)
+    rest = iter(values)
+    count = len(constants) + len(values)
+    if constant is None:
+        return [constants[i] if i in constants else next(rest) for i in range(count)]
+    return [constant(i, constants[i]) if i in constants else next(rest) for i in range(count)]
 
 
 def traced_model(layer: Any) -> keras.Model | None:
@@ -110,26 +163,161 @@ def _accepts_weakref(obj) -> bool:
     return True
 
 
-def _trace(layer, node, tensors) -> tuple[keras.Model | None, str | None]:
+def _trace(layer, arguments, tensors) -> tuple[keras.Model | None, str | None]:
     own = _own_variables(layer)
     if own:
         return None, f"it holds variables of its own ({', '.join(own[:3])}), not through sublayers"
     inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=f"{layer.name}_input_{i}") for i, t in enumerate(tensors)]
-    args, kwargs = node.arguments.fill_in({id(t): i for t, i in zip(tensors, inputs)})
+    args, kwargs = arguments.fill_in({id(t): i for t, i in zip(tensors, inputs)})
     if _accepts_training(layer):
         kwargs = {**kwargs, "training": None}
-    outputs = layer.call(*args, **kwargs)
+    with _CustomSublayersTraced(layer):
+        outputs = layer.call(*args, **kwargs)
     flat = keras.tree.flatten(outputs)
-    if not flat or not all(isinstance(t, keras.KerasTensor) for t in flat):
+    symbolic = [t for t in flat if isinstance(t, keras.KerasTensor)]
+    if not symbolic:
         return None, "its call does not return symbolic tensors"
+    if any(isinstance(t, keras.Variable) for t in flat):
+        return None, "its call returns a variable"
+    constants = {i: t for i, t in enumerate(flat) if not isinstance(t, keras.KerasTensor)}
+    structure = keras.tree.pack_sequence_as(outputs, [0] * len(flat))
+    if constants:  # only the tensor leaves are traced
+        outputs = symbolic[0] if len(symbolic) == 1 else symbolic
     model = keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs, name=layer.name)
+    while _complete_reshape_targets(model):  # each rebuild may make a later target completable
+        model = _rerun(model)
+    _LEAVES[model] = (structure, constants)
     captured = _captured_constants(model)
     if captured:
         return None, f"operation '{captured}' captures a variable or tensor as a constant"
-    error = _mismatch(layer, model, tensors, node)
+    error = _mismatch(layer, model, tensors, arguments)
     if error:
         return None, error
     return model, None
+
+
+def _call_traced(model: keras.Model, tensors: list):
+    """``model`` called on a traced layer's tensor arguments: the layer's output structure."""
+    outputs = keras.tree.flatten(model(tensors[0] if len(tensors) == 1 else tensors))
+    structure, _ = _LEAVES[model]
+    return keras.tree.pack_sequence_as(structure, expand_outputs(model, outputs))
+
+
+class _CustomSublayersTraced:
+    """While a layer's call is traced, a direct custom sublayer whose symbolic call fails is traced itself.
+
+    Keras records a sublayer call only if it returns tensors; a sublayer
+    returning ``(x, None)`` raises. Such a sublayer (one `see_through`
+    would trace) is then traced on the same arguments and its traced model
+    called instead, and the call returns the sublayer's output structure
+    (constant leaves included). Its class's ``__call__`` is wrapped for the
+    duration of the trace only, and only symbolic calls of these sublayers
+    are affected.
+    """
+
+    def __init__(self, layer):
+        self.layers = {
+            id(sub): sub for sub in layer._flatten_layers(include_self=False, recursive=False)
+            if _traceable(sub)
+        }
+        self.saved: list[tuple[type, Any]] = []
+
+    def __enter__(self):
+        for cls in {type(sub) for sub in self.layers.values()}:
+            self.saved.append((cls, cls.__dict__.get("__call__", _MISSING)))
+            cls.__call__ = self._wrap(cls.__call__)
+        return self
+
+    def __exit__(self, *exc):
+        for cls, original in reversed(self.saved):
+            if original is _MISSING:
+                del cls.__call__
+            else:
+                cls.__call__ = original
+        return False
+
+    def _wrap(self, call):
+        layers = self.layers
+
+        def __call__(sub, *args, **kwargs):
+            if id(sub) not in layers or not any(
+                isinstance(v, keras.KerasTensor) for v in keras.tree.flatten((args, kwargs))
+            ):
+                return call(sub, *args, **kwargs)
+            try:
+                return call(sub, *args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - traced instead, or the error stands
+                from keras.src.ops.symbolic_arguments import SymbolicArguments
+
+                arguments = SymbolicArguments(*args, **kwargs)
+                model, reason = _trace_cached(sub, arguments)
+                if model is None:
+                    raise ValueError(f"sublayer '{sub.name}' could not be called ({error}) nor traced ({reason})") from error
+                return _call_traced(model, list(arguments.keras_tensors))
+
+        return __call__
+
+
+_MISSING = object()
+
+
+def _traceable(layer) -> bool:
+    if isinstance(layer, keras.Model) or not isinstance(layer, keras.layers.Layer):
+        return False
+    module = type(layer).__module__ or ""
+    return not (module == "keras" or module.startswith("keras.") or get_handler(layer) is not None)
+
+
+def _complete_reshape_targets(model) -> bool:
+    """Reshape targets holding ``None`` (a batch size read with ``ops.shape``) made runnable; True if any was.
+
+    ``(None, H, W, C)``: the one ``None`` becomes ``-1``. ``(None, -1, C)``
+    of an input ``(None, d_1, ..., d_k)`` with static ``d_i``: a reshape that
+    keeps the batch axis, so ``-1`` is the per-sample size ``d_1···d_k / C``
+    and ``None`` becomes ``-1``.
+    """
+    from keras.src.ops.numpy import Reshape
+
+    changed = False
+    for nodes in model._nodes_by_depth.values():
+        for node in nodes:
+            operation = node.operation
+            target = getattr(operation, "newshape", None) if isinstance(operation, Reshape) else None
+            if not isinstance(target, (tuple, list)) or None not in target:
+                continue
+            completed = _completed_target(list(target), tuple(node.arguments.keras_tensors[0].shape))
+            if completed is None:
+                continue
+            operation.newshape = completed
+            config = getattr(operation, "_auto_config", None)
+            if config is not None and "newshape" in config.config:
+                config.config["newshape"] = completed
+            changed = True
+    return changed
+
+
+def _completed_target(target: list, shape: tuple) -> tuple | None:
+    if target.count(None) == 1 and -1 not in target:
+        return tuple(-1 if d is None else d for d in target)
+    rest = target[1:]
+    if target[0] is not None or None in rest or not shape or shape[0] is not None or None in shape[1:]:
+        return None
+    per_sample = int(np.prod(shape[1:], dtype=np.int64))
+    if rest.count(-1) == 1:
+        known = int(np.prod([d for d in rest if d != -1], dtype=np.int64))
+        if known <= 0 or per_sample % known:
+            return None
+        rest[rest.index(-1)] = per_sample // known
+    if -1 in rest or int(np.prod(rest, dtype=np.int64)) != per_sample:
+        return None
+    return (-1, *rest)
+
+
+def _rerun(model: keras.Model) -> keras.Model:
+    """``model``'s graph called again on new inputs (its operations' output shapes recomputed)."""
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in model.inputs]
+    outputs = model._run_through_graph(keras.tree.pack_sequence_as(model._inputs_struct, inputs), operation_fn=lambda op: op)
+    return keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs, name=model.name)
 
 
 def _own_variables(layer) -> list[str]:
@@ -156,11 +344,11 @@ def _captured_constants(model) -> str | None:
     return None
 
 
-def _mismatch(layer, model, tensors, node) -> str | None:
+def _mismatch(layer, model, tensors, arguments) -> str | None:
     """Compares the layer and its trace on a random batch; returns why they differ, or None."""
     rng = np.random.default_rng(0)
     values = [_sample(t, rng) for t in tensors]
-    args, kwargs = node.arguments.fill_in({id(t): v for t, v in zip(tensors, values)})
+    args, kwargs = arguments.fill_in({id(t): v for t, v in zip(tensors, values)})
     modes = [False]
     if not any("seed_generator" in v.path for v in layer.variables):
         modes.append(True)
@@ -172,10 +360,14 @@ def _mismatch(layer, model, tensors, node) -> str | None:
         finally:
             for variable, value in zip(layer.variables, saved):
                 variable.assign(value)
-        expected, received = keras.tree.flatten(expected), keras.tree.flatten(received)
+        expected, received = keras.tree.flatten(expected), expand_outputs(model, keras.tree.flatten(received))
         if len(expected) != len(received):
-            return f"its trace returns {len(received)} tensors instead of {len(expected)}"
+            return f"its trace returns {len(received)} values instead of {len(expected)}"
         for e, r in zip(expected, received):
+            if e is None or r is None:
+                if e is not r:
+                    return "its trace returns None where the layer does not, or the reverse"
+                continue
             e, r = np.asarray(e, np.float64), np.asarray(r, np.float64)
             if e.shape != r.shape:
                 return f"its trace returns shape {r.shape} instead of {e.shape}"

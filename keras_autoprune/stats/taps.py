@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_autoprune.graph.dependency import DependencyGraph, _is_graph_model, check_model
-from keras_autoprune.graph.trace import traced_model
+from keras_autoprune.graph.trace import expand_outputs, traced_model
 
 L = keras.layers
 
@@ -290,7 +290,8 @@ def replay(
             traced = traced_model(op)
             if traced is not None:  # a custom layer seen through: its tensor arguments, in node order
                 tensors = [a for a in keras.tree.flatten((args, kwargs)) if keras.ops.is_tensor(a)]
-                return run(traced, keras.tree.pack_sequence_as(traced._inputs_struct, tensors), prefix + op.name + "/")
+                outputs = run(traced, keras.tree.pack_sequence_as(traced._inputs_struct, tensors), prefix + op.name + "/")
+                return expand_outputs(traced, keras.tree.flatten(outputs))
             name = prefix + op.name
             if "training" in getattr(op, "_call_context_args", ()):
                 kwargs["training"] = False

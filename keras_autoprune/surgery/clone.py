@@ -30,6 +30,7 @@ import keras
 import numpy as np
 
 from keras_autoprune.errors import UnsupportedModelError
+from keras_autoprune.graph.trace import expand_outputs
 from keras_autoprune.surgery.duplicate import duplicate_layer
 from keras_autoprune.surgery.weights import assign_weights, layer_weights
 
@@ -65,14 +66,16 @@ def clone_layers(model: keras.Model, rebuild: Rebuild, rebuild_op: Callable | No
     new_weights: list[tuple[keras.layers.Layer, dict[str, np.ndarray]]] = []
 
     cache: dict[int, keras.layers.Layer] = {}
-    traced: set[int] = set()  # the clones standing for custom layers seen through
+    traced: dict[int, keras.Model] = {}  # clone standing for a custom layer seen through -> its traced model
 
     def call(new_layer, *args, **kwargs):
         if id(new_layer) not in traced:
             return new_layer(*args, **kwargs)
-        # A traced model takes the custom layer's tensor arguments, in node order.
+        # A traced model takes the custom layer's tensor arguments, in node order,
+        # and returns its tensor outputs; the layer's constant outputs are put back.
         tensors = [a for a in keras.tree.flatten((args, kwargs)) if isinstance(a, keras.KerasTensor)]
-        return new_layer(keras.tree.pack_sequence_as(new_layer._inputs_struct, tensors))
+        outputs = new_layer(keras.tree.pack_sequence_as(new_layer._inputs_struct, tensors))
+        return expand_outputs(traced[id(new_layer)], keras.tree.flatten(outputs))
 
     def replay(source, **kwargs):
         calls = {} if isinstance(source, keras.Sequential) else {"call_function": call}
@@ -92,7 +95,7 @@ def clone_layers(model: keras.Model, rebuild: Rebuild, rebuild_op: Callable | No
                 functional = layer
             new_layer = replay(functional, input_tensors=inputs)
             if not isinstance(layer, keras.Model):
-                traced.add(id(new_layer))
+                traced[id(new_layer)] = functional
         else:
             new_layer, weights = rebuild(layer)
             if weights is not None:
