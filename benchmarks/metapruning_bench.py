@@ -207,7 +207,7 @@ def latency(model_name: str, target: float, log=print) -> None:
         start = time.perf_counter()
         mp.LatencyTable.build(model).save(paths["table"])
         log(f"latency table: {time.perf_counter() - start:.0f} s")
-    row = search(model_name, target, metric="latency", log=log)
+    search(model_name, target, metric="latency", log=log)
     table = mp.LatencyTable.load(paths["table"])
     _, net = _network(model_name, paths)
     scored = sorted(_load(pathlib.Path(str(paths["scores"]).format(tag=f"latency_{target}")))["scores"],
@@ -222,7 +222,6 @@ def latency(model_name: str, target: float, log=print) -> None:
     _store(paths["results"], results)
     log(f"latency check: r={check.correlation:.3f}, mean error {check.mean_relative_error:.1%}, "
         f"winner at {check.measured_ms[0] / table.full_ms:.1%} of the full model's latency (budget {target:.0%})")
-    del row
 
 
 def markdown(results: dict) -> str:

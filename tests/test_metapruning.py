@@ -289,3 +289,22 @@ def test_latency_table_interpolates_its_grid_and_round_trips(tmp_path):
     check = mp.check_latency(table, model, [kap.PrunePlan({}), plan], runs=5, rounds=1)
     assert len(check.measured_ms) == 2 and all(m > 0 for m in check.measured_ms)
     assert check.predicted_ms == (pytest.approx(table.full_ms), pytest.approx(table.estimate(plan)))
+
+
+def test_uniform_gene_is_the_widest_uniform_width_within_the_budget():
+    net = mp.PruningNet(_residual_net(), scales=(0.25, 0.5, 0.75, 1.0))
+    cost = mp.cost_function(net, kap.Budget(flops=0.5))
+    gene = mp.uniform_gene(net.space, cost, 0.5)
+    assert len(set(gene)) == 1 and cost(gene) <= 0.5
+    assert gene[0] == len(net.space.scales) - 1 or cost(net.space.uniform(gene[0] + 1)) > 0.5
+    with pytest.raises(ValueError, match="uniform width can reach"):
+        mp.uniform_gene(net.space, cost, 0.001)
+
+
+def test_smoothed_crossentropy_matches_keras_on_one_hot_labels():
+    logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]], "float32")
+    labels = np.array([0, 2])
+    loss = mp.SmoothedCrossentropy(3, label_smoothing=0.1, from_logits=True)
+    expected = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1)(np.eye(3)[labels], logits)
+    assert float(loss(labels, logits)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(loss(np.eye(3)[labels].astype("float32"), logits)) == pytest.approx(float(expected), rel=1e-6)
