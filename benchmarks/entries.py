@@ -59,7 +59,7 @@ from benchmarks.pretrain import PRETRAIN_SEED, load_pretrained
 from benchmarks.profiles import ONE_SHOT_ENTRIES, SCORER_ENTRIES, SCRATCH_ENTRIES, Profile, learning_rate
 from benchmarks.stages import Deadline, StageIncomplete
 from benchmarks.training import compile_model, fit_epochs
-from keras_autoprune.allocation import global_ranking_plan
+from keras_autoprune.callbacks.ranked import RankedPruningCallback
 from keras_autoprune.evaluation import accuracy
 from keras_autoprune.stats import collect_gradient_stats
 from keras_autoprune.zoo import resnet_cifar
@@ -175,7 +175,7 @@ class UniformL1Callback(kap.PruningCallback):
         return result
 
 
-class TaylorCallback(kap.PruningCallback):
+class TaylorCallback(RankedPruningCallback):
     """First-order Taylor pruning: ``score_c = sum_{w in filters creating c} |g_w * w|``.
 
     ``g`` is the mean gradient of the training loss (real labels: the
@@ -187,7 +187,7 @@ class TaylorCallback(kap.PruningCallback):
         data: calibration ``(x, y)``.
         budget: a `kap.Budget`.
         num_batches, batch_size: calibration batches per round.
-        **kwargs: `kap.PruningCallback` schedule arguments.
+        **kwargs: `RankedPruningCallback` arguments (``max_layer_ratio``, the schedule).
     """
 
     def __init__(self, data: Any, budget: kap.Budget, num_batches: int, batch_size: int, **kwargs: Any):
@@ -198,14 +198,13 @@ class TaylorCallback(kap.PruningCallback):
     def check_model(self, model: keras.Model) -> None:
         self.statistics_seconds = 0.0
 
-    def compute_plan(self, target: float, removed: kap.PrunePlan | None) -> kap.PrunePlan:
+    def scores(self) -> dict[str, np.ndarray]:
         stats = collect_gradient_stats(
             self.model, self.data, fisher="empirical", num_batches=self.num_batches,
             batch_size=self.batch_size, graph=self.graph, verbose=0,
         )
         self.statistics_seconds += stats.seconds
-        scores = taylor_scores(self.graph, stats)
-        return global_ranking_plan(self.model, self.graph, scores, self.budget, target, removed)
+        return taylor_scores(self.graph, stats)
 
 
 def taylor_scores(graph: kap.DependencyGraph, stats: dict) -> dict[str, np.ndarray]:
@@ -231,17 +230,16 @@ def taylor_scores(graph: kap.DependencyGraph, stats: dict) -> dict[str, np.ndarr
     return scores
 
 
-class RandomCallback(kap.PruningCallback):
+class RandomCallback(RankedPruningCallback):
     """Random channels: uniform random scores, the same in every round (seeded)."""
 
     def __init__(self, budget: kap.Budget, seed: int, **kwargs: Any):
         super().__init__(budget, **kwargs)
         self.seed = seed
 
-    def compute_plan(self, target: float, removed: kap.PrunePlan | None) -> kap.PrunePlan:
+    def scores(self) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(self.seed)
-        scores = {group.id: rng.random(group.size) for group in self.graph.prunable_groups}
-        return global_ranking_plan(self.model, self.graph, scores, self.budget, target, removed)
+        return {group.id: rng.random(group.size) for group in self.graph.prunable_groups}
 
 
 def compress_one_shot(entry: str, model: keras.Model, budget: float) -> tuple[keras.Model, dict]:

@@ -11,11 +11,15 @@ as in training: `converged.protocol_data`) for every entry.
 
     python -m benchmarks.oneshot --model resnet20                  # all entries and targets (resumable)
     python -m benchmarks.oneshot --model resnet20 --entries nap uniform_l1 --targets 0.5
+    python -m benchmarks.oneshot --model resnet20 --max-layer-ratio 0.9  # the ranked entries with a layer floor
 
 Rows are appended to ``benchmarks/results/v2/oneshot_<model>.json`` as they
 finish (a rerun skips finished rows; ``--fresh`` starts over); the plot
 ``docs/img/v2_oneshot_<model>.png`` and the table in ``docs/benchmarks.md``
-are redrawn from them. ``--out`` writes elsewhere (the published files are
+are redrawn from them. ``--max-layer-ratio r`` runs the entries of
+`RANKED_ENTRIES` with that layer floor (``max_layer_ratio`` of
+`kap.NAPCallback`) into ``oneshot_<model>_max_layer_ratio_<r>.json`` and its
+own plot, the "after" of a layer-floor comparison. ``--out`` writes elsewhere (the published files are
 left alone). The Torch-Pruning rows come
 from `benchmarks.torch_peer` (its own process) and are drawn from
 ``oneshot_torch_<model>.json`` beside them when present.
@@ -38,31 +42,37 @@ ENTRIES = ("uniform_l1", "global_l1", "taylor", "random", "nap", "nap_cost_aware
            "kron_obd", "kron_obs", "eigendamage", "psap")
 """Protocol 1's entries, as in `benchmarks.entries` (TFMOT prunes individual weights and does not
 remove FLOPs in one shot: it appears in protocol 2 only)."""
+RANKED_ENTRIES = ("global_l1", "taylor", "random", "nap", "nap_cost_aware", "c_obd", "c_obs", "kron_obd", "kron_obs")
+"""The entries that rank channels over the whole model (`RankedPruningCallback`): ``--max-layer-ratio`` applies to them."""
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results" / "v2"
 PLOT_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "img"
 DOCS_PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 BATCH_SIZE = 128
 
 
-def make_callback(entry: str, target: float, calibration: tuple[np.ndarray, np.ndarray], seed: int = 0):
-    """The entry's callback for one round to ``target`` FLOPs kept."""
+def make_callback(entry: str, target: float, calibration: tuple[np.ndarray, np.ndarray], seed: int = 0,
+                  max_layer_ratio: float | None = None):
+    """The entry's callback for one round to ``target`` FLOPs kept (``max_layer_ratio``: ranked entries only)."""
     import keras_autoprune as kap
     from benchmarks.entries import RandomCallback, TaylorCallback, UniformL1Callback
 
     budget = kap.Budget(flops=target)
     batches = {"num_batches": len(calibration[0]) // BATCH_SIZE, "batch_size": BATCH_SIZE}
+    if max_layer_ratio is not None and entry not in RANKED_ENTRIES:
+        raise ValueError(f"`max_layer_ratio` applies to the ranked entries {RANKED_ENTRIES}. Received: entry={entry!r}")
+    ranked = {"verbose": 0} if max_layer_ratio is None else {"verbose": 0, "max_layer_ratio": max_layer_ratio}
     if entry == "uniform_l1":
         return UniformL1Callback(budget, verbose=0)
     if entry == "global_l1":
-        return kap.MagnitudeCallback(budget, verbose=0)
+        return kap.MagnitudeCallback(budget, **ranked)
     if entry == "taylor":
-        return TaylorCallback(calibration, budget, **batches, verbose=0)
+        return TaylorCallback(calibration, budget, **batches, **ranked)
     if entry == "random":
-        return RandomCallback(budget, seed, verbose=0)
+        return RandomCallback(budget, seed, **ranked)
     if entry in ("nap", "nap_cost_aware"):
-        return kap.NAPCallback(calibration, budget=budget, cost_aware=entry == "nap_cost_aware", **batches, verbose=0)
+        return kap.NAPCallback(calibration, budget=budget, cost_aware=entry == "nap_cost_aware", **batches, **ranked)
     if entry in ("c_obd", "c_obs", "kron_obd", "kron_obs"):
-        return kap.NAPCallback(calibration, budget=budget, scorer=entry.replace("_", "-"), **batches, verbose=0)
+        return kap.NAPCallback(calibration, budget=budget, scorer=entry.replace("_", "-"), **batches, **ranked)
     if entry == "eigendamage":
         return kap.EigenDamageCallback(calibration, budget=budget, **batches, verbose=0)
     if entry == "psap":
@@ -79,14 +89,18 @@ def load_model(name: str):
     return model
 
 
-def run_row(model, entry: str, target: float, shared: dict, data: converged.Cifar10) -> dict:
+def run_row(model, entry: str, target: float, shared: dict, data: converged.Cifar10,
+            max_layer_ratio: float | None = None) -> dict:
     """Prunes ``model`` once for (entry, target) and measures it; an entry that fails records its error."""
     import keras_autoprune as kap
 
     row = {"entry": entry, "target": target}
+    if max_layer_ratio is not None:
+        row["max_layer_ratio"] = max_layer_ratio
     start = time.perf_counter()
     try:
-        callback = make_callback(entry, target, (shared["calibration_x"], shared["calibration_y"]))
+        callback = make_callback(entry, target, (shared["calibration_x"], shared["calibration_y"]),
+                                 max_layer_ratio=max_layer_ratio)
         slim = callback.prune(model)
     except Exception as error:  # an entry that cannot reach a target is a result, not a crash
         return dict(row, error=f"{type(error).__name__}: {error}")
@@ -126,9 +140,10 @@ def run(
     data: converged.Cifar10 | None = None,
     fresh: bool = False,
     log=print,
+    max_layer_ratio: float | None = None,
 ) -> list[dict]:
     """Runs (or continues) protocol 1 for one model; returns all rows of its result file."""
-    out = pathlib.Path(out) if out is not None else RESULTS_DIR / f"oneshot_{model_name}.json"
+    out = pathlib.Path(out) if out is not None else RESULTS_DIR / result_name(model_name, max_layer_ratio)
     data = data or converged.load_cifar10()
     shared = converged.protocol_data(data)
     model = load_model(model_name)
@@ -144,7 +159,7 @@ def run(
         result["rows"].append(unpruned_row(model, shared, data))
     todo = [(e, t) for e in entries for t in targets if (e, t) not in done]
     for index, (entry, target) in enumerate(todo, 1):
-        row = run_row(model, entry, target, shared, data)
+        row = run_row(model, entry, target, shared, data, max_layer_ratio)
         result["rows"].append(row)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
@@ -210,11 +225,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + ("\n\nCells: top-1 % as pruned / **after BN re-estimation** (FLOPs kept, parameters kept).")
 
 
-def all_rows(model_name: str, folder: pathlib.Path) -> list[dict]:
-    """This protocol's rows and, when present, the Torch-Pruning peer's (``oneshot_torch_<model>.json``)."""
-    rows = json.loads((folder / f"oneshot_{model_name}.json").read_text())["rows"]
+def result_name(model_name: str, max_layer_ratio: float | None = None) -> str:
+    """``oneshot_<model>.json``, or ``oneshot_<model>_max_layer_ratio_<r>.json`` for a layer-floor run."""
+    return f"oneshot_{model_name}" + ("" if max_layer_ratio is None else f"_max_layer_ratio_{max_layer_ratio:g}") + ".json"
+
+
+def all_rows(model_name: str, folder: pathlib.Path, max_layer_ratio: float | None = None) -> list[dict]:
+    """This protocol's rows and, when present, the Torch-Pruning peer's (``oneshot_torch_<model>.json``; not for a layer-floor run)."""
+    rows = json.loads((folder / result_name(model_name, max_layer_ratio)).read_text())["rows"]
     peer = folder / f"oneshot_torch_{model_name}.json"
-    if peer.exists():
+    if peer.exists() and max_layer_ratio is None:
         loaded = json.loads(peer.read_text())
         rows += loaded["rows"] if isinstance(loaded, dict) else loaded
     return rows
@@ -223,24 +243,35 @@ def all_rows(model_name: str, folder: pathlib.Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.oneshot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(converged.ARCHITECTURES), required=True)
-    parser.add_argument("--entries", nargs="+", default=list(ENTRIES), choices=ENTRIES)
+    parser.add_argument("--entries", nargs="+", choices=ENTRIES,
+                        help="default: every entry (with --max-layer-ratio: every ranked entry)")
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--out", type=pathlib.Path, help="result folder (default: the published benchmarks/results/v2)")
     parser.add_argument("--data", default=str(converged.DEFAULT_SOURCE))
     parser.add_argument("--fresh", action="store_true", help="discard finished rows")
+    parser.add_argument("--max-layer-ratio", type=float,
+                        help="layer floor of the ranked entries (e.g. 0.9), results in their own file")
     args = parser.parse_args(argv)
+    ratio = args.max_layer_ratio
+    entries = args.entries or list(ENTRIES if ratio is None else RANKED_ENTRIES)
+    if ratio is not None and not set(entries) <= set(RANKED_ENTRIES):
+        parser.error(f"--max-layer-ratio applies to the ranked entries {RANKED_ENTRIES}; received {entries}")
     folder = args.out or RESULTS_DIR
-    run(args.model, tuple(args.entries), tuple(args.targets), out=folder / f"oneshot_{args.model}.json",
-        data=converged.load_cifar10(args.data), fresh=args.fresh, log=lambda line: print(line, flush=True))
-    rows = all_rows(args.model, folder)
+    name = result_name(args.model, ratio)
+    run(args.model, tuple(entries), tuple(args.targets), out=folder / name, data=converged.load_cifar10(args.data),
+        fresh=args.fresh, log=lambda line: print(line, flush=True), max_layer_ratio=ratio)
+    rows = all_rows(args.model, folder, ratio)
     print(markdown(rows))
-    if args.out is None:  # the published results: the plot and the table of docs/benchmarks.md
-        from benchmarks.report import update_docs
+    image = name.replace("oneshot_", "v2_oneshot_").replace(".json", ".png")
+    title = args.model if ratio is None else f"{args.model}, max_layer_ratio={ratio:g}"
+    if args.out is None:  # the published results: the plot (and, without a floor, the table of docs/benchmarks.md)
+        plot(title, rows, PLOT_DIR / image)
+        if ratio is None:
+            from benchmarks.report import update_docs
 
-        plot(args.model, rows, PLOT_DIR / f"v2_oneshot_{args.model}.png")
-        update_docs(DOCS_PAGE, f"oneshot_{args.model}", markdown(rows))
+            update_docs(DOCS_PAGE, f"oneshot_{args.model}", markdown(rows))
     else:
-        plot(args.model, rows, folder / f"v2_oneshot_{args.model}.png")
+        plot(title, rows, folder / image)
     return 0
 
 

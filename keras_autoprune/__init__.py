@@ -14,7 +14,14 @@ check_tensorflow()
 from keras_autoprune.accounting import LayerCost, count_flops, count_params, flops_table, format_table  # noqa: E402
 from keras_autoprune.batchnorm import recalibrate_batchnorm  # noqa: E402
 from keras_autoprune.budget import Budget  # noqa: E402
-from keras_autoprune.callbacks import EigenDamageCallback, MagnitudeCallback, NAPCallback, PruningCallback, PSAPCallback  # noqa: E402
+from keras_autoprune.callbacks import (  # noqa: E402
+    EigenDamageCallback,
+    MagnitudeCallback,
+    NAPCallback,
+    PruningCallback,
+    PSAPCallback,
+    RankedPruningCallback,
+)
 from keras_autoprune.errors import ExportError, PlanError, SurgeryError, UnsupportedModelError, VerificationError  # noqa: E402
 from keras_autoprune.export import (  # noqa: E402
     ExportResult,
@@ -54,6 +61,7 @@ __all__ = sorted(
         "NAPCallback",
         "PSAPCallback",
         "PruningCallback",
+        "RankedPruningCallback",
         "LayerChange",
         "LayerCost",
         "count_flops",

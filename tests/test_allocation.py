@@ -72,3 +72,44 @@ def test_global_ranking_meets_the_budget_with_the_fewest_removals():
     assert kap.count_flops(kap.apply_plan(model, one_less, graph)) > 0.6 * flops
     with pytest.warns(UserWarning, match="cannot reach"):
         global_ranking_plan(model, graph, scores, kap.Budget(flops=0.001))
+
+
+def test_layer_floor_keeps_a_fraction_of_every_group():
+    model = two_branch_model()
+    graph = kap.DependencyGraph(model)
+    scores = {"a": np.array([4.0, 1.0, 3.0, 0.5]), "b": np.array([2.0, 0.1, 5.0, 6.0, 0.2, 7.0])}
+    # r = 0.5: "a" keeps ceil(0.5 * 4) = 2 channels, "b" ceil(0.5 * 6) = 3; the lowest-scored go first.
+    flat = [(g, int(c[0])) for g, c in removal_order(graph, scores, max_layer_ratio=0.5)]
+    assert flat == [("b", 1), ("b", 4), ("a", 3), ("a", 1), ("b", 0)]
+    # r = 0.6: "a" keeps ceil(0.4 * 4) = 2, "b" ceil(0.4 * 6) = 3 (2.4 rounds up).
+    assert len(removal_order(graph, scores, max_layer_ratio=0.6)) == 5
+    # r = 1.0 is the order without a floor (one channel kept).
+    assert len(removal_order(graph, scores, max_layer_ratio=1.0)) == len(removal_order(graph, scores)) == 8
+    # A budget beyond the floor gets the maximal floored plan, with the floor named in the warning.
+    with pytest.warns(UserWarning, match="max_layer_ratio=0.5"):
+        plan = global_ranking_plan(model, graph, scores, kap.Budget(flops=0.1), max_layer_ratio=0.5)
+    assert {g: sorted(k.tolist()) for g, k in plan.kept.items()} == {"a": [0, 2], "b": [2, 3, 5]}
+
+
+@pytest.mark.parametrize("ratio", [0, 1.5, -0.1, True, "0.9"])
+def test_layer_floor_rejects_ratios_outside_the_unit_interval(ratio):
+    with pytest.raises(ValueError, match="max_layer_ratio"):
+        kap.MagnitudeCallback(kap.Budget(flops=0.5), max_layer_ratio=ratio)
+    graph = kap.DependencyGraph(two_branch_model())
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        removal_order(graph, {"a": np.ones(4)}, max_layer_ratio=ratio)
+
+
+def test_layer_floor_in_a_callback_stops_collapse_and_checks_the_budget():
+    model = two_branch_model()
+    randomize(model)
+    # Channel "a" scores are tiny: without a floor, global L1 empties "a" down to one channel.
+    model.get_layer("a").kernel.assign(model.get_layer("a").kernel * 1e-3)
+    model.get_layer("a").bias.assign(np.zeros(4))
+    free = kap.MagnitudeCallback(kap.Budget(flops=0.45), verbose=0).prune(model)
+    assert free.get_layer("a").filters == 1
+    floored = kap.MagnitudeCallback(kap.Budget(flops=0.45), max_layer_ratio=0.5, verbose=0).prune(model)
+    assert floored.get_layer("a").filters == 2 and kap.count_flops(floored) <= 0.45 * kap.count_flops(model)
+    # Below what the floor allows: a clear error before any work.
+    with pytest.raises(ValueError, match=r"floor its `max_layer_ratio` keeps\) the model keeps .*Fix: kap.Budget"):
+        kap.MagnitudeCallback(kap.Budget(flops=0.05), max_layer_ratio=0.5, verbose=0).prune(model)

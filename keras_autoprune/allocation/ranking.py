@@ -7,10 +7,18 @@ model meets the target, found by bisection on the exact cost
 (`kap.count_flops` / `kap.count_params` of the pruned model, computed without
 building it by `allocation.cost.PlanCost`), so the result is never over
 budget and at most one chunk past it.
+
+Layer floor (``max_layer_ratio`` r): a chunk is skipped when its removal
+would leave a group, or one of the layers it spans, with fewer than
+``max(1, ceil((1 - r) * n))`` of its ``n`` original channels. ``r = 1``
+only keeps one channel; ``r = 0.9`` keeps at least a tenth of every layer,
+which stops a global ranking from emptying a layer whose channels all look
+unimportant (layer collapse).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import keras
@@ -29,20 +37,26 @@ def removal_order(
     graph: DependencyGraph,
     scores: dict[str, np.ndarray],
     removed: PrunePlan | None = None,
+    max_layer_ratio: float = 1.0,
 ) -> list[Chunk]:
     """Chunks in the order they are removed.
 
     Channels already removed by ``removed`` come first. The others follow by
     increasing score (the sum of their channels' scores), skipping any chunk
-    whose removal would leave a group or one of its layers without channels,
-    so that every prefix of the order is a valid plan.
+    whose removal would take a group or one of its layers below its floor
+    (one channel, or ``ceil((1 - max_layer_ratio) * n)`` of ``n``), so that
+    every prefix of the order is a valid plan.
 
     Args:
         graph: the model's dependency graph.
         scores: ``{group_id: per-channel score}``; higher = more important.
             Groups absent from ``scores`` are not pruned.
         removed: a plan whose removed channels stay removed (earlier rounds).
+        max_layer_ratio: the largest fraction of a group's (and a layer's)
+            original channels the order removes, in (0, 1]; see the module
+            docstring.
     """
+    check_max_layer_ratio(max_layer_ratio)
     forced, candidates = [], []
     already = removed.kept if removed is not None else {}
     for group in graph.prunable_groups:
@@ -61,7 +75,7 @@ def removal_order(
             else:
                 candidates.append((float(score[channels].sum()), len(candidates), group.id, channels))
     candidates.sort(key=lambda item: (item[0], item[1]))
-    feasibility = _Feasibility(graph)
+    feasibility = _Feasibility(graph, max_layer_ratio)
     order = []
     for group_id, channels in forced:
         feasibility.remove(group_id, channels)
@@ -73,18 +87,37 @@ def removal_order(
     return order
 
 
-class _Feasibility:
-    """Counts the channels left in every group member as chunks are removed."""
+def check_max_layer_ratio(value: float) -> None:
+    """Raises unless ``value`` is a fraction in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(
+            "`max_layer_ratio` is the largest fraction of a layer's channels a plan removes, in (0, 1] "
+            f"(1.0: down to one channel; 0.9: every layer keeps at least 10%). Received: max_layer_ratio={value!r}"
+        )
 
-    def __init__(self, graph: DependencyGraph):
+
+def layer_floor(size: int, max_layer_ratio: float) -> int:
+    """Fewest channels a layer of ``size`` channels keeps: ``max(1, ceil((1 - r) * size))``."""
+    return max(1, math.ceil((1.0 - max_layer_ratio) * size - 1e-9))
+
+
+class _Feasibility:
+    """Counts the channels left in every group member as chunks are removed, against each member's floor."""
+
+    def __init__(self, graph: DependencyGraph, max_layer_ratio: float = 1.0):
         self._left: dict[str, list[set[int]]] = {
             group.id: [set(np.unique(m.channels).tolist()) for m in group.members] + [set(range(group.size))]
             for group in graph.prunable_groups
         }
+        self._floor = {
+            group_id: [layer_floor(len(left), max_layer_ratio) if left else 0 for left in sets]
+            for group_id, sets in self._left.items()
+        }
 
     def can_remove(self, group_id: str, channels: np.ndarray) -> bool:
         gone = set(channels.tolist())
-        return all(not left or left - gone for left in self._left[group_id])
+        return all(not left or len(left - gone) >= floor or not left & gone
+                   for left, floor in zip(self._left[group_id], self._floor[group_id]))
 
     def remove(self, group_id: str, channels: np.ndarray) -> None:
         gone = set(channels.tolist())
@@ -112,6 +145,7 @@ def global_ranking_plan(
     budget: Budget,
     target: float | None = None,
     removed: PrunePlan | None = None,
+    max_layer_ratio: float = 1.0,
 ) -> PrunePlan:
     """The plan removing the lowest-scored channels until ``target`` is met.
 
@@ -123,6 +157,8 @@ def global_ranking_plan(
         target: fraction of the original cost to keep in this step (defaults
             to ``budget.fraction``; iterative methods pass a ramp).
         removed: channels removed by earlier rounds, which stay removed.
+        max_layer_ratio: the largest fraction of any layer's channels removed
+            (1.0: down to one channel), see the module docstring.
 
     Returns:
         The plan whose rebuilt model costs at most ``target`` of the original
@@ -131,7 +167,7 @@ def global_ranking_plan(
         returned with a warning.
     """
     target = budget.fraction if target is None else target
-    order = removal_order(graph, scores, removed)
+    order = removal_order(graph, scores, removed, max_layer_ratio)
     forced = sum(1 for g, c in order if removed is not None and g in removed.kept and not np.isin(c, removed.kept[g]).any())
     cost = PlanCost(model, graph)
     limit = target * cost(PrunePlan({}), budget.metric)
@@ -143,7 +179,8 @@ def global_ranking_plan(
     if not fits(high):
         warnings.warn(
             f"keras_autoprune: cannot reach {target:.1%} of the original {budget.metric}: removing every "
-            "prunable channel (keeping one per layer) is not enough. Using that maximal plan.",
+            "prunable channel (keeping the floor of every layer: max_layer_ratio="
+            f"{max_layer_ratio}) is not enough. Using that maximal plan.",
             stacklevel=2,
         )
         return plan_from_prefix(graph, order, high)

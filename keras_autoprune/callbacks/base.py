@@ -136,21 +136,26 @@ class PruningCallback(keras.callbacks.Callback):
     def check_budget(self, model: keras.Model) -> None:
         """Raises before training when the budget is below the smallest model the method can build.
 
-        The floor is ``model`` with every prunable channel group down to one
-        channel (one chunk for GroupNormalization groups); layers whose
-        channels cannot be pruned stay whole.
+        The floor is ``model`` rebuilt with `smallest_plan` (every prunable
+        channel group down to one channel, one chunk for GroupNormalization
+        groups, or the method's per-layer floor); layers whose channels
+        cannot be pruned stay whole.
         """
-        smallest = apply_plan(model, PrunePlan.uniform(self.graph, 1.0 - 1e-9, importance="last"), self.graph)
+        smallest = apply_plan(model, self.smallest_plan(), self.graph)
         floor = self.budget.cost(smallest) / self.budget.cost(model)
         if floor > self.budget.fraction:
             metric = self.budget.metric
             raise ValueError(
                 f"Expected a budget {type(self).__name__} can reach on model '{model.name}'. Received: "
-                f"kap.Budget({metric}={self.budget.fraction}), but with every prunable channel group down to one "
-                f"channel the model keeps {floor:.1%} of its {metric} (the layers whose channels cannot be pruned "
+                f"kap.Budget({metric}={self.budget.fraction}), but with every prunable channel group at its smallest "
+                f"(one channel, or the floor its `max_layer_ratio` keeps) the model keeps {floor:.1%} of its {metric} (the layers whose channels cannot be pruned "
                 f"stay whole: see kap.DependencyGraph(model).summary()). Fix: kap.Budget({metric}="
                 f"{round_up_fraction(floor)}) or more."
             )
+
+    def smallest_plan(self) -> PrunePlan:
+        """The plan of the smallest model the method builds: every prunable group down to one channel."""
+        return PrunePlan.uniform(self.graph, 1.0 - 1e-9, importance="last")
 
     def sample_inputs(self):
         """A batch of inputs for the final rebuilt-vs-masked check (or None)."""

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from keras_autoprune.allocation.ranking import global_ranking_plan
-from keras_autoprune.callbacks.base import PruningCallback
+import numpy as np
+
+from keras_autoprune.callbacks.ranked import RankedPruningCallback
 from keras_autoprune.surgery.importance import channel_l1
-from keras_autoprune.surgery.plan import PrunePlan
 
 
-class MagnitudeCallback(PruningCallback):
+class MagnitudeCallback(RankedPruningCallback):
     """Prunes the channels whose creating filters have the smallest L1 norm.
 
     Score of channel c: ``sum over layers creating c of sum |W[..., c]|``,
@@ -17,6 +17,9 @@ class MagnitudeCallback(PruningCallback):
 
     Args:
         budget: a `kap.Budget`.
+        max_layer_ratio: the largest fraction of any layer's channels removed,
+            in (0, 1]. Default 1.0 (down to one channel); 0.9 keeps at least
+            a tenth of every layer (a guard against layer collapse).
         **kwargs: schedule arguments of `PruningCallback` (``start_epoch``,
             ``end_epoch``, ``rounds``, ``verbose``, ...).
 
@@ -27,5 +30,5 @@ class MagnitudeCallback(PruningCallback):
     >>> slim = cb.pruned_model                                     # doctest: +SKIP
     """
 
-    def compute_plan(self, target: float, removed: PrunePlan | None) -> PrunePlan:
-        return global_ranking_plan(self.model, self.graph, channel_l1(self.graph), self.budget, target, removed)
+    def scores(self) -> dict[str, np.ndarray]:
+        return channel_l1(self.graph)

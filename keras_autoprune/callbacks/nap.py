@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from keras_autoprune.budget import Budget
-from keras_autoprune.callbacks.base import PruningCallback
+from keras_autoprune.callbacks.ranked import RankedPruningCallback
 from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable, fisher_facts, resolve_fisher
 from keras_autoprune.evaluation import accuracy
 from keras_autoprune.methods import nap
@@ -20,7 +20,7 @@ from keras_autoprune.surgery.weights import assign_weights, layer_weights
 _GRANULARITIES = ("channel", "weight")
 
 
-class NAPCallback(PruningCallback):
+class NAPCallback(RankedPruningCallback):
     """Prunes with NAP: curvature-based saliency, per-layer ratios found automatically.
 
     At each round, K-FAC factors are collected on ``data``, every channel
@@ -65,6 +65,10 @@ class NAPCallback(PruningCallback):
         cost_aware: rank by saliency per FLOP (or parameter) saved.
         obs_update: compensate the remaining outputs of a pruned layer with
             the OBS update.
+        max_layer_ratio: the largest fraction of any layer's channels the
+            ranking removes, in (0, 1]. Default 1.0 (down to one channel);
+            0.9 keeps at least a tenth of every layer, a guard against layer
+            collapse (`keras_autoprune.allocation.ranking`).
         validation_data: labelled data for tolerance mode.
         max_accuracy_drop: tolerance mode: after each round's epoch, if the
             validation accuracy fell more than this below the unpruned
@@ -95,6 +99,7 @@ class NAPCallback(PruningCallback):
         input_side: bool | None = None,
         cost_aware: bool = False,
         obs_update: bool = False,
+        max_layer_ratio: float = 1.0,
         validation_data: Any = None,
         max_accuracy_drop: float | None = None,
         **kwargs: Any,
@@ -113,7 +118,7 @@ class NAPCallback(PruningCallback):
                     "`validation_data=...` and `max_accuracy_drop=0.01`. Received: budget=None"
                 )
             budget = Budget(flops=0.1)
-        super().__init__(budget, rounds=rounds, **kwargs)
+        super().__init__(budget, rounds=rounds, max_layer_ratio=max_layer_ratio, **kwargs)
         if data is None:
             raise ValueError("`data` (calibration batches) is required for the K-FAC statistics. Received: data=None")
         if granularity not in _GRANULARITIES:
@@ -211,7 +216,7 @@ class NAPCallback(PruningCallback):
             self._weight_round(factors, target)
             return
         plan = nap.nap_plan(
-            self.model, self.graph, factors, self.budget, target, self.plan,
+            self.model, self.graph, factors, self.budget, target, self.plan, self.max_layer_ratio,
             damping=self.damping, input_side=self.input_side, cost_aware=self.cost_aware, scorer=self.scorer,
         )
         if self.obs_update:

@@ -113,11 +113,12 @@ def nap_plan(
     budget: Budget,
     target: float | None = None,
     removed: PrunePlan | None = None,
+    max_layer_ratio: float = 1.0,
     **saliency_options: Any,
 ) -> PrunePlan:
-    """The NAP plan for ``target`` (default: the budget) from K-FAC factors."""
+    """The NAP plan for ``target`` (default: the budget) from K-FAC factors (``max_layer_ratio``: the layer floor of `global_ranking_plan`)."""
     scores = channel_saliencies(model, graph, factors, metric=budget.metric, **saliency_options)
-    return global_ranking_plan(model, graph, scores, budget, target, removed)
+    return global_ranking_plan(model, graph, scores, budget, target, removed, max_layer_ratio)
 
 
 def obs_update(graph: DependencyGraph, factors: StatisticsResult, plan: PrunePlan, damping: float = 1e-3) -> list[str]:
