@@ -138,7 +138,7 @@ def sample_inputs(model: keras.Model, batch: int = 2, seed: int = 0):
     rng = np.random.default_rng(seed)
     values = []
     for tensor in model.inputs:
-        shape = (batch,) + tuple(8 if d is None else d for d in tensor.shape[1:])
+        shape = (batch,) + tuple(SEQUENCE_LENGTH if d is None else d for d in tensor.shape[1:])
         if "int" in str(tensor.dtype):
             high = 1 if "mask" in tensor.name else 2 if "segment" in tensor.name else 10
             value = np.ones(shape, "int32") if high == 1 else rng.integers(0, high, shape).astype("int32")
@@ -148,6 +148,24 @@ def sample_inputs(model: keras.Model, batch: int = 2, seed: int = 0):
     if isinstance(model.input, dict):
         return {name: v for name, v in zip(model.input, values)}
     return values[0] if len(values) == 1 else values
+
+
+SEQUENCE_LENGTH = 8
+"""The length given to input dimensions of unknown size (token sequences): samples, FLOPs."""
+
+
+def flops_input_shape(model: keras.Model):
+    """``input_shape`` for `kap.count_flops` when an input has a dimension of unknown size (else None)."""
+    shapes = [tuple(SEQUENCE_LENGTH if d is None else d for d in t.shape[1:]) for t in model.inputs]
+    unknown = any(d is None for t in model.inputs for d in t.shape[1:])
+    return (shapes[0] if len(shapes) == 1 else shapes) if unknown else None
+
+
+def export_data(result: dict):
+    """Representative data for `kap.export_tflite` of a swept model: its sample inputs when an input
+    has a dimension of unknown size (BERT's token sequences), else None (random inputs)."""
+    unknown = any(d is None for tensor in result["slim"].inputs for d in tensor.shape[1:])
+    return result["inputs"] if unknown else None
 
 
 def sweep_one(name: str, ratio: float = 0.3) -> dict:

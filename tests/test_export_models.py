@@ -224,3 +224,47 @@ def test_latency_of_a_model_with_token_id_inputs(tmp_path):
     path = export_tflite(text_model(), tmp_path / "text.tflite", representative_data=text_data(), num_samples=4).path
     result = measure_latency(path, warmup=1, runs=3)  # random 0/1 token ids: valid for any vocabulary
     assert result.runs == 3 and result.min_ms > 0
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class PositionTable(keras.layers.Layer):
+    """Adds learned position vectors to a sequence of any length up to ``max_length`` (as BERT's position embedding)."""
+
+    def __init__(self, max_length: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_length = max_length
+
+    def build(self, shape):
+        self.table = self.add_weight(shape=(self.max_length, shape[-1]), initializer="normal")
+
+    def call(self, x):
+        return x + keras.ops.slice(self.table, (0, 0), (keras.ops.shape(x)[1], x.shape[-1]))
+
+
+def unknown_length_text_model() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((None,), dtype="int32", name="token_ids")
+    x = PositionTable(8)(L.Embedding(VOCAB, 8)(ids))
+    return keras.Model(ids, L.Dense(3)(keras.ops.mean(L.Dense(8, activation="gelu")(x), axis=1)))
+
+
+def test_unknown_sequence_length_exports_with_samples_and_runs_other_lengths(tmp_path):
+    model = unknown_length_text_model()
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"input shapes are not fully known.*representative_data"):
+        export_tflite(model, tmp_path / "m.tflite")
+    result = export_tflite(model, tmp_path / "m.tflite", representative_data=rng.integers(0, VOCAB, (6, 5)).astype("int32"))
+    assert result.verified and result.relative_error < 1e-5
+    # The file keeps the unknown length: a length-8 batch gives Keras's outputs too.
+    ids = rng.integers(0, VOCAB, (2, 8)).astype("int32")
+    received = Interpreter(model_path=str(result.path)).get_signature_runner("serving_default")(**{input_names(model)[0]: ids})
+    np.testing.assert_allclose(next(iter(received.values())), model(ids).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_samples_the_model_cannot_run_fail_before_conversion(tmp_path, monkeypatch):
+    monkeypatch.setattr(convert_module, "_convert", _must_not_run)
+    too_long = np.zeros((2, 12), "int32")  # the position table holds 8 positions
+    match = r"`representative_data` that model '.*' can run. Received: samples of input shapes \(2, 12\), on which"
+    with pytest.raises(ValueError, match=match):
+        export_tflite(unknown_length_text_model(), tmp_path / "m.tflite", representative_data=too_long)
+    assert not (tmp_path / "m.tflite").exists()

@@ -308,3 +308,14 @@ def test_smoothed_crossentropy_matches_keras_on_one_hot_labels():
     expected = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1)(np.eye(3)[labels], logits)
     assert float(loss(labels, logits)) == pytest.approx(float(expected), rel=1e-6)
     assert float(loss(np.eye(3)[labels].astype("float32"), logits)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_pruningnet_trains_under_mirrored_strategy():
+    from tests.test_callbacks import run_distributed
+
+    result = run_distributed("PruningNet")  # 2 logical CPUs, one gene per global batch of 16
+    assert result["replicas"] == 2
+    assert len(result["losses"]) == 2 and all(np.isfinite(result["losses"]))
+    assert result["changed"] == result["trainable"]  # every generator and shared variable trained
+    assert result["slim_filters"] == [2, 4]  # gene (0, 1) at scales (0.25, 0.5, 1.0) of 8 channels
+    assert result["error"] < 1e-5  # the materialized slim model equals the PruningNet at that gene

@@ -41,7 +41,7 @@ from keras_autoprune.export.convert import CONVERSION_PATHS, convert
 from keras_autoprune.export.data import sample_inputs
 from keras_autoprune.export.result import ExportResult
 from keras_autoprune.export.signature import check_exportable
-from keras_autoprune.export.verify import check_figures, check_thresholds, verify_tflite
+from keras_autoprune.export.verify import check_figures, check_thresholds, reference_outputs, verify_tflite
 
 QUANTIZE_MODES = (None, "dynamic", "float16", "int8")
 """Accepted values of ``quantize``."""
@@ -108,7 +108,8 @@ def export_tflite(
 
     Raises:
         UnsupportedModelError: ``model`` is not a built Keras model.
-        ValueError, TypeError: bad arguments or representative data.
+        ValueError, TypeError: bad arguments or representative data
+            (including samples the Keras model itself cannot run).
         ExportError: conversion needs ops outside the TFLite builtins, or
             no conversion path gives a file with the expected signature.
         VerificationError: the file's error exceeds ``tolerance`` (float32)
@@ -119,6 +120,7 @@ def export_tflite(
     _check_options(quantize, representative_data, int8_io, via)
     check_thresholds(tolerance, min_top1_agreement, num_samples)
     inputs = sample_inputs(model, representative_data, num_samples, seed)
+    expected = reference_outputs(model, inputs)  # the model must run on the samples before any conversion
     content, flex_ops = convert(model, quantize, inputs, int8_io, allow_flex, via)
     path.write_bytes(content)
     what = f"{quantize or 'float32'} TFLite file {path}"
@@ -128,7 +130,7 @@ def export_tflite(
                       stacklevel=2)
         return ExportResult(path, "tflite", quantize, len(content), None, None, None, 0,
                             verified=False, flex_ops=flex_ops, note=note)
-    figures = verify_tflite(path, model, inputs)
+    figures = verify_tflite(path, model, inputs, expected)
     check_figures(figures, what, tolerance if quantize is None else None, min_top1_agreement)
     return ExportResult(path, "tflite", quantize, len(content), figures.max_abs_error,
                         figures.relative_error, figures.top1_agreement, figures.num_samples)

@@ -31,7 +31,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_autoprune.errors import VerificationError
+from keras_autoprune.errors import ExportError, VerificationError
 from keras_autoprune.export.signature import (
     SIGNATURE_KEY,
     flat_outputs,
@@ -81,7 +81,12 @@ def compare(expected: Sequence[np.ndarray], received: Sequence[np.ndarray]) -> F
     )
 
 
-def verify_tflite(path: str | pathlib.Path, model: keras.Model, inputs: Sequence[np.ndarray]) -> Figures:
+def verify_tflite(
+    path: str | pathlib.Path,
+    model: keras.Model,
+    inputs: Sequence[np.ndarray],
+    expected: Sequence[np.ndarray] | None = None,
+) -> Figures:
     """Runs a ``.tflite`` file from `export_tflite` and compares it with ``model``.
 
     Args:
@@ -90,6 +95,11 @@ def verify_tflite(path: str | pathlib.Path, model: keras.Model, inputs: Sequence
         inputs: one array per model input, in ``model.inputs`` order,
             samples on axis 0 (`keras_autoprune.export.data.sample_inputs`
             makes them from any representative data, dicts included).
+        expected: ``keras_outputs(model, inputs)`` when already computed.
+
+    Raises:
+        ExportError: LiteRT cannot run the file on ``inputs`` (the message
+            names the input shapes and LiteRT's error).
 
     Returns:
         The `Figures` (errors and top-1 agreement).
@@ -100,8 +110,35 @@ def verify_tflite(path: str | pathlib.Path, model: keras.Model, inputs: Sequence
     >>> figures.relative_error < 1e-4                                # doctest: +SKIP
     True
     """
-    received = tflite_outputs(path, inputs, input_names=input_names(model), output_names=output_names(model))
-    return compare(keras_outputs(model, inputs), received)
+    expected = keras_outputs(model, inputs) if expected is None else expected
+    try:
+        received = tflite_outputs(path, inputs, input_names=input_names(model), output_names=output_names(model))
+    except RuntimeError as error:  # LiteRT reports a failed invoke (e.g. a SLICE out of range) this way
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+        raise ExportError(
+            f"Expected LiteRT to run {path} on the verification samples (input shapes {shapes}), as Keras "
+            f"did. Received: {error}. Fix: report it with the model; with inputs of unknown length, try "
+            "`representative_data` at the length the model will be served with."
+        ) from error
+    return compare(expected, received)
+
+
+def reference_outputs(model: keras.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """`keras_outputs`, checked before any conversion: samples the Keras model cannot run are bad input.
+
+    Raises:
+        ValueError: ``model`` raised on ``inputs`` (for example token ids
+            longer than a text model's ``max_sequence_length``).
+    """
+    try:
+        return keras_outputs(model, inputs)
+    except Exception as error:  # noqa: BLE001 - any failure of the user's model on the samples
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+        raise ValueError(
+            f"Expected `representative_data` that model '{model.name}' can run. Received: samples of input "
+            f"shapes {shapes}, on which the model raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
+            "Fix: pass samples of the shape, dtype and range the model is served with."
+        ) from error
 
 
 def keras_outputs(model: keras.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:

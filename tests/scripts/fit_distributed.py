@@ -3,7 +3,9 @@
 Run in its own process (logical devices must be set before TensorFlow
 starts): ``python tests/scripts/fit_distributed.py METHOD`` prints one JSON
 line with the figures the test checks. METHOD is a callback class name of
-keras_autoprune (e.g. MagnitudeCallback, NAPCallback, EigenDamageCallback).
+keras_autoprune (e.g. MagnitudeCallback, NAPCallback, EigenDamageCallback),
+or ``PruningNet``: a MetaPruning PruningNet trained with
+`kap.metapruning.train_pruningnet` (one gene per batch).
 """
 
 import json
@@ -25,18 +27,44 @@ import keras_autoprune as kap  # noqa: E402
 L = keras.layers
 
 
+def small_cnn() -> keras.Model:
+    i = keras.Input((8, 8, 1))
+    h = L.Conv2D(8, 3, padding="same", name="c1")(i)
+    h = L.BatchNormalization(name="bn1")(h)
+    h = L.ReLU()(h)
+    h = L.Conv2D(8, 3, name="c2", activation="relu")(h)
+    return keras.Model(i, L.Dense(4)(L.GlobalAveragePooling2D()(h)))
+
+
+def pruningnet(strategy, x, y) -> dict:
+    """A PruningNet trained under ``strategy``; its generated slim model must equal it at the last gene."""
+    with strategy.scope():
+        net = kap.metapruning.PruningNet(small_cnn(), scales=(0.25, 0.5, 1.0))
+        start = [np.array(w) for w in net.trainable_weights]
+        history = kap.metapruning.train_pruningnet(net, (x, y), epochs=2, batch_size=16, verbose=0)
+    gene = (0, 1)
+    net.set_gene(gene)
+    slim = net.materialize(gene)
+    return {
+        "replicas": strategy.num_replicas_in_sync,
+        "losses": history.history["loss"],
+        "changed": sum(not np.array_equal(a, np.asarray(b)) for a, b in zip(start, net.trainable_weights)),
+        "trainable": len(start),
+        "error": float(np.max(np.abs(np.asarray(slim(x)) - np.asarray(net(x))))),
+        "slim_filters": [slim.get_layer("c1").filters, slim.get_layer("c2").filters],
+    }
+
+
 def main(method: str) -> None:
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 8, 8, 1)).astype("float32")
     y = rng.integers(0, 4, 64)
+    if method == "PruningNet":
+        print(json.dumps(pruningnet(strategy, x, y)))
+        return
     with strategy.scope():
-        i = keras.Input((8, 8, 1))
-        h = L.Conv2D(8, 3, padding="same", name="c1")(i)
-        h = L.BatchNormalization()(h)
-        h = L.ReLU()(h)
-        h = L.Conv2D(8, 3, name="c2", activation="relu")(h)
-        model = keras.Model(i, L.Dense(4)(L.GlobalAveragePooling2D()(h)))
+        model = small_cnn()
         model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     callback_class = getattr(kap, method)
     kwargs = {"data": (x, y)} if method != "MagnitudeCallback" else {}
