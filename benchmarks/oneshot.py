@@ -12,14 +12,18 @@ as in training: `converged.protocol_data`) for every entry.
     python -m benchmarks.oneshot --model resnet20                  # all entries and targets (resumable)
     python -m benchmarks.oneshot --model resnet20 --entries nap uniform_l1 --targets 0.5
     python -m benchmarks.oneshot --model resnet20 --max-layer-ratio 0.9  # the ranked entries with a layer floor
+    python -m benchmarks.oneshot --model resnet20 --rounds 4 --entries nap --targets 0.5  # 4 rounds, no training
 
 Rows are appended to ``benchmarks/results/v2/oneshot_<model>.json`` as they
 finish (a rerun skips finished rows; ``--fresh`` starts over); the plot
 ``docs/img/v2_oneshot_<model>.png`` and the table in ``docs/benchmarks.md``
-are redrawn from them. ``--max-layer-ratio r`` runs the entries of
+are redrawn from them. Variants write their own file and plot, the "after"
+of a comparison: ``--max-layer-ratio r`` runs the entries of
 `RANKED_ENTRIES` with that layer floor (``max_layer_ratio`` of
-`kap.NAPCallback`) into ``oneshot_<model>_max_layer_ratio_<r>.json`` and its
-own plot, the "after" of a layer-floor comparison. ``--out`` writes elsewhere (the published files are
+`kap.NAPCallback`) into ``oneshot_<model>_max_layer_ratio_<r>.json``;
+``--rounds k`` prunes in ``k`` rounds back to back, statistics collected
+again before each, still without training (``..._rounds_<k>.json``; both
+flags: both suffixes). ``--out`` writes elsewhere (the published files are
 left alone). The Torch-Pruning rows come
 from `benchmarks.torch_peer` (its own process) and are drawn from
 ``oneshot_torch_<model>.json`` beside them when present.
@@ -51,8 +55,8 @@ BATCH_SIZE = 128
 
 
 def make_callback(entry: str, target: float, calibration: tuple[np.ndarray, np.ndarray], seed: int = 0,
-                  max_layer_ratio: float | None = None):
-    """The entry's callback for one round to ``target`` FLOPs kept (``max_layer_ratio``: ranked entries only)."""
+                  max_layer_ratio: float | None = None, rounds: int = 1):
+    """The entry's callback for ``rounds`` rounds (default one) to ``target`` FLOPs kept (``max_layer_ratio``: ranked entries only)."""
     import keras_autoprune as kap
     from benchmarks.entries import RandomCallback, TaylorCallback, UniformL1Callback
 
@@ -60,9 +64,10 @@ def make_callback(entry: str, target: float, calibration: tuple[np.ndarray, np.n
     batches = {"num_batches": len(calibration[0]) // BATCH_SIZE, "batch_size": BATCH_SIZE}
     if max_layer_ratio is not None and entry not in RANKED_ENTRIES:
         raise ValueError(f"`max_layer_ratio` applies to the ranked entries {RANKED_ENTRIES}. Received: entry={entry!r}")
-    ranked = {"verbose": 0} if max_layer_ratio is None else {"verbose": 0, "max_layer_ratio": max_layer_ratio}
+    common = {"verbose": 0, "rounds": rounds}
+    ranked = common if max_layer_ratio is None else {**common, "max_layer_ratio": max_layer_ratio}
     if entry == "uniform_l1":
-        return UniformL1Callback(budget, verbose=0)
+        return UniformL1Callback(budget, **common)
     if entry == "global_l1":
         return kap.MagnitudeCallback(budget, **ranked)
     if entry == "taylor":
@@ -74,9 +79,9 @@ def make_callback(entry: str, target: float, calibration: tuple[np.ndarray, np.n
     if entry in ("c_obd", "c_obs", "kron_obd", "kron_obs"):
         return kap.NAPCallback(calibration, budget=budget, scorer=entry.replace("_", "-"), **batches, **ranked)
     if entry == "eigendamage":
-        return kap.EigenDamageCallback(calibration, budget=budget, **batches, verbose=0)
+        return kap.EigenDamageCallback(calibration, budget=budget, **batches, **common)
     if entry == "psap":
-        return kap.PSAPCallback(budget, calibration, **batches, verbose=0)
+        return kap.PSAPCallback(budget, calibration, **batches, **common)
     raise ValueError(f"Expected an entry of {ENTRIES}. Received: {entry!r}")
 
 
@@ -90,17 +95,15 @@ def load_model(name: str):
 
 
 def run_row(model, entry: str, target: float, shared: dict, data: converged.Cifar10,
-            max_layer_ratio: float | None = None) -> dict:
+            variant: dict | None = None) -> dict:
     """Prunes ``model`` once for (entry, target) and measures it; an entry that fails records its error."""
     import keras_autoprune as kap
 
     row = {"entry": entry, "target": target}
-    if max_layer_ratio is not None:
-        row["max_layer_ratio"] = max_layer_ratio
+    row.update(variant or {})
     start = time.perf_counter()
     try:
-        callback = make_callback(entry, target, (shared["calibration_x"], shared["calibration_y"]),
-                                 max_layer_ratio=max_layer_ratio)
+        callback = make_callback(entry, target, (shared["calibration_x"], shared["calibration_y"]), **(variant or {}))
         slim = callback.prune(model)
     except Exception as error:  # an entry that cannot reach a target is a result, not a crash
         return dict(row, error=f"{type(error).__name__}: {error}")
@@ -140,10 +143,10 @@ def run(
     data: converged.Cifar10 | None = None,
     fresh: bool = False,
     log=print,
-    max_layer_ratio: float | None = None,
+    variant: dict | None = None,
 ) -> list[dict]:
     """Runs (or continues) protocol 1 for one model; returns all rows of its result file."""
-    out = pathlib.Path(out) if out is not None else RESULTS_DIR / result_name(model_name, max_layer_ratio)
+    out = pathlib.Path(out) if out is not None else RESULTS_DIR / result_name(model_name, variant)
     data = data or converged.load_cifar10()
     shared = converged.protocol_data(data)
     model = load_model(model_name)
@@ -159,7 +162,7 @@ def run(
         result["rows"].append(unpruned_row(model, shared, data))
     todo = [(e, t) for e in entries for t in targets if (e, t) not in done]
     for index, (entry, target) in enumerate(todo, 1):
-        row = run_row(model, entry, target, shared, data, max_layer_ratio)
+        row = run_row(model, entry, target, shared, data, variant)
         result["rows"].append(row)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
@@ -225,16 +228,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + ("\n\nCells: top-1 % as pruned / **after BN re-estimation** (FLOPs kept, parameters kept).")
 
 
-def result_name(model_name: str, max_layer_ratio: float | None = None) -> str:
-    """``oneshot_<model>.json``, or ``oneshot_<model>_max_layer_ratio_<r>.json`` for a layer-floor run."""
-    return f"oneshot_{model_name}" + ("" if max_layer_ratio is None else f"_max_layer_ratio_{max_layer_ratio:g}") + ".json"
+def result_name(model_name: str, variant: dict | None = None) -> str:
+    """``oneshot_<model>.json``, or with the variant's settings as suffixes (``oneshot_resnet20_max_layer_ratio_0.9.json``)."""
+    suffix = "".join(f"_{key}_{value:g}" for key, value in sorted((variant or {}).items()))
+    return f"oneshot_{model_name}{suffix}.json"
 
 
-def all_rows(model_name: str, folder: pathlib.Path, max_layer_ratio: float | None = None) -> list[dict]:
-    """This protocol's rows and, when present, the Torch-Pruning peer's (``oneshot_torch_<model>.json``; not for a layer-floor run)."""
-    rows = json.loads((folder / result_name(model_name, max_layer_ratio)).read_text())["rows"]
+def all_rows(model_name: str, folder: pathlib.Path, variant: dict | None = None) -> list[dict]:
+    """This protocol's rows and, when present, the Torch-Pruning peer's (``oneshot_torch_<model>.json``; not for a variant)."""
+    rows = json.loads((folder / result_name(model_name, variant)).read_text())["rows"]
     peer = folder / f"oneshot_torch_{model_name}.json"
-    if peer.exists() and max_layer_ratio is None:
+    if peer.exists() and not variant:
         loaded = json.loads(peer.read_text())
         rows += loaded["rows"] if isinstance(loaded, dict) else loaded
     return rows
@@ -251,22 +255,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="discard finished rows")
     parser.add_argument("--max-layer-ratio", type=float,
                         help="layer floor of the ranked entries (e.g. 0.9), results in their own file")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds back to back without training (statistics again before each), results in their own file")
     args = parser.parse_args(argv)
     ratio = args.max_layer_ratio
+    variant = {k: v for k, v in (("max_layer_ratio", ratio), ("rounds", args.rounds)) if v not in (None, 1)}
     entries = args.entries or list(ENTRIES if ratio is None else RANKED_ENTRIES)
     if ratio is not None and not set(entries) <= set(RANKED_ENTRIES):
         parser.error(f"--max-layer-ratio applies to the ranked entries {RANKED_ENTRIES}; received {entries}")
     folder = args.out or RESULTS_DIR
-    name = result_name(args.model, ratio)
+    name = result_name(args.model, variant)
     run(args.model, tuple(entries), tuple(args.targets), out=folder / name, data=converged.load_cifar10(args.data),
-        fresh=args.fresh, log=lambda line: print(line, flush=True), max_layer_ratio=ratio)
-    rows = all_rows(args.model, folder, ratio)
+        fresh=args.fresh, log=lambda line: print(line, flush=True), variant=variant)
+    rows = all_rows(args.model, folder, variant)
     print(markdown(rows))
     image = name.replace("oneshot_", "v2_oneshot_").replace(".json", ".png")
-    title = args.model if ratio is None else f"{args.model}, max_layer_ratio={ratio:g}"
+    title = ", ".join([args.model, *(f"{k}={v:g}" for k, v in sorted(variant.items()))])
     if args.out is None:  # the published results: the plot (and, without a floor, the table of docs/benchmarks.md)
         plot(title, rows, PLOT_DIR / image)
-        if ratio is None:
+        if not variant:
             from benchmarks.report import update_docs
 
             update_docs(DOCS_PAGE, f"oneshot_{args.model}", markdown(rows))

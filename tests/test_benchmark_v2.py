@@ -101,6 +101,19 @@ def test_protocol_one_prunes_once_and_reestimates_batchnorm(cifar, tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 10_000
 
 
+def test_protocol_one_variants_configure_the_callbacks_and_name_their_files():
+    calibration = (np.zeros((256, 32, 32, 3), "float32"), np.zeros(256, "int64"))
+    floored = oneshot.make_callback("nap_cost_aware", 0.5, calibration, max_layer_ratio=0.9, rounds=3)
+    assert (floored.max_layer_ratio, floored.rounds, floored.cost_aware, floored.num_batches) == (0.9, 3, True, 2)
+    assert oneshot.make_callback("global_l1", 0.5, calibration).max_layer_ratio == 1.0
+    assert oneshot.make_callback("psap", 0.5, calibration, rounds=2).rounds == 2
+    with pytest.raises(ValueError, match="ranked entries"):
+        oneshot.make_callback("eigendamage", 0.5, calibration, max_layer_ratio=0.9)
+    assert oneshot.result_name("resnet20") == "oneshot_resnet20.json"
+    assert oneshot.result_name("resnet20", {"rounds": 4, "max_layer_ratio": 0.9}) == \
+        "oneshot_resnet20_max_layer_ratio_0.9_rounds_4.json"
+
+
 def test_protocol_one_records_an_entry_that_cannot_run():
     model = oneshot.load_model("resnet20")
     shared = {"calibration_x": np.zeros((128, 32, 32, 3), "float32"), "calibration_y": np.zeros(128, "int64"),

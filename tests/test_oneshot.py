@@ -93,9 +93,26 @@ def test_prune_is_one_round_without_training(method):
     assert slim.predict(x[:4], verbose=0).shape == (4, 4)
 
 
-def test_prune_refuses_several_rounds():
-    with pytest.raises(ValueError, match="rounds=1"):
-        kap.MagnitudeCallback(kap.Budget(flops=0.5), rounds=2, verbose=0).prune(_cnn())
+def test_prune_with_several_rounds_runs_them_back_to_back_on_the_masked_model():
+    model = _cnn()
+    x, y = _data(64)
+    weights = [w.copy() for w in model.get_weights()]
+    plans = []
+
+    class Recording(kap.NAPCallback):
+        def prune_round(self, target):
+            super().prune_round(target)
+            plans.append({g: set(k.tolist()) for g, k in self.plan.kept.items()})
+
+    callback = Recording((x, y), budget=kap.Budget(flops=0.4), rounds=3, num_batches=2, batch_size=32, verbose=0)
+    slim = callback.prune(model)
+    assert [round(h["target"], 4) for h in callback.history] == [0.8, 0.6, 0.4]  # 1 - 0.6 k / 3
+    assert [h["flops_kept"] <= h["target"] + 1e-9 for h in callback.history] == [True] * 3
+    for earlier, later in zip(plans, plans[1:]):  # a channel removed stays removed
+        assert all(g in later and later[g] <= kept for g, kept in earlier.items())
+    assert kap.count_flops(slim) <= 0.4 * kap.count_flops(model)
+    for before, after in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(before, after)
 
 
 def test_an_unreachable_budget_fails_before_training():

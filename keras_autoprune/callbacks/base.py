@@ -199,27 +199,25 @@ class PruningCallback(keras.callbacks.Callback):
         """One-shot pruning of a trained model, without training; returns the slim model.
 
         Runs the callback's lifecycle on a copy of ``model`` (the user's model
-        is not changed): the checks of ``on_train_begin``, one round to the
-        budget (statistics from the callback's calibration data where the
-        method reads data), then the slim model, its check against the masked
+        is not changed): the checks of ``on_train_begin``, the callback's
+        rounds back to back with no training in between (statistics from the
+        callback's calibration data where the method reads data, collected
+        again on the masked model before each round: with ``rounds=k`` each
+        round removes a ``1/k`` share of the reduction, seeing the channels
+        already removed), then the slim model, its check against the masked
         copy and the report, exactly as at the end of ``fit``. Afterwards
-        ``plan``, ``pruned_model``, ``report`` and ``pruning_seconds`` are set
-        as after ``fit``. The copy is compiled with ``model``'s loss (and loss
-        weights) when ``model`` has one (the curvature methods read it).
+        ``plan``, ``pruned_model``, ``report``, ``history`` and
+        ``pruning_seconds`` are set as after ``fit``. The copy is compiled
+        with ``model``'s loss (and loss weights) when ``model`` has one (the
+        curvature methods read it).
 
         Re-estimating the BatchNormalization statistics of the result on
         training images (`kap.recalibrate_batchnorm`) usually recovers much of
         the accuracy one-shot pruning loses.
 
         Raises:
-            ValueError: the callback has ``rounds > 1`` (rounds are spread over
-                training epochs; use ``fit``), or what ``fit`` would raise.
+            ValueError: what ``fit`` would raise.
         """
-        if self.rounds != 1:
-            raise ValueError(
-                f"`prune` runs one round without training. Received: a {type(self).__name__} with rounds={self.rounds}. "
-                "Fix: construct it with rounds=1, or prune while training with model.fit(..., callbacks=[cb])."
-            )
         copy = clone_model(model)
         copy.set_weights(model.get_weights())
         if getattr(model, "loss", None) is not None:
@@ -228,7 +226,8 @@ class PruningCallback(keras.callbacks.Callback):
         self.set_model(copy)
         self.on_train_begin()
         try:
-            self.on_epoch_begin(self.start_epoch)
+            for epoch in sorted(self._epochs):
+                self.on_epoch_begin(epoch)
         finally:
             self.on_train_end()
         return self.pruned_model
