@@ -183,8 +183,9 @@ def test_bad_data_fails_clearly_before_work(logits_model, data, make, match):
 def test_true_fisher_accepts_inputs_without_labels(logits_model, data):
     x, _ = data
     first = collect_kfac(logits_model, tf.data.Dataset.from_tensor_slices(x).batch(5), verbose=0)
-    second = collect_kfac(logits_model, x, batch_size=3, verbose=0)
-    weighted = collect_kfac(logits_model, (x, None, np.full(N, 2.0)), batch_size=3, verbose=0)
+    # float64 products: weighting by 2 is then exact (sqrt(2) rounds in float32 products)
+    second = collect_kfac(logits_model, x, batch_size=3, precision="float64", verbose=0)
+    weighted = collect_kfac(logits_model, (x, None, np.full(N, 2.0)), batch_size=3, precision="float64", verbose=0)
     assert first.num_examples == N and first.fisher == "true" and weighted.num_examples == 2 * N
     assert_same(first, second, 1e-6)
     assert_same(weighted, second, 1e-12)

@@ -384,6 +384,23 @@ def test_float32_precision_is_close_to_float64():
             np.testing.assert_allclose(getattr(fast[name], key), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
 
 
+def test_auto_precision_is_the_layers_own():
+    model = conv_model()  # float64 layers: auto computes in float64, exactly as precision="float64"
+    x = _x(model)
+    auto = collect_kfac(model, (x, LABELS), fisher="empirical", verbose=0)
+    exact = collect_kfac(model, (x, LABELS), fisher="empirical", precision="float64", verbose=0)
+    assert all(np.array_equal(auto[n].A, exact[n].A) and np.array_equal(auto[n].G, exact[n].G) for n in auto)
+    inputs = keras.Input((9, 9, 2))  # float32 layers: auto computes in float32
+    h = L.Conv2D(3, 3, activation="relu", name="conv")(inputs)
+    single = _compiled(inputs, L.Dense(3, name="head")(L.Flatten()(h)))
+    x32 = x.astype("float32")
+    auto = collect_kfac(single, (x32, LABELS), fisher="empirical", verbose=0)
+    fast = collect_kfac(single, (x32, LABELS), fisher="empirical", precision="float32", verbose=0)
+    assert all(np.array_equal(auto[n].A, fast[n].A) and np.array_equal(auto[n].G, fast[n].G) for n in auto)
+    with pytest.raises(ValueError, match=r"one of \('auto', 'float32', 'float64'\)"):
+        collect_kfac(single, (x32, LABELS), precision="float16")
+
+
 def test_channels_first_taps_transpose_to_channels_last():
     # TF cannot run NCHW convolutions on CPU in graphs: check the im2col and δ layout directly.
     taps = {}

@@ -121,14 +121,18 @@ class KFACFactors:
         return np.kron(self.A, self.G)
 
 
+PRECISIONS = ("auto", "float32", "float64")
+"""Dtypes of the per-chunk K-FAC products (`collect_kfac`'s ``precision``)."""
+
+
 class KFACStatistic:
     """The K-FAC sums of the calibration pass (see `engine.Statistic`)."""
 
-    def __init__(self, full_input_factor: bool = True, precision: str = "float64"):
-        if precision not in ("float64", "float32"):
-            raise ValueError(f"Expected precision 'float64' or 'float32'. Received: precision={precision!r}")
+    def __init__(self, full_input_factor: bool = True, precision: str = "auto"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"Expected precision to be one of {PRECISIONS}. Received: precision={precision!r}")
         self.full_input_factor = full_input_factor
-        self.dtype = tf.as_dtype(precision)
+        self.dtype = None if precision == "auto" else tf.as_dtype(precision)
 
     def elements_per_example(self, tap: Tap) -> int:
         return (tap.locations or 1) * (tap.taps + 1) * tap.in_channels
@@ -136,8 +140,9 @@ class KFACStatistic:
     def contributions(self, tap: Tap, patches: tf.Tensor, deltas: tf.Tensor, weights: tf.Tensor) -> dict[str, tf.Tensor]:
         rows = tf.cast(tf.shape(patches)[1], tf.float64)
         sums = {"rows": tf.reduce_sum(weights) * rows}
-        patches, deltas = tf.cast(patches, self.dtype), tf.cast(deltas, self.dtype)
-        root = tf.sqrt(tf.cast(weights, self.dtype))
+        dtype = self.dtype or patches.dtype  # "auto": the layer's own float32 (float64 for float64 layers)
+        patches, deltas = tf.cast(patches, dtype), tf.cast(deltas, dtype)
+        root = tf.sqrt(tf.cast(weights, dtype))
         shape = tf.shape(patches)
         row_root = tf.reshape(tf.broadcast_to(root[:, None], shape[:2]), [-1, 1])
         patches = patches * root[:, None, None, None]
@@ -203,7 +208,7 @@ def collect_kfac(
     loss_weights: Any = None,
     seed: int = 0,
     full_input_factor: bool = True,
-    precision: str = "float64",
+    precision: str = "auto",
     chunk_size: int | None = None,
     graph: DependencyGraph | None = None,
     verbose: int = 1,
@@ -233,8 +238,12 @@ def collect_kfac(
             ``A_channel`` (saves memory for wide convolutions; depthwise layers
             keep their small per-channel ``A``).
         precision: dtype of the per-chunk products ``Σ aaᵀ``, ``Σ δδᵀ``:
-            ``"float64"`` (exact sums of the float32 activations) or
-            ``"float32"`` (about 2x faster on CPU, relative error ~1e-6);
+            ``"auto"`` (default: the layers' own precision, float32 for
+            float32 and mixed-precision models, float64 for float64 models),
+            ``"float32"`` or ``"float64"`` (exact sums of float32
+            activations; 1.8-3.1x slower on CPU: 113 vs 63 s on the
+            benchmark's MobileNetV2, 44 vs 14 s on its ResNet-20, 1,024
+            images, with NAP saliencies within 6e-6 relative of each other);
             sums across chunks and batches are float64 either way.
         chunk_size: examples per forward/backward call; None picks it from a
             256 MiB budget for the im2col patches.
