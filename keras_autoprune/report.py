@@ -11,7 +11,7 @@ inside nested models, as `flops_table` names them). For each layer it holds:
   normalisation and concatenation layers); ``None`` where the output has no
   axis;
 - FLOPs before / after, summed over every call of the layer (see
-  `keras_autoprune.accounting` for what each layer costs);
+  `keras_autoprune.flops_formulas` for what each layer costs);
 - parameters before / after (each variable counted once);
 - the kept ratios ``after / before`` of FLOPs and channels (``None`` where
   the value before is 0).
@@ -19,6 +19,10 @@ inside nested models, as `flops_table` names them). For each layer it holds:
 **Only layers with FLOPs or parameters (before or after pruning) appear in
 the table**; activations, reshapes and other free layers are left out. The
 totals cover the whole model: they equal `count_flops` and `count_params`.
+
+The per-layer measurements and the matching of the two models are in
+`keras_autoprune.layer_comparison`, the figure of `PruningReport.plot` in
+`keras_autoprune.report_plot`.
 
 Example:
 
@@ -40,12 +44,15 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_autoprune.accounting import flops_table
-from keras_autoprune.graph.dependency import check_model
+from keras_autoprune.layer_comparison import (
+    _channels_by_layer,
+    _check_layers,
+    _check_outputs,
+    _costs_by_layer,
+    _merge_replaced,
+)
+from keras_autoprune.report_plot import plot_report
 from keras_autoprune.surgery import FactorizationPlan, PrunePlan
-
-_LOG_SPREAD = 100  # plot FLOPs on a log scale when max / min (nonzero) exceeds this
-_NAME_WIDTH = 32  # longer layer names are plotted as head…tail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,42 +291,7 @@ class PruningReport:
         Raises:
             ImportError: when matplotlib is not installed.
         """
-        try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-        except ImportError as error:
-            raise ImportError(
-                "`PruningReport.plot` needs matplotlib, which is not installed. "
-                'Fix: `pip install "keras-autoprune[demo]"`.'
-            ) from error
-        rows = self.layers
-        y = np.arange(len(rows))
-        font = 8 if len(rows) <= 30 else 6
-        figure = Figure(figsize=(12, max(3.0, 0.22 * len(rows) + 1.6)), layout="constrained")
-        FigureCanvasAgg(figure)
-        left, right = figure.subplots(1, 2, sharey=True)
-
-        ratios = np.array([np.nan if r.channels_kept is None else r.channels_kept for r in rows])
-        left.barh(y, ratios, height=0.7, color="tab:blue")
-        left.axvline(1.0, color="gray", linewidth=0.8, linestyle="--")
-        left.set_xlim(0, max(1.05, float(np.nanmax(ratios, initial=0)) * 1.05))
-        left.set_xlabel("output channels kept (after / before)")
-        left.set_yticks(y, [_short_name(r.layer) for r in rows], fontsize=font)
-        left.set_ylim(len(rows) - 0.5, -0.5)  # first layer on top, no empty margins
-
-        before = np.array([r.flops_before for r in rows], float)
-        after = np.array([r.flops_after for r in rows], float)
-        positive = np.concatenate([before, after])
-        positive = positive[positive > 0]
-        if positive.size and positive.max() > _LOG_SPREAD * positive.min():
-            right.set_xscale("log")
-        right.barh(y - 0.2, before, height=0.4, color="tab:gray", label="before")
-        right.barh(y + 0.2, after, height=0.4, color="tab:orange", label="after")
-        right.set_xlabel("FLOPs per layer")
-        right.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2, fontsize=8, frameon=False)
-        figure.suptitle(str(self), fontsize=10)
-        figure.savefig(path, format="png", dpi=dpi)
-        return os.fspath(path)
+        return plot_report(self, path, dpi)
 
     def __repr__(self) -> str:
         t = self.totals
@@ -352,14 +324,6 @@ def _human(value: int) -> str:
     return str(value)
 
 
-def _short_name(name: str) -> str:
-    """``name``, or its head and tail around "…" when it is too long to plot."""
-    if len(name) <= _NAME_WIDTH:
-        return name
-    head = (_NAME_WIDTH - 1) // 2
-    return name[:head] + "…" + name[-(_NAME_WIDTH - 1 - head):]
-
-
 def _plain(value: Any, where: str) -> Any:
     """``value`` as JSON-serialisable Python values (see `PruningReport`)."""
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -377,90 +341,3 @@ def _plain(value: Any, where: str) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(item, where) for item in value]
     return str(value)
-
-
-def _costs_by_layer(model: keras.Model, input_shape: Any) -> dict[str, tuple[str, int, int]]:
-    """``{qualified name: (kind, FLOPs over all calls, params)}``, in execution order."""
-    costs: dict[str, tuple[str, int, int]] = {}
-    for row in flops_table(model, input_shape):
-        _, flops, params = costs.get(row.layer, (row.kind, 0, 0))
-        costs[row.layer] = (row.kind, flops + row.flops, params + row.params)
-    return costs
-
-
-def _merge_replaced(before: dict[str, tuple], after: dict[str, tuple]) -> dict[str, tuple]:
-    """Folds the rows of a replacement block (``name/inner``, `kap.replace_layers`) into the layer ``name`` it replaced."""
-    merged: dict[str, tuple] = {}
-    for name, (kind, flops, params) in after.items():
-        owner = next((prefix for prefix in _prefixes(name) if prefix in before and prefix not in after), None)
-        if owner is None:
-            merged[name] = (kind, flops, params)
-            continue
-        _, flops_sum, params_sum = merged.get(owner, (before[owner][0], 0, 0))
-        merged[owner] = (before[owner][0], flops_sum + flops, params_sum + params)
-    return merged
-
-
-def _prefixes(name: str) -> list[str]:
-    """``"a/b/c"`` -> ``["a/b", "a"]``: the layers a qualified name is nested in, innermost first."""
-    parts = name.split("/")
-    return ["/".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
-
-
-def _channels_by_layer(model: keras.Model, prefix: str = "") -> dict[str, int | None]:
-    """``{qualified name: output channels}`` (see the module docstring)."""
-    channels: dict[str, int | None] = {}
-    for op in check_model(model).operations:
-        if isinstance(op, keras.Model):
-            channels.update(_channels_by_layer(op, f"{prefix}{op.name}/"))
-        else:
-            channels[prefix + op.name] = _output_channels(op)
-    return channels
-
-
-def _output_channels(op: Any) -> int | None:
-    """Filters or units, else the size of the output's channel axis (or None)."""
-    for width in ("filters", "units"):
-        if isinstance(getattr(op, width, None), int):
-            return getattr(op, width)
-    try:
-        shape = tuple(keras.tree.flatten(op.output)[0].shape)
-    except (AttributeError, IndexError, ValueError):
-        return None
-    axis = getattr(op, "axis", None)
-    if not isinstance(axis, int):
-        axis = 1 if getattr(op, "data_format", None) == "channels_first" else -1
-    if not shape or not -len(shape) <= axis < len(shape) or shape[axis] is None:
-        return None
-    return int(shape[axis])
-
-
-def _check_outputs(original: keras.Model, pruned: keras.Model) -> None:
-    shapes_before, shapes_after = ([tuple(t.shape[1:]) for t in check_model(m).outputs]
-                                   for m in (original, pruned))
-    if shapes_before != shapes_after:
-        raise ValueError(
-            "Expected `pruned` to have the same outputs as `original` (pruning never "
-            "changes a model's outputs). Received: output shapes "
-            f"original={shapes_before}, pruned={shapes_after} (without the batch axis). "
-            "Fix: pass the model that `pruned` was made from, e.g. "
-            "`PruningReport.from_models(model, apply_plan(model, plan))`."
-        )
-
-
-def _check_layers(before: dict[str, tuple], after: dict[str, tuple]) -> None:
-    only_before = [name for name in before if name not in after]
-    only_after = [name for name in after if name not in before]
-    other_kind = [f"{name} ({before[name][0]} vs {after[name][0]})"
-                  for name in before if name in after and before[name][0] != after[name][0]]
-    if not (only_before or only_after or other_kind):
-        return
-    common = "no layer names in common" if len(only_before) == len(before) else "different layers"
-    raise ValueError(
-        "Expected two models of the same architecture, whose layers are matched by their "
-        f"qualified names and kinds. Received: {common}; only in original: {only_before[:8]}, "
-        f"only in pruned: {only_after[:8]}, different kinds: {other_kind[:8]}. "
-        "Fix: pass the model that `pruned` was made from, e.g. "
-        "`PruningReport.from_models(model, apply_plan(model, plan))` (layers that Keras "
-        "names automatically get new names in a model rebuilt by hand)."
-    )

@@ -12,7 +12,7 @@ from keras_autoprune.report import LayerChange, PruningReport
 
 L = keras.layers
 
-# Hand-computed costs of `_cnn()` (P = output positions, see accounting.py):
+# Hand-computed costs of `_cnn()` (P = output positions, see flops_formulas.py):
 #   c1  Conv2D 3x3 same, 3 -> 8, P = 64:  2·9·3·8·64 + 8·64 = 28,160;  params 9·3·8 + 8 = 224
 #   bn  BatchNormalization, 8 ch, P = 64: 2·8·64 = 1,024;               params 4·8 = 32
 #   c2  Conv2D 3x3 valid, 8 -> 16, P = 36: 2·9·8·16·36 + 16·36 = 83,520; params 9·8·16 + 16 = 1,168

@@ -4,7 +4,8 @@ The graph is built by walking the model's nodes in topological order (the
 same order Keras uses to run it), recursing into nested models, and asking
 each layer's handler how channels flow from its inputs to its outputs (see
 `keras_autoprune.graph.atoms`). The result is a list of `ChannelGroup`s: sets
-of channel positions, across layers, that must be pruned together.
+of channel positions, across layers, that must be pruned together (built from
+the walk by `keras_autoprune.graph.groups`).
 """
 
 from __future__ import annotations
@@ -19,61 +20,11 @@ import numpy as np
 from keras_autoprune.errors import UnsupportedModelError
 from keras_autoprune.graph.atoms import AtomTable
 from keras_autoprune.graph.context import WalkContext
+from keras_autoprune.graph.groups import ChannelGroup, ChannelMember, build_groups  # noqa: F401 - ChannelMember: importable from here too
 from keras_autoprune.graph.handlers import CallInfo, LayerHandler, TensorRef, get_handler
 from keras_autoprune.graph.trace import expand_outputs, see_through
 
 _BLOCKER = LayerHandler()
-
-
-@dataclasses.dataclass(frozen=True)
-class ChannelMember:
-    """Where a group's channels appear in one layer.
-
-    Attributes:
-        layer: qualified layer name (``outer_model/inner_layer`` for nested
-            models).
-        side: ``"input"`` or ``"output"`` of that layer, or ``"internal"``
-            for channels that live inside it on no tensor (the heads of a
-            MultiHeadAttention, `WalkContext.internal_space`).
-        tensor_index: which input tensor (0 for outputs / single inputs);
-            for ``"internal"``, which internal space of the layer.
-        positions: positions on the tensor's channel (last) axis.
-        channels: the group channel held at each position (the index map;
-            a Flatten output repeats every channel ``H*W`` times).
-    """
-
-    layer: str
-    side: str
-    tensor_index: int
-    positions: np.ndarray
-    channels: np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
-class ChannelGroup:
-    """Channels that must be pruned together.
-
-    Attributes:
-        id: stable name, from the first layer that creates these channels.
-        size: number of channels.
-        members: every (layer, side, index map) the channels appear in.
-        prunable: False when a channel reaches a model input or output, or
-            crosses a layer that cannot be pruned.
-        reason: why the group is not prunable (None if it is).
-        chunks: one id per channel; channels sharing an id can only be
-            removed together (GroupNormalization groups).
-    """
-
-    id: str
-    size: int
-    members: tuple[ChannelMember, ...]
-    prunable: bool
-    reason: str | None
-    chunks: np.ndarray
-
-    def __repr__(self) -> str:
-        state = "prunable" if self.prunable else f"blocked: {self.reason}"
-        return f"ChannelGroup(id={self.id!r}, size={self.size}, members={len(self.members)}, {state})"
 
 
 @dataclasses.dataclass
@@ -286,81 +237,8 @@ class DependencyGraph:
 
     # -- groups ---------------------------------------------------------
     def _build_groups(self) -> None:
-        roots = self.atoms.roots()
-        spaces = self.atoms.spaces()
-        space_parent = list(range(int(spaces.max()) + 1 if len(spaces) else 0))
-
-        def find(s):
-            while space_parent[s] != s:
-                space_parent[s] = space_parent[space_parent[s]]
-                s = space_parent[s]
-            return s
-
-        for a, b in zip(spaces.tolist(), spaces[roots].tolist()):
-            ra, rb = find(a), find(b)
-            if ra != rb:
-                space_parent[max(ra, rb)] = min(ra, rb)
-        component = np.array([find(s) for s in range(len(space_parent))], np.int64)
-        atom_component = component[spaces] if len(spaces) else spaces
-
-        order = sorted(set(atom_component.tolist()))
-        group_of_component = {c: g for g, c in enumerate(order)}
-        self.atom_group = np.array([group_of_component[c] for c in atom_component.tolist()], np.int64)
-        self.atom_channel = np.zeros(len(roots), np.int64)
-        channel_of_root: dict[int, int] = {}
-        sizes = [0] * len(order)
-        for atom, root in enumerate(roots.tolist()):
-            if root not in channel_of_root:
-                g = self.atom_group[atom]
-                channel_of_root[root] = sizes[g]
-                sizes[g] += 1
-            self.atom_channel[atom] = channel_of_root[root]
-
-        reasons: dict[int, str] = {}
-        for root, reason in self.atoms.fixed_roots().items():
-            reasons.setdefault(int(self.atom_group[root]), reason)
-        chunks = [np.arange(n) for n in sizes]
-        for a, b in self.atoms.chunk_pairs():
-            g = self.atom_group[a]
-            _merge_chunks(chunks[g], self.atom_channel[a], self.atom_channel[b])
-
-        members = self._members(len(order))
-        names: dict[str, int] = {}
-        self.groups = []
-        for g, c in enumerate(order):
-            base = self.atoms.space_owner(c)
-            names[base] = names.get(base, 0) + 1
-            group_id = base if names[base] == 1 else f"{base}#{names[base]}"
-            self.groups.append(
-                ChannelGroup(
-                    id=group_id,
-                    size=sizes[g],
-                    members=tuple(members[g]),
-                    prunable=g not in reasons,
-                    reason=reasons.get(g),
-                    chunks=_canonical_chunks(chunks[g]),
-                )
-            )
+        self.groups, self.atom_group, self.atom_channel = build_groups(self.atoms, self.records)
         self._index = {group.id: i for i, group in enumerate(self.groups)}
-
-    def _members(self, n_groups: int) -> list[list[ChannelMember]]:
-        members: list[list[ChannelMember]] = [[] for _ in range(n_groups)]
-        for record in self.records:
-            if not record.first_call:
-                continue
-            sides = [("input", i, l) for i, l in enumerate(record.call.in_layouts)]
-            sides += [("output", i, l) for i, l in enumerate(record.out_layouts)]
-            sides += [("internal", i, l) for i, l in enumerate(record.internal_layouts)]
-            for side, index, layout in sides:
-                if not len(layout):
-                    continue
-                groups = self.atom_group[layout]
-                for g in np.unique(groups).tolist():
-                    positions = np.flatnonzero(groups == g)
-                    members[g].append(
-                        ChannelMember(record.name, side, index, positions, self.atom_channel[layout[positions]])
-                    )
-        return members
 
     # -- queries --------------------------------------------------------
     def group(self, group_id: str) -> ChannelGroup:
@@ -384,15 +262,6 @@ class DependencyGraph:
             lines.append(f"{g.id:40s} {g.size:6d} {len(g.members):8d}  {status}")
         return "\n".join(lines)
 
-
-def _merge_chunks(chunk_ids: np.ndarray, a: int, b: int) -> None:
-    old, new = max(chunk_ids[a], chunk_ids[b]), min(chunk_ids[a], chunk_ids[b])
-    chunk_ids[chunk_ids == old] = new
-
-
-def _canonical_chunks(chunk_ids: np.ndarray) -> np.ndarray:
-    _, canonical = np.unique(chunk_ids, return_inverse=True)
-    return canonical.astype(np.int64)
 
 
 def _is_graph_model(model) -> bool:

@@ -2,10 +2,11 @@
 
 `PruningReport.from_models` requires both models to have the same layers;
 RED removes the BatchNormalizations it folds, so the rows are built here
-with the report's own helpers: layers are matched by qualified name, a
-removed layer has 0 FLOPs and 0 parameters after, and a layer replaced by a
-block (stage 3, ``name/inner`` layers) gets the block's summed costs. The
-totals still equal `kap.count_flops` / `kap.count_params` of the two models.
+with the report's own helpers (`keras_autoprune.layer_comparison`): layers
+are matched by qualified name, a removed layer has 0 FLOPs and 0 parameters
+after, and a layer replaced by a block (stage 3, ``name/inner`` layers)
+gets the block's summed costs. The totals still equal `kap.count_flops` /
+`kap.count_params` of the two models.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 import keras
 
-from keras_autoprune.report import LayerChange, PruningReport, _channels_by_layer, _costs_by_layer, _merge_replaced
+from keras_autoprune.layer_comparison import _channels_by_layer, _costs_by_layer, _merge_replaced
+from keras_autoprune.report import LayerChange, PruningReport
 from keras_autoprune.surgery import PrunePlan
 
 

@@ -1,6 +1,6 @@
 """The calibration pass shared by every statistic (K-FAC, gradients).
 
-For each batch: replay the model in inference mode (`taps.replay`), take the
+For each batch: replay the model in inference mode (`replay.replay`), take the
 per-example negative log-likelihood ``−log p(y_b|x_b)`` of every output with
 a loss (true Fisher: ``y_b`` sampled from the model; empirical: the real
 labels; scaled per output as `stats.likelihoods` says), and one
@@ -47,7 +47,8 @@ import tensorflow as tf
 from keras_autoprune.graph.dependency import DependencyGraph, check_model
 from keras_autoprune.stats.calibration import CalibrationBatch, CalibrationData, progress_bar
 from keras_autoprune.stats.loss import Likelihood, resolve_likelihood
-from keras_autoprune.stats.taps import Tap, replay, resolve_taps
+from keras_autoprune.stats.replay import replay
+from keras_autoprune.stats.taps import Tap, resolve_taps
 
 FISHER_TYPES = ("true", "empirical")
 _MEMORY_ELEMENTS = 2**25

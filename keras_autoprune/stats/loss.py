@@ -151,7 +151,7 @@ class Likelihood:
 
         Args:
             outputs: the model's outputs, flat, in the order of ``model.outputs``.
-            logits: ``id(output) -> (activation, its input)`` from `taps.replay`.
+            logits: ``id(output) -> (activation, its input)`` from `replay.replay`.
             labels: per head, its uniforms (true Fisher) or real labels.
             fisher: ``"true"`` or ``"empirical"``.
         """
