@@ -105,7 +105,7 @@ def test_protocol_one_variants_configure_the_callbacks_and_name_their_files():
     calibration = (np.zeros((256, 32, 32, 3), "float32"), np.zeros(256, "int64"))
     floored = oneshot.make_callback("nap_cost_aware", 0.5, calibration, max_layer_ratio=0.9, rounds=3)
     assert (floored.max_layer_ratio, floored.rounds, floored.cost_aware, floored.num_batches) == (0.9, 3, True, 2)
-    assert oneshot.make_callback("global_l1", 0.5, calibration).max_layer_ratio == 1.0
+    assert oneshot.make_callback("global_l1", 0.5, calibration).max_layer_ratio == 0.9  # the callbacks' default
     assert oneshot.make_callback("psap", 0.5, calibration, rounds=2).rounds == 2
     with pytest.raises(ValueError, match="ranked entries"):
         oneshot.make_callback("eigendamage", 0.5, calibration, max_layer_ratio=0.9)
@@ -139,3 +139,17 @@ def test_protocol_two_starts_from_the_committed_model_with_raw_pixels(cifar, tmp
     model = load_pretrained(pretrained_path(profile, tmp_path))
     assert converged.sha256(pretrained_path(profile, tmp_path) / "model.keras") == manifest["sha256"]
     assert "Normalization" in {layer["class"] for layer in architecture(model)["layers"]}  # the TFMOT twin rebuilds it
+
+
+def test_saliency_check_compares_nap_with_the_exact_quadratic_and_the_measured_loss(cifar):
+    from benchmarks import saliency_check
+
+    result = saliency_check.check("resnet20", "nap_cost_aware", 0.8, cifar, log=lambda line: None, held_out_images=256)
+    assert result["max_layer_ratio"] == 0.9 and result["held_out_images"] == 256
+    groups = result["groups"]
+    assert groups and all(row["removed"] > 0 and row["predicted"] >= 0 and row["exact_quadratic"] >= 0 for row in groups)
+    # The diagnosis of docs/methods/nap.md: K-FAC's saliency is far below the exact Fisher quadratic of the removal.
+    assert result["all"]["exact_quadratic"] > 5 * result["all"]["predicted"]
+    assert result["all"]["measured"] > 0
+    table = saliency_check.markdown(result)
+    assert table.count("\n") == len(groups) + 2 and "**all at once**" in table

@@ -18,8 +18,8 @@ class MagnitudeCallback(RankedPruningCallback):
     Args:
         budget: a `kap.Budget`.
         max_layer_ratio: the largest fraction of any layer's channels removed,
-            in (0, 1]. Default 1.0 (down to one channel); 0.9 keeps at least
-            a tenth of every layer (a guard against layer collapse).
+            in (0, 1]. Default 0.9: every layer keeps at least a tenth of its
+            channels (a guard against layer collapse); 1.0: down to one channel.
         **kwargs: schedule arguments of `PruningCallback` (``start_epoch``,
             ``end_epoch``, ``rounds``, ``verbose``, ...).
 

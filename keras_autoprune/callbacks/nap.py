@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from keras_autoprune.budget import Budget
-from keras_autoprune.callbacks.ranked import RankedPruningCallback
+from keras_autoprune.callbacks.ranked import DEFAULT_MAX_LAYER_RATIO, RankedPruningCallback
 from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable, fisher_facts, resolve_fisher
 from keras_autoprune.evaluation import accuracy
 from keras_autoprune.methods import nap
@@ -66,9 +66,10 @@ class NAPCallback(RankedPruningCallback):
         obs_update: compensate the remaining outputs of a pruned layer with
             the OBS update.
         max_layer_ratio: the largest fraction of any layer's channels the
-            ranking removes, in (0, 1]. Default 1.0 (down to one channel);
-            0.9 keeps at least a tenth of every layer, a guard against layer
-            collapse (`keras_autoprune.allocation.ranking`).
+            ranking removes, in (0, 1]. Default 0.9: every layer keeps at
+            least a tenth of its channels, a guard against layer collapse
+            (`keras_autoprune.callbacks.ranked`); 1.0: down to one channel
+            (the behaviour before issue 12).
         validation_data: labelled data for tolerance mode.
         max_accuracy_drop: tolerance mode: after each round's epoch, if the
             validation accuracy fell more than this below the unpruned
@@ -99,7 +100,7 @@ class NAPCallback(RankedPruningCallback):
         input_side: bool | None = None,
         cost_aware: bool = False,
         obs_update: bool = False,
-        max_layer_ratio: float = 1.0,
+        max_layer_ratio: float = DEFAULT_MAX_LAYER_RATIO,
         validation_data: Any = None,
         max_accuracy_drop: float | None = None,
         **kwargs: Any,
