@@ -114,9 +114,8 @@ def verify_tflite(
     try:
         received = tflite_outputs(path, inputs, input_names=input_names(model), output_names=output_names(model))
     except RuntimeError as error:  # LiteRT reports a failed invoke (e.g. a SLICE out of range) this way
-        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
         raise ExportError(
-            f"Expected LiteRT to run {path} on the verification samples (input shapes {shapes}), as Keras "
+            f"Expected LiteRT to run {path} on the verification samples (input shapes {_shapes(inputs)}), as Keras "
             f"did. Received: {error}. Fix: report it with the model; with inputs of unknown length, try "
             "`representative_data` at the length the model will be served with."
         ) from error
@@ -133,12 +132,15 @@ def reference_outputs(model: keras.Model, inputs: Sequence[np.ndarray]) -> list[
     try:
         return keras_outputs(model, inputs)
     except Exception as error:  # noqa: BLE001 - any failure of the user's model on the samples
-        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
         raise ValueError(
             f"Expected `representative_data` that model '{model.name}' can run. Received: samples of input "
-            f"shapes {shapes}, on which the model raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
+            f"shapes {_shapes(inputs)}, on which the model raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
             "Fix: pass samples of the shape, dtype and range the model is served with."
         ) from error
+
+
+def _shapes(inputs: Sequence[np.ndarray]) -> str:
+    return ", ".join(str(tuple(x.shape)) for x in inputs)
 
 
 def keras_outputs(model: keras.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
