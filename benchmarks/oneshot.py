@@ -44,10 +44,11 @@ from keras_autoprune.callbacks.ranked import DEFAULT_MAX_LAYER_RATIO
 
 TARGETS = (0.8, 0.65, 0.5, 0.35, 0.25)
 ENTRIES = ("uniform_l1", "global_l1", "taylor", "random", "nap", "nap_cost_aware", "c_obd", "c_obs",
-           "kron_obd", "kron_obs", "eigendamage", "psap")
+           "kron_obd", "kron_obs", "eigendamage", "psap", "fisher", "fisher_cost_aware")
 """Protocol 1's entries, as in `benchmarks.entries` (TFMOT prunes individual weights and does not
 remove FLOPs in one shot: it appears in protocol 2 only)."""
-RANKED_ENTRIES = ("global_l1", "taylor", "random", "nap", "nap_cost_aware", "c_obd", "c_obs", "kron_obd", "kron_obs")
+RANKED_ENTRIES = ("global_l1", "taylor", "random", "nap", "nap_cost_aware", "c_obd", "c_obs", "kron_obd", "kron_obs",
+                  "fisher", "fisher_cost_aware")
 """The entries that rank channels over the whole model (`RankedPruningCallback`): ``--max-layer-ratio`` applies to them."""
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results" / "v2"
 PLOT_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "img"
@@ -79,6 +80,9 @@ def make_callback(entry: str, target: float, calibration: tuple[np.ndarray, np.n
         return kap.NAPCallback(calibration, budget=budget, cost_aware=entry == "nap_cost_aware", **batches, **ranked)
     if entry in ("c_obd", "c_obs", "kron_obd", "kron_obs"):
         return kap.NAPCallback(calibration, budget=budget, scorer=entry.replace("_", "-"), **batches, **ranked)
+    if entry in ("fisher", "fisher_cost_aware"):
+        return kap.NAPCallback(calibration, budget=budget, scorer="fisher", cost_aware=entry == "fisher_cost_aware",
+                               **batches, **ranked)
     if entry == "eigendamage":
         return kap.EigenDamageCallback(calibration, budget=budget, **batches, **common)
     if entry == "psap":

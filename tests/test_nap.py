@@ -180,7 +180,7 @@ def test_obs_update_zeroes_removed_columns_and_moves_the_rest(digits, pretrained
         (dict(data=([0], [0]), validation_data=([0], [0])), ValueError, "max_accuracy_drop"),
         (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), damping=-1), ValueError, "damping"),
         (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), scorer="obs"),
-         ValueError, r"scorer. must be one of \('nap', 'kron-obs', 'kron-obd', 'c-obs', 'c-obd'\)\. Received: scorer='obs'"),
+         ValueError, r"scorer. must be one of \('nap', 'kron-obs', 'kron-obd', 'c-obs', 'c-obd', 'fisher'\)\. Received: scorer='obs'"),
         (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), scorer="c-obs", input_side=True), ValueError, "output side only"),
         (dict(data=([0], [0]), budget=kap.Budget(params=0.5), granularity="weight", scorer="kron-obs"),
          ValueError, "granularity='channel'"),

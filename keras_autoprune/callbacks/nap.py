@@ -12,7 +12,7 @@ from keras_autoprune.callbacks.ranked import DEFAULT_MAX_LAYER_RATIO, RankedPrun
 from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable, fisher_facts, resolve_fisher
 from keras_autoprune.evaluation import accuracy
 from keras_autoprune.methods import nap
-from keras_autoprune.stats import collect_kfac
+from keras_autoprune.stats import collect_channel_fisher, collect_kfac
 from keras_autoprune.surgery.clone import clone_model
 from keras_autoprune.surgery.plan import PrunePlan
 from keras_autoprune.surgery.weights import assign_weights, layer_weights
@@ -59,6 +59,11 @@ class NAPCallback(RankedPruningCallback):
             (``½ Σ_j W_ji² / ([A⁻¹]_jj [G⁻¹]_ii)``) or ``"c-obd"``
             (``½ Σ_j W_ji² A_jj G_ii``), see `keras_autoprune.scoring.baselines`.
             Baselines are output-side only and need ``granularity="channel"``.
+            ``"fisher"``: the exact channel-level Fisher of removing a channel
+            as its readers see it, ``½ E_b[(Σ_p x_bpc ∂ℓ_b/∂x_bpc)²]``,
+            from a statistics pass of its own instead of K-FAC
+            (`keras_autoprune.stats.channel_fisher`; channel granularity, no
+            ``obs_update``).
         input_side: add the saliency of the layers reading a channel
             (default None: True for ``scorer="nap"``; the baselines reject
             True).
@@ -136,6 +141,11 @@ class NAPCallback(RankedPruningCallback):
                 "scorer='nap' for per-weight saliencies (NAP's weight saliency is the per-weight term of C-OBS). "
                 f"Received: granularity={granularity!r}, scorer={scorer!r}"
             )
+        if scorer == "fisher" and obs_update:
+            raise ValueError(
+                "obs_update needs K-FAC factors, which scorer='fisher' does not collect. "
+                f"Received: scorer='fisher', obs_update=True. Fix: obs_update=False, or another scorer."
+            )
         if fisher not in ("true", "empirical"):
             raise ValueError(f"`fisher` must be 'true' or 'empirical'. Received: fisher={fisher!r}")
         if not isinstance(damping, (int, float)) or damping <= 0:
@@ -197,7 +207,8 @@ class NAPCallback(RankedPruningCallback):
             super().restore_constraints()
 
     def _factors(self):
-        factors = collect_kfac(
+        collect = collect_channel_fisher if self.scorer == "fisher" else collect_kfac
+        factors = collect(
             self.model,
             self._source.data,
             fisher=self._fisher,

@@ -42,6 +42,7 @@ from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.scoring import baselines
 from keras_autoprune.scoring.obs import out_channel_update, weight_saliency
 from keras_autoprune.stats import GroupSaliency, damped_inverses, split_weight_matrix, weight_matrix
+from keras_autoprune.stats.channel_fisher import group_channel_fisher
 from keras_autoprune.stats.engine import StatisticsResult
 from keras_autoprune.surgery.plan import PrunePlan
 
@@ -54,7 +55,9 @@ _BASELINES = {
     "c-obs": lambda w, f, a_inv, g_inv: baselines.c_obs(w, a_inv, g_inv),
     "c-obd": lambda w, f, a_inv, g_inv: baselines.c_obd(w, f.A, f.G),
 }
-SCORERS = ("nap", *_BASELINES)
+SCORERS = ("nap", *_BASELINES, "fisher")
+"""``"fisher"``: the exact channel-level Fisher of a removal as the readers see it
+(`stats.channel_fisher`, statistics of its own instead of K-FAC factors)."""
 
 
 def check_scorer(scorer: str, input_side: bool | None = None) -> bool:
@@ -67,6 +70,11 @@ def check_scorer(scorer: str, input_side: bool | None = None) -> bool:
         raise ValueError(f"`scorer` must be one of {SCORERS}. Received: scorer={scorer!r}")
     if scorer == "nap":
         return True if input_side is None else bool(input_side)
+    if scorer == "fisher" and input_side:
+        raise ValueError(
+            "scorer='fisher' scores a channel where its readers see it; it has no output or input side to choose. "
+            f"Leave `input_side` unset. Received: input_side={input_side!r}"
+        )
     if input_side:
         raise ValueError(
             f"The baseline scorer {scorer!r} scores the output side only (as in its paper); the input-side "
@@ -90,15 +98,20 @@ def channel_saliencies(
 
     Args:
         scorer: ``"nap"`` (OBS saliency, output side plus, with
-            ``input_side``, the consumers' input side) or a baseline of
-            `SCORERS` (output side only).
+            ``input_side``, the consumers' input side), a baseline of
+            `SCORERS` (output side only), or ``"fisher"`` (the channel
+            Fisher of `stats.channel_fisher`; ``factors`` then come from
+            `stats.collect_channel_fisher`).
         input_side: None: True for ``"nap"``; see `check_scorer`.
     """
     input_side = check_scorer(scorer, input_side)
-    saliency = GroupSaliency(graph, factors, damping)
-    if scorer == "nap":
+    if scorer == "fisher":  # ``factors`` are `stats.collect_channel_fisher`'s
+        scores = group_channel_fisher(graph, factors)
+    elif scorer == "nap":
+        saliency = GroupSaliency(graph, factors, damping)
         scores = {g.id: saliency.group(g, input_side=input_side) for g in graph.prunable_groups}
     else:
+        saliency = GroupSaliency(graph, factors, damping)
         scores = {g.id: saliency.output_scores(g, _BASELINES[scorer]) for g in graph.prunable_groups}
     if cost_aware:
         costs = channel_costs(model, graph, metric)

@@ -1,11 +1,12 @@
 """Calibration statistics: K-FAC factors, gradient statistics, group saliencies.
 
 One calibration pass (`engine.run_statistics`) replays the model in inference
-mode over calibration data and feeds every statistic; `collect_kfac` and
-`collect_gradient_stats` are its two recipes.
+mode over calibration data and feeds every statistic; `collect_kfac`,
+`collect_gradient_stats` and `collect_channel_fisher` are its recipes.
 """
 
 from keras_autoprune.stats.calibration import CalibrationBatch, CalibrationData
+from keras_autoprune.stats.channel_fisher import ChannelFisherStatistic, collect_channel_fisher, group_channel_fisher
 from keras_autoprune.stats.curvature import damp, damped_inverses, mean_eigenvalue, symmetric_eigh, symmetrize
 from keras_autoprune.stats.engine import StatisticsResult, run_statistics
 from keras_autoprune.stats.gradients import GradientStatistic, GradientStats, collect_gradient_stats
@@ -18,6 +19,7 @@ __all__ = sorted(
     [
         "CalibrationBatch",
         "CalibrationData",
+        "ChannelFisherStatistic",
         "GradientStatistic",
         "GradientStats",
         "GroupSaliency",
@@ -28,6 +30,8 @@ __all__ = sorted(
         "SUPPORTED_LAYERS",
         "SUPPORTED_LOSSES",
         "StatisticsResult",
+        "collect_channel_fisher",
+        "group_channel_fisher",
         "collect_gradient_stats",
         "collect_kfac",
         "damp",
