@@ -164,11 +164,14 @@ def run(
         result["rows"] = []
     result["batchnorm_set"] = converged.BATCHNORM_SET
     floor = (variant or {}).get("max_layer_ratio", DEFAULT_MAX_LAYER_RATIO)
-    stale = [row for row in result["rows"] if row["entry"] in RANKED_ENTRIES and row.get("max_layer_ratio", 1.0) != floor]
-    if stale:  # ranked rows from another layer floor (before the 0.9 default: 1.0): kept for the record, measured again
-        for row in stale:
-            result.setdefault("superseded", {}).setdefault(f"max_layer_ratio={row.get('max_layer_ratio', 1.0):g}", []).append(row)
-        result["rows"] = [row for row in result["rows"] if not any(row is s for s in stale)]
+    kept = []
+    for row in result["rows"]:  # ranked rows of another layer floor (before the 0.9 default: 1.0): kept for the record
+        ratio = row.get("max_layer_ratio", 1.0)
+        if row["entry"] in RANKED_ENTRIES and ratio != floor:
+            result.setdefault("superseded", {}).setdefault(f"max_layer_ratio={ratio:g}", []).append(row)
+        else:
+            kept.append(row)
+    result["rows"] = kept
     done = {(row["entry"], row["target"]) for row in result["rows"]}
     started = time.perf_counter()
     if ("unpruned", 1.0) not in done:

@@ -67,12 +67,23 @@ def held_out(data: converged.Cifar10, count: int = HELD_OUT, seed: int = 0) -> t
     return data.x_train[chosen].astype(np.float32), data.y_train[chosen]
 
 
-def mean_nll(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
-    """Mean cross-entropy of ``model``'s logits at the true labels."""
-    import keras
+def logits_of(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """``model(x, training=False)`` in batches, float64."""
+    return np.concatenate([np.asarray(model(x[i:i + batch_size], training=False))
+                           for i in range(0, len(x), batch_size)]).astype(np.float64)
 
-    logits = np.concatenate([np.asarray(model(x[i:i + batch_size], training=False)) for i in range(0, len(x), batch_size)])
-    return float(np.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)))
+
+def mean_nll(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy of ``logits`` at the true labels."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-np.mean(log_p[np.arange(len(y)), y]))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of ``logits``."""
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
 
 
 def kfac_reader_quadratic(graph, factors, group, removed: np.ndarray) -> float:
@@ -95,8 +106,9 @@ def kfac_reader_quadratic(graph, factors, group, removed: np.ndarray) -> float:
     return total
 
 
-def exact_quadratic(model, masked, x: np.ndarray, batch_size: int = 256, step: float = 0.01) -> float:
-    """``½ Δᵀ F Δ`` with the true Fisher of the softmax outputs, ``Δ = weights(masked) − weights(model)`` (see the module docstring)."""
+def exact_quadratic(model, masked, x: np.ndarray, probabilities: np.ndarray, step: float = 0.01) -> float:
+    """``½ Δᵀ F Δ`` with the true Fisher of the softmax outputs ``probabilities`` (``softmax(model(x))``),
+    ``Δ = weights(masked) − weights(model)`` (see the module docstring)."""
     import keras
 
     start, end = model.get_weights(), masked.get_weights()
@@ -104,12 +116,9 @@ def exact_quadratic(model, masked, x: np.ndarray, batch_size: int = 256, step: f
     logits = {}
     for sign in (1.0, -1.0):
         shifted.set_weights([a + sign * step * (b - a) for a, b in zip(start, end)])
-        logits[sign] = np.concatenate([np.asarray(shifted(x[i:i + batch_size], training=False))
-                                       for i in range(0, len(x), batch_size)]).astype(np.float64)
-    base = np.concatenate([np.asarray(model(x[i:i + batch_size], training=False)) for i in range(0, len(x), batch_size)])
-    p = np.exp(base - base.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
+        logits[sign] = logits_of(shifted, x)
     u = (logits[1.0] - logits[-1.0]) / (2 * step)
+    p = probabilities
     return float(0.5 * np.mean(np.sum(p * u**2, axis=1) - np.sum(p * u, axis=1) ** 2))
 
 
@@ -131,7 +140,8 @@ def check(model_name: str, entry: str, target: float, data: converged.Cifar10, m
                            batch_size=oneshot.BATCH_SIZE, graph=graph, verbose=0)
     saliency = nap.channel_saliencies(model, graph, factors)
     x, y = held_out(data, held_out_images)
-    base = mean_nll(model, x, y)
+    base_logits = logits_of(model, x)
+    base, probabilities = mean_nll(base_logits, y), softmax(base_logits)
     rows = []
     for group_id, kept in plan.kept.items():
         group = graph.group(group_id)
@@ -139,18 +149,19 @@ def check(model_name: str, entry: str, target: float, data: converged.Cifar10, m
         if removed.size == 0:
             continue
         masked = kap.mask_plan(model, kap.PrunePlan({group_id: kept}), graph)
-        measured = mean_nll(masked, x, y) - base
+        measured = mean_nll(logits_of(masked, x), y) - base
         predicted = float(saliency[group_id][removed].sum())
-        quadratic = exact_quadratic(model, masked, x)
+        quadratic = exact_quadratic(model, masked, x, probabilities)
         uncompensated = kfac_reader_quadratic(graph, factors, group, removed)
         rows.append({"group": group_id, "size": group.size, "removed": int(removed.size), "predicted": predicted,
                      "kfac_uncompensated": uncompensated, "exact_quadratic": quadratic, "measured": measured})
         log(f"{group_id}: {removed.size}/{group.size} removed, predicted {predicted:.4f}, K-FAC uncompensated "
             f"{uncompensated:.4f}, exact quadratic {quadratic:.4f}, measured {measured:.4f}")
     masked = kap.mask_plan(model, plan, graph)
-    total = {"predicted": sum(r["predicted"] for r in rows), "exact_quadratic": exact_quadratic(model, masked, x),
+    total = {"predicted": sum(r["predicted"] for r in rows),
+             "exact_quadratic": exact_quadratic(model, masked, x, probabilities),
              "kfac_uncompensated": sum(r["kfac_uncompensated"] for r in rows),
-             "measured": mean_nll(masked, x, y) - base}
+             "measured": mean_nll(logits_of(masked, x), y) - base}
     log(f"all groups: predicted {total['predicted']:.4f}, exact quadratic {total['exact_quadratic']:.4f}, "
         f"measured {total['measured']:.4f}")
     return {"model": model_name, "entry": entry, "target": target, "max_layer_ratio": callback.max_layer_ratio,

@@ -111,5 +111,5 @@ def test_layer_floor_in_a_callback_stops_collapse_and_checks_the_budget():
     floored = kap.MagnitudeCallback(kap.Budget(flops=0.45), max_layer_ratio=0.5, verbose=0).prune(model)
     assert floored.get_layer("a").filters == 2 and kap.count_flops(floored) <= 0.45 * kap.count_flops(model)
     # Below what the floor allows: a clear error before any work.
-    with pytest.raises(ValueError, match=r"floor its `max_layer_ratio` keeps\) the model keeps .*Fix: kap.Budget"):
+    with pytest.raises(ValueError, match=r"layer floor `max_layer_ratio` keeps\) the model keeps .*Fix: kap.Budget"):
         kap.MagnitudeCallback(kap.Budget(flops=0.05), max_layer_ratio=0.5, verbose=0).prune(model)

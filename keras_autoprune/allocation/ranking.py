@@ -116,7 +116,7 @@ class _Feasibility:
 
     def can_remove(self, group_id: str, channels: np.ndarray) -> bool:
         gone = set(channels.tolist())
-        return all(not left or len(left - gone) >= floor or not left & gone
+        return all(not left & gone or len(left - gone) >= floor
                    for left, floor in zip(self._left[group_id], self._floor[group_id]))
 
     def remove(self, group_id: str, channels: np.ndarray) -> None:

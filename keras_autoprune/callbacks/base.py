@@ -148,7 +148,7 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
             raise ValueError(
                 f"Expected a budget {type(self).__name__} can reach on model '{model.name}'. Received: "
                 f"kap.Budget({metric}={self.budget.fraction}), but with every prunable channel group at its smallest "
-                f"(one channel, or the floor its `max_layer_ratio` keeps) the model keeps {floor:.1%} of its {metric} (the layers whose channels cannot be pruned "
+                f"(one channel, or the layer floor `max_layer_ratio` keeps) the model keeps {floor:.1%} of its {metric} (the layers whose channels cannot be pruned "
                 f"stay whole: see kap.DependencyGraph(model).summary()). Fix: kap.Budget({metric}="
                 f"{round_up_fraction(floor)}) or more."
             )

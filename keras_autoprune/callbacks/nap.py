@@ -144,7 +144,7 @@ class NAPCallback(RankedPruningCallback):
         if scorer == "fisher" and obs_update:
             raise ValueError(
                 "obs_update needs K-FAC factors, which scorer='fisher' does not collect. "
-                f"Received: scorer='fisher', obs_update=True. Fix: obs_update=False, or another scorer."
+                "Received: scorer='fisher', obs_update=True. Fix: obs_update=False, or another scorer."
             )
         if fisher not in ("true", "empirical"):
             raise ValueError(f"`fisher` must be 'true' or 'empirical'. Received: fisher={fisher!r}")

@@ -51,11 +51,9 @@ class RankedPruningCallback(PruningCallback):
         raise NotImplementedError
 
     def compute_plan(self, target: float, removed: PrunePlan | None) -> PrunePlan:
-        return self.ranked_plan(self.scores(), target, removed)
-
-    def ranked_plan(self, scores: dict[str, np.ndarray], target: float, removed: PrunePlan | None) -> PrunePlan:
-        """The global ranking of ``scores`` down to ``target``, with this callback's layer floor."""
-        return global_ranking_plan(self.model, self.graph, scores, self.budget, target, removed, self.max_layer_ratio)
+        """The global ranking of `scores` down to ``target``, with this callback's layer floor."""
+        return global_ranking_plan(self.model, self.graph, self.scores(), self.budget, target, removed,
+                                   self.max_layer_ratio)
 
     def smallest_plan(self) -> PrunePlan:
         """Every prunable group at its floor (``ceil((1 - max_layer_ratio) * size)`` channels, at least one)."""
