@@ -12,8 +12,11 @@ scores differ:
   |dL/dw * w|`` with the mean gradient of the training loss (empirical
   Fisher) on the calibration set, `TaylorCallback`;
 - ``random``: uniformly random channel scores (seeded), `RandomCallback`;
-- ``nap``: `kap.NAPCallback` (K-FAC OBS saliencies) on the same calibration set;
+- ``nap``: `kap.NAPCallback(scorer="nap", cost_aware=False)` (K-FAC OBS
+  saliencies, NAP's default before issue 12) on the same calibration set;
 - ``nap_cost_aware``: the same with ``cost_aware=True`` (saliency per FLOP saved);
+- ``fisher_cost_aware``: `kap.NAPCallback` with its defaults since issue 12
+  (``scorer="fisher", cost_aware=True``: the exact channel Fisher per FLOP saved);
 - ``psap``: `kap.PSAPCallback` (weight-sparsity layer ratios, soft rounds,
   gradient protection; the last round hard) on the same calibration set;
 - ``psap_scratch``: `kap.PSAPCallback` from the pretraining's *initial*
@@ -279,8 +282,10 @@ def make_callback(
     if entry == "random":
         return RandomCallback(target, seed, **schedule)
     if entry in ("nap", "nap_cost_aware"):
-        return kap.NAPCallback(calibration, budget=target, cost_aware=entry == "nap_cost_aware",
+        return kap.NAPCallback(calibration, budget=target, scorer="nap", cost_aware=entry == "nap_cost_aware",
                                **calibration_options, **schedule)
+    if entry == "fisher_cost_aware":
+        return kap.NAPCallback(calibration, budget=target, scorer="fisher", cost_aware=True, **calibration_options, **schedule)
     if entry in SCORER_ENTRIES:
         return kap.NAPCallback(calibration, budget=target, scorer=entry.replace("_", "-"), **calibration_options, **schedule)
     if entry in ("eigendamage", "eigendamage_capped"):

@@ -77,7 +77,7 @@ def make_callback(entry: str, target: float, calibration: tuple[np.ndarray, np.n
     if entry == "random":
         return RandomCallback(budget, seed, **ranked)
     if entry in ("nap", "nap_cost_aware"):
-        return kap.NAPCallback(calibration, budget=budget, cost_aware=entry == "nap_cost_aware", **batches, **ranked)
+        return kap.NAPCallback(calibration, budget=budget, scorer="nap", cost_aware=entry == "nap_cost_aware", **batches, **ranked)
     if entry in ("c_obd", "c_obs", "kron_obd", "kron_obs"):
         return kap.NAPCallback(calibration, budget=budget, scorer=entry.replace("_", "-"), **batches, **ranked)
     if entry in ("fisher", "fisher_cost_aware"):
@@ -120,11 +120,25 @@ def run_row(model, entry: str, target: float, shared: dict, data: converged.Cifa
         pruning_seconds=callback.pruning_seconds,
         statistics_seconds=getattr(callback, "statistics_seconds", 0.0),
         accuracy=converged.test_accuracy(slim, data),
+        channels=pruned_widths(model, slim),
     )
     kap.recalibrate_batchnorm(slim, shared["batchnorm_x"], batch_size=BATCH_SIZE)
     row["accuracy_bn"] = converged.test_accuracy(slim, data)
     row["seconds"] = time.perf_counter() - start
     return row
+
+
+WIDTH_KINDS = ("Conv1D", "Conv2D", "SeparableConv2D", "Dense")
+"""Layers whose output width `pruned_widths` records (a depthwise or normalisation layer follows its input)."""
+
+
+def pruned_widths(model, slim) -> dict[str, list[int]]:
+    """``{layer: [channels kept, channels before]}`` for every convolution or Dense whose output width changed."""
+    import keras_autoprune as kap
+
+    report = kap.PruningReport.from_models(model, slim)
+    return {change.layer: [change.channels_after, change.channels_before] for change in report.layers
+            if change.kind in WIDTH_KINDS and change.channels_after != change.channels_before}
 
 
 def unpruned_row(model, shared: dict, data: converged.Cifar10) -> dict:

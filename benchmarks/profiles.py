@@ -37,7 +37,7 @@ import math
 SCORER_ENTRIES = ("kron_obs", "kron_obd", "c_obs", "c_obd")
 """NAP's framework with a classic curvature scorer (`kap.NAPCallback(scorer=...)`), named after the scorer."""
 
-STRUCTURED_ENTRIES = ("uniform_l1", "global_l1", "taylor", "random", "nap", "nap_cost_aware", *SCORER_ENTRIES,
+STRUCTURED_ENTRIES = ("uniform_l1", "global_l1", "taylor", "random", "nap", "nap_cost_aware", "fisher_cost_aware", *SCORER_ENTRIES,
                       "eigendamage", "eigendamage_capped", "psap", "psap_scratch", "red")
 """Entries that remove channels or eigen-directions (their FLOPs must meet the budget)."""
 
@@ -154,7 +154,7 @@ PROFILES: dict[str, Profile] = {
         finetune_epochs=1, finetune_lr=0.01,
         # Nor RED (tested on its own): at 25% of this barely trained ResNet-8 it leaves a 1-channel layer
         # whose activations are ~1e-6, and XNNPACK refuses the int8 file's scales ("failed to prepare").
-        entries=tuple(e for e in ALL_ENTRIES[:-1] if e not in ("nap_cost_aware", *SCORER_ENTRIES, "eigendamage_capped", "red")),
+        entries=tuple(e for e in ALL_ENTRIES[:-1] if e not in ("nap_cost_aware", "fisher_cost_aware", *SCORER_ENTRIES, "eigendamage_capped", "red")),
         latency_runs=20, latency_rounds=2, latency_warmup=2, export_samples=20,
     ),
     "cpu": Profile(
@@ -166,7 +166,7 @@ PROFILES: dict[str, Profile] = {
         name="v2", depth=20, width=16, train_per_class=None, test_per_class=None,
         calibration_batches=8, batch_size=128, pretrain_epochs=0, pretrain_lr=0.1,
         finetune_epochs=4, finetune_lr=0.01, rounds=2, resumable=True, base_model="resnet20",
-        entries=("unpruned", "uniform_l1", "taylor", "nap", "eigendamage", "psap", "red", "tfmot"),
+        entries=("unpruned", "uniform_l1", "taylor", "nap", "fisher_cost_aware", "eigendamage", "psap", "red", "tfmot"),
     ),
     "gpu": Profile(
         name="gpu", depth=56, width=16, train_per_class=None, test_per_class=None,

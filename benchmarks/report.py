@@ -21,6 +21,7 @@ from benchmarks.profiles import STRUCTURED_ENTRIES
 LABELS = {
     "unpruned": "unpruned (same fine-tuning)", "uniform_l1": "uniform L1", "global_l1": "global L1",
     "taylor": "first-order Taylor", "random": "random channels", "nap": "NAP", "nap_cost_aware": "NAP, cost-aware",
+    "fisher_cost_aware": "NAP default (channel Fisher, cost-aware)",
     "psap": "PSAP", "psap_scratch": "PSAP from scratch (no pretraining)", "tfmot": "TFMOT (tf_keras, unstructured)",
     "kron_obs": "Kron-OBS (NAP framework)", "kron_obd": "Kron-OBD (NAP framework)", "c_obs": "C-OBS (NAP framework)",
     "c_obd": "C-OBD (NAP framework)", "eigendamage": "EigenDamage",

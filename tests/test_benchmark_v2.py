@@ -94,6 +94,11 @@ def test_protocol_one_prunes_once_and_reestimates_batchnorm(cifar, tmp_path):
     assert pruned["flops_kept"] <= 0.65 and pruned["flops_kept"] > 0.55
     assert 0.1 <= pruned["accuracy"] < unpruned["accuracy"]
     assert pruned["accuracy_bn"] != pruned["accuracy"]
+    # Uniform L1 narrows every prunable convolution by the same ratio; the classifier keeps its 10 outputs.
+    widths = pruned["channels"]
+    assert "logits" not in widths and {"stem_conv", "s1b1_a_conv", "s3b3_a_conv"} <= set(widths)
+    assert all(0 < kept < full for kept, full in widths.values())
+    assert widths["s1b1_a_conv"][1] == 16 and widths["s3b3_a_conv"][1] == 64
     again = oneshot.run("resnet20", entries=("uniform_l1",), targets=(0.65,), out=tmp_path / "rows.json", data=subset,
                         log=lambda line: None)
     assert again == rows  # finished rows are kept, not recomputed
