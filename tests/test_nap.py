@@ -72,6 +72,27 @@ def test_nap_keeps_accuracy_at_half_the_flops(digits, pretrained):
     assert cb.statistics_seconds > 0 and cb.report.flops_kept == pytest.approx(slim_flops / flops)
 
 
+def test_default_scorer_is_the_channel_fisher_per_flop_and_kfac_stays_reachable(digits, pretrained):
+    """Issue 12's default: ``scorer="fisher", cost_aware=True``; options only K-FAC has select ``"nap"``."""
+    x_train, _, y_train, _ = digits
+    data, budget = (x_train[:256], y_train[:256]), kap.Budget(flops=0.5)
+    default = kap.NAPCallback(data, budget=budget, verbose=0)
+    assert (default.scorer, default.cost_aware, default.input_side) == ("fisher", True, False)
+    kfac = kap.NAPCallback(data, budget=budget, scorer="nap", verbose=0)
+    assert (kfac.scorer, kfac.cost_aware, kfac.input_side) == ("nap", False, True)
+    for options in (dict(obs_update=True), dict(input_side=True), dict(granularity="weight", budget=kap.Budget(params=0.5))):
+        chosen = kap.NAPCallback(data, **{"budget": budget, **options}, verbose=0)
+        assert (chosen.scorer, chosen.cost_aware) == ("nap", False), options
+    # The default prunes exactly like the explicit pair, and differently from K-FAC's ranking.
+    slim = default.prune(fresh(pretrained))
+    explicit = kap.NAPCallback(data, budget=budget, scorer="fisher", cost_aware=True, verbose=0)
+    assert explicit.prune(fresh(pretrained)).count_params() == slim.count_params()
+    assert explicit.plan.kept.keys() == default.plan.kept.keys()
+    assert all(np.array_equal(explicit.plan.kept[g], default.plan.kept[g]) for g in default.plan.kept)
+    kfac.prune(fresh(pretrained))
+    assert any(not np.array_equal(kfac.plan.kept[g], default.plan.kept[g]) for g in default.plan.kept)
+
+
 def test_nap_ranks_by_saliency_not_by_layer(digits, pretrained):
     """Per-layer ratios come out of one global ranking: layers lose different fractions."""
     x_train, _, y_train, _ = digits
