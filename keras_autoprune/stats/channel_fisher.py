@@ -19,13 +19,22 @@ with labels sampled from the model (true Fisher) or the real ones
 **before** squaring, so the coherent part of the change (a channel's mean,
 added up by a later global pooling) is kept: on the benchmark's converged
 networks K-FAC's saliency of a removal was 10 to 2,000 times below this
-quadratic form (docs/methods/nap.md). Cross terms are left out between
-channels, between readers of one channel (a residual stream read by several
-blocks) and between the positions of a Flatten.
+quadratic form (docs/methods/nap.md).
+
+A removal is scored as a whole where one group channel (an *atom*) reaches
+a reader at several input positions: ``D_b`` is summed over those positions
+before squaring. So the ``H·W`` positions a channel occupies after a
+Flatten count together, and a head of a MultiHeadAttention, read by the
+attention output projection at its ``V`` value positions (tapped as
+``mha/attention_output``), is one atom. Cross terms are left out between
+atoms and between the readers of one atom (a residual stream read by
+several blocks).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -33,23 +42,64 @@ import tensorflow as tf
 
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.stats.engine import StatisticsResult, run_statistics
+from keras_autoprune.stats.groups import expanded_members, internal_members
 from keras_autoprune.stats.taps import Tap
 
-_READER_KINDS = ("dense", "conv1d", "conv2d")
+_READER_KINDS = ("dense", "conv1d", "conv2d", "einsum_dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderAtoms:
+    """The atoms one reader sees: input position ``p`` belongs to atom ``atom_of[p]``
+    (absent: to no prunable channel); atom ``k`` is channel ``keys[k][1]`` of group ``keys[k][0]``."""
+
+    atom_of: dict[int, int]
+    keys: tuple[tuple[str, int], ...]
+
+    def indicator(self, in_channels: int) -> np.ndarray:
+        """``M`` of shape ``(Cin, atoms)``: ``M[p, k] = 1`` where position ``p`` belongs to atom ``k``."""
+        matrix = np.zeros((in_channels, len(self.keys)))
+        for position, atom in self.atom_of.items():
+            matrix[position, atom] = 1.0
+        return matrix
+
+
+def reader_atoms(graph: DependencyGraph) -> dict[str, ReaderAtoms]:
+    """``{reader: ReaderAtoms}`` from the input-side members of every prunable group (heads through their sublayers)."""
+    internal, _ = internal_members(graph)
+    positions: dict[str, dict[int, int]] = {}
+    keys: dict[str, dict[tuple[str, int], int]] = {}
+    for group in graph.prunable_groups:
+        for member in expanded_members(group, internal):
+            if member.side != "input" or member.tensor_index != 0:
+                continue
+            atoms = keys.setdefault(member.layer, {})
+            for position, channel in zip(member.positions.tolist(), member.channels.tolist()):
+                positions.setdefault(member.layer, {})[position] = atoms.setdefault((group.id, channel), len(atoms))
+    return {reader: ReaderAtoms(positions[reader], tuple(keys[reader])) for reader in keys}
 
 
 class ChannelFisherStatistic:
-    """``Σ_b w_b D_bc²`` per input channel of every reader (see the module docstring; `engine.Statistic`)."""
+    """``Σ_b w_b D_bk²`` per atom ``k`` of every reader (see the module docstring; `engine.Statistic`).
+
+    Args:
+        atoms: `reader_atoms` of the model's graph; readers absent from it are not scored.
+    """
+
+    def __init__(self, atoms: dict[str, ReaderAtoms]):
+        self.atoms = atoms
 
     def elements_per_example(self, tap: Tap) -> int:
         return 2 * (tap.locations or 1) * tap.taps * tap.in_channels
 
     def contributions(self, tap: Tap, patches: tf.Tensor, deltas: tf.Tensor, weights: tf.Tensor) -> dict[str, tf.Tensor]:
-        if tap.kind not in _READER_KINDS:
+        atoms = self.atoms.get(tap.name)
+        if tap.kind not in _READER_KINDS or atoms is None:
             return {}
         kernel = tf.cast(tf.reshape(tap.layer.kernel, [tap.taps, tap.in_channels, tap.out_channels]), patches.dtype)
         back = tf.einsum("bto,kco->btkc", deltas, kernel)
-        derivative = tf.cast(tf.einsum("btkc,btkc->bc", patches, back), tf.float64)
+        per_position = tf.cast(tf.einsum("btkc,btkc->bc", patches, back), tf.float64)
+        derivative = per_position @ tf.constant(atoms.indicator(tap.in_channels))  # (B, atoms): summed, then squared
         return {"squares": tf.reduce_sum(weights[:, None] * derivative**2, axis=0)}
 
     def finalize(self, tap: Tap, sums: dict[str, np.ndarray], num_examples: float, fisher: str) -> np.ndarray | None:
@@ -57,27 +107,44 @@ class ChannelFisherStatistic:
 
 
 def collect_channel_fisher(model: Any, data: Any, **options: Any) -> StatisticsResult:
-    """``{reader layer name: S (Cin,)}``, the channel Fisher of each input channel of each reader.
+    """``{reader: S (atoms,)}``, the channel Fisher of each atom of each reader (order: `reader_atoms`).
 
     Takes the arguments of `collect_kfac` except ``full_input_factor`` and
     ``precision`` (``fisher``, ``num_batches``, ``batch_size``, ``seed``,
     ``graph``, ``verbose``, ...), in one calibration pass.
     """
-    result = run_statistics(model, data, [ChannelFisherStatistic()], **options)[0]
+    if options.get("graph") is None:
+        with warnings.catch_warnings():  # pruning-handler warnings do not concern statistics
+            warnings.simplefilter("ignore")
+            options["graph"] = DependencyGraph(model)
+    statistic = ChannelFisherStatistic(reader_atoms(options["graph"]))
+    result = run_statistics(model, data, [statistic], **options)[0]
     return StatisticsResult({name: value for name, value in result.items() if value is not None},
                             num_examples=result.num_examples, num_batches=result.num_batches,
                             seconds=result.seconds, fisher=result.fisher, likelihood=result.likelihood)
 
 
 def group_channel_fisher(graph: DependencyGraph, result: StatisticsResult) -> dict[str, np.ndarray]:
-    """``{group id: (size,)}``: each channel's ``S_c`` summed over the readers of its group."""
-    scores = {}
-    for group in graph.prunable_groups:
-        total = np.zeros(group.size)
-        for member in group.members:
-            per_channel = result.get(member.layer)
-            if member.side != "input" or member.tensor_index != 0 or per_channel is None:
-                continue
-            np.add.at(total, member.channels, per_channel[member.positions])
-        scores[group.id] = total
-    return scores
+    """``{group id: (size,)}``: each channel's ``S`` summed over the readers of its group.
+
+    A group that no scored reader reads (its readers are layers the
+    statistics cannot tap) has no score, so the ranking leaves it whole,
+    with a warning: a zero would remove it first.
+    """
+    scores = {group.id: np.zeros(group.size) for group in graph.prunable_groups}
+    measured = set()
+    for reader, atoms in reader_atoms(graph).items():
+        values = result.get(reader)
+        if values is None:
+            continue
+        for (group_id, channel), value in zip(atoms.keys, values):
+            scores[group_id][channel] += value
+            measured.add(group_id)
+    unmeasured = sorted(set(scores) - measured)
+    if unmeasured:
+        warnings.warn(
+            f"keras_autoprune: the channel Fisher reaches no reader of group(s) {unmeasured} (read only by layers "
+            "the statistics cannot tap); they are not pruned. scorer='nap' scores them from their producers.",
+            stacklevel=2,
+        )
+    return {group_id: score for group_id, score in scores.items() if group_id in measured}

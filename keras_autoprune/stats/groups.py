@@ -47,6 +47,47 @@ from keras_autoprune.stats.kfac import KFACFactors
 LayerScores = Callable[[np.ndarray, KFACFactors, np.ndarray, np.ndarray], np.ndarray]
 
 
+InternalMembers = dict[tuple[str, int], list[ChannelMember]]
+"""``{(layer, internal space index): members in its sublayers}``, named ``layer/sublayer``."""
+
+
+def internal_members(graph: DependencyGraph) -> tuple[InternalMembers, dict[str, object]]:
+    """Where the internal channels of each layer sit in its sublayers, and those sublayers by qualified name.
+
+    A MultiHeadAttention's heads (`LayerHandler.internal_members`) are output
+    columns of ``mha/query``, ``mha/key``, ``mha/value`` and input rows of
+    ``mha/attention_output``.
+    """
+    internal: InternalMembers = {}
+    sublayers: dict[str, object] = {}
+    for record in graph.records:
+        if not record.first_call:
+            continue
+        for index in range(len(record.internal_layouts)):
+            members = []
+            for sub in record.handler.internal_members(record.operation, index):
+                name = f"{record.name}/{sub.sublayer.name}"
+                sublayers[name] = sub.sublayer
+                members.append(ChannelMember(name, sub.side, 0, sub.positions, sub.channels))
+            internal[(record.name, index)] = members
+    return internal, sublayers
+
+
+def expanded_members(group: ChannelGroup, internal: InternalMembers) -> list[ChannelMember]:
+    """The group's members, internal ones replaced by their sublayer members (channels mapped to the group's)."""
+    members = []
+    for member in group.members:
+        if member.side != "internal":
+            members.append(member)
+            continue
+        for sub in internal.get((member.layer, member.tensor_index), []):
+            channel_of = dict(zip(member.positions.tolist(), member.channels.tolist()))
+            at = np.isin(sub.channels, member.positions)
+            channels = np.array([channel_of[c] for c in sub.channels[at].tolist()], np.int64)
+            members.append(ChannelMember(sub.layer, sub.side, 0, sub.positions[at], channels))
+    return members
+
+
 class GroupSaliency:
     """Per-channel OBS saliencies of channel groups (formulas in the module docstring).
 
@@ -61,17 +102,8 @@ class GroupSaliency:
 
     def __init__(self, graph: DependencyGraph, factors: Mapping[str, KFACFactors], damping: float = 1e-3):
         self._layers = {record.name: record.operation for record in graph.records}
-        self._internal: dict[tuple[str, int], list[ChannelMember]] = {}
-        for record in graph.records:
-            if not record.first_call:
-                continue
-            for index in range(len(record.internal_layouts)):
-                members = []
-                for sub in record.handler.internal_members(record.operation, index):
-                    name = f"{record.name}/{sub.sublayer.name}"
-                    self._layers[name] = sub.sublayer
-                    members.append(ChannelMember(name, sub.side, 0, sub.positions, sub.channels))
-                self._internal[(record.name, index)] = members
+        self._internal, sublayers = internal_members(graph)
+        self._layers.update(sublayers)
         self._factors = factors
         self._damping = damping
         self._cache: dict[str, tuple[np.ndarray, KFACFactors, np.ndarray, np.ndarray]] = {}
@@ -86,18 +118,7 @@ class GroupSaliency:
         return total
 
     def _expanded(self, group: ChannelGroup) -> list[ChannelMember]:
-        """The group's members, internal ones replaced by their sublayer members (channels mapped)."""
-        members = []
-        for member in group.members:
-            if member.side != "internal":
-                members.append(member)
-                continue
-            for sub in self._internal.get((member.layer, member.tensor_index), []):
-                channel_of = dict(zip(member.positions.tolist(), member.channels.tolist()))
-                at = np.isin(sub.channels, member.positions)
-                channels = np.array([channel_of[c] for c in sub.channels[at].tolist()], np.int64)
-                members.append(ChannelMember(sub.layer, sub.side, 0, sub.positions[at], channels))
-        return members
+        return expanded_members(group, self._internal)
 
     def output_scores(self, group: ChannelGroup, layer_scores: LayerScores) -> np.ndarray:
         """Per-channel sum of a per-output-column score over the group's producers.
