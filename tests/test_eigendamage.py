@@ -184,9 +184,28 @@ def test_callback_meets_budget_keeps_accuracy_and_exports(digits, pretrained, tm
     assert all(model.get_layer(n).kernel.constraint is None for n in cb.plan.layers)
 
 
+def test_reduce_approximation_changes_the_bases_and_still_meets_the_budget(digits, pretrained):  # noqa: F811
+    x_train, _, y_train, _ = digits
+    plans = {}
+    for approximation in ("expand", "reduce"):
+        model = build()
+        model.set_weights(pretrained)
+        cb = kap.EigenDamageCallback((x_train[:256], y_train[:256]), budget=kap.Budget(flops=0.5),
+                                     kfac_approximation=approximation, verbose=0)
+        slim = cb.prune(model)
+        assert kap.count_flops(slim) <= 0.5 * kap.count_flops(model)
+        plans[approximation] = cb.plan
+    assert cb.kfac_approximation == "reduce"
+    # Other factors, other eigenbases: the layers' kept input subspaces differ.
+    name = sorted(set(plans["expand"].layers) & set(plans["reduce"].layers))[0]
+    q_expand, q_reduce = plans["expand"].layers[name].q_in, plans["reduce"].layers[name].q_in
+    assert q_expand.shape != q_reduce.shape or not np.allclose(q_expand @ q_expand.T, q_reduce @ q_reduce.T, atol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(budget=kap.Budget(flops=0.5), max_layer_ratio=1.0), ValueError, "max_layer_ratio"),
     (dict(budget=kap.Budget(flops=0.5), fisher="exact"), ValueError, "fisher"),
+    (dict(budget=kap.Budget(flops=0.5), kfac_approximation="mean"), ValueError, "kfac_approximation"),
     (dict(budget=0.5), TypeError, "kap.Budget"),
 ])
 def test_bad_arguments_fail_in_init(kwargs, error, match):

@@ -105,8 +105,8 @@ def _im2col(a, layer):
     return np.array(rows)
 
 
-def oracle(model, name, x, y):
-    """``(A, G, per-example W̃ gradients)`` by brute force, as defined in `kfac`."""
+def oracle(model, name, x, y, approximation="expand"):
+    """``(A, G, per-example W̃ gradients)`` by brute force, as defined in `kfac` (``"reduce"``: one row per example)."""
     layer = model.get_layer(name)
     tap = keras.Model(model.inputs, [layer.input, layer.output, model.output])
     depthwise = isinstance(layer, L.DepthwiseConv2D)
@@ -137,14 +137,24 @@ def oracle(model, name, x, y):
             M = layer.kernel.shape[-1]
             P1 = np.concatenate([P, np.ones((len(P), 1, P.shape[2]))], axis=1)
             D = delta.reshape(len(P), -1, M)
-            A = A + np.einsum("tkc,tlc->ckl", P1, P1) / (len(x) * len(P))
-            G = G + np.einsum("tcm,tcn->cmn", D, D) / len(x)
+            if approximation == "reduce":
+                mean, total = P1.mean(0, keepdims=True), D.sum(0, keepdims=True)
+                A = A + np.einsum("tkc,tlc->ckl", mean, mean) / len(x)
+                G = G + np.einsum("tcm,tcn->cmn", total, total) / len(x)
+            else:
+                A = A + np.einsum("tkc,tlc->ckl", P1, P1) / (len(x) * len(P))
+                G = G + np.einsum("tcm,tcn->cmn", D, D) / len(x)
             grad = np.einsum("tkc,tcm->ckm", P1, D)
             expected = np.concatenate([np.moveaxis(g_kernel.reshape(-1, *g_kernel.shape[-2:]), 1, 0), g_bias.reshape(-1, 1, M)], 1)
         else:
             P1 = np.concatenate([patches, ones], axis=1)
-            A = A + P1.T @ P1 / (len(x) * len(P1))
-            G = G + delta.T @ delta / len(x)
+            if approximation == "reduce":
+                mean, total = P1.mean(0, keepdims=True), delta.sum(0, keepdims=True)
+                A = A + mean.T @ mean / len(x)
+                G = G + total.T @ total / len(x)
+            else:
+                A = A + P1.T @ P1 / (len(x) * len(P1))
+                G = G + delta.T @ delta / len(x)
             grad = P1.T @ delta
             expected = np.concatenate([g_kernel.reshape(-1, cout), g_bias[None]])
         np.testing.assert_allclose(grad, expected, atol=1e-12)  # Σ_t a δᵀ is the kernel gradient
@@ -152,11 +162,11 @@ def oracle(model, name, x, y):
     return A, G, np.array(grads)
 
 
-def _check_oracle(model, names, x=None, y=LABELS):
+def _check_oracle(model, names, x=None, y=LABELS, approximation="expand"):
     x = _x(model) if x is None else x
-    factors = collect_kfac(model, (x, y), fisher="empirical", verbose=0)
+    factors = collect_kfac(model, (x, y), fisher="empirical", approximation=approximation, verbose=0)
     for name in names:
-        A, G, _ = oracle(model, name, x, y)
+        A, G, _ = oracle(model, name, x, y, approximation)
         np.testing.assert_allclose(factors[name].A, A, rtol=0, atol=1e-10 * np.abs(A).max())
         np.testing.assert_allclose(factors[name].G, G, rtol=0, atol=1e-10 * np.abs(G).max())
     return factors
@@ -196,6 +206,30 @@ def test_depthwise_per_channel_factors_match_oracle():
 def test_conv1d_causal_and_nd_dense_match_oracle():
     factors = _check_oracle(sequence_model(), ["c1d", "nd_dense", "head"])
     assert factors["nd_dense"].num_locations == 6.0 and factors["c1d"].A.shape == (7, 7)
+
+
+def test_reduce_approximation_matches_its_oracle_on_every_layer_kind():
+    """K-FAC-reduce: one row per example, the mean patch and the δ summed over the locations."""
+    conv = _check_oracle(conv_model(), ["conv", "conv2", "head"], approximation="reduce")
+    assert conv["conv"].num_locations == 1.0 and conv["conv"].A.shape == (3 * 3 * 2 + 1,) * 2
+    _check_oracle(depthwise_model(), ["dw", "head"], approximation="reduce")
+    _check_oracle(sequence_model(), ["c1d", "nd_dense", "head"], approximation="reduce")
+    with pytest.raises(ValueError, match="approximation to be one of"):
+        collect_kfac(conv_model(), (_x(conv_model()), LABELS), approximation="mean", verbose=0)
+
+
+def test_reduce_is_exact_for_one_example_whose_input_is_the_same_at_every_location():
+    """Then ∇W̃ = Σ_t ā δ_tᵀ = ā (Σ_t δ_t)ᵀ, so E[vec ∇W̃ vec ∇W̃ᵀ] = A ⊗ G; "expand" is not exact there."""
+    inputs = keras.Input((5, 3), dtype=F64)
+    h = L.Dense(4, activation="tanh", dtype=F64, name="nd_dense")(inputs)  # T = 5 locations
+    model = _compiled(inputs, L.Dense(3, dtype=F64, name="head")(L.Flatten(dtype=F64)(h)))
+    x = np.repeat(_x(model, n=1)[:, :1], 5, axis=1)  # every location equals the first
+    reduce = collect_kfac(model, (x, LABELS[:1]), fisher="empirical", approximation="reduce", verbose=0)
+    expand = collect_kfac(model, (x, LABELS[:1]), fisher="empirical", verbose=0)
+    _, _, grads = oracle(model, "nd_dense", x, LABELS[:1])
+    exact = np.outer(grads[0].ravel(), grads[0].ravel())
+    np.testing.assert_allclose(reduce["nd_dense"].fisher_block(), exact, atol=1e-12 * np.abs(exact).max())
+    assert not np.allclose(expand["nd_dense"].fisher_block(), exact, atol=1e-6 * np.abs(exact).max())
 
 
 def test_channel_only_factor_and_chunking_do_not_change_results():

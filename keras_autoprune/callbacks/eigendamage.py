@@ -13,6 +13,7 @@ from keras_autoprune.callbacks.projections import ProjectionSet
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.methods import eigendamage
 from keras_autoprune.stats import collect_kfac
+from keras_autoprune.stats.kfac import APPROXIMATIONS
 from keras_autoprune.surgery.factorization import FactorizationPlan
 
 #: Unit roundoff of low-precision compute dtypes: the three layers round
@@ -56,6 +57,9 @@ class EigenDamageCallback(PruningCallback):
             empirical Fisher, as for `NAPCallback`.
         num_batches: calibration batches per round (None: all of ``data``).
         batch_size: batch size when ``data`` is in-memory arrays.
+        kfac_approximation: ``"expand"`` (default) or ``"reduce"``: how the
+            locations of a convolution enter the factors (`collect_kfac`'s
+            ``approximation``; measured in docs/methods/eigendamage.md).
         **kwargs: ``start_epoch``, ``end_epoch``, ``check_tolerance``,
             ``verbose`` (see `PruningCallback`).
 
@@ -78,6 +82,7 @@ class EigenDamageCallback(PruningCallback):
         fisher: str = "true",
         num_batches: int | None = None,
         batch_size: int = 32,
+        kfac_approximation: str = "expand",
         **kwargs: Any,
     ):
         super().__init__(budget, rounds=rounds, **kwargs)
@@ -90,12 +95,17 @@ class EigenDamageCallback(PruningCallback):
             )
         if fisher not in ("true", "empirical"):
             raise ValueError(f"`fisher` must be 'true' or 'empirical'. Received: fisher={fisher!r}")
+        if kfac_approximation not in APPROXIMATIONS:
+            raise ValueError(
+                f"`kfac_approximation` must be one of {APPROXIMATIONS}. Received: kfac_approximation={kfac_approximation!r}"
+            )
         check_readable(data, rounds, "EigenDamageCallback")
         self.data = data
         self.max_layer_ratio = float(max_layer_ratio)
         self.fisher = fisher
         self.num_batches = num_batches
         self.batch_size = batch_size
+        self.kfac_approximation = kfac_approximation
 
     # -- lifecycle additions -------------------------------------------
     def check_graph(self, graph: DependencyGraph) -> None:
@@ -165,7 +175,8 @@ class EigenDamageCallback(PruningCallback):
     def prune_round(self, target: float) -> None:
         factors = collect_kfac(
             self.model, self._source.data, layers=list(self._layers), fisher=self._fisher, num_batches=self.num_batches,
-            batch_size=self.batch_size, full_input_factor=False, graph=self.graph, verbose=self.verbose,
+            batch_size=self.batch_size, full_input_factor=False, approximation=self.kfac_approximation,
+            graph=self.graph, verbose=self.verbose,
         )
         self.statistics_seconds += factors.seconds
         plan = eigendamage.eigendamage_plan(

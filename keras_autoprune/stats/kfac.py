@@ -124,20 +124,29 @@ class KFACFactors:
 PRECISIONS = ("auto", "float32", "float64")
 """Dtypes of the per-chunk K-FAC products (`collect_kfac`'s ``precision``)."""
 
+APPROXIMATIONS = ("expand", "reduce")
+"""How K-FAC treats the locations of a layer with weight sharing (`collect_kfac`'s ``approximation``)."""
+
 
 class KFACStatistic:
     """The K-FAC sums of the calibration pass (see `engine.Statistic`)."""
 
-    def __init__(self, full_input_factor: bool = True, precision: str = "auto"):
+    def __init__(self, full_input_factor: bool = True, precision: str = "auto", approximation: str = "expand"):
         if precision not in PRECISIONS:
             raise ValueError(f"Expected precision to be one of {PRECISIONS}. Received: precision={precision!r}")
+        if approximation not in APPROXIMATIONS:
+            raise ValueError(f"Expected approximation to be one of {APPROXIMATIONS}. Received: approximation={approximation!r}")
         self.full_input_factor = full_input_factor
         self.dtype = None if precision == "auto" else tf.as_dtype(precision)
+        self.approximation = approximation
 
     def elements_per_example(self, tap: Tap) -> int:
         return (tap.locations or 1) * (tap.taps + 1) * tap.in_channels
 
     def contributions(self, tap: Tap, patches: tf.Tensor, deltas: tf.Tensor, weights: tf.Tensor) -> dict[str, tf.Tensor]:
+        if self.approximation == "reduce":  # one row per example: the mean patch, the summed δ
+            patches = tf.reduce_mean(patches, axis=1, keepdims=True)
+            deltas = tf.reduce_sum(deltas, axis=1, keepdims=True)
         rows = tf.cast(tf.shape(patches)[1], tf.float64)
         sums = {"rows": tf.reduce_sum(weights) * rows}
         dtype = self.dtype or patches.dtype  # "auto": the layer's own float32 (float64 for float64 layers)
@@ -209,6 +218,7 @@ def collect_kfac(
     seed: int = 0,
     full_input_factor: bool = True,
     precision: str = "auto",
+    approximation: str = "expand",
     chunk_size: int | None = None,
     graph: DependencyGraph | None = None,
     verbose: int = 1,
@@ -245,6 +255,16 @@ def collect_kfac(
             benchmark's MobileNetV2, 44 vs 14 s on its ResNet-20, 1,024
             images, with NAP saliencies within 6e-6 relative of each other);
             sums across chunks and batches are float64 either way.
+        approximation: how the ``T`` locations of a convolution (or of a
+            Dense on sequences) enter the factors (Eschenhagen et al., 2023).
+            ``"expand"`` (default; the classic KFC): every location is a
+            row, ``A = E_b[(1/T) Σ_t a_bt a_btᵀ]``, ``G = E_b[Σ_t δ_bt δ_btᵀ]``,
+            which treats the locations as independent. ``"reduce"``: one row
+            per example, ``A = E_b[ā_b ā_bᵀ]`` with ``ā_b = (1/T) Σ_t a_bt``
+            and ``G = E_b[(Σ_t δ_bt)(Σ_t δ_bt)ᵀ]``, exact for one example
+            when ``a_bt`` does not depend on ``t``; it keeps the coherent
+            (mean) part of a change over the locations that "expand" loses
+            (docs/methods/eigendamage.md). ``num_locations`` is then 1.
         chunk_size: examples per forward/backward call; None picks it from a
             256 MiB budget for the im2col patches.
         graph: ``DependencyGraph(model)`` if already built.
@@ -261,5 +281,5 @@ def collect_kfac(
     >>> f = factors["conv1"]; f.A.shape, f.G.shape                # doctest: +SKIP
     ((28, 28), (16, 16))
     """
-    options = {k: v for k, v in locals().items() if k not in ("model", "data", "full_input_factor", "precision")}
-    return run_statistics(model, data, [KFACStatistic(full_input_factor, precision)], **options)[0]
+    options = {k: v for k, v in locals().items() if k not in ("model", "data", "full_input_factor", "precision", "approximation")}
+    return run_statistics(model, data, [KFACStatistic(full_input_factor, precision, approximation)], **options)[0]
