@@ -76,7 +76,7 @@ def reader_atoms(graph: DependencyGraph) -> dict[str, ReaderAtoms]:
             atoms = keys.setdefault(member.layer, {})
             for position, channel in zip(member.positions.tolist(), member.channels.tolist()):
                 positions.setdefault(member.layer, {})[position] = atoms.setdefault((group.id, channel), len(atoms))
-    return {reader: ReaderAtoms(positions[reader], tuple(keys[reader])) for reader in keys}
+    return {reader: ReaderAtoms(positions[reader], tuple(keys[reader])) for reader in keys if keys[reader]}
 
 
 class ChannelFisherStatistic:
