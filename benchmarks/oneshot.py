@@ -107,12 +107,14 @@ def run_row(model, entry: str, target: float, shared: dict, data: converged.Cifa
 
     row = {"entry": entry, "target": target}
     row.update(variant or {})
+    options = dict(variant or {})
+    between = options.pop("batchnorm_between_rounds", 0)  # the calibration images, as a user has them
     start = time.perf_counter()
     try:
-        callback = make_callback(entry, target, (shared["calibration_x"], shared["calibration_y"]), **(variant or {}))
+        callback = make_callback(entry, target, (shared["calibration_x"], shared["calibration_y"]), **options)
         if entry in RANKED_ENTRIES:
             row["max_layer_ratio"] = callback.max_layer_ratio
-        slim = callback.prune(model)
+        slim = callback.prune(model, batchnorm_data=shared["calibration_x"] if between else None)
     except Exception as error:  # an entry that cannot reach a target is a result, not a crash
         return dict(row, error=f"{type(error).__name__}: {error}")
     row.update(
@@ -288,9 +290,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="layer floor of the ranked entries (e.g. 0.9), results in their own file")
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds back to back without training (statistics again before each), results in their own file")
+    parser.add_argument("--batchnorm-between-rounds", action="store_true",
+                        help="with --rounds: re-estimate BatchNormalization statistics on the calibration images "
+                             "before every round after the first (`cb.prune(model, batchnorm_data=...)`), own file")
     args = parser.parse_args(argv)
+    if args.batchnorm_between_rounds and args.rounds < 2:
+        parser.error("--batchnorm-between-rounds needs --rounds 2 or more")
     ratio = args.max_layer_ratio
     variant = {k: v for k, v in (("max_layer_ratio", ratio), ("rounds", args.rounds)) if v not in (None, 1)}
+    if args.batchnorm_between_rounds:
+        variant["batchnorm_between_rounds"] = 1
     entries = args.entries or list(ENTRIES if ratio is None else RANKED_ENTRIES)
     if ratio is not None and not set(entries) <= set(RANKED_ENTRIES):
         parser.error(f"--max-layer-ratio applies to the ranked entries {RANKED_ENTRIES}; received {entries}")

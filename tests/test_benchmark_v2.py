@@ -117,6 +117,10 @@ def test_protocol_one_variants_configure_the_callbacks_and_name_their_files():
     assert oneshot.result_name("resnet20") == "oneshot_resnet20.json"
     assert oneshot.result_name("resnet20", {"rounds": 4, "max_layer_ratio": 0.9}) == \
         "oneshot_resnet20_max_layer_ratio_0.9_rounds_4.json"
+    assert oneshot.result_name("resnet20", {"rounds": 4, "batchnorm_between_rounds": 1}) == \
+        "oneshot_resnet20_batchnorm_between_rounds_1_rounds_4.json"
+    with pytest.raises(SystemExit):  # re-estimation between rounds needs rounds
+        oneshot.main(["--model", "resnet20", "--batchnorm-between-rounds"])
 
 
 def test_protocol_one_records_an_entry_that_cannot_run():

@@ -125,3 +125,32 @@ def test_an_unreachable_budget_fails_before_training():
     with pytest.raises(ValueError, match="Expected a budget NAPCallback can reach"):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[kap.NAPCallback((x, y), budget=kap.Budget(params=0.01), verbose=0)])
     np.testing.assert_array_equal(model.get_layer("c1").kernel.numpy(), kernel)  # no step was trained
+
+
+def test_prune_reestimates_batchnorm_between_rounds_when_given_images():
+    """Round 2 runs on the model masked by round 1 with its BatchNormalization statistics re-estimated."""
+    model = _cnn()
+    images = _data(64, seed=5)[0]
+    plans = []
+
+    class Recording(kap.MagnitudeCallback):  # magnitude plans do not read BN statistics: both runs prune alike
+        def prune_round(self, target):
+            super().prune_round(target)
+            plans.append(self.plan)
+
+    plain = Recording(kap.Budget(flops=0.5), rounds=2, verbose=0).prune(model)
+    between = Recording(kap.Budget(flops=0.5), rounds=2, verbose=0).prune(model, batchnorm_data=images)
+    first_round, final = plans[2], plans[3]
+    assert final.kept.keys() == plans[1].kept.keys()
+    expected = kap.mask_plan(model, first_round)
+    kap.recalibrate_batchnorm(expected, images)
+    kept = final.kept.get("c2", np.arange(12))
+    np.testing.assert_allclose(between.get_layer("bn2").moving_mean.numpy(),
+                               expected.get_layer("bn2").moving_mean.numpy()[kept], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(plain.get_layer("bn2").moving_mean.numpy(),
+                               model.get_layer("bn2").moving_mean.numpy()[kept])  # without images: the model's own
+    assert not np.allclose(between.get_layer("bn2").moving_mean.numpy(), plain.get_layer("bn2").moving_mean.numpy())
+    with pytest.raises(ValueError, match="used between rounds"):
+        kap.MagnitudeCallback(kap.Budget(flops=0.5), verbose=0).prune(model, batchnorm_data=images)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        kap.MagnitudeCallback(kap.Budget(flops=0.5), rounds=3, verbose=0).prune(model, batchnorm_data=iter([images]))

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import keras
 import numpy as np
@@ -43,6 +44,8 @@ import numpy as np
 from keras_autoprune.accounting import count_flops, count_params
 from keras_autoprune.allocation.schedule import round_epochs, round_targets
 from keras_autoprune.budget import Budget, round_up_fraction
+from keras_autoprune.batchnorm import recalibrate_batchnorm
+from keras_autoprune.callbacks.calibration import check_readable
 from keras_autoprune.callbacks.masks import MaskSet
 from keras_autoprune.callbacks.state import ResumeMixin, StateStore
 from keras_autoprune.errors import SurgeryError
@@ -195,7 +198,7 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
         return apply_plan(self.model, self.plan, self.graph)
 
     # -- one-shot -------------------------------------------------------
-    def prune(self, model: keras.Model) -> keras.Model:
+    def prune(self, model: keras.Model, batchnorm_data: Any = None) -> keras.Model:
         """One-shot pruning of a trained model, without training; returns the slim model.
 
         Runs the callback's lifecycle on a copy of ``model`` (the user's model
@@ -215,9 +218,31 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
         training images (`kap.recalibrate_batchnorm`) usually recovers much of
         the accuracy one-shot pruning loses.
 
+        Args:
+            model: the trained model (not changed).
+            batchnorm_data: with ``rounds > 1``, training images (any form
+                `kap.recalibrate_batchnorm` takes) on which the masked copy's
+                BatchNormalization statistics are re-estimated before every
+                round after the first, as training would update them between
+                the rounds of ``fit``: later rounds then measure the network
+                that the earlier ones left, not one with stale statistics
+                (measured in docs/methods/nap.md, "Rounds without training").
+                None (default): not re-estimated. The result keeps the
+                statistics of the last re-estimation.
+
         Raises:
-            ValueError: what ``fit`` would raise.
+            ValueError: what ``fit`` would raise; ``batchnorm_data`` with
+                ``rounds=1``, or a one-shot iterator that more than one
+                re-estimation would need to read again.
         """
+        if batchnorm_data is not None:
+            if self.rounds < 2:
+                raise ValueError(
+                    "`batchnorm_data` is used between rounds, and this callback has rounds=1. "
+                    f"Received: rounds={self.rounds}. Fix: a callback with rounds > 1, or re-estimate the result "
+                    "with kap.recalibrate_batchnorm(slim, data)."
+                )
+            check_readable(batchnorm_data, self.rounds - 1, f"{type(self).__name__}.prune's batchnorm_data")
         copy = clone_model(model)
         copy.set_weights(model.get_weights())
         if getattr(model, "loss", None) is not None:
@@ -226,7 +251,9 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
         self.set_model(copy)
         self.on_train_begin()
         try:
-            for epoch in sorted(self._epochs):
+            for index, epoch in enumerate(sorted(self._epochs)):
+                if index and batchnorm_data is not None:
+                    recalibrate_batchnorm(copy, batchnorm_data)
                 self.on_epoch_begin(epoch)
         finally:
             self.on_train_end()
