@@ -136,7 +136,7 @@ class NAPCallback(RankedPruningCallback):
             budget = Budget(flops=0.1)
         super().__init__(budget, rounds=rounds, max_layer_ratio=max_layer_ratio, **kwargs)
         if data is None:
-            raise ValueError("`data` (calibration batches) is required for the K-FAC statistics. Received: data=None")
+            raise ValueError("`data` (calibration batches) is required for the curvature statistics. Received: data=None")
         if granularity not in _GRANULARITIES:
             raise ValueError(f"`granularity` must be one of {_GRANULARITIES}. Received: granularity={granularity!r}")
         if granularity == "weight" and budget.metric != "params":
