@@ -154,3 +154,10 @@ def test_prune_reestimates_batchnorm_between_rounds_when_given_images():
         kap.MagnitudeCallback(kap.Budget(flops=0.5), verbose=0).prune(model, batchnorm_data=images)
     with pytest.raises(ValueError, match="one-shot iterator"):
         kap.MagnitudeCallback(kap.Budget(flops=0.5), rounds=3, verbose=0).prune(model, batchnorm_data=iter([images]))
+    rounds_before = len(plans)
+    with pytest.raises(ValueError, match=r"prune\(batchnorm_data=\.\.\.\) `data` does not fit model"):  # checked before the first round
+        Recording(kap.Budget(flops=0.5), rounds=2, verbose=0).prune(model, batchnorm_data=images[:, :4])
+    assert len(plans) == rounds_before
+    from_generator = Recording(kap.Budget(flops=0.5), rounds=2, verbose=0).prune(model, batchnorm_data=iter([images]))
+    np.testing.assert_allclose(from_generator.get_layer("bn2").moving_mean.numpy(),
+                               between.get_layer("bn2").moving_mean.numpy(), rtol=1e-5, atol=1e-6)

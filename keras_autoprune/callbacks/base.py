@@ -45,7 +45,7 @@ from keras_autoprune.accounting import count_flops, count_params
 from keras_autoprune.allocation.schedule import round_epochs, round_targets
 from keras_autoprune.budget import Budget, round_up_fraction
 from keras_autoprune.batchnorm import recalibrate_batchnorm
-from keras_autoprune.callbacks.calibration import check_readable
+from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable
 from keras_autoprune.callbacks.masks import MaskSet
 from keras_autoprune.callbacks.state import ResumeMixin, StateStore
 from keras_autoprune.errors import SurgeryError
@@ -232,8 +232,9 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
 
         Raises:
             ValueError: what ``fit`` would raise; ``batchnorm_data`` with
-                ``rounds=1``, or a one-shot iterator that more than one
-                re-estimation would need to read again.
+                ``rounds=1``, whose first batch does not fit ``model``, or a
+                one-shot iterator that more than one re-estimation would need
+                to read again (all before the first round).
         """
         if batchnorm_data is not None:
             if self.rounds < 2:
@@ -242,7 +243,10 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
                     f"Received: rounds={self.rounds}. Fix: a callback with rounds > 1, or re-estimate the result "
                     "with kap.recalibrate_batchnorm(slim, data)."
                 )
-            check_readable(batchnorm_data, self.rounds - 1, f"{type(self).__name__}.prune's batchnorm_data")
+            owner = f"{type(self).__name__}.prune(batchnorm_data=...)"
+            check_readable(batchnorm_data, self.rounds - 1, owner)
+            # Its first batch is checked against the model now, before any round (a one-shot iterator gets it back).
+            batchnorm_data = CalibrationSource(batchnorm_data, model, batch_size=128, require_labels=False, owner=owner).data
         copy = clone_model(model)
         copy.set_weights(model.get_weights())
         if getattr(model, "loss", None) is not None:

@@ -107,12 +107,11 @@ def channel_saliencies(
     input_side = check_scorer(scorer, input_side)
     if scorer == "fisher":  # ``factors`` are `stats.collect_channel_fisher`'s
         scores = group_channel_fisher(graph, factors)
-    elif scorer == "nap":
-        saliency = GroupSaliency(graph, factors, damping)
-        scores = {g.id: saliency.group(g, input_side=input_side) for g in graph.prunable_groups}
     else:
         saliency = GroupSaliency(graph, factors, damping)
-        scores = {g.id: saliency.output_scores(g, _BASELINES[scorer]) for g in graph.prunable_groups}
+        score = ((lambda g: saliency.group(g, input_side=input_side)) if scorer == "nap"
+                 else (lambda g: saliency.output_scores(g, _BASELINES[scorer])))
+        scores = {g.id: score(g) for g in graph.prunable_groups}
     if cost_aware:
         costs = channel_costs(model, graph, metric)
         scores = {gid: s / np.maximum(costs[gid], 1e-12) for gid, s in scores.items()}
