@@ -107,7 +107,9 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
     pretrained_meta = pretrain(profile, data, cache, deadline, args.verbose)
     pretrained = pretrained_path(profile, cache)
     log(f"pretrained ({'cached' if pretrained_meta['cached'] else 'trained'}): accuracy {pretrained_meta['accuracy']:.4f}")
-    store = UnitStore(cache / profile.name / f"runs-{profile.run_key()}", fresh=not (profile.resumable or args.resume))
+    # A profile on committed weights keeps its finished units in the repository (results/<profile>/units-<key>/).
+    keep = pathlib.Path(args.results_dir) / profile.name / f"units-{profile.run_key()}" if profile.base_model else None
+    store = UnitStore(cache / profile.name / f"runs-{profile.run_key()}", fresh=not (profile.resumable or args.resume), keep=keep)
     data_path = store.root / "data.npz"
     if not data_path.exists():
         data.save(data_path)
@@ -129,8 +131,9 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
                                    f"params kept {result['params_kept']:.3f}, fit {result['fit_seconds']:.0f} s"))
             if budget is not None:
                 unit = _unit(seed, budget, "latency")
-                files = {r["entry"]: r["tflite"] for r in runs
+                files = {r["entry"]: _tflite_files(r, store, data, profile) for r in runs
                          if r["seed"] == seed and r["budget"] in (None, budget) and "error" not in r}
+                files = {entry: paths for entry, paths in files.items() if paths is not None}
                 timed = store.result(unit)
                 if timed is None or set(timed) != set(files):  # time the group again when an entry was added
                     timed = store.save(unit, latency_figures(files, "unpruned", profile))
@@ -169,7 +172,27 @@ def run_unit(entry, profile, data: BenchData, data_path, pretrained, budget, see
     except EntryCannotRun as error:  # a budget out of the method's reach is a result
         return {"entry": entry, "budget": budget, "seed": seed, "error": str(error)}
     figures["tflite"] = export_model(model, folder, data.test_sample(profile.export_samples), profile)
+    if store.kept_model(unit) is not None:
+        model.save(store.kept_model(unit))
     return figures
+
+
+def _tflite_files(result: dict, store: UnitStore, data: BenchData, profile: Profile) -> dict | None:
+    """The unit's ``.tflite`` figures; files lost with the cache are exported again from the kept model.
+
+    Returns None when neither the files nor a kept model exist (a TFMOT unit
+    of an earlier session: its model is not kept), and the entry is not timed.
+    """
+    if all(pathlib.Path(figures["path"]).exists() for figures in result["tflite"].values()):
+        return result["tflite"]
+    unit = _unit(result["seed"], result["budget"], result["entry"])
+    kept = store.kept_model(unit)
+    if kept is None or not kept.exists():
+        print(f"{unit}: its .tflite files are gone and no model is kept; left out of the latency group", flush=True)
+        return None
+    import keras
+
+    return export_model(keras.saving.load_model(kept), store.files(unit), data.test_sample(profile.export_samples), profile)
 
 
 def _unit(seed: int, budget: float | None, entry: str) -> str:

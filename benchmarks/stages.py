@@ -6,7 +6,10 @@ what the next one needs (a training checkpoint, or the JSON result of each
 finished unit), and the same command run again continues where it stopped.
 
 A *unit* is one (seed, budget, entry) run or the pretraining; its result is
-``<root>/<unit>.json``, its files live in ``<root>/<unit>/``.
+``<root>/<unit>.json``, its files live in ``<root>/<unit>/``. A store with a
+``keep`` folder (in the repository) also writes each result there, with the
+unit's final model as ``<keep>/<unit>.keras``, so that finished units survive
+the loss of the cache: a later session reads them back from ``keep``.
 """
 
 from __future__ import annotations
@@ -46,13 +49,16 @@ class Deadline:
 
 
 class UnitStore:
-    """Finished units' JSON results under ``root`` (see the module docstring)."""
+    """Finished units' JSON results under ``root``, and under ``keep`` when given (see the module docstring)."""
 
-    def __init__(self, root: pathlib.Path, fresh: bool = False):
+    def __init__(self, root: pathlib.Path, fresh: bool = False, keep: pathlib.Path | None = None):
         self.root = pathlib.Path(root)
+        self.keep = None if keep is None else pathlib.Path(keep)
         if fresh and self.root.exists():
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.keep is not None:
+            self.keep.mkdir(parents=True, exist_ok=True)
 
     def files(self, unit: str) -> pathlib.Path:
         """The folder for the unit's files (created)."""
@@ -61,11 +67,21 @@ class UnitStore:
         return folder
 
     def result(self, unit: str) -> dict | None:
-        path = self.root / f"{unit}.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        """The unit's result from ``root``, else from ``keep``; None if it has not finished."""
+        for folder in (self.root, self.keep):
+            path = None if folder is None else folder / f"{unit}.json"
+            if path is not None and path.exists():
+                return json.loads(path.read_text())
+        return None
 
     def save(self, unit: str, result: dict) -> dict:
-        path = self.root / f"{unit}.json"
-        path.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
-        path.with_suffix(".tmp").replace(path)
+        for folder in (self.root, self.keep):
+            if folder is not None:
+                path = folder / f"{unit}.json"
+                path.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
+                path.with_suffix(".tmp").replace(path)
         return result
+
+    def kept_model(self, unit: str) -> pathlib.Path | None:
+        """Where the unit's final model is kept (``<keep>/<unit>.keras``), or None without ``keep``."""
+        return None if self.keep is None else self.keep / f"{unit}.keras"

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -128,6 +129,34 @@ def test_unit_store_and_deadline(tmp_path):
     assert Deadline(None).allows(1e9)
     with pytest.raises(StageIncomplete, match="pretraining"):
         Deadline(0.0).check(1.0, "pretraining")
+
+
+def test_kept_units_survive_the_loss_of_the_cache_and_their_files_are_exported_again(tmp_path):
+    import shutil
+
+    import keras
+
+    from benchmarks.run import _tflite_files
+
+    store = UnitStore(tmp_path / "cache", keep=tmp_path / "repo")
+    store.save("s0-b50-nap", {"x": 1})
+    shutil.rmtree(tmp_path / "cache")
+    again = UnitStore(tmp_path / "cache", fresh=True, keep=tmp_path / "repo")
+    assert again.result("s0-b50-nap") == {"x": 1} and (tmp_path / "repo" / "s0-b50-nap.json").exists()
+    assert again.kept_model("s0-b50-nap") == tmp_path / "repo" / "s0-b50-nap.keras"
+    assert UnitStore(tmp_path / "other").kept_model("s0-b50-nap") is None
+
+    inputs = keras.Input((32, 32, 3))
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))))
+    model.save(again.kept_model("s0-b50-nap"))
+    gone = {"float32": {"path": str(tmp_path / "cache" / "lost" / "float32.tflite")}}
+    row = {"entry": "nap", "seed": 0, "budget": 0.5, "tflite": gone}
+    data, profile = _tiny_data(), PROFILES["smoke"]
+    files = _tflite_files(row, again, data, profile)
+    assert set(files) == {"float32", "int8"} and all(pathlib.Path(f["path"]).exists() for f in files.values())
+    assert files["float32"]["relative_error"] < 1e-5 and files["float32"]["bytes"] > 0
+    assert _tflite_files(dict(row, tflite=files), again, data, profile) == files  # present files are not exported again
+    assert _tflite_files(dict(row, entry="tfmot"), again, data, profile) is None  # no kept model: not timed
 
 
 def test_architecture_describes_the_residual_graph():
