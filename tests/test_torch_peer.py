@@ -112,3 +112,53 @@ def test_module_imports_without_torch_or_keras():
 
     code = "import sys, benchmarks.torch_peer; print(sorted(m for m in ('torch', 'keras', 'torch_pruning', 'keras_autoprune') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_a_fine_tuning_step_equals_keras_sgd_with_weight_decay():
+    """The peer's step (`torch_finetune.train_step`) moves the twin's weights as Keras' SGD moves the model's."""
+    keras = pytest.importorskip("keras")
+    from benchmarks.torch_finetune import train_step
+    from benchmarks.training import compile_model
+    from keras_autoprune.zoo import resnet_cifar
+
+    keras.utils.set_random_seed(0)
+    model = resnet_cifar(8, width=4, pixel_statistics=([120.0, 115.0, 100.0], [60.0, 59.0, 63.0]))
+    twin = torch_peer.twin_from_keras(model)
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (16, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 16)
+    initial = model.get_layer("stem_conv").get_weights()[0].transpose(3, 2, 0, 1)
+    compile_model(model, keras, 0.05, 0.01)
+    optimizer = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    twin.train()
+    for _ in range(2):  # the second step reads the momentum of the first
+        keras_loss = float(model.train_on_batch(images, labels)[0])
+        torch_loss = train_step(twin, optimizer, images, labels, 0.05, 0.01)
+        assert torch_loss == pytest.approx(keras_loss, rel=1e-4)
+    kernel = model.get_layer("stem_conv").get_weights()[0].transpose(3, 2, 0, 1)
+    moved = twin.keras_layers()["stem_conv"].conv.weight.detach().numpy()
+    assert np.max(np.abs(moved - kernel)) < 1e-3 * np.max(np.abs(kernel - initial))  # both moved, the same way
+    np.testing.assert_allclose(twin.fc.weight.detach().numpy(), model.get_layer("logits").get_weights()[0].T, rtol=1e-3, atol=1e-5)
+
+
+def test_fine_tuned_row_prunes_in_rounds_to_the_target():
+    import dataclasses
+
+    from benchmarks.data import BenchData
+    from benchmarks.profiles import PROFILES
+    from benchmarks.torch_finetune import finetune_row
+
+    rng = np.random.default_rng(3)
+    data = BenchData(rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 32),
+                     rng.integers(0, 256, (20, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 20),
+                     np.zeros(3, np.float32), np.full(3, 1 / 255, np.float32))
+    profile = dataclasses.replace(PROFILES["v2"], batch_size=8, calibration_batches=2, finetune_epochs=3, rounds=2)
+    twin = _tiny_twin()
+    before = {name: p.detach().clone() for name, p in twin.named_parameters()}
+    lines = []
+    row = finetune_row(twin, "tp_taylor_global", 0.5, 0, data, profile, model_name="tiny", log=lines.append)
+    assert row["round_targets"] == [0.75, 0.5] and row["epochs"] == 3 and len(lines) == 3
+    assert abs(row["flops_kept"] - 0.5) < 0.1 and row["params_kept"] < 1 and 0 <= row["accuracy"] <= 1
+    assert 0 < row["pruning_seconds"] < row["fit_seconds"]
+    assert all(torch.equal(p, before[name]) for name, p in twin.named_parameters())  # the twin itself is left alone
+    with pytest.raises(ValueError, match="Expected an entry among"):
+        finetune_row(twin, "tp_l2_global", 0.5, 0, data, profile)
