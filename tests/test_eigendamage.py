@@ -128,6 +128,26 @@ def factors_inputs():
     return np.random.default_rng(0).uniform(0, 1, (4, 8, 8, 1)).astype("float32")
 
 
+def test_cost_aware_ranking_divides_by_the_exact_cost_of_one_direction(trained):
+    model, cost, factors = trained
+    for name, layer in cost.layers.items():
+        cin, cout = layer.kernel.shape[-2:]
+        for metric in ("flops", "params"):
+            step_in, step_out = cost.marginal(name, cin - 1, cout - 2, metric)
+            coefficients = cost._coefficients[name][metric]
+            at = lambda a, b: eigendamage._evaluate(coefficients, a, b)  # noqa: E731 - the factorised layer's own cost
+            assert step_in == at(cin - 1, cout - 2) - at(cin - 2, cout - 2) > 0
+            assert step_out == at(cin - 1, cout - 2) - at(cin - 1, cout - 3) > 0
+    budget = kap.Budget(flops=0.5)
+    plain = eigendamage.eigendamage_plan(model, factors, cost, budget, max_layer_ratio=0.9)
+    aware = eigendamage.eigendamage_plan(model, factors, cost, budget, max_layer_ratio=0.9, cost_aware=True)
+    assert cost.kept(aware)["flops"] <= 0.5 and {n: f.rank for n, f in aware.layers.items()} != {n: f.rank for n, f in plain.layers.items()}
+    # One of d1's directions costs 320 FLOPs, one of c2's 20,480: per FLOP, c2 gives more and d1 stays whole.
+    assert cost.marginal("d1", 128, 32, "flops") == (320, 320) and cost.marginal("c2", 16, 16, "flops") == (20480, 20480)
+    assert "d1" in plain.layers and "d1" not in aware.layers
+    assert aware.layers["c2"].rank[1] < plain.layers["c2"].rank[1]
+
+
 def test_later_rounds_only_shrink_the_subspaces(trained):
     model, cost, factors = trained
     first = eigendamage.eigendamage_plan(model, factors, cost, kap.Budget(flops=0.5), target=0.75)
@@ -206,6 +226,7 @@ def test_reduce_approximation_changes_the_bases_and_still_meets_the_budget(digit
     (dict(budget=kap.Budget(flops=0.5), max_layer_ratio=1.0), ValueError, "max_layer_ratio"),
     (dict(budget=kap.Budget(flops=0.5), fisher="exact"), ValueError, "fisher"),
     (dict(budget=kap.Budget(flops=0.5), kfac_approximation="mean"), ValueError, "kfac_approximation"),
+    (dict(budget=kap.Budget(flops=0.5), cost_aware="yes"), ValueError, "cost_aware"),
     (dict(budget=0.5), TypeError, "kap.Budget"),
 ])
 def test_bad_arguments_fail_in_init(kwargs, error, match):

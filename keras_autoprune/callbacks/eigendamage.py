@@ -60,6 +60,9 @@ class EigenDamageCallback(PruningCallback):
         kfac_approximation: ``"expand"`` (default) or ``"reduce"``: how the
             locations of a convolution enter the factors (`collect_kfac`'s
             ``approximation``; measured in docs/methods/eigendamage.md).
+        cost_aware: rank directions by importance per FLOP (or parameter,
+            as the budget counts) that each saves, not by importance alone
+            (`keras_autoprune.methods.eigendamage`, step 3). Default False.
         **kwargs: ``start_epoch``, ``end_epoch``, ``check_tolerance``,
             ``verbose`` (see `PruningCallback`).
 
@@ -83,6 +86,7 @@ class EigenDamageCallback(PruningCallback):
         num_batches: int | None = None,
         batch_size: int = 32,
         kfac_approximation: str = "expand",
+        cost_aware: bool = False,
         **kwargs: Any,
     ):
         super().__init__(budget, rounds=rounds, **kwargs)
@@ -99,6 +103,8 @@ class EigenDamageCallback(PruningCallback):
             raise ValueError(
                 f"`kfac_approximation` must be one of {APPROXIMATIONS}. Received: kfac_approximation={kfac_approximation!r}"
             )
+        if not isinstance(cost_aware, bool):
+            raise ValueError(f"`cost_aware` must be True or False. Received: cost_aware={cost_aware!r}")
         check_readable(data, rounds, "EigenDamageCallback")
         self.data = data
         self.max_layer_ratio = float(max_layer_ratio)
@@ -106,6 +112,7 @@ class EigenDamageCallback(PruningCallback):
         self.num_batches = num_batches
         self.batch_size = batch_size
         self.kfac_approximation = kfac_approximation
+        self.cost_aware = cost_aware
 
     # -- lifecycle additions -------------------------------------------
     def check_graph(self, graph: DependencyGraph) -> None:
@@ -181,6 +188,7 @@ class EigenDamageCallback(PruningCallback):
         self.statistics_seconds += factors.seconds
         plan = eigendamage.eigendamage_plan(
             self.model, factors, self._cost, self.budget, target, self.plan, max_layer_ratio=self.max_layer_ratio,
+            cost_aware=self.cost_aware,
         )
         self._projections.apply(plan)
         self.plan = plan

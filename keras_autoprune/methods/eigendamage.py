@@ -13,7 +13,12 @@ current bases ``Q_in``, ``Q_out`` (identity before the first round):
 2. The rotated kernel ``W*_k = Q_inᵀ K_k Q_out`` gives the importance
    ``I_ij = Σ_k (W*_ijk)² s_G,i s_A,j`` (`scoring.eigenbasis`), and each
    in-direction ``j`` scores ``Σ_i I_ij``, each out-direction ``i`` ``Σ_j I_ij``.
-3. All layers' in- and out-direction scores go in one list, lowest first.
+3. All layers' in- and out-direction scores go in one list, lowest first
+   (with ``cost_aware``: each score divided by the cost one direction of
+   its side adds at the layer's current core widths, from the bilinear cost
+   ``f(n_in, n_out) = a + b·n_in + c·n_out + d·n_in·n_out`` of
+   `FactorizedCost`: ``b + d·n_out`` for an in-direction, ``c + d·n_in``
+   for an out-direction; the loss increase per FLOP or parameter saved).
    A layer side never loses more than ``max_layer_ratio`` of its original
    directions and keeps at least one. The shortest prefix of the list that
    brings the model to the round's target is removed (bisection on the exact
@@ -122,6 +127,11 @@ class FactorizedCost:
             return composite, True
         return dict(original), False
 
+    def marginal(self, name: str, n_in: int, n_out: int, metric: str) -> tuple[int, int]:
+        """``(b + d·n_out, c + d·n_in)``: what one in- and one out-direction of the factorised layer cost at ``(n_in, n_out)``."""
+        _, b, c, d = (int(v) for v in self._coefficients[name][metric])
+        return b + d * n_out, c + d * n_in
+
     def cost(self, ranks: dict[str, tuple[int, int]], metric: str) -> int:
         """The model's ``metric`` with the layers in ``ranks`` (``{name: (n_in, n_out)}``) factorised."""
         total = self.total[metric]
@@ -197,6 +207,7 @@ def eigendamage_plan(
     target: float | None = None,
     current: FactorizationPlan | None = None,
     max_layer_ratio: float = 0.95,
+    cost_aware: bool = False,
 ) -> FactorizationPlan:
     """One EigenDamage round: the plan that meets ``target`` (see the module docstring).
 
@@ -210,6 +221,7 @@ def eigendamage_plan(
             (default ``budget.fraction``).
         current: the plan of earlier rounds (its removed directions stay removed).
         max_layer_ratio: most of a layer side's original directions a plan removes.
+        cost_aware: rank directions by score per unit of ``budget.metric`` they cost.
 
     Returns:
         The new `FactorizationPlan`. If the target cannot be reached, the
@@ -222,7 +234,9 @@ def eigendamage_plan(
     for name in cost.layers:
         kernel = np.asarray(live[name].kernel.numpy(), np.float64)
         rotated[name], importance = rotate(factors[name], kernel, current_layers.get(name))
-        for side, score in zip(SIDES, direction_scores(importance)):
+        per_direction = cost.marginal(name, *importance.shape, budget.metric) if cost_aware else (1, 1)
+        for side, score, unit in zip(SIDES, direction_scores(importance), per_direction):
+            score = score / max(unit, 1)
             original = kernel.shape[-2] if side == "in" else kernel.shape[-1]
             widths[name, side] = len(score)
             caps[name, side] = max(0, removable(original, max_layer_ratio) - (original - len(score)))
