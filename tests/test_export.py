@@ -249,6 +249,48 @@ def test_check_figures_raises_on_thresholds_only():
 
 
 # -- SavedModel ------------------------------------------------------------------
+def _cancelling_model(seed=0):
+    """Two nearly equal Dense layers subtracted: float32 rounding alone moves the output by ~1e-3 (relative)."""
+    rng = np.random.default_rng(seed)
+    inputs = keras.Input((512,))
+    a, b = keras.layers.Dense(64, use_bias=False), keras.layers.Dense(64, use_bias=False)
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Subtract()([a(inputs), b(inputs)])))
+    w = rng.normal(size=(512, 64)).astype("float32")
+    a.set_weights([w])
+    b.set_weights([(w * (1 + 1e-4 * rng.normal(size=w.shape))).astype("float32")])
+    return model, rng.uniform(-1, 1, (32, 512)).astype("float32")
+
+
+def test_float32_file_of_a_rounding_sensitive_model_is_verified_against_float64(tmp_path):
+    from keras_autoprune.export.rounding import FACTOR, float64_copy, rounding_check
+
+    model, x = _cancelling_model()
+    copy = float64_copy(model)
+    assert {layer.compute_dtype for layer in copy.layers[1:]} == {"float64"}
+    assert all(np.array_equal(w64, w32) for w64, w32 in zip(copy.get_weights(), model.get_weights()))
+    assert model.layers[1].compute_dtype == "float32"  # the user's model is untouched
+
+    result = kap.export_tflite(model, tmp_path / "m.tflite", representative_data=x, num_samples=32)
+    assert result.verified and result.relative_error > 1e-4  # beyond the tolerance, yet verified ...
+    assert "verified against float64" in result.note and "note" in result.summary()
+    expected = [np.asarray(model(x))]
+    check = rounding_check(model, [x], expected, [np.asarray(Interpreter(str(result.path)).get_signature_runner()(input_0=x)["output_0"])])
+    assert 1e-4 < check.keras_error and check.file_error <= FACTOR * check.keras_error  # ... as Keras itself rounds
+    # A file far worse than the model's own rounding is still refused, and the message says what float64 showed.
+    wrong = rounding_check(model, [x], expected, [expected[0] + 10 * FACTOR * check.keras_error * np.max(np.abs(expected[0]))])
+    assert not wrong.passes(1e-4)
+    with pytest.raises(VerificationError, match="float64 copy of the model, Keras float32 is"):
+        check_figures(Figures(1.0, 0.01, None, 32), "float32 file", 1e-4, None, wrong.describe())
+
+
+def test_float64_copy_refuses_mixed_precision():
+    from keras_autoprune.export.rounding import float64_copy
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2, dtype="mixed_float16")(inputs))
+    assert float64_copy(model) is None
+
+
 def test_saved_model_serving_layout_and_signature(tmp_path):
     keras.utils.set_random_seed(0)
     model = prune(resnet_style())

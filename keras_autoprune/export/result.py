@@ -28,7 +28,9 @@ class ExportResult:
         verified: whether the file was run and compared at all.
         flex_ops: TensorFlow Select (Flex) ops in the file (only with
             ``allow_flex=True``).
-        note: why verification was skipped, when it was.
+        note: why verification was skipped, when it was; or how a float32
+            file beyond the tolerance was verified against float64
+            (`keras_autoprune.export.rounding`).
     """
 
     path: pathlib.Path
@@ -73,4 +75,6 @@ class ExportResult:
             lines.append(f"flex ops        {', '.join(self.flex_ops)}")
         if not self.verified:
             lines.append(f"not verified    {self.note}")
+        elif self.note:
+            lines.append(f"note            {self.note}")
         return "\n".join(lines)

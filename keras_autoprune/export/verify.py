@@ -111,15 +111,23 @@ def verify_tflite(
     True
     """
     expected = keras_outputs(model, inputs) if expected is None else expected
+    return compare(expected, run_tflite(path, model, inputs))
+
+
+def run_tflite(path: str | pathlib.Path, model: keras.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The file's outputs on ``inputs`` (`tflite_outputs` with ``model``'s signature names).
+
+    Raises:
+        ExportError: LiteRT cannot run the file on ``inputs``.
+    """
     try:
-        received = tflite_outputs(path, inputs, input_names=input_names(model), output_names=output_names(model))
+        return tflite_outputs(path, inputs, input_names=input_names(model), output_names=output_names(model))
     except RuntimeError as error:  # LiteRT reports a failed invoke (e.g. a SLICE out of range) this way
         raise ExportError(
             f"Expected LiteRT to run {path} on the verification samples (input shapes {_shapes(inputs)}), as Keras "
             f"did. Received: {error}. Fix: report it with the model; with inputs of unknown length, try "
             "`representative_data` at the length the model will be served with."
         ) from error
-    return compare(expected, received)
 
 
 def reference_outputs(model: keras.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -230,6 +238,7 @@ def check_figures(
     what: str,
     tolerance: float | None,
     min_top1_agreement: float | None,
+    rounding: str = "",
 ) -> None:
     """Raises `VerificationError` when ``figures`` break a threshold.
 
@@ -238,13 +247,15 @@ def check_figures(
         what: the export, for the message (``"float32 TFLite file m.tflite"``).
         tolerance: largest relative error allowed; None: not checked.
         min_top1_agreement: lowest top-1 agreement allowed; None: not checked.
+        rounding: what the float64 yardstick found (`keras_autoprune.export.rounding`), for the message.
     """
     if tolerance is not None and not figures.relative_error <= tolerance:
+        found = f" {rounding[0].upper()}{rounding[1:]}." if rounding else ""
         raise VerificationError(
             f"Expected the {what} to match the Keras model within a relative error of "
             f"{tolerance:g}. Received: relative error {figures.relative_error:.3g} "
             f"(max abs error {figures.max_abs_error:.3g}) on {figures.num_samples} "
-            "samples. Fix: report this with the model if it is float32; pass a larger "
+            f"samples.{found} Fix: report this with the model if it is float32; pass a larger "
             "`tolerance` only if the difference is acceptable for your use."
         )
     if min_top1_agreement is None:
