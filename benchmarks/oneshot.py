@@ -45,7 +45,7 @@ from keras_autoprune.callbacks.ranked import DEFAULT_MAX_LAYER_RATIO
 TARGETS = (0.8, 0.65, 0.5, 0.35, 0.25)
 ENTRIES = ("uniform_l1", "global_l1", "taylor", "random", "nap", "nap_cost_aware", "c_obd", "c_obs",
            "kron_obd", "kron_obs", "eigendamage", "eigendamage_reduce", "psap", "fisher", "fisher_cost_aware",
-           "eigendamage_cost_aware", "eigendamage_reduce_cost_aware")
+           "eigendamage_cost_aware", "eigendamage_reduce_cost_aware", "eigendamage_fisher", "eigendamage_fisher_cost_aware")
 """Protocol 1's entries, as in `benchmarks.entries` (TFMOT prunes individual weights and does not
 remove FLOPs in one shot: it appears in protocol 2 only)."""
 RANKED_ENTRIES = ("global_l1", "taylor", "random", "nap", "nap_cost_aware", "c_obd", "c_obs", "kron_obd", "kron_obs",
@@ -87,7 +87,8 @@ def make_callback(entry: str, target: float, calibration: tuple[np.ndarray, np.n
     if entry.startswith("eigendamage"):
         approximation = "reduce" if "_reduce" in entry else "expand"
         return kap.EigenDamageCallback(calibration, budget=budget, kfac_approximation=approximation,
-                                       cost_aware=entry.endswith("_cost_aware"), **batches, **common)
+                                       cost_aware=entry.endswith("_cost_aware"),
+                                       scorer="fisher" if "_fisher" in entry else "kfac", **batches, **common)
     if entry == "psap":
         return kap.PSAPCallback(budget, calibration, **batches, **common)
     raise ValueError(f"Expected an entry of {ENTRIES}. Received: {entry!r}")

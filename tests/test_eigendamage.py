@@ -7,6 +7,7 @@ import json
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_autoprune as kap
 from keras_autoprune.evaluation import accuracy
@@ -227,6 +228,7 @@ def test_reduce_approximation_changes_the_bases_and_still_meets_the_budget(digit
     (dict(budget=kap.Budget(flops=0.5), fisher="exact"), ValueError, "fisher"),
     (dict(budget=kap.Budget(flops=0.5), kfac_approximation="mean"), ValueError, "kfac_approximation"),
     (dict(budget=kap.Budget(flops=0.5), cost_aware="yes"), ValueError, "cost_aware"),
+    (dict(budget=kap.Budget(flops=0.5), scorer="obs"), ValueError, "scorer"),
     (dict(budget=0.5), TypeError, "kap.Budget"),
 ])
 def test_bad_arguments_fail_in_init(kwargs, error, match):
@@ -253,3 +255,61 @@ def test_eigendamage_under_mirrored_strategy():
     result = run_distributed("EigenDamageCallback")
     assert result["replicas"] == 2 and result["flops_kept"] <= 0.5
     assert result["removed"] > 0 and result["removed_zero"] and result["error"] < 1e-4
+
+
+# -- the exact Fisher of a direction ---------------------------------------------------
+def test_direction_fisher_is_the_per_example_gate_gradient_squared():
+    """``½ mean_b (∂ℓ_b/∂m)²`` for a gate on one row (column) of c2's core kernel, from per-example gradients."""
+    from keras_autoprune.stats import collect_direction_fisher
+
+    keras.utils.set_random_seed(0)
+    f64 = "float64"
+    inputs = keras.Input((6, 6, 2), dtype=f64)
+    h = keras.layers.Conv2D(3, 3, padding="same", activation="relu", dtype=f64, name="c1")(inputs)
+    h = keras.layers.Conv2D(4, 3, strides=2, padding="same", dtype=f64, name="c2")(h)
+    model = keras.Model(inputs, keras.layers.Dense(3, dtype=f64, name="head")(keras.layers.GlobalAveragePooling2D(dtype=f64)(h)))
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 6, 6, 2)), rng.integers(0, 3, 6)
+    q_in = np.linalg.qr(rng.normal(size=(3, 3)))[0][:, :2]  # 2 of 3 input directions kept
+    q_out = np.linalg.qr(rng.normal(size=(4, 4)))[0]
+    kernel = model.get_layer("c2").kernel.numpy()
+    model.get_layer("c2").kernel.assign(np.einsum("hwco,cj,dj->hwdo", kernel, q_in, q_in))  # projected, as during fit
+    result = collect_direction_fisher(model, (x, y), {"c2": (q_in, q_out)}, fisher="empirical", batch_size=4, verbose=0)
+
+    features = np.asarray(keras.Model(inputs, model.get_layer("c1").output)(x))
+    core = np.einsum("hwco,cj,oi->hwji", model.get_layer("c2").kernel.numpy(), q_in, q_out)
+    bias, head = model.get_layer("c2").bias.numpy(), model.get_layer("head")
+
+    def per_example_gate_gradients(side):
+        gates = tf.Variable(np.ones(q_in.shape[1] if side == "in" else q_out.shape[1]))
+        rows = []
+        for b in range(len(x)):
+            with tf.GradientTape() as tape:
+                gated = core * (gates[:, None] if side == "in" else gates[None, :])
+                kernel_b = tf.einsum("hwji,cj,oi->hwco", gated, q_in, q_out)
+                out = tf.nn.conv2d(features[b : b + 1], kernel_b, strides=2, padding="SAME") + bias
+                logits = head(tf.reduce_mean(out, axis=[1, 2]))
+                loss = keras.losses.sparse_categorical_crossentropy(y[b : b + 1], logits, from_logits=True)[0]
+            rows.append(tape.gradient(loss, gates).numpy())
+        return 0.5 * np.mean(np.square(rows), axis=0)
+
+    np.testing.assert_allclose(result["c2"][0], per_example_gate_gradients("in"), rtol=1e-9)
+    np.testing.assert_allclose(result["c2"][1], per_example_gate_gradients("out"), rtol=1e-9)
+    assert set(result) == {"c2"}
+
+
+def test_fisher_scorer_meets_the_budget_and_ranks_otherwise(digits, pretrained):  # noqa: F811
+    x_train, _, y_train, _ = digits
+    plans = {}
+    for scorer in ("kfac", "fisher"):
+        model = build()
+        model.set_weights(pretrained)
+        cb = kap.EigenDamageCallback((x_train[:128], y_train[:128]), budget=kap.Budget(flops=0.5), scorer=scorer,
+                                     batch_size=64, verbose=0)
+        slim = cb.prune(model)
+        assert kap.count_flops(slim) <= 0.5 * kap.count_flops(model) and cb.statistics_seconds > 0
+        plans[scorer] = {name: f.rank for name, f in cb.plan.layers.items()}
+    assert plans["fisher"] != plans["kfac"]
+    with pytest.raises(ValueError, match="read 2 times per round"):
+        kap.EigenDamageCallback(iter([(x_train[:8], y_train[:8])]), budget=kap.Budget(flops=0.5), scorer="fisher")

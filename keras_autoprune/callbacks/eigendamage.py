@@ -12,13 +12,15 @@ from keras_autoprune.callbacks.calibration import CalibrationSource, check_reada
 from keras_autoprune.callbacks.projections import ProjectionSet
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.methods import eigendamage
-from keras_autoprune.stats import collect_kfac
+from keras_autoprune.stats import collect_direction_fisher, collect_kfac
 from keras_autoprune.stats.kfac import APPROXIMATIONS
 from keras_autoprune.surgery.factorization import FactorizationPlan
 
 #: Unit roundoff of low-precision compute dtypes: the three layers round
 #: differently from the one they replace, so the final check allows more.
 _ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+SCORERS = ("kfac", "fisher")
+"""How directions are scored: K-FAC's eigenbasis importance, or the exact Fisher of each removal."""
 
 
 class EigenDamageCallback(PruningCallback):
@@ -63,6 +65,11 @@ class EigenDamageCallback(PruningCallback):
         cost_aware: rank directions by importance per FLOP (or parameter,
             as the budget counts) that each saves, not by importance alone
             (`keras_autoprune.methods.eigendamage`, step 3). Default False.
+        scorer: ``"kfac"`` (default, the paper's importance in the K-FAC
+            eigenbasis) or ``"fisher"``: the exact Fisher of removing each
+            direction, in a second calibration pass per round
+            (`keras_autoprune.stats.direction_fisher`); the bases still come
+            from the K-FAC factors.
         **kwargs: ``start_epoch``, ``end_epoch``, ``check_tolerance``,
             ``verbose`` (see `PruningCallback`).
 
@@ -87,6 +94,7 @@ class EigenDamageCallback(PruningCallback):
         batch_size: int = 32,
         kfac_approximation: str = "expand",
         cost_aware: bool = False,
+        scorer: str = "kfac",
         **kwargs: Any,
     ):
         super().__init__(budget, rounds=rounds, **kwargs)
@@ -103,9 +111,11 @@ class EigenDamageCallback(PruningCallback):
             raise ValueError(
                 f"`kfac_approximation` must be one of {APPROXIMATIONS}. Received: kfac_approximation={kfac_approximation!r}"
             )
+        if scorer not in SCORERS:
+            raise ValueError(f"`scorer` must be one of {SCORERS}. Received: scorer={scorer!r}")
         if not isinstance(cost_aware, bool):
             raise ValueError(f"`cost_aware` must be True or False. Received: cost_aware={cost_aware!r}")
-        check_readable(data, rounds, "EigenDamageCallback")
+        check_readable(data, rounds, "EigenDamageCallback", passes_per_round=2 if scorer == "fisher" else 1)
         self.data = data
         self.max_layer_ratio = float(max_layer_ratio)
         self.fisher = fisher
@@ -113,6 +123,7 @@ class EigenDamageCallback(PruningCallback):
         self.batch_size = batch_size
         self.kfac_approximation = kfac_approximation
         self.cost_aware = cost_aware
+        self.scorer = scorer
 
     # -- lifecycle additions -------------------------------------------
     def check_graph(self, graph: DependencyGraph) -> None:
@@ -188,10 +199,19 @@ class EigenDamageCallback(PruningCallback):
         self.statistics_seconds += factors.seconds
         plan = eigendamage.eigendamage_plan(
             self.model, factors, self._cost, self.budget, target, self.plan, max_layer_ratio=self.max_layer_ratio,
-            cost_aware=self.cost_aware,
+            cost_aware=self.cost_aware, direction_scorer=self._direction_fisher if self.scorer == "fisher" else None,
         )
         self._projections.apply(plan)
         self.plan = plan
+
+    def _direction_fisher(self, bases: dict) -> dict:
+        """The exact Fisher of removing each direction of ``bases`` (`stats.collect_direction_fisher`)."""
+        result = collect_direction_fisher(
+            self.model, self._source.data, {name: (f.q_in, f.q_out) for name, f in bases.items()}, fisher=self._fisher,
+            num_batches=self.num_batches, batch_size=self.batch_size, graph=self.graph, verbose=self.verbose,
+        )
+        self.statistics_seconds += result.seconds
+        return dict(result)
 
     def measure_kept(self) -> dict[str, float]:
         return self._cost.kept(self.plan)

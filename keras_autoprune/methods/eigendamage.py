@@ -13,6 +13,10 @@ current bases ``Q_in``, ``Q_out`` (identity before the first round):
 2. The rotated kernel ``W*_k = Q_inᵀ K_k Q_out`` gives the importance
    ``I_ij = Σ_k (W*_ijk)² s_G,i s_A,j`` (`scoring.eigenbasis`), and each
    in-direction ``j`` scores ``Σ_i I_ij``, each out-direction ``i`` ``Σ_j I_ij``.
+   With a ``direction_scorer`` (the callback's ``scorer="fisher"``), the
+   scores are instead the exact Fisher of removing each direction of the
+   composed bases, measured in a second calibration pass
+   (`stats.direction_fisher`).
 3. All layers' in- and out-direction scores go in one list, lowest first
    (with ``cost_aware``: each score divided by the cost one direction of
    its side adds at the layer's current core widths, from the bilinear cost
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -208,6 +213,7 @@ def eigendamage_plan(
     current: FactorizationPlan | None = None,
     max_layer_ratio: float = 0.95,
     cost_aware: bool = False,
+    direction_scorer: Callable[[dict[str, LayerFactorization]], dict[str, tuple[np.ndarray, np.ndarray]]] | None = None,
 ) -> FactorizationPlan:
     """One EigenDamage round: the plan that meets ``target`` (see the module docstring).
 
@@ -222,6 +228,9 @@ def eigendamage_plan(
         current: the plan of earlier rounds (its removed directions stay removed).
         max_layer_ratio: most of a layer side's original directions a plan removes.
         cost_aware: rank directions by score per unit of ``budget.metric`` they cost.
+        direction_scorer: given the composed bases ``{name: LayerFactorization}``,
+            ``{name: (in-direction scores, out-direction scores)}`` that replace
+            K-FAC's (for instance `stats.collect_direction_fisher`).
 
     Returns:
         The new `FactorizationPlan`. If the target cannot be reached, the
@@ -229,13 +238,18 @@ def eigendamage_plan(
     """
     target = budget.fraction if target is None else target
     current_layers = current.layers if current is not None else {}
-    rotated, scores, widths, caps = {}, [], {}, {}
+    rotated, sides, scores, widths, caps = {}, {}, [], {}, {}
     live = named_layers(model)
     for name in cost.layers:
         kernel = np.asarray(live[name].kernel.numpy(), np.float64)
         rotated[name], importance = rotate(factors[name], kernel, current_layers.get(name))
-        per_direction = cost.marginal(name, *importance.shape, budget.metric) if cost_aware else (1, 1)
-        for side, score, unit in zip(SIDES, direction_scores(importance), per_direction):
+        sides[name] = direction_scores(importance)
+    if direction_scorer is not None:
+        sides = direction_scorer(rotated)
+    for name in cost.layers:
+        kernel = live[name].kernel
+        per_direction = cost.marginal(name, *(len(s) for s in sides[name]), budget.metric) if cost_aware else (1, 1)
+        for side, score, unit in zip(SIDES, sides[name], per_direction):
             score = score / max(unit, 1)
             original = kernel.shape[-2] if side == "in" else kernel.shape[-1]
             widths[name, side] = len(score)

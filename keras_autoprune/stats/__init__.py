@@ -2,11 +2,12 @@
 
 One calibration pass (`engine.run_statistics`) replays the model in inference
 mode over calibration data and feeds every statistic; `collect_kfac`,
-`collect_gradient_stats` and `collect_channel_fisher` are its recipes.
+`collect_gradient_stats`, `collect_channel_fisher` and `collect_direction_fisher` are its recipes.
 """
 
 from keras_autoprune.stats.calibration import CalibrationBatch, CalibrationData
 from keras_autoprune.stats.channel_fisher import ChannelFisherStatistic, collect_channel_fisher, group_channel_fisher
+from keras_autoprune.stats.direction_fisher import DirectionFisherStatistic, collect_direction_fisher
 from keras_autoprune.stats.curvature import damp, damped_inverses, mean_eigenvalue, symmetric_eigh, symmetrize
 from keras_autoprune.stats.engine import StatisticsResult, run_statistics
 from keras_autoprune.stats.gradients import GradientStatistic, GradientStats, collect_gradient_stats
@@ -20,6 +21,7 @@ __all__ = sorted(
         "CalibrationBatch",
         "CalibrationData",
         "ChannelFisherStatistic",
+        "DirectionFisherStatistic",
         "GradientStatistic",
         "GradientStats",
         "GroupSaliency",
@@ -31,6 +33,7 @@ __all__ = sorted(
         "SUPPORTED_LOSSES",
         "StatisticsResult",
         "collect_channel_fisher",
+        "collect_direction_fisher",
         "group_channel_fisher",
         "collect_gradient_stats",
         "collect_kfac",
