@@ -172,8 +172,7 @@ def run_unit(entry, profile, data: BenchData, data_path, pretrained, budget, see
     except EntryCannotRun as error:  # a budget out of the method's reach is a result
         return {"entry": entry, "budget": budget, "seed": seed, "error": str(error)}
     figures["tflite"] = export_model(model, folder, data.test_sample(profile.export_samples), profile)
-    if store.kept_model(unit) is not None:
-        model.save(store.kept_model(unit))
+    store.keep_model(unit, model)
     return figures
 
 

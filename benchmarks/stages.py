@@ -82,6 +82,15 @@ class UnitStore:
                 path.with_suffix(".tmp").replace(path)
         return result
 
+    def keep_model(self, unit: str, model) -> None:
+        """Saves the unit's final model to `kept_model` (weights and architecture, no optimizer state); no-op without ``keep``."""
+        import keras
+
+        if self.keep is None:
+            return
+        # The same layers in an uncompiled functional model: no optimizer slots in the file.
+        keras.Model(model.inputs, model.outputs, name=model.name).save(self.kept_model(unit))
+
     def kept_model(self, unit: str) -> pathlib.Path | None:
         """Where the unit's final model is kept (``<keep>/<unit>.keras``), or None without ``keep``."""
         return None if self.keep is None else self.keep / f"{unit}.keras"

@@ -148,7 +148,11 @@ def test_kept_units_survive_the_loss_of_the_cache_and_their_files_are_exported_a
 
     inputs = keras.Input((32, 32, 3))
     model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))))
-    model.save(again.kept_model("s0-b50-nap"))
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    model.fit(np.zeros((2, 32, 32, 3)), np.zeros((2, 10)), verbose=0)  # momentum slots exist
+    again.keep_model("s0-b50-nap", model)
+    kept = keras.saving.load_model(again.kept_model("s0-b50-nap"))
+    assert getattr(kept, "optimizer", None) is None and all(np.array_equal(a, b) for a, b in zip(kept.get_weights(), model.get_weights()))
     gone = {"float32": {"path": str(tmp_path / "cache" / "lost" / "float32.tflite")}}
     row = {"entry": "nap", "seed": 0, "budget": 0.5, "tflite": gone}
     data, profile = _tiny_data(), PROFILES["smoke"]
