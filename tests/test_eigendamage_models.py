@@ -218,10 +218,13 @@ def test_generator_is_read_once_rounds_one_works_more_fail_in_init():
             yield x[start:start + 32], y[start:start + 32]
 
     with pytest.raises(ValueError, match=r"read once per round \(rounds=2\).*one-shot iterator \(generator\).*list of batches"):
-        kap.EigenDamageCallback(batches(), budget=kap.Budget(flops=0.5), rounds=2)
+        kap.EigenDamageCallback(batches(), budget=kap.Budget(flops=0.5), rounds=2, scorer="kfac")
+    # The default scorer reads the data twice per round: even one round is refused, with the way out.
+    with pytest.raises(ValueError, match=r"read 2 times per round \(rounds=1\).*or use scorer='kfac' and rounds=1"):
+        kap.EigenDamageCallback(batches(), budget=kap.Budget(flops=0.5), rounds=1)
     model = sequential()
     generator = batches()
-    cb = fit(model, generator, kap.Budget(flops=0.5), x, y, rounds=1, epochs=2)
+    cb = fit(model, generator, kap.Budget(flops=0.5), x, y, rounds=1, epochs=2, scorer="kfac")
     assert kept(cb, model, "flops") <= 0.5
     assert_pruned_is_live(cb, model, x[:16])
     # The same callback in a second fit: the generator is exhausted; said before any training.

@@ -20,15 +20,18 @@ from keras_autoprune.stats.calibration import CalibrationData
 from keras_autoprune.stats.loss import Likelihood, resolve_likelihood
 
 
-def check_readable(data: Any, rounds: int, owner: str, passes_per_round: int = 1) -> None:
-    """Raises if ``data`` is a one-shot iterator that would be read more than once (``rounds × passes_per_round > 1``)."""
+def check_readable(data: Any, rounds: int, owner: str, passes_per_round: int = 1, once: str = "") -> None:
+    """Raises if ``data`` is a one-shot iterator that would be read more than once (``rounds × passes_per_round > 1``).
+
+    ``once``: the setting that reads the data once per round, offered in the fix (e.g. ``"scorer='kfac'"``).
+    """
     if isinstance(data, Iterator) and rounds * passes_per_round > 1:
         per_round = "once per round" if passes_per_round == 1 else f"{passes_per_round} times per round"
         raise ValueError(
             f"{owner}: expected calibration data that can be read {per_round} (rounds={rounds}). Received: a "
             f"one-shot iterator ({type(data).__name__}), which the first pass would exhaust. Fix: pass arrays "
             "(x, y), a tf.data.Dataset, a keras.utils.PyDataset or a list of batches "
-            f"(e.g. `list(itertools.islice(generator, 8))`){', or use rounds=1' if passes_per_round == 1 else ''}."
+            f"(e.g. `list(itertools.islice(generator, 8))`), or use {'rounds=1' if passes_per_round == 1 else once + ' and rounds=1'}."
         )
 
 

@@ -47,8 +47,10 @@ class EigenDamageCallback(PruningCallback):
     Args:
         data: calibration data: ``(x, y)`` arrays, a batched `tf.data.Dataset`,
             a `keras.utils.PyDataset` or an iterable of batches. A generator
-            (any one-shot iterator) can be read once: it needs ``rounds=1``
-            and a new generator for each ``fit``.
+            (any one-shot iterator) can be read once, and the default
+            ``scorer="fisher"`` reads the data twice per round: a generator
+            needs ``scorer="kfac", rounds=1`` and a new generator for each
+            ``fit``.
         budget: `kap.Budget` to reach, counting the rotation layers.
         rounds: pruning rounds; the kept fraction ramps linearly.
         max_layer_ratio: a pruning never removes more than this fraction of
@@ -64,12 +66,15 @@ class EigenDamageCallback(PruningCallback):
             ``approximation``; measured in docs/methods/eigendamage.md).
         cost_aware: rank directions by importance per FLOP (or parameter,
             as the budget counts) that each saves, not by importance alone
-            (`keras_autoprune.methods.eigendamage`, step 3). Default False.
-        scorer: ``"kfac"`` (default, the paper's importance in the K-FAC
-            eigenbasis) or ``"fisher"``: the exact Fisher of removing each
-            direction, in a second calibration pass per round
-            (`keras_autoprune.stats.direction_fisher`); the bases still come
-            from the K-FAC factors.
+            (`keras_autoprune.methods.eigendamage`, step 3). Default True
+            (since issue 12; False ranks by importance, as the paper).
+        scorer: ``"fisher"`` (default since issue 12): the exact Fisher of
+            removing each direction, in a second calibration pass per round
+            (`keras_autoprune.stats.direction_fisher`), the bases still from
+            the K-FAC factors; or ``"kfac"``, the paper's importance in the
+            K-FAC eigenbasis (one pass). ``scorer="kfac", cost_aware=False``
+            is the method before issue 12; docs/methods/eigendamage.md shows
+            both on the benchmark's converged models.
         **kwargs: ``start_epoch``, ``end_epoch``, ``check_tolerance``,
             ``verbose`` (see `PruningCallback`).
 
@@ -93,8 +98,8 @@ class EigenDamageCallback(PruningCallback):
         num_batches: int | None = None,
         batch_size: int = 32,
         kfac_approximation: str = "expand",
-        cost_aware: bool = False,
-        scorer: str = "kfac",
+        cost_aware: bool = True,
+        scorer: str = "fisher",
         **kwargs: Any,
     ):
         super().__init__(budget, rounds=rounds, **kwargs)
@@ -115,7 +120,8 @@ class EigenDamageCallback(PruningCallback):
             raise ValueError(f"`scorer` must be one of {SCORERS}. Received: scorer={scorer!r}")
         if not isinstance(cost_aware, bool):
             raise ValueError(f"`cost_aware` must be True or False. Received: cost_aware={cost_aware!r}")
-        check_readable(data, rounds, "EigenDamageCallback", passes_per_round=2 if scorer == "fisher" else 1)
+        check_readable(data, rounds, "EigenDamageCallback", passes_per_round=2 if scorer == "fisher" else 1,
+                       once="scorer='kfac'")
         self.data = data
         self.max_layer_ratio = float(max_layer_ratio)
         self.fisher = fisher
