@@ -373,3 +373,17 @@ def test_psap_scratch_starts_from_the_initialisation_and_meets_the_budget(tmp_pa
     assert (figures["epochs"], figures["round_epochs"]) == (3, [1])
     assert figures["flops_kept"] <= 0.5 and figures["params_kept"] < 1.0
     assert kap.count_flops(model) == figures["flops"] and figures["statistics_seconds"] > 0
+
+
+def test_goals_judge_nap_with_its_defaults_where_that_entry_ran():
+    def run(entry, accuracy, seed=0):
+        return {"entry": entry, "budget": None if entry == "unpruned" else 0.5, "seed": seed, "accuracy": accuracy,
+                "flops_kept": 0.5, "pruning_seconds": 10.0, "fit_seconds": 100.0}
+
+    results = {"budgets": [0.5], "latency": {}, "runs": [run("unpruned", 0.90), run("uniform_l1", 0.85), run("nap", 0.84)]}
+    first = report.goals(results)[0]
+    assert first["goal"].startswith("NAP at 50%") and first["detail"] == "-6.00 points" and first["met"] is False
+    results["runs"] += [run("fisher_cost_aware", 0.895)]
+    first, ahead = report.goals(results)[:2]
+    assert first["goal"].startswith("NAP (defaults) at 50%") and first["detail"] == "-0.50 points" and first["met"] is True
+    assert ahead["goal"] == "NAP (defaults) ahead of uniform L1 at 50% FLOPs" and ahead["detail"] == "+4.50 points"
