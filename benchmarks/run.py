@@ -7,6 +7,7 @@ Run from the repository root::
     python -m benchmarks.run --profile v2                       # protocol 2 (hours; repeat until done)
     python -m benchmarks.run --profile gpu                      # ResNet-56; repeat until it says done
     python -m benchmarks.run --profile cpu --seeds 0 1 --entries unpruned nap random
+    python -m benchmarks.run --profile v2 --seeds 0 1 --report-only   # the page from the finished units only
 
 Steps: load CIFAR-10 (``--data``, default ``../shared/data/cifar10-jpeg.tar.gz``);
 pretrain the profile's model once (cached under ``benchmarks/cache/``); for
@@ -67,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budgets", type=float, nargs="+", help="FLOPs budgets to run (default: the profile's)")
     parser.add_argument("--max-minutes", type=float, help="stop cleanly before this (default: the profile's stage time)")
     parser.add_argument("--resume", action="store_true", help="keep finished units of an earlier run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report the finished units (and time their files together)")
     parser.add_argument("--retrain", action="store_true", help="discard the cached pretrained model")
     parser.add_argument("--verbose", type=int, default=0, help="Keras fit verbosity")
     return parser.parse_args(argv)
@@ -109,7 +112,7 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
     log(f"pretrained ({'cached' if pretrained_meta['cached'] else 'trained'}): accuracy {pretrained_meta['accuracy']:.4f}")
     # A profile on committed weights keeps its finished units in the repository (results/<profile>/units-<key>/).
     keep = pathlib.Path(args.results_dir) / profile.name / f"units-{profile.run_key()}" if profile.base_model else None
-    store = UnitStore(cache / profile.name / f"runs-{profile.run_key()}", fresh=not (profile.resumable or args.resume), keep=keep)
+    store = UnitStore(cache / profile.name / f"runs-{profile.run_key()}", fresh=not (profile.resumable or args.resume or args.report_only), keep=keep)
     data_path = store.root / "data.npz"
     if not data_path.exists():
         data.save(data_path)
@@ -121,6 +124,9 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
             for entry in group:
                 unit = _unit(seed, budget, entry)
                 result = store.result(unit)
+                if result is None and args.report_only:
+                    log(f"{unit}: not run yet (left out of the report)")
+                    continue
                 if result is None:
                     pruning_epochs = entry_schedule(entry, profile).prune_end  # one fit call, not resumable
                     deadline.check(1.5 * pruning_epochs * epoch_seconds + 120, unit)

@@ -27,6 +27,11 @@ def test_smoke_profile_reports_every_entry_and_figure(tmp_path):
     assert {path: path.read_bytes() for path in published} == before  # smoke never rewrites the published page or plots
     assert not (REPO_ROOT / "docs" / "img" / "accuracy_vs_flops_smoke.png").exists()
     saved = json.loads((tmp_path / "smoke.json").read_text())
+    # --report-only runs nothing: the same units, an entry never run is left out.
+    again = main(["--profile", "smoke", "--results-dir", str(tmp_path / "again"), "--cache-dir", str(tmp_path / "cache"),
+                  "--report-only", "--entries", "unpruned", "nap", "random", "--seeds", "0", "1"])
+    assert [(r["entry"], r["budget"], r["fit_seconds"]) for r in again["runs"]] == [
+        (r["entry"], r["budget"], r["fit_seconds"]) for r in results["runs"] if r["entry"] in ("unpruned", "nap", "random")]
     assert saved["runs"] == json.loads(json.dumps(results["runs"]))
     profile = PROFILES["smoke"]
     assert saved["entries"] == list(profile.entries)
