@@ -33,16 +33,25 @@ def gzip_size(path: str | pathlib.Path) -> int:
 
 
 def export_model(model: Any, folder: pathlib.Path, representative, profile: Profile) -> dict:
-    """Writes ``float32.tflite`` and ``int8.tflite`` in ``folder``; returns their figures."""
+    """Writes ``float32.tflite`` and ``int8.tflite`` in ``folder``; returns their figures.
+
+    A precision whose export fails (`kap.ExportError`, e.g. LiteRT's XNNPACK
+    refusing an int8 file) gets ``{"error": message}``: the unit's other
+    figures stand, and that file is left out of the latency timing.
+    """
     import keras_autoprune as kap
 
     figures = {}
     for precision in PRECISIONS:
         path = pathlib.Path(folder) / f"{precision}.tflite"
-        result = kap.export_tflite(
-            model, path, quantize=None if precision == "float32" else "int8",
-            representative_data=representative, num_samples=profile.export_samples,
-        )
+        try:
+            result = kap.export_tflite(
+                model, path, quantize=None if precision == "float32" else "int8",
+                representative_data=representative, num_samples=profile.export_samples,
+            )
+        except kap.ExportError as error:
+            figures[precision] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+            continue
         figures[precision] = {
             "path": str(path),
             "bytes": result.size_bytes,
@@ -63,7 +72,8 @@ def latency_figures(files: dict[str, dict], reference: str, profile: Profile) ->
     import keras_autoprune as kap
     from benchmarks.export_latency import paired_speedup
 
-    keys = [(name, precision) for name in files for precision in PRECISIONS if precision in files[name]]
+    keys = [(name, precision) for name in files for precision in PRECISIONS
+            if "path" in files[name].get(precision, {})]  # a failed export has no file to time
     timings = dict(zip(keys, kap.measure_latencies(
         [files[name][precision]["path"] for name, precision in keys], num_threads=1,
         warmup=profile.latency_warmup, runs=profile.latency_runs, rounds=profile.latency_rounds,

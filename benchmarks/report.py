@@ -53,7 +53,7 @@ def figure(results: dict, run: dict, budget: float, name: str) -> float | None:
         return group.get(precision, {}).get(what)
     if name.startswith("tflite_"):
         _, precision, what = name.split("_", 2)
-        return run["tflite"][precision][what]
+        return run["tflite"][precision].get(what)  # None where that export failed
     return run.get(name)
 
 
@@ -206,6 +206,11 @@ def markdown(results: dict) -> str:
         )]
     for budget in results["budgets"]:
         lines += ["", f"#### Budget: {budget:.0%} of the FLOPs kept", "", budget_table(results, budget)]
+        failed = [f"- {LABELS.get(r['entry'], r['entry'])} (seed {r['seed']}), {precision}: {f['error']}"
+                  for r in results["runs"] if r.get("budget") == budget and "error" not in r
+                  for precision, f in r.get("tflite", {}).items() if "error" in f]
+        if failed:
+            lines += ["", "Exports that failed (their cells say n/a; the model's other figures stand):", "", *failed]
     lines += ["", "#### Goals (issues 5, 6 and 12)", "", "| goal | met | measured |", "|---|:---:|---|"]
     for goal in results["goals"]:
         met = {True: "yes", False: "**no**", None: "n/a"}[goal["met"]]

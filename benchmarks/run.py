@@ -177,8 +177,8 @@ def run_unit(entry, profile, data: BenchData, data_path, pretrained, budget, see
         model, figures = run_entry(entry, profile, data, pretrained, budget, seed, folder, deadline)
     except EntryCannotRun as error:  # a budget out of the method's reach is a result
         return {"entry": entry, "budget": budget, "seed": seed, "error": str(error)}
-    figures["tflite"] = export_model(model, folder, data.test_sample(profile.export_samples), profile)
     store.keep_model(unit, model)
+    figures["tflite"] = export_model(model, folder, data.test_sample(profile.export_samples), profile)
     return figures
 
 
@@ -188,7 +188,7 @@ def _tflite_files(result: dict, store: UnitStore, data: BenchData, profile: Prof
     Returns None when neither the files nor a kept model exist (a TFMOT unit
     of an earlier session: its model is not kept), and the entry is not timed.
     """
-    if all(pathlib.Path(figures["path"]).exists() for figures in result["tflite"].values()):
+    if all(pathlib.Path(figures["path"]).exists() for figures in result["tflite"].values() if "path" in figures):
         return result["tflite"]
     unit = _unit(result["seed"], result["budget"], result["entry"])
     kept = store.kept_model(unit)

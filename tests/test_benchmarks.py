@@ -392,3 +392,23 @@ def test_goals_judge_nap_with_its_defaults_where_that_entry_ran():
     first, ahead = report.goals(results)[:2]
     assert first["goal"].startswith("NAP (defaults) at 50%") and first["detail"] == "-0.50 points" and first["met"] is True
     assert ahead["goal"] == "NAP (defaults) ahead of uniform L1 at 50% FLOPs" and ahead["detail"] == "+4.50 points"
+
+
+def test_a_failed_export_is_recorded_and_left_out_of_the_timing(tmp_path):
+    import keras
+
+    from benchmarks.measure import export_model, latency_figures
+
+    inputs = keras.Input((32, 32, 3))
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))))
+    profile = PROFILES["smoke"]
+    files = export_model(model, tmp_path, _tiny_data().test_sample(2), profile)
+    broken = {"float32": files["float32"], "int8": {"error": "ExportError: XNNPACK failed to prepare"}}
+    timed = latency_figures({"unpruned": files, "red": broken}, "unpruned", profile)
+    assert set(timed["unpruned"]) == {"float32", "int8"} and set(timed["red"]) == {"float32"}
+    results = {"budgets": [0.5], "latency": {"0/0.5": timed}, "runs": [
+        {"entry": "red", "budget": 0.5, "seed": 0, "accuracy": 0.5, "flops_kept": 0.5, "params_kept": 0.5,
+         "fit_seconds": 1.0, "pruning_seconds": 0.0, "statistics_seconds": 0.0, "tflite": broken}]}
+    run = results["runs"][0]
+    assert report.figure(results, run, 0.5, "tflite_int8_bytes") is None
+    assert report.figure(results, run, 0.5, "tflite_float32_bytes") == files["float32"]["bytes"]
