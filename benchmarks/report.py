@@ -184,8 +184,9 @@ def markdown(results: dict) -> str:
         f"and {machine['load_end']:.2f} at the end (shared with other work); "
         + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
         "",
-        (f"Model: the committed `{pre['base_model']}` (benchmarks/models/, {pre['epochs']} epochs in "
-         f"{pre.get('trained_seconds', 0) / 60:.1f} min on {pre['trained_on']}): test accuracy {100 * pre['accuracy']:.2f}%. "
+        (f"Model: the committed `{pre['base_model']}` (benchmarks/models/, {pre['epochs']} epochs"
+         + (f" in {pre['trained_seconds'] / 60:.1f} min" if "trained_seconds" in pre else "")
+         + f" on {pre['trained_on']}): test accuracy {100 * pre['accuracy']:.2f}%. "
          if pre.get("base_model") else
          f"Model: ResNet-{config['depth']} (width {config['width']}); pretrained for {pre['epochs']} epoch(s) "
          f"({pre['train_seconds'] / 60:.1f} min): test accuracy {100 * pre['accuracy']:.2f}%. ")
