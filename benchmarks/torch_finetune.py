@@ -56,13 +56,6 @@ ENTRIES = ("tp_l1_global", "tp_taylor_global")
 (after re-estimation: global L1 42.7%, global Taylor 34.5%; docs/benchmarks.md)."""
 
 
-def round_fractions(target: float, rounds: int) -> list[float]:
-    """MACs kept after each round (`keras_autoprune.allocation.schedule.round_targets`, linear ramp)."""
-    from keras_autoprune.allocation.schedule import round_targets
-
-    return round_targets(target, rounds)
-
-
 def decoupled_weight_decay(model, learning_rate_now: float, weight_decay: float) -> None:
     """Keras' weight decay: ``w <- w - lr * wd * w`` for every trainable parameter."""
     import torch
@@ -122,6 +115,8 @@ def finetune_row(
 
     import torch
 
+    from keras_autoprune.allocation.schedule import round_targets  # the Keras callbacks' ramp
+
     if entry not in torch_peer.ENTRIES:
         raise ValueError(f"Expected an entry among {torch_peer.ENTRIES}. Received: entry={entry!r}")
     torch.manual_seed(seed)
@@ -129,7 +124,7 @@ def finetune_row(
     calibration = data.calibration(profile.calibration_batches * profile.batch_size)
     example = torch_peer.to_nchw(calibration[0][:1])
     macs0, params0 = torch_peer.count(model, example)
-    fractions = round_fractions(target, profile.rounds)
+    fractions = round_targets(target, profile.rounds)
     epochs, steps = profile.finetune_epochs, steps_per_epoch(data, profile.batch_size)
     batches = train_dataset(data, profile.batch_size, seed, 0, epochs).as_numpy_iterator()
     fit_start, pruning_seconds = time.perf_counter(), 0.0

@@ -27,11 +27,12 @@ def check_readable(data: Any, rounds: int, owner: str, passes_per_round: int = 1
     """
     if isinstance(data, Iterator) and rounds * passes_per_round > 1:
         per_round = "once per round" if passes_per_round == 1 else f"{passes_per_round} times per round"
+        single = "rounds=1" if passes_per_round == 1 else f"{once} and rounds=1" if once else ""
         raise ValueError(
             f"{owner}: expected calibration data that can be read {per_round} (rounds={rounds}). Received: a "
             f"one-shot iterator ({type(data).__name__}), which the first pass would exhaust. Fix: pass arrays "
             "(x, y), a tf.data.Dataset, a keras.utils.PyDataset or a list of batches "
-            f"(e.g. `list(itertools.islice(generator, 8))`), or use {'rounds=1' if passes_per_round == 1 else once + ' and rounds=1'}."
+            f"(e.g. `list(itertools.islice(generator, 8))`){', or use ' + single if single else ''}."
         )
 
 
