@@ -16,8 +16,9 @@ test images are only used for the final figures.
 The PruningNet starts from the committed converged weights (warm start) and
 trains with SGD (Nesterov 0.9), label smoothing 0.1 and a learning rate
 decayed linearly from 0.01 to 0 over the planned epochs, one epoch per
-stage; its weights stay in the cache (``$KERAS_AUTOPRUNE_CACHE``, 35 MB, not
-committed: rerun ``train`` to rebuild them). Everything measured is written to
+stage; its weights are kept beside the results
+(``benchmarks/results/v2/pruningnet_<model>.weights.h5``, about 35 MB, committed
+so that later stages resume in another session). Everything measured is written to
 ``benchmarks/results/v2/metapruning_<model>.json`` as soon as it is known.
 The searched widths and the uniform widths at the same FLOPs (the widest
 uniform gene within the budget) both start from the PruningNet's generated
@@ -54,7 +55,7 @@ def _paths(model_name: str) -> dict[str, pathlib.Path]:
 
     cache = cache_dir() / "metapruning"
     cache.mkdir(parents=True, exist_ok=True)
-    return {"weights": cache / f"pruningnet_{model_name}.weights.h5", "results": RESULTS_DIR / f"metapruning_{model_name}.json",
+    return {"weights": RESULTS_DIR / f"pruningnet_{model_name}.weights.h5", "results": RESULTS_DIR / f"metapruning_{model_name}.json",
             "scores": cache / f"scores_{model_name}_{{tag}}.json", "table": RESULTS_DIR / f"latency_table_{model_name}.json"}
 
 
@@ -88,6 +89,11 @@ def _network(model_name: str, paths: dict):
 
     model = keras.saving.load_model(converged.MODELS_DIR / f"{model_name}.keras")
     net = mp.PruningNet(model, scales=SCALES, seed=0)
+    trained = _load(paths["results"]).get("pruningnet", {}).get("epochs_done", 0)
+    if trained and not paths["weights"].exists():
+        raise FileNotFoundError(f"The results record {trained} PruningNet epoch(s) but {paths['weights']} is missing; "
+                                f"rerun `python -m benchmarks.metapruning_bench train --model {model_name} --epochs N` "
+                                f"(it starts again from the converged weights).")
     if paths["weights"].exists():
         net(np.zeros((1, 32, 32, 3), np.float32))
         net.load_weights(paths["weights"])
@@ -100,6 +106,8 @@ def train(model_name: str, epochs: int, log=print) -> None:
 
     paths = _paths(model_name)
     results = _load(paths["results"])
+    if not paths["weights"].exists():  # weights lost (or never kept): the recorded epochs describe another net
+        results["pruningnet"] = {"epochs_done": 0, "seconds": [], "loss": [], "planned_epochs": epochs}
     state = results.setdefault("pruningnet", {"epochs_done": 0, "seconds": [], "loss": [], "planned_epochs": epochs})
     state["planned_epochs"] = max(epochs, state.get("planned_epochs", epochs))
     data = converged.load_cifar10()
