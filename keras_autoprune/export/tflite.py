@@ -12,7 +12,10 @@ Quantization (``quantize``):
 - ``"float16"``: float16 weights, float32 activations.
 - ``"int8"``: full integer: int8 weights and activations, calibrated on
   ``representative_data``; builtin int8 kernels only; with
-  ``int8_io=True`` the inputs and outputs are int8 too.
+  ``int8_io=True`` the inputs and outputs are int8 too. Activations that
+  are (nearly) dead on the representative data get the smallest int8 scale
+  that LiteRT's XNNPACK delegate accepts (`keras_autoprune.export.int8_scales`;
+  the result's ``note`` names them).
 
 Quantized files are judged by their top-1 agreement with Keras, reported in
 the result and checked only when ``min_top1_agreement`` is set.
@@ -39,6 +42,7 @@ import keras
 
 from keras_autoprune.export.convert import CONVERSION_PATHS, convert
 from keras_autoprune.export.data import sample_inputs
+from keras_autoprune.export.int8_scales import admit_int8_scales, describe
 from keras_autoprune.export.result import ExportResult
 from keras_autoprune.export.signature import check_exportable
 from keras_autoprune.export.rounding import FACTOR, rounding_check
@@ -127,6 +131,7 @@ def export_tflite(
     inputs = sample_inputs(model, representative_data, num_samples, seed)
     expected = reference_outputs(model, inputs)  # the model must run on the samples before any conversion
     content, flex_ops = convert(model, quantize, inputs, int8_io, allow_flex, via)
+    content, scale_fixes = admit_int8_scales(content) if quantize == "int8" else (content, [])
     path.write_bytes(content)
     what = f"{quantize or 'float32'} TFLite file {path}"
     if flex_ops:
@@ -138,7 +143,7 @@ def export_tflite(
     received = run_tflite(path, model, inputs)
     figures = compare(expected, received)
     tolerance = tolerance if quantize is None else None
-    note, rounding = "", ""
+    note, rounding = describe(scale_fixes) if scale_fixes else "", ""
     if tolerance is not None and figures.relative_error > tolerance:  # the model's own rounding may be the cause
         check = rounding_check(model, inputs, expected, received)
         rounding = "" if check is None else check.describe()
