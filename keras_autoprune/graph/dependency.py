@@ -22,6 +22,7 @@ from keras_autoprune.graph.atoms import AtomTable
 from keras_autoprune.graph.context import WalkContext
 from keras_autoprune.graph.groups import ChannelGroup, ChannelMember, build_groups  # noqa: F401 - ChannelMember: importable from here too
 from keras_autoprune.graph.handlers import CallInfo, LayerHandler, TensorRef, get_handler
+from keras_autoprune.graph.handlers.matmul import rows_of, with_rows
 from keras_autoprune.graph.trace import expand_outputs, see_through
 
 _BLOCKER = LayerHandler()
@@ -122,6 +123,8 @@ class DependencyGraph:
         self.output_layouts = self._walk(functional, self.input_layouts, prefix="")
         for layout in self.output_layouts:
             self.atoms.fix(layout, "it is a model output")
+            if rows_of(layout) is not None:
+                self.atoms.fix(rows_of(layout), "it is a model output")
         if self.unknown_layers:
             warnings.warn(
                 "keras_autoprune: no pruning handler for "
@@ -202,6 +205,7 @@ class DependencyGraph:
         )
         key = id(operation)
         ctx = WalkContext(self.atoms, name, self._space_cache.setdefault(key, {}))
+        carried_rows = self._carried_rows(handler, operation, call, ctx, name)
         first_call = key not in self._first_inputs
         if first_call:
             self._first_inputs[key] = in_layouts
@@ -220,6 +224,8 @@ class DependencyGraph:
             for layout in ctx.internal:
                 ctx.fix(layout, f"handler {type(handler).__name__} failed on '{name}'")
             out_layouts = _BLOCKER.propagate(operation, call, ctx)
+        if not getattr(handler, "reads_rows", False):  # rows leave a call only where it keeps them
+            out_layouts = [with_rows(np.asarray(layout), carried_rows) for layout in out_layouts]
         self.records.append(
             CallRecord(
                 name=name,
@@ -234,6 +240,26 @@ class DependencyGraph:
             )
         )
         return out_layouts
+
+    @staticmethod
+    def _carried_rows(handler, operation, call: CallInfo, ctx: WalkContext, name: str) -> np.ndarray | None:
+        """Channels on the inputs' second-to-last axis that the call keeps there; any others are blocked.
+
+        See `keras_autoprune.graph.handlers.matmul`: handlers with
+        ``reads_rows`` place them themselves; a one-input call whose handler
+        `keeps_rows` (Dense, element-wise activations) passes them on.
+        """
+        rows = [rows_of(layout) for layout in call.in_layouts]
+        if all(r is None for r in rows) or getattr(handler, "reads_rows", False):
+            return None
+        same_axis = len(call.out_shapes) == 1 and len(call.out_shapes[0]) == len(call.in_shapes[0]) and \
+            call.out_shapes[0][-2] == call.in_shapes[0][-2]
+        if len(rows) == 1 and same_axis and handler.keeps_rows(operation, call):
+            return rows[0]
+        for r in rows:
+            if r is not None:
+                ctx.fix(r, f"'{name}' ({type(operation).__name__}) does not keep channels on the second-to-last axis")
+        return None
 
     # -- groups ---------------------------------------------------------
     def _build_groups(self) -> None:

@@ -34,6 +34,10 @@ class ActivationHandler(LayerHandler):
                 return f"'{layer.name}' applies softmax across channels"
         return None
 
+    def keeps_rows(self, layer, call) -> bool:
+        unary = not any(isinstance(a, TensorRef) for a in list(call.args[1:]) + list(call.kwargs.values()))
+        return unary and self._mixing_reason(layer, call) is None and type(layer).__name__ not in ("Softmax", "LogSoftmax")
+
     def propagate(self, layer, call, ctx):
         reason = self._mixing_reason(layer, call)
         layout = call.in_layouts[0]

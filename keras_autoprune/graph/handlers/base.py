@@ -160,6 +160,15 @@ class LayerHandler:
         """
         return []
 
+    def keeps_rows(self, layer: Any, call: CallInfo) -> bool:
+        """Whether the call treats every position of its input's second-to-last axis alike and keeps it.
+
+        Channels sitting on that axis (`keras_autoprune.graph.handlers.matmul`)
+        then cross the layer unchanged; otherwise they are blocked. True for
+        Dense layers and element-wise activations.
+        """
+        return False
+
     def prune_operation(self, operation: Any, call: CallInfo, keep: LayerKeep) -> Any:
         """What replaces a `keras.ops` node (not a layer) in the pruned model.
 

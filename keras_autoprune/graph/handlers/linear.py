@@ -63,6 +63,9 @@ class LinearHandler(LayerHandler):
             return "a softmax activation across its outputs"
         return None
 
+    def keeps_rows(self, layer, call: CallInfo) -> bool:
+        return self.units_key == "units" and len(call.in_shapes[0]) >= 3  # Dense: the same kernel on every row
+
     def propagate(self, layer, call: CallInfo, ctx):
         problem = self._unsupported(layer)
         if problem:

@@ -19,7 +19,8 @@ pruned input (the number of kept channels before it).
 | ``take(x, [i, ...], axis=-1)`` | listed channels | kept entries, ``new_position`` |
 | ``repeat(x, r, axis=-1)`` | channel c repeated ``r[c]`` times | ``r`` of the kept channels |
 | ``tile`` | the channel axis repeated | same |
-| ``transpose`` / ``swapaxes`` / ``moveaxis`` | pass-through if the channel axis stays last, else blocks | same |
+| ``transpose`` / ``swapaxes`` / ``moveaxis`` | pass-through if the channel axis stays last; exchanging the last two axes moves the channels to the second-to-last axis (`keras_autoprune.graph.handlers.matmul`); else blocks | same |
+| ``matmul`` | contracts ``a``'s channels with ``b``'s second-to-last axis; ``b``'s channels pass (`keras_autoprune.graph.handlers.matmul`) | same |
 | ``reshape`` ``(..., C) -> (..., A, B)`` | position j ties channels ``j, B + j, ...`` | last dim = kept positions |
 | ``reshape`` (flatten-like) | index map (as `Flatten`) | last dim = kept positions |
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from keras_autoprune.graph.handlers.indexmap import IndexMapHandler
+from keras_autoprune.graph.handlers.matmul import MatmulHandler, SwapLastAxesHandler
 
 
 def _on_channels(axis, rank: int) -> bool:
@@ -223,7 +225,7 @@ def operation_handlers() -> dict[type, IndexMapHandler]:
     """``{keras.ops class: handler}`` for the shape and indexing operations."""
     from keras.src.ops import core, numpy as ops
 
-    same = IndexMapHandler()
+    same, swap = IndexMapHandler(), SwapLastAxesHandler()
     return {
         ops.Pad: PadOpHandler(),
         ops.Split: SplitHandler(),
@@ -233,9 +235,10 @@ def operation_handlers() -> dict[type, IndexMapHandler]:
         ops.Repeat: RepeatHandler(),
         ops.Reshape: ReshapeOpHandler(),
         ops.Tile: same,
-        ops.Transpose: same,
-        ops.Swapaxes: same,
-        ops.Moveaxis: same,
+        ops.Transpose: swap,
+        ops.Swapaxes: swap,
+        ops.Moveaxis: swap,
+        ops.Matmul: MatmulHandler(),
         ops.ExpandDims: same,
         ops.Squeeze: same,
     }
