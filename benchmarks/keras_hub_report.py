@@ -53,13 +53,18 @@ FOOTER = """
 DeiT: its encoder blocks return `(x, None)` and are traced as nested models,
 so the heads (`MultiHeadAttention`) and MLP hidden units of both blocks are
 prunable; `DeiTEmbeddings` stays opaque (it owns its class, distillation and
-position tokens). MiT: the MixFFN hidden units of both stages are prunable.
-Its `SegFormerMultiheadAttention` is traced (FLOPs count it) but its heads
-are not prunable: it splits channels into heads with `ops.reshape`, moves
-the head axis with `ops.transpose(q, [0, 2, 1, 3])` and multiplies with
-`q @ k^T` (`ops.matmul` on a transposed key); channels that leave the last
-axis, and `Matmul`, have no handler, so q/k/v/proj and the sequence-reduction
-conv stay blocked, as do the patch embeddings and residual streams
+position tokens). MiT: the MixFFN hidden units of both stages are prunable,
+and so are the per-head dimensions of its traced `SegFormerMultiheadAttention`:
+it splits channels into heads with `ops.reshape` (which ties dimension `d` of
+every head), moves k's channels to the second-to-last axis with
+`ops.transpose(k, [0, 1, 3, 2])` and multiplies `q @ k^T` and `softmax @ v`
+(`ops.matmul`); `keras_autoprune.graph.handlers.matmul` follows channels
+onto that axis and through the matmuls, so the query and key columns form one
+group and the value columns with the output projection's rows another
+(whole heads are not removed: the layer reads its head size from its input
+width). The groups blocked by a softmax or by "a non-channel axis" are the
+token axes of the attention scores, not channels. The sequence-reduction
+conv, the patch embeddings and the residual streams stay blocked
 (LayerNorm across channels; `DropPath` owns a seed generator and is not
 traced). BERT: heads and MLP hidden units of both blocks are prunable; its
 token inputs have no fixed length, so `kap.export_tflite` needs
