@@ -127,3 +127,22 @@ def test_matmul_contracting_channels_with_a_sequence_axis_blocks_them():
     scores = _group(graph, "mixer/scores")
     assert not scores.prunable and "carries no channels" in scores.reason
     assert _group(graph, "embed").prunable  # x's channels flow to the output
+
+
+def test_nap_prunes_the_per_head_dimensions_and_eigendamage_leaves_the_traced_layer_whole():
+    model = _token_model(OpsAttention(8, 2, name="attn"))
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    data = [(rng.normal(size=(16, 6, 5)).astype("float32"), rng.integers(0, 3, 16))]
+    slim = kap.NAPCallback(data, budget=kap.Budget(flops=0.6), verbose=0).prune(model)
+    assert kap.count_flops(slim) <= 0.6 * kap.count_flops(model)
+    q, k, v = (slim.get_layer("attn").get_layer(n).units for n in ("q", "k", "v"))
+    assert q == k and q % 2 == 0 and v % 2 == 0  # whole per-head dimensions: one column in each of 2 heads
+    assert min(q, v) < 8, (q, v)  # at least one of the attention's groups was pruned
+
+    # EigenDamage factorises layers of functional graphs only: 'embed' here, the attention's sublayers stay whole.
+    callback = kap.EigenDamageCallback(data, budget=kap.Budget(flops=0.97), verbose=0)
+    factorised = callback.prune(model)
+    attention = factorised.get_layer("attn")  # copied as it is: still the user's class
+    assert type(attention) is OpsAttention and [attention.q.units, attention.k.units, attention.v.units] == [8, 8, 8]
+    assert kap.count_flops(factorised) <= 0.97 * kap.count_flops(model)

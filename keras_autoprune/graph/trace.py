@@ -57,6 +57,7 @@ trace whose outputs differ from the layer's.
 from __future__ import annotations
 
 import inspect
+import re
 import weakref
 from typing import Any
 
@@ -186,6 +187,7 @@ def _trace(layer, arguments, tensors) -> tuple[keras.Model | None, str | None]:
     model = keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs, name=layer.name)
     while _complete_reshape_targets(model):  # each rebuild may make a later target completable
         model = _rerun(model)
+    _name_operations(model)
     _LEAVES[model] = (structure, constants)
     captured = _captured_constants(model)
     if captured:
@@ -194,6 +196,30 @@ def _trace(layer, arguments, tensors) -> tuple[keras.Model | None, str | None]:
     if error:
         return None, error
     return model, None
+
+
+def _name_operations(model: keras.Model) -> None:
+    """Names the trace's `keras.ops` nodes by class and order (``reshape``, ``reshape_1``, ...).
+
+    Keras names an operation from a process-wide counter, so two traces of
+    the same layer (the layer and its copy in a rebuilt model) would name
+    their nodes differently, and qualified names (``custom/reshape_13``)
+    would not match between a model and its pruned or factorised version.
+    """
+    taken = {op.name for op in model.operations if isinstance(op, keras.layers.Layer)}
+    counts: dict[str, int] = {}
+    for op in model.operations:
+        if isinstance(op, keras.layers.Layer):
+            continue
+        base = re.sub(r"(?<!^)(?=[A-Z])", "_", type(op).__name__).lower()
+        while True:
+            index = counts.get(base, 0)
+            counts[base] = index + 1
+            name = base if index == 0 else f"{base}_{index}"
+            if name not in taken:
+                break
+        taken.add(name)
+        op.name = name
 
 
 def _call_traced(model: keras.Model, tensors: list):

@@ -61,14 +61,20 @@ def eligible_layers(graph: DependencyGraph) -> dict[str, keras.layers.Layer]:
 
     Dense, Conv1D and Conv2D layers (ungrouped, not quantized) whose output
     channels do not reach a model output: the classifier (and any layer
-    producing an output directly) stays whole.
+    producing an output directly) stays whole. So do the sublayers of traced
+    custom layers (`keras_autoprune.graph.trace`): `replace_layers` replaces
+    layers of functional graphs, nested models included, and a custom
+    layer's sublayers are not such layers.
     """
     outputs = [graph.atom_group[layout] for layout in graph.output_layouts if len(layout)]
     output_groups = set(np.concatenate(outputs).tolist()) if outputs else set()
+    replaceable = named_layers(graph.model)
     layers = {}
     for record in graph.records:
         layer = record.operation
         if not record.first_call or not isinstance(layer, keras.layers.Layer) or factorization_problem(layer):
+            continue
+        if replaceable.get(record.name) is not layer:
             continue
         if any(len(layout) and output_groups & set(graph.atom_group[layout].tolist()) for layout in record.out_layouts):
             continue
