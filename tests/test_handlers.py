@@ -161,9 +161,20 @@ def ops_nodes():
     return keras.Model(i, L.Conv2D(2, 1)(x))
 
 
+def resize_and_cast():
+    """DeepLabV3's pyramid pooling pattern: Resizing and `ops.cast` between convolutions (with sigmoid constants)."""
+    i = keras.Input((6, 6, 3))
+    a = L.Conv2D(4, 3, padding="same", activation="sigmoid", name="a")(i)  # removed channels carry 0.5
+    x = L.Resizing(9, 9, interpolation="bilinear", name="resize")(a)
+    y = L.Resizing(4, 8, pad_to_aspect_ratio=True, fill_value=0.0, name="padded_resize")(a)
+    x = keras.ops.cast(L.Conv2D(5, 1, name="b")(x), "float32")
+    y = L.Conv2D(3, 2, name="c")(y)
+    return keras.Model(i, [L.Conv2D(2, 1)(x), L.Conv2D(2, 1)(y)])
+
+
 BUILDERS = [
     conv_family, conv1d_3d, depthwise_separable, grouped_convs, dense_nd, normalizations, merges,
-    concat_reshape, shape_layers, constants_to_fold, ops_nodes,
+    concat_reshape, shape_layers, constants_to_fold, ops_nodes, resize_and_cast,
 ]
 
 

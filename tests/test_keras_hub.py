@@ -33,7 +33,7 @@ EXPECTED = {
     "VGG": (4, 2, True),
     "Xception": (7, 5, True),
     "HGNetV2": (12, 8, True),
-    "DeepLabV3": (25, 14, True),
+    "DeepLabV3": (20, 18, True),  # its pyramid pooling: ops.cast and Resizing pass channels
     "ViT": (6, 4, True),  # 2 blocks: heads + MLP hidden units each
     "DeiT": (6, 4, True),  # 2 blocks: heads + MLP hidden units each (blocks returning (x, None) are traced)
     "MiT": (19, 6, True),  # MixFFN hidden units; per-head dimensions of q/k and of v/proj (traced matmuls)

@@ -9,6 +9,7 @@ model. Unknown layers block the channels that cross them.
 from __future__ import annotations
 
 import keras
+from keras.src.ops import core as _core_ops
 from keras.src.ops import nn as _nn_ops
 from keras.src.ops import numpy as _np_ops
 
@@ -27,7 +28,7 @@ from keras_autoprune.graph.handlers.depthwise import DepthwiseHandler, Separable
 from keras_autoprune.graph.handlers.embedding import EmbeddingHandler
 from keras_autoprune.graph.handlers.linear import LinearHandler
 from keras_autoprune.graph.handlers.merge import ConcatenateHandler, MergeHandler
-from keras_autoprune.graph.handlers.passthrough import PassThroughHandler, ZeroPaddingHandler
+from keras_autoprune.graph.handlers.passthrough import PassThroughHandler, ResizingHandler, ZeroPaddingHandler
 from keras_autoprune.graph.handlers.reduction import ReductionHandler
 from keras_autoprune.graph.handlers.reshape import ReshapeHandler
 from keras_autoprune.graph.handlers.shape_ops import IndexMapHandler, operation_handlers
@@ -62,7 +63,7 @@ _UNARY_OPS = [
     _nn_ops.HardSilu, _nn_ops.Elu, _nn_ops.Selu, _nn_ops.Gelu, _nn_ops.Celu,
     _nn_ops.HardTanh, _nn_ops.Softmax, _nn_ops.LogSoftmax,
     _np_ops.Abs, _np_ops.Absolute, _np_ops.Exp, _np_ops.Square, _np_ops.Sqrt,
-    _np_ops.Negative, _np_ops.Tanh, _np_ops.Clip,
+    _np_ops.Negative, _np_ops.Tanh, _np_ops.Clip, _core_ops.Cast,
 ]
 _MERGES = [
     L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum,
@@ -91,6 +92,7 @@ def _default_registry() -> dict[type, LayerHandler]:
     registry[L.Rescaling] = RescalingHandler()
     registry.update({cls: pass_through for cls in _PASS_THROUGH})
     registry.update({cls: ZeroPaddingHandler() for cls in (L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D)})
+    registry[L.Resizing] = ResizingHandler()
     registry.update({cls: activation for cls in _ACTIVATIONS + _UNARY_OPS})
     registry.update({cls: merge for cls in _MERGES})
     registry.update({cls: ConcatenateHandler() for cls in (L.Concatenate, _np_ops.Concatenate)})

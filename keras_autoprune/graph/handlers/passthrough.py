@@ -1,9 +1,10 @@
 """Layers that move, pool or drop values but never mix channels.
 
-Pooling and global pooling, cropping, up-sampling, the dropout/noise family,
-Identity, and zero padding. A removed channel keeps its (constant) value
-through all of them, except zero padding, which turns a non-zero constant
-into a non-constant map.
+Pooling and global pooling, cropping, up-sampling, resizing, the
+dropout/noise family, Identity, and zero padding. A removed channel keeps
+its (constant) value through all of them (interpolation weights sum to 1),
+except padding, which turns a constant other than the padding value into a
+non-constant map.
 """
 
 from __future__ import annotations
@@ -33,3 +34,13 @@ class ZeroPaddingHandler(PassThroughHandler):
 
     def constants(self, layer, call, in_values):
         return [np.where(in_values[0] == 0, 0.0, np.nan)]
+
+
+class ResizingHandler(PassThroughHandler):
+    """``keras.layers.Resizing``: per-channel interpolation; ``pad_to_aspect_ratio`` pads with ``fill_value``."""
+
+    def constants(self, layer, call, in_values):
+        if not getattr(layer, "pad_to_aspect_ratio", False):
+            return [in_values[0]]
+        fill = float(getattr(layer, "fill_value", 0.0))
+        return [np.where(in_values[0] == fill, fill, np.nan)]
