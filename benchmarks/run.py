@@ -141,7 +141,8 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
                          if r["seed"] == seed and r["budget"] in (None, budget) and "error" not in r}
                 files = {entry: paths for entry, paths in files.items() if paths is not None}
                 timed = store.result(unit)
-                if timed is None or set(timed) != set(files):  # time the group again when an entry was added
+                if timed is None or {e: set(v) for e, v in timed.items()} != _exported(files):
+                    # time the group again when an entry or a precision was added (a failed export that now works)
                     timed = store.save(unit, latency_figures(files, "unpruned", profile))
                 latency[f"{seed}/{budget}"] = timed
                 log(f"{unit}: " + ", ".join(f"{k} {v['float32']['kept']:.2f}" for k, v in latency[f"{seed}/{budget}"].items()))
@@ -182,22 +183,37 @@ def run_unit(entry, profile, data: BenchData, data_path, pretrained, budget, see
     return figures
 
 
+def _exported(files: dict) -> dict[str, set[str]]:
+    """``{entry: precisions with a file}`` of a latency group's ``.tflite`` figures."""
+    return {entry: {p for p, figures in tflite.items() if "path" in figures} for entry, tflite in files.items()}
+
+
 def _tflite_files(result: dict, store: UnitStore, data: BenchData, profile: Profile) -> dict | None:
     """The unit's ``.tflite`` figures; files lost with the cache are exported again from the kept model.
 
+    A precision whose export failed is tried again too (the export may have
+    been fixed since), and the unit's record is updated with the new figures.
     Returns None when neither the files nor a kept model exist (a TFMOT unit
     of an earlier session: its model is not kept), and the entry is not timed.
     """
-    if all(pathlib.Path(figures["path"]).exists() for figures in result["tflite"].values() if "path" in figures):
+    failed = any("error" in figures for figures in result["tflite"].values())
+    present = all(pathlib.Path(f["path"]).exists() for f in result["tflite"].values() if "path" in f)
+    if present and not failed:
         return result["tflite"]
     unit = _unit(result["seed"], result["budget"], result["entry"])
     kept = store.kept_model(unit)
     if kept is None or not kept.exists():
+        if present:
+            return result["tflite"]  # a failed export, and no model to try it again from
         print(f"{unit}: its .tflite files are gone and no model is kept; left out of the latency group", flush=True)
         return None
     import keras
 
-    return export_model(keras.saving.load_model(kept), store.files(unit), data.test_sample(profile.export_samples), profile)
+    tflite = export_model(keras.saving.load_model(kept), store.files(unit), data.test_sample(profile.export_samples), profile)
+    if failed:
+        result["tflite"] = tflite
+        store.save(unit, result)
+    return tflite
 
 
 def _unit(seed: int, budget: float | None, entry: str) -> str:
