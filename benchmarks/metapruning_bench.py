@@ -108,6 +108,7 @@ def train(model_name: str, epochs: int, log=print) -> None:
     results = _load(paths["results"])
     if not paths["weights"].exists():  # weights lost (or never kept): the recorded epochs describe another net
         results["pruningnet"] = {"epochs_done": 0, "seconds": [], "loss": [], "planned_epochs": epochs}
+        _store(paths["results"], results)
     state = results.setdefault("pruningnet", {"epochs_done": 0, "seconds": [], "loss": [], "planned_epochs": epochs})
     state["planned_epochs"] = max(epochs, state.get("planned_epochs", epochs))
     data = converged.load_cifar10()
