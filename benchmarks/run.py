@@ -135,7 +135,7 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
                 log(f"{unit}: " + (result["error"] if "error" in result else
                                    f"accuracy {result['accuracy']:.4f}, FLOPs kept {result['flops_kept']:.3f}, "
                                    f"params kept {result['params_kept']:.3f}, fit {result['fit_seconds']:.0f} s"))
-            if budget is not None:
+            if budget is not None and any(r["seed"] == seed and r["budget"] == budget for r in runs):
                 unit = _unit(seed, budget, "latency")
                 files = {r["entry"]: _tflite_files(r, store, data, profile) for r in runs
                          if r["seed"] == seed and r["budget"] in (None, budget) and "error" not in r}
