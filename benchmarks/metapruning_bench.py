@@ -16,9 +16,10 @@ test images are only used for the final figures.
 The PruningNet starts from the committed converged weights (warm start) and
 trains with SGD (Nesterov 0.9), label smoothing 0.1 and a learning rate
 decayed linearly from 0.01 to 0 over the planned epochs, one epoch per
-stage; its weights are kept beside the results
-(``benchmarks/results/v2/pruningnet_<model>.weights.h5``, about 35 MB, committed
-so that later stages resume in another session). Everything measured is written to
+stage; its weights stay in the cache (``$KERAS_AUTOPRUNE_CACHE``, 74 MB for
+ResNet-20, too large to commit; the 2 epochs take about 5 minutes on 2 idle
+cores). Results that record epochs whose weights are gone make the next
+``train`` start again from the converged weights. Everything measured is written to
 ``benchmarks/results/v2/metapruning_<model>.json`` as soon as it is known.
 The searched widths and the uniform widths at the same FLOPs (the widest
 uniform gene within the budget) both start from the PruningNet's generated
@@ -55,7 +56,7 @@ def _paths(model_name: str) -> dict[str, pathlib.Path]:
 
     cache = cache_dir() / "metapruning"
     cache.mkdir(parents=True, exist_ok=True)
-    return {"weights": RESULTS_DIR / f"pruningnet_{model_name}.weights.h5", "results": RESULTS_DIR / f"metapruning_{model_name}.json",
+    return {"weights": cache / f"pruningnet_{model_name}.weights.h5", "results": RESULTS_DIR / f"metapruning_{model_name}.json",
             "scores": cache / f"scores_{model_name}_{{tag}}.json", "table": RESULTS_DIR / f"latency_table_{model_name}.json"}
 
 
