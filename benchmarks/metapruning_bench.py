@@ -145,10 +145,10 @@ def search(model_name: str, target: float, metric: str = "flops", log=print) -> 
                                 recalibration_batches=RECALIBRATION_BATCHES, batch_size=BATCH_SIZE)
     tag = f"{metric}_{target}"
     start = time.perf_counter()
-    epochs = results.get("pruningnet", {}).get("epochs_done", 0)
+    key = mp.fingerprint(net, RECALIBRATION_BATCHES, BATCH_SIZE, SCORE_IMAGES)  # a retrained net never reuses scores
     evolution = mp.EvolutionarySearch(net.space, scorer, cost, high=target, low=target - 0.05,
                                       settings=mp.SearchSettings(**SETTINGS), seed=0,
-                                      cache_path=str(paths["scores"]).format(tag=tag), cache_key=f"pruningnet epochs {epochs}")
+                                      cache_path=str(paths["scores"]).format(tag=f"{tag}_{key}"), cache_key=key)
     gene, score = evolution.run()
     seconds = time.perf_counter() - start
     uniform = mp.uniform_gene(net.space, cost, target)
@@ -220,7 +220,8 @@ def latency(model_name: str, target: float, log=print) -> None:
     search(model_name, target, metric="latency", log=log)
     table = mp.LatencyTable.load(paths["table"])
     _, net = _network(model_name, paths)
-    scored = sorted(_load(pathlib.Path(str(paths["scores"]).format(tag=f"latency_{target}")))["scores"],
+    key = mp.fingerprint(net, RECALIBRATION_BATCHES, BATCH_SIZE, SCORE_IMAGES)
+    scored = sorted(_load(pathlib.Path(str(paths["scores"]).format(tag=f"latency_{target}_{key}")))["scores"],
                     key=lambda r: -r["score"])[:10]
     plans = [net.space.plan(r["gene"]) for r in scored]
     check = mp.check_latency(table, model, plans)

@@ -282,7 +282,7 @@ def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: An
     start = time.perf_counter()
     evolution = EvolutionarySearch(net.space, scorer, cost, high=budget.fraction, low=budget.fraction - window,
                                    settings=settings, seed=seed, cache_path=cache_path,
-                                   cache_key=_fingerprint(net, recalibration_batches, batch_size), verbose=verbose)
+                                   cache_key=fingerprint(net, recalibration_batches, batch_size), verbose=verbose)
     gene, score = evolution.run()
     winner = scorer.model(gene)
     search_seconds = time.perf_counter() - start
@@ -311,8 +311,13 @@ def _held_out(data: Any, validation_data: Any, seed: int) -> tuple[Any, Any]:
     )
 
 
-def _fingerprint(net: PruningNet, *settings) -> str:
-    """What the scores depend on: the PruningNet's weights and the scoring settings."""
+def fingerprint(net: PruningNet, *settings) -> str:
+    """What candidate scores depend on: the PruningNet's weights and the scoring settings.
+
+    A cache key for `EvolutionarySearch`: a PruningNet trained again (even
+    with the same epochs and seed) gets another key, so its scores are never
+    mixed with those of an earlier net.
+    """
     digest = hashlib.sha1(repr(settings).encode())
     for weight in net.weights:
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
