@@ -185,7 +185,8 @@ def run_unit(entry, profile, data: BenchData, data_path, pretrained, budget, see
 
 def _exported(files: dict) -> dict[str, set[str]]:
     """``{entry: precisions with a file}`` of a latency group's ``.tflite`` figures."""
-    return {entry: {p for p, figures in tflite.items() if "path" in figures} for entry, tflite in files.items()}
+    exported = {entry: {p for p, figures in tflite.items() if "path" in figures} for entry, tflite in files.items()}
+    return {entry: precisions for entry, precisions in exported.items() if precisions}  # as `latency_figures` lists them
 
 
 def _tflite_files(result: dict, store: UnitStore, data: BenchData, profile: Profile) -> dict | None:

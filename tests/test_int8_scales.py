@@ -13,11 +13,13 @@ from keras_autoprune.export.convert import convert
 from keras_autoprune.export.int8_scales import REQUANTIZATION_LIMIT, admit_int8_scales
 
 
-def _nearly_dead_model() -> tuple[keras.Model, np.ndarray]:
-    """conv -> ReLU whose output spans 2e-6 on the data -> conv -> pool -> dense, and the data."""
+def _nearly_dead_model(pool: bool = False) -> tuple[keras.Model, np.ndarray]:
+    """conv -> ReLU whose output spans 2e-6 on the data -> [max pool] -> conv -> pool -> dense, and the data."""
     inputs = keras.Input((8, 8, 3))
     dead = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="dead_conv")
     hidden = dead(inputs)
+    if pool:  # an equal-scale op between the dead layer and its reader
+        hidden = keras.layers.MaxPooling2D(2, name="pool")(hidden)
     outputs = keras.layers.Dense(3, name="logits")(keras.layers.GlobalAveragePooling2D()(
         keras.layers.Conv2D(5, 3, padding="same", name="after_conv")(hidden)))
     model = keras.Model(inputs, outputs)
@@ -78,8 +80,9 @@ def _run(content: bytes, data: np.ndarray, resolver) -> np.ndarray:
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
-def test_export_tflite_int8_of_a_nearly_dead_layer_is_verified_with_xnnpack_and_says_so(tmp_path):
-    model, data = _nearly_dead_model()
+@pytest.mark.parametrize("pool", [False, True], ids=["direct", "through-max-pool"])
+def test_export_tflite_int8_of_a_nearly_dead_layer_is_verified_with_xnnpack_and_says_so(pool, tmp_path):
+    model, data = _nearly_dead_model(pool)
     result = kap.export_tflite(model, tmp_path / "m.tflite", quantize="int8", representative_data=data,
                                min_top1_agreement=0.9)
     assert result.verified and result.top1_agreement >= 0.9 and result.relative_error < 0.05

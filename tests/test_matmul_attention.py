@@ -90,7 +90,9 @@ def test_channels_cross_a_transpose_pair_and_are_blocked_where_nothing_tracks_th
     graph = kap.DependencyGraph(through)
     embed = _group(graph, "embed")
     assert embed.prunable and embed.size == 8
-    assert_contract(through, kap.PrunePlan.uniform(graph, ratio=0.5), graph)
+    plan = kap.PrunePlan.uniform(graph, ratio=0.5)
+    slim, _ = assert_contract(through, plan, graph)
+    assert PlanCost(through, graph)(plan) == kap.count_flops(slim)  # the token Dense runs on 4 rows, not 8
 
     class Activated(TokenMixing):  # Dense and element-wise activations keep the channels where they sit
         def call(self, x):
@@ -146,3 +148,14 @@ def test_nap_prunes_the_per_head_dimensions_and_eigendamage_leaves_the_traced_la
     attention = factorised.get_layer("attn")  # copied as it is: still the user's class
     assert type(attention) is OpsAttention and [attention.q.units, attention.k.units, attention.v.units] == [8, 8, 8]
     assert kap.count_flops(factorised) <= 0.97 * kap.count_flops(model)
+
+
+def test_channels_on_the_second_to_last_axis_stop_at_a_nested_model():
+    inner_input = keras.Input((8, 6))
+    nested = keras.Model(inner_input, L.Dense(6, name="mix")(inner_input), name="nested")
+    inputs = keras.Input((6, 5))
+    x = L.Dense(8, name="embed")(inputs)
+    x = ops.swapaxes(nested(ops.swapaxes(x, 1, 2)), 1, 2)
+    model = keras.Model(inputs, L.Dense(3, name="head")(L.GlobalAveragePooling1D()(x)))
+    group = _group(kap.DependencyGraph(model), "embed")
+    assert not group.prunable and "nested model 'nested'" in group.reason

@@ -22,6 +22,7 @@ import numpy as np
 
 from keras_autoprune.accounting import call_flops, call_shapes, flops_table
 from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.graph.handlers.matmul import rows_of
 from keras_autoprune.surgery.keep import layer_keeps
 from keras_autoprune.surgery.plan import PrunePlan
 from keras_autoprune.surgery.weights import layer_weights
@@ -137,6 +138,10 @@ class PrunedCall:
 
 
 def _shorten(shape: tuple, layout: np.ndarray, removed: np.ndarray) -> tuple:
+    """``shape`` with the removed channels of its last axis (and of its second-to-last, `rows_of`) gone."""
+    shape, rows = tuple(shape), rows_of(layout)
+    if rows is not None and len(rows) and len(shape) >= 2 and removed[rows].any():
+        shape = shape[:-2] + (int(np.sum(~removed[rows])),) + shape[-1:]
     if not len(layout) or not removed[layout].any():
         return shape
-    return tuple(shape[:-1]) + (int(np.sum(~removed[layout])),)
+    return shape[:-1] + (int(np.sum(~removed[layout])),)

@@ -152,6 +152,9 @@ class DependencyGraph:
                 operation = node.operation
                 inner = self._inner_model(operation, node)
                 if inner is not None:
+                    # Surgery rebuilds a nested model's inputs with the last axis only: rows stop at its boundary.
+                    node_in = [self._block_rows(layout, f"it enters nested model '{prefix + operation.name}'")
+                               for layout in node_in]
                     self.nested.setdefault(id(operation), (inner, node_in))
                     node_out = self._walk(inner, node_in, prefix + operation.name + "/")
                     self.tensor_alias.update({id(i): id(o) for i, o in zip(inner.inputs, tensors)})
@@ -221,7 +224,7 @@ class DependencyGraph:
                 stacklevel=3,
             )
             handler = _BLOCKER
-            for layout in ctx.internal:
+            for layout in ctx.internal + [r for r in map(rows_of, in_layouts) if r is not None]:
                 ctx.fix(layout, f"handler {type(handler).__name__} failed on '{name}'")
             out_layouts = _BLOCKER.propagate(operation, call, ctx)
         if not getattr(handler, "reads_rows", False):  # rows leave a call only where it keeps them
@@ -240,6 +243,13 @@ class DependencyGraph:
             )
         )
         return out_layouts
+
+    def _block_rows(self, layout, reason: str):
+        """``layout`` without its rows, which are blocked (`keras_autoprune.graph.handlers.matmul`)."""
+        if isinstance(layout, np.ndarray) and rows_of(layout) is not None:
+            self.atoms.fix(rows_of(layout), reason)
+            return np.asarray(layout)
+        return layout
 
     @staticmethod
     def _carried_rows(handler, operation, call: CallInfo, ctx: WalkContext, name: str) -> np.ndarray | None:

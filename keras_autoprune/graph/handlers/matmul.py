@@ -16,13 +16,14 @@ of this module set or read them:
   unprunable positions when the input has none: a sequence axis, say), its
   ``rows`` are the input's last axis;
 - ``matmul(a, b)`` of two tensors of rank >= 2: ``a``'s last axis is
-  contracted with ``b``'s rows, so they are tied (blocked when ``b`` has no
-  rows); the output's last axis is ``b``'s last axis and its rows are
-  ``a``'s rows.
+  contracted with ``b``'s rows, so they are tied (both blocked when ``b``
+  has no rows or rows of another length); the output's last axis is
+  ``b``'s last axis and its rows are ``a``'s rows.
 
 Every other handler that receives a layout with rows blocks those rows
 (`DependencyGraph` does it for handlers without ``reads_rows``), and so do
-model outputs, so channels never move where nothing tracks them. With the
+model outputs and the inputs of nested models (surgery rebuilds those with
+their last axis only), so channels never move where nothing tracks them. With the
 split reshape of `keras_autoprune.graph.handlers.shape_ops` (``(..., C) ->
 (..., H, D)`` ties position ``d`` of every head), the prunable channels of
 such an attention are the per-head dimensions: one group for the query and
@@ -139,10 +140,14 @@ class MatmulHandler(LayerHandler):
                     ctx.fix(rows_of(layout), f"'{layer.name}' (Matmul) has an operand of rank < 2 or a constant one")
             return super().propagate(layer, call, ctx)
         a, b = (call.in_layouts[i] for i in operands)
-        if rows_of(b) is None:
-            ctx.fix(a, f"'{layer.name}' (Matmul) contracts these channels with an axis that carries no channels")
+        rows = rows_of(b)
+        if rows is None or len(rows) != len(a) or len(a) < 2:
+            reason = f"'{layer.name}' (Matmul) contracts these channels with an axis that carries no channels"
+            for layout in (a, rows):
+                if layout is not None:
+                    ctx.fix(layout, reason)
         else:
-            ctx.tie(np.asarray(a), rows_of(b))
+            ctx.tie(np.asarray(a), rows)
         return [with_rows(np.asarray(b), rows_of(a))]
 
     def constants(self, layer, call, in_values):
