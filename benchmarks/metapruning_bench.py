@@ -197,7 +197,7 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
             x, y = _full_batches(*converged.augment(split["train_x"], split["train_y"], seed=3, epoch=epoch))
             slim.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=2)
         results = _load(paths["results"])
-        results["finetune"].setdefault(tag, {})[entry] = {
+        results.setdefault("finetune", {}).setdefault(tag, {})[entry] = {
             "epochs": epochs, "test_before": before, "test_after": converged.test_accuracy(slim, data),
             "flops_kept": kap.count_flops(slim) / kap.count_flops(model), "seconds": time.perf_counter() - start}
         _store(paths["results"], results)
