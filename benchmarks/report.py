@@ -165,10 +165,40 @@ def goals(results: dict) -> list[dict]:
                      if "error" not in r and r["seed"] in unpruned_fit]
         add(f"{who} pruning overhead (statistics + decision) <= 10% of the unpruned fit time at {budget:.0%}",
             overheads, lambda m: m <= 10.0, "%")
+    for budget in budgets:
+        best = _best_torch(results, budget)
+        mine = [r for r in runs_of(results, nap, budget) if "error" not in r and r["seed"] in best]
+        add(f"{who} ahead of the best Torch-Pruning entry at {budget:.0%} FLOPs (fine-tuned, same recipe)",
+            [100 * (r["accuracy"] - best[r["seed"]]) for r in mine], lambda m: m > 0)
     if 0.25 in budgets:
         add("EigenDamage ahead of uniform L1 at 25% FLOPs by >= 2 points (issue 6)",
             margins("eigendamage", "uniform_l1", 0.25), lambda m: m >= 2.0)
     return out
+
+
+def _torch_rows(results: dict, budget: float) -> list[dict]:
+    return [r for r in results.get("torch_finetune", []) if r["target"] == budget]
+
+
+def _best_torch(results: dict, budget: float) -> dict[int, float]:
+    """``{seed: best accuracy}`` over the fine-tuned Torch-Pruning rows at ``budget``."""
+    best: dict[int, float] = {}
+    for row in _torch_rows(results, budget):
+        best[row["seed"]] = max(best.get(row["seed"], 0.0), row["accuracy"])
+    return best
+
+
+def torch_table(results: dict, budget: float) -> str:
+    """The fine-tuned Torch-Pruning rows (`benchmarks.torch_finetune`) at one budget, or ``""``."""
+    rows = sorted(_torch_rows(results, budget), key=lambda r: (r["entry"], r["seed"]))
+    if not rows:
+        return ""
+    lines = ["Torch-Pruning on the PyTorch twin, pruned in the same rounds and fine-tuned with the same batches and "
+             "recipe (`benchmarks.torch_finetune`; FLOPs by its own counter):", "",
+             "| entry | seed | top-1 acc. (%) | FLOPs kept | params kept | pruning s | fit s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {row['entry']} | {row['seed']} | {100 * row['accuracy']:.2f} | {row['flops_kept']:.3f} | "
+              f"{row['params_kept']:.3f} | {row['pruning_seconds']:.1f} | {row['fit_seconds']:.0f} |" for row in rows]
+    return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:
@@ -207,6 +237,8 @@ def markdown(results: dict) -> str:
         )]
     for budget in results["budgets"]:
         lines += ["", f"#### Budget: {budget:.0%} of the FLOPs kept", "", budget_table(results, budget)]
+        if torch_table(results, budget):
+            lines += ["", torch_table(results, budget)]
         failed = [f"- {LABELS.get(r['entry'], r['entry'])} (seed {r['seed']}), {precision}: {f['error']}"
                   for r in results["runs"] if r.get("budget") == budget and "error" not in r
                   for precision, f in r.get("tflite", {}).items() if "error" in f]

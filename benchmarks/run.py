@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import json
 import os
 import pathlib
 import platform
@@ -151,6 +152,7 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
         "config": profile.to_dict(), "entries": entries, "seeds": list(args.seeds), "budgets": list(args.budgets or profile.budgets),
         "machine": _machine(context), "versions": _versions(runs), "pretrained": pretrained_meta,
         "runs": runs, "latency": latency, "wall_seconds": time.perf_counter() - context["clock"],
+        "torch_finetune": _torch_rows(pathlib.Path(args.results_dir), profile),
     }
     results["goals"] = report.goals(results)
     report.write_json(pathlib.Path(args.results_dir) / f"{profile.name}.json", results)
@@ -181,6 +183,14 @@ def run_unit(entry, profile, data: BenchData, data_path, pretrained, budget, see
     store.keep_model(unit, model)
     figures["tflite"] = export_model(model, folder, data.test_sample(profile.export_samples), profile)
     return figures
+
+
+def _torch_rows(results_dir: pathlib.Path, profile: Profile) -> list[dict]:
+    """The fine-tuned Torch-Pruning rows of ``benchmarks.torch_finetune`` for this profile's model, if run."""
+    path = results_dir / profile.name / f"finetune_torch_{profile.base_model}.json"
+    if not profile.base_model or not path.exists():
+        return []
+    return json.loads(path.read_text())["rows"]
 
 
 def _exported(files: dict) -> dict[str, set[str]]:

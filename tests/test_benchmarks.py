@@ -394,6 +394,25 @@ def test_goals_judge_nap_with_its_defaults_where_that_entry_ran():
     assert ahead["goal"] == "NAP (defaults) ahead of uniform L1 at 50% FLOPs" and ahead["detail"] == "+4.50 points"
 
 
+def test_goal_against_torch_pruning_compares_each_seed_with_its_best_fine_tuned_row():
+    def run(entry, accuracy, seed):
+        return {"entry": entry, "budget": None if entry == "unpruned" else 0.25, "seed": seed, "accuracy": accuracy,
+                "flops_kept": 0.25, "pruning_seconds": 10.0, "fit_seconds": 100.0}
+
+    def torch_row(entry, accuracy, seed):
+        return {"entry": entry, "target": 0.25, "seed": seed, "accuracy": accuracy, "flops_kept": 0.248,
+                "params_kept": 0.3, "pruning_seconds": 5.0, "fit_seconds": 300.0}
+
+    results = {"budgets": [0.25], "latency": {}, "runs": [run("fisher_cost_aware", 0.81, 0), run("fisher_cost_aware", 0.80, 1)],
+               "torch_finetune": [torch_row("tp_l1_global", 0.79, 0), torch_row("tp_taylor_global", 0.80, 0),
+                                  torch_row("tp_taylor_global", 0.805, 1)]}
+    goal = next(g for g in report.goals(results) if "Torch-Pruning" in g["goal"])
+    assert goal["detail"] == "mean +0.25 points; per seed +1.00, -0.50" and goal["met"] is False  # seed 1 loses
+    table = report.torch_table(results, 0.25)
+    assert "| tp_taylor_global | 1 | 80.50 | 0.248 |" in table and table.count("\n| tp_") == 3
+    assert report.torch_table(results, 0.5) == ""
+
+
 def test_a_failed_export_is_recorded_and_left_out_of_the_timing(tmp_path):
     import keras
 
