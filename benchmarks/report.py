@@ -165,7 +165,7 @@ def goals(results: dict) -> list[dict]:
                      if "error" not in r and r["seed"] in unpruned_fit]
         add(f"{who} pruning overhead (statistics + decision) <= 10% of the unpruned fit time at {budget:.0%}",
             overheads, lambda m: m <= 10.0, "%")
-    for budget in budgets:
+    for budget in budgets if results.get("torch_finetune") else ():  # profiles without the peer's rows: no goal
         best = _best_torch(results, budget)
         mine = [r for r in runs_of(results, nap, budget) if "error" not in r and r["seed"] in best]
         add(f"{who} ahead of the best Torch-Pruning entry at {budget:.0%} FLOPs (fine-tuned, same recipe)",
