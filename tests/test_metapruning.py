@@ -209,6 +209,17 @@ def test_a_rerun_on_the_cache_scores_nothing_new_and_a_truncated_cache_resumes_t
         search(score, key="another pruningnet")
 
 
+def test_fingerprint_changes_with_the_weights_and_the_settings_only():
+    net = mp.PruningNet(_residual_net(), seed=0)
+    net(np.zeros((1, 8, 8, 3), np.float32))
+    key = mp.fingerprint(net, 20, 128)
+    assert mp.fingerprint(net, 20, 128) == key and len(key) == 16
+    assert mp.fingerprint(net, 10, 128) != key  # other scoring settings
+    weight = net.trainable_weights[0]
+    weight.assign(weight + 1e-3)  # a net trained again: other weights, never the same scores
+    assert mp.fingerprint(net, 20, 128) != key
+
+
 def test_search_builds_a_winner_within_budget_that_saves_and_exports(tmp_path):
     model = _residual_net()
     x, y = _data(96)  # full batches only: TF 2.21's oneDNN can crash on some ragged last batches

@@ -195,7 +195,7 @@ def _same_scale_closure(graph, start: int, names: list[str]) -> list[int]:
 def _raise(model, graph, index: int, old: float, new: float, requantization: float) -> ScaleFix:
     """Sets the tensor's scale to ``new``; a constant one (a pad value) has its int8 values requantized."""
     tensor = graph.tensors[index]
-    data = model.buffers[tensor.buffer].data if tensor.buffer < len(model.buffers) else None
+    data = model.buffers[tensor.buffer].data  # None or empty for activations
     if data is not None and len(data):
         zero = int(tensor.quantization.zeroPoint[0]) if tensor.quantization.zeroPoint is not None else 0
         values = np.frombuffer(bytes(data), dtype=np.int8).astype(np.float64)

@@ -123,8 +123,7 @@ class DependencyGraph:
         self.output_layouts = self._walk(functional, self.input_layouts, prefix="")
         for layout in self.output_layouts:
             self.atoms.fix(layout, "it is a model output")
-            if rows_of(layout) is not None:
-                self.atoms.fix(rows_of(layout), "it is a model output")
+            self._block_rows(layout, "it is a model output")
         if self.unknown_layers:
             warnings.warn(
                 "keras_autoprune: no pruning handler for "

@@ -93,12 +93,11 @@ class SwapLastAxesHandler(IndexMapHandler):
     reads_rows = True
 
     def propagate(self, layer, call, ctx):
+        rows = rows_of(call.in_layouts[0])
         if not swaps_last_axes(layer, call):
-            rows = rows_of(call.in_layouts[0])
             if rows is not None:
                 ctx.fix(rows, f"'{layer.name}' ({type(layer).__name__}) moves channels of the second-to-last axis")
             return super().propagate(layer, call, ctx)
-        rows = rows_of(call.in_layouts[0])
         if rows is None:
             width = channels(call.out_shapes[0])
             rows = ctx.fix(ctx.new_space(width), f"'{layer.name}' makes a non-channel axis the last one")
