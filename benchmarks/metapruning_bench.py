@@ -6,6 +6,11 @@
     python -m benchmarks.metapruning_bench latency --target 0.5  # latency table, latency-budget search, check
     python -m benchmarks.metapruning_bench report                # the table in docs/methods/metapruning.md
 
+Every stage takes ``--channel-order l1`` to run the same protocol on a
+PruningNet that keeps each group's channels of largest L1 norm first
+(`PruningNet(channel_order="l1")`); its weights, scores and results are kept
+apart (``metapruning_<model>_l1.json``).
+
 Data (fixed, shared by every stage): the 50,000 CIFAR-10 training images are
 split by a seeded permutation into 45,000 that train the PruningNet and the
 fine-tuned winners (flip and crop augmentation, `converged.augment`) and
@@ -51,13 +56,15 @@ SCALES = tuple(round(0.1 + 0.05 * i, 2) for i in range(19))
 """Width choices 0.10, 0.15, ..., 1.00 (coarser than the paper's 31: fewer, more distinct genes)."""
 
 
-def _paths(model_name: str) -> dict[str, pathlib.Path]:
+def _paths(model_name: str, channel_order: str = "index") -> dict:
     from keras_autoprune.datasets import cache_dir
 
     cache = cache_dir() / "metapruning"
     cache.mkdir(parents=True, exist_ok=True)
-    return {"weights": cache / f"pruningnet_{model_name}.weights.h5", "results": RESULTS_DIR / f"metapruning_{model_name}.json",
-            "scores": cache / f"scores_{model_name}_{{tag}}.json", "table": RESULTS_DIR / f"latency_table_{model_name}.json"}
+    run = model_name if channel_order == "index" else f"{model_name}_{channel_order}"
+    return {"weights": cache / f"pruningnet_{run}.weights.h5", "results": RESULTS_DIR / f"metapruning_{run}.json",
+            "scores": cache / f"scores_{run}_{{tag}}.json", "table": RESULTS_DIR / f"latency_table_{model_name}.json",
+            "channel_order": channel_order, "run": run}
 
 
 def _split(data: converged.Cifar10) -> dict[str, np.ndarray]:
@@ -89,7 +96,7 @@ def _network(model_name: str, paths: dict):
     from keras_autoprune import metapruning as mp
 
     model = keras.saving.load_model(converged.MODELS_DIR / f"{model_name}.keras")
-    net = mp.PruningNet(model, scales=SCALES, seed=0)
+    net = mp.PruningNet(model, scales=SCALES, seed=0, channel_order=paths["channel_order"])
     trained = _load(paths["results"]).get("pruningnet", {}).get("epochs_done", 0)
     if trained and not paths["weights"].exists():
         raise FileNotFoundError(f"The results record {trained} PruningNet epoch(s) but {paths['weights']} is missing; "
@@ -101,11 +108,11 @@ def _network(model_name: str, paths: dict):
     return model, net
 
 
-def train(model_name: str, epochs: int, log=print) -> None:
+def train(model_name: str, epochs: int, channel_order: str = "index", log=print) -> None:
     """Trains the PruningNet up to ``epochs`` epochs in all, one epoch per stage (resumes)."""
     from keras_autoprune import metapruning as mp
 
-    paths = _paths(model_name)
+    paths = _paths(model_name, channel_order)
     results = _load(paths["results"])
     if not paths["weights"].exists():  # weights lost (or never kept): the recorded epochs describe another net
         results["pruningnet"] = {"epochs_done": 0, "seconds": [], "loss": [], "planned_epochs": epochs}
@@ -129,12 +136,12 @@ def train(model_name: str, epochs: int, log=print) -> None:
         log(f"PruningNet epoch {epoch + 1}/{epochs}: loss {state['loss'][-1]:.4f}, {state['seconds'][-1]:.0f} s")
 
 
-def search(model_name: str, target: float, metric: str = "flops", log=print) -> dict:
+def search(model_name: str, target: float, metric: str = "flops", channel_order: str = "index", log=print) -> dict:
     """Searches at ``target`` (FLOPs or latency kept); scores the uniform gene of the same budget too."""
     import keras_autoprune as kap
     from keras_autoprune import metapruning as mp
 
-    paths = _paths(model_name)
+    paths = _paths(model_name, channel_order)
     results = _load(paths["results"])
     split = _split(converged.load_cifar10())
     model, net = _network(model_name, paths)
@@ -166,14 +173,15 @@ def search(model_name: str, target: float, metric: str = "flops", log=print) -> 
     return row
 
 
-def finetune(model_name: str, target: float, epochs: int, metric: str = "flops", log=print) -> None:
+def finetune(model_name: str, target: float, epochs: int, metric: str = "flops", channel_order: str = "index",
+             log=print) -> None:
     """Fine-tunes the searched and the uniform gene of ``target`` the same epochs; test accuracy of each."""
     import keras
 
     import keras_autoprune as kap
     from benchmarks.profiles import PROFILES, learning_rate
 
-    paths = _paths(model_name)
+    paths = _paths(model_name, channel_order)
     tag = f"{metric}_{target}"
     row = _load(paths["results"])["search"][tag]
     data = converged.load_cifar10()
@@ -204,20 +212,20 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
         log(f"{tag} {entry}: {results['finetune'][tag][entry]}")
 
 
-def latency(model_name: str, target: float, log=print) -> None:
+def latency(model_name: str, target: float, channel_order: str = "index", log=print) -> None:
     """Builds the latency table (once), searches under a latency budget, checks the table on the candidates."""
     import keras
 
     import keras_autoprune as kap
     from keras_autoprune import metapruning as mp
 
-    paths = _paths(model_name)
+    paths = _paths(model_name, channel_order)
     model = keras.saving.load_model(converged.MODELS_DIR / f"{model_name}.keras")
     if not paths["table"].exists():
         start = time.perf_counter()
         mp.LatencyTable.build(model).save(paths["table"])
         log(f"latency table: {time.perf_counter() - start:.0f} s")
-    search(model_name, target, metric="latency", log=log)
+    search(model_name, target, metric="latency", channel_order=channel_order, log=log)
     table = mp.LatencyTable.load(paths["table"])
     _, net = _network(model_name, paths)
     key = mp.fingerprint(net, RECALIBRATION_BATCHES, BATCH_SIZE, SCORE_IMAGES)
@@ -268,21 +276,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="resnet20", choices=sorted(converged.ARCHITECTURES))
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--channel-order", default="index", choices=("index", "l1"), help="`PruningNet(channel_order=...)`")
     args = parser.parse_args(argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
+    order = args.channel_order
     if args.stage == "train":
-        train(args.model, args.epochs, log)
+        train(args.model, args.epochs, order, log=log)
     elif args.stage == "search":
-        search(args.model, args.target, log=log)
+        search(args.model, args.target, channel_order=order, log=log)
     elif args.stage == "finetune":
-        finetune(args.model, args.target, args.epochs, log=log)
+        finetune(args.model, args.target, args.epochs, channel_order=order, log=log)
     elif args.stage == "latency":
-        latency(args.model, args.target, log)
+        latency(args.model, args.target, order, log=log)
     else:
         from benchmarks.report import update_docs
 
+        paths = _paths(args.model, order)
         page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "methods" / "metapruning.md"
-        update_docs(page, f"metapruning_{args.model}", markdown(_load(_paths(args.model)["results"])))
+        update_docs(page, f"metapruning_{paths['run']}", markdown(_load(paths["results"])))
     return 0
 
 

@@ -18,6 +18,9 @@ of a run is trained, pruned and measured the same way:
   6 hours on two CPU cores). No pretraining: ``base_model`` names the model.
   Its ``red`` entry compresses the converged model with `kap.red.compress`
   (data-free, budget mode) before the same fine-tuning.
+- ``v2_mobilenetv2``: the same protocol on the committed converged
+  MobileNetV2 0.5 (the depthwise network), for the entries whose ordering
+  issue 12 asks about.
 - ``gpu``: ResNet-56 on the full CIFAR-10 with He et al.'s schedule (SGD
   0.1, divided by 10 at epochs 82 and 123 of 164), fine-tuning 40 epochs;
   resumable in stages of at most ``stage_minutes`` (one H100).
@@ -167,6 +170,12 @@ PROFILES: dict[str, Profile] = {
         calibration_batches=8, batch_size=128, pretrain_epochs=0, pretrain_lr=0.1,
         finetune_epochs=4, finetune_lr=0.01, rounds=2, resumable=True, base_model="resnet20",
         entries=("unpruned", "uniform_l1", "taylor", "nap", "fisher_cost_aware", "eigendamage", "psap", "red", "tfmot"),
+    ),
+    "v2_mobilenetv2": Profile(
+        name="v2_mobilenetv2", depth=20, width=16, train_per_class=None, test_per_class=None,
+        calibration_batches=8, batch_size=128, pretrain_epochs=0, pretrain_lr=0.1,
+        finetune_epochs=4, finetune_lr=0.01, rounds=2, resumable=True, base_model="mobilenetv2",
+        entries=("unpruned", "uniform_l1", "fisher_cost_aware", "eigendamage", "psap"),
     ),
     "gpu": Profile(
         name="gpu", depth=56, width=16, train_per_class=None, test_per_class=None,

@@ -298,7 +298,8 @@ def plot(results: dict, path: pathlib.Path) -> None:
                    label="TFMOT (dense: all FLOPs kept)")
     ax.set_xlabel("FLOPs kept (fraction of the unpruned model)")
     ax.set_ylabel("top-1 test accuracy (%)")
-    ax.set_title(f"{results['profile']} profile: ResNet-{results['config']['depth']} on CIFAR-10")
+    model = results["config"].get("base_model") or f"ResNet-{results['config']['depth']}"
+    ax.set_title(f"{results['profile']} profile: {model} on CIFAR-10")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: many entries
     fig.tight_layout()

@@ -56,6 +56,10 @@ ENTRIES = ("tp_l1_global", "tp_taylor_global")
 (after re-estimation: global L1 42.7%, global Taylor 34.5%; docs/benchmarks.md)."""
 
 
+PROFILE_OF_MODEL = {profile.base_model: name for name, profile in PROFILES.items() if profile.base_model}
+"""The protocol-2 profile of each committed model (``resnet20``: ``v2``, ``mobilenetv2``: ``v2_mobilenetv2``)."""
+
+
 def decoupled_weight_decay(model, learning_rate_now: float, weight_decay: float) -> None:
     """Keras' weight decay: ``w <- w - lr * wd * w`` for every trainable parameter."""
     import torch
@@ -157,19 +161,20 @@ def finetune_row(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.torch_finetune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet20", choices=["resnet20"], help="the committed model of profile v2")
+    parser.add_argument("--model", default="resnet20", choices=sorted(PROFILE_OF_MODEL),
+                        help="a committed model of Benchmark v2 (its protocol-2 profile gives the recipe)")
     parser.add_argument("--out", required=True, help="JSON file of the rows (rewritten after each row; finished rows are kept)")
     parser.add_argument("--entries", default=",".join(ENTRIES), help=f"comma-separated, among {','.join(torch_peer.ENTRIES)}")
     parser.add_argument("--targets", default="0.5,0.25", help="comma-separated FLOPs fractions to keep")
     parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds")
     parser.add_argument("--data", default=None, help="CIFAR-10 archive (default: ../shared/data/cifar10-jpeg.tar.gz)")
     args = parser.parse_args(argv)
-    profile = PROFILES["v2"]
+    profile = PROFILES[PROFILE_OF_MODEL[args.model]]
     data = load_converged(args.data) if args.data else load_converged()
     twin = torch_peer.load_twin(args.model)
     out = pathlib.Path(args.out)
     record = json.loads(out.read_text()) if out.exists() else {
-        "protocol": "pruned and fine-tuned (benchmark v2 protocol 2), the recipe of profile v2",
+        "protocol": f"pruned and fine-tuned (benchmark v2 protocol 2), the recipe of profile {profile.name}",
         "model": args.model, "profile": profile.to_dict(), "versions": torch_peer.versions(), "rows": []}
     record["command"] = " ".join(["python -m benchmarks.torch_finetune", *(argv if argv is not None else sys.argv[1:])])
     done = {(r["entry"], r["target"], r["seed"]) for r in record["rows"]}

@@ -10,6 +10,7 @@ import pytest
 
 import keras_autoprune as kap
 from keras_autoprune import metapruning as mp
+from keras_autoprune.surgery.importance import channel_l1
 from tests.helpers import randomize, relative_error
 
 L = keras.layers
@@ -89,6 +90,30 @@ def test_generated_weights_have_the_cropped_shapes_of_a_gene_and_match_the_pruni
     other = net.materialize((1, 1))
     assert other.get_layer("c3").kernel.shape == (1, 1, 4, 3)
     assert not np.allclose(np.asarray(other.get_layer("c3").kernel)[:, :, :2, :], first)
+
+
+def test_l1_channel_order_starts_every_gene_from_the_strongest_trained_channels():
+    model = _residual_net()
+    net = mp.PruningNet(model, scales=(0.25, 0.5, 1.0), channel_order="l1")
+    scores = channel_l1(kap.DependencyGraph(model))
+    kept = net.space.plan((0, 1)).kept
+    for group, width in (("c1", 2), ("c3", 3)):
+        assert sorted(kept[group].tolist()) == sorted(np.argsort(-scores[group])[:width].tolist())
+        assert min(scores[group][kept[group]]) >= max(np.delete(scores[group], kept[group]))
+    x, _ = _data(8)
+    net.set_gene((0, 1))
+    slim = net.materialize()
+    # Warm start: the generated weights are the trained ones at the kept channels, and the slim model matches the net.
+    np.testing.assert_allclose(np.asarray(slim.get_layer("c3").kernel),
+                               np.asarray(model.get_layer("c3").kernel)[:, :, kept["c1"], :][..., kept["c3"]], rtol=1e-6)
+    assert relative_error(np.asarray(slim(x)), np.asarray(net(x))) < 1e-5
+    assert mp.fingerprint(net, 20) != mp.fingerprint(mp.PruningNet(model, scales=(0.25, 0.5, 1.0)), 20)
+    with pytest.raises(ValueError, match="channel_order"):
+        mp.PruningNet(model, channel_order="taylor")
+    with pytest.raises(ValueError, match="permutation of range\\(8\\)"):
+        mp.GeneSpace(kap.DependencyGraph(model), channel_order={"c1": np.zeros(8, int)})
+    with pytest.raises(ValueError, match="not prunable groups"):
+        mp.GeneSpace(kap.DependencyGraph(model), channel_order={"head": np.arange(4)})
 
 
 def test_frozen_layers_are_generated_too():

@@ -6,15 +6,17 @@ share one gene). Gene ``i = k`` keeps the first
 
 ``width = max(1, round(scales[k] * group.size))``
 
-channels of group ``i``. The channel order is arbitrary for MetaPruning: the
-PruningNet generates weights for whatever channels a configuration keeps, so
-"the first ``width``" is as good as any other choice and makes every
-configuration a `kap.PrunePlan`.
+channels of group ``i`` in the space's channel order: index order by default,
+or any permutation per group (`PruningNet(channel_order="l1")` puts the
+channels of largest L1 norm first, so that a warm-started PruningNet starts
+every gene from the strongest trained channels). For a PruningNet trained
+from scratch the order is arbitrary: it generates weights for whatever
+channels a configuration keeps. Every configuration is a `kap.PrunePlan`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -34,11 +36,15 @@ class GeneSpace:
         graph: the model's dependency graph; one gene per prunable group.
         scales: the width choices, increasing fractions in ``(0, 1]``; the
             last one should be 1.0 so that the full model is a gene.
+        channel_order: ``{group_id: permutation of range(group.size)}``,
+            the order in which a group's channels are kept (groups left
+            out, or ``None``: index order).
 
     Attributes:
         groups: the prunable `kap.ChannelGroup`s, one per gene.
         scales: the width choices.
         widths: ``widths[i][k]``: channels kept by group ``i`` at choice ``k``.
+        channel_order: one permutation per group, in ``groups`` order.
 
     Example:
 
@@ -46,7 +52,8 @@ class GeneSpace:
     >>> plan = space.plan(space.full)                    # doctest: +SKIP
     """
 
-    def __init__(self, graph: DependencyGraph, scales: Sequence[float] = DEFAULT_SCALES):
+    def __init__(self, graph: DependencyGraph, scales: Sequence[float] = DEFAULT_SCALES,
+                 channel_order: Mapping[str, np.ndarray] | None = None):
         scales = tuple(float(s) for s in scales)
         if not scales or any(not 0 < s <= 1 for s in scales) or list(scales) != sorted(set(scales)):
             raise ValueError(
@@ -62,6 +69,7 @@ class GeneSpace:
             )
         self.scales = scales
         self.widths = tuple(tuple(max(1, int(round(s * g.size))) for s in scales) for g in self.groups)
+        self.channel_order = _check_order(self.groups, channel_order or {})
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -77,10 +85,10 @@ class GeneSpace:
         return (int(choice),) * len(self.groups)
 
     def plan(self, gene: Sequence[int]) -> PrunePlan:
-        """The `kap.PrunePlan` of ``gene``: group ``i`` keeps its first ``widths[i][gene[i]]`` channels."""
+        """The `kap.PrunePlan` of ``gene``: group ``i`` keeps its first ``widths[i][gene[i]]`` channels (in order)."""
         gene = self.check(gene)
-        return PrunePlan({g.id: np.arange(self.widths[i][k]) for i, (g, k) in enumerate(zip(self.groups, gene))
-                          if self.widths[i][k] < g.size})
+        return PrunePlan({g.id: np.sort(self.channel_order[i][:self.widths[i][k]])
+                          for i, (g, k) in enumerate(zip(self.groups, gene)) if self.widths[i][k] < g.size})
 
     def group_widths(self, gene: Sequence[int]) -> dict[str, int]:
         """``{group_id: channels kept}`` for ``gene``."""
@@ -121,3 +129,20 @@ class GeneSpace:
             raise ValueError(
                 f"A gene's choices index `scales` (0 to {len(self.scales) - 1}). Received: choice={choice}"
             )
+
+
+def _check_order(groups: Sequence, channel_order: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """One permutation per group (index order where ``channel_order`` has none), or a ValueError."""
+    known = {g.id for g in groups}
+    unknown = sorted(set(channel_order) - known)
+    if unknown:
+        raise ValueError(f"`channel_order` names groups that are not prunable groups of the model: {unknown}. "
+                         f"Expected some of: {sorted(known)}")
+    orders = []
+    for group in groups:
+        order = np.asarray(channel_order.get(group.id, np.arange(group.size)))
+        if order.shape != (group.size,) or not np.array_equal(np.sort(order), np.arange(group.size)):
+            raise ValueError(f"`channel_order['{group.id}']` must be a permutation of range({group.size}). "
+                             f"Received: {order!r}")
+        orders.append(order.astype(np.int64))
+    return tuple(orders)

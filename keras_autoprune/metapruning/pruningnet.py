@@ -21,6 +21,14 @@ the gene (the paper trains from scratch; starting from a converged model
 makes a few epochs enough on a CPU). ``warm_start=False`` draws ``b`` from
 a He-normal distribution and ``B`` small, as from scratch.
 
+Channel order (DECIDE): a gene keeps the first channels of each group in
+an order fixed when the PruningNet is built. ``channel_order="index"`` (the
+default) keeps channels ``0 .. width - 1``; ``"l1"`` sorts each group by the
+L1 norm of the trained filters creating its channels
+(`kap.surgery.importance.channel_l1`), largest first, so that a warm start
+begins every gene at the trained network cut down to its strongest channels
+(uniform L1 pruning, for a uniform gene) rather than at its first ones.
+
 The model runs through ``Model.stateless_call`` with the generated values in
 place of its variables, so any functional model works unchanged and
 gradients reach ``A, a, B, b``.
@@ -37,10 +45,15 @@ import numpy as np
 from keras_autoprune.callbacks.masks import maskable_layers
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.metapruning.genes import DEFAULT_SCALES, GeneSpace
+from keras_autoprune.surgery.importance import channel_l1
 from keras_autoprune.surgery.keep import layer_keeps
 from keras_autoprune.surgery.plan import PrunePlan
 from keras_autoprune.surgery.rebuild import apply_plan
 from keras_autoprune.surgery.weights import weight_keys
+
+
+CHANNEL_ORDERS = ("index", "l1")
+"""The orders in which a gene keeps each group's channels (see the module docstring)."""
 
 
 class PruningNet(keras.Model):
@@ -54,6 +67,8 @@ class PruningNet(keras.Model):
             uses 32 to 64).
         warm_start: start every generated tensor at ``model``'s weights
             (``True``) or from a random initialisation (``False``).
+        channel_order: ``"index"`` (keep each group's first channels) or
+            ``"l1"`` (keep those of largest L1 norm first).
         seed: seed of the generators' initialisation.
 
     Attributes:
@@ -70,16 +85,21 @@ class PruningNet(keras.Model):
     """
 
     def __init__(self, model: keras.Model, scales: Sequence[float] = DEFAULT_SCALES, hidden: int = 32,
-                 warm_start: bool = True, seed: int = 0, name: str | None = None):
+                 warm_start: bool = True, seed: int = 0, channel_order: str = "index", name: str | None = None):
         if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
             raise ValueError(f"`hidden` is the width of each generator's hidden layer, an int >= 1. Received: hidden={hidden!r}")
+        if channel_order not in CHANNEL_ORDERS:
+            raise ValueError(f"`channel_order` must be one of {CHANNEL_ORDERS}. Received: channel_order={channel_order!r}")
         super().__init__(name=name or f"{model.name}_pruningnet")
         base = apply_plan(model, PrunePlan({}))  # an independent copy with the same weights
         # Frozen layers are about the user's own fine-tuning; the hyper-network trains every generator.
         for layer in base._flatten_layers(include_self=True, recursive=True):
             layer.trainable = True
         self.graph = DependencyGraph(base)
-        self.space = GeneSpace(self.graph, scales)
+        orders = ({group: np.argsort(-score, kind="stable") for group, score in channel_l1(self.graph).items()}
+                  if channel_order == "l1" else {})
+        self.space = GeneSpace(self.graph, scales, {g.id: orders[g.id] for g in self.graph.prunable_groups if g.id in orders})
+        self.channel_order = channel_order
         self.base = base
         self.hidden = hidden
         self.warm_start = bool(warm_start)

@@ -312,13 +312,16 @@ def _held_out(data: Any, validation_data: Any, seed: int) -> tuple[Any, Any]:
 
 
 def fingerprint(net: PruningNet, *settings) -> str:
-    """What candidate scores depend on: the PruningNet's weights and the scoring settings.
+    """What candidate scores depend on: the PruningNet's weights, its channel order and the scoring settings.
 
     A cache key for `EvolutionarySearch`: a PruningNet trained again (even
     with the same epochs and seed) gets another key, so its scores are never
     mixed with those of an earlier net.
     """
     digest = hashlib.sha1(repr(settings).encode())
+    for order in net.space.channel_order:
+        if not np.array_equal(order, np.arange(order.size)):  # index order: the keys of earlier caches stay valid
+            digest.update(order.tobytes())
     for weight in net.weights:
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
     return digest.hexdigest()[:16]
