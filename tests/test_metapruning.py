@@ -303,7 +303,8 @@ def test_latency_budget_is_refused_by_methods_that_count_flops():
 
 def test_latency_table_interpolates_its_grid_and_round_trips(tmp_path):
     model = _residual_net()
-    table = mp.LatencyTable.build(model, scales=(0.5,), runs=5, verbose=0)  # 1.0 is always added
+    table = mp.LatencyTable.build(model, scales=(0.5,), runs=5, verbose=0, calibration=())  # 1.0 is always added
+    assert table.savings_scale == 1.0 and table.calibration is None
     # Every convolution and the head: c1 reads 3 channels and c2 reads 8, so they are measured apart.
     assert set(table.layers) == {"c1", "c2", "c3", "head"}
     c2 = table.timings[table.layers["c2"]]
@@ -335,6 +336,34 @@ def test_latency_table_interpolates_its_grid_and_round_trips(tmp_path):
     check = mp.check_latency(table, model, [kap.PrunePlan({}), plan], runs=5, rounds=1)
     assert len(check.measured_ms) == 2 and all(m > 0 for m in check.measured_ms)
     assert check.predicted_ms == (pytest.approx(table.full_ms), pytest.approx(table.estimate(plan)))
+
+
+def test_latency_calibration_fits_the_full_latency_and_the_savings_scale(tmp_path):
+    from keras_autoprune.metapruning.latency import fit_savings_scale
+
+    # measured = T_full + k * raw: the table's raw changes -0.2 and -0.4 ms came out as -0.1 and -0.2.
+    assert fit_savings_scale([0.0, -0.2, -0.4], [1.0, 0.9, 0.8]) == (pytest.approx(1.0), pytest.approx(0.5))
+    with pytest.raises(ValueError, match="at least two plans"):
+        fit_savings_scale([0.0], [1.0])
+    with pytest.raises(ValueError, match="fractions of channels removed"):
+        mp.LatencyTable.build(_residual_net(), scales=(0.5,), runs=5, verbose=0, calibration=(1.5,))
+    model = _residual_net()
+    table = mp.LatencyTable.build(model, scales=(0.5,), runs=5, verbose=0, calibration=(0.5,))
+    raw, measured = table.calibration["raw_predicted_ms"], table.calibration["measured_ms"]
+    assert table.calibration["ratios"] == [0.5] and len(raw) == len(measured) == 2 and raw[0] == 0.0 and raw[1] < 0
+    full, scale = fit_savings_scale(raw, measured)
+    if scale > 0:  # two plans: the fitted line passes through both measurements
+        assert (table.full_ms, table.savings_scale) == (pytest.approx(full), pytest.approx(scale))
+        table.bind(model)
+        half = kap.PrunePlan.uniform(kap.DependencyGraph(model), 0.5)
+        assert table.estimate(kap.PrunePlan({})) == pytest.approx(measured[0])
+        assert table.estimate(half) == pytest.approx(measured[1])
+    else:  # timing noise on a tiny model swamped the savings: the table falls back to k = 1
+        assert table.savings_scale == 1.0 and table.full_ms == measured[0]
+    table.save(tmp_path / "table.json")
+    loaded = mp.LatencyTable.load(tmp_path / "table.json")
+    assert (loaded.full_ms, loaded.savings_scale, loaded.calibration) == (table.full_ms, table.savings_scale,
+                                                                         table.calibration)
 
 
 def test_uniform_gene_is_the_widest_uniform_width_within_the_budget():

@@ -8,12 +8,18 @@ each grid point of its input and output widths and timed with
 same configuration and input shape share their measurements. A candidate's
 latency is
 
-``T(plan) = T_full - sum_l t_l(c_in^full, c_out^full) + sum_l t_l(c_in(plan), c_out(plan))``
+``T(plan) = T_full + k * sum_l [t_l(c_in(plan), c_out(plan)) - t_l(c_in^full, c_out^full)]``
 
 where ``t_l`` is bilinear interpolation in the layer's measured grid (linear
-extrapolation outside it, never below 0) and ``T_full`` is the measured
-latency of the whole model: everything the table does not model (additions,
-pooling, the interpreter's overhead) is taken as constant.
+extrapolation outside it, never below 0): everything the table does not
+model (additions, pooling, the interpreter's overhead) is taken as
+constant. ``T_full`` and the savings scale ``k`` are fitted by least squares
+on measured whole models (`LatencyTable.calibrate`, part of `build`: the
+full model and uniform plans removing 25%, 50% and 75% of every group's
+channels): a layer timed alone saves more when it shrinks than it does
+inside the model (on the benchmark's ResNet-20, ``k = 1`` under-estimated
+every candidate's latency by 9-14%). Without calibration ``k = 1`` and
+``T_full`` is the whole model measured once.
 
 The table is JSON (`save`, `load`): build it on the target device (phone,
 board) with the same call, ship the file back, and search with it.
@@ -26,6 +32,7 @@ import json
 import os
 import pathlib
 import tempfile
+import warnings
 from collections.abc import Sequence
 
 import keras
@@ -65,25 +72,31 @@ class LatencyTable:
 
     Attributes:
         model_name: the model it was built for.
-        full_ms: measured latency of the whole model.
+        full_ms: latency of the whole model (``T_full``: fitted by
+            `calibrate`, else measured once).
+        savings_scale: ``k`` of the module docstring (1 before `calibrate`).
+        calibration: what `calibrate` measured (``ratios``, ``measured_ms``,
+            ``raw_predicted_ms``) or None.
         layers: ``{layer name: signature}``.
         timings: ``{signature: LayerTiming}``.
         num_threads: LiteRT threads used.
     """
 
     def __init__(self, model_name: str, full_ms: float, layers: dict[str, str], timings: dict[str, LayerTiming],
-                 num_threads: int = 1):
+                 num_threads: int = 1, savings_scale: float = 1.0, calibration: dict | None = None):
         self.model_name = model_name
         self.full_ms = float(full_ms)
         self.layers = dict(layers)
         self.timings = dict(timings)
         self.num_threads = num_threads
+        self.savings_scale = float(savings_scale)
+        self.calibration = calibration
         self._cost: PlanCost | None = None
 
     # -- building ---------------------------------------------------------------
     @classmethod
     def build(cls, model: keras.Model, scales: Sequence[float] = (0.1, 0.4, 0.7, 1.0), num_threads: int = 1,
-              runs: int = 30, verbose: int = 1) -> "LatencyTable":
+              runs: int = 30, verbose: int = 1, calibration: Sequence[float] = (0.25, 0.5, 0.75)) -> "LatencyTable":
         """Measures ``model``'s prunable layers on a ``len(scales)``-squared grid of widths.
 
         Args:
@@ -94,6 +107,9 @@ class LatencyTable:
             num_threads: LiteRT threads (1 for a phone's single big core).
             runs: timed calls per measurement.
             verbose: 1 shows a progress bar.
+            calibration: fractions of every group's channels removed by the
+                uniform plans that `calibrate` measures (empty: no
+                calibration, ``k = 1``).
         """
         from keras_autoprune.export.convert import convert
         from keras_autoprune.export.latency import measure_latency
@@ -131,7 +147,40 @@ class LatencyTable:
                 timings[signature] = LayerTiming(in_widths, out_widths, ms)
             full_ms = time_model(model)
             bar.add(1)
-        return cls(model.name, full_ms, layers, timings, num_threads)
+        table = cls(model.name, full_ms, layers, timings, num_threads)
+        return table.calibrate(model, calibration, runs=runs) if calibration else table
+
+    def calibrate(self, model: keras.Model, ratios: Sequence[float] = (0.25, 0.5, 0.75), runs: int = 30,
+                  rounds: int = 3) -> "LatencyTable":
+        """Fits ``T_full`` and ``k`` on measured whole models (see the module docstring).
+
+        Measures ``model`` and, for each ratio, the uniform plan removing
+        that fraction of every prunable group's channels
+        (`kap.PrunePlan.uniform`), interleaved (`kap.measure_latencies`);
+        then least squares of ``measured = T_full + k * raw`` with
+        ``raw = sum_l [t_l(plan) - t_l(full)]``. A fit with ``k <= 0``
+        (noise swamping the savings) keeps ``k = 1`` with a warning.
+
+        Returns:
+            the table itself, calibrated.
+        """
+        ratios = tuple(float(r) for r in ratios)
+        if not ratios or any(not 0 < r < 1 for r in ratios):
+            raise ValueError(f"`ratios` are fractions of channels removed, in (0, 1), e.g. (0.25, 0.5, 0.75). "
+                             f"Received: ratios={ratios}")
+        graph = DependencyGraph(model)
+        self.bind(model, graph)
+        plans = [PrunePlan({})] + [PrunePlan.uniform(graph, r) for r in ratios]
+        raw = np.array([self._raw_change(plan) for plan in plans])
+        measured = np.array(_measure_plans(model, graph, plans, self.num_threads, runs, rounds))
+        self.full_ms, self.savings_scale = fit_savings_scale(raw, measured)
+        if self.savings_scale <= 0:
+            warnings.warn(f"Latency calibration of '{model.name}' fitted a savings scale of {self.savings_scale:.3g} "
+                          f"(the measured latencies {np.round(measured, 4).tolist()} do not fall as the table "
+                          "predicts); keeping 1.", stacklevel=2)
+            self.full_ms, self.savings_scale = float(measured[0]), 1.0
+        self.calibration = {"ratios": list(ratios), "measured_ms": measured.tolist(), "raw_predicted_ms": raw.tolist()}
+        return self
 
     # -- estimating -------------------------------------------------------------
     def bind(self, model: keras.Model, graph: DependencyGraph | None = None) -> "LatencyTable":
@@ -151,9 +200,13 @@ class LatencyTable:
 
     def estimate(self, plan: PrunePlan) -> float:
         """Estimated latency (ms) of ``apply_plan(model, plan)`` (see the module docstring)."""
+        return self.full_ms + self.savings_scale * self._raw_change(plan)
+
+    def _raw_change(self, plan: PrunePlan) -> float:
+        """``sum_l [t_l(plan) - t_l(full)]`` over the layers the plan changes (ms, <= 0 for a pruning plan)."""
         if self._cost is None:
             raise ValueError("Call `table.bind(model)` before `estimate`: the table needs the model's graph.")
-        total = self.full_ms
+        change = 0.0
         for call in self._cost.pruned_calls(plan):
             signature = self.layers.get(call.record.name)
             if signature is None:
@@ -161,13 +214,14 @@ class LatencyTable:
             timing = self.timings[signature]
             full_in, full_out = timing.in_widths[-1], timing.out_widths[-1]
             c_in, c_out = call.in_shapes[0][-1], call.out_shapes[0][-1]
-            total += timing.at(c_in, c_out) - timing.at(full_in, full_out)
-        return total
+            change += timing.at(c_in, c_out) - timing.at(full_in, full_out)
+        return change
 
     # -- files --------------------------------------------------------------------
     def to_dict(self) -> dict:
         """The table as plain JSON values (`save` writes it)."""
         return {"model": self.model_name, "full_ms": self.full_ms, "num_threads": self.num_threads,
+                "savings_scale": self.savings_scale, "calibration": self.calibration,
                 "layers": self.layers, "timings": {k: dataclasses.asdict(v) for k, v in self.timings.items()}}
 
     def save(self, path: str | os.PathLike) -> None:
@@ -179,7 +233,8 @@ class LatencyTable:
         """Reads a table written by `save`."""
         data = json.loads(pathlib.Path(path).read_text())
         timings = {k: LayerTiming(**v) for k, v in data["timings"].items()}
-        return cls(data["model"], data["full_ms"], data["layers"], timings, data.get("num_threads", 1))
+        return cls(data["model"], data["full_ms"], data["layers"], timings, data.get("num_threads", 1),
+                   data.get("savings_scale", 1.0), data.get("calibration"))
 
 
 def _prunable_calls(graph: DependencyGraph) -> list:
@@ -267,21 +322,40 @@ class LatencyCheck:
 def check_latency(table: LatencyTable, model: keras.Model, plans: Sequence[PrunePlan], runs: int = 50,
                   rounds: int = 5) -> LatencyCheck:
     """Converts ``apply_plan(model, plan)`` for every plan, measures them interleaved and compares with the table."""
+    graph = DependencyGraph(model)
+    table.bind(model, graph)
+    predicted = [table.estimate(plan) for plan in plans]
+    measured = _measure_plans(model, graph, plans, table.num_threads, runs, rounds)
+    errors = np.abs(np.subtract(predicted, measured)) / np.asarray(measured)
+    correlation = float(np.corrcoef(predicted, measured)[0, 1]) if len(plans) > 1 else float("nan")
+    return LatencyCheck(tuple(predicted), tuple(measured), correlation, float(errors.mean()), float(errors.max()))
+
+
+def fit_savings_scale(raw: Sequence[float], measured: Sequence[float]) -> tuple[float, float]:
+    """Least squares ``measured_i = T_full + k * raw_i``; returns ``(T_full, k)``.
+
+    ``raw_i = sum_l [t_l(plan_i) - t_l(full)]`` is the table's uncalibrated
+    change for plan ``i`` (see the module docstring).
+    """
+    raw, measured = np.asarray(raw, float), np.asarray(measured, float)
+    if raw.shape != measured.shape or raw.size < 2 or np.ptp(raw) == 0:
+        raise ValueError(f"Fitting T_full and k needs at least two plans with different table changes. "
+                         f"Received: raw={raw.tolist()}, measured={measured.tolist()}")
+    (full_ms, scale), *_ = np.linalg.lstsq(np.stack([np.ones_like(raw), raw], axis=1), measured, rcond=None)
+    return float(full_ms), float(scale)
+
+
+def _measure_plans(model: keras.Model, graph: DependencyGraph, plans: Sequence[PrunePlan], num_threads: int,
+                   runs: int, rounds: int) -> list[float]:
+    """Median LiteRT latency (ms) of ``apply_plan(model, plan)`` for every plan, measured interleaved."""
     from keras_autoprune.export.convert import convert
     from keras_autoprune.export.latency import measure_latencies
     from keras_autoprune.surgery.rebuild import apply_plan
 
-    graph = DependencyGraph(model)
-    table.bind(model, graph)
-    predicted = [table.estimate(plan) for plan in plans]
     with tempfile.TemporaryDirectory() as scratch:
         paths = []
         for i, plan in enumerate(plans):
             content, _ = convert(apply_plan(model, plan, graph=graph), None, [])
             paths.append(pathlib.Path(scratch) / f"candidate_{i}.tflite")
             paths[-1].write_bytes(content)
-        measured = [r.median_ms for r in measure_latencies(paths, num_threads=table.num_threads, runs=runs,
-                                                            rounds=rounds)]
-    errors = np.abs(np.subtract(predicted, measured)) / np.asarray(measured)
-    correlation = float(np.corrcoef(predicted, measured)[0, 1]) if len(plans) > 1 else float("nan")
-    return LatencyCheck(tuple(predicted), tuple(measured), correlation, float(errors.mean()), float(errors.max()))
+        return [r.median_ms for r in measure_latencies(paths, num_threads=num_threads, runs=runs, rounds=rounds)]
