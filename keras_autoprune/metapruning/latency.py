@@ -18,7 +18,7 @@ on measured whole models (`LatencyTable.calibrate`, part of `build`: the
 full model and uniform plans removing 25%, 50% and 75% of every group's
 channels): a layer timed alone saves more when it shrinks than it does
 inside the model (on the benchmark's ResNet-20, ``k = 1`` under-estimated
-every candidate's latency by 9-14%). Without calibration ``k = 1`` and
+every searched candidate's latency by 2-14%). Without calibration ``k = 1`` and
 ``T_full`` is the whole model measured once.
 
 The table is JSON (`save`, `load`): build it on the target device (phone,
