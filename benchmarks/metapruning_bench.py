@@ -4,6 +4,7 @@
     python -m benchmarks.metapruning_bench search --target 0.5   # evolutionary search at 50% FLOPs kept
     python -m benchmarks.metapruning_bench finetune --target 0.5 --epochs 4   # searched vs uniform widths
     python -m benchmarks.metapruning_bench latency --target 0.5  # latency table, latency-budget search, check
+    python -m benchmarks.metapruning_bench latency --target 0.5 --calibrate   # the same with a calibrated table
     python -m benchmarks.metapruning_bench report                # the table in docs/methods/metapruning.md
 
 Every stage takes ``--channel-order l1`` to run the same protocol on a
@@ -64,6 +65,7 @@ def _paths(model_name: str, channel_order: str = "index") -> dict:
     run = model_name if channel_order == "index" else f"{model_name}_{channel_order}"
     return {"weights": cache / f"pruningnet_{run}.weights.h5", "results": RESULTS_DIR / f"metapruning_{run}.json",
             "scores": cache / f"scores_{run}_{{tag}}.json", "table": RESULTS_DIR / f"latency_table_{model_name}.json",
+            "calibrated_table": RESULTS_DIR / f"latency_table_{model_name}_calibrated.json",
             "channel_order": channel_order, "run": run}
 
 
@@ -136,8 +138,13 @@ def train(model_name: str, epochs: int, channel_order: str = "index", log=print)
         log(f"PruningNet epoch {epoch + 1}/{epochs}: loss {state['loss'][-1]:.4f}, {state['seconds'][-1]:.0f} s")
 
 
-def search(model_name: str, target: float, metric: str = "flops", channel_order: str = "index", log=print) -> dict:
-    """Searches at ``target`` (FLOPs or latency kept); scores the uniform gene of the same budget too."""
+def search(model_name: str, target: float, metric: str = "flops", channel_order: str = "index", calibrated: bool = False,
+           log=print) -> dict:
+    """Searches at ``target`` (FLOPs or latency kept); scores the uniform gene of the same budget too.
+
+    ``calibrated``: a latency search uses the calibrated table (`LatencyTable.calibrate`); its row is
+    ``latency_<target>_calibrated``.
+    """
     import keras_autoprune as kap
     from keras_autoprune import metapruning as mp
 
@@ -146,11 +153,11 @@ def search(model_name: str, target: float, metric: str = "flops", channel_order:
     split = _split(converged.load_cifar10())
     model, net = _network(model_name, paths)
     budget = kap.Budget(**{metric: target})
-    table = mp.LatencyTable.load(paths["table"]) if metric == "latency" else None
+    table = mp.LatencyTable.load(paths["calibrated_table" if calibrated else "table"]) if metric == "latency" else None
     cost = mp.cost_function(net, budget, table)
     scorer = mp.CandidateScorer(net, (split["score_x"], split["score_y"]), split["bn_x"],
                                 recalibration_batches=RECALIBRATION_BATCHES, batch_size=BATCH_SIZE)
-    tag = f"{metric}_{target}"
+    tag = f"{metric}_{target}" + ("_calibrated" if calibrated else "")
     start = time.perf_counter()
     key = mp.fingerprint(net, RECALIBRATION_BATCHES, BATCH_SIZE, SCORE_IMAGES)  # a retrained net never reuses scores
     evolution = mp.EvolutionarySearch(net.space, scorer, cost, high=target, low=target - 0.05,
@@ -212,8 +219,11 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
         log(f"{tag} {entry}: {results['finetune'][tag][entry]}")
 
 
-def latency(model_name: str, target: float, channel_order: str = "index", log=print) -> None:
-    """Builds the latency table (once), searches under a latency budget, checks the table on the candidates."""
+def latency(model_name: str, target: float, channel_order: str = "index", calibrate: bool = False, log=print) -> None:
+    """Builds the latency table (once), searches under a latency budget, checks the table on the candidates.
+
+    ``calibrate``: search with a calibrated copy of the table (calibrated once, kept beside it).
+    """
     import keras
 
     import keras_autoprune as kap
@@ -225,26 +235,27 @@ def latency(model_name: str, target: float, channel_order: str = "index", log=pr
         start = time.perf_counter()
         mp.LatencyTable.build(model).save(paths["table"])
         log(f"latency table: {time.perf_counter() - start:.0f} s")
-    elif mp.LatencyTable.load(paths["table"]).calibration is None:  # a table built before calibration existed
+    if calibrate and not paths["calibrated_table"].exists():
         start = time.perf_counter()
         table = mp.LatencyTable.load(paths["table"]).calibrate(model)
-        table.save(paths["table"])
+        table.save(paths["calibrated_table"])
         log(f"latency table calibrated: k = {table.savings_scale:.3f}, T_full {table.full_ms:.4f} ms, "
             f"{time.perf_counter() - start:.0f} s")
-    winner = search(model_name, target, metric="latency", channel_order=channel_order, log=log)["gene"]
-    table = mp.LatencyTable.load(paths["table"])
+    winner = search(model_name, target, metric="latency", channel_order=channel_order, calibrated=calibrate, log=log)["gene"]
+    table = mp.LatencyTable.load(paths["calibrated_table" if calibrate else "table"])
+    tag = f"latency_{target}" + ("_calibrated" if calibrate else "")
     _, net = _network(model_name, paths)
     key = mp.fingerprint(net, RECALIBRATION_BATCHES, BATCH_SIZE, SCORE_IMAGES)
     cost = mp.cost_function(net, kap.Budget(latency=target), table)
     # The winner, then the best other candidates within the search's window under this table.
-    scored = sorted(_load(pathlib.Path(str(paths["scores"]).format(tag=f"latency_{target}_{key}")))["scores"],
+    scored = sorted(_load(pathlib.Path(str(paths["scores"]).format(tag=f"{tag}_{key}")))["scores"],
                     key=lambda r: -r["score"])
     others = [r["gene"] for r in scored if r["gene"] != winner and target - 0.05 <= cost(r["gene"]) <= target][:9]
     # The full model is measured in the same interleaved rounds: the winner's fraction is of that measurement.
     check = mp.check_latency(table, model, [kap.PrunePlan({})] + [net.space.plan(g) for g in [winner, *others]])
     full_measured = check.measured_ms[0]
     results = _load(paths["results"])
-    results["search"][f"latency_{target}"]["check"] = {
+    results["search"][tag]["check"] = {
         "predicted_ms": check.predicted_ms, "measured_ms": check.measured_ms, "correlation": check.correlation,
         "mean_relative_error": check.mean_relative_error, "max_relative_error": check.max_relative_error,
         "winner_measured_fraction": check.measured_ms[1] / full_measured, "full_measured_ms": full_measured,
@@ -273,21 +284,21 @@ def markdown(results: dict) -> str:
                          f"{row['uniform_cost']:.3f} | {row['candidates']} | {row['seconds'] / 60:.0f} |")
         lines.append("\nHeld-out top-1: 2,000 training images kept out of the PruningNet's training, generated "
                      "weights, BatchNormalization re-estimated, no fine-tuning.\n")
-    # Searches run with a table from before calibration (k = 1) are kept under "search_uncalibrated_table".
-    checks = [(tag, row["check"]) for source in ("search_uncalibrated_table", "search")
-              for tag, row in sorted(results.get(source, {}).items()) if "check" in row]
+    checks = [(tag, row["check"]) for tag, row in sorted(rows.items()) if "check" in row]
     if checks:
-        lines += ["| latency budget | table k | models measured | correlation | mean error | max error | "
-                  "winner: measured latency kept | winner vs budget |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["| latency budget | table | candidates measured | correlation | mean error (ms) | mean error "
+                  "(fraction of the full latency) | winner: measured latency kept | winner vs budget |",
+                  "|---|---|---|---|---|---|---|---|"]
         for tag, check in checks:
             budget = float(tag.split("_")[1])
             fraction = check["winner_measured_fraction"]
-            lines.append(f"| {budget:.0%} | {check.get('savings_scale', 1.0):.3f} | {len(check['measured_ms'])} | "
-                         f"{check['correlation']:.3f} | {check['mean_relative_error']:.1%} | "
-                         f"{check['max_relative_error']:.1%} | {fraction:.1%} | {fraction / budget - 1:+.1%} |")
+            lines.append(f"| {budget:.0%} | {_table_label(check)} | {_candidate_figures(check)} | {fraction:.1%} | "
+                         f"{fraction / budget - 1:+.1%} |")
         lines.append("\nLatency: LiteRT, float32 `.tflite`, batch 1, 1 thread, this machine; the table's "
-                     "estimates against measured whole models (the full model and the best candidates within "
-                     "the search's window, measured interleaved).\n")
+                     "estimates against the winner and the best other candidates within the search's window, "
+                     "measured interleaved with the full model (rows without a fraction error: the first runs, "
+                     "which measured the candidates only and divide by the full latency measured when the table "
+                     "was built).\n")
     tuned = results.get("finetune", {})
     if tuned:
         lines += ["| budget | entry | epochs | test top-1 before | after fine-tuning | FLOPs kept |", "|---|---|---|---|---|---|"]
@@ -298,6 +309,30 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) or "Not run yet."
 
 
+def _table_label(check: dict) -> str:
+    scale = check.get("savings_scale", 1.0)
+    return "k = 1 (as built)" if scale == 1.0 else f"calibrated, k = {scale:.3f}"
+
+
+def _candidate_figures(check: dict) -> str:
+    """Count, correlation, mean relative error in ms and in fraction of the full latency, over the candidates.
+
+    The fraction error compares ``measured / measured full`` with ``predicted / predicted full``: what the
+    search constrains. Checks from before the full model was measured with the candidates have no fraction.
+    """
+    predicted, measured = np.asarray(check["predicted_ms"]), np.asarray(check["measured_ms"])
+    with_full = "full_measured_ms" in check
+    candidates = slice(1, None) if with_full else slice(None)
+    p, m = predicted[candidates], measured[candidates]
+    figures = [str(len(p)), f"{np.corrcoef(p, m)[0, 1]:.3f}", f"{np.mean(np.abs(p - m) / m):.1%}"]
+    if with_full:
+        ratio = (m / measured[0]) / (p / predicted[0])
+        figures.append(f"{np.mean(np.abs(ratio - 1)):.1%}")
+    else:
+        figures.append("n/a")
+    return " | ".join(figures)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.metapruning_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=("train", "search", "finetune", "latency", "report"))
@@ -305,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--channel-order", default="index", choices=("index", "l1"), help="`PruningNet(channel_order=...)`")
+    parser.add_argument("--calibrate", action="store_true", help="latency stage: search with a calibrated table")
     args = parser.parse_args(argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
     order = args.channel_order
@@ -315,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "finetune":
         finetune(args.model, args.target, args.epochs, channel_order=order, log=log)
     elif args.stage == "latency":
-        latency(args.model, args.target, order, log=log)
+        latency(args.model, args.target, order, calibrate=args.calibrate, log=log)
     else:
         from benchmarks.report import update_docs
 

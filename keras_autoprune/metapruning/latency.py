@@ -13,13 +13,14 @@ latency is
 where ``t_l`` is bilinear interpolation in the layer's measured grid (linear
 extrapolation outside it, never below 0): everything the table does not
 model (additions, pooling, the interpreter's overhead) is taken as
-constant. ``T_full`` and the savings scale ``k`` are fitted by least squares
-on measured whole models (`LatencyTable.calibrate`, part of `build`: the
-full model and uniform plans removing 25%, 50% and 75% of every group's
-channels): a layer timed alone saves more when it shrinks than it does
-inside the model (on the benchmark's ResNet-20, ``k = 1`` under-estimated
-every searched candidate's latency by 2-14%). Without calibration ``k = 1`` and
-``T_full`` is the whole model measured once.
+constant. As built, ``k = 1`` and ``T_full`` is the whole model measured
+once. `LatencyTable.calibrate` (opt-in: ``build(..., calibration=(0.25,
+0.5, 0.75))``) fits ``T_full`` and the savings scale ``k`` by least squares
+on measured whole models instead: the full model and uniform plans
+removing those fractions of every group's channels. On the benchmark's
+ResNet-20 it did not help (k = 0.94; the searched candidates stayed 7-20%
+slower, relative to the full model, than either table predicts; see
+docs/methods/metapruning.md), so it is not the default.
 
 The table is JSON (`save`, `load`): build it on the target device (phone,
 board) with the same call, ship the file back, and search with it.
@@ -96,7 +97,7 @@ class LatencyTable:
     # -- building ---------------------------------------------------------------
     @classmethod
     def build(cls, model: keras.Model, scales: Sequence[float] = (0.1, 0.4, 0.7, 1.0), num_threads: int = 1,
-              runs: int = 30, verbose: int = 1, calibration: Sequence[float] = (0.25, 0.5, 0.75)) -> "LatencyTable":
+              runs: int = 30, verbose: int = 1, calibration: Sequence[float] = ()) -> "LatencyTable":
         """Measures ``model``'s prunable layers on a ``len(scales)``-squared grid of widths.
 
         Args:
@@ -108,8 +109,8 @@ class LatencyTable:
             runs: timed calls per measurement.
             verbose: 1 shows a progress bar.
             calibration: fractions of every group's channels removed by the
-                uniform plans that `calibrate` measures (empty: no
-                calibration, ``k = 1``).
+                uniform plans that `calibrate` measures, e.g. ``(0.25, 0.5,
+                0.75)`` (empty, the default: no calibration, ``k = 1``).
         """
         from keras_autoprune.export.convert import convert
         from keras_autoprune.export.latency import measure_latency
