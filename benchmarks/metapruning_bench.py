@@ -3,6 +3,7 @@
     python -m benchmarks.metapruning_bench train --epochs 2      # PruningNet training, one epoch per stage
     python -m benchmarks.metapruning_bench search --target 0.5   # evolutionary search at 50% FLOPs kept
     python -m benchmarks.metapruning_bench finetune --target 0.5 --epochs 4   # searched vs uniform widths
+    python -m benchmarks.metapruning_bench finetune --target 0.5 --epochs 4 --init trained   # from the converged weights
     python -m benchmarks.metapruning_bench latency --target 0.5  # latency table, latency-budget search, check
     python -m benchmarks.metapruning_bench latency --target 0.5 --calibrate   # the same with a calibrated table
     python -m benchmarks.metapruning_bench report                # the table in docs/methods/metapruning.md
@@ -181,8 +182,13 @@ def search(model_name: str, target: float, metric: str = "flops", channel_order:
 
 
 def finetune(model_name: str, target: float, epochs: int, metric: str = "flops", channel_order: str = "index",
-             log=print) -> None:
-    """Fine-tunes the searched and the uniform gene of ``target`` the same epochs; test accuracy of each."""
+             init: str = "generated", log=print) -> None:
+    """Fine-tunes the searched and the uniform gene of ``target`` the same epochs; test accuracy of each.
+
+    ``init``: ``"generated"`` starts each from the PruningNet's generated weights (rows ``searched``,
+    ``uniform``); ``"trained"`` from the converged model cut to the gene's channels by `kap.apply_plan`
+    (the channels the net's order keeps first; rows ``searched_from_trained``, ``uniform_from_trained``).
+    """
     import keras
 
     import keras_autoprune as kap
@@ -195,12 +201,13 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     split = _split(data)
     profile = PROFILES["v2"]
     model, net = _network(model_name, paths)
-    for entry, gene in (("searched", row["gene"]), ("uniform", row["uniform_gene"])):
+    suffix = "" if init == "generated" else "_from_trained"
+    for entry, gene in ((f"searched{suffix}", row["gene"]), (f"uniform{suffix}", row["uniform_gene"])):
         results = _load(paths["results"])
         done = results.setdefault("finetune", {}).setdefault(tag, {}).get(entry)
         if done and done["epochs"] >= epochs:
             continue
-        slim = net.materialize(gene)
+        slim = net.materialize(gene) if init == "generated" else kap.apply_plan(model, net.space.plan(gene))
         kap.recalibrate_batchnorm(slim, split["bn_x"], batch_size=BATCH_SIZE)
         before = converged.test_accuracy(slim, data)
         slim.compile(optimizer=keras.optimizers.SGD(profile.finetune_lr, momentum=0.9, nesterov=True,
@@ -341,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--channel-order", default="index", choices=("index", "l1"), help="`PruningNet(channel_order=...)`")
     parser.add_argument("--calibrate", action="store_true", help="latency stage: search with a calibrated table")
+    parser.add_argument("--init", default="generated", choices=("generated", "trained"),
+                        help="finetune stage: start from the generated weights or from the converged model's channels")
     args = parser.parse_args(argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
     order = args.channel_order
@@ -349,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "search":
         search(args.model, args.target, channel_order=order, log=log)
     elif args.stage == "finetune":
-        finetune(args.model, args.target, args.epochs, channel_order=order, log=log)
+        finetune(args.model, args.target, args.epochs, channel_order=order, init=args.init, log=log)
     elif args.stage == "latency":
         latency(args.model, args.target, order, calibrate=args.calibrate, log=log)
     else:
