@@ -18,9 +18,9 @@ once. `LatencyTable.calibrate` (opt-in: ``build(..., calibration=(0.25,
 0.5, 0.75))``) fits ``T_full`` and the savings scale ``k`` by least squares
 on measured whole models instead: the full model and uniform plans
 removing those fractions of every group's channels. On the benchmark's
-ResNet-20 it did not help (k = 0.94; the searched candidates stayed 7-20%
-slower, relative to the full model, than either table predicts; see
-docs/methods/metapruning.md), so it is not the default.
+ResNet-20 it did not help (k = 0.94, and timing drift between runs was as
+large as the correction; see docs/methods/metapruning.md), so it is not
+the default.
 
 The table is JSON (`save`, `load`): build it on the target device (phone,
 board) with the same call, ship the file back, and search with it.
