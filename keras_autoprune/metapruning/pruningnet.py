@@ -74,6 +74,7 @@ class PruningNet(keras.Model):
     Attributes:
         base: the copy of ``model`` whose variables are generated.
         space: the `GeneSpace` (one gene per prunable channel group).
+        channel_order: ``"index"`` or ``"l1"``, as given.
         gene: the gene the network currently runs.
 
     Example:
