@@ -192,11 +192,15 @@ def search(model_name: str, target: float, metric: str = "flops", channel_order:
 
 def finetune(model_name: str, target: float, epochs: int, metric: str = "flops", channel_order: str = "index",
              init: str = "generated", log=print) -> None:
-    """Fine-tunes the searched and the uniform gene of ``target`` the same epochs; test accuracy of each.
+    """Trains the searched and the uniform gene of ``target`` the same epochs; test accuracy of each.
 
     ``init``: ``"generated"`` starts each from the PruningNet's generated weights (rows ``searched``,
     ``uniform``); ``"trained"`` from the converged model cut to the gene's channels by `kap.apply_plan`
-    (the channels the net's order keeps first; rows ``searched_from_trained``, ``uniform_from_trained``).
+    (the channels the net's order keeps first; rows ``searched_from_trained``, ``uniform_from_trained``),
+    both fine-tuned with protocol 2's recipe. ``"scratch"`` trains the slim architectures from a fresh
+    initialisation with the converged models' recipe (`converged.Recipe`: warm-up, cosine from 0.1) over
+    ``epochs``, the paper's comparison (rows ``searched_from_scratch``, ``uniform_from_scratch``); it
+    checkpoints every epoch in the cache and resumes.
     """
     import keras
 
@@ -210,29 +214,74 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     split = _split(data)
     profile = PROFILES["v2"]
     model, net = _network(model_name, paths)
-    suffix = "" if init == "generated" else "_from_trained"
+    suffix = {"generated": "", "trained": "_from_trained", "scratch": "_from_scratch"}[init]
     for entry, gene in ((f"searched{suffix}", row["gene"]), (f"uniform{suffix}", row["uniform_gene"])):
         results = _load(paths["results"])
         done = results.setdefault("finetune", {}).setdefault(tag, {}).get(entry)
         if done and done["epochs"] >= epochs:
             continue
-        slim = net.materialize(gene) if init == "generated" else kap.apply_plan(model, net.space.plan(gene))
-        kap.recalibrate_batchnorm(slim, split["bn_x"], batch_size=BATCH_SIZE)
-        before = converged.test_accuracy(slim, data)
-        slim.compile(optimizer=keras.optimizers.SGD(profile.finetune_lr, momentum=0.9, nesterov=True,
-                                                    weight_decay=converged.Recipe().weight_decay),
-                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        start = time.perf_counter()
-        for epoch in range(epochs):
-            slim.optimizer.learning_rate = learning_rate(epoch, profile.finetune_lr, epochs, "cosine")
-            x, y = _full_batches(*converged.augment(split["train_x"], split["train_y"], seed=3, epoch=epoch))
-            slim.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=2)
+        if init == "scratch":
+            record = _train_from_scratch(net.materialize(gene), split, data, epochs, kap.count_flops(model),
+                                         paths["weights"].parent / f"scratch_{paths['run']}_{tag}_{entry}", log)
+        else:
+            slim = net.materialize(gene) if init == "generated" else kap.apply_plan(model, net.space.plan(gene))
+            kap.recalibrate_batchnorm(slim, split["bn_x"], batch_size=BATCH_SIZE)
+            before = converged.test_accuracy(slim, data)
+            slim.compile(optimizer=keras.optimizers.SGD(profile.finetune_lr, momentum=0.9, nesterov=True,
+                                                        weight_decay=converged.Recipe().weight_decay),
+                         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            start = time.perf_counter()
+            for epoch in range(epochs):
+                slim.optimizer.learning_rate = learning_rate(epoch, profile.finetune_lr, epochs, "cosine")
+                x, y = _full_batches(*converged.augment(split["train_x"], split["train_y"], seed=3, epoch=epoch))
+                slim.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=2)
+            record = {"epochs": epochs, "test_before": before, "test_after": converged.test_accuracy(slim, data),
+                      "flops_kept": kap.count_flops(slim) / kap.count_flops(model),
+                      "seconds": time.perf_counter() - start}
         results = _load(paths["results"])
-        results.setdefault("finetune", {}).setdefault(tag, {})[entry] = {
-            "epochs": epochs, "test_before": before, "test_after": converged.test_accuracy(slim, data),
-            "flops_kept": kap.count_flops(slim) / kap.count_flops(model), "seconds": time.perf_counter() - start}
+        results.setdefault("finetune", {}).setdefault(tag, {})[entry] = record
         _store(paths["results"], results)
-        log(f"{tag} {entry}: {results['finetune'][tag][entry]}")
+        log(f"{tag} {entry}: {record}")
+
+
+def _train_from_scratch(architecture, split: dict, data: converged.Cifar10, epochs: int, full_flops: int,
+                        checkpoint: pathlib.Path, log=print) -> dict:
+    """``architecture`` re-initialised (`keras.models.clone_model`, seed 0) and trained ``epochs`` with `converged.Recipe`.
+
+    Saves ``<checkpoint>.keras`` and ``<checkpoint>.json`` (epochs done, seconds) after every epoch and
+    continues from them; removes them when done.
+    """
+    import keras
+
+    import keras_autoprune as kap
+
+    recipe = converged.Recipe()
+    model_path, state_path = checkpoint.with_suffix(".keras"), checkpoint.with_suffix(".json")
+    if model_path.exists() and state_path.exists():
+        slim, state = keras.saving.load_model(model_path), json.loads(state_path.read_text())
+        log(f"{checkpoint.name}: continuing after epoch {state['epoch']} of {epochs}")
+    else:
+        keras.utils.set_random_seed(recipe.seed)
+        slim = keras.models.clone_model(architecture)  # the same layers, fresh weights from their initialisers
+        converged._compile(slim, recipe)
+        state = {"epoch": 0, "seconds": 0.0}
+    while state["epoch"] < epochs:
+        start = time.perf_counter()
+        slim.optimizer.learning_rate = recipe.learning_rate(state["epoch"], epochs)
+        x, y = _full_batches(*converged.augment(split["train_x"], split["train_y"], seed=3, epoch=state["epoch"]))
+        logs = slim.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0).history
+        state["epoch"] += 1
+        state["seconds"] += time.perf_counter() - start
+        log(f"{checkpoint.name} epoch {state['epoch']}/{epochs}: loss {logs['loss'][0]:.4f} "
+            f"accuracy {logs['accuracy'][0]:.4f} ({state['seconds']:.0f} s)")
+        slim.save(model_path)
+        state_path.write_text(json.dumps(state))
+    record = {"epochs": epochs, "test_after": converged.test_accuracy(slim, data),
+              "flops_kept": kap.count_flops(slim) / full_flops,
+              "seconds": state["seconds"]}
+    model_path.unlink(missing_ok=True)
+    state_path.unlink(missing_ok=True)
+    return record
 
 
 def latency(model_name: str, target: float, channel_order: str = "index", calibrate: bool = False, log=print) -> None:
@@ -356,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--channel-order", default="index", choices=("index", "l1"), help="`PruningNet(channel_order=...)`")
     parser.add_argument("--calibrate", action="store_true", help="latency stage: search with a calibrated table")
-    parser.add_argument("--init", default="generated", choices=("generated", "trained"),
-                        help="finetune stage: start from the generated weights or from the converged model's channels")
+    parser.add_argument("--init", default="generated", choices=("generated", "trained", "scratch"),
+                        help="finetune stage: start from the generated weights, the converged model's channels, "
+                             "or a fresh initialisation (trained with the converged recipe)")
     args = parser.parse_args(argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
     order = args.channel_order

@@ -92,6 +92,27 @@ def test_generated_weights_have_the_cropped_shapes_of_a_gene_and_match_the_pruni
     assert not np.allclose(np.asarray(other.get_layer("c3").kernel)[:, :, :2, :], first)
 
 
+def test_one_sgd_step_moves_a_warm_started_generated_weight_by_lr_times_one_plus_h_squared_over_h():
+    """``W(e) = relu(e A + a) B / sqrt(H) + b`` with ``B = 0``: a step of rate ``lr`` on the gradient ``G`` of ``W``
+    moves ``W(e)`` by ``-lr (1 + |h(e)|^2 / H) G``, about ``-2 lr G``, not ``-H lr G``."""
+    import tensorflow as tf
+
+    net = mp.PruningNet(_residual_net(), scales=(0.25, 0.5, 1.0), hidden=16)
+    net.set_gene((0, 1))
+    generator = net._generators[id(net.base.get_layer("c3").kernel)]
+    before = np.asarray(generator.value())
+    gradient = np.random.default_rng(0).normal(0, 1, before.shape).astype("float32")
+    hidden = np.maximum(np.asarray(net.encoding(generator.variable)) @ np.asarray(generator.first)
+                        + np.asarray(generator.first_bias), 0)
+    variables = [generator.first, generator.first_bias, generator.second, generator.second_bias]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(generator.value() * gradient)
+    keras.optimizers.SGD(0.01).apply_gradients(zip(tape.gradient(loss, [v.value for v in variables]), variables))
+    step = 0.01 * (1 + float(np.sum(hidden**2)) / 16)
+    assert 1 < step / 0.01 < 3  # the generator adds at most about one lr (|h|^2 / H ~ |e|^2), not H of them
+    np.testing.assert_allclose(np.asarray(generator.value()), before - step * gradient, rtol=1e-5, atol=1e-6)
+
+
 def test_l1_channel_order_starts_every_gene_from_the_strongest_trained_channels():
     model = _residual_net()
     net = mp.PruningNet(model, scales=(0.25, 0.5, 1.0), channel_order="l1")
