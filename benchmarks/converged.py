@@ -264,14 +264,15 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint, progress_path = out_dir / f"{name}.checkpoint.keras", out_dir / f"{name}.progress.json"
     if checkpoint.exists() and progress_path.exists():
-        model = keras.saving.load_model(checkpoint)
         progress = json.loads(progress_path.read_text())
+        _check_same_run(progress, recipe, init_from, checkpoint)
+        model = keras.saving.load_model(checkpoint)
         log(f"{name}: continuing after epoch {progress['epoch']} of {progress['epochs']}")
     else:
         keras.utils.set_random_seed(recipe.seed)
         model = keras.saving.load_model(init_from, compile=False) if init_from else build(name, data.pixel_statistics())
         _compile(model, recipe)
-        progress = {"epoch": 0, "epochs": recipe.epochs, "seconds": 0.0, "history": []}
+        progress = {"epoch": 0, "epochs": recipe.epochs, "seconds": 0.0, "history": [], "recipe": dataclasses.asdict(recipe)}
         if init_from:
             progress["init_from"] = {"file": pathlib.Path(init_from).name, "sha256": sha256(init_from)}
     start, stage_start = time.perf_counter() - progress["seconds"], progress["epoch"]
@@ -317,6 +318,26 @@ def train(
     checkpoint.unlink(missing_ok=True)
     progress_path.unlink(missing_ok=True)
     return record
+
+
+def _check_same_run(progress: dict, recipe: Recipe, init_from, checkpoint: pathlib.Path) -> None:
+    """Refuses to continue a checkpoint with another recipe or starting point than the one it was begun with.
+
+    The learning rate of every epoch comes from the recipe given now, so a
+    resumed stage with other options would silently train another schedule.
+    ``epochs`` may differ (``--seconds`` plans it after the warm-up).
+    """
+    stored = {k: v for k, v in progress.get("recipe", {}).items() if k != "epochs"}
+    given = {k: v for k, v in dataclasses.asdict(recipe).items() if k != "epochs"}
+    changed = {k: (stored[k], given[k]) for k in stored if k in given and stored[k] != given[k]}
+    started_from = progress.get("init_from", {}).get("file")
+    if init_from is not None and pathlib.Path(init_from).name != started_from:
+        changed["init_from"] = (started_from, pathlib.Path(init_from).name)
+    if changed:
+        details = ", ".join(f"{k}: begun with {a!r}, now {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(f"{checkpoint} was begun with another recipe ({details}). Repeat the command with the "
+                         f"options it was begun with, or delete {checkpoint.name} and {checkpoint.stem.split('.')[0]}"
+                         f".progress.json to start again.")
 
 
 def _save_inference_model(model, path: pathlib.Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import keras
@@ -75,6 +76,9 @@ def test_training_in_stages_equals_one_uninterrupted_run(tmp_path, monkeypatch):
     whole = converged.train("tiny", tmp_path / "whole", tiny, recipe, log=lambda line: None)
     assert converged.train("tiny", tmp_path / "staged", tiny, recipe, stage_epochs=2, log=lambda line: None) is None
     assert (tmp_path / "staged" / "tiny.checkpoint.keras").exists()
+    other = dataclasses.replace(recipe, weight_decay=1e-3)
+    with pytest.raises(ValueError, match=r"weight_decay: begun with 0.005, now 0.001.*delete tiny.checkpoint.keras"):
+        converged.train("tiny", tmp_path / "staged", tiny, other, stage_epochs=2, log=lambda line: None)
     staged = converged.train("tiny", tmp_path / "staged", tiny, recipe, stage_epochs=2, log=lambda line: None)
     assert staged["epochs"] == whole["epochs"] == 3
     assert [row["lr"] for row in staged["history"]] == [row["lr"] for row in whole["history"]]
