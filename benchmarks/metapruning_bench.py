@@ -45,7 +45,7 @@ import time
 
 import numpy as np
 
-from benchmarks import converged
+from benchmarks import converged, red_bench
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results" / "v2"
 HELD_OUT = 5000
@@ -199,8 +199,10 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     (the channels the net's order keeps first; rows ``searched_from_trained``, ``uniform_from_trained``),
     both fine-tuned with protocol 2's recipe. ``"scratch"`` trains the slim architectures from a fresh
     initialisation with the converged models' recipe (`converged.Recipe`: warm-up, cosine from 0.1) over
-    ``epochs``, the paper's comparison (rows ``searched_from_scratch``, ``uniform_from_scratch``); it
-    checkpoints every epoch in the cache and resumes.
+    ``epochs``, the paper's comparison (rows ``searched_from_scratch``, ``uniform_from_scratch``; the uniform
+    widths are then the same fraction of every group, to a channel, with the largest FLOPs not above the
+    searched widths', `red_bench.uniform_ratio`, instead of the coarser uniform gene); it checkpoints every
+    epoch in the cache and resumes.
     """
     import keras
 
@@ -221,7 +223,10 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
         if done and done["epochs"] >= epochs:
             continue
         if init == "scratch":
-            record = _train_from_scratch(net.materialize(gene), split, data, epochs, kap.count_flops(model),
+            architecture = net.materialize(gene)
+            if entry.startswith("uniform") and metric == "flops":  # the same FLOPs as the searched widths, to a channel
+                architecture = red_bench.uniform_ratio(net.base, row["cost"], net.graph)[1]
+            record = _train_from_scratch(architecture, split, data, epochs, kap.count_flops(model),
                                          paths["weights"].parent / f"scratch_{paths['run']}_{tag}_{entry}", log)
         else:
             slim = net.materialize(gene) if init == "generated" else kap.apply_plan(model, net.space.plan(gene))
