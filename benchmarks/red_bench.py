@@ -68,7 +68,7 @@ def sweep_points(bandwidth_scales, merge_thresholds, merge_scale: float = MERGE_
 
 
 def red_row(model, model_name: str, bandwidth_scale: float, merge_threshold: float,
-            evaluate: Callable, separate_depthwise: bool = True) -> tuple[dict, object]:
+            evaluate: Callable, separate_depthwise: bool = True, hash_all_layers: bool = False) -> tuple[dict, object]:
     """One RED point: the row and the `RedResult`."""
     import numpy as np
 
@@ -76,12 +76,13 @@ def red_row(model, model_name: str, bandwidth_scale: float, merge_threshold: flo
 
     start = time.perf_counter()
     result = kap.red.compress(model, bandwidth_scale=bandwidth_scale, merge_threshold=merge_threshold,
-                              separate_depthwise=separate_depthwise)
+                              separate_depthwise=separate_depthwise, hash_all_layers=hash_all_layers)
     seconds = time.perf_counter() - start
     first, last = result.stages[0], result.stages[-1]
     kernels = [t.distinct_after for t in result.hashed if t.weight != "bias"]
     row = {
         "entry": "red", "model": model_name, "bandwidth_scale": bandwidth_scale, "merge_threshold": merge_threshold,
+        "hash_all_layers": hash_all_layers, "hashing_reverted": list(result.hashing_reverted),
         "flops_kept": last.flops / first.flops, "params_kept": last.params / first.params,
         "accuracy": evaluate(result.model), "seconds": seconds,
         "flops": last.flops, "params": last.params,
@@ -140,25 +141,36 @@ def uniform_row(model, model_name: str, beside: dict, evaluate: Callable, graph=
                 accuracy=evaluate(slim), seconds=seconds, ratio=ratio)
 
 
+def variant(row: dict) -> bool:
+    """A row's ``hash_all_layers`` (rows written before the option existed hashed every layer)."""
+    return row.get("hash_all_layers", True)
+
+
 def sweep(model, model_name: str, evaluate: Callable, points: list[tuple[float, float]],
-          done: list[dict] | None = None, on_row: Callable | None = None, log=print) -> list[dict]:
+          done: list[dict] | None = None, on_row: Callable | None = None, log=print,
+          hash_all_layers: bool = False) -> list[dict]:
     """RED at every point and uniform L1 beside it; rows in ``done`` are kept and their points skipped.
 
     Uniform L1 is bisected once per distinct FLOPs target; a point with the
     same target as an earlier one gets a copy (``"same_as"`` names it).
+    Rows of the other ``hash_all_layers`` setting are kept and left alone.
     """
     import keras_autoprune as kap
 
     rows = list(done or [])
     graph = kap.DependencyGraph(model)
+
+    def find(entry: str, point: tuple[float, float]) -> dict | None:
+        return next((r for r in rows if r["entry"] == entry and variant(r) == hash_all_layers
+                     and (r["bandwidth_scale"], r["merge_threshold"]) == point), None)
+
     for index, (scale, threshold) in enumerate(points, 1):
-        red = next((r for r in rows if r["entry"] == "red" and (r["bandwidth_scale"], r["merge_threshold"]) == (scale, threshold)), None)
+        red = find("red", (scale, threshold))
         if red is None:
-            red, _ = red_row(model, model_name, scale, threshold, evaluate)
+            red, _ = red_row(model, model_name, scale, threshold, evaluate, hash_all_layers=hash_all_layers)
             rows.append(red)
             _emit(on_row, rows)
-        uniform = next((r for r in rows if r["entry"] == "uniform_l1_datafree"
-                        and (r["bandwidth_scale"], r["merge_threshold"]) == (scale, threshold)), None)
+        uniform = find("uniform_l1_datafree", (scale, threshold))
         if uniform is None:
             twin = next((r for r in rows if r["entry"] == "uniform_l1_datafree" and "same_as" not in r
                          and r["target_flops_kept"] == red["flops_kept"]), None)
@@ -167,6 +179,7 @@ def sweep(model, model_name: str, evaluate: Callable, points: list[tuple[float, 
                                same_as=[twin["bandwidth_scale"], twin["merge_threshold"]])
             else:
                 uniform = uniform_row(model, model_name, red, evaluate, graph)
+            uniform["hash_all_layers"] = hash_all_layers  # the RED setting it stands beside
             rows.append(uniform)
             _emit(on_row, rows)
         log(f"[{index}/{len(points)}] {model_name} bandwidth_scale={scale:g} merge_threshold={threshold:g}: RED "
@@ -192,26 +205,31 @@ def latency_point(rows: list[dict], original_accuracy: float) -> dict | None:
 
 
 def measure_latency(model, rows: list[dict], original_accuracy: float, folder: pathlib.Path,
-                    runs: int = 300, log=print) -> dict:
-    """Exports and times the original against the `latency_point` (and, if any, separated vs not)."""
+                    runs: int = 300, log=print, hash_all_layers: bool = False) -> dict:
+    """Exports and times the original against the `latency_point` (and, if any, separated vs not) of the
+    rows of one ``hash_all_layers`` setting."""
+    import functools
+
     import keras_autoprune as kap
 
+    compress = functools.partial(kap.red.compress, hash_all_layers=hash_all_layers)
+    rows = [r for r in rows if variant(r) == hash_all_layers]
     folder = pathlib.Path(folder)
     out: dict = {"num_threads": 1, "runs": runs, "rounds": 10}
     best = latency_point(rows, original_accuracy)
     if best is None:
         return dict(out, note="no RED point removes FLOPs beyond BatchNormalization folding")
     files = {"original": (model, folder / "original.tflite")}
-    red = kap.red.compress(model, bandwidth_scale=best["bandwidth_scale"], merge_threshold=best["merge_threshold"],
-                           separate_depthwise=True)
+    red = compress(model, bandwidth_scale=best["bandwidth_scale"], merge_threshold=best["merge_threshold"],
+                   separate_depthwise=True)
     files["red"] = (red.model, folder / "red.tflite")
     separating = [r for r in rows if r["entry"] == "red" and r["convolutions_separated"] > 0]
     if separating:
         point = min(separating, key=lambda r: r["bandwidth_scale"])
-        on = kap.red.compress(model, bandwidth_scale=point["bandwidth_scale"], merge_threshold=point["merge_threshold"],
-                              separate_depthwise=True)
-        off = kap.red.compress(model, bandwidth_scale=point["bandwidth_scale"], merge_threshold=point["merge_threshold"],
-                               separate_depthwise=False)
+        on = compress(model, bandwidth_scale=point["bandwidth_scale"], merge_threshold=point["merge_threshold"],
+                      separate_depthwise=True)
+        off = compress(model, bandwidth_scale=point["bandwidth_scale"], merge_threshold=point["merge_threshold"],
+                       separate_depthwise=False)
         files["separated"] = (on.model, folder / "separated.tflite")
         files["not_separated"] = (off.model, folder / "not_separated.tflite")
         out["separation_point"] = {"bandwidth_scale": point["bandwidth_scale"], "merge_threshold": point["merge_threshold"],
@@ -241,7 +259,7 @@ def measure_latency(model, rows: list[dict], original_accuracy: float, folder: p
 
 def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
     """Accuracy against FLOPs kept: RED (the bandwidth sweep as a line in knob order, each point labelled with its
-    bandwidth_scale; merge thresholds as labelled squares) and uniform L1."""
+    bandwidth_scale; merge thresholds as labelled squares; the ``hash_all_layers=True`` rows faded) and uniform L1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,21 +267,25 @@ def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
 
     rows = [r for r in result["rows"] if "error" not in r]
     figure, axis = plt.subplots(figsize=(7.5, 5))
-    red = sorted((r for r in rows if r["entry"] == "red"), key=lambda r: (r["merge_threshold"], r["bandwidth_scale"]))
-    scale_line = [(r["flops_kept"], r["accuracy"]) for r in red if r["merge_threshold"] == 0]  # in knob order
-    merges = [(r["flops_kept"], r["accuracy"]) for r in red if r["merge_threshold"] > 0]
+    for hash_all in sorted({variant(r) for r in rows if r["entry"] == "red"}):
+        red = sorted((r for r in rows if r["entry"] == "red" and variant(r) == hash_all),
+                     key=lambda r: (r["merge_threshold"], r["bandwidth_scale"]))
+        scale_line = [(r["flops_kept"], r["accuracy"]) for r in red if r["merge_threshold"] == 0]  # in knob order
+        merges = [(r["flops_kept"], r["accuracy"]) for r in red if r["merge_threshold"] > 0]
+        alpha, suffix = (0.35, ", every layer hashed") if hash_all else (1.0, "")
+        if scale_line:
+            axis.plot(*zip(*scale_line), "-o", color="tab:red", markersize=4, alpha=alpha,
+                      label=f"RED, bandwidth_scale sweep{suffix}")
+        if merges:
+            axis.plot(*zip(*merges), "s", color="tab:purple", markersize=6, alpha=alpha,
+                      label=f"RED, bandwidth_scale={MERGE_SCALE:g}, merge_threshold > 0{suffix}")
+        for r in red:
+            label = f"{r['bandwidth_scale']:g}" if r["merge_threshold"] == 0 else f"t={r['merge_threshold']:g}"
+            axis.annotate(label, (r["flops_kept"], r["accuracy"]), textcoords="offset points", xytext=(-4, 4), alpha=alpha,
+                          ha="right", fontsize=7, color="tab:red" if r["merge_threshold"] == 0 else "tab:purple")
     uniform = sorted({(r["flops_kept"], r["accuracy"]) for r in rows if r["entry"] == "uniform_l1_datafree"})
-    if scale_line:
-        axis.plot(*zip(*scale_line), "-o", color="tab:red", markersize=4, label="RED, bandwidth_scale sweep")
-    if merges:
-        axis.plot(*zip(*merges), "s", color="tab:purple", markersize=6,
-                  label=f"RED, bandwidth_scale={MERGE_SCALE:g}, merge_threshold > 0")
     if uniform:
         axis.plot(*zip(*uniform), "--^", color="tab:blue", markersize=4, label="uniform L1, data-free")
-    for r in red:
-        label = f"{r['bandwidth_scale']:g}" if r["merge_threshold"] == 0 else f"t={r['merge_threshold']:g}"
-        axis.annotate(label, (r["flops_kept"], r["accuracy"]), textcoords="offset points", xytext=(-4, 4),
-                      ha="right", fontsize=7, color="tab:red" if r["merge_threshold"] == 0 else "tab:purple")
     axis.axhline(result["original"]["accuracy"], color="black", linewidth=0.8, label="original")
     axis.set_xlabel("FLOPs kept")
     axis.set_ylabel("top-1 accuracy (10,000 CIFAR-10 test images)")
@@ -276,27 +298,35 @@ def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
     plt.close(figure)
 
 
+def latency_key(hash_all_layers: bool) -> str:
+    """Where a result keeps the latency figures of one setting."""
+    return "latency_hash_all_layers" if hash_all_layers else "latency"
+
+
 def markdown(result: dict) -> str:
     """The table of the docs: each RED point and uniform L1 beside it (accuracy %, FLOPs and parameters kept)."""
     rows = result["rows"]
-    uniform = {(r["bandwidth_scale"], r["merge_threshold"]): r for r in rows if r["entry"] == "uniform_l1_datafree"}
-    lines = ["| bandwidth_scale | merge_threshold | RED accuracy | FLOPs kept | params kept | neurons merged | convs separated "
-             "| median distinct kernel values | uniform L1 accuracy | its FLOPs kept | its params kept |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted((r for r in rows if r["entry"] == "red"), key=lambda r: (r["merge_threshold"], r["bandwidth_scale"])):
-        u = uniform.get((r["bandwidth_scale"], r["merge_threshold"]), {"error": "not run"})
+    uniform = {(variant(r), r["bandwidth_scale"], r["merge_threshold"]): r for r in rows if r["entry"] == "uniform_l1_datafree"}
+    lines = ["| hashed layers | bandwidth_scale | merge_threshold | RED accuracy | FLOPs kept | params kept | neurons merged "
+             "| convs separated | median distinct kernel values | uniform L1 accuracy | its FLOPs kept | its params kept |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    red = (r for r in rows if r["entry"] == "red")
+    for r in sorted(red, key=lambda r: (not variant(r), r["merge_threshold"], r["bandwidth_scale"])):
+        u = uniform.get((variant(r), r["bandwidth_scale"], r["merge_threshold"]), {"error": "not run"})
+        hashed = "all" if variant(r) else f"used ({len(r['hashing_reverted'])} undone)"
         twin = ("| " + str(u["error"]) + " | | |" if "error" in u else
                 f"| {100 * u['accuracy']:.2f}% | {u['flops_kept']:.1%} | {u['params_kept']:.1%} |")
         median = r.get("kernel_distinct_values_median")
-        lines.append(f"| {r['bandwidth_scale']:g} | {r['merge_threshold']:g} | {100 * r['accuracy']:.2f}% | {r['flops_kept']:.1%} "
+        lines.append(f"| {hashed} | {r['bandwidth_scale']:g} | {r['merge_threshold']:g} | {100 * r['accuracy']:.2f}% | {r['flops_kept']:.1%} "
                      f"| {r['params_kept']:.1%} | {r['neurons_merged']:,} | {r['convolutions_separated']} "
                      f"| {'' if median is None else f'{median:g}'} " + twin)
     return "\n".join(lines)
 
 
 def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, data: converged.Cifar10,
-        fresh: bool = False, latency: bool = True, log=print) -> dict:
-    """Runs (or continues) the sweep for one model and writes ``out``; returns the result."""
+        fresh: bool = False, latency: bool = True, log=print, hash_all_layers: bool = False) -> dict:
+    """Runs (or continues) the sweep for one model and one ``hash_all_layers`` setting and writes ``out``
+    (the other setting's rows stay); returns the result."""
     import keras
 
     import keras_autoprune as kap
@@ -318,11 +348,13 @@ def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, d
 
     started = time.perf_counter()
     rows = sweep(model, model_name, lambda m: converged.test_accuracy(m, data), points,
-                 done=result.get("rows"), on_row=save, log=log)
+                 done=result.get("rows"), on_row=save, log=log, hash_all_layers=hash_all_layers)
     result["sweep_seconds_this_run"] = time.perf_counter() - started
     if latency:
         with tempfile.TemporaryDirectory() as folder:
-            result["latency"] = measure_latency(model, rows, result["original"]["accuracy"], pathlib.Path(folder), log=log)
+            result[latency_key(hash_all_layers)] = measure_latency(model, rows, result["original"]["accuracy"],
+                                                                   pathlib.Path(folder), log=log,
+                                                                   hash_all_layers=hash_all_layers)
     save(rows)
     return result
 
@@ -336,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(converged.DEFAULT_SOURCE))
     parser.add_argument("--fresh", action="store_true", help="discard finished points")
     parser.add_argument("--no-latency", action="store_true", help="skip the .tflite export and LiteRT timing")
+    parser.add_argument("--hash-all-layers", action="store_true",
+                        help="RED with hash_all_layers=True (every layer keeps its hashing, the paper's); kept "
+                             "beside the default's rows")
     args = parser.parse_args(argv)
     sweep_spec = SWEEPS[args.model]
     scales = args.bandwidth_scales if args.bandwidth_scales is not None else sweep_spec["bandwidth_scales"]
@@ -346,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.out or RESULTS_DIR
     result = run(args.model, sweep_points(scales, thresholds), folder / f"red_{args.model}.json",
                  converged.load_cifar10(args.data), fresh=args.fresh, latency=not args.no_latency,
-                 log=lambda line: print(line, flush=True))
+                 log=lambda line: print(line, flush=True), hash_all_layers=args.hash_all_layers)
     plot(args.model, result, (PLOT_DIR if args.out is None else folder) / f"v2_red_{args.model}.png")
     print(markdown(result))
     return 0

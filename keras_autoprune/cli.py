@@ -275,6 +275,9 @@ def _add_red(subcommands: argparse._SubParsersAction) -> None:
                         help="split convolutions whose hashed kernels repeat into depthwise + 1x1 where cheaper")
     parser.add_argument("--budget", default=None,
                         help="flops=F or params=F: search --bandwidth-scale upwards for the fraction kept")
+    parser.add_argument("--hash-all-layers", action="store_true",
+                        help="keep every layer's hashed weights (the paper); by default a layer whose hashing "
+                             "enables no merge or separation gets its weights back")
     parser.add_argument("--unsafe", action="store_true",
                         help="load with safe_mode=False (needed for Lambda layers; runs code stored in the file)")
     parser.add_argument("--tflite", metavar="OUT.tflite", help="also export a verified float32 .tflite")
@@ -288,7 +291,8 @@ def _run_red(args: argparse.Namespace) -> int:
     budget = parse_budget(args.budget) if args.budget is not None else None
     outcome = compress_saved_model(
         args.model, args.out, bandwidth_scale=args.bandwidth_scale, merge_threshold=args.merge_threshold,
-        separate_depthwise=args.separate_depthwise, budget=budget, unsafe=args.unsafe, tflite=args.tflite,
+        separate_depthwise=args.separate_depthwise, budget=budget, hash_all_layers=args.hash_all_layers,
+        unsafe=args.unsafe, tflite=args.tflite,
     )
     report = outcome.result.report
     print(report.to_markdown() if report is not None else "(no per-layer report for this model)")

@@ -331,7 +331,15 @@ def test_compress_end_to_end(tmp_path):
     assert [s.stage for s in result.stages] == ["original", "batchnorm_folded", "hashed", "merged", "separated"]
     assert result.stages[0].flops == kap.count_flops(model) and result.stages[-1].flops == kap.count_flops(result.model)
     assert result.neurons_merged >= 1 and result.merged_per_layer["c1"] >= 1
-    assert set(result.distinct_values) == {"c1", "c2", "head"}
+    # Only c1's hashing merged anything: c2's and the head's is undone (their folded weights come back).
+    assert set(result.distinct_values) == {"c1"} and result.hashing_reverted == ("c2", "head")
+    folded, _ = fold_batchnorm(model)
+    for name in ("c2", "head"):
+        np.testing.assert_array_equal(np.asarray(result.hashed_model.get_layer(name).kernel),
+                                      np.asarray(folded.get_layer(name).kernel))
+    paper = kap.red.compress(model, bandwidth_scale=0.05, separate_depthwise=True, hash_all_layers=True)
+    assert set(paper.distinct_values) == {"c1", "c2", "head"} and paper.hashing_reverted == ()
+    assert paper.neurons_merged == result.neurons_merged and paper.stages[-1] == result.stages[-1]
     assert result.report.totals["flops_after"] == kap.count_flops(result.model)
     assert result.report.totals["flops_before"] == kap.count_flops(model)
     x = _inputs(model)
@@ -362,6 +370,7 @@ def test_compress_with_budget_picks_a_scale_that_fits():
         ({"bandwidth_scale": "wide"}, "bandwidth_scale"),
         ({"merge_threshold": float("nan")}, "merge_threshold"),
         ({"separate_depthwise": "yes"}, "separate_depthwise"),
+        ({"hash_all_layers": 1}, "hash_all_layers"),
         ({"budget": 0.5}, "kap.Budget"),
         ({"budget": kap.Budget(flops=0.5), "bandwidth_scale": 0.0}, "bandwidth_scale"),
     ],

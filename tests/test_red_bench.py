@@ -41,6 +41,14 @@ def test_sweep_rows_pair_red_with_uniform_l1_at_the_same_flops():
     assert [(r["entry"], r["merge_threshold"]) for r in rows][2:] == [("red", 0.3), ("uniform_l1_datafree", 0.3)]
     best = red_bench.latency_point(rows, original_accuracy=1.0)
     assert best is not None and best["entry"] == "red" and best["neurons_merged"] >= 2
+    # the paper's setting (every layer hashed) adds its own rows beside the default's and leaves them alone
+    both = red_bench.sweep(model, "tiny", evaluate, points[:1], done=rows, log=lambda _: None, hash_all_layers=True)
+    assert both[:4] == rows
+    assert [(r["entry"], r["hash_all_layers"]) for r in both[4:]] == [("red", True), ("uniform_l1_datafree", True)]
+    assert red["hashing_reverted"] == ["c2", "head"] and both[4]["hashing_reverted"] == []
+    assert both[4]["neurons_merged"] == red["neurons_merged"] and both[4]["flops_kept"] == red["flops_kept"]
+    table = red_bench.markdown({"rows": both})
+    assert table.count("| used (2 undone) |") == 2 and table.count("| all |") == 1
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -4,7 +4,9 @@ The stages, each a small module of this package:
 
 0. `fold_batchnorm`: BatchNormalization folded into the layer before it.
 1. `hash_weights`: every weight tensor of the linear layers snapped to the
-   modes of its kernel density estimate (``bandwidth_scale``).
+   modes of its kernel density estimate (``bandwidth_scale``). By default
+   only the layers whose hashing lets stage 2 merge or stage 3 separate
+   keep it: the others get their weights back (``hash_all_layers=False``).
 2. `merge_neurons`: identical output neurons merged exactly (a
    `kap.PrunePlan` plus a fold of the readers' weights); near-identical ones
    with ``merge_threshold > 0``.
@@ -30,7 +32,7 @@ from keras_autoprune.budget import Budget
 from keras_autoprune.graph.dependency import DependencyGraph, check_model
 from keras_autoprune.red.batchnorm import FoldedNorm, fold_batchnorm
 from keras_autoprune.red.hashing import HashedTensor, hash_weights
-from keras_autoprune.red.merging import merge_neurons
+from keras_autoprune.red.merging import MergeResult, merge_neurons
 from keras_autoprune.red.report import red_report
 from keras_autoprune.red.separation import Separation, separate_depthwise
 from keras_autoprune.report import PruningReport
@@ -65,7 +67,10 @@ class RedResult:
             ``"hashed"``, ``"merged"`` and, with ``separate_depthwise``,
             ``"separated"``.
         folded_norms: the BatchNormalizations folded, with their producers.
-        hashed: one `HashedTensor` per hashed weight tensor.
+        hashed: one `HashedTensor` per hashed weight tensor (of the layers
+            that kept their hashing).
+        hashing_reverted: the layers whose hashing enabled no merge and no
+            separation and was undone (empty with ``hash_all_layers=True``).
         merge_plan: the stage-2 `kap.PrunePlan`.
         merged_per_layer: ``{layer: output neurons removed by merging}``
             (every layer feeding a residual group loses the group's merged
@@ -88,6 +93,7 @@ class RedResult:
     merge_blocked: dict[str, str]
     separations: tuple[Separation, ...]
     bandwidth_scale: float
+    hashing_reverted: tuple[str, ...] = ()
 
     @property
     def distinct_values(self) -> dict[str, dict[str, int]]:
@@ -126,6 +132,7 @@ def compress(
     merge_threshold: float = 0.0,
     separate_depthwise: bool = False,
     budget: Budget | None = None,
+    hash_all_layers: bool = False,
 ) -> RedResult:
     """Compresses ``model`` with RED, without data and without fine-tuning.
 
@@ -144,6 +151,12 @@ def compress(
         budget: a `kap.Budget`; if given, ``bandwidth_scale`` is the lower
             end of a search (log-bisection up to 100 times it) for the
             smallest scale whose compressed model fits the budget.
+        hash_all_layers: keep the hashed weights of every layer, as the
+            paper does. ``False`` (default): stages 1-3 run once with every
+            layer hashed, then again with only the layers that created
+            merged neurons or were separated hashed; the others keep their
+            original weights, so hashing that removes nothing costs no
+            accuracy.
 
     Returns:
         A `RedResult`.
@@ -157,18 +170,15 @@ def compress(
     >>> result = kap.red.compress(model, bandwidth_scale=0.05)  # doctest: +SKIP
     >>> result.model, result.report, result.summary()          # doctest: +SKIP
     """
-    _check_arguments(model, bandwidth_scale, merge_threshold, separate_depthwise, budget)
-    if budget is None:
-        return _run(model, float(bandwidth_scale), float(merge_threshold), bool(separate_depthwise))
-    return _search(model, float(bandwidth_scale), float(merge_threshold), bool(separate_depthwise), budget)
-
-
-def _check_arguments(model, bandwidth_scale, merge_threshold, separate_depthwise, budget) -> None:
     check_model(model)
-    check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget)
+    check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers)
+    options = (float(merge_threshold), bool(separate_depthwise), hash_all_layers)
+    if budget is None:
+        return _run(model, float(bandwidth_scale), *options)
+    return _search(model, float(bandwidth_scale), *options, budget)
 
 
-def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget) -> None:
+def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers=False) -> None:
     """Checks `compress`'s arguments other than the model (raises ValueError), before any work."""
     for name, value in (("bandwidth_scale", bandwidth_scale), ("merge_threshold", merge_threshold)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
@@ -181,8 +191,9 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget) 
             "A budget search scales `bandwidth_scale` up from its value, so it must be > 0. "
             "Received: bandwidth_scale=0 with a budget. Fix: pass e.g. bandwidth_scale=0.05."
         )
-    if not isinstance(separate_depthwise, bool):
-        raise ValueError(f"Expected `separate_depthwise` to be True or False. Received: separate_depthwise={separate_depthwise!r}")
+    for name, value in (("separate_depthwise", separate_depthwise), ("hash_all_layers", hash_all_layers)):
+        if not isinstance(value, bool):
+            raise ValueError(f"Expected `{name}` to be True or False. Received: {name}={value!r}")
     if budget is not None and not isinstance(budget, Budget):
         raise ValueError(
             "Expected `budget` to be a `kap.Budget`, e.g. `kap.Budget(flops=0.75)`, or None. "
@@ -192,62 +203,93 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget) 
         budget.require_countable("kap.red.compress")
 
 
-def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool) -> RedResult:
+def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, hash_all_layers: bool) -> RedResult:
     graph = DependencyGraph(model)
     stages = [StageFigures("original", count_flops(model), count_params(model))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unknown layers were reported once, for `model`
         folded, folds = fold_batchnorm(model, graph)
         stages.append(StageFigures("batchnorm_folded", count_flops(folded), count_params(folded)))
-        hashed, tensors = hash_weights(folded, bandwidth_scale) if bandwidth_scale > 0 else (folded, [])
-        stages.append(StageFigures("hashed", stages[-1].flops, stages[-1].params))
-        merge = merge_neurons(hashed, merge_threshold)
-        current = merge.model
-        stages.append(StageFigures("merged", count_flops(current), count_params(current)))
-        separations: list[Separation] = []
-        if separate:
-            current, separations = separate_depthwise(current)
-            stages.append(StageFigures("separated", count_flops(current), count_params(current)))
+        run = _Stages.run(folded, bandwidth_scale, merge_threshold, separate)
+        reverted: tuple[str, ...] = ()
+        if not hash_all_layers:
+            used = {layer for layer, count in run.merge.merged_per_layer.items() if count}
+            used |= {separation.layer for separation in run.separations}
+            hashed_layers = list(dict.fromkeys(tensor.layer for tensor in run.tensors))
+            reverted = tuple(layer for layer in hashed_layers if layer not in used)
+            if reverted:
+                run = _Stages.run(folded, bandwidth_scale, merge_threshold, separate, layers=used)
+    stages.extend(run.figures(stages[-1], separate))
     extra = {
         "method": "red",
         "bandwidth_scale": bandwidth_scale,
         "merge_threshold": merge_threshold,
         "batchnorm_folded": len(folds),
-        "neurons_merged": merge.merged,
-        "convolutions_separated": len(separations),
+        "neurons_merged": run.merge.merged,
+        "convolutions_separated": len(run.separations),
+        "hashing_reverted": len(reverted),
     }
     try:
-        report = red_report(model, current, plan=merge.plan, extra=extra)
+        report = red_report(model, run.model, plan=run.merge.plan, extra=extra)
     except (ValueError, TypeError):
         report = None
     return RedResult(
-        model=current,
-        hashed_model=hashed,
+        model=run.model,
+        hashed_model=run.hashed,
         report=report,
         stages=tuple(stages),
         folded_norms=tuple(folds),
-        hashed=tuple(tensors),
-        merge_plan=merge.plan,
-        merged_per_layer=merge.merged_per_layer,
-        merge_clusters=merge.clusters,
-        merge_blocked=merge.blocked,
-        separations=tuple(separations),
+        hashed=tuple(run.tensors),
+        merge_plan=run.merge.plan,
+        merged_per_layer=run.merge.merged_per_layer,
+        merge_clusters=run.merge.clusters,
+        merge_blocked=run.merge.blocked,
+        separations=tuple(run.separations),
         bandwidth_scale=bandwidth_scale,
+        hashing_reverted=reverted,
     )
 
 
-def _search(model, low: float, merge_threshold: float, separate: bool, budget: Budget) -> RedResult:
+@dataclasses.dataclass(frozen=True)
+class _Stages:
+    """Stages 1-3 on a BatchNormalization-folded model."""
+
+    hashed: keras.Model
+    tensors: list[HashedTensor]
+    merge: MergeResult
+    model: keras.Model
+    separations: list[Separation]
+
+    @classmethod
+    def run(cls, folded, bandwidth_scale: float, merge_threshold: float, separate: bool, layers=None) -> _Stages:
+        """Hashes ``layers`` (default: every linear layer; none when ``bandwidth_scale`` is 0), merges, separates."""
+        hashed, tensors = (hash_weights(folded, bandwidth_scale, layers=layers)
+                           if bandwidth_scale > 0 and (layers is None or layers) else (folded, []))
+        merge = merge_neurons(hashed, merge_threshold)
+        current, separations = separate_depthwise(merge.model) if separate else (merge.model, [])
+        return cls(hashed, tensors, merge, current, separations)
+
+    def figures(self, folded: StageFigures, separate: bool) -> list[StageFigures]:
+        """The ``hashed``, ``merged`` (and ``separated``) stage figures."""
+        figures = [StageFigures("hashed", folded.flops, folded.params),
+                   StageFigures("merged", count_flops(self.merge.model), count_params(self.merge.model))]
+        if separate:
+            figures.append(StageFigures("separated", count_flops(self.model), count_params(self.model)))
+        return figures
+
+
+def _search(model, low: float, merge_threshold: float, separate: bool, hash_all_layers: bool, budget: Budget) -> RedResult:
     """Smallest ``bandwidth_scale`` in ``[low, 100·low]`` (log-bisection) meeting ``budget``."""
     target = budget.fraction * (count_flops(model) if budget.metric == "flops" else count_params(model))
 
     def cost(result: RedResult) -> int:
         return getattr(result.stages[-1], budget.metric)
 
-    best = _run(model, low, merge_threshold, separate)
+    best = _run(model, low, merge_threshold, separate, hash_all_layers)
     if cost(best) <= target:
         return best
     high = low * _SEARCH_RANGE
-    top = _run(model, high, merge_threshold, separate)
+    top = _run(model, high, merge_threshold, separate, hash_all_layers)
     if cost(top) > target:
         reached = cost(top) / (target / budget.fraction)
         raise ValueError(
@@ -258,7 +300,7 @@ def _search(model, low: float, merge_threshold: float, separate: bool, budget: B
     best = top
     for _ in range(_SEARCH_STEPS):
         middle = math.sqrt(low * high)
-        result = _run(model, middle, merge_threshold, separate)
+        result = _run(model, middle, merge_threshold, separate, hash_all_layers)
         if cost(result) <= target:
             high, best = middle, result
         else:

@@ -25,6 +25,7 @@ PReLU, LayerScale, ...) are left unchanged.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 
 import keras
 import numpy as np
@@ -74,7 +75,8 @@ def hash_values(values: np.ndarray, bandwidth_scale: float) -> tuple[np.ndarray,
 
 
 def hash_weights(
-    model: keras.Model, bandwidth_scale: float = 1.0, graph: DependencyGraph | None = None
+    model: keras.Model, bandwidth_scale: float = 1.0, graph: DependencyGraph | None = None,
+    layers: Collection[str] | None = None,
 ) -> tuple[keras.Model, list[HashedTensor]]:
     """Returns a copy of ``model`` whose linear layers' weights are hashed.
 
@@ -84,6 +86,8 @@ def hash_weights(
         bandwidth_scale: multiplies Silverman's bandwidth; smaller keeps
             more distinct values (closer to the original model).
         graph: ``DependencyGraph(model)`` if already built.
+        layers: qualified names of the layers to hash; default: every
+            linear layer.
 
     Returns:
         ``(hashed_model, tensors)``: the new model and one `HashedTensor`
@@ -96,6 +100,8 @@ def hash_weights(
     for record in graph.records:
         layer = record.operation
         if not record.first_call or not is_linear_layer(layer) or id(layer) in plans:
+            continue
+        if layers is not None and record.name not in layers:
             continue
         weights = layer_weights(layer)
         for key in HASHED_WEIGHTS:

@@ -58,6 +58,7 @@ def compress_saved_model(
     merge_threshold: float = 0.0,
     separate_depthwise: bool = False,
     budget: Budget | None = None,
+    hash_all_layers: bool = False,
     unsafe: bool = False,
     tflite: str | os.PathLike | None = None,
 ) -> RedOutcome:
@@ -66,8 +67,8 @@ def compress_saved_model(
     Args:
         model_path: a ``.keras`` file.
         out: the compressed model's ``.keras`` file.
-        bandwidth_scale, merge_threshold, separate_depthwise, budget: as in
-            `keras_autoprune.red.compress`.
+        bandwidth_scale, merge_threshold, separate_depthwise, budget,
+            hash_all_layers: as in `keras_autoprune.red.compress`.
         unsafe: load with ``safe_mode=False``.
         tflite: also export a float32 ``.tflite`` here, verified with LiteRT
             on random inputs.
@@ -80,7 +81,7 @@ def compress_saved_model(
         ExportError: the ``.tflite`` failed conversion or verification.
     """
     check_paths(model_path, out, tflite)
-    check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget)
+    check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers)
     import keras
 
     from keras_autoprune.red.compress import compress
@@ -88,7 +89,7 @@ def compress_saved_model(
     start = time.perf_counter()
     model = keras.saving.load_model(model_path, safe_mode=not unsafe, compile=False)
     result = compress(model, bandwidth_scale=bandwidth_scale, merge_threshold=merge_threshold,
-                      separate_depthwise=separate_depthwise, budget=budget)
+                      separate_depthwise=separate_depthwise, budget=budget, hash_all_layers=hash_all_layers)
     result.model.save(out)
     files, summary = [str(out)], None
     if tflite is not None:
@@ -105,7 +106,9 @@ def stage_details(result: RedResult) -> str:
     lines = [result.summary(), "", "distinct values after hashing (per layer and weight):"]
     distinct = result.distinct_values
     if not distinct:
-        lines.append("  none hashed (bandwidth_scale=0)")
+        lines.append("  none hashed" + (" (bandwidth_scale=0)" if result.bandwidth_scale == 0 else ""))
+    if result.hashing_reverted:
+        lines.append(f"  hashing undone (it enabled no merge or separation): {', '.join(result.hashing_reverted)}")
     for layer, weights in distinct.items():
         lines.append(f"  {layer}: " + ", ".join(f"{key} {count:,}" for key, count in weights.items()))
     lines.append(f"neurons merged: {result.neurons_merged}" + (" (per layer below)" if result.merged_per_layer else ""))
