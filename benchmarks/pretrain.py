@@ -32,11 +32,18 @@ CPU_EPOCH_SECONDS = 360.0
 """Seconds of one 50,000-image ResNet-20 epoch on two CPU cores (measured), the stage planning of a converged base model."""
 
 
+def _manifest_entry(name: str) -> dict:
+    """The committed converged model ``name``'s entry of ``benchmarks/models/manifest.json``."""
+    from benchmarks import converged
+
+    return json.loads((converged.MODELS_DIR / "manifest.json").read_text())["models"][name]
+
+
 def _use_converged(name: str, folder: pathlib.Path) -> dict:
     """Copies the committed converged model ``name`` into ``folder``; its manifest entry becomes the meta."""
     from benchmarks import converged
 
-    entry = json.loads((converged.MODELS_DIR / "manifest.json").read_text())["models"][name]
+    entry = _manifest_entry(name)
     source = converged.MODELS_DIR / entry["file"]
     if converged.sha256(source) != entry["sha256"]:
         raise ValueError(f"{source} differs from its manifest entry (sha256); run `python -m benchmarks.converged verify`.")
@@ -74,9 +81,11 @@ def pretrain(
     folder = pretrained_path(profile, cache_root)
     meta_path = folder / "meta.json"
     if meta_path.exists() and (folder / "model.keras").exists():
-        return dict(json.loads(meta_path.read_text()), cached=True)
+        meta = json.loads(meta_path.read_text())
+        if profile.base_model is None or meta.get("sha256") == _manifest_entry(profile.base_model)["sha256"]:
+            return dict(meta, cached=True)
     folder.mkdir(parents=True, exist_ok=True)
-    if profile.base_model is not None:
+    if profile.base_model is not None:  # first use, or the committed model changed since the copy
         return _use_converged(profile.base_model, folder)
     checkpoint, progress_path = folder / "checkpoint.keras", folder / "checkpoint.json"
     if checkpoint.exists() and progress_path.exists():

@@ -113,6 +113,8 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
     log(f"pretrained ({'cached' if pretrained_meta['cached'] else 'trained'}): accuracy {pretrained_meta['accuracy']:.4f}")
     # A profile on committed weights keeps its finished units in the repository (results/<profile>/units-<key>/).
     keep = pathlib.Path(args.results_dir) / profile.name / f"units-{profile.run_key()}" if profile.base_model else None
+    if keep is not None:
+        check_base_model(keep, pretrained_meta["sha256"])
     store = UnitStore(cache / profile.name / f"runs-{profile.run_key()}", fresh=not (profile.resumable or args.resume or args.report_only), keep=keep)
     data_path = store.root / "data.npz"
     if not data_path.exists():
@@ -161,6 +163,23 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
         report.plot(results, pathlib.Path(args.plot))
     log(f"done: {pathlib.Path(args.results_dir) / f'{profile.name}.json'}")
     return results
+
+
+def check_base_model(folder: pathlib.Path, sha256: str) -> None:
+    """Refuses kept units computed on another base model (the run key names the profile, not the weights).
+
+    The first run writes ``base_model.json`` (the model file's sha256) into the units' folder.
+    """
+    record = pathlib.Path(folder) / "base_model.json"
+    if record.exists():
+        kept = json.loads(record.read_text())["sha256"]
+        if kept != sha256:
+            raise ValueError(f"The finished units in {folder} were computed on a base model with sha256 {kept[:12]}..., "
+                             f"but the committed model now has {sha256[:12]}.... Move that folder aside (or delete it) "
+                             "to run the profile on the new weights.")
+        return
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"sha256": sha256}, indent=1) + "\n")
 
 
 def run_unit(entry, profile, data: BenchData, data_path, pretrained, budget, seed, store: UnitStore, unit, deadline) -> dict:

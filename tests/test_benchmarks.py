@@ -431,3 +431,13 @@ def test_a_failed_export_is_recorded_and_left_out_of_the_timing(tmp_path):
     run = results["runs"][0]
     assert report.figure(results, run, 0.5, "tflite_int8_bytes") is None
     assert report.figure(results, run, 0.5, "tflite_float32_bytes") == files["float32"]["bytes"]
+
+
+def test_kept_units_are_refused_for_another_base_model(tmp_path):
+    from benchmarks.run import check_base_model
+
+    check_base_model(tmp_path / "units-key", "a" * 64)  # first run: records the model
+    assert json.loads((tmp_path / "units-key" / "base_model.json").read_text()) == {"sha256": "a" * 64}
+    check_base_model(tmp_path / "units-key", "a" * 64)  # the same model: accepted
+    with pytest.raises(ValueError, match=r"sha256 aaaaaaaaaaaa\.\.\., but the committed model now has bbbbbbbbbbbb"):
+        check_base_model(tmp_path / "units-key", "b" * 64)
