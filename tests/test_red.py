@@ -363,6 +363,25 @@ def test_compress_with_budget_picks_a_scale_that_fits():
         kap.red.compress(model, bandwidth_scale=0.001, budget=kap.Budget(params=0.01))
 
 
+def test_default_keeps_the_hashing_of_every_layer_a_merge_compares_depthwise_included():
+    """An inverted residual (expand -> depthwise -> project): a merged channel must agree in the expansion
+    and in the depthwise filters, so both keep their hashing; only the readers' hashing is undone."""
+    inputs = keras.Input((6, 6, 3))
+    x = L.ReLU()(L.BatchNormalization(name="expand_bn")(L.Conv2D(8, 1, name="expand")(inputs)))
+    x = L.ReLU()(L.BatchNormalization(name="dw_bn")(L.DepthwiseConv2D(3, padding="same", name="dw")(x)))
+    x = L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="project")(x))
+    model = keras.Model(inputs, L.Dense(3, name="head")(x))
+    randomize(model, seed=3)
+    for name in ("expand", "expand_bn", "dw_bn"):
+        _copy_channel(model.get_layer(name), 0, 5)
+    _copy_channel(model.get_layer("dw"), 0, 5, axis=-2)  # depthwise kernel (k, k, channels, 1); its bias: axis -1
+    paper = kap.red.compress(model, bandwidth_scale=0.05, hash_all_layers=True)
+    result = kap.red.compress(model, bandwidth_scale=0.05)
+    assert paper.neurons_merged == result.neurons_merged >= 1 and result.merge_clusters == paper.merge_clusters
+    assert set(result.distinct_values) == {"expand", "dw"} and result.hashing_reverted == ("project", "head")
+    _assert_same(result.model, result.hashed_model, _inputs(model))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -213,12 +213,15 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         run = _Stages.run(folded, bandwidth_scale, merge_threshold, separate)
         reverted: tuple[str, ...] = ()
         if not hash_all_layers:
-            used = {layer for layer, count in run.merge.merged_per_layer.items() if count}
-            used |= {separation.layer for separation in run.separations}
+            used = set(run.merge.compared_layers) | {separation.layer for separation in run.separations}
             hashed_layers = list(dict.fromkeys(tensor.layer for tensor in run.tensors))
             reverted = tuple(layer for layer in hashed_layers if layer not in used)
             if reverted:
-                run = _Stages.run(folded, bandwidth_scale, merge_threshold, separate, layers=used)
+                again = _Stages.run(folded, bandwidth_scale, merge_threshold, separate, layers=used)
+                if merge_threshold > 0 or again.merge.clusters == run.merge.clusters:
+                    run = again
+                else:  # cannot happen if `compared_layers` is complete; never give up a merge silently
+                    reverted = ()
     stages.extend(run.figures(stages[-1], separate))
     extra = {
         "method": "red",

@@ -55,6 +55,9 @@ class MergeResult:
             that create the merged channels.
         blocked: ``{group_id: reason}`` for prunable groups that could not
             be examined.
+        compared_layers: the layers whose weights entered the signatures of
+            the merged groups (every member but the readers): the merges
+            depend on these layers' weights only.
     """
 
     model: keras.Model
@@ -62,6 +65,7 @@ class MergeResult:
     clusters: dict[str, list[list[int]]]
     merged_per_layer: dict[str, int]
     blocked: dict[str, str]
+    compared_layers: frozenset[str] = frozenset()
 
     @property
     def merged(self) -> int:
@@ -113,7 +117,8 @@ def merge_neurons(model: keras.Model, merge_threshold: float = 0.0, graph: Depen
         kept[group_id] = [c for c in range(graph.group(group_id).size) if c not in gone]
     plan = PrunePlan(kept)
     merged = apply_plan(folded, plan, folded_graph)
-    return MergeResult(merged, plan, clusters, _per_layer(index, graph, clusters), blocked)
+    return MergeResult(merged, plan, clusters, _per_layer(index, graph, clusters), blocked,
+                       _compared_layers(index, graph, clusters))
 
 
 def _clusters(signature: GroupSignatures, threshold: float) -> list[list[int]]:
@@ -176,3 +181,16 @@ def _per_layer(index: GraphIndex, graph: DependencyGraph, clusters) -> dict[str,
             if member.side == "output" and creates:
                 counts[member.layer] = counts.get(member.layer, 0) + int(np.isin(member.channels, gone).sum())
     return counts
+
+
+def _compared_layers(index: GraphIndex, graph: DependencyGraph, clusters) -> frozenset[str]:
+    """Members of the merged groups whose weights are compared (all but the Linear layers reading the channels)."""
+    names = set()
+    for group_id in clusters:
+        for member in graph.group(group_id).members:
+            record = index.record(member.layer)
+            reads = (member.side == "input" and isinstance(record.handler, LinearHandler)
+                     and not record.handler._depthwise(record.operation))
+            if not reads and getattr(record.operation, "weights", None):
+                names.add(member.layer)
+    return frozenset(names)
