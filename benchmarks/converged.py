@@ -221,7 +221,8 @@ class Recipe:
         return 0.5 * self.peak_learning_rate * (1.0 + math.cos(math.pi * progress))
 
 
-def _compile(model, recipe: Recipe) -> None:
+def compile_with(model, recipe: Recipe) -> None:
+    """Compiles ``model`` for the recipe: SGD with Nesterov momentum and decoupled weight decay, cross-entropy on logits."""
     import keras
 
     model.compile(
@@ -271,7 +272,7 @@ def train(
     else:
         keras.utils.set_random_seed(recipe.seed)
         model = keras.saving.load_model(init_from, compile=False) if init_from else build(name, data.pixel_statistics())
-        _compile(model, recipe)
+        compile_with(model, recipe)
         progress = {"epoch": 0, "epochs": recipe.epochs, "seconds": 0.0, "history": [], "recipe": dataclasses.asdict(recipe)}
         if init_from:
             progress["init_from"] = {"file": pathlib.Path(init_from).name, "sha256": sha256(init_from)}

@@ -268,7 +268,7 @@ def _train_from_scratch(architecture, split: dict, data: converged.Cifar10, epoc
     else:
         keras.utils.set_random_seed(recipe.seed)
         slim = keras.models.clone_model(architecture)  # the same layers, fresh weights from their initialisers
-        converged._compile(slim, recipe)
+        converged.compile_with(slim, recipe)
         state = {"epoch": 0, "seconds": 0.0}
     while state["epoch"] < epochs:
         start = time.perf_counter()
