@@ -370,11 +370,16 @@ def markdown(results: dict) -> str:
                      "was built).\n")
     tuned = results.get("finetune", {})
     if tuned:
-        lines += ["| budget | entry | epochs | test top-1 before | after fine-tuning | FLOPs kept |", "|---|---|---|---|---|---|"]
+        lines += ["| budget | entry | epochs | test top-1 before | after training | FLOPs kept |", "|---|---|---|---|---|---|"]
         for tag, entries in sorted(tuned.items()):
             for entry, row in sorted(entries.items()):
-                lines.append(f"| {tag.replace('_', ' ')} | {entry} | {row['epochs']} | {row['test_before']:.4f} | "
+                before = f"{row['test_before']:.4f}" if "test_before" in row else "(fresh weights)"
+                lines.append(f"| {tag.replace('_', ' ')} | {entry} | {row['epochs']} | {before} | "
                              f"{row['test_after']:.4f} | {row['flops_kept']:.3f} |")
+        lines.append("\nRows `searched`, `uniform`: from the PruningNet's generated weights; `_from_trained`: the "
+                     "converged model cut to the gene's channels; both fine-tuned with protocol 2's recipe. "
+                     "`_from_scratch`: fresh weights trained with the converged models' recipe (warm-up, cosine "
+                     "from 0.1), the uniform widths matched to the searched FLOPs to a channel.")
     return "\n".join(lines) or "Not run yet."
 
 
