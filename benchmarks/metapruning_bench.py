@@ -4,6 +4,7 @@
     python -m benchmarks.metapruning_bench search --target 0.5   # evolutionary search at 50% FLOPs kept
     python -m benchmarks.metapruning_bench finetune --target 0.5 --epochs 4   # searched vs uniform widths
     python -m benchmarks.metapruning_bench finetune --target 0.5 --epochs 4 --init trained   # from the converged weights
+    python -m benchmarks.metapruning_bench finetune --target 0.25 --epochs 20 --init scratch  # fresh weights (--seed N)
     python -m benchmarks.metapruning_bench latency --target 0.5  # latency table, latency-budget search, check
     python -m benchmarks.metapruning_bench latency --target 0.5 --calibrate   # the same with a calibrated table
     python -m benchmarks.metapruning_bench report                # the table in docs/methods/metapruning.md
@@ -191,7 +192,7 @@ def search(model_name: str, target: float, metric: str = "flops", channel_order:
 
 
 def finetune(model_name: str, target: float, epochs: int, metric: str = "flops", channel_order: str = "index",
-             init: str = "generated", log=print) -> None:
+             init: str = "generated", seed: int = 0, log=print) -> None:
     """Trains the searched and the uniform gene of ``target`` the same epochs; test accuracy of each.
 
     ``init``: ``"generated"`` starts each from the PruningNet's generated weights (rows ``searched``,
@@ -202,7 +203,8 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     ``epochs``, the paper's comparison (rows ``searched_from_scratch``, ``uniform_from_scratch``; the uniform
     widths are then the same fraction of every group, to a channel, with the largest FLOPs not above the
     searched widths', `red_bench.uniform_ratio`, instead of the coarser uniform gene); it checkpoints every
-    epoch in the cache and resumes.
+    epoch in the cache and resumes. ``seed`` (scratch only) seeds the initialisation and the batches;
+    its rows get a ``_seed<N>`` suffix when it is not 0.
     """
     import keras
 
@@ -216,7 +218,9 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     split = _split(data)
     profile = PROFILES["v2"]
     model, net = _network(model_name, paths)
-    suffix = {"generated": "", "trained": "_from_trained", "scratch": "_from_scratch"}[init]
+    if seed and init != "scratch":
+        raise ValueError(f"`seed` applies to the from-scratch training only. Received: seed={seed} with init={init!r}")
+    suffix = {"generated": "", "trained": "_from_trained", "scratch": "_from_scratch"}[init] + (f"_seed{seed}" if seed else "")
     for entry, gene in ((f"searched{suffix}", row["gene"]), (f"uniform{suffix}", row["uniform_gene"])):
         results = _load(paths["results"])
         done = results.setdefault("finetune", {}).setdefault(tag, {}).get(entry)
@@ -227,7 +231,7 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
             if entry.startswith("uniform") and metric == "flops":  # the same FLOPs as the searched widths, to a channel
                 architecture = red_bench.uniform_ratio(net.base, row["cost"], net.graph)[1]
             record = _train_from_scratch(architecture, split, data, epochs, kap.count_flops(model),
-                                         paths["weights"].parent / f"scratch_{paths['run']}_{tag}_{entry}", log)
+                                         paths["weights"].parent / f"scratch_{paths['run']}_{tag}_{entry}", seed, log)
         else:
             slim = net.materialize(gene) if init == "generated" else kap.apply_plan(model, net.space.plan(gene))
             kap.recalibrate_batchnorm(slim, split["bn_x"], batch_size=BATCH_SIZE)
@@ -250,8 +254,8 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
 
 
 def _train_from_scratch(architecture, split: dict, data: converged.Cifar10, epochs: int, full_flops: int,
-                        checkpoint: pathlib.Path, log=print) -> dict:
-    """``architecture`` re-initialised (`keras.models.clone_model`, seed 0) and trained ``epochs`` with `converged.Recipe`.
+                        checkpoint: pathlib.Path, seed: int = 0, log=print) -> dict:
+    """``architecture`` re-initialised (`keras.models.clone_model`, seeded) and trained ``epochs`` with `converged.Recipe`.
 
     Saves ``<checkpoint>.keras`` and ``<checkpoint>.json`` (epochs done, seconds) after every epoch and
     continues from them; removes them when done.
@@ -260,7 +264,7 @@ def _train_from_scratch(architecture, split: dict, data: converged.Cifar10, epoc
 
     import keras_autoprune as kap
 
-    recipe = converged.Recipe()
+    recipe = converged.Recipe(seed=seed)
     model_path, state_path = checkpoint.with_suffix(".keras"), checkpoint.with_suffix(".json")
     if model_path.exists() and state_path.exists():
         slim, state = keras.saving.load_model(model_path), json.loads(state_path.read_text())
@@ -273,7 +277,7 @@ def _train_from_scratch(architecture, split: dict, data: converged.Cifar10, epoc
     while state["epoch"] < epochs:
         start = time.perf_counter()
         slim.optimizer.learning_rate = recipe.learning_rate(state["epoch"], epochs)
-        x, y = _full_batches(*converged.augment(split["train_x"], split["train_y"], seed=3, epoch=state["epoch"]))
+        x, y = _full_batches(*converged.augment(split["train_x"], split["train_y"], seed=3 + seed, epoch=state["epoch"]))
         logs = slim.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0).history
         state["epoch"] += 1
         state["seconds"] += time.perf_counter() - start
@@ -415,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--channel-order", default="index", choices=("index", "l1"), help="`PruningNet(channel_order=...)`")
     parser.add_argument("--calibrate", action="store_true", help="latency stage: search with a calibrated table")
+    parser.add_argument("--seed", type=int, default=0, help="finetune --init scratch: seed of the weights and batches")
     parser.add_argument("--init", default="generated", choices=("generated", "trained", "scratch"),
                         help="finetune stage: start from the generated weights, the converged model's channels, "
                              "or a fresh initialisation (trained with the converged recipe)")
@@ -426,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "search":
         search(args.model, args.target, channel_order=order, log=log)
     elif args.stage == "finetune":
-        finetune(args.model, args.target, args.epochs, channel_order=order, init=args.init, log=log)
+        finetune(args.model, args.target, args.epochs, channel_order=order, init=args.init, seed=args.seed, log=log)
     elif args.stage == "latency":
         latency(args.model, args.target, order, calibrate=args.calibrate, log=log)
     else:
