@@ -37,9 +37,22 @@ def test_red_subcommand_writes_a_smaller_exact_model(duplicates_file, tmp_path, 
     x = _inputs(model, batch=4)
     assert relative_error(np.asarray(loaded(x)), np.asarray(hashed(x))) <= 1e-5
     for figure in ("batchnorm_folded", "merged", "distinct values after hashing", "c1: kernel",
-                   "neurons merged: 2", "  c1: 2", "layers separated: 0", "max abs error", "top-1 agreement"):
+                   "neurons merged: 2", "  c1: 2", "layers separated: 0", "max abs error", "top-1 agreement",
+                   "hashing undone (it enabled no merge or separation): c2, head"):
         assert figure in printed
+    assert "c2: kernel" not in printed
     assert tflite.is_file() and str(out) in printed.splitlines()[-1]
+
+
+def test_red_subcommand_hash_all_layers_keeps_every_layer_hashed(duplicates_file, tmp_path, capsys):
+    path, model = duplicates_file
+    out = tmp_path / "red.keras"
+    assert main(["red", str(path), str(out), "--bandwidth-scale", "0.05", "--hash-all-layers"]) == 0
+    printed = capsys.readouterr().out
+    assert "c2: kernel" in printed and "head: kernel" in printed and "hashing undone" not in printed
+    hashed = kap.red.compress(model, bandwidth_scale=0.05, hash_all_layers=True).hashed_model
+    x = _inputs(model, batch=4)
+    assert relative_error(np.asarray(keras.saving.load_model(out)(x)), np.asarray(hashed(x))) <= 1e-5
 
 
 def test_red_subcommand_with_a_budget_and_separation(duplicates_file, tmp_path, capsys):
