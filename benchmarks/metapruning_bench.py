@@ -206,6 +206,8 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     epoch in the cache and resumes. ``seed`` (scratch only) seeds the initialisation and the batches;
     its rows get a ``_seed<N>`` suffix when it is not 0.
     """
+    if seed and init != "scratch":
+        raise ValueError(f"`seed` applies to the from-scratch training only. Received: seed={seed} with init={init!r}")
     import keras
 
     import keras_autoprune as kap
@@ -218,8 +220,6 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     split = _split(data)
     profile = PROFILES["v2"]
     model, net = _network(model_name, paths)
-    if seed and init != "scratch":
-        raise ValueError(f"`seed` applies to the from-scratch training only. Received: seed={seed} with init={init!r}")
     suffix = {"generated": "", "trained": "_from_trained", "scratch": "_from_scratch"}[init] + (f"_seed{seed}" if seed else "")
     for entry, gene in ((f"searched{suffix}", row["gene"]), (f"uniform{suffix}", row["uniform_gene"])):
         results = _load(paths["results"])
