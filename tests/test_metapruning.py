@@ -161,7 +161,9 @@ def test_removed_channels_leave_the_shared_batchnorm_statistics_alone():
 
 def test_training_with_the_gene_sampler_draws_a_gene_per_batch_and_updates_the_generators():
     model = _residual_net()
-    net = mp.PruningNet(model, scales=(0.25, 0.5, 1.0))
+    # From scratch (B != 0): a warm start's B = 0 gives A and a no gradient until B has moved, a second-order
+    # change that float32 may not register in 4 steps.
+    net = mp.PruningNet(model, scales=(0.25, 0.5, 1.0), warm_start=False)
     x, y = _data(64)
     seen = []
 
@@ -173,13 +175,13 @@ def test_training_with_the_gene_sampler_draws_a_gene_per_batch_and_updates_the_g
     mp.train_pruningnet(net, (x, y), epochs=1, batch_size=16, callbacks=[Spy()], verbose=0)
     assert len(seen) == 4 and len(set(seen)) > 1
     genes, seen[:] = list(seen), []
-    twin = mp.PruningNet(model, scales=(0.25, 0.5, 1.0))
+    twin = mp.PruningNet(model, scales=(0.25, 0.5, 1.0), warm_start=False)
     mp.train_pruningnet(twin, (x, y), epochs=1, batch_size=16, callbacks=[Spy()], verbose=0)
     assert seen == genes  # same seed: same genes, same batches, the same network up to float reduction order
     assert all(np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6) for a, b in zip(net.weights, twin.weights))
     assert net.gene == net.space.full  # left at full width after training
     changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(start, net.trainable_weights)]
-    assert sum(changed) >= len(changed) - 2  # every generator and shared variable trained (B of unused rows may not)
+    assert all(changed)  # every generator (A, a, B, b) and shared variable trained
     sampler = mp.GeneSampler()
     sampler.set_model(_residual_net())
     with pytest.raises(TypeError, match="GeneSampler drives"):
@@ -371,12 +373,14 @@ def test_latency_calibration_fits_the_full_latency_and_the_savings_scale(tmp_pat
     model = _residual_net()
     table = mp.LatencyTable.build(model, scales=(0.5,), runs=5, verbose=0, calibration=(0.5,))
     raw, measured = table.calibration["raw_predicted_ms"], table.calibration["measured_ms"]
-    assert table.calibration["ratios"] == [0.5] and len(raw) == len(measured) == 2 and raw[0] == 0.0 and raw[1] < 0
+    assert table.calibration["ratios"] == [0.5] and len(raw) == len(measured) == 2 and raw[0] == 0.0
+    table.bind(model)
+    half = kap.PrunePlan.uniform(kap.DependencyGraph(model), 0.5)
+    # the raw change is the table's own one-layer sum for that plan (its sign is timing, not a property)
+    assert raw[1] == pytest.approx(table._raw_change(half))
     full, scale = fit_savings_scale(raw, measured)
     if scale > 0:  # two plans: the fitted line passes through both measurements
         assert (table.full_ms, table.savings_scale) == (pytest.approx(full), pytest.approx(scale))
-        table.bind(model)
-        half = kap.PrunePlan.uniform(kap.DependencyGraph(model), 0.5)
         assert table.estimate(kap.PrunePlan({})) == pytest.approx(measured[0])
         assert table.estimate(half) == pytest.approx(measured[1])
     else:  # timing noise on a tiny model swamped the savings: the table falls back to k = 1

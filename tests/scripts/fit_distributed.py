@@ -39,7 +39,8 @@ def small_cnn() -> keras.Model:
 def pruningnet(strategy, x, y) -> dict:
     """A PruningNet trained under ``strategy``; its generated slim model must equal it at the last gene."""
     with strategy.scope():
-        net = kap.metapruning.PruningNet(small_cnn(), scales=(0.25, 0.5, 1.0))
+        # from scratch (B != 0), so that every generator's A and a get a gradient from the first step
+        net = kap.metapruning.PruningNet(small_cnn(), scales=(0.25, 0.5, 1.0), warm_start=False)
         start = [np.array(w) for w in net.trainable_weights]
         history = kap.metapruning.train_pruningnet(net, (x, y), epochs=2, batch_size=16, verbose=0)
     gene = (0, 1)
