@@ -29,6 +29,10 @@ ResNet-20, too large to commit; the 2 epochs take about 5 minutes on 2 idle
 cores). Results that record epochs whose weights are gone make the next
 ``train`` start again from the converged weights. Everything measured is written to
 ``benchmarks/results/v2/metapruning_<model>.json`` as soon as it is known.
+A search that finds another gene moves the rows trained from the previous
+widths to ``finetune_superseded`` (not reported); ``finetune`` trains a row
+again unless one with the same layer widths and epochs is recorded (a
+superseded from-scratch or from-trained row with equal widths is reused).
 The searched widths and the uniform widths at the same FLOPs (the widest
 uniform gene within the budget) both start from the PruningNet's generated
 weights and are fine-tuned with the same recipe and epochs
@@ -145,6 +149,8 @@ def train(model_name: str, epochs: int, channel_order: str = "index", log=print)
         state["loss"].append(float(history.history["loss"][-1]))
         state["epochs_done"] = epoch + 1
         net.save_weights(paths["weights"])
+        results = _load(paths["results"])  # other stages may have written meanwhile: replace only this state
+        results["pruningnet"] = state
         _store(paths["results"], results)
         log(f"PruningNet epoch {epoch + 1}/{epochs}: loss {state['loss'][-1]:.4f}, {state['seconds'][-1]:.0f} s")
 
@@ -184,11 +190,25 @@ def search(model_name: str, target: float, metric: str = "flops", channel_order:
            "uniform_widths": net.space.group_widths(uniform),
            "pruningnet_epochs": results.get("pruningnet", {}).get("epochs_done", 0)}
     results = _load(paths["results"])
-    results.setdefault("search", {})[tag] = row
+    replace_search_row(results, tag, row, log)
     _store(paths["results"], results)
     log(f"search {tag}: best {score:.4f} at cost {row['cost']:.3f} ({row['candidates']} candidates, {seconds:.0f} s); "
         f"uniform {row['uniform_score']:.4f} at cost {row['uniform_cost']:.3f}")
     return row
+
+
+def replace_search_row(results: dict, tag: str, row: dict, log=print) -> None:
+    """Stores the search ``row`` as ``results["search"][tag]``.
+
+    When it replaces a search with another gene, the rows trained from that search's widths move to
+    ``results["finetune_superseded"][tag]`` (replacing older superseded ones): they no longer describe the
+    search, and `finetune` reuses one only where its widths equal what it would train.
+    """
+    previous = results.setdefault("search", {}).get(tag)
+    if previous and previous["gene"] != row["gene"] and results.get("finetune", {}).get(tag):
+        results.setdefault("finetune_superseded", {})[tag] = results["finetune"].pop(tag)
+        log(f"search {tag}: the rows trained from the previous search's widths moved to 'finetune_superseded'")
+    results["search"][tag] = row
 
 
 def finetune(model_name: str, target: float, epochs: int, metric: str = "flops", channel_order: str = "index",
@@ -222,18 +242,24 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     model, net = _network(model_name, paths)
     suffix = {"generated": "", "trained": "_from_trained", "scratch": "_from_scratch"}[init] + (f"_seed{seed}" if seed else "")
     for entry, gene in ((f"searched{suffix}", row["gene"]), (f"uniform{suffix}", row["uniform_gene"])):
+        if init == "scratch" and entry.startswith("uniform") and metric == "flops":
+            # the same FLOPs as the searched widths, to a channel
+            slim = red_bench.uniform_ratio(net.base, row["cost"], net.graph)[1]
+        else:
+            slim = net.materialize(gene) if init != "trained" else kap.apply_plan(model, net.space.plan(gene))
+        widths = layer_widths(slim)
         results = _load(paths["results"])
-        done = results.setdefault("finetune", {}).setdefault(tag, {}).get(entry)
-        if done and done["epochs"] >= epochs:
+        done = _trained_row(results, tag, entry, widths, epochs, superseded=init != "generated")
+        if done is not None:
+            if results.setdefault("finetune", {}).setdefault(tag, {}).get(entry) is not done:
+                results["finetune"][tag][entry] = done
+                _store(paths["results"], results)
+                log(f"{tag} {entry}: reused the superseded search's row (the same widths, {done['epochs']} epochs)")
             continue
         if init == "scratch":
-            architecture = net.materialize(gene)
-            if entry.startswith("uniform") and metric == "flops":  # the same FLOPs as the searched widths, to a channel
-                architecture = red_bench.uniform_ratio(net.base, row["cost"], net.graph)[1]
-            record = _train_from_scratch(architecture, split, data, epochs, kap.count_flops(model),
+            record = _train_from_scratch(slim, split, data, epochs, kap.count_flops(model),
                                          paths["weights"].parent / f"scratch_{paths['run']}_{tag}_{entry}", seed, log)
         else:
-            slim = net.materialize(gene) if init == "generated" else kap.apply_plan(model, net.space.plan(gene))
             kap.recalibrate_batchnorm(slim, split["bn_x"], batch_size=BATCH_SIZE)
             before = converged.test_accuracy(slim, data)
             slim.compile(optimizer=keras.optimizers.SGD(profile.finetune_lr, momentum=0.9, nesterov=True,
@@ -247,10 +273,32 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
             record = {"epochs": epochs, "test_before": before, "test_after": converged.test_accuracy(slim, data),
                       "flops_kept": kap.count_flops(slim) / kap.count_flops(model),
                       "seconds": time.perf_counter() - start}
+        record["widths"] = widths
         results = _load(paths["results"])
         results.setdefault("finetune", {}).setdefault(tag, {})[entry] = record
         _store(paths["results"], results)
         log(f"{tag} {entry}: {record}")
+
+
+def layer_widths(model) -> dict[str, int]:
+    """``{layer name: output channels}`` of every convolution and dense layer: what a trained row was trained at."""
+    return {layer.name: int(getattr(layer, "filters", None) or layer.units) for layer in model.layers
+            if getattr(layer, "filters", None) or getattr(layer, "units", None)}
+
+
+def _trained_row(results: dict, tag: str, entry: str, widths: dict[str, int], epochs: int,
+                 superseded: bool = True) -> dict | None:
+    """The row of ``entry`` already trained at ``widths`` for at least ``epochs``, current or superseded; else None.
+
+    A row without widths, or with others (trained before the search was replaced), does not count.
+    ``superseded=False`` looks at the current rows only (rows that started from the generated weights of
+    another PruningNet must not be reused).
+    """
+    for section in ("finetune", "finetune_superseded")[:2 if superseded else 1]:
+        done = results.get(section, {}).get(tag, {}).get(entry)
+        if done and done.get("widths") == widths and done["epochs"] >= epochs:
+            return done
+    return None
 
 
 def _train_from_scratch(architecture, split: dict, data: converged.Cifar10, epochs: int, full_flops: int,
@@ -440,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         paths = _paths(args.model, order)
         page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "methods" / "metapruning.md"
         update_docs(page, f"metapruning_{paths['run']}", markdown(_load(paths["results"])))
+        for kept in sorted(RESULTS_DIR.glob(f"metapruning_{paths['run']}_*.json")):  # earlier nets' kept results
+            if f"<!-- benchmarks:{kept.stem}:begin -->" in page.read_text():
+                update_docs(page, kept.stem, markdown(_load(kept)))
     return 0
 
 

@@ -1,0 +1,60 @@
+"""The bookkeeping of `benchmarks.metapruning_bench`: which trained rows still describe the current search."""
+
+from __future__ import annotations
+
+import keras
+
+from benchmarks import metapruning_bench as bench
+
+
+def _row(gene):
+    return {"gene": list(gene), "cost": 0.24}
+
+
+def _trained(accuracy, widths, epochs=20):
+    return {"epochs": epochs, "test_after": accuracy, "widths": dict(widths)}
+
+
+def test_layer_widths_lists_convolutions_and_dense_layers_only():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(5, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.DepthwiseConv2D(3, name="depthwise")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(7, name="head")(x)
+    assert bench.layer_widths(keras.Model(inputs, outputs)) == {"conv": 5, "head": 7}
+
+
+def test_a_new_search_moves_the_rows_trained_from_the_old_widths_aside():
+    results = {"search": {"flops_0.25": _row([1, 2])},
+               "finetune": {"flops_0.25": {"searched_from_scratch": _trained(0.8, {"a": 3})}}}
+    lines = []
+    bench.replace_search_row(results, "flops_0.25", _row([2, 2]), log=lines.append)
+    assert results["search"]["flops_0.25"]["gene"] == [2, 2]
+    assert "flops_0.25" not in results["finetune"]
+    assert results["finetune_superseded"]["flops_0.25"]["searched_from_scratch"]["test_after"] == 0.8
+    assert len(lines) == 1 and "finetune_superseded" in lines[0]
+
+
+def test_the_same_gene_found_again_keeps_its_trained_rows():
+    trained = {"searched_from_scratch": _trained(0.8, {"a": 3})}
+    results = {"search": {"flops_0.25": _row([1, 2])}, "finetune": {"flops_0.25": dict(trained)}}
+    bench.replace_search_row(results, "flops_0.25", _row([1, 2]))
+    assert results["finetune"]["flops_0.25"] == trained
+    assert "finetune_superseded" not in results
+
+
+def test_a_trained_row_counts_only_with_the_same_widths_and_enough_epochs():
+    row = _trained(0.81, {"a": 3, "b": 4})
+    results = {"finetune": {}, "finetune_superseded": {"flops_0.25": {"uniform_from_scratch": row}}}
+    assert bench._trained_row(results, "flops_0.25", "uniform_from_scratch", {"a": 3, "b": 4}, 20) is row
+    assert bench._trained_row(results, "flops_0.25", "uniform_from_scratch", {"a": 3, "b": 5}, 20) is None
+    assert bench._trained_row(results, "flops_0.25", "uniform_from_scratch", {"a": 3, "b": 4}, 21) is None
+    # generated weights come from one PruningNet: another net's superseded rows are never reused
+    assert bench._trained_row(results, "flops_0.25", "uniform_from_scratch", {"a": 3, "b": 4}, 20,
+                              superseded=False) is None
+
+
+def test_a_row_without_widths_is_trained_again():
+    results = {"finetune": {"flops_0.25": {"searched_from_scratch": {"epochs": 20, "test_after": 0.82}}}}
+    assert bench._trained_row(results, "flops_0.25", "searched_from_scratch", {"a": 3}, 20) is None
