@@ -212,7 +212,8 @@ def replace_search_row(results: dict, tag: str, row: dict, log=print) -> None:
 
 
 def finetune(model_name: str, target: float, epochs: int, metric: str = "flops", channel_order: str = "index",
-             init: str = "generated", seed: int = 0, log=print) -> None:
+             init: str = "generated", seed: int = 0, entries: tuple[str, ...] = ("searched", "uniform"),
+             log=print) -> None:
     """Trains the searched and the uniform gene of ``target`` the same epochs; test accuracy of each.
 
     ``init``: ``"generated"`` starts each from the PruningNet's generated weights (rows ``searched``,
@@ -224,7 +225,8 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     widths are then the same fraction of every group, to a channel, with the largest FLOPs not above the
     searched widths', `red_bench.uniform_ratio`, instead of the coarser uniform gene); it checkpoints every
     epoch in the cache and resumes. ``seed`` (scratch only) seeds the initialisation and the batches;
-    its rows get a ``_seed<N>`` suffix when it is not 0.
+    its rows get a ``_seed<N>`` suffix when it is not 0. ``entries``: which of the two to train (two
+    processes, one each, share 2 cores better than one runs both in turn).
     """
     if seed and init != "scratch":
         raise ValueError(f"`seed` applies to the from-scratch training only. Received: seed={seed} with init={init!r}")
@@ -242,6 +244,8 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     model, net = _network(model_name, paths)
     suffix = {"generated": "", "trained": "_from_trained", "scratch": "_from_scratch"}[init] + (f"_seed{seed}" if seed else "")
     for entry, gene in ((f"searched{suffix}", row["gene"]), (f"uniform{suffix}", row["uniform_gene"])):
+        if not entry.startswith(entries):
+            continue
         if init == "scratch" and entry.startswith("uniform") and metric == "flops":
             # the same FLOPs as the searched widths, to a channel
             slim = red_bench.uniform_ratio(net.base, row["cost"], net.graph)[1]
@@ -468,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channel-order", default="index", choices=("index", "l1"), help="`PruningNet(channel_order=...)`")
     parser.add_argument("--calibrate", action="store_true", help="latency stage: search with a calibrated table")
     parser.add_argument("--seed", type=int, default=0, help="finetune --init scratch: seed of the weights and batches")
+    parser.add_argument("--entry", action="append", choices=("searched", "uniform"),
+                        help="finetune stage: train only this one (repeatable; default both)")
     parser.add_argument("--init", default="generated", choices=("generated", "trained", "scratch"),
                         help="finetune stage: start from the generated weights, the converged model's channels, "
                              "or a fresh initialisation (trained with the converged recipe)")
@@ -479,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "search":
         search(args.model, args.target, channel_order=order, log=log)
     elif args.stage == "finetune":
-        finetune(args.model, args.target, args.epochs, channel_order=order, init=args.init, seed=args.seed, log=log)
+        finetune(args.model, args.target, args.epochs, channel_order=order, init=args.init, seed=args.seed,
+                 entries=tuple(args.entry or ("searched", "uniform")), log=log)
     elif args.stage == "latency":
         latency(args.model, args.target, order, calibrate=args.calibrate, log=log)
     else:
