@@ -221,12 +221,13 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     (the channels the net's order keeps first; rows ``searched_from_trained``, ``uniform_from_trained``),
     both fine-tuned with protocol 2's recipe. ``"scratch"`` trains the slim architectures from a fresh
     initialisation with the converged models' recipe (`converged.Recipe`: warm-up, cosine from 0.1) over
-    ``epochs``, the paper's comparison (rows ``searched_from_scratch``, ``uniform_from_scratch``; the uniform
-    widths are then the same fraction of every group, to a channel, with the largest FLOPs not above the
-    searched widths', `red_bench.uniform_ratio`, instead of the coarser uniform gene); it checkpoints every
-    epoch in the cache and resumes. ``seed`` (scratch only) seeds the initialisation and the batches;
-    its rows get a ``_seed<N>`` suffix when it is not 0. ``entries``: which of the two to train (two
-    processes, one each, share 2 cores better than one runs both in turn).
+    ``epochs``, the paper's comparison (rows ``searched_from_scratch``, ``uniform_from_scratch``); it
+    checkpoints every epoch in the cache and resumes. ``seed`` (scratch only) seeds the initialisation and
+    the batches; its rows get a ``_seed<N>`` suffix when it is not 0. From scratch or trained, under a
+    FLOPs budget, the uniform widths are the same fraction of every group, to a channel, with the largest
+    FLOPs not above the searched widths' (`_matched_uniform`), instead of the coarser uniform gene.
+    ``entries``: which of the two to train (two processes, one each, share 2 cores better than one runs
+    both in turn).
     """
     if seed and init != "scratch":
         raise ValueError(f"`seed` applies to the from-scratch training only. Received: seed={seed} with init={init!r}")
@@ -246,9 +247,8 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     for entry, gene in ((f"searched{suffix}", row["gene"]), (f"uniform{suffix}", row["uniform_gene"])):
         if not entry.startswith(entries):
             continue
-        if init == "scratch" and entry.startswith("uniform") and metric == "flops":
-            # the same FLOPs as the searched widths, to a channel
-            slim = red_bench.uniform_ratio(net.base, row["cost"], net.graph)[1]
+        if init != "generated" and entry.startswith("uniform") and metric == "flops":
+            slim = _matched_uniform(model, net, row["cost"], init, channel_order)
         else:
             slim = net.materialize(gene) if init != "trained" else kap.apply_plan(model, net.space.plan(gene))
         widths = layer_widths(slim)
@@ -282,6 +282,23 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
         results.setdefault("finetune", {}).setdefault(tag, {})[entry] = record
         _store(paths["results"], results)
         log(f"{tag} {entry}: {record}")
+
+
+def _matched_uniform(model, net, cost: float, init: str, channel_order: str):
+    """The uniform widths with the largest FLOPs not above ``cost`` (to a channel, `red_bench.uniform_ratio`).
+
+    ``init="scratch"``: the architecture (its weights are re-initialised); ``"trained"``: ``model`` cut to
+    those widths keeping the channels the searched widths keep too: each group's first channels for the
+    ``"index"`` order (`PrunePlan.uniform(importance="last")`), its largest L1 norms for ``"l1"``.
+    """
+    import keras_autoprune as kap
+
+    ratio, architecture = red_bench.uniform_ratio(net.base, cost, net.graph)
+    if init == "scratch":
+        return architecture
+    graph = kap.DependencyGraph(model)
+    importance = {"index": "last", "l1": "l1"}[channel_order]
+    return kap.apply_plan(model, kap.PrunePlan.uniform(graph, ratio, importance=importance), graph)
 
 
 def layer_widths(model) -> dict[str, int]:

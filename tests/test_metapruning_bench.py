@@ -58,3 +58,24 @@ def test_a_trained_row_counts_only_with_the_same_widths_and_enough_epochs():
 def test_a_row_without_widths_is_trained_again():
     results = {"finetune": {"flops_0.25": {"searched_from_scratch": {"epochs": 20, "test_after": 0.82}}}}
     assert bench._trained_row(results, "flops_0.25", "searched_from_scratch", {"a": 3}, 20) is None
+
+
+def test_matched_uniform_widths_keep_at_most_the_searched_flops_and_the_first_channels():
+    import numpy as np
+
+    import keras_autoprune as kap
+    from keras_autoprune import metapruning as mp
+    from tests.test_metapruning import _residual_net
+
+    model = _residual_net()
+    net = mp.PruningNet(model, scales=(0.25, 0.5, 0.75, 1.0), seed=0)
+    full = kap.count_flops(model)
+    cost = kap.count_flops(net.materialize((1, 3))) / full  # a searched gene's FLOPs kept
+    scratch = bench._matched_uniform(model, net, cost, "scratch", "index")
+    trained = bench._matched_uniform(model, net, cost, "trained", "index")
+    assert bench.layer_widths(scratch) == bench.layer_widths(trained)
+    assert kap.count_flops(trained) / full <= cost
+    # the searched gene keeps less than the full model, so the matched uniform widths prune too
+    assert bench.layer_widths(trained) != bench.layer_widths(model)
+    kept = trained.get_layer("c1").get_weights()[0]
+    np.testing.assert_array_equal(kept, model.get_layer("c1").get_weights()[0][..., :kept.shape[-1]])
