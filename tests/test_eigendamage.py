@@ -146,7 +146,8 @@ def test_cost_aware_ranking_divides_by_the_exact_cost_of_one_direction(trained):
     # One of d1's directions costs 320 FLOPs, one of c2's 20,480: per FLOP, c2 gives more and d1 stays whole.
     assert cost.marginal("d1", 128, 32, "flops") == (320, 320) and cost.marginal("c2", 16, 16, "flops") == (20480, 20480)
     assert "d1" in plain.layers and "d1" not in aware.layers
-    assert aware.layers["c2"].rank[1] < plain.layers["c2"].rank[1]
+    # c2 keeps fewer directions in all (input plus output side: which side loses them moves with float noise)
+    assert sum(aware.layers["c2"].rank) < sum(plain.layers["c2"].rank)
 
 
 def test_later_rounds_only_shrink_the_subspaces(trained):
