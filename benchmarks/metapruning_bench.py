@@ -222,15 +222,17 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     both fine-tuned with protocol 2's recipe. ``"scratch"`` trains the slim architectures from a fresh
     initialisation with the converged models' recipe (`converged.Recipe`: warm-up, cosine from 0.1) over
     ``epochs``, the paper's comparison (rows ``searched_from_scratch``, ``uniform_from_scratch``); it
-    checkpoints every epoch in the cache and resumes. ``seed`` (scratch only) seeds the initialisation and
-    the batches; its rows get a ``_seed<N>`` suffix when it is not 0. From scratch or trained, under a
-    FLOPs budget, the uniform widths are the same fraction of every group, to a channel, with the largest
-    FLOPs not above the searched widths' (`_matched_uniform`), instead of the coarser uniform gene.
+    checkpoints every epoch in the cache and resumes. ``seed`` seeds the augmentation (and, from scratch,
+    the initialisation and batch order; not with ``"generated"``); its rows get a ``_seed<N>`` suffix when
+    it is not 0. From scratch or trained, under a FLOPs budget, the uniform widths are the same fraction
+    of every group, to a channel, with the largest FLOPs not above the searched widths'
+    (`_matched_uniform`), instead of the coarser uniform gene.
     ``entries``: which of the two to train (two processes, one each, share 2 cores better than one runs
     both in turn).
     """
-    if seed and init != "scratch":
-        raise ValueError(f"`seed` applies to the from-scratch training only. Received: seed={seed} with init={init!r}")
+    if seed and init == "generated":
+        raise ValueError(f"`seed` applies to the trainings from scratch or from the trained weights only. "
+                         f"Received: seed={seed} with init={init!r}. Pass --init scratch or --init trained.")
     import keras
 
     import keras_autoprune as kap
@@ -272,7 +274,7 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
             start = time.perf_counter()
             for epoch in range(epochs):
                 slim.optimizer.learning_rate = learning_rate(epoch, profile.finetune_lr, epochs, "cosine")
-                x, y = _full_batches(*converged.augment(split["train_x"], split["train_y"], seed=3, epoch=epoch))
+                x, y = _full_batches(*converged.augment(split["train_x"], split["train_y"], seed=3 + seed, epoch=epoch))
                 slim.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=2)
             record = {"epochs": epochs, "test_before": before, "test_after": converged.test_accuracy(slim, data),
                       "flops_kept": kap.count_flops(slim) / kap.count_flops(model),
@@ -490,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--channel-order", default="index", choices=("index", "l1"), help="`PruningNet(channel_order=...)`")
     parser.add_argument("--calibrate", action="store_true", help="latency stage: search with a calibrated table")
-    parser.add_argument("--seed", type=int, default=0, help="finetune --init scratch: seed of the weights and batches")
+    parser.add_argument("--seed", type=int, default=0, help="finetune --init scratch|trained: seed of the augmentation (and of the fresh weights)")
     parser.add_argument("--entry", action="append", choices=("searched", "uniform"),
                         help="finetune stage: train only this one (repeatable; default both)")
     parser.add_argument("--init", default="generated", choices=("generated", "trained", "scratch"),

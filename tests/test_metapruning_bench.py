@@ -79,3 +79,10 @@ def test_matched_uniform_widths_keep_at_most_the_searched_flops_and_the_first_ch
     assert bench.layer_widths(trained) != bench.layer_widths(model)
     kept = trained.get_layer("c1").get_weights()[0]
     np.testing.assert_array_equal(kept, model.get_layer("c1").get_weights()[0][..., :kept.shape[-1]])
+
+
+def test_a_seed_for_generated_weights_is_refused_before_any_work():
+    import pytest
+
+    with pytest.raises(ValueError, match="--init scratch or --init trained"):
+        bench.finetune("resnet20", 0.25, 1, init="generated", seed=1, log=lambda line: None)
