@@ -29,8 +29,9 @@ ResNet-20, too large to commit; the 2 epochs take about 5 minutes on 2 idle
 cores). Results that record epochs whose weights are gone make the next
 ``train`` start again from the converged weights. Everything measured is written to
 ``benchmarks/results/v2/metapruning_<model>.json`` as soon as it is known.
-A search that finds another gene moves the rows trained from the previous
-widths to ``finetune_superseded`` (not reported); ``finetune`` trains a row
+A search that finds another gene, or runs on another PruningNet, moves the
+rows trained from the previous search to ``finetune_superseded`` (not
+reported); ``finetune`` trains a row
 again unless one with the same layer widths and epochs is recorded (a
 superseded from-scratch or from-trained row with equal widths is reused).
 The searched widths and the uniform widths at the same FLOPs (the widest
@@ -188,7 +189,7 @@ def search(model_name: str, target: float, metric: str = "flops", channel_order:
            "candidates": len(evolution.history.scores), "rejected": evolution.history.rejected, "seconds": seconds,
            "uniform_gene": list(uniform), "uniform_score": scorer(uniform), "uniform_cost": cost(uniform),
            "uniform_widths": net.space.group_widths(uniform),
-           "pruningnet_epochs": results.get("pruningnet", {}).get("epochs_done", 0)}
+           "pruningnet_epochs": results.get("pruningnet", {}).get("epochs_done", 0), "pruningnet_key": key}
     results = _load(paths["results"])
     replace_search_row(results, tag, row, log)
     _store(paths["results"], results)
@@ -200,14 +201,17 @@ def search(model_name: str, target: float, metric: str = "flops", channel_order:
 def replace_search_row(results: dict, tag: str, row: dict, log=print) -> None:
     """Stores the search ``row`` as ``results["search"][tag]``.
 
-    When it replaces a search with another gene, the rows trained from that search's widths move to
-    ``results["finetune_superseded"][tag]`` (replacing older superseded ones): they no longer describe the
-    search, and `finetune` reuses one only where its widths equal what it would train.
+    When it replaces a search with another gene, or one run on another PruningNet (``pruningnet_key``,
+    `mp.fingerprint`: generated weights differ even for the same gene), the rows trained from that search
+    move to ``results["finetune_superseded"][tag]`` (replacing older superseded ones): they no longer
+    describe the search, and `finetune` reuses one only where its widths equal what it would train and it
+    did not start from generated weights.
     """
     previous = results.setdefault("search", {}).get(tag)
-    if previous and previous["gene"] != row["gene"] and results.get("finetune", {}).get(tag):
+    same = previous and previous["gene"] == row["gene"] and previous.get("pruningnet_key") == row.get("pruningnet_key")
+    if previous and not same and results.get("finetune", {}).get(tag):
         results.setdefault("finetune_superseded", {})[tag] = results["finetune"].pop(tag)
-        log(f"search {tag}: the rows trained from the previous search's widths moved to 'finetune_superseded'")
+        log(f"search {tag}: the rows trained from the previous search moved to 'finetune_superseded'")
     results["search"][tag] = row
 
 

@@ -7,8 +7,8 @@ import keras
 from benchmarks import metapruning_bench as bench
 
 
-def _row(gene):
-    return {"gene": list(gene), "cost": 0.24}
+def _row(gene, key="net1"):
+    return {"gene": list(gene), "cost": 0.24, "pruningnet_key": key}
 
 
 def _trained(accuracy, widths, epochs=20):
@@ -42,6 +42,15 @@ def test_the_same_gene_found_again_keeps_its_trained_rows():
     bench.replace_search_row(results, "flops_0.25", _row([1, 2]))
     assert results["finetune"]["flops_0.25"] == trained
     assert "finetune_superseded" not in results
+
+
+def test_the_same_gene_found_by_another_pruningnet_moves_the_rows_aside():
+    results = {"search": {"flops_0.25": _row([1, 2])},
+               "finetune": {"flops_0.25": {"searched": _trained(0.4, {"a": 3}, epochs=4)}}}
+    bench.replace_search_row(results, "flops_0.25", _row([1, 2], key="net2"), log=lambda line: None)
+    assert results["search"]["flops_0.25"]["pruningnet_key"] == "net2"
+    assert "flops_0.25" not in results["finetune"]
+    assert results["finetune_superseded"]["flops_0.25"]["searched"]["test_after"] == 0.4
 
 
 def test_a_trained_row_counts_only_with_the_same_widths_and_enough_epochs():
