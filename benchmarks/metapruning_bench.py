@@ -27,7 +27,8 @@ decayed linearly from 0.01 to 0 over the planned epochs, one epoch per
 stage; its weights stay in the cache (``$KERAS_AUTOPRUNE_CACHE``, 74 MB for
 ResNet-20, too large to commit; the 2 epochs take about 5 minutes on 2 idle
 cores). Results that record epochs whose weights are gone make the next
-``train`` start again from the converged weights. Everything measured is written to
+``train`` start again from the converged weights; ``finetune --init
+scratch|trained`` needs only the recorded search rows, not those weights. Everything measured is written to
 ``benchmarks/results/v2/metapruning_<model>.json`` as soon as it is known.
 A search that finds another gene, or runs on another PruningNet, moves the
 rows trained from the previous search to ``finetune_superseded`` (not
@@ -108,13 +109,21 @@ def _store(path: pathlib.Path, results: dict) -> None:
     path.write_text(json.dumps(results, indent=1, sort_keys=True))
 
 
-def _network(model_name: str, paths: dict):
+def _network(model_name: str, paths: dict, trained_weights: bool = True):
+    """The converged model and its PruningNet, with the trained generators where ``trained_weights``.
+
+    Without them (``trained_weights=False``) the net only maps genes to widths and plans, which is all
+    the trainings from scratch or from the converged weights need: they run where the cached PruningNet
+    weights are gone (a new machine) as long as the search rows are recorded.
+    """
     import keras
 
     from keras_autoprune import metapruning as mp
 
     model = keras.saving.load_model(converged.MODELS_DIR / f"{model_name}.keras")
     net = mp.PruningNet(model, scales=SCALES, seed=0, channel_order=paths["channel_order"])
+    if not trained_weights:
+        return model, net
     trained = _load(paths["results"]).get("pruningnet", {}).get("epochs_done", 0)
     if trained and not paths["weights"].exists():
         raise FileNotFoundError(f"The results record {trained} PruningNet epoch(s) but {paths['weights']} is missing; "
@@ -248,7 +257,7 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     data = converged.load_cifar10()
     split = _split(data)
     profile = PROFILES["v2"]
-    model, net = _network(model_name, paths)
+    model, net = _network(model_name, paths, trained_weights=init == "generated")
     suffix = {"generated": "", "trained": "_from_trained", "scratch": "_from_scratch"}[init] + (f"_seed{seed}" if seed else "")
     for entry, gene in ((f"searched{suffix}", row["gene"]), (f"uniform{suffix}", row["uniform_gene"])):
         if not entry.startswith(entries):

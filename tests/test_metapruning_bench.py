@@ -95,3 +95,21 @@ def test_a_seed_for_generated_weights_is_refused_before_any_work():
 
     with pytest.raises(ValueError, match="--init scratch or --init trained"):
         bench.finetune("resnet20", 0.25, 1, init="generated", seed=1, log=lambda line: None)
+
+
+def test_trainings_that_need_no_generated_weights_run_without_the_cached_pruningnet(tmp_path):
+    import json
+
+    import pytest
+
+    results = tmp_path / "metapruning_resnet20.json"
+    results.write_text(json.dumps({"pruningnet": {"epochs_done": 16}}))
+    paths = {"weights": tmp_path / "missing.weights.h5", "results": results, "channel_order": "index"}
+    with pytest.raises(FileNotFoundError, match="16 PruningNet epoch"):
+        bench._network("resnet20", paths)
+    model, net = bench._network("resnet20", paths, trained_weights=False)
+    gene = [0] * len(net.space.groups)  # the narrowest scale in every group
+    widths = bench.layer_widths(net.materialize(gene))
+    narrowest = set(net.space.group_widths(gene).values())
+    assert narrowest == {round(bench.SCALES[0] * n) for n in (16, 32, 64)}  # the 16-, 32- and 64-channel groups
+    assert set(widths.values()) == narrowest | {10}  # every convolution at its group's width; the 10 logits
