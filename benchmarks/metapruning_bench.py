@@ -34,7 +34,8 @@ A search that finds another gene, or runs on another PruningNet, moves the
 rows trained from the previous search to ``finetune_superseded`` (not
 reported); ``finetune`` trains a row
 again unless one with the same layer widths and epochs is recorded (a
-superseded from-scratch or from-trained row with equal widths is reused).
+from-scratch or from-trained row with equal widths is reused from a
+superseded or another search).
 The searched widths and the uniform widths at the same FLOPs (the widest
 uniform gene within the budget) both start from the PruningNet's generated
 weights and are fine-tuned with the same recipe and epochs
@@ -77,21 +78,35 @@ def _paths(model_name: str, channel_order: str = "index") -> dict:
             "channel_order": channel_order, "run": run}
 
 
-def _tag(metric: str, target: float, calibrated: bool = False) -> str:
-    """The results row (and score cache) of a search: ``flops_0.25``, ``latency_0.5``, ``latency_0.5_calibrated``."""
-    return f"{metric}_{target}" + ("_calibrated" if calibrated else "")
+def _tag(metric: str, target: float, calibrated: bool = False, score_images: int = SCORE_IMAGES) -> str:
+    """The results row (and score cache) of a search: ``flops_0.25``, ``latency_0.5``, ``latency_0.5_calibrated``,
+    ``flops_0.25_score5000`` (candidates scored on all held-out images, `_split`)."""
+    return (f"{metric}_{target}" + ("_calibrated" if calibrated else "")
+            + (f"_score{score_images}" if score_images != SCORE_IMAGES else ""))
 
 
 def _table_path(paths: dict, calibrated: bool) -> pathlib.Path:
     return paths["calibrated_table" if calibrated else "table"]
 
 
-def _split(data: converged.Cifar10) -> dict[str, np.ndarray]:
+def _split(data: converged.Cifar10, score_images: int = SCORE_IMAGES) -> dict[str, np.ndarray]:
+    """The fixed split: 45,000 training images, ``score_images`` held-out images that score candidates, and
+    the images that re-estimate BatchNormalization before each score.
+
+    With the default 2,000 scored images the re-estimation takes the next 2,560 held-out images; scoring on
+    all 5,000 held-out images (``score_images=HELD_OUT``: the sampling noise of an accuracy near 65% falls
+    from ±1.1 to ±0.7 points, one standard deviation) re-estimates on the first 2,560 training images instead, as the paper does.
+    """
+    if score_images not in (SCORE_IMAGES, HELD_OUT):
+        raise ValueError(f"Expected score_images of {SCORE_IMAGES} or {HELD_OUT} (all held-out images). "
+                         f"Received: {score_images}.")
     order = np.random.default_rng(1).permutation(len(data.x_train))
     train, held = order[HELD_OUT:], order[:HELD_OUT]
+    scored, rest = held[:score_images], held[score_images:]
+    recalibration = (rest if score_images == SCORE_IMAGES else train)[:RECALIBRATION_BATCHES * BATCH_SIZE]
     return {"train_x": data.x_train[train], "train_y": data.y_train[train],
-            "score_x": data.x_train[held[:SCORE_IMAGES]].astype(np.float32), "score_y": data.y_train[held[:SCORE_IMAGES]],
-            "bn_x": data.x_train[held[SCORE_IMAGES:SCORE_IMAGES + RECALIBRATION_BATCHES * BATCH_SIZE]].astype(np.float32)}
+            "score_x": data.x_train[scored].astype(np.float32), "score_y": data.y_train[scored],
+            "bn_x": data.x_train[recalibration].astype(np.float32)}
 
 
 def _full_batches(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,27 +181,28 @@ def train(model_name: str, epochs: int, channel_order: str = "index", log=print)
 
 
 def search(model_name: str, target: float, metric: str = "flops", channel_order: str = "index", calibrated: bool = False,
-           log=print) -> dict:
+           score_images: int = SCORE_IMAGES, log=print) -> dict:
     """Searches at ``target`` (FLOPs or latency kept); scores the uniform gene of the same budget too.
 
     ``calibrated``: a latency search uses the calibrated table (`LatencyTable.calibrate`); its row is
-    ``latency_<target>_calibrated``.
+    ``latency_<target>_calibrated``. ``score_images``: 2,000 held-out images, or all 5,000 (`_split`; the
+    row gets a ``_score5000`` suffix and its own trained rows).
     """
     import keras_autoprune as kap
     from keras_autoprune import metapruning as mp
 
     paths = _paths(model_name, channel_order)
     results = _load(paths["results"])
-    split = _split(converged.load_cifar10())
+    split = _split(converged.load_cifar10(), score_images)
     model, net = _network(model_name, paths)
     budget = kap.Budget(**{metric: target})
     table = mp.LatencyTable.load(_table_path(paths, calibrated)) if metric == "latency" else None
     cost = mp.cost_function(net, budget, table)
     scorer = mp.CandidateScorer(net, (split["score_x"], split["score_y"]), split["bn_x"],
                                 recalibration_batches=RECALIBRATION_BATCHES, batch_size=BATCH_SIZE)
-    tag = _tag(metric, target, calibrated)
+    tag = _tag(metric, target, calibrated, score_images)
     start = time.perf_counter()
-    key = mp.fingerprint(net, RECALIBRATION_BATCHES, BATCH_SIZE, SCORE_IMAGES)  # a retrained net never reuses scores
+    key = mp.fingerprint(net, RECALIBRATION_BATCHES, BATCH_SIZE, score_images)  # a retrained net never reuses scores
     evolution = mp.EvolutionarySearch(net.space, scorer, cost, high=target, low=target - 0.05,
                                       settings=mp.SearchSettings(**SETTINGS), seed=0,
                                       cache_path=str(paths["scores"]).format(tag=f"{tag}_{key}"), cache_key=key)
@@ -226,7 +242,7 @@ def replace_search_row(results: dict, tag: str, row: dict, log=print) -> None:
 
 def finetune(model_name: str, target: float, epochs: int, metric: str = "flops", channel_order: str = "index",
              init: str = "generated", seed: int = 0, entries: tuple[str, ...] = ("searched", "uniform"),
-             log=print) -> None:
+             score_images: int = SCORE_IMAGES, log=print) -> None:
     """Trains the searched and the uniform gene of ``target`` the same epochs; test accuracy of each.
 
     ``init``: ``"generated"`` starts each from the PruningNet's generated weights (rows ``searched``,
@@ -241,7 +257,7 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     of every group, to a channel, with the largest FLOPs not above the searched widths'
     (`_matched_uniform`), instead of the coarser uniform gene.
     ``entries``: which of the two to train (two processes, one each, share 2 cores better than one runs
-    both in turn).
+    both in turn). ``score_images``: which search's genes (`search`; the rows go under its tag).
     """
     if seed and init == "generated":
         raise ValueError(f"`seed` applies to the trainings from scratch or from the trained weights only. "
@@ -252,10 +268,10 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     from benchmarks.profiles import PROFILES, learning_rate
 
     paths = _paths(model_name, channel_order)
-    tag = _tag(metric, target)
+    tag = _tag(metric, target, score_images=score_images)
     row = _load(paths["results"])["search"][tag]
     data = converged.load_cifar10()
-    split = _split(data)
+    split = _split(data, score_images)
     profile = PROFILES["v2"]
     model, net = _network(model_name, paths, trained_weights=init == "generated")
     suffix = {"generated": "", "trained": "_from_trained", "scratch": "_from_scratch"}[init] + (f"_seed{seed}" if seed else "")
@@ -268,12 +284,12 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
             slim = net.materialize(gene) if init != "trained" else kap.apply_plan(model, net.space.plan(gene))
         widths = layer_widths(slim)
         results = _load(paths["results"])
-        done = _trained_row(results, tag, entry, widths, epochs, superseded=init != "generated")
+        done = _trained_row(results, tag, entry, widths, epochs, other_searches=init != "generated")
         if done is not None:
             if results.setdefault("finetune", {}).setdefault(tag, {}).get(entry) is not done:
                 results["finetune"][tag][entry] = done
                 _store(paths["results"], results)
-                log(f"{tag} {entry}: reused the superseded search's row (the same widths, {done['epochs']} epochs)")
+                log(f"{tag} {entry}: reused a row trained at the same widths ({done['epochs']} epochs)")
             continue
         if init == "scratch":
             record = _train_from_scratch(slim, split, data, epochs, kap.count_flops(model),
@@ -323,15 +339,21 @@ def layer_widths(model) -> dict[str, int]:
 
 
 def _trained_row(results: dict, tag: str, entry: str, widths: dict[str, int], epochs: int,
-                 superseded: bool = True) -> dict | None:
-    """The row of ``entry`` already trained at ``widths`` for at least ``epochs``, current or superseded; else None.
+                 other_searches: bool = True) -> dict | None:
+    """The row of ``entry`` already trained at ``widths`` for at least ``epochs``; else None.
 
     A row without widths, or with others (trained before the search was replaced), does not count.
-    ``superseded=False`` looks at the current rows only (rows that started from the generated weights of
-    another PruningNet must not be reused).
+    ``other_searches``: besides the current rows of ``tag``, look at its superseded rows and at the rows of
+    every other search (the same entry name means the same initialisation and seed, and a training from
+    scratch or from the converged weights depends only on the widths); ``False`` looks at the current rows
+    of ``tag`` only (rows that started from the generated weights of another PruningNet must not be reused).
     """
-    for section in ("finetune", "finetune_superseded")[:2 if superseded else 1]:
-        done = results.get(section, {}).get(tag, {}).get(entry)
+    sections = ("finetune", "finetune_superseded") if other_searches else ("finetune",)
+    places = [(section, tag) for section in sections]
+    if other_searches:
+        places += [(section, other) for section in sections for other in sorted(results.get(section, {})) if other != tag]
+    for section, where in places:
+        done = results.get(section, {}).get(where, {}).get(entry)
         if done and done.get("widths") == widths and done["epochs"] >= epochs:
             return done
     return None
@@ -439,8 +461,10 @@ def markdown(results: dict) -> str:
         for tag, row in sorted(rows.items()):
             lines.append(f"| {tag.replace('_', ' ')} | {row['score']:.4f} | {row['cost']:.3f} | {row['uniform_score']:.4f} | "
                          f"{row['uniform_cost']:.3f} | {row['candidates']} | {row['seconds'] / 60:.0f} |")
-        lines.append("\nHeld-out top-1: 2,000 training images kept out of the PruningNet's training, generated "
-                     "weights, BatchNormalization re-estimated, no fine-tuning.\n")
+        lines.append("\nHeld-out top-1: 2,000 training images kept out of the PruningNet's training (rows "
+                     "`score5000`: all 5,000, BatchNormalization re-estimated on 2,560 training images instead of "
+                     "2,560 other held-out ones), generated weights, BatchNormalization re-estimated, no "
+                     "fine-tuning.\n")
     checks = [(tag, row["check"]) for tag, row in sorted(rows.items()) if "check" in row]
     if checks:
         lines += ["| latency budget | table | candidates measured | correlation | mean error (ms) | mean error "
@@ -505,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--channel-order", default="index", choices=("index", "l1"), help="`PruningNet(channel_order=...)`")
     parser.add_argument("--calibrate", action="store_true", help="latency stage: search with a calibrated table")
+    parser.add_argument("--score-images", type=int, default=SCORE_IMAGES, choices=(SCORE_IMAGES, HELD_OUT),
+                        help="search and finetune: held-out images that score a candidate (5000: all, with "
+                             "BatchNormalization re-estimated on training images; rows tagged _score5000)")
     parser.add_argument("--seed", type=int, default=0, help="finetune --init scratch|trained: seed of the augmentation (and of the fresh weights)")
     parser.add_argument("--entry", action="append", choices=("searched", "uniform"),
                         help="finetune stage: train only this one (repeatable; default both)")
@@ -517,9 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "train":
         train(args.model, args.epochs, order, log=log)
     elif args.stage == "search":
-        search(args.model, args.target, channel_order=order, log=log)
+        search(args.model, args.target, channel_order=order, score_images=args.score_images, log=log)
     elif args.stage == "finetune":
-        finetune(args.model, args.target, args.epochs, channel_order=order, init=args.init, seed=args.seed,
+        finetune(args.model, args.target, args.epochs, channel_order=order, score_images=args.score_images,
+                 init=args.init, seed=args.seed,
                  entries=tuple(args.entry or ("searched", "uniform")), log=log)
     elif args.stage == "latency":
         latency(args.model, args.target, order, calibrate=args.calibrate, log=log)

@@ -61,7 +61,12 @@ def test_a_trained_row_counts_only_with_the_same_widths_and_enough_epochs():
     assert bench._trained_row(results, "flops_0.25", "uniform_from_scratch", {"a": 3, "b": 4}, 21) is None
     # generated weights come from one PruningNet: another net's superseded rows are never reused
     assert bench._trained_row(results, "flops_0.25", "uniform_from_scratch", {"a": 3, "b": 4}, 20,
-                              superseded=False) is None
+                              other_searches=False) is None
+    # a search scored another way that lands on the same widths reuses the training, never another entry's
+    assert bench._trained_row(results, "flops_0.25_score5000", "uniform_from_scratch", {"a": 3, "b": 4}, 20) is row
+    assert bench._trained_row(results, "flops_0.25_score5000", "uniform_from_scratch_seed1", {"a": 3, "b": 4}, 20) is None
+    assert bench._trained_row(results, "flops_0.25_score5000", "uniform_from_scratch", {"a": 3, "b": 4}, 20,
+                              other_searches=False) is None
 
 
 def test_a_row_without_widths_is_trained_again():
@@ -113,3 +118,26 @@ def test_trainings_that_need_no_generated_weights_run_without_the_cached_pruning
     narrowest = set(net.space.group_widths(gene).values())
     assert narrowest == {round(bench.SCALES[0] * n) for n in (16, 32, 64)}  # the 16-, 32- and 64-channel groups
     assert set(widths.values()) == narrowest | {10}  # every convolution at its group's width; the 10 logits
+
+
+def test_scoring_on_all_held_out_images_re_estimates_batchnorm_on_training_images():
+    import types
+
+    import numpy as np
+    import pytest
+
+    index = np.arange(9000)
+    data = types.SimpleNamespace(x_train=index[:, None], y_train=index)
+    default, all_held = bench._split(data), bench._split(data, bench.HELD_OUT)
+    for split in (default, all_held):  # the scored images are never trained on nor used for re-estimation
+        scored = set(split["score_y"])
+        assert not scored & set(split["train_y"]) and not scored & set(split["bn_x"][:, 0].astype(int))
+        assert len(split["train_y"]) == 9000 - bench.HELD_OUT and len(split["bn_x"]) == 20 * 128
+    assert len(default["score_y"]) == 2000 and len(all_held["score_y"]) == bench.HELD_OUT
+    np.testing.assert_array_equal(all_held["score_y"][:2000], default["score_y"])  # the same held-out order
+    assert set(all_held["bn_x"][:, 0].astype(int)) <= set(all_held["train_y"])
+    assert not set(default["bn_x"][:, 0].astype(int)) & set(default["train_y"])
+    assert bench._tag("flops", 0.25, score_images=bench.HELD_OUT) == "flops_0.25_score5000"
+    assert bench._tag("flops", 0.25) == "flops_0.25"
+    with pytest.raises(ValueError, match="Received: 3000"):
+        bench._split(data, 3000)
