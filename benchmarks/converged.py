@@ -15,6 +15,7 @@ usual coupled L2 of ``5e-4``); cross-entropy on logits without label
 smoothing (the softmax stays the model's likelihood, which the Fisher-based
 methods read); random horizontal flip and 4-pixel zero-pad random crop, drawn
 from ``numpy.random.default_rng((seed, epoch))``. No augmentation at test.
+``Recipe.cutout`` (``--cutout``, 0 for the committed models) adds cutout.
 
 Training runs on any Keras backend: on a GPU machine without TensorFlow it
 runs under JAX (``KERAS_BACKEND=jax``); on the CPU under TensorFlow. It
@@ -151,11 +152,15 @@ BATCHNORM_SET = "augmented"
 measured with another set are measured again."""
 
 
-def augment(images: np.ndarray, labels: np.ndarray, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+def augment(images: np.ndarray, labels: np.ndarray, seed: int, epoch: int, cutout: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """One epoch of training data: a permutation, random flips and 4-pixel pad-and-crop, float32 pixels.
 
     Everything is drawn from ``default_rng((seed, epoch))``, so a resumed run
-    sees the batches an uninterrupted one would have seen.
+    sees the batches an uninterrupted one would have seen. ``cutout`` > 0
+    then fills one ``cutout`` x ``cutout`` square per image (DeVries and
+    Taylor, 2017: centre uniform over the image, clipped at its border) with
+    the images' mean pixel, the value that normalisation maps to 0; its draws
+    come after the others, so ``cutout=0`` gives the same batches as before.
     """
     rng = np.random.default_rng((seed, epoch))
     order = rng.permutation(len(images))
@@ -166,8 +171,13 @@ def augment(images: np.ndarray, labels: np.ndarray, seed: int, epoch: int) -> tu
     rows = dy[:, None] + np.arange(size)
     cols = dx[:, None] + np.arange(size)
     cols = np.where(flip[:, None], cols[:, ::-1], cols)
-    out = padded[np.arange(len(images))[:, None, None], rows[:, :, None], cols[:, None, :]]
-    return out.astype(np.float32), labels[order]
+    out = padded[np.arange(len(images))[:, None, None], rows[:, :, None], cols[:, None, :]].astype(np.float32)
+    if cutout:
+        centres = rng.integers(0, size, size=(2, len(images)))  # rows, columns
+        offsets = np.arange(size)[None, None, :] - centres[:, :, None]
+        inside = (offsets >= -(cutout // 2)) & (offsets < (cutout + 1) // 2)  # cutout positions, fewer at a border
+        out[inside[0][:, :, None] & inside[1][:, None, :]] = images.reshape(-1, images.shape[-1]).mean(axis=0)
+    return out, labels[order]
 
 
 ARCHITECTURES = {
@@ -211,6 +221,7 @@ class Recipe:
     weight_decay: float = 5e-3
     momentum: float = 0.9
     seed: int = 0
+    cutout: int = 0
 
     def learning_rate(self, epoch: int, epochs: int) -> float:
         """Linear warm-up to the peak over ``warmup_epochs``, then cosine to 0 at ``epochs``:
@@ -282,7 +293,7 @@ def train(
         lr = recipe.learning_rate(epoch, progress["epochs"])
         model.optimizer.learning_rate = lr
         epoch_start = time.perf_counter()
-        x, y = augment(data.x_train, data.y_train, recipe.seed, epoch)
+        x, y = augment(data.x_train, data.y_train, recipe.seed, epoch, cutout=recipe.cutout)
         logs = model.fit(x, y, batch_size=recipe.batch_size, epochs=1, shuffle=False, verbose=0).history
         epoch_seconds = time.perf_counter() - epoch_start  # augmentation and fit: what the time plan needs
         progress["epoch"] = epoch = epoch + 1
@@ -462,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--warmup-epochs", type=int, default=Recipe.warmup_epochs)
     run.add_argument("--weight-decay", type=float, default=Recipe.weight_decay)
     run.add_argument("--seed", type=int, default=Recipe.seed)
+    run.add_argument("--cutout", type=int, default=Recipe.cutout, help="side of the square each training image loses "
+                     "(filled with the mean pixel; 0: none)")
     check = sub.add_parser("verify", help="check the committed models against manifest.json")
     check.add_argument("--data", default=str(DEFAULT_SOURCE))
     args = parser.parse_args(argv)
@@ -471,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     log = lambda line: print(line, flush=True)  # noqa: E731
     recipe = Recipe(epochs=args.epochs, peak_learning_rate=args.peak_learning_rate, warmup_epochs=args.warmup_epochs,
-                    weight_decay=args.weight_decay, seed=args.seed)
+                    weight_decay=args.weight_decay, seed=args.seed, cutout=args.cutout)
     record = train(args.model, args.out, data, recipe, seconds=args.seconds, stage_epochs=args.stage_epochs,
                    checkpoint_every=args.checkpoint_every, init_from=args.init_from, log=log)
     if record is not None:

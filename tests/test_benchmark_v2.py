@@ -57,6 +57,23 @@ def test_augment_is_a_seeded_flip_and_crop():
         assert any(np.array_equal(image, crop) or np.array_equal(image, crop[:, ::-1]) for crop in crops)
 
 
+def test_cutout_fills_one_square_per_image_with_the_mean_pixel_and_keeps_the_other_draws():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(40)
+    plain, y = converged.augment(images, labels, seed=3, epoch=1)
+    cut, y_cut = converged.augment(images, labels, seed=3, epoch=1, cutout=8)
+    np.testing.assert_array_equal(y, y_cut)  # the same order, flips and crops
+    mean = images.reshape(-1, 3).mean(axis=0).astype(np.float32)
+    changed = np.any(cut != plain, axis=-1)
+    np.testing.assert_allclose(cut[changed], np.broadcast_to(mean, cut[changed].shape))
+    sizes = changed.sum(axis=(1, 2))
+    assert sizes.max() == 64 and sizes.min() >= 16  # 8 x 8, or clipped to 4 x 4 at a corner at the least
+    for square in changed:  # one axis-aligned rectangle
+        rows, cols = np.nonzero(square.any(axis=1))[0], np.nonzero(square.any(axis=0))[0]
+        assert square.sum() == len(rows) * len(cols) and np.ptp(rows) == len(rows) - 1 <= 7
+
+
 def test_recipe_learning_rate_warms_up_then_decays_to_zero():
     recipe = converged.Recipe(peak_learning_rate=0.1, warmup_epochs=2)
     assert recipe.learning_rate(0, 10) == pytest.approx(0.05)
