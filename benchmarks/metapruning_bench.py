@@ -488,6 +488,7 @@ def markdown(results: dict) -> str:
                 before = f"{row['test_before']:.4f}" if "test_before" in row else "(fresh weights)"
                 lines.append(f"| {tag.replace('_', ' ')} | {entry} | {row['epochs']} | {before} | "
                              f"{row['test_after']:.4f} | {row['flops_kept']:.3f} |")
+        lines += ["", *_gaps(tuned)]
         lines.append("\nRows `searched`, `uniform`: from the PruningNet's generated weights; `_from_trained`: the "
                      "converged model cut to the gene's channels; both fine-tuned with protocol 2's recipe. "
                      "`_from_scratch`: fresh weights trained with the converged models' recipe (warm-up, cosine "
@@ -495,6 +496,22 @@ def markdown(results: dict) -> str:
                      "`_from_scratch` rows and in the `_from_trained` rows of session 11 on; earlier "
                      "`_from_trained` rows used the widest uniform gene within the budget.")
     return "\n".join(lines) or "Not run yet."
+
+
+def _gaps(tuned: dict) -> list[str]:
+    """Markdown: each searched row beside the uniform row trained the same way (budget, start, seed)."""
+    lines = ["| budget | start | seed | searched | uniform | searched - uniform (points) |", "|---|---|---|---|---|---|"]
+    for tag, entries in sorted(tuned.items()):
+        for entry, row in sorted(entries.items()):
+            uniform = entries.get("uniform" + entry[len("searched"):]) if entry.startswith("searched") else None
+            if uniform is None:
+                continue
+            start = {"_from_trained": "converged weights", "_from_scratch": "fresh weights"}.get(
+                next((k for k in ("_from_trained", "_from_scratch") if k in entry), ""), "generated weights")
+            seed = entry.rsplit("_seed", 1)[1] if "_seed" in entry else "0"
+            lines.append(f"| {tag.replace('_', ' ')} | {start} | {seed} | {row['test_after']:.2%} | "
+                         f"{uniform['test_after']:.2%} | {100 * (row['test_after'] - uniform['test_after']):+.2f} |")
+    return lines if len(lines) > 2 else []
 
 
 def _table_label(check: dict) -> str:

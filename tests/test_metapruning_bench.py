@@ -141,3 +141,13 @@ def test_scoring_on_all_held_out_images_re_estimates_batchnorm_on_training_image
     assert bench._tag("flops", 0.25) == "flops_0.25"
     with pytest.raises(ValueError, match="Received: 3000"):
         bench._split(data, 3000)
+
+
+def test_the_gap_table_pairs_each_searched_row_with_the_uniform_row_trained_alike():
+    tuned = {"flops_0.25": {"searched_from_scratch": _trained(0.8177, {}), "uniform_from_scratch": _trained(0.8147, {}),
+                            "searched_from_scratch_seed1": _trained(0.8203, {}),  # its uniform row is missing
+                            "searched": _trained(0.70, {}, 4), "uniform": _trained(0.72, {}, 4)}}
+    rows = bench._gaps(tuned)[2:]
+    assert rows == ["| flops 0.25 | generated weights | 0 | 70.00% | 72.00% | -2.00 |",
+                    "| flops 0.25 | fresh weights | 0 | 81.77% | 81.47% | +0.30 |"]
+    assert bench._gaps({"flops_0.5": {"searched": _trained(0.7, {})}}) == []
