@@ -359,6 +359,13 @@ def _trained_row(results: dict, tag: str, entry: str, widths: dict[str, int], ep
     return None
 
 
+def checkpoint_files(checkpoint: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """``<checkpoint>.keras`` and ``<checkpoint>.json``, appended to the whole name: a tag such as
+    ``flops_0.5`` holds a dot, and `pathlib.Path.with_suffix` would cut the name there (until session 12 every
+    entry of a budget shared one checkpoint, ``scratch_resnet20_flops_0.keras``)."""
+    return checkpoint.parent / f"{checkpoint.name}.keras", checkpoint.parent / f"{checkpoint.name}.json"
+
+
 def _train_from_scratch(architecture, split: dict, data: converged.Cifar10, epochs: int, full_flops: int,
                         checkpoint: pathlib.Path, seed: int = 0, log=print) -> dict:
     """``architecture`` re-initialised (`keras.models.clone_model`, seeded) and trained ``epochs`` with `converged.Recipe`.
@@ -371,7 +378,7 @@ def _train_from_scratch(architecture, split: dict, data: converged.Cifar10, epoc
     import keras_autoprune as kap
 
     recipe = converged.Recipe(seed=seed)
-    model_path, state_path = checkpoint.with_suffix(".keras"), checkpoint.with_suffix(".json")
+    model_path, state_path = checkpoint_files(checkpoint)
     if model_path.exists() and state_path.exists():
         slim, state = keras.saving.load_model(model_path), json.loads(state_path.read_text())
         log(f"{checkpoint.name}: continuing after epoch {state['epoch']} of {epochs}")

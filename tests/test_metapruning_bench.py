@@ -151,3 +151,12 @@ def test_the_gap_table_pairs_each_searched_row_with_the_uniform_row_trained_alik
     assert rows == ["| flops 0.25 | generated weights | 0 | 70.00% | 72.00% | -2.00 |",
                     "| flops 0.25 | fresh weights | 0 | 81.77% | 81.47% | +0.30 |"]
     assert bench._gaps({"flops_0.5": {"searched": _trained(0.7, {})}}) == []
+
+
+def test_each_entry_of_a_budget_checkpoints_to_its_own_files(tmp_path):
+    names = {entry: bench.checkpoint_files(tmp_path / f"scratch_resnet20_flops_0.5_{entry}")
+             for entry in ("searched_from_scratch", "uniform_from_scratch")}
+    searched, uniform = names["searched_from_scratch"], names["uniform_from_scratch"]
+    assert searched[0].name == "scratch_resnet20_flops_0.5_searched_from_scratch.keras"
+    assert searched[1].name == "scratch_resnet20_flops_0.5_searched_from_scratch.json"
+    assert not set(searched) & set(uniform)
