@@ -95,7 +95,8 @@ def _split(data: converged.Cifar10, score_images: int = SCORE_IMAGES) -> dict[st
 
     With the default 2,000 scored images the re-estimation takes the next 2,560 held-out images; scoring on
     all 5,000 held-out images (``score_images=HELD_OUT``: the sampling noise of an accuracy near 65% falls
-    from ±1.1 to ±0.7 points, one standard deviation) re-estimates on the first 2,560 training images instead, as the paper does.
+    from ±1.1 to ±0.7 points, one standard deviation) re-estimates on the first 2,560 training images
+    instead, as the paper does.
     """
     if score_images not in (SCORE_IMAGES, HELD_OUT):
         raise ValueError(f"Expected score_images of {SCORE_IMAGES} or {HELD_OUT} (all held-out images). "
@@ -351,7 +352,8 @@ def _trained_row(results: dict, tag: str, entry: str, widths: dict[str, int], ep
     sections = ("finetune", "finetune_superseded") if other_searches else ("finetune",)
     places = [(section, tag) for section in sections]
     if other_searches:
-        places += [(section, other) for section in sections for other in sorted(results.get(section, {})) if other != tag]
+        places += [(section, other) for section in sections
+                   for other in sorted(results.get(section, {})) if other != tag]
     for section, where in places:
         done = results.get(section, {}).get(where, {}).get(entry)
         if done and done.get("widths") == widths and done["epochs"] >= epochs:
