@@ -96,6 +96,8 @@ def test_training_in_stages_equals_one_uninterrupted_run(tmp_path, monkeypatch):
     other = dataclasses.replace(recipe, weight_decay=1e-3)
     with pytest.raises(ValueError, match=r"weight_decay: begun with 0.005, now 0.001.*delete tiny.checkpoint.keras"):
         converged.train("tiny", tmp_path / "staged", tiny, other, stage_epochs=2, log=lambda line: None)
+    with pytest.raises(ValueError, match=r"cutout: begun with 0, now 8"):
+        converged.train("tiny", tmp_path / "staged", tiny, dataclasses.replace(recipe, cutout=8), log=lambda line: None)
     staged = converged.train("tiny", tmp_path / "staged", tiny, recipe, stage_epochs=2, log=lambda line: None)
     assert staged["epochs"] == whole["epochs"] == 3
     assert [row["lr"] for row in staged["history"]] == [row["lr"] for row in whole["history"]]
