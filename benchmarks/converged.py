@@ -152,15 +152,17 @@ BATCHNORM_SET = "augmented"
 measured with another set are measured again."""
 
 
-def augment(images: np.ndarray, labels: np.ndarray, seed: int, epoch: int, cutout: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def augment(images: np.ndarray, labels: np.ndarray, seed: int, epoch: int, cutout: int = 0,
+            fill: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One epoch of training data: a permutation, random flips and 4-pixel pad-and-crop, float32 pixels.
 
     Everything is drawn from ``default_rng((seed, epoch))``, so a resumed run
     sees the batches an uninterrupted one would have seen. ``cutout`` > 0
     then fills one ``cutout`` x ``cutout`` square per image (DeVries and
     Taylor, 2017: centre uniform over the image, clipped at its border) with
-    the images' mean pixel, the value that normalisation maps to 0; its draws
-    come after the others, so ``cutout=0`` gives the same batches as before.
+    ``fill``, by default the images' mean pixel, the value that normalisation
+    maps to 0 (pass it to avoid recomputing it every epoch); its draws come
+    after the others, so ``cutout=0`` gives the same batches as before.
     """
     rng = np.random.default_rng((seed, epoch))
     order = rng.permutation(len(images))
@@ -176,7 +178,9 @@ def augment(images: np.ndarray, labels: np.ndarray, seed: int, epoch: int, cutou
         centres = rng.integers(0, size, size=(2, len(images)))  # rows, columns
         offsets = np.arange(size)[None, None, :] - centres[:, :, None]
         inside = (offsets >= -(cutout // 2)) & (offsets < (cutout + 1) // 2)  # cutout positions, fewer at a border
-        out[inside[0][:, :, None] & inside[1][:, None, :]] = images.reshape(-1, images.shape[-1]).mean(axis=0)
+        if fill is None:
+            fill = images.reshape(-1, images.shape[-1]).mean(axis=0)
+        out[inside[0][:, :, None] & inside[1][:, None, :]] = fill
     return out, labels[order]
 
 
@@ -288,12 +292,13 @@ def train(
         if init_from:
             progress["init_from"] = {"file": pathlib.Path(init_from).name, "sha256": sha256(init_from)}
     start, stage_start = time.perf_counter() - progress["seconds"], progress["epoch"]
+    fill = data.pixel_statistics()[0] if recipe.cutout else None  # the mean pixel, once
     while progress["epoch"] < progress["epochs"]:
         epoch = progress["epoch"]
         lr = recipe.learning_rate(epoch, progress["epochs"])
         model.optimizer.learning_rate = lr
         epoch_start = time.perf_counter()
-        x, y = augment(data.x_train, data.y_train, recipe.seed, epoch, cutout=recipe.cutout)
+        x, y = augment(data.x_train, data.y_train, recipe.seed, epoch, cutout=recipe.cutout, fill=fill)
         logs = model.fit(x, y, batch_size=recipe.batch_size, epochs=1, shuffle=False, verbose=0).history
         epoch_seconds = time.perf_counter() - epoch_start  # augmentation and fit: what the time plan needs
         progress["epoch"] = epoch = epoch + 1

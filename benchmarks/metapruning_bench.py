@@ -35,7 +35,7 @@ rows trained from the previous search to ``finetune_superseded`` (not
 reported); ``finetune`` trains a row
 again unless one with the same layer widths and epochs is recorded (a
 from-scratch or from-trained row with equal widths is reused from a
-superseded or another search).
+superseded search; a from-scratch one from another search too).
 The searched widths and the uniform widths at the same FLOPs (the widest
 uniform gene within the budget) both start from the PruningNet's generated
 weights and are fine-tuned with the same recipe and epochs
@@ -285,7 +285,8 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
             slim = net.materialize(gene) if init != "trained" else kap.apply_plan(model, net.space.plan(gene))
         widths = layer_widths(slim)
         results = _load(paths["results"])
-        done = _trained_row(results, tag, entry, widths, epochs, other_searches=init != "generated")
+        done = _trained_row(results, tag, entry, widths, epochs, superseded=init != "generated",
+                            other_searches=init == "scratch")
         if done is not None:
             if results.setdefault("finetune", {}).setdefault(tag, {}).get(entry) is not done:
                 results["finetune"][tag][entry] = done
@@ -340,16 +341,19 @@ def layer_widths(model) -> dict[str, int]:
 
 
 def _trained_row(results: dict, tag: str, entry: str, widths: dict[str, int], epochs: int,
-                 other_searches: bool = True) -> dict | None:
+                 superseded: bool = True, other_searches: bool = True) -> dict | None:
     """The row of ``entry`` already trained at ``widths`` for at least ``epochs``; else None.
 
     A row without widths, or with others (trained before the search was replaced), does not count.
-    ``other_searches``: besides the current rows of ``tag``, look at its superseded rows and at the rows of
-    every other search (the same entry name means the same initialisation and seed, and a training from
-    scratch or from the converged weights depends only on the widths); ``False`` looks at the current rows
-    of ``tag`` only (rows that started from the generated weights of another PruningNet must not be reused).
+    Besides the current rows of ``tag`` it looks at, where allowed:
+
+    - ``superseded``: the rows of ``tag`` that an earlier search left behind. Not for rows that started
+      from the generated weights of another PruningNet.
+    - ``other_searches``: the rows of every other search (the same entry name means the same start and
+      seed). Only for trainings from scratch, which depend on the widths alone: the trainings from the
+      converged weights re-estimate BatchNormalization on their search's images first (`_split`).
     """
-    sections = ("finetune", "finetune_superseded") if other_searches else ("finetune",)
+    sections = ("finetune", "finetune_superseded") if superseded else ("finetune",)
     places = [(section, tag) for section in sections]
     if other_searches:
         places += [(section, other) for section in sections
@@ -515,8 +519,8 @@ def _gaps(tuned: dict) -> list[str]:
             uniform = entries.get("uniform" + entry[len("searched"):]) if entry.startswith("searched") else None
             if uniform is None:
                 continue
-            start = {"_from_trained": "converged weights", "_from_scratch": "fresh weights"}.get(
-                next((k for k in ("_from_trained", "_from_scratch") if k in entry), ""), "generated weights")
+            start = ("converged weights" if "_from_trained" in entry else
+                     "fresh weights" if "_from_scratch" in entry else "generated weights")
             seed = entry.rsplit("_seed", 1)[1] if "_seed" in entry else "0"
             lines.append(f"| {tag.replace('_', ' ')} | {start} | {seed} | {row['test_after']:.2%} | "
                          f"{uniform['test_after']:.2%} | {100 * (row['test_after'] - uniform['test_after']):+.2f} |")

@@ -72,6 +72,9 @@ def test_cutout_fills_one_square_per_image_with_the_mean_pixel_and_keeps_the_oth
     for square in changed:  # one axis-aligned rectangle
         rows, cols = np.nonzero(square.any(axis=1))[0], np.nonzero(square.any(axis=0))[0]
         assert square.sum() == len(rows) * len(cols) and np.ptp(rows) == len(rows) - 1 <= 7
+        assert np.ptp(cols) == len(cols) - 1 <= 7
+    given, _ = converged.augment(images, labels, seed=3, epoch=1, cutout=8, fill=mean)
+    np.testing.assert_array_equal(given, cut)  # the mean passed once equals the one computed
 
 
 def test_recipe_learning_rate_warms_up_then_decays_to_zero():

@@ -61,12 +61,15 @@ def test_a_trained_row_counts_only_with_the_same_widths_and_enough_epochs():
     assert bench._trained_row(results, "flops_0.25", "uniform_from_scratch", {"a": 3, "b": 4}, 21) is None
     # generated weights come from one PruningNet: another net's superseded rows are never reused
     assert bench._trained_row(results, "flops_0.25", "uniform_from_scratch", {"a": 3, "b": 4}, 20,
-                              other_searches=False) is None
+                              superseded=False, other_searches=False) is None
     # a search scored another way that lands on the same widths reuses the training, never another entry's
     assert bench._trained_row(results, "flops_0.25_score5000", "uniform_from_scratch", {"a": 3, "b": 4}, 20) is row
     assert bench._trained_row(results, "flops_0.25_score5000", "uniform_from_scratch_seed1", {"a": 3, "b": 4}, 20) is None
+    # rows re-estimated on another search's images (from the converged weights) stay with their search
     assert bench._trained_row(results, "flops_0.25_score5000", "uniform_from_scratch", {"a": 3, "b": 4}, 20,
                               other_searches=False) is None
+    assert bench._trained_row(results, "flops_0.25", "uniform_from_scratch", {"a": 3, "b": 4}, 20,
+                              other_searches=False) is row
 
 
 def test_a_row_without_widths_is_trained_again():
