@@ -49,7 +49,7 @@ def test_smoke_profile_reports_every_entry_and_figure(tmp_path):
             assert run["pruning_seconds"] > 0
         else:
             assert run["flops_kept"] == 1.0 and run["pruning_seconds"] == 0.0
-        data_free = run["entry"] in ("unpruned", "uniform_l1", "global_l1", "random")
+        data_free = run["entry"] in ("unpruned", "uniform_l1", "global_l1", "random", "red")
         assert (run["statistics_seconds"] > 0) == (not data_free), run["entry"]  # a calibration pass per round
         if run["entry"] == "psap_scratch":  # 1 + 1 epochs from the initialisation, its one round after the first
             assert (run["epochs"], run["round_epochs"]) == (2, [1])
@@ -299,7 +299,7 @@ def test_red_entry_compresses_without_data_then_fine_tunes_like_the_others(tmp_p
     row = run_unit("red", profile, data, None, tmp_path / "pre", 0.001, 1, store, "s1-b0-red", Deadline(None))
     assert row["entry"] == "red" and row["budget"] == 0.001 and row["seed"] == 1
     assert row["error"].startswith("ValueError: RED cannot reach the budget")
-    assert "red" in PROFILES["v2"].entries and "red" in STRUCTURED_ENTRIES and "red" not in PROFILES["smoke"].entries
+    assert "red" in PROFILES["v2"].entries and "red" in STRUCTURED_ENTRIES and "red" in PROFILES["smoke"].entries
 
 
 def test_pretraining_resumes_from_its_checkpoint(tmp_path):
