@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 
 from benchmarks import metapruning_bench as bench
+from benchmarks.metapruning_report import gap_rows
 
 
 def _row(gene, key="net1"):
@@ -150,10 +151,10 @@ def test_the_gap_table_pairs_each_searched_row_with_the_uniform_row_trained_alik
     tuned = {"flops_0.25": {"searched_from_scratch": _trained(0.8177, {}), "uniform_from_scratch": _trained(0.8147, {}),
                             "searched_from_scratch_seed1": _trained(0.8203, {}),  # its uniform row is missing
                             "searched": _trained(0.70, {}, 4), "uniform": _trained(0.72, {}, 4)}}
-    rows = bench._gaps(tuned)[2:]
+    rows = gap_rows(tuned)[2:]
     assert rows == ["| flops 0.25 | generated weights | 0 | 70.00% | 72.00% | -2.00 |",
                     "| flops 0.25 | fresh weights | 0 | 81.77% | 81.47% | +0.30 |"]
-    assert bench._gaps({"flops_0.5": {"searched": _trained(0.7, {})}}) == []
+    assert gap_rows({"flops_0.5": {"searched": _trained(0.7, {})}}) == []
 
 
 def test_each_entry_of_a_budget_checkpoints_to_its_own_files(tmp_path):
