@@ -39,7 +39,8 @@ def reencode(images: np.ndarray, quality: int) -> np.ndarray:
     from PIL import Image
 
     if not 1 <= quality <= 95:
-        raise ValueError(f"Expected a JPEG quality in [1, 95] (Pillow's useful range). Received: quality={quality}")
+        raise ValueError(f"Expected a JPEG quality in [1, 95] (Pillow's useful range). Received: quality={quality}. "
+                         "Fix: pass a quality in that range (`reencoded(data, 0)` keeps the images as they are).")
     out = np.empty_like(images)
     for i, image in enumerate(images):
         buffer = io.BytesIO()
