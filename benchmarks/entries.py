@@ -34,8 +34,11 @@ data, before the first epoch, then fine-tunes it like every other entry
   budget mode: the smallest ``bandwidth_scale`` from the default 0.05 up to
   100 times it whose compressed model fits; no merge threshold, no depthwise
   separation). The compressed model has its BatchNormalizations folded, so
-  it is fine-tuned without them. A budget RED cannot reach is a result
-  (`EntryCannotRun`), not a crash.
+  it is fine-tuned without them.
+
+A budget an entry cannot reach (`kap.BudgetUnreachableError`: RED's budget
+mode, or a callback's check before its first epoch) is a result
+(`EntryCannotRun`, recorded as the unit's ``error``), not a crash.
 
 A run (`run_entry`): the pretrained model, SGD with a fresh optimizer and
 the profile's fine-tuning learning rate; the first ``rounds`` epochs with
@@ -256,7 +259,7 @@ def compress_one_shot(entry: str, model: keras.Model, budget: float) -> tuple[ke
     start = time.perf_counter()
     try:
         result = kap.red.compress(model, budget=kap.Budget(flops=budget))
-    except ValueError as error:
+    except kap.BudgetUnreachableError as error:
         raise EntryCannotRun(f"ValueError: {error}") from error
     figures = {"pruning_seconds": time.perf_counter() - start, "bandwidth_scale": result.bandwidth_scale,
                "neurons_merged": result.neurons_merged, "batchnorm_folded": len(result.folded_norms)}
@@ -329,7 +332,10 @@ def run_entry(
             model, one_shot = compress_one_shot(entry, model, budget)
         callback = make_callback(entry, profile, budget, data.calibration(profile.calibration_batches * profile.batch_size), seed)
         compile_model(model, keras, lr(0), profile.weight_decay)
-        phase = fit_epochs(model, first=0, last=schedule.prune_end, callbacks=[callback] if callback else [], **train)
+        try:  # a callback checks its budget in `on_train_begin`, before any work
+            phase = fit_epochs(model, first=0, last=schedule.prune_end, callbacks=[callback] if callback else [], **train)
+        except kap.BudgetUnreachableError as error:
+            raise EntryCannotRun(f"ValueError: {error}") from error
         if callback is not None:
             model = callback.pruned_model
             (folder / "plan.json").write_text(callback.plan.to_json())

@@ -22,7 +22,7 @@ from keras_autoprune.callbacks import (  # noqa: E402
     PSAPCallback,
     RankedPruningCallback,
 )
-from keras_autoprune.errors import ExportError, PlanError, SurgeryError, UnsupportedModelError, VerificationError  # noqa: E402
+from keras_autoprune.errors import BudgetUnreachableError, ExportError, PlanError, SurgeryError, UnsupportedModelError, VerificationError  # noqa: E402
 from keras_autoprune.export import (  # noqa: E402
     ExportResult,
     LatencyResult,
@@ -54,6 +54,7 @@ __version__ = "0.1.0.dev0"
 __all__ = sorted(
     [
         "Budget",
+        "BudgetUnreachableError",
         "recalibrate_batchnorm",
         "ChannelGroup",
         "EigenDamageCallback",

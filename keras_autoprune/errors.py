@@ -10,6 +10,15 @@ class UnsupportedModelError(TypeError):
     """The model cannot be analysed (subclassed, not built, ...)."""
 
 
+class BudgetUnreachableError(ValueError):
+    """The budget is below the smallest model the method can build on this model.
+
+    Raised before any work (a callback's ``on_train_begin``, `kap.red.compress`'s
+    budget mode, `kap.metapruning`'s uniform reference); the message gives the
+    smallest fraction the method reaches and the budget to ask for instead.
+    """
+
+
 class PlanError(ValueError):
     """A `PrunePlan` does not fit the model's dependency graph."""
 

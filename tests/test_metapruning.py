@@ -404,7 +404,7 @@ def test_uniform_gene_is_the_widest_uniform_width_within_the_budget():
     gene = mp.uniform_gene(net.space, cost, 0.5)
     assert len(set(gene)) == 1 and cost(gene) <= 0.5
     assert gene[0] == len(net.space.scales) - 1 or cost(net.space.uniform(gene[0] + 1)) > 0.5
-    with pytest.raises(ValueError, match="uniform width can reach"):
+    with pytest.raises(kap.BudgetUnreachableError, match="uniform width can reach"):
         mp.uniform_gene(net.space, cost, 0.001)
 
 

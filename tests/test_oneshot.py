@@ -122,7 +122,7 @@ def test_an_unreachable_budget_fails_before_training():
     with pytest.raises(ValueError, match=r"at its smallest .* the model keeps .*Fix: kap.Budget\(params=0\.\d+\)"):
         kap.MagnitudeCallback(kap.Budget(params=0.01), verbose=0).prune(model)
     x, y = _data(32)
-    with pytest.raises(ValueError, match="Expected a budget NAPCallback can reach"):
+    with pytest.raises(kap.BudgetUnreachableError, match="Expected a budget NAPCallback can reach"):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[kap.NAPCallback((x, y), budget=kap.Budget(params=0.01), verbose=0)])
     np.testing.assert_array_equal(model.get_layer("c1").kernel.numpy(), kernel)  # no step was trained
 

@@ -359,7 +359,7 @@ def test_compress_with_budget_picks_a_scale_that_fits():
     result = kap.red.compress(model, bandwidth_scale=0.1, budget=budget, separate_depthwise=True)
     assert result.stages[-1].flops <= 0.8 * kap.count_flops(model)
     assert result.bandwidth_scale > 0.1
-    with pytest.raises(ValueError, match="cannot reach the budget"):
+    with pytest.raises(kap.BudgetUnreachableError, match="cannot reach the budget"):
         kap.red.compress(model, bandwidth_scale=0.001, budget=kap.Budget(params=0.01))
 
 

@@ -48,7 +48,7 @@ from keras_autoprune.batchnorm import recalibrate_batchnorm
 from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable
 from keras_autoprune.callbacks.masks import MaskSet
 from keras_autoprune.callbacks.state import ResumeMixin, StateStore
-from keras_autoprune.errors import SurgeryError
+from keras_autoprune.errors import BudgetUnreachableError, SurgeryError
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.surgery.plan import PrunePlan
 from keras_autoprune.surgery.clone import clone_model
@@ -148,7 +148,7 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
         floor = self.budget.cost(smallest) / self.budget.cost(model)
         if floor > self.budget.fraction:
             metric = self.budget.metric
-            raise ValueError(
+            raise BudgetUnreachableError(
                 f"Expected a budget {type(self).__name__} can reach on model '{model.name}'. Received: "
                 f"kap.Budget({metric}={self.budget.fraction}), but with every prunable channel group at its smallest "
                 f"(one channel, or the layer floor `max_layer_ratio` keeps) the model keeps {floor:.1%} of its {metric} (the layers whose channels cannot be pruned "

@@ -9,6 +9,7 @@ import keras
 from keras_autoprune.budget import Budget, round_up_fraction
 from keras_autoprune.callbacks.base import PruningCallback
 from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable, fisher_facts, resolve_fisher
+from keras_autoprune.errors import BudgetUnreachableError
 from keras_autoprune.callbacks.projections import ProjectionSet
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.methods import eigendamage
@@ -157,7 +158,7 @@ class EigenDamageCallback(PruningCallback):
         floor = self._cost.cost(smallest, metric)
         if floor > self.budget.fraction * self._cost.total[metric]:
             fraction = floor / self._cost.total[metric]
-            raise ValueError(
+            raise BudgetUnreachableError(
                 f"Expected a budget EigenDamage can reach on model '{model.name}'. Received: kap.Budget({metric}="
                 f"{self.budget.fraction}), but with every factorisable layer at its smallest core "
                 f"(max_layer_ratio={self.max_layer_ratio}) the model keeps {fraction:.1%} of its {metric} (only "

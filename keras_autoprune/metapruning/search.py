@@ -25,6 +25,7 @@ from keras_autoprune.allocation.cost import PlanCost
 from keras_autoprune.batchnorm import recalibrate_batchnorm
 from keras_autoprune.budget import Budget
 from keras_autoprune.evaluation import accuracy
+from keras_autoprune.errors import BudgetUnreachableError
 from keras_autoprune.metapruning.evolution import EvolutionarySearch, SearchHistory, SearchSettings
 from keras_autoprune.metapruning.genes import DEFAULT_SCALES, Gene, GeneSpace
 from keras_autoprune.metapruning.latency import LatencyTable
@@ -186,7 +187,7 @@ def uniform_gene(space: GeneSpace, cost, budget: float) -> Gene:
         gene = space.uniform(choice)
         if cost(gene) <= budget:
             return gene
-    raise ValueError(f"Expected a budget that a uniform width can reach. Received: budget={budget!r}, but the "
+    raise BudgetUnreachableError(f"Expected a budget that a uniform width can reach. Received: budget={budget!r}, but the "
                      f"smallest scale ({space.scales[0]}) keeps more. Fix: add smaller scales.")
 
 

@@ -29,6 +29,7 @@ import keras
 
 from keras_autoprune.accounting import count_flops, count_params
 from keras_autoprune.budget import Budget
+from keras_autoprune.errors import BudgetUnreachableError
 from keras_autoprune.graph.dependency import DependencyGraph, check_model
 from keras_autoprune.red.batchnorm import FoldedNorm, fold_batchnorm
 from keras_autoprune.red.hashing import HashedTensor, hash_weights
@@ -295,7 +296,7 @@ def _search(model, low: float, merge_threshold: float, separate: bool, hash_all_
     top = _run(model, high, merge_threshold, separate, hash_all_layers)
     if cost(top) > target:
         reached = cost(top) / (target / budget.fraction)
-        raise ValueError(
+        raise BudgetUnreachableError(
             f"RED cannot reach the budget ({budget}) with bandwidth_scale up to {high:g}: it keeps "
             f"{reached:.1%} of the {budget.metric} there. Received: budget={budget!r}. Fix: ask for at least "
             f"{math.ceil(reached * 100) / 100:.2f}, or pass separate_depthwise=True or a merge_threshold > 0."
