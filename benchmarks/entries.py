@@ -252,15 +252,12 @@ def compress_one_shot(entry: str, model: keras.Model, budget: float) -> tuple[ke
     """A one-shot entry's compressed model and figures (see the module docstring).
 
     Raises:
-        EntryCannotRun: the budget is out of the method's reach.
+        kap.BudgetUnreachableError: the budget is out of the method's reach.
     """
     if entry != "red":
         raise ValueError(f"Unknown one-shot entry {entry!r}. Expected one of {ONE_SHOT_ENTRIES}.")
     start = time.perf_counter()
-    try:
-        result = kap.red.compress(model, budget=kap.Budget(flops=budget))
-    except kap.BudgetUnreachableError as error:
-        raise EntryCannotRun(f"ValueError: {error}") from error
+    result = kap.red.compress(model, budget=kap.Budget(flops=budget))
     figures = {"pruning_seconds": time.perf_counter() - start, "bandwidth_scale": result.bandwidth_scale,
                "neurons_merged": result.neurons_merged, "batchnorm_folded": len(result.folded_norms)}
     return result.model, figures
@@ -328,14 +325,14 @@ def run_entry(
         model = starting_model(entry, profile, pretrained, seed)
         reference = {"flops": kap.count_flops(model), "params": kap.count_params(model)}
         one_shot = {}
-        if entry in ONE_SHOT_ENTRIES:
-            model, one_shot = compress_one_shot(entry, model, budget)
-        callback = make_callback(entry, profile, budget, data.calibration(profile.calibration_batches * profile.batch_size), seed)
-        compile_model(model, keras, lr(0), profile.weight_decay)
-        try:  # a callback checks its budget in `on_train_begin`, before any work
+        try:  # RED's budget mode, or a callback's `on_train_begin`, checks the budget before any work
+            if entry in ONE_SHOT_ENTRIES:
+                model, one_shot = compress_one_shot(entry, model, budget)
+            callback = make_callback(entry, profile, budget, data.calibration(profile.calibration_batches * profile.batch_size), seed)
+            compile_model(model, keras, lr(0), profile.weight_decay)
             phase = fit_epochs(model, first=0, last=schedule.prune_end, callbacks=[callback] if callback else [], **train)
         except kap.BudgetUnreachableError as error:
-            raise EntryCannotRun(f"ValueError: {error}") from error
+            raise EntryCannotRun(f"{type(error).__name__}: {error}") from error
         if callback is not None:
             model = callback.pruned_model
             (folder / "plan.json").write_text(callback.plan.to_json())

@@ -298,11 +298,11 @@ def test_red_entry_compresses_without_data_then_fine_tunes_like_the_others(tmp_p
     store = UnitStore(tmp_path / "units")
     row = run_unit("red", profile, data, None, tmp_path / "pre", 0.001, 1, store, "s1-b0-red", Deadline(None))
     assert row["entry"] == "red" and row["budget"] == 0.001 and row["seed"] == 1
-    assert row["error"].startswith("ValueError: RED cannot reach the budget")
+    assert row["error"].startswith("BudgetUnreachableError: RED cannot reach the budget")
     # A callback's budget out of reach (checked before its first epoch) is a result too, not a crash.
     row = run_unit("eigendamage", profile, data, None, tmp_path / "pre", 0.001, 0, store, "s0-b0-eigendamage", Deadline(None))
     assert row["entry"] == "eigendamage" and row["budget"] == 0.001
-    assert row["error"].startswith("ValueError: Expected a budget EigenDamage can reach")
+    assert row["error"].startswith("BudgetUnreachableError: Expected a budget EigenDamage can reach")
     assert "red" in PROFILES["v2"].entries and "red" in STRUCTURED_ENTRIES and "red" in PROFILES["smoke"].entries
 
 
