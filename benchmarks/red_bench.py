@@ -18,7 +18,8 @@ Rows ``{entry: "red" | "uniform_l1_datafree", model, bandwidth_scale,
 merge_threshold, flops_kept, params_kept, accuracy, seconds, ...}`` go to
 ``benchmarks/results/v2/red_<model>.json`` as they finish (a rerun skips
 finished points; ``--fresh`` starts over), the plot to
-``docs/img/v2_red_<model>.png``. ``seconds`` is the compression (RED) or the
+``docs/img/v2_red_<model>.png`` and the table to ``docs/methods/red.md`` (between the
+``benchmarks:red_<model>`` markers; not with ``--out``). ``seconds`` is the compression (RED) or the
 bisection and surgery (uniform L1), not the evaluation.
 
 Latency: the best RED point that removes FLOPs beyond BatchNormalization
@@ -54,6 +55,7 @@ SWEEPS = {
 MERGE_SCALE = 0.05
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results" / "v2"
 PLOT_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "img"
+DOCS_PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "methods" / "red.md"
 PROTOCOL = ("data-free: kap.red.compress(separate_depthwise=True), no fine-tuning, no BatchNormalization "
             "re-estimation; uniform_l1_datafree: kap.apply_plan(model, kap.PrunePlan.uniform(graph, ratio)), ratio "
             "bisected to RED's FLOPs kept; accuracy on the 10,000 CIFAR-10 test images")
@@ -384,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
                  log=lambda line: print(line, flush=True), hash_all_layers=args.hash_all_layers)
     plot(args.model, result, (PLOT_DIR if args.out is None else folder) / f"v2_red_{args.model}.png")
     print(markdown(result))
+    if args.out is None:  # the published results: their table in docs/methods/red.md too
+        from benchmarks.report import update_docs
+
+        update_docs(DOCS_PAGE, f"red_{args.model}", markdown(result))
     return 0
 
 
