@@ -143,10 +143,11 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
                 files = {r["entry"]: _tflite_files(r, store, data, profile) for r in runs
                          if r["seed"] == seed and r["budget"] in (None, budget) and "error" not in r}
                 files = {entry: paths for entry, paths in files.items() if paths is not None}
-                timed = store.result(unit)
-                if timed is None or {e: set(v) for e, v in timed.items()} != _exported(files):
-                    # time the group again when an entry or a precision was added (a failed export that now works)
-                    timed = store.save(unit, latency_figures(files, "unpruned", profile))
+                timed = store.result(unit) or {}
+                new = _untimed(timed, files)
+                if new:  # an entry or a precision (a failed export that now works) not timed yet
+                    timed = store.save(unit, _merge_timings(timed, latency_figures(
+                        {e: files[e] for e in {*new, "unpruned"}}, "unpruned", profile)))
                 latency[f"{seed}/{budget}"] = timed
                 log(f"{unit}: " + ", ".join(f"{k} {v['float32']['kept']:.2f}" for k, v in latency[f"{seed}/{budget}"].items()))
     results = {
@@ -216,6 +217,34 @@ def _exported(files: dict) -> dict[str, set[str]]:
     """``{entry: precisions with a file}`` of a latency group's ``.tflite`` figures."""
     exported = {entry: {p for p, figures in tflite.items() if "path" in figures} for entry, tflite in files.items()}
     return {entry: precisions for entry, precisions in exported.items() if precisions}  # as `latency_figures` lists them
+
+
+def _untimed(timed: dict, files: dict) -> set[str]:
+    """The entries of ``files`` (not the unpruned reference) with a ``.tflite`` precision that ``timed`` lacks."""
+    return {entry for entry, precisions in _exported(files).items()
+            if entry != "unpruned" and not precisions <= set(timed.get(entry, {}))}
+
+
+def _merge_timings(timed: dict, new: dict) -> dict:
+    """``timed`` with the entries of ``new`` (timed together with the unpruned model) added or replaced.
+
+    An invocation that runs some entries times only those, beside the
+    unpruned model, so the figures of entries it did not run (whose files
+    may be gone with an earlier cache) are kept. Each entry's ``kept`` is
+    its paired ratio to the unpruned model timed in the same run; the
+    unpruned model's own figures stay those of the first run, and the
+    reference's medians of a later run are recorded under
+    ``reference_median_ms``. Delete the latency unit to time a whole group
+    together again.
+    """
+    if "unpruned" not in timed:
+        return {**timed, **new}
+    merged = dict(timed)
+    for entry, precisions in new.items():
+        if entry != "unpruned":
+            merged[entry] = {precision: dict(figures, reference_median_ms=new["unpruned"][precision]["median_ms"])
+                             for precision, figures in precisions.items()}
+    return merged
 
 
 def _tflite_files(result: dict, store: UnitStore, data: BenchData, profile: Profile) -> dict | None:

@@ -445,3 +445,23 @@ def test_kept_units_are_refused_for_another_base_model(tmp_path):
     check_base_model(tmp_path / "units-key", "a" * 64)  # the same model: accepted
     with pytest.raises(ValueError, match=r"sha256 aaaaaaaaaaaa\.\.\., but the committed model now has bbbbbbbbbbbb"):
         check_base_model(tmp_path / "units-key", "b" * 64)
+
+
+def test_a_run_of_some_entries_times_only_those_and_keeps_the_latency_of_the_others():
+    from benchmarks.run import _merge_timings, _untimed
+
+    def figures(ms, kept):
+        return {"median_ms": ms, "p90_ms": ms, "kept": kept}
+
+    timed = {"unpruned": {"float32": figures(1.0, 1.0)}, "nap": {"float32": figures(0.6, 0.6)},
+             "tfmot": {"float32": figures(0.99, 0.99)}}
+    files = {"unpruned": {"float32": {"path": "u"}}, "random": {"float32": {"path": "r"}, "int8": {"error": "refused"}}}
+    assert _untimed(timed, files) == {"random"}  # the unpruned model is the reference, never "new"
+    new = {"unpruned": {"float32": figures(1.2, 1.0)}, "random": {"float32": figures(0.84, 0.7)}}
+    merged = _merge_timings(timed, new)
+    assert merged["nap"] == timed["nap"] and merged["tfmot"] == timed["tfmot"] and merged["unpruned"] == timed["unpruned"]
+    assert merged["random"] == {"float32": dict(figures(0.84, 0.7), reference_median_ms=1.2)}
+    assert _untimed(merged, files) == set()
+    # A precision that failed before and exports now is timed again; a first group is kept as timed.
+    assert _untimed(merged, {"nap": {"float32": {"path": "n"}, "int8": {"path": "n8"}}}) == {"nap"}
+    assert _merge_timings({}, new) == new

@@ -90,6 +90,10 @@ def test_generated_weights_have_the_cropped_shapes_of_a_gene_and_match_the_pruni
     other = net.materialize((1, 1))
     assert other.get_layer("c3").kernel.shape == (1, 1, 4, 3)
     assert not np.allclose(np.asarray(other.get_layer("c3").kernel)[:, :, :2, :], first)
+    # Every kernel of a winner trains, also those the gene leaves at full width (copied from ``base``).
+    full = net.materialize(net.space.full)
+    assert all(full.get_layer(name).kernel.trainable for name in ("c1", "c2", "c3", "head"))
+    assert len(full.trainable_weights) == len(other.trainable_weights)
 
 
 def test_one_sgd_step_moves_a_warm_started_generated_weight_by_lr_times_one_plus_h_squared_over_h():

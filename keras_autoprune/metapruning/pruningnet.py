@@ -165,13 +165,19 @@ class PruningNet(keras.Model):
         weights (their values are written into ``base``'s kernels, which the
         PruningNet's own forward pass never reads); its BatchNormalization
         statistics are the shared ones of training: re-estimate them
-        (`kap.recalibrate_batchnorm`) before use.
+        (`kap.recalibrate_batchnorm`) before use. Every weight it holds trains
+        (the generated kernels are frozen only in ``base``).
         """
         if gene is not None:
             self.set_gene(gene)
         for generator in self._generators.values():
             generator.variable.assign(keras.ops.convert_to_numpy(generator.value()))
-        return apply_plan(self.base, self.space.plan(self.gene), graph=self.graph)
+        slim = apply_plan(self.base, self.space.plan(self.gene), graph=self.graph)
+        generated = {generator.variable.path for generator in self._generators.values()}
+        for variable in slim.variables:
+            if variable.path in generated:  # frozen in ``base`` because the generator supplies its value
+                variable.trainable = True
+        return slim
 
     # -- forward ----------------------------------------------------------------
     def call(self, inputs, training=False):
