@@ -274,6 +274,8 @@ def test_fingerprint_changes_with_the_weights_and_the_settings_only():
     key = mp.fingerprint(net, 20, 128)
     assert mp.fingerprint(net, 20, 128) == key and len(key) == 16
     assert mp.fingerprint(net, 10, 128) != key  # other scoring settings
+    net.materialize(net.space.uniform(0))  # another gene, and generated values written into the base kernels
+    assert mp.fingerprint(net, 20, 128) == key
     weight = net.trainable_weights[0]
     weight.assign(weight + 1e-3)  # a net trained again: other weights, never the same scores
     assert mp.fingerprint(net, 20, 128) != key
@@ -301,6 +303,23 @@ def test_search_builds_a_winner_within_budget_that_saves_and_exports(tmp_path):
     assert not np.allclose(np.asarray(scratch.get_layer("c1").kernel), np.asarray(result.model.get_layer("c1").kernel))
 
 
+def test_search_refuses_a_score_cache_written_with_other_scoring_data(tmp_path):
+    model = _residual_net()
+    net = mp.PruningNet(model, scales=(0.25, 0.5, 0.75, 1.0))
+    x, y = _data(96)
+    cache = tmp_path / "scores.json"
+
+    def search(validation):
+        return mp.search(model, (x[:64], y[:64]), kap.Budget(flops=0.5), validation_data=validation, pruningnet=net,
+                         epochs=0, window=0.3, settings=SMALL, recalibration_batches=1, batch_size=16, seed=1,
+                         cache_path=cache, verbose=0)
+
+    first = search((x[64:], y[64:]))
+    assert search((x[64:], y[64:])).gene == first.gene  # the same data: the cache is read back
+    with pytest.raises(ValueError, match="so its scores do not apply"):
+        search((x[64:], (y[64:] + 1) % 4))  # other labels: other scores
+
+
 def test_search_checks_its_arguments_before_any_work():
     model = _residual_net()
     x, y = _data(16)
@@ -312,6 +331,18 @@ def test_search_checks_its_arguments_before_any_work():
         mp.search(model, (x, y), kap.Budget(flops=0.1), window=0.2)
     with pytest.raises(ValueError, match="`epochs`"):
         mp.search(model, (x, y), kap.Budget(flops=0.5), epochs=0)
+    # Before the PruningNet's training (which would end in another error): no gene is that cheap.
+    with pytest.raises(kap.BudgetUnreachableError, match=r"smallest scale \(0.5\) keeps"):
+        mp.search(model, (x, y), kap.Budget(flops=0.05), window=0.01, scales=(0.5, 1.0))
+    with pytest.raises(TypeError, match="`settings`"):
+        mp.search(model, (x, y), kap.Budget(flops=0.5), settings={"population": 4})
+    other = mp.PruningNet(_residual_net(), scales=(0.5, 1.0))
+    with pytest.raises(ValueError, match="`scales` are the given `pruningnet`'s"):
+        mp.search(model, (x, y), kap.Budget(flops=0.5), pruningnet=other, scales=(0.25, 1.0), epochs=0)
+    inputs = keras.Input((8, 8, 3))
+    unrelated = keras.Model(inputs, L.Dense(4, name="head")(L.GlobalAveragePooling2D()(L.Conv2D(5, 3, name="c1")(inputs))))
+    with pytest.raises(ValueError, match="built from `model`"):
+        mp.search(unrelated, (x, y), kap.Budget(flops=0.5), pruningnet=other, epochs=0)
 
 
 # -- latency -------------------------------------------------------------------------------

@@ -201,6 +201,18 @@ class PruningNet(keras.Model):
             return variable * self._masks[key]
         return variable.value
 
+    def trained_weights(self) -> list:
+        """The weights that define the trained network, in a fixed order.
+
+        Every weight but those that follow the current gene (masks,
+        encodings) and the base kernels that a generator supplies (which
+        `materialize` overwrites): setting a gene or building a winner leaves
+        them unchanged, training changes them.
+        """
+        volatile = {id(v) for v in (*self._masks.values(), *self._encodings.values())}
+        volatile |= {id(generator.variable) for generator in self._generators.values()}
+        return [weight for weight in self.weights if id(weight) not in volatile]
+
     def encoding(self, variable) -> keras.Variable:
         """The ``(in_scale, out_scale)`` encoding variable of ``variable``'s layer."""
         return self._encodings[self._layer_of[id(variable)]]

@@ -187,8 +187,10 @@ def uniform_gene(space: GeneSpace, cost, budget: float) -> Gene:
         gene = space.uniform(choice)
         if cost(gene) <= budget:
             return gene
-    raise BudgetUnreachableError(f"Expected a budget that a uniform width can reach. Received: budget={budget!r}, but the "
-                     f"smallest scale ({space.scales[0]}) keeps more. Fix: add smaller scales.")
+    raise BudgetUnreachableError(
+        f"Expected a budget that a uniform width can reach. Received: budget={budget!r}, but every group at the "
+        f"smallest scale ({space.scales[0]}) keeps {cost(space.uniform(0)):.1%}, and no gene costs less. Fix: a larger "
+        "budget, or smaller `scales`.")
 
 
 @dataclasses.dataclass
@@ -269,12 +271,17 @@ def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: An
         raise ValueError(
             f"`epochs` must be an int >= 1 (>= 0 when a trained `pruningnet` is given). Received: epochs={epochs!r}"
         )
+    if settings is not None and not isinstance(settings, SearchSettings):
+        raise TypeError(f"`settings` must be a kap.metapruning.SearchSettings or None. Received: settings={settings!r}")
     _check_latency_table(budget, latency_table)
     data, validation_data = _held_out(data, validation_data, seed)
     recalibration_data = data if recalibration_data is None else recalibration_data
+    if pruningnet is not None:
+        _check_pruningnet(pruningnet, model, scales)
     net = pruningnet if pruningnet is not None else PruningNet(model, scales=scales, seed=seed)
     # Everything that can be checked is checked before the (long) training.
     cost = cost_function(net, budget, latency_table)
+    uniform_gene(net.space, cost, budget.fraction)  # the cheapest gene is the uniform smallest one
     scorer = CandidateScorer(net, validation_data, recalibration_data, recalibration_batches, batch_size)
     start = time.perf_counter()
     if epochs:
@@ -283,7 +290,9 @@ def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: An
     start = time.perf_counter()
     evolution = EvolutionarySearch(net.space, scorer, cost, high=budget.fraction, low=budget.fraction - window,
                                    settings=settings, seed=seed, cache_path=cache_path,
-                                   cache_key=fingerprint(net, recalibration_batches, batch_size), verbose=verbose)
+                                   cache_key=fingerprint(net, recalibration_batches, batch_size, seed,
+                                                         _data_digest(validation_data), _data_digest(recalibration_data)),
+                                   verbose=verbose)
     gene, score = evolution.run()
     winner = scorer.model(gene)
     search_seconds = time.perf_counter() - start
@@ -294,6 +303,21 @@ def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: An
         "candidates_scored": len(evolution.history.scores)})
     return SearchResult(winner, gene, net.space.group_widths(gene), plan, score, evolution.history.costs[gene], report,
                         evolution.history, net, train_seconds, search_seconds)
+
+
+def _check_pruningnet(net: Any, model: keras.Model, scales: Sequence[float]) -> None:
+    """A given PruningNet must be one of ``model`` (same layers and weight shapes), and ``scales`` its own."""
+    if not isinstance(net, PruningNet):
+        raise TypeError(f"`pruningnet` must be a kap.metapruning.PruningNet or None. Received: {type(net).__name__}")
+    ours = [(layer.name, [tuple(w.shape) for w in layer.weights]) for layer in model.layers if layer.weights]
+    theirs = [(layer.name, [tuple(w.shape) for w in layer.weights]) for layer in net.base.layers if layer.weights]
+    if ours != theirs:
+        raise ValueError(f"Expected a `pruningnet` built from `model` ({model.name!r}). Received: one built from "
+                         f"{net.base.name!r}, whose layers or weight shapes differ. Fix: build it with "
+                         "kap.metapruning.PruningNet(model) or leave `pruningnet=None`.")
+    if tuple(scales) != tuple(DEFAULT_SCALES) and tuple(scales) != tuple(net.space.scales):
+        raise ValueError(f"`scales` are the given `pruningnet`'s ({net.space.scales}). Received: scales={tuple(scales)}. "
+                         "Fix: leave `scales` out, or build the PruningNet with these scales.")
 
 
 def _held_out(data: Any, validation_data: Any, seed: int) -> tuple[Any, Any]:
@@ -313,18 +337,35 @@ def _held_out(data: Any, validation_data: Any, seed: int) -> tuple[Any, Any]:
 
 
 def fingerprint(net: PruningNet, *settings) -> str:
-    """What candidate scores depend on: the PruningNet's weights, its channel order and the scoring settings.
+    """What candidate scores depend on: the PruningNet's trained weights, its channel order and the scoring settings.
 
     A cache key for `EvolutionarySearch`: a PruningNet trained again (even
     with the same epochs and seed) gets another key, so its scores are never
-    mixed with those of an earlier net.
+    mixed with those of an earlier net; searching or building winners does
+    not change it (`PruningNet.trained_weights`). `search` adds its seed and
+    a digest of its scoring and re-estimation data to ``settings``.
     """
     digest = hashlib.sha1(repr(settings).encode())
     for order in net.space.channel_order:
         if not np.array_equal(order, np.arange(order.size)):  # index order: the keys of earlier caches stay valid
             digest.update(order.tobytes())
-    for weight in net.weights:
+    for weight in net.trained_weights():  # not the gene's masks, nor what `materialize` writes
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _data_digest(data: Any) -> str:
+    """A short digest of what scoring reads from ``data``: all of ``(x, y)`` arrays, the first batch of a dataset."""
+    import tensorflow as tf
+
+    if isinstance(data, tf.data.Dataset):
+        data = next(iter(data.take(1)))
+    parts = data if isinstance(data, (tuple, list)) else (data,)
+    digest = hashlib.sha1()
+    for part in parts:
+        array = np.ascontiguousarray(keras.ops.convert_to_numpy(part))
+        digest.update(repr((array.shape, array.dtype.str)).encode())
+        digest.update(array.tobytes())
     return digest.hexdigest()[:16]
 
 
