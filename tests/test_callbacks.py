@@ -78,6 +78,10 @@ def test_instance_is_reusable(data):
         (dict(budget=kap.Budget(flops=0.5), rounds=0), ValueError, "rounds"),
         (dict(budget=kap.Budget(flops=0.5), start_epoch=-1), ValueError, "start_epoch"),
         (dict(budget=kap.Budget(flops=0.5), rounds=3, end_epoch=2), ValueError, "end_epoch"),
+        (dict(budget=kap.Budget(flops=0.5), check_tolerance="1e-4"), ValueError, "check_tolerance"),
+        (dict(budget=kap.Budget(flops=0.5), check_tolerance=-1.0), ValueError, "check_tolerance"),
+        (dict(budget=kap.Budget(flops=0.5), check_tolerance=float("nan")), ValueError, "check_tolerance"),
+        (dict(budget=kap.Budget(flops=0.5), verbose=3), ValueError, "verbose"),
     ],
 )
 def test_bad_arguments_fail_in_init(kwargs, error, match):
@@ -89,6 +93,38 @@ def test_bad_arguments_fail_in_init(kwargs, error, match):
 def test_budget_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         kap.Budget(**kwargs)
+
+
+def test_a_fit_too_short_for_the_rounds_fails_before_training(data):
+    x, y = data
+    model = small_cnn()
+    before = [w.copy() for w in model.get_weights()]
+    cb = kap.MagnitudeCallback(kap.Budget(flops=0.5), start_epoch=1, rounds=2, verbose=0)  # rounds at epochs 2, 3
+    with pytest.raises(ValueError, match=r"prunes at the start of epoch\(s\) 2, 3 .* Fix: fit\(epochs=3\)"):
+        model.fit(x, y, epochs=2, callbacks=[cb], verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # no step was taken
+    model.fit(x, y, epochs=3, callbacks=[cb], verbose=0)  # just long enough
+    assert len(cb.history) == 2 and cb.pruned_model is not None
+
+
+def test_training_stopped_before_the_last_round_warns_with_what_was_pruned(data, tmp_path):
+    x, y = data
+
+    class StopAfterFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.model.stop_training = True
+
+    cb = kap.MagnitudeCallback(kap.Budget(flops=0.5), rounds=2, verbose=0)
+    with pytest.warns(UserWarning, match=r"ended after 1 of 2 pruning round\(s\).*keeps 7\d\.\d% of the FLOPs"):
+        small_cnn().fit(x, y, epochs=3, callbacks=[cb, StopAfterFirstEpoch()], verbose=0)
+    assert cb.pruned_model is not None and 0.7 <= cb.history[0]["flops_kept"] < 0.8
+    # With a state folder a short fit is allowed (it is resumed later), and says so.
+    cb = kap.MagnitudeCallback(kap.Budget(flops=0.5), start_epoch=2, verbose=0, state_dir=str(tmp_path / "state"))
+    with pytest.warns(UserWarning) as caught:
+        small_cnn().fit(x, y, epochs=1, callbacks=[cb], verbose=0)
+    messages = [str(w.message) for w in caught]
+    assert any("a later fit with the same callback arguments and state_dir resumes it" in m for m in messages)
+    assert any("nothing was pruned" in m for m in messages) and cb.pruned_model is None
 
 
 def test_model_without_prunable_groups_fails_before_training(data):

@@ -34,8 +34,11 @@ its first epoch instead of losing the pruning silently.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import time
+import warnings
 from typing import Any
 
 import keras
@@ -109,6 +112,14 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
                 f"`end_epoch` must leave room for {rounds} round(s) after start_epoch={start_epoch} "
                 f"(end_epoch >= start_epoch + rounds). Received: end_epoch={end_epoch!r}"
             )
+        if (isinstance(check_tolerance, bool) or not isinstance(check_tolerance, numbers.Real)
+                or not math.isfinite(check_tolerance) or check_tolerance <= 0):
+            raise ValueError(
+                "`check_tolerance` must be a finite number > 0, the relative error allowed between the rebuilt and "
+                f"the masked model. Received: check_tolerance={check_tolerance!r}. Fix: leave the default 1e-4."
+            )
+        if verbose not in (0, 1, 2) or not isinstance(verbose, numbers.Integral):
+            raise ValueError(f"`verbose` must be 0 (silent), 1 or 2 (a line per round). Received: verbose={verbose!r}")
         self.budget = budget
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
@@ -249,6 +260,7 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
             batchnorm_data = CalibrationSource(batchnorm_data, model, batch_size=128, require_labels=False, owner=owner).data
         copy = clone_model(model)
         copy.set_weights(model.get_weights())
+        self.set_params({})  # not a fit: no epoch count to check against the rounds
         if getattr(model, "loss", None) is not None:
             config = getattr(getattr(model, "_compile_config", None), "config", None) or {}
             copy.compile(loss=model.loss, loss_weights=config.get("loss_weights"))
@@ -306,9 +318,29 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
         self._original = {"flops": count_flops(model), "params": count_params(model)}
         self._epochs = dict(zip(round_epochs(self.start_epoch, self.end_epoch, self.rounds), round_targets(self.budget.fraction, self.rounds, self.ramp)))
         self._kept = {"flops": 1.0, "params": 1.0}
+        self._check_fit_reaches_the_rounds()
         self.install_constraints(model)
         self._installed = True
         model.make_train_function(force=True)  # retrace: the constraints are now part of the step
+
+    def _check_fit_reaches_the_rounds(self) -> None:
+        """Raises before training when ``fit(epochs=...)`` ends before the last round (warns with a ``state_dir``,
+        where a later ``fit`` resumes the pruning)."""
+        epochs = (self.params or {}).get("epochs")
+        last = max(self._epochs)
+        if epochs is None or last < epochs:
+            return
+        rounds = ", ".join(str(e + 1) for e in sorted(self._epochs))
+        problem = (f"{type(self).__name__} prunes at the start of epoch(s) {rounds} (1-based), but this fit runs "
+                   f"{epochs} epoch(s): the round(s) from epoch {last + 1} on would not run and the model would not "
+                   f"reach {self.budget}.")
+        if self._store is not None:
+            warnings.warn(f"{problem} The pruning state is saved in {self.state_dir!r}: a later fit with the same "
+                          "callback arguments and state_dir resumes it.", stacklevel=2)
+            return
+        raise ValueError(f"Expected a fit that reaches the last pruning round. Received: fit(epochs={epochs}). "
+                         f"{problem} Fix: fit(epochs={last + 1}) or more (plus the epochs that fine-tune after the last "
+                         "round), or a callback with a smaller start_epoch, end_epoch or number of rounds.")
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._first_epoch is None:
@@ -344,6 +376,15 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
         self.remove_constraints()
         self._installed = False
         self.model.train_function = None  # the next fit traces a step without masks
+        if len(self.history) < self.rounds and not self.stopped:
+            warnings.warn(
+                f"{type(self).__name__}: training ended after {len(self.history)} of {self.rounds} pruning round(s) "
+                f"(the last one is at the start of epoch {max(self._epochs) + 1}), so the model does not reach "
+                f"{self.budget}" + (": nothing was pruned and `pruned_model` is None." if self.plan is None else
+                                    f"; `pruned_model` keeps {self._kept['flops']:.1%} of the FLOPs and "
+                                    f"{self._kept['params']:.1%} of the parameters.")
+                + (f" Its state is in {self.state_dir!r}: resume with the same arguments." if self._store else ""),
+                stacklevel=2)
         if self.plan is None:
             return  # training stopped before the first round
         self.pruned_model = self.build_pruned_model()
