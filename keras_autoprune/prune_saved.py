@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from keras_autoprune.budget import Budget
+from keras_autoprune.saved_paths import check_model_paths
 
 METHODS = ("nap", "eigendamage", "psap", "magnitude")
 CALIBRATION_IMAGES = 1024
@@ -87,10 +88,7 @@ def prune_saved_model(
         raise ValueError(f"Expected --epochs >= 1 (pruning happens while training). Received: {epochs!r}")
     if scale not in SCALES:
         raise ValueError(f"Expected --scale to be one of {list(SCALES)}. Received: {scale!r}")
-    if not pathlib.Path(model_path).is_file():
-        raise ValueError(f"Expected a saved model file (.keras). Received: '{model_path}', which does not exist.")
-    if not str(out).endswith(".keras"):
-        raise ValueError(f"Expected --out to name a .keras file. Received: '{out}'")
+    check_model_paths(model_path, out)
     start = time.perf_counter()
     model = keras.saving.load_model(model_path, safe_mode=not unsafe)
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:

@@ -172,6 +172,11 @@ def test_prune_subcommand_checks_arguments_before_work(uncompiled_cnn_file, imag
                  "--out", str(tmp_path / "o.keras")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o.keras").exists()
+    before = uncompiled_cnn_file.read_bytes()
+    assert main(["prune", str(uncompiled_cnn_file), "--data", str(image_folder), "--budget", "flops=0.5",
+                 "--out", str(uncompiled_cnn_file)]) == 2
+    assert "other than the input model" in capsys.readouterr().err
+    assert uncompiled_cnn_file.read_bytes() == before
 
 
 def test_report_subcommand_prints_layers_and_totals(uncompiled_cnn_file, capsys):

@@ -403,6 +403,26 @@ def test_latency_table_interpolates_its_grid_and_round_trips(tmp_path):
     assert check.predicted_ms == (pytest.approx(table.full_ms), pytest.approx(table.estimate(plan)))
 
 
+def test_latency_table_times_a_depthwise_grouped_convolution_along_its_input_widths():
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 1, name="expand")(inputs)
+    x = L.Conv2D(16, 3, padding="same", groups=8, name="dw")(x)  # ConvNeXt-style depthwise, multiplier 2
+    x = L.GlobalAveragePooling2D()(L.Conv2D(6, 1, name="pw")(x))
+    model = keras.Model(inputs, L.Dense(4, name="head")(x))
+    with pytest.raises(ValueError, match="`runs` must be an int >= 1"):
+        mp.LatencyTable.build(model, runs=0, verbose=0)
+    table = mp.LatencyTable.build(model, scales=(0.5,), runs=3, verbose=0)
+    dw = table.timings[table.layers["dw"]]
+    assert dw.in_widths == [4, 8] and dw.out_widths == [16]  # its outputs follow its inputs: one axis
+    plan = kap.PrunePlan.uniform(kap.DependencyGraph(model), 0.5)
+    slim = kap.apply_plan(model, plan)
+    assert slim.get_layer("dw").get_config()["groups"] == 4 and slim.get_layer("dw").output.shape[-1] == 8
+    table.bind(model)
+    assert np.isfinite(table.estimate(plan)) and table.estimate(plan) != table.full_ms
+    change = dw.at(4, 8) - dw.at(8, 16)
+    assert change == pytest.approx(dw.ms[0][0] - dw.ms[1][0])  # the timing at 4 inputs (8 outputs), measured
+
+
 def test_latency_calibration_fits_the_full_latency_and_the_savings_scale(tmp_path):
     from keras_autoprune.metapruning.latency import fit_savings_scale
 

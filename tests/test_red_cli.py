@@ -91,6 +91,9 @@ def test_red_subcommand_rejects_bad_paths(duplicates_file, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["red", str(path), str(tmp_path / "red.h5")]) == 2
     assert "OUT=" in capsys.readouterr().err
+    before = path.read_bytes()
+    assert main(["red", str(path), str(path)]) == 2  # would overwrite the model it reads
+    assert "other than the input model" in capsys.readouterr().err and path.read_bytes() == before
     with pytest.raises(SystemExit) as exit_info:  # argparse: not a number
         main(["red", str(path), str(tmp_path / "red.keras"), "--bandwidth-scale", "wide"])
     assert exit_info.value.code == 2

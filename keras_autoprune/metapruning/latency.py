@@ -35,6 +35,7 @@ import pathlib
 import tempfile
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -118,6 +119,11 @@ class LatencyTable:
         scales = tuple(float(x) for x in scales)
         if not scales or any(not 0 < x <= 1 for x in scales):
             raise ValueError(f"`scales` are width fractions in (0, 1], e.g. (0.1, 0.4, 0.7, 1.0). Received: scales={scales}")
+        for name, value in (("num_threads", num_threads), ("runs", runs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1. Received: {name}={value!r}")
+        if calibration:
+            _check_ratios(calibration)  # before minutes of measurements, not after
         scales = tuple(sorted(set(scales) | {1.0}))
         graph = DependencyGraph(model)
         shapes = call_shapes(model)
@@ -165,10 +171,7 @@ class LatencyTable:
         Returns:
             the table itself, calibrated.
         """
-        ratios = tuple(float(r) for r in ratios)
-        if not ratios or any(not 0 < r < 1 for r in ratios):
-            raise ValueError(f"`ratios` are fractions of channels removed, in (0, 1), e.g. (0.25, 0.5, 0.75). "
-                             f"Received: ratios={ratios}")
+        ratios = _check_ratios(ratios)
         graph = DependencyGraph(model)
         self.bind(model, graph)
         plans = [PrunePlan({})] + [PrunePlan.uniform(graph, r) for r in ratios]
@@ -238,6 +241,18 @@ class LatencyTable:
                    data.get("savings_scale", 1.0), data.get("calibration"))
 
 
+def _check_ratios(ratios: Any) -> tuple[float, ...]:
+    """The calibration ratios as floats; raises unless they are fractions of channels removed, in (0, 1)."""
+    try:
+        values = tuple(float(r) for r in ratios)
+    except (TypeError, ValueError):
+        values = ()
+    if not values or any(not 0 < r < 1 for r in values):
+        raise ValueError(f"`ratios` (`calibration`) are fractions of channels removed, in (0, 1), e.g. (0.25, 0.5, "
+                         f"0.75). Received: {ratios!r}")
+    return values
+
+
 def _prunable_calls(graph: DependencyGraph) -> list:
     """First calls of one-input layers with a kernel (convolutions, Dense) that prunable channels cross."""
     calls = []
@@ -262,7 +277,8 @@ def _grid(record, graph: DependencyGraph, scales: Sequence[float]) -> tuple[list
     if is_prunable_layout(graph, in_layout):
         in_widths = sorted({_scaled(s, len(in_layout)) for s in scales})
     out_widths = [len(out_layout)]
-    if is_prunable_layout(graph, out_layout) and any(k in config for k in _WIDTH_KEYS):
+    grouped = config.get("groups", 1) > 1  # a depthwise Conv2D(groups=C): its outputs follow its inputs
+    if is_prunable_layout(graph, out_layout) and any(k in config for k in _WIDTH_KEYS) and not grouped:
         out_widths = sorted({_scaled(s, len(out_layout)) for s in scales})
     return in_widths, out_widths
 
@@ -274,11 +290,18 @@ def _signature(record, in_shape: tuple) -> str:
 
 
 def _one_layer_model(record, in_shape: tuple, c_in: int, c_out: int) -> keras.Model:
+    """The layer alone on ``c_in`` input channels with ``c_out`` outputs (a grouped convolution keeps its
+    channels per group, so its groups and outputs follow ``c_in``)."""
     config = dict(record.operation.get_config())
     config.pop("name", None)
     for key in _WIDTH_KEYS:
         if key in config:
             config[key] = c_out
+    groups = config.get("groups", 1)
+    if groups > 1:
+        full_in = int(in_shape[-1])
+        config["groups"] = max(1, c_in // (full_in // groups))
+        config["filters"] = record.operation.get_config()["filters"] // groups * config["groups"]
     inputs = keras.Input(tuple(int(d) for d in in_shape[1:-1]) + (c_in,))
     return keras.Model(inputs, type(record.operation).from_config(config)(inputs))
 

@@ -235,7 +235,9 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
     }
     try:
         report = red_report(model, run.model, plan=run.merge.plan, extra=extra)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError) as error:  # a layer the cost counters do not know: the model is still good
+        warnings.warn(f"RED compressed '{model.name}', but its per-layer report could not be built "
+                      f"({type(error).__name__}: {error}); `result.report` is None.", stacklevel=2)
         report = None
     return RedResult(
         model=run.model,

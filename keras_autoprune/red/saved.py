@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 import time
 
 from keras_autoprune.budget import Budget
 from keras_autoprune.red.compress import RedResult, check_options
+from keras_autoprune.saved_paths import check_model_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,19 +35,6 @@ class RedOutcome:
     files: tuple[str, ...]
     seconds: float
     export_summary: str | None
-
-
-def check_paths(model_path: str | os.PathLike, out: str | os.PathLike, tflite: str | os.PathLike | None = None) -> None:
-    """Checks the input file exists and the output names, before any work (raises ValueError)."""
-    if not pathlib.Path(model_path).is_file():
-        raise ValueError(f"Expected a saved model file (.keras). Received: '{model_path}', which does not exist.")
-    if pathlib.Path(out).suffix != ".keras":
-        raise ValueError(f"Expected the output model to be a .keras file. Received: OUT='{out}'. Fix: e.g. red.keras")
-    if tflite is not None and pathlib.Path(tflite).suffix != ".tflite":
-        raise ValueError(f"Expected a .tflite file name. Received: --tflite '{tflite}'. Fix: e.g. --tflite red.tflite")
-    for path in (out, tflite):
-        if path is not None and not pathlib.Path(path).resolve().parent.is_dir():
-            raise ValueError(f"Expected an existing folder for the output. Received: '{path}'")
 
 
 def compress_saved_model(
@@ -80,7 +67,7 @@ def compress_saved_model(
         ValueError: a bad argument (before any work) or an unreachable budget.
         ExportError: the ``.tflite`` failed conversion or verification.
     """
-    check_paths(model_path, out, tflite)
+    check_model_paths(model_path, out, tflite)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers)
     import keras
 
