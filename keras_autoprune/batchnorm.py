@@ -30,9 +30,11 @@ def recalibrate_batchnorm(model: keras.Model, data: Any, batch_size: int = 128, 
     after ``K`` batches ``moving_mean = (1/K) sum_k mean_k`` and
     ``moving_variance = (1/K) sum_k var_k`` (the batch variance Keras
     computes): a cumulative average, not the exponential one of ``fit``. The
-    layers' ``momentum`` is restored afterwards. Nothing else changes: no
-    weight is trained. Dropout layers are active during these passes, as in
-    training.
+    layers' ``momentum`` is restored afterwards, and so is ``trainable``:
+    frozen layers (``trainable=False``, as in a frozen backbone, which Keras
+    runs in inference mode even in a training call) are re-estimated too.
+    Nothing else changes: no weight is trained. Dropout layers are active
+    during these passes, as in training.
 
     Changes ``model`` in place (its moving statistics only).
 
@@ -56,8 +58,11 @@ def recalibrate_batchnorm(model: keras.Model, data: Any, batch_size: int = 128, 
     if not layers:
         return 0
     momenta = [layer.momentum for layer in layers]
+    frozen = [layer for layer in layers if not layer.trainable]
     seen = 0
     try:
+        for layer in frozen:
+            layer.trainable = True
         for batch in CalibrationData(data, model, batch_size=batch_size, num_batches=num_batches, require_labels=False):
             seen += 1
             for layer in layers:
@@ -66,5 +71,7 @@ def recalibrate_batchnorm(model: keras.Model, data: Any, batch_size: int = 128, 
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
+        for layer in frozen:
+            layer.trainable = False
     return len(layers)
 

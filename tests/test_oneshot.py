@@ -63,6 +63,19 @@ def test_recalibrate_batchnorm_reaches_nested_layers_and_respects_num_batches():
     assert not np.allclose(before, np.asarray(inner.get_layer("bn1").moving_mean))
 
 
+def test_recalibrate_batchnorm_reestimates_a_frozen_backbone_and_leaves_it_frozen():
+    backbone = _cnn()
+    backbone.trainable = False  # Keras runs frozen BatchNormalization in inference mode, even in a training call
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, L.Dense(2)(backbone(inputs)))
+    x, _ = _data(32)
+    assert kap.recalibrate_batchnorm(model, x, batch_size=16) == 2
+    features = keras.Model(backbone.inputs, backbone.get_layer("c1").output).predict(x, verbose=0).reshape(2, 16, -1, 8)
+    np.testing.assert_allclose(np.asarray(backbone.get_layer("bn1").moving_mean), features.mean(axis=(1, 2)).mean(axis=0),
+                               rtol=1e-4, atol=1e-5)
+    assert not backbone.trainable and not backbone.get_layer("bn1").trainable and not backbone.trainable_weights
+
+
 def test_recalibrate_batchnorm_without_batchnorm_or_data():
     inputs = keras.Input((4,))
     plain = keras.Model(inputs, L.Dense(2)(inputs))
