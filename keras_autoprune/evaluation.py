@@ -10,8 +10,22 @@ import numpy as np
 from keras_autoprune.stats.calibration import CalibrationData
 
 
+def output_activation(model: keras.Model) -> str | None:
+    """``"softmax"`` or ``"sigmoid"`` when ``model``'s last layer turns logits into probabilities with it (a
+    ``Softmax`` layer, or a layer whose ``activation`` is one of them), else None (logits)."""
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return "softmax"
+    name = getattr(getattr(last, "activation", None), "__name__", "")
+    return name if name in ("softmax", "sigmoid") else None
+
+
 def accuracy(model: keras.Model, data: Any, batch_size: int = 128) -> float:
-    """Fraction of examples whose arg-max prediction equals the label.
+    """Fraction of examples whose predicted class equals the label.
+
+    The predicted class is the arg-max of the output; with a single output
+    unit (a binary classifier) it is 1 where the output exceeds 0.5 after a
+    sigmoid (`output_activation`), 0 as a logit.
 
     Args:
         model: a classifier (logits or probabilities; one output).
@@ -20,9 +34,12 @@ def accuracy(model: keras.Model, data: Any, batch_size: int = 128) -> float:
             generator of batches. Labels are integers or one-hot rows.
         batch_size: batch size for in-memory arrays.
     """
+    binary = model.outputs[0].shape[-1] == 1
+    threshold = 0.5 if output_activation(model) == "sigmoid" else 0.0
     correct = total = 0
     for batch in CalibrationData(data, model, batch_size=batch_size, require_labels=True):
-        predicted = np.argmax(np.asarray(model(batch.x if len(batch.x) > 1 else batch.x[0], training=False)), axis=-1)
+        outputs = np.asarray(model(batch.x if len(batch.x) > 1 else batch.x[0], training=False))
+        predicted = (outputs[..., 0] > threshold).astype(np.int64) if binary else np.argmax(outputs, axis=-1)
         labels = batch.y
         labels = np.argmax(labels, axis=-1) if labels.ndim == 2 and labels.shape[-1] > 1 else labels.reshape(-1)
         correct += int(np.sum(predicted.reshape(-1) == labels.astype(np.int64)))

@@ -15,6 +15,7 @@ name), resized to the model's input and scaled like ``keras-autoprune export``
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import pathlib
 import sys
@@ -79,7 +80,7 @@ def prune_saved_model(
 
     import keras_autoprune as kap
     from keras_autoprune.datasets import load_images
-    from keras_autoprune.evaluation import accuracy
+    from keras_autoprune.evaluation import accuracy, output_activation
     from keras_autoprune.export.images import SCALES
 
     if method not in METHODS:
@@ -88,7 +89,12 @@ def prune_saved_model(
         raise ValueError(f"Expected --epochs >= 1 (pruning happens while training). Received: {epochs!r}")
     if scale not in SCALES:
         raise ValueError(f"Expected --scale to be one of {list(SCALES)}. Received: {scale!r}")
-    check_model_paths(model_path, out)
+    for name, value, low in (("--batch-size", batch_size, 1), ("--max-per-class", max_per_class, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"Expected {name} to be an integer >= {low}. Received: {value!r}")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real) or not learning_rate > 0:
+        raise ValueError(f"Expected --learning-rate to be a number > 0. Received: {learning_rate!r}")
+    check_model_paths(model_path, out, tflite, int8)
     start = time.perf_counter()
     model = keras.saving.load_model(model_path, safe_mode=not unsafe)
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
@@ -107,7 +113,7 @@ def prune_saved_model(
         test = None
     log(f"data: {len(x_train)} training images, {0 if test is None else len(test[0])} test images, {len(classes)} classes")
     if getattr(model, "loss", None) is None:
-        from_logits = getattr(model.layers[-1], "activation", None) is not keras.activations.softmax
+        from_logits = output_activation(model) != "softmax"
         model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits), metrics=["accuracy"])
     accuracy_before = accuracy(model, test, batch_size) if test is not None else None

@@ -172,6 +172,11 @@ def test_prune_subcommand_checks_arguments_before_work(uncompiled_cnn_file, imag
                  "--out", str(tmp_path / "o.keras")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o.keras").exists()
+    for extra, message in ((["--tflite", str(tmp_path / "missing" / "m.tflite")], "existing folder"),
+                           (["--tflite", str(tmp_path / "m.tflite"), "--int8", str(tmp_path / "m.tflite")], "one file per export"),
+                           (["--batch-size", "0"], "--batch-size to be an integer >= 1")):
+        assert main([*base, "--budget", "flops=0.5", *extra]) == 2
+        assert message in capsys.readouterr().err
     before = uncompiled_cnn_file.read_bytes()
     assert main(["prune", str(uncompiled_cnn_file), "--data", str(image_folder), "--budget", "flops=0.5",
                  "--out", str(uncompiled_cnn_file)]) == 2

@@ -24,7 +24,7 @@ import numpy as np
 from keras_autoprune.allocation.cost import PlanCost
 from keras_autoprune.batchnorm import recalibrate_batchnorm
 from keras_autoprune.budget import Budget
-from keras_autoprune.evaluation import accuracy
+from keras_autoprune.evaluation import accuracy, output_activation
 from keras_autoprune.errors import BudgetUnreachableError
 from keras_autoprune.metapruning.evolution import EvolutionarySearch, SearchHistory, SearchSettings
 from keras_autoprune.metapruning.genes import DEFAULT_SCALES, Gene, GeneSpace
@@ -79,7 +79,7 @@ def train_pruningnet(net: PruningNet, data: Any, epochs: int = 1, learning_rate:
     steps = -(-len(data[0]) // batch_size) if arrays else _batches(data)
     if steps and decay:
         rate = keras.optimizers.schedules.PolynomialDecay(rate, decay_steps=steps * epochs, end_learning_rate=0.0)
-    logits = _outputs_logits(net.base) if from_logits is None else bool(from_logits)
+    logits = output_activation(net.base) != "softmax" if from_logits is None else bool(from_logits)
     classes = int(net.base.outputs[0].shape[-1])
     net.compile(optimizer=keras.optimizers.SGD(rate, momentum=0.9, nesterov=True),
                 loss=SmoothedCrossentropy(classes, label_smoothing, logits))
@@ -380,9 +380,3 @@ def _batches(data: Any) -> int | None:
         count = int(data.cardinality())
         return count if count > 0 else None
     return None
-
-
-def _outputs_logits(model: keras.Model) -> bool:
-    last = model.layers[-1]
-    activation = getattr(last, "activation", None)
-    return not (isinstance(last, keras.layers.Softmax) or getattr(activation, "__name__", "") == "softmax")
