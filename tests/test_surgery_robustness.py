@@ -224,3 +224,16 @@ def test_pruned_model_with_copied_custom_layer_saves_and_loads(tmp_path):
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
     np.testing.assert_allclose(loaded(x), slim(x), rtol=1e-6, atol=1e-6)
     assert loaded.get_layer("c2").filters == 3
+
+
+def test_an_adapted_normalization_keeps_its_statistics_through_surgery():
+    """Its copy is rebuilt from the config (deep copy fails); the adapted mean and variance must follow the weights."""
+    inputs = keras.Input((3,))
+    norm = L.Normalization(name="norm")
+    outputs = L.Dense(2, name="d2")(norm(L.Dense(4, name="d1")(inputs)))
+    model = keras.Model(inputs, outputs)
+    norm.adapt(np.random.default_rng(1).normal(3.0, 2.0, size=(64, 4)).astype("float32"))
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
+    copy = kap.apply_plan(model, kap.PrunePlan({}))
+    np.testing.assert_allclose(np.asarray(copy(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(copy.get_layer("norm").mean), np.asarray(norm.mean), rtol=1e-6)

@@ -71,6 +71,9 @@ def assign_weights(layer, values: dict[str, np.ndarray]) -> None:
                 f"the rebuilt layer expects {tuple(variable.shape)}. This is a bug in its handler."
             )
         variable.assign(value.astype(variable.dtype))
+    finalize = getattr(layer, "finalize_state", None)
+    if callable(finalize):  # e.g. an adapted Normalization computes its mean and variance from the variables
+        finalize()
 
 
 def _by_position(layer, keys: list[str], values: dict[str, np.ndarray]) -> list:
