@@ -269,3 +269,14 @@ def test_grouped_conv_with_one_channel_per_group_is_depthwise():
     np.testing.assert_array_equal(
         layer.kernel.numpy(), model.get_layer("dw_as_grouped").kernel.numpy()[..., [2, 3, 8, 9, 10, 11]]
     )
+
+
+@pytest.mark.parametrize("layer", [keras.layers.Softmax(axis=1), keras.layers.Softmax(axis=-2)])
+def test_softmax_over_positions_keeps_removed_channels_exact(layer):
+    """A removed channel's constant cannot be folded through a softmax over another axis (its value depends
+    on the other positions): the surgery must still equal the masked model."""
+    inputs = keras.Input((5, 3))
+    x = layer(keras.layers.Dense(4, name="d1")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="d2")(x))
+    randomize(model, 0)
+    assert_contract(model, kap.PrunePlan({"d1": [0, 1, 2]}))

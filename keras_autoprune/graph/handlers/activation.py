@@ -50,6 +50,10 @@ class ActivationHandler(LayerHandler):
         return [layout]
 
     def constants(self, layer, call, in_values):
+        if type(layer).__name__ in ("Softmax", "LogSoftmax"):
+            # It normalises over other axes (the channel axis is refused above): a constant channel's value
+            # depends on their length and its other positions, not on the channel alone. Unknown: zero rows.
+            return [np.full(len(in_values[0]), np.nan)]
         return [evaluate_elementwise(layer, call, in_values)]
 
 
