@@ -164,6 +164,21 @@ def test_tolerance_mode_undoes_the_round_that_breaks_it(digits, pretrained):
     assert accuracy(cb.pruned_model, (x_test, y_test)) >= cb.base_accuracy - 0.02 - 1e-9
 
 
+def test_tolerance_mode_that_undoes_its_first_round_leaves_no_mask(digits, pretrained):
+    x_train, x_test, y_train, y_test = digits
+    model = fresh(pretrained)
+    cb = kap.NAPCallback((x_train[:256], y_train[:256]), budget=kap.Budget(flops=0.05), max_layer_ratio=1.0,
+                         validation_data=(x_test, y_test), max_accuracy_drop=0.0, verbose=0)
+    model.fit(x_train[:512], y_train[:512], epochs=2, batch_size=64, callbacks=[cb], verbose=0)
+    assert cb.stopped and cb.history[0]["accepted"] is False
+    assert kap.count_flops(cb.pruned_model) == kap.count_flops(model)
+    # The epoch after the undone round trained every channel: none is held at zero by a stale mask.
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            kernel = layer.kernel.numpy().reshape(-1, layer.kernel.shape[-1])
+            assert np.all(np.any(kernel != 0, axis=0)), layer.name
+
+
 def test_fine_grained_mode_masks_weights_and_strips_masks(digits, pretrained):
     x_train, x_test, y_train, y_test = digits
     model = fresh(pretrained)

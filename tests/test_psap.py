@@ -46,6 +46,17 @@ def test_group_sparsity_and_wsr_proportional_layer_ratios():
     assert kap.count_params(kap.apply_plan(model, plan, graph)) <= 0.8 * params
 
 
+def test_group_sparsity_reads_a_separable_convolutions_pointwise_kernel():
+    i = keras.Input((6, 6, 2))
+    s = L.SeparableConv2D(4, 3, padding="same", use_bias=False, name="s")(i)
+    model = keras.Model(i, L.Dense(2)(L.Flatten()(L.Conv2D(3, 1, name="c")(s))))
+    pointwise = np.ones((1, 1, 2, 4))
+    pointwise[..., 0, :] = 1e-4  # half of the pointwise weights are sparse; the depthwise kernel is not read
+    model.get_layer("s").pointwise_kernel.assign(pointwise)
+    sparsity = psap.group_sparsity(kap.DependencyGraph(model), kappa=0.05)
+    assert sparsity["s"] == pytest.approx(0.5)
+
+
 def test_protection_rule_keeps_large_gradient_filters_and_lets_wrongly_pruned_regrow():
     ema = {"g": np.array([5.0, 1.0, 2.0, 3.0, 9.0, 0.5])}
     zeroed = {"g": np.array([True, True, False, False, False, False])}

@@ -272,6 +272,8 @@ class NAPCallback(RankedPruningCallback):
             self._masks.apply(plan)
         elif masks is not None:
             self._apply_weight_masks(masks)
+        else:  # the first round is undone: no mask may stay
+            self._masks.apply(PrunePlan({}))
         self.stopped = True
         if self.verbose:
             print(

@@ -49,7 +49,9 @@ def group_sparsity(graph: DependencyGraph, kappa: float = 0.05) -> dict[str, flo
     ratios: dict[int, list[float]] = {}
     for record in graph.records:
         layer = record.operation
-        kernel = getattr(layer, "pointwise_kernel", None) or getattr(layer, "kernel", None)
+        kernel = getattr(layer, "pointwise_kernel", None)  # a Variable has no truth value: no `or`
+        if kernel is None:
+            kernel = getattr(layer, "kernel", None)
         layout = record.out_layouts[0] if record.out_layouts else np.zeros(0, np.int64)
         creates = len(layout) and graph.atoms.space_owner(graph.atoms.space_of(int(layout[0]))) == record.name
         if kernel is None or not record.first_call or not creates:
