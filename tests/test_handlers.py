@@ -280,3 +280,14 @@ def test_softmax_over_positions_keeps_removed_channels_exact(layer):
     model = keras.Model(inputs, keras.layers.Dense(2, name="d2")(x))
     randomize(model, 0)
     assert_contract(model, kap.PrunePlan({"d1": [0, 1, 2]}))
+
+
+def test_a_softmax_classifier_keeps_its_outputs_and_lets_its_inputs_be_pruned():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(keras.layers.Conv2D(8, 3, name="c1")(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="head")(x))
+    randomize(model, 0)
+    graph = kap.DependencyGraph(model)
+    assert {g.id: g.prunable for g in graph.groups if g.id in ("c1", "head")} == {"c1": True, "head": False}
+    slim, _ = assert_contract(model, kap.PrunePlan({"c1": [0, 2, 5]}), graph)
+    assert slim.get_layer("head").kernel.shape == (3, 3)

@@ -54,12 +54,13 @@ class LinearHandler(LayerHandler):
         return layer.get_config().get("groups", 1) > 1 and layer.kernel.shape[-2] == 1
 
     def _unsupported(self, layer: Any) -> str | None:
+        """Why none of the layer's channels can be pruned (None: they can; a softmax keeps only its outputs)."""
         config = layer.get_config()
         if config.get("data_format", "channels_last") != "channels_last":
             return "data_format='channels_first'"
         if config.get("groups", 1) != 1 and not self._depthwise(layer):
             return f"groups={config['groups']} (grouped convolution)"
-        if mixes_channels(layer):
+        if mixes_channels(layer) and self._depthwise(layer):  # its inputs are its outputs
             return "a softmax activation across its outputs"
         return None
 
@@ -75,7 +76,10 @@ class LinearHandler(LayerHandler):
             return [ctx.fix(ctx.new_space(channels(call.out_shapes[0])), reason)]
         if self._depthwise(layer):
             return [np.repeat(call.in_layouts[0], layer.get_config()["filters"] // layer.get_config()["groups"])]
-        return [ctx.new_space(channels(call.out_shapes[0]))]
+        outputs = ctx.new_space(channels(call.out_shapes[0]))
+        if mixes_channels(layer):  # a softmax mixes the outputs only: removed inputs fold into the bias before it
+            return [ctx.fix(outputs, f"layer '{layer.name}' applies a softmax across its outputs")]
+        return [outputs]
 
     def constants(self, layer, call, in_values):
         return [activation_at_zero(layer, channels(call.out_shapes[0]))]
