@@ -90,23 +90,37 @@ def _has_images(folder: pathlib.Path) -> bool:
 
 
 def _load_folder(root, split, image_size, max_per_class):
-    split_root = root / split if (root / split).is_dir() else root
+    if (root / split).is_dir():
+        split_root = root / split
+    elif split == "train":  # a folder without split level, <root>/<class>/*, holds one split: the training images
+        split_root = root
+    else:
+        raise FileNotFoundError(
+            f"Expected a '{split}' sub-folder in {root} (layout <root>/<split>/<class>/*.jpg). Received: a folder "
+            f"without it (sub-folders: {sorted(p.name for p in root.iterdir() if p.is_dir())[:6]}); a folder of "
+            "class sub-folders only is read as the 'train' split."
+        )
     classes = sorted(p.name for p in split_root.iterdir() if p.is_dir())
     if not classes:
         raise ValueError(
             f"Expected class sub-folders in {split_root} (layout <root>/<split>/<class>/*.jpg). Received: none."
         )
-    key = _digest(split_root.resolve(), image_size, max_per_class)
-    cached = cache_dir() / "arrays" / f"{key}.npz"
+    selected = [sorted(p for p in (split_root / name).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:max_per_class]
+                for name in classes]
+    # The cache key covers what is read: an image added, removed or replaced gives a new key.
+    listing = [(str(f.relative_to(split_root)), f.stat().st_size, f.stat().st_mtime_ns) for files in selected for f in files]
+    cached = cache_dir() / "arrays" / f"{_digest(split_root.resolve(), image_size, max_per_class, listing)}.npz"
     if cached.exists():
-        data = np.load(cached)
-        return data["x"].astype("float32") / 255.0, data["y"], classes
+        try:
+            with np.load(cached) as data:
+                return data["x"].astype("float32") / 255.0, data["y"], classes
+        except (OSError, ValueError, KeyError):  # a damaged file (e.g. an interrupted write of an older version)
+            cached.unlink()
     import tensorflow as tf
 
     images, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (split_root / name).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-        for file in files[:max_per_class]:
+    for label, files in enumerate(selected):
+        for file in files:
             image = tf.io.decode_image(tf.io.read_file(str(file)), channels=3, expand_animations=False)
             if image_size is not None:
                 image = tf.cast(tf.image.resize(image, image_size), tf.uint8)
@@ -117,7 +131,9 @@ def _load_folder(root, split, image_size, max_per_class):
         raise ValueError(f"Images in {split_root} have different sizes {sorted(shapes)[:4]}: pass image_size=(H, W).")
     x, y = np.stack(images), np.asarray(labels, np.int64)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cached, x=x, y=y)
+    partial = cached.with_name(f"{cached.stem}.{os.getpid()}.partial.npz")
+    np.savez(partial, x=x, y=y)
+    os.replace(partial, cached)  # atomic: a killed run leaves no truncated cache behind
     return x.astype("float32") / 255.0, y, classes
 
 

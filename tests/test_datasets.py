@@ -47,3 +47,26 @@ def test_errors(folder, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="class sub-folders"):
         load_images(tmp_path / "empty")
+
+
+def test_a_folder_without_split_level_is_the_training_split_only(folder):
+    flat = folder / "train"  # <root>/<class>/*.png
+    x, y, classes = load_images(flat)
+    assert len(x) == 9 and classes == ["ant", "bee", "cat"]
+    with pytest.raises(FileNotFoundError, match="Expected a 'test' sub-folder"):
+        load_images(flat, "test")  # not the training images again, under another name
+    with pytest.raises(FileNotFoundError, match="Expected a 'tset' sub-folder"):
+        load_images(folder, "tset")
+
+
+def test_the_array_cache_follows_the_images_and_survives_a_damaged_file(folder, tmp_path):
+    first, _, _ = load_images(folder, "test")
+    image = folder / "test" / "ant" / "0.png"
+    image.write_bytes(tf.io.encode_png(np.full((4, 5, 3), 200, np.uint8)).numpy())  # replaced in place
+    again, _, _ = load_images(folder, "test")
+    assert again[0, 0, 0, 0] * 255 == pytest.approx(200) and first[0, 0, 0, 0] * 255 == pytest.approx(10)
+    cached = sorted((tmp_path / "cache" / "arrays").glob("*.npz"))
+    assert cached and not list((tmp_path / "cache" / "arrays").glob("*.partial*"))
+    for path in cached:
+        path.write_bytes(b"truncated")
+    np.testing.assert_array_equal(load_images(folder, "test")[0], again)  # decoded again, not a crash
