@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import keras
+import numpy as np
 
 from keras_autoprune.stats.calibration import CalibrationData
 from keras_autoprune.stats.loss import Likelihood, resolve_likelihood
@@ -47,6 +48,9 @@ class CalibrationSource:
         owner: the callback's name, for error messages.
         likelihood: the model's `Likelihood` (from `resolve_fisher`): labels
             are checked against its outputs and losses.
+        num_batches: the batches each statistics pass will read (None: all
+            of ``data``, which must then be finite); checked here, before
+            training, not at the first round.
 
     Attributes:
         data: what the statistics should read (for a one-shot iterator: its
@@ -60,8 +64,17 @@ class CalibrationSource:
 
     def __init__(
         self, data: Any, model: keras.Model, *, batch_size: int, require_labels: bool, owner: str,
-        likelihood: Likelihood | None = None,
+        likelihood: Likelihood | None = None, num_batches: int | None = None,
     ):
+        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, (int, np.integer))
+                                        or num_batches < 1):
+            raise ValueError(f"{owner}: expected `num_batches` to be an integer >= 1 or None (all of `data`). "
+                             f"Received: num_batches={num_batches!r}")
+        import tensorflow as tf
+
+        if num_batches is None and isinstance(data, tf.data.Dataset) and int(data.cardinality()) == tf.data.INFINITE_CARDINALITY:
+            raise ValueError(f"{owner}: expected a finite dataset, or `num_batches`. Received: an infinite "
+                             "tf.data.Dataset (e.g. after .repeat()) and num_batches=None. Fix: pass num_batches=...")
         self.data = data
         checked = data
         if isinstance(data, Iterator):  # read the first batch once and put it back

@@ -147,7 +147,7 @@ class EigenDamageCallback(PruningCallback):
         self._likelihood, self._fisher = resolve_fisher(model, self.fisher, "EigenDamageCallback", self.verbose)
         self._source = CalibrationSource(self.data, model, batch_size=self.batch_size,
                                          require_labels=self._fisher == "empirical", owner="EigenDamageCallback",
-                                         likelihood=self._likelihood)
+                                         likelihood=self._likelihood, num_batches=self.num_batches)
         self.statistics_seconds = 0.0
         self._cost = eigendamage.FactorizedCost(model, self._layers)
         self._check_reachable(model)

@@ -186,7 +186,7 @@ class NAPCallback(RankedPruningCallback):
         self._likelihood, self._fisher = resolve_fisher(model, self.fisher, "NAPCallback", self.verbose)
         self._source = CalibrationSource(self.data, model, batch_size=self.batch_size,
                                          require_labels=self._fisher == "empirical", owner="NAPCallback",
-                                         likelihood=self._likelihood)
+                                         likelihood=self._likelihood, num_batches=self.num_batches)
         self.statistics_seconds = 0.0
         self.weight_masks: dict[str, np.ndarray] | None = None
         self.base_accuracy = None

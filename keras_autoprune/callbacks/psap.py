@@ -91,7 +91,8 @@ class PSAPCallback(PruningCallback):
     def check_model(self, model) -> None:
         self._likelihood, self._fisher = resolve_fisher(model, "true", "PSAPCallback", self.verbose)
         self._source = CalibrationSource(self.data, model, batch_size=self.batch_size, owner="PSAPCallback",
-                                         require_labels=self._fisher == "empirical", likelihood=self._likelihood)
+                                         require_labels=self._fisher == "empirical", likelihood=self._likelihood,
+                                         num_batches=self.num_batches)
         self.grad_ema: dict[str, np.ndarray] = {}
         self.statistics_seconds = 0.0
         self._cost = None
