@@ -179,6 +179,23 @@ def test_tolerance_mode_that_undoes_its_first_round_leaves_no_mask(digits, pretr
             assert np.all(np.any(kernel != 0, axis=0)), layer.name
 
 
+def test_tolerance_mode_without_a_budget_aims_at_the_models_floor_when_it_is_above_its_default():
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, name="c1")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="d")(x))  # c1 keeps at least 1 of 8: 12.5% of the FLOPs
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(8, 16, 16, 3)).astype("float32"), rng.integers(0, 2, 8))
+    cb = kap.NAPCallback(data, validation_data=data, max_accuracy_drop=0.99, max_layer_ratio=1.0, verbose=0)
+    cb.prune(model)
+    floor = cb.budget_floor(cb.model)  # the copy that prune() worked on
+    assert floor > 0.1 and cb.budget.fraction == pytest.approx(kap.budget.round_up_fraction(floor))
+    assert kap.count_flops(cb.pruned_model) <= cb.budget.fraction * kap.count_flops(model)
+    with pytest.raises(kap.BudgetUnreachableError):  # a budget the user gave is still checked
+        kap.NAPCallback(data, kap.Budget(flops=0.1), validation_data=data, max_accuracy_drop=0.99, max_layer_ratio=1.0,
+                        verbose=0).prune(model)
+
+
 def test_fine_grained_mode_masks_weights_and_strips_masks(digits, pretrained):
     x_train, x_test, y_train, y_test = digits
     model = fresh(pretrained)

@@ -155,8 +155,7 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
         groups, or the method's per-layer floor); layers whose channels
         cannot be pruned stay whole.
         """
-        smallest = apply_plan(model, self.smallest_plan(), self.graph)
-        floor = self.budget.cost(smallest) / self.budget.cost(model)
+        floor = self.budget_floor(model)
         if floor > self.budget.fraction:
             metric = self.budget.metric
             raise BudgetUnreachableError(
@@ -166,6 +165,11 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
                 f"stay whole: see kap.DependencyGraph(model).summary()). Fix: kap.Budget({metric}="
                 f"{round_up_fraction(floor)}) or more."
             )
+
+    def budget_floor(self, model: keras.Model) -> float:
+        """The fraction of the budget's metric that `smallest_plan` keeps on ``model``: the least reachable."""
+        smallest = apply_plan(model, self.smallest_plan(), self.graph)
+        return self.budget.cost(smallest) / self.budget.cost(model)
 
     def smallest_plan(self) -> PrunePlan:
         """The plan of the smallest model the method builds: every prunable group down to one channel."""

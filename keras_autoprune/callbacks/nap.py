@@ -7,7 +7,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_autoprune.budget import Budget
+from keras_autoprune.budget import Budget, round_up_fraction
 from keras_autoprune.callbacks.ranked import DEFAULT_MAX_LAYER_RATIO, RankedPruningCallback
 from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable, fisher_facts, resolve_fisher
 from keras_autoprune.evaluation import accuracy
@@ -18,6 +18,8 @@ from keras_autoprune.surgery.plan import PrunePlan
 from keras_autoprune.surgery.weights import assign_weights, layer_weights
 
 _GRANULARITIES = ("channel", "weight")
+TOLERANCE_MODE_BUDGET = 0.1
+"""Fraction of the FLOPs tolerance mode aims at without a ``budget`` (raised to the model's floor if above)."""
 
 
 class NAPCallback(RankedPruningCallback):
@@ -41,7 +43,8 @@ class NAPCallback(RankedPruningCallback):
             and a new generator for each ``fit``. Labels are only needed
             with ``fisher="empirical"``.
         budget: `kap.Budget` to reach. In tolerance mode it is the most the
-            callback may prune (default there: ``Budget(flops=0.1)``).
+            callback may prune (default there: ``Budget(flops=0.1)``, or the
+            least the model can keep when that is more).
         rounds: pruning rounds, the kept fraction ramping linearly.
         granularity: ``"channel"`` (structured, default: channels are
             removed by surgery at the end) or ``"weight"`` (fine-grained
@@ -127,14 +130,16 @@ class NAPCallback(RankedPruningCallback):
                 f"Received: validation_data={'given' if validation_data is not None else None}, "
                 f"max_accuracy_drop={max_accuracy_drop}"
             )
+        budget_given = budget is not None
         if budget is None:
             if not tolerance_mode:
                 raise ValueError(
                     "Give a `budget` (e.g. `kap.Budget(flops=0.5)`), or use tolerance mode with "
                     "`validation_data=...` and `max_accuracy_drop=0.01`. Received: budget=None"
                 )
-            budget = Budget(flops=0.1)
+            budget = Budget(flops=TOLERANCE_MODE_BUDGET)
         super().__init__(budget, rounds=rounds, max_layer_ratio=max_layer_ratio, **kwargs)
+        self._budget_given = budget_given
         if data is None:
             raise ValueError("`data` (calibration batches) is required for the curvature statistics. Received: data=None")
         if granularity not in _GRANULARITIES:
@@ -201,8 +206,12 @@ class NAPCallback(RankedPruningCallback):
         return fisher_facts(self._likelihood, self._fisher)
 
     def check_budget(self, model: keras.Model) -> None:
-        if self.granularity == "channel":  # the weight mode checks its own floor in its first round
-            super().check_budget(model)
+        if self.granularity != "channel":  # the weight mode checks its own floor in its first round
+            return
+        if not self._budget_given:  # tolerance mode's own default: as far as the model goes, not an error
+            floor = self.budget_floor(model)
+            self.budget = Budget(flops=max(TOLERANCE_MODE_BUDGET, round_up_fraction(floor)))
+        super().check_budget(model)
 
     def method_state(self):
         masks = {f"weight_mask:{name}": mask for name, mask in (self.weight_masks or {}).items()}
