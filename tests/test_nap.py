@@ -196,6 +196,20 @@ def test_tolerance_mode_without_a_budget_aims_at_the_models_floor_when_it_is_abo
                         verbose=0).prune(model)
 
 
+def test_fine_grained_mode_masks_kernels_outside_prunable_channel_groups():
+    inputs = keras.Input((8,))
+    x = keras.layers.LayerNormalization(name="ln")(keras.layers.Dense(5, name="b")(keras.layers.Dense(6, name="a")(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="c")(x))  # c's inputs cross the norm
+    model.compile(loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(16, 8)).astype("float32"), rng.integers(0, 2, 16))
+    cb = kap.NAPCallback(data, kap.Budget(params=0.6), granularity="weight", verbose=0)
+    slim = cb.prune(model)
+    nonzero = sum(int(np.count_nonzero(w.numpy())) for w in slim.weights)
+    assert nonzero <= 0.6 * model.count_params() + 1
+    assert np.count_nonzero(slim.get_layer("c").kernel.numpy() == 0) > 0  # a kernel no channel group reaches
+
+
 def test_fine_grained_mode_masks_weights_and_strips_masks(digits, pretrained):
     x_train, x_test, y_train, y_test = digits
     model = fresh(pretrained)

@@ -303,9 +303,12 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
                 "every channel reaches an input/output or crosses a layer without a handler."
             )
 
+    #: Whether masks go on every layer with weights (single-weight pruning), not only on prunable channels.
+    masks_every_layer = False
+
     def install_constraints(self, model: keras.Model) -> None:
         """Puts the in-step enforcement on the model's variables (default: channel masks)."""
-        self._masks = MaskSet(self.graph)
+        self._masks = MaskSet(self.graph, every_layer=self.masks_every_layer)
         self._masks.install(getattr(model, "distribute_strategy", None))
 
     def remove_constraints(self) -> None:

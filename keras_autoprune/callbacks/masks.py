@@ -40,11 +40,14 @@ class MaskSet:
 
     Args:
         graph: dependency graph of the model (built on the live model).
+        every_layer: mask every layer with trainable weights, not only those
+            a prunable channel group touches (single weights can be masked
+            anywhere).
     """
 
-    def __init__(self, graph: DependencyGraph):
+    def __init__(self, graph: DependencyGraph, every_layer: bool = False):
         self.graph = graph
-        self._layers = maskable_layers(graph)
+        self._layers = maskable_layers(graph, every_layer)
         self._masks: dict[int, keras.Variable] = {}
         self._previous: dict[int, object] = {}
 
@@ -117,15 +120,16 @@ class MaskSet:
         variable.assign((np.asarray(variable.numpy()) * combined).astype(variable.dtype))
 
 
-def maskable_layers(graph: DependencyGraph) -> dict[int, tuple]:
-    """``{id(layer): (handler, layer)}``: the layers with trainable weights that a prunable group touches."""
+def maskable_layers(graph: DependencyGraph, every_layer: bool = False) -> dict[int, tuple]:
+    """``{id(layer): (handler, layer)}``: the layers with trainable weights that a prunable group touches (all of
+    them with ``every_layer``)."""
     layers = {}
     for record in graph.records:
         layer = record.operation
         if not (record.first_call and isinstance(layer, keras.layers.Layer) and layer.trainable_weights):
             continue
         layouts = list(record.call.in_layouts) + list(record.out_layouts) + list(record.internal_layouts)
-        if any(is_prunable_layout(graph, l) for l in layouts):
+        if every_layer or any(is_prunable_layout(graph, l) for l in layouts):
             layers[id(layer)] = (record.handler, layer)
     return layers
 

@@ -174,6 +174,7 @@ class NAPCallback(RankedPruningCallback):
         check_readable(data, rounds, "NAPCallback")
         self.data = data
         self.granularity = granularity
+        self.masks_every_layer = granularity == "weight"  # single weights are masked in any Dense/Conv kernel
         self.fisher = fisher
         self.num_batches = num_batches
         self.batch_size = batch_size
@@ -204,6 +205,10 @@ class NAPCallback(RankedPruningCallback):
 
     def run_facts(self) -> dict:
         return fisher_facts(self._likelihood, self._fisher)
+
+    def check_graph(self, graph) -> None:
+        if self.granularity == "channel":  # single weights need no prunable channel group
+            super().check_graph(graph)
 
     def check_budget(self, model: keras.Model) -> None:
         if self.granularity != "channel":  # the weight mode checks its own floor in its first round
