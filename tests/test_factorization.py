@@ -178,6 +178,11 @@ def test_plan_json_round_trip_is_bit_exact_and_documented_format():
         assert np.array_equal(again.layers[name].q_in, f.q_in) and np.array_equal(again.layers[name].q_out, f.q_out)
     with pytest.raises(PlanError, match="factorization plan"):
         FactorizationPlan.from_json(kap.PrunePlan({}).to_json())
+    with pytest.raises(PlanError, match="Expected the JSON text"):
+        FactorizationPlan.from_json(text[:-5])  # truncated
+    data["layers"]["c1"]["q_out"]["shape"] = [8, 5]
+    with pytest.raises(PlanError, match="damaged entry"):
+        FactorizationPlan.from_json(json.dumps(data))
 
 
 @pytest.mark.parametrize("layers, match", [

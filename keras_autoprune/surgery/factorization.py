@@ -214,13 +214,30 @@ class FactorizationPlan:
 
     @classmethod
     def from_json(cls, text: str) -> "FactorizationPlan":
-        """Reads `to_json`'s output."""
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") != _FORMAT:
-            raise PlanError(f"Expected a factorization plan (format '{_FORMAT}'). Received: {str(text)[:80]!r}")
+        """Reads `to_json`'s output.
+
+        Raises:
+            PlanError: not JSON, another format or version, or a damaged layer entry.
+        """
+        try:
+            data = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as error:
+            raise PlanError(f"Expected the JSON text written by `FactorizationPlan.to_json()`. Received: "
+                            f"{str(text)[:80]!r}") from error
+        if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("layers"), dict):
+            raise PlanError(f"Expected a factorization plan (format '{_FORMAT}' with a 'layers' mapping), as written by "
+                            f"`FactorizationPlan.to_json()`. Received: {str(text)[:80]!r}")
         if data.get("version") != 1:
             raise PlanError(f"Unsupported factorization plan version {data.get('version')!r}; this library reads version 1.")
-        return cls({name: LayerFactorization(_decode(e["q_in"]), _decode(e["q_out"])) for name, e in data["layers"].items()})
+        layers = {}
+        for name, entry in data["layers"].items():
+            try:
+                layers[name] = LayerFactorization(_decode(entry["q_in"]), _decode(entry["q_out"]))
+            except (TypeError, KeyError, ValueError) as error:
+                raise PlanError(f"Expected 'q_in' and 'q_out' matrices (shape, data) for layer '{name}', as "
+                                f"`FactorizationPlan.to_json()` writes them. Received: a damaged entry "
+                                f"({type(error).__name__}: {error}). Fix: write the plan again.") from error
+        return cls(layers)
 
 
 def _encode(matrix: np.ndarray) -> dict:
