@@ -63,6 +63,18 @@ def mean_figure(results: dict, entry: str, budget: float, name: str) -> tuple[fl
     return (float(np.mean(values)) if values else None), values
 
 
+def paired_against_unpruned(results: dict, entry: str, budget: float, name: str) -> list[tuple[float, float]]:
+    """``(entry's figure, the unpruned model's figure)`` for each seed both ran: differences and ratios to the
+    unpruned model are taken seed by seed, never between means over different seeds."""
+    unpruned = {run["seed"]: figure(results, run, budget, name) for run in runs_of(results, "unpruned", budget)}
+    pairs = []
+    for run in runs_of(results, entry, budget):
+        mine, theirs = figure(results, run, budget, name), unpruned.get(run["seed"])
+        if mine is not None and theirs is not None:
+            pairs.append((mine, theirs))
+    return pairs
+
+
 def _cell(results, entry, budget, name, fmt, scale=1.0, seeds=False):
     mean, values = mean_figure(results, entry, budget, name)
     if mean is None:
@@ -76,12 +88,10 @@ def _cell(results, entry, budget, name, fmt, scale=1.0, seeds=False):
 def budget_table(results: dict, budget: float) -> str:
     """Markdown table of every entry at one budget."""
     header = (
-        "| entry | top-1 acc. (%) | vs unpruned (points) | FLOPs kept | params kept | .tflite float32 KiB (gzip) "
+        "| entry | top-1 acc. (%) | vs unpruned, same seeds (points) | FLOPs kept | params kept | .tflite float32 KiB (gzip) "
         "| .tflite int8 KiB (gzip) | latency float32 ms (kept) | latency int8 ms (kept) | pruning s (of which statistics) "
         "| fit s (vs unpruned) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
-    reference, _ = mean_figure(results, "unpruned", budget, "accuracy")
-    reference_fit, _ = mean_figure(results, "unpruned", budget, "fit_seconds")
     lines = [header]
     for entry in results["entries"]:
         runs = runs_of(results, entry, budget)
@@ -91,13 +101,14 @@ def budget_table(results: dict, budget: float) -> str:
         if errors:
             lines.append(f"| {LABELS[entry]} | not run: {errors[0]} |" + " |" * 9)
             continue
-        acc, _ = mean_figure(results, entry, budget, "accuracy")
+        accuracy_pairs = paired_against_unpruned(results, entry, budget, "accuracy")
+        fit_pairs = paired_against_unpruned(results, entry, budget, "fit_seconds")
         fit, _ = mean_figure(results, entry, budget, "fit_seconds")
         kib = "{:.0f}"
         lines.append(" | ".join([
             f"| {LABELS[entry]}",
             _cell(results, entry, budget, "accuracy", "{:.2f}", 100, seeds=True),
-            f"{100 * (acc - reference):+.2f}" if entry != "unpruned" else "",
+            f"{100 * np.mean([a - u for a, u in accuracy_pairs]):+.2f}" if entry != "unpruned" and accuracy_pairs else "",
             _cell(results, entry, budget, "flops_kept", "{:.3f}"),
             _cell(results, entry, budget, "params_kept", "{:.3f}"),
             f"{_cell(results, entry, budget, 'tflite_float32_bytes', kib, 1 / 1024)} "
@@ -110,7 +121,7 @@ def budget_table(results: dict, budget: float) -> str:
             f"({_cell(results, entry, budget, 'latency_int8_kept', '{:.2f}')})",
             f"{_cell(results, entry, budget, 'pruning_seconds', '{:.1f}')} "
             f"({_cell(results, entry, budget, 'statistics_seconds', '{:.1f}')})",
-            f"{fit:.0f} ({fit / reference_fit:.2f})" + " |",
+            f"{fit:.0f} ({np.mean([a / u for a, u in fit_pairs]):.2f})" + " |",
         ]))
     return "\n".join(lines)
 

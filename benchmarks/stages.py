@@ -67,8 +67,9 @@ class UnitStore:
         return folder
 
     def result(self, unit: str) -> dict | None:
-        """The unit's result from ``root``, else from ``keep``; None if it has not finished."""
-        for folder in (self.root, self.keep):
+        """The unit's result from ``keep`` (the repository's copy, the reference), else from ``root`` (the cache);
+        None if it has not finished."""
+        for folder in (self.keep, self.root):
             path = None if folder is None else folder / f"{unit}.json"
             if path is not None and path.exists():
                 return json.loads(path.read_text())

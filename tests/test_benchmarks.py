@@ -150,6 +150,8 @@ def test_kept_units_survive_the_loss_of_the_cache_and_their_files_are_exported_a
     assert again.result("s0-b50-nap") == {"x": 1} and (tmp_path / "repo" / "s0-b50-nap.json").exists()
     assert again.kept_model("s0-b50-nap") == tmp_path / "repo" / "s0-b50-nap.keras"
     assert UnitStore(tmp_path / "other").kept_model("s0-b50-nap") is None
+    (tmp_path / "cache" / "s0-b50-nap.json").write_text('{"x": 2}')  # a stale working copy
+    assert again.result("s0-b50-nap") == {"x": 1}  # the repository's copy wins
 
     inputs = keras.Input((32, 32, 3))
     model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))))
@@ -396,6 +398,22 @@ def test_goals_judge_nap_with_its_defaults_where_that_entry_ran():
     first, ahead = report.goals(results)[:2]
     assert first["goal"].startswith("NAP (defaults) at 50%") and first["detail"] == "-0.50 points" and first["met"] is True
     assert ahead["goal"] == "NAP (defaults) ahead of uniform L1 at 50% FLOPs" and ahead["detail"] == "+4.50 points"
+
+
+def test_the_table_compares_an_entry_with_the_unpruned_model_on_the_seeds_it_ran():
+    def run(entry, accuracy, seed, fit):
+        return {"entry": entry, "budget": None if entry == "unpruned" else 0.5, "seed": seed, "accuracy": accuracy,
+                "flops_kept": 0.5, "params_kept": 0.5, "pruning_seconds": 1.0, "statistics_seconds": 0.5,
+                "fit_seconds": fit, "tflite": {"float32": {}, "int8": {}}}
+
+    results = {"entries": ["unpruned", "taylor", "nap"], "budgets": [0.5], "latency": {},
+               "runs": [run("unpruned", 0.88, 0, 100.0), run("unpruned", 0.90, 1, 200.0), run("taylor", 0.86, 0, 50.0),
+                        run("nap", 0.86, 0, 50.0), run("nap", 0.87, 1, 100.0)]}
+    assert report.paired_against_unpruned(results, "taylor", 0.5, "accuracy") == [(0.86, 0.88)]
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in report.budget_table(results, 0.5).splitlines()[2:]}
+    assert rows["| first-order Taylor"][2] == "-2.00"  # seed 0 only: not against the two seeds' mean 0.89
+    assert rows["| first-order Taylor"][-1] == "50 (0.50) |"
+    assert rows["| NAP, K-FAC OBS"][2] == "-2.50" and rows["| NAP, K-FAC OBS"][-1] == "75 (0.50) |"
 
 
 def test_goal_against_torch_pruning_compares_each_seed_with_its_best_fine_tuned_row():
