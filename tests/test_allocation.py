@@ -113,3 +113,33 @@ def test_layer_floor_in_a_callback_stops_collapse_and_checks_the_budget():
     # Below what the floor allows: a clear error before any work.
     with pytest.raises(ValueError, match=r"layer floor `max_layer_ratio` keeps\) the model keeps .*Fix: kap.Budget"):
         kap.MagnitudeCallback(kap.Budget(flops=0.05), max_layer_ratio=0.5, verbose=0).prune(model)
+
+
+def _saving_of_one_channel(model, graph, group_id: str, channel: int) -> float:
+    """FLOPs saved by removing one channel of a group, counted exactly on the rebuilt model's shapes."""
+    size = next(g.size for g in graph.prunable_groups if g.id == group_id)
+    cost = PlanCost(model, graph)
+    return cost(kap.PrunePlan({})) - cost(kap.PrunePlan({group_id: [c for c in range(size) if c != channel]}))
+
+
+def test_channel_costs_count_a_pass_through_layer_once_and_a_residual_convolution_on_both_sides():
+    from keras_autoprune.allocation.cost import channel_costs
+
+    L = keras.layers
+    inputs = keras.Input((8, 8, 4))
+    x = L.Conv2D(6, 1, name="expand")(inputs)
+    x = L.BatchNormalization(name="bn")(L.DepthwiseConv2D(3, padding="same", name="dw")(x))
+    y = L.Conv2D(4, 1, name="project")(x)
+    z = L.Add(name="add")([y, L.Conv2D(4, 1, name="mix")(y)])  # mix's input and output are one group
+    model = keras.Model(inputs, L.Conv2D(3, 1, name="head")(z))
+    graph = kap.DependencyGraph(model)
+    costs = channel_costs(model, graph)
+    flops = {row.layer: row.flops for row in kap.accounting.flops_table(model)}
+    # expand -> dw -> bn -> project: dw and bn hold each channel on both sides and save its share once.
+    expected = flops["expand"] / 6 + flops["dw"] / 6 + flops["bn"] / 6 + flops["project"] / 6
+    assert costs["expand"] == pytest.approx(np.full(6, expected))
+    # project -> mix -> add -> head: mix mixes channels, so its input and its output both shrink; add once.
+    expected = flops["project"] / 4 + 2 * flops["mix"] / 4 + flops["add"] / 4 + flops["head"] / 4
+    assert costs["project"] == pytest.approx(np.full(4, expected))
+    for group in ("expand", "project"):  # a first-order share (biases included): within 15% of the exact saving
+        assert costs[group][0] == pytest.approx(_saving_of_one_channel(model, graph, group, 0), rel=0.15)

@@ -31,6 +31,15 @@ from keras_autoprune.surgery.weights import layer_weights
 def channel_costs(model: keras.Model, graph: DependencyGraph, metric: str = "flops") -> dict[str, np.ndarray]:
     """``{group_id: per-channel cost}`` for every prunable group.
 
+    A channel's cost is the first-order saving of removing it alone: the sum,
+    over the layers its group touches, of ``layer cost / width`` of the side
+    it sits on. A layer that passes channels through (its output carries
+    its input's channels: a depthwise convolution, BatchNormalization, an
+    element-wise ``Add``) saves its per-channel cost once, though the group
+    holds the channel on its input and its output side; a layer that mixes
+    channels (a convolution whose input and output a residual addition ties
+    together) saves on both sides.
+
     Args:
         model: the model of ``graph``.
         graph: its dependency graph.
@@ -39,16 +48,23 @@ def channel_costs(model: keras.Model, graph: DependencyGraph, metric: str = "flo
     per_layer: dict[str, float] = {}
     for row in flops_table(model):
         per_layer[row.layer] = per_layer.get(row.layer, 0.0) + float(getattr(row, metric))
-    widths = {}
+    widths, passes_through = {}, set()
     for record in graph.records:
         if record.first_call:
             widths[(record.name, "input")] = [len(l) for l in record.call.in_layouts]
             widths[(record.name, "output")] = [len(l) for l in record.out_layouts]
             widths[(record.name, "internal")] = [len(l) for l in record.internal_layouts]
+            if any(np.intersect1d(o, i).size for o in record.out_layouts for i in record.call.in_layouts):
+                passes_through.add(record.name)
     costs = {}
     for group in graph.prunable_groups:
         cost = np.zeros(group.size)
+        counted = set()
         for member in group.members:
+            if member.layer in passes_through:
+                if member.layer in counted:  # its other side holds the same channels: one saving, not two
+                    continue
+                counted.add(member.layer)
             layer_cost = per_layer.get(member.layer, 0.0)
             width = widths.get((member.layer, member.side), [0])[member.tensor_index]
             if layer_cost and width:
