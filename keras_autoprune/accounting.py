@@ -189,7 +189,9 @@ def format_table(rows: Sequence[LayerCost]) -> str:
 
 
 def _shape(tensor: Any) -> Shape:
-    return tuple(tensor.shape)
+    """The tensor's shape with the batch axis unknown: FLOPs are per example, whatever batch size a model fixes."""
+    shape = tuple(tensor.shape)
+    return (None, *shape[1:]) if shape else shape
 
 
 def _input_shapes(model: keras.Model, functional: keras.Model, input_shape: Any) -> list[Shape]:

@@ -87,6 +87,9 @@ def test_sequential_and_table_rows():
     ]
     assert count_flops(model) == 7776 + 144 + 18
     assert count_params(model) == model.count_params() == 118
+    # Per example, also when the model fixes its batch size.
+    batched = keras.Sequential([keras.Input((8, 8, 3), batch_size=4), *[type(l).from_config(l.get_config()) for l in model.layers]])
+    assert count_flops(batched) == count_flops(model) and flops_table(batched) == flops_table(model)
 
 
 def test_merges_and_op_nodes():
