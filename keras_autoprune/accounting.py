@@ -53,7 +53,9 @@ from keras_autoprune.flops_formulas import (  # noqa: F401 - ACTIVATION_FLOPS, F
     call_flops,
     has_formula,
 )
-from keras_autoprune.graph.dependency import check_model
+from keras_autoprune.graph.dependency import call_refs, check_model
+from keras_autoprune.graph.handlers.attention import attention_inputs
+from keras_autoprune.graph.handlers.base import CallInfo
 from keras_autoprune.graph.trace import expand_outputs, see_through
 
 
@@ -188,6 +190,14 @@ def format_table(rows: Sequence[LayerCost]) -> str:
     return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(total), *note])
 
 
+def _inputs_by_name(op: Any, node: Any, ins: list[Shape], outs: list[Shape]) -> dict[str, int] | None:
+    """For a MultiHeadAttention call, where its query, value and key are among the call's tensors."""
+    if not isinstance(op, keras.layers.MultiHeadAttention):
+        return None
+    args, kwargs = call_refs(node, node.arguments.keras_tensors)
+    return attention_inputs(CallInfo([], ins, outs, args, kwargs))
+
+
 def _shape(tensor: Any) -> Shape:
     """The tensor's shape with the batch axis unknown: FLOPs are per example, whatever batch size a model fixes."""
     shape = tuple(tensor.shape)
@@ -251,18 +261,18 @@ class _Walker:
                         outs = expand_outputs(inner, outs, lambda i, _: _shape(node.outputs[i]))
                 else:
                     outs = self._output_shapes(node, ins)
-                    self._record(prefix, op, ins, outs)
+                    self._record(prefix, op, ins, outs, node)
                 for tensor, shape in zip(node.outputs, outs):
                     shapes[id(tensor)] = shape
         return [shapes.get(id(t), _shape(t)) for t in functional.outputs]
 
-    def _record(self, prefix: str, op: Any, ins: list[Shape], outs: list[Shape]) -> None:
+    def _record(self, prefix: str, op: Any, ins: list[Shape], outs: list[Shape], node: Any) -> None:
         params = 0
         for variable in getattr(op, "weights", []):
             if id(variable) not in self._seen_variables:
                 self._seen_variables.add(id(variable))
                 params += math.prod(variable.shape)
-        flops = call_flops(op, ins, outs) if self.with_flops else 0
+        flops = call_flops(op, ins, outs, _inputs_by_name(op, node, ins, outs)) if self.with_flops else 0
         self.shapes.setdefault(prefix + op.name, []).append((ins, outs))
         counted = has_formula(op) if self.with_flops else True
         self.rows.append(LayerCost(prefix + op.name, type(op).__name__, int(flops), int(params), counted))

@@ -144,8 +144,17 @@ _FREE_LAYERS = (
 )
 
 
-def call_flops(operation: Any, in_shapes: list[Shape], out_shapes: list[Shape]) -> int:
-    """FLOPs of one call of a layer or op node with the given shapes (batch axis first)."""
+def call_flops(operation: Any, in_shapes: list[Shape], out_shapes: list[Shape],
+               inputs_by_name: dict[str, int] | None = None) -> int:
+    """FLOPs of one call of a layer or op node with the given shapes (batch axis first).
+
+    ``inputs_by_name``: for a MultiHeadAttention call, the index in
+    ``in_shapes`` of its ``query``, ``value`` and ``key`` (masks and keyword
+    order make positions unreliable; `graph.handlers.attention.attention_inputs`);
+    None reads them by position.
+    """
+    if isinstance(operation, _L.MultiHeadAttention):
+        return int(_attention_flops(operation, _attention_roles(in_shapes, inputs_by_name), out_shapes))
     if isinstance(operation, keras.layers.Layer):
         return int(_layer_flops(operation, in_shapes, out_shapes))
     return int(_op_flops(operation, in_shapes, out_shapes))
@@ -211,8 +220,6 @@ def _layer_flops(layer: Any, ins: list[Shape], outs: list[Shape]) -> int:
         return 2 * macs + bias + act
     if isinstance(layer, _L.Dense):
         return 2 * _dim(x[-1]) * n_out + bias + act
-    if isinstance(layer, _L.MultiHeadAttention):
-        return _attention_flops(layer, ins, outs)
     if isinstance(layer, _L.BatchNormalization):
         return 2 * n_out
     if isinstance(layer, _L.LayerNormalization):
@@ -238,10 +245,21 @@ def _layer_flops(layer: Any, ins: list[Shape], outs: list[Shape]) -> int:
     return 0
 
 
-def _attention_flops(layer: Any, ins: list[Shape], outs: list[Shape]) -> int:
-    """FLOPs of one MultiHeadAttention call (formula in the module docstring)."""
+def _attention_roles(ins: list[Shape], inputs_by_name: dict[str, int] | None) -> list[Shape]:
+    """``[query, value, key]`` shapes: by name where known, else by position (a third tensor is the key only if
+    it has the value's shape up to the last axis; the key defaults to the value)."""
+    named = inputs_by_name or {}
+    if named.get("query") is not None and named.get("value") is not None:
+        key = named.get("key")
+        return [ins[named["query"]], ins[named["value"]], ins[named["value"] if key is None else key]]
     query, value = ins[0], ins[1] if len(ins) > 1 else ins[0]
     key = ins[2] if len(ins) > 2 and len(ins[2]) == len(value) and ins[2][:-1] == value[:-1] else value
+    return [query, value, key]
+
+
+def _attention_flops(layer: Any, ins: list[Shape], outs: list[Shape]) -> int:
+    """FLOPs of one MultiHeadAttention call (formula in the module docstring); ``ins``: query, value, key."""
+    query, value, key = ins
     heads, k, v = layer.num_heads, layer.key_dim, layer.value_dim or layer.key_dim
     t, s = _numel(query[:-1]), _numel(value[:-1])
     d_out = _numel(outs[0]) // max(t, 1)

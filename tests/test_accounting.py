@@ -257,3 +257,24 @@ def test_a_fully_counted_model_does_not_warn():
         warnings.simplefilter("error")
         assert count_flops(model) == 2 * 3 * 2 * 16 + 32 + 2 * 32
     assert all(r.counted for r in flops_table(model))
+
+
+@pytest.mark.parametrize("style", ["positional", "keywords", "mask"])
+def test_attention_is_counted_by_its_query_value_and_key_however_it_is_called(style):
+    import keras_autoprune as kap
+    from keras_autoprune.allocation.cost import PlanCost
+
+    query, value, key, mask = keras.Input((6, 16)), keras.Input((5, 12)), keras.Input((5, 10)), keras.Input((6, 5))
+    attention = L.MultiHeadAttention(2, 4, name="mha")
+    if style == "positional":
+        model = keras.Model([query, value, key], attention(query, value, key))
+    elif style == "keywords":  # the call's tensors in the order written: query, key, value
+        model = keras.Model([query, value, key], attention(query=query, key=key, value=value))
+    else:  # the mask is a tensor argument too
+        model = keras.Model([query, value, key, mask], attention(query, value, key, attention_mask=mask))
+    # t=6 query rows of 16, s=5 value rows of 12 and key rows of 10, 2 heads of 4: projections 2*6*16*8,
+    # 2*5*10*8, 2*5*12*8, output 2*6*8*16, biases 6*8 + 5*2*8 + 6*16, scaling 6*8, scores and weighting
+    # 2*6*5*(2*4 + 5 + 2*4).
+    expected = 1536 + 800 + 960 + 1536 + 48 + 80 + 96 + 48 + 60 * 21
+    assert count_flops(model) == expected == 6364
+    assert PlanCost(model, kap.DependencyGraph(model))(kap.PrunePlan({})) == expected

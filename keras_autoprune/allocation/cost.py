@@ -22,6 +22,7 @@ import numpy as np
 
 from keras_autoprune.accounting import call_flops, call_shapes, flops_table
 from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.graph.handlers.attention import attention_inputs
 from keras_autoprune.graph.handlers.matmul import rows_of
 from keras_autoprune.surgery.keep import layer_keeps
 from keras_autoprune.surgery.plan import PrunePlan
@@ -102,7 +103,8 @@ class PlanCost:
                 if call.record.first_call:
                     total += sum(int(np.prod(w.shape)) for w in call.weights.values())
             else:
-                total += call_flops(call.layer, call.in_shapes, call.out_shapes)
+                named = attention_inputs(call.record.call) if isinstance(call.layer, keras.layers.MultiHeadAttention) else None
+                total += call_flops(call.layer, call.in_shapes, call.out_shapes, named)
         return total
 
     def pruned_calls(self, plan: PrunePlan, shapes: bool = True):

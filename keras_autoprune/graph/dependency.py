@@ -197,7 +197,7 @@ class DependencyGraph:
             why = self._untraced.get(id(operation))
             self.unknown_layers.append(f"'{name}' ({type(operation).__name__}{'; not traced: ' + why if why else ''})")
             handler = _BLOCKER
-        args, kwargs = _refs(node, tensors)
+        args, kwargs = call_refs(node, tensors)
         call = CallInfo(
             in_layouts=in_layouts,
             in_shapes=[tuple(t.shape) for t in tensors],
@@ -332,7 +332,8 @@ def _input_name(tensor) -> str:
     return history.operation.name if history else tensor.name
 
 
-def _refs(node, tensors) -> tuple[tuple, dict]:
+def call_refs(node, tensors) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of ``node``'s call with each tensor replaced by `TensorRef` (its index in ``tensors``)."""
     index = {id(t): i for i, t in enumerate(tensors)}
 
     def ref(obj):
