@@ -140,14 +140,17 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
                                    f"params kept {result['params_kept']:.3f}, fit {result['fit_seconds']:.0f} s"))
             if budget is not None and any(r["seed"] == seed and r["budget"] == budget for r in runs):
                 unit = _unit(seed, budget, "latency")
-                files = {r["entry"]: _tflite_files(r, store, data, profile) for r in runs
-                         if r["seed"] == seed and r["budget"] in (None, budget) and "error" not in r}
-                files = {entry: paths for entry, paths in files.items() if paths is not None}
+                group = [r for r in runs if r["seed"] == seed and r["budget"] in (None, budget) and "error" not in r]
                 timed = store.result(unit) or {}
-                new = _untimed(timed, files)
-                if new:  # an entry or a precision (a failed export that now works) not timed yet
-                    timed = store.save(unit, _merge_timings(timed, latency_figures(
-                        {e: files[e] for e in {*new, "unpruned"}}, "unpruned", profile)))
+                # Not timed yet: an entry or a precision; a failed export is tried again (it may work now).
+                new = _untimed(timed, {r["entry"]: r["tflite"] for r in group}) | {
+                    r["entry"] for r in group if any("error" in f for f in r["tflite"].values())}
+                if new:  # only these files are needed (exported again from the kept models if gone)
+                    files = {r["entry"]: _tflite_files(r, store, data, profile) for r in group
+                             if r["entry"] in new or r["entry"] == "unpruned"}
+                    files = {entry: paths for entry, paths in files.items() if paths is not None}
+                    if _untimed(timed, files):
+                        timed = store.save(unit, _merge_timings(timed, latency_figures(files, "unpruned", profile)))
                 latency[f"{seed}/{budget}"] = timed
                 log(f"{unit}: " + ", ".join(f"{k} {v['float32']['kept']:.2f}" for k, v in latency[f"{seed}/{budget}"].items()))
     results = {
