@@ -116,14 +116,23 @@ def budget_table(results: dict, budget: float) -> str:
             f"{_cell(results, entry, budget, 'tflite_int8_bytes', kib, 1 / 1024)} "
             f"({_cell(results, entry, budget, 'tflite_int8_gzip_bytes', kib, 1 / 1024)})",
             f"{_cell(results, entry, budget, 'latency_float32_median_ms', '{:.3f}')} "
-            f"({_cell(results, entry, budget, 'latency_float32_kept', '{:.2f}')})",
+            f"({_cell(results, entry, budget, 'latency_float32_kept', '{:.2f}')}){_later(results, runs, budget, 'float32')}",
             f"{_cell(results, entry, budget, 'latency_int8_median_ms', '{:.3f}')} "
-            f"({_cell(results, entry, budget, 'latency_int8_kept', '{:.2f}')})",
+            f"({_cell(results, entry, budget, 'latency_int8_kept', '{:.2f}')}){_later(results, runs, budget, 'int8')}",
             f"{_cell(results, entry, budget, 'pruning_seconds', '{:.1f}')} "
             f"({_cell(results, entry, budget, 'statistics_seconds', '{:.1f}')})",
             f"{fit:.0f} ({np.mean([a / u for a, u in fit_pairs]):.2f})" + " |",
         ]))
+    if any("\u2020" in line for line in lines[1:]):
+        lines += ["", "\u2020 Timed in a later run than the unpruned row, beside the unpruned model timed again (its "
+                  "median then: `reference_median_ms` in the latency unit): compare the ratio in brackets, not the ms."]
     return "\n".join(lines)
+
+
+def _later(results: dict, runs: list[dict], budget: float, precision: str) -> str:
+    """``"\u2020"`` when an entry's latency was timed in a later run than its group's unpruned row."""
+    groups = [results["latency"].get(f"{run['seed']}/{budget}", {}).get(run["entry"], {}) for run in runs]
+    return "\u2020" if any("reference_median_ms" in group.get(precision, {}) for group in groups) else ""
 
 
 def goals(results: dict) -> list[dict]:

@@ -414,6 +414,13 @@ def test_the_table_compares_an_entry_with_the_unpruned_model_on_the_seeds_it_ran
     assert rows["| first-order Taylor"][2] == "-2.00"  # seed 0 only: not against the two seeds' mean 0.89
     assert rows["| first-order Taylor"][-1] == "50 (0.50) |"
     assert rows["| NAP, K-FAC OBS"][2] == "-2.50" and rows["| NAP, K-FAC OBS"][-1] == "75 (0.50) |"
+    # An entry timed in a later run than the unpruned row is marked, and the table says what that means.
+    results["latency"] = {"0/0.5": {"unpruned": {"float32": {"median_ms": 1.0, "p90_ms": 1.0, "kept": 1.0}},
+                                    "taylor": {"float32": {"median_ms": 0.4, "p90_ms": 0.4, "kept": 0.5,
+                                                           "reference_median_ms": 0.8}}}}
+    table = report.budget_table(results, 0.5)
+    assert "0.400 (0.50)\u2020" in table and "compare the ratio in brackets" in table
+    assert "\u2020" not in next(line for line in table.splitlines() if line.startswith("| NAP, K-FAC OBS"))
 
 
 def test_goal_against_torch_pruning_compares_each_seed_with_its_best_fine_tuned_row():
