@@ -108,7 +108,8 @@ def _load_folder(root, split, image_size, max_per_class):
     selected = [sorted(p for p in (split_root / name).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:max_per_class]
                 for name in classes]
     # The cache key covers what is read: an image added, removed or replaced gives a new key.
-    listing = [(str(f.relative_to(split_root)), f.stat().st_size, f.stat().st_mtime_ns) for files in selected for f in files]
+    listing = [(str(f.relative_to(split_root)), (stat := f.stat()).st_size, stat.st_mtime_ns)
+               for files in selected for f in files]
     cached = cache_dir() / "arrays" / f"{_digest(split_root.resolve(), image_size, max_per_class, listing)}.npz"
     if cached.exists():
         try:

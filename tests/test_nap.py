@@ -270,7 +270,7 @@ def test_data_that_does_not_fit_fails_before_training(digits, pretrained):
     import tensorflow as tf
 
     endless = tf.data.Dataset.from_tensor_slices((x_train[:64], y_train[:64])).batch(32).repeat()
-    for data, options, match in (((x_train[:64], y_train[:64]), {"num_batches": 0}, "`num_batches` to be an integer"),
+    for data, options, match in (((x_train[:64], y_train[:64]), {"num_batches": 0}, r"NAPCallback: Expected a positive integer. Received: num_batches=0"),
                                  (endless, {}, "infinite tf.data.Dataset")):
         callback = kap.NAPCallback(data, kap.Budget(flops=0.5), start_epoch=1, **options)
         with pytest.raises(ValueError, match=match):  # at the start of fit, not after the first epoch

@@ -15,9 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import keras
-import numpy as np
 
-from keras_autoprune.stats.calibration import CalibrationData
+from keras_autoprune.stats.calibration import CalibrationData, check_batch_count
 from keras_autoprune.stats.loss import Likelihood, resolve_likelihood
 
 
@@ -66,15 +65,10 @@ class CalibrationSource:
         self, data: Any, model: keras.Model, *, batch_size: int, require_labels: bool, owner: str,
         likelihood: Likelihood | None = None, num_batches: int | None = None,
     ):
-        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, (int, np.integer))
-                                        or num_batches < 1):
-            raise ValueError(f"{owner}: expected `num_batches` to be an integer >= 1 or None (all of `data`). "
-                             f"Received: num_batches={num_batches!r}")
-        import tensorflow as tf
-
-        if num_batches is None and isinstance(data, tf.data.Dataset) and int(data.cardinality()) == tf.data.INFINITE_CARDINALITY:
-            raise ValueError(f"{owner}: expected a finite dataset, or `num_batches`. Received: an infinite "
-                             "tf.data.Dataset (e.g. after .repeat()) and num_batches=None. Fix: pass num_batches=...")
+        try:  # checked now, before training, not at the first round
+            check_batch_count(data, num_batches)
+        except ValueError as error:
+            raise ValueError(f"{owner}: {error}") from error
         self.data = data
         checked = data
         if isinstance(data, Iterator):  # read the first batch once and put it back

@@ -24,6 +24,7 @@ import numpy as np
 from keras_autoprune.allocation.cost import PlanCost
 from keras_autoprune.batchnorm import recalibrate_batchnorm
 from keras_autoprune.budget import Budget
+from keras_autoprune.callbacks.state import fingerprint as fingerprint_variables
 from keras_autoprune.evaluation import accuracy, output_activation
 from keras_autoprune.errors import BudgetUnreachableError
 from keras_autoprune.metapruning.evolution import EvolutionarySearch, SearchHistory, SearchSettings
@@ -309,9 +310,7 @@ def _check_pruningnet(net: Any, model: keras.Model, scales: Sequence[float]) -> 
     """A given PruningNet must be one of ``model`` (same layers and weight shapes), and ``scales`` its own."""
     if not isinstance(net, PruningNet):
         raise TypeError(f"`pruningnet` must be a kap.metapruning.PruningNet or None. Received: {type(net).__name__}")
-    ours = [(layer.name, [tuple(w.shape) for w in layer.weights]) for layer in model.layers if layer.weights]
-    theirs = [(layer.name, [tuple(w.shape) for w in layer.weights]) for layer in net.base.layers if layer.weights]
-    if ours != theirs:
+    if fingerprint_variables(model) != fingerprint_variables(net.base):
         raise ValueError(f"Expected a `pruningnet` built from `model` ({model.name!r}). Received: one built from "
                          f"{net.base.name!r}, whose layers or weight shapes differ. Fix: build it with "
                          "kap.metapruning.PruningNet(model) or leave `pruningnet=None`.")

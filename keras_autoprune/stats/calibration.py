@@ -98,8 +98,7 @@ class CalibrationData:
         labels_reason: str | None = None,
     ):
         _check_count("batch_size", batch_size)
-        if num_batches is not None:
-            _check_count("num_batches", num_batches)
+        check_batch_count(data, num_batches)
         self._functional = check_model(model)
         self._require_labels = require_labels
         self._likelihood = likelihood
@@ -107,12 +106,6 @@ class CalibrationData:
         self._num_batches = num_batches
         self._elements, length = _source(data, batch_size)
         self.total: int | None = length if num_batches is None else min(num_batches, length or num_batches)
-        infinite = isinstance(data, tf.data.Dataset) and int(data.cardinality()) == tf.data.INFINITE_CARDINALITY
-        if infinite and num_batches is None:
-            raise ValueError(
-                "Expected a finite dataset, or `num_batches`. Received: an infinite tf.data.Dataset "
-                "(e.g. after .repeat()) and num_batches=None. Fix: pass num_batches=..."
-            )
         self._first = next(self._elements, None)
         if self._first is None:
             raise ValueError(f"Expected at least one calibration batch. Received: an empty {type(data).__name__}.")
@@ -296,6 +289,17 @@ def _same_size(array: np.ndarray, size: int, what: str, index: int) -> None:
         raise ValueError(
             f"Expected {what} with {size} examples, like the first input. "
             f"Received: shape {array.shape} in batch {index}."
+        )
+
+
+def check_batch_count(data: Any, num_batches: int | None) -> None:
+    """Raises ValueError unless ``num_batches`` is None or a positive integer, and ``data`` is finite when it is None."""
+    if num_batches is not None:
+        _check_count("num_batches", num_batches)
+    elif isinstance(data, tf.data.Dataset) and int(data.cardinality()) == tf.data.INFINITE_CARDINALITY:
+        raise ValueError(
+            "Expected a finite dataset, or `num_batches`. Received: an infinite tf.data.Dataset "
+            "(e.g. after .repeat()) and num_batches=None. Fix: pass num_batches=..."
         )
 
 
