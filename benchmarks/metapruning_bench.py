@@ -5,6 +5,9 @@
     python -m benchmarks.metapruning_bench finetune --target 0.5 --epochs 4   # searched vs uniform widths
     python -m benchmarks.metapruning_bench finetune --target 0.5 --epochs 4 --init trained   # from the converged weights
     python -m benchmarks.metapruning_bench finetune --target 0.25 --epochs 20 --init scratch  # fresh weights (--seed N)
+    python -m benchmarks.metapruning_bench export --target 0.25 --dir D    # the two architectures, for a GPU
+    python -m benchmarks.metapruning_bench scratch --dir D --epochs 80 --entry searched --seed 0  # Keras alone
+    python -m benchmarks.metapruning_bench collect --dir D                 # files the records of `scratch`
     python -m benchmarks.metapruning_bench latency --target 0.5  # latency table, latency-budget search, check
     python -m benchmarks.metapruning_bench latency --target 0.5 --calibrate   # the same with a calibrated table
     python -m benchmarks.metapruning_bench report                # the table in docs/methods/metapruning.md
@@ -63,6 +66,8 @@ RECALIBRATION_BATCHES = 20
 BATCH_SIZE = 128
 SETTINGS = {"population": 16, "parents": 4, "mutations": 6, "crossovers": 6, "iterations": 5}
 """Search sizes for 2 CPU cores (the paper: 50, 10, 25, 25, 20)."""
+SCRATCH_EPOCHS = 20
+"""Epochs of the CPU comparison from scratch; rows trained another number of epochs are named ``..._<E>ep``."""
 SCALES = tuple(round(0.1 + 0.05 * i, 2) for i in range(19))
 """Width choices 0.10, 0.15, ..., 1.00 (coarser than the paper's 31: fewer, more distinct genes)."""
 
@@ -276,14 +281,11 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     split = _split(data, score_images)
     profile = PROFILES["v2"]
     model, net = _network(model_name, paths, trained_weights=init == "generated")
-    suffix = {"generated": "", "trained": "_from_trained", "scratch": "_from_scratch"}[init] + (f"_seed{seed}" if seed else "")
-    for entry, gene in ((f"searched{suffix}", row["gene"]), (f"uniform{suffix}", row["uniform_gene"])):
-        if not entry.startswith(entries):
+    for base, gene in (("searched", row["gene"]), ("uniform", row["uniform_gene"])):
+        if base not in entries:
             continue
-        if init != "generated" and entry.startswith("uniform") and metric == "flops":
-            slim = _matched_uniform(model, net, row["cost"], init, channel_order)
-        else:
-            slim = net.materialize(gene) if init != "trained" else kap.apply_plan(model, net.space.plan(gene))
+        entry = row_name(base, init, seed, epochs)
+        slim = _architecture(model, net, row, base, init, metric, channel_order)
         widths = layer_widths(slim)
         results = _load(paths["results"])
         done = _trained_row(results, tag, entry, widths, epochs, superseded=init != "generated",
@@ -295,8 +297,9 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
                 log(f"{tag} {entry}: reused a row trained at the same widths ({done['epochs']} epochs)")
             continue
         if init == "scratch":
-            record = _train_from_scratch(slim, split, data, epochs, kap.count_flops(model),
-                                         paths["weights"].parent / f"scratch_{paths['run']}_{tag}_{entry}", seed, log)
+            record = train_from_scratch(slim, split, data, epochs,
+                                        paths["weights"].parent / f"scratch_{paths['run']}_{tag}_{entry}", seed, log)
+            record["flops_kept"] = kap.count_flops(slim) / kap.count_flops(model)
         else:
             kap.recalibrate_batchnorm(slim, split["bn_x"], batch_size=BATCH_SIZE)
             before = converged.test_accuracy(slim, data)
@@ -316,6 +319,108 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
         results.setdefault("finetune", {}).setdefault(tag, {})[entry] = record
         _store(paths["results"], results)
         log(f"{tag} {entry}: {record}")
+
+
+def row_name(entry: str, init: str, seed: int = 0, epochs: int = SCRATCH_EPOCHS) -> str:
+    """The results row of ``entry`` (``"searched"`` or ``"uniform"``) trained from ``init`` with ``seed``:
+    ``searched``, ``uniform_from_trained_seed1``, ``searched_from_scratch``, ``uniform_from_scratch_80ep_seed1``
+    (from scratch, epochs other than `SCRATCH_EPOCHS` are part of the name: a longer training is another row)."""
+    start = {"generated": "", "trained": "_from_trained", "scratch": "_from_scratch"}[init]
+    length = f"_{epochs}ep" if init == "scratch" and epochs != SCRATCH_EPOCHS else ""
+    return f"{entry}{start}{length}" + (f"_seed{seed}" if seed else "")
+
+
+def _architecture(model, net, row: dict, entry: str, init: str, metric: str, channel_order: str):
+    """The slim model ``entry`` of a search ``row`` starts from: generated weights, the converged model cut to
+    the gene, or (from scratch) the architecture; uniform widths matched to the searched FLOPs where they can be."""
+    import keras_autoprune as kap
+
+    if init != "generated" and entry == "uniform" and metric == "flops":
+        return _matched_uniform(model, net, row["cost"], init, channel_order)
+    gene = row["gene" if entry == "searched" else "uniform_gene"]
+    return net.materialize(gene) if init != "trained" else kap.apply_plan(model, net.space.plan(gene))
+
+
+EXPORT_FILE = "export.json"
+
+
+def export_scratch(model_name: str, target: float, directory: str | pathlib.Path, metric: str = "flops",
+                   channel_order: str = "index", score_images: int = SCORE_IMAGES, log=print) -> dict:
+    """Writes a search's two architectures for `train_exported` on a machine without TensorFlow.
+
+    ``<directory>/searched.keras`` and ``uniform.keras`` (the widths ``finetune --init scratch`` trains; their
+    weights are re-initialised there) and ``export.json``: the model, the search tag, each one's widths and
+    FLOPs kept. A JAX GPU machine can then train them (stage ``scratch``) and `collect_exported` files the
+    records here.
+    """
+    import keras_autoprune as kap
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = _paths(model_name, channel_order)
+    tag = _tag(metric, target, score_images=score_images)
+    row = _load(paths["results"])["search"][tag]
+    model, net = _network(model_name, paths, trained_weights=False)
+    exported = {"model": model_name, "channel_order": channel_order, "tag": tag, "score_images": score_images,
+                "gene": row["gene"], "cost": row["cost"], "entries": {}}
+    for entry in ("searched", "uniform"):
+        slim = _architecture(model, net, row, entry, "scratch", metric, channel_order)
+        slim.save(directory / f"{entry}.keras")
+        exported["entries"][entry] = {"widths": layer_widths(slim),
+                                      "flops_kept": kap.count_flops(slim) / kap.count_flops(model)}
+        log(f"{tag} {entry}: {exported['entries'][entry]['flops_kept']:.1%} of the FLOPs -> {directory / entry}.keras")
+    (directory / EXPORT_FILE).write_text(json.dumps(exported, indent=1))
+    return exported
+
+
+def train_exported(directory: str | pathlib.Path, entry: str, epochs: int, seed: int = 0,
+                   data_source: str | pathlib.Path = converged.DEFAULT_SOURCE, log=print) -> dict:
+    """Trains ``<directory>/<entry>.keras`` (from `export_scratch`) from fresh weights, as ``finetune --init
+    scratch`` does, checkpointing in ``directory``; writes the record to ``<directory>/<row name>.json``.
+
+    Keras alone (any backend): no TensorFlow, no keras_autoprune.
+    """
+    import keras
+
+    directory = pathlib.Path(directory)
+    exported = json.loads((directory / EXPORT_FILE).read_text())
+    data = converged.load_cifar10(data_source)
+    architecture = keras.saving.load_model(directory / f"{entry}.keras", compile=False)
+    name = row_name(entry, "scratch", seed, epochs)
+    record = train_from_scratch(architecture, _split(data, exported["score_images"]), data, epochs,
+                                directory / f"checkpoint_{name}", seed, log)
+    record.update(exported["entries"][entry])
+    (directory / f"{name}.json").write_text(json.dumps(record, indent=1))
+    log(f"{exported['tag']} {name}: {record['test_after']:.4f} after {epochs} epochs ({record['seconds']:.0f} s)")
+    return record
+
+
+def collect_exported(directory: str | pathlib.Path, log=print) -> list[str]:
+    """Files the records of `train_exported` in ``directory`` under their search's row; returns their names.
+
+    Refuses an export whose search was run again since (another gene), and records not trained at the
+    exported widths.
+    """
+    directory = pathlib.Path(directory)
+    exported = json.loads((directory / EXPORT_FILE).read_text())
+    paths = _paths(exported["model"], exported["channel_order"])
+    results = _load(paths["results"])
+    current = results["search"][exported["tag"]]
+    if (current["gene"], current["cost"]) != (exported["gene"], exported["cost"]):
+        raise ValueError(f"Expected the search {exported['tag']!r} that {directory} was exported from. Received "
+                         f"a search that found another gene since. Fix: export again and train again.")
+    filed = []
+    for path in sorted(directory.glob("*_from_scratch*.json")):
+        record = json.loads(path.read_text())
+        entry = path.stem.split("_from_scratch")[0]
+        if record["widths"] != exported["entries"][entry]["widths"]:
+            raise ValueError(f"Expected {path.name} to be trained at the exported widths of {entry!r}. Received "
+                             f"other widths. Fix: export again and train again.")
+        results.setdefault("finetune", {}).setdefault(exported["tag"], {})[path.stem] = record
+        filed.append(path.stem)
+        log(f"{exported['tag']} {path.stem}: {record['test_after']:.4f} ({record['epochs']} epochs, {record['machine']})")
+    _store(paths["results"], results)
+    return filed
 
 
 def _matched_uniform(model, net, cost: float, init: str, channel_order: str):
@@ -373,16 +478,15 @@ def checkpoint_files(checkpoint: pathlib.Path) -> tuple[pathlib.Path, pathlib.Pa
     return checkpoint.parent / f"{checkpoint.name}.keras", checkpoint.parent / f"{checkpoint.name}.json"
 
 
-def _train_from_scratch(architecture, split: dict, data: converged.Cifar10, epochs: int, full_flops: int,
-                        checkpoint: pathlib.Path, seed: int = 0, log=print) -> dict:
+def train_from_scratch(architecture, split: dict, data: converged.Cifar10, epochs: int, checkpoint: pathlib.Path,
+                       seed: int = 0, log=print) -> dict:
     """``architecture`` re-initialised (`keras.models.clone_model`, seeded) and trained ``epochs`` with `converged.Recipe`.
 
     Saves ``<checkpoint>.keras`` and ``<checkpoint>.json`` (epochs done, seconds) after every epoch and
-    continues from them; removes them when done.
+    continues from them; removes them when done. Needs Keras alone (no TensorFlow, no keras_autoprune), so
+    it also runs on a JAX GPU machine (stage ``scratch``); the caller adds ``flops_kept``.
     """
     import keras
-
-    import keras_autoprune as kap
 
     recipe = converged.Recipe(seed=seed)
     model_path, state_path = checkpoint_files(checkpoint)
@@ -405,9 +509,8 @@ def _train_from_scratch(architecture, split: dict, data: converged.Cifar10, epoc
             f"accuracy {logs['accuracy'][0]:.4f} ({state['seconds']:.0f} s)")
         slim.save(model_path)
         state_path.write_text(json.dumps(state))
-    record = {"epochs": epochs, "test_after": converged.test_accuracy(slim, data),
-              "flops_kept": kap.count_flops(slim) / full_flops,
-              "seconds": state["seconds"]}
+    record = {"epochs": epochs, "test_after": converged.test_accuracy(slim, data), "seconds": state["seconds"],
+              "machine": converged.machine_description()}
     model_path.unlink(missing_ok=True)
     state_path.unlink(missing_ok=True)
     return record
@@ -462,7 +565,8 @@ def latency(model_name: str, target: float, channel_order: str = "index", calibr
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.metapruning_bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("train", "search", "finetune", "latency", "report"))
+    parser.add_argument("stage", choices=("train", "search", "finetune", "latency", "report", "export", "scratch",
+                                          "collect"))
     parser.add_argument("--model", default="resnet20", choices=sorted(converged.ARCHITECTURES))
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--target", type=float, default=0.5)
@@ -477,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", default="generated", choices=("generated", "trained", "scratch"),
                         help="finetune stage: start from the generated weights, the converged model's channels, "
                              "or a fresh initialisation (trained with the converged recipe)")
+    parser.add_argument("--dir", help="export, scratch, collect: the folder of the exported architectures and records")
+    parser.add_argument("--data", default=str(converged.DEFAULT_SOURCE), help="scratch stage: the CIFAR-10 archive")
     args = parser.parse_args(argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
     order = args.channel_order
@@ -488,6 +594,15 @@ def main(argv: list[str] | None = None) -> int:
         finetune(args.model, args.target, args.epochs, channel_order=order, score_images=args.score_images,
                  init=args.init, seed=args.seed,
                  entries=tuple(args.entry or ("searched", "uniform")), log=log)
+    elif args.stage in ("export", "scratch", "collect") and not args.dir:
+        parser.error(f"the {args.stage} stage needs --dir FOLDER (the exported architectures and their records)")
+    elif args.stage == "export":
+        export_scratch(args.model, args.target, args.dir, channel_order=order, score_images=args.score_images, log=log)
+    elif args.stage == "scratch":
+        for entry in args.entry or ("searched", "uniform"):
+            train_exported(args.dir, entry, args.epochs, seed=args.seed, data_source=args.data, log=log)
+    elif args.stage == "collect":
+        collect_exported(args.dir, log=log)
     elif args.stage == "latency":
         latency(args.model, args.target, order, calibrate=args.calibrate, log=log)
     else:

@@ -63,7 +63,8 @@ def markdown(results: dict) -> str:
 
 def gap_rows(tuned: dict) -> list[str]:
     """Markdown: each searched row beside the uniform row trained the same way (budget, start, seed)."""
-    lines = ["| budget | start | seed | searched | uniform | searched - uniform (points) |", "|---|---|---|---|---|---|"]
+    lines = ["| budget | start | epochs | seed | searched | uniform | searched - uniform (points) |",
+             "|---|---|---|---|---|---|---|"]
     for tag, entries in sorted(tuned.items()):
         for entry, row in sorted(entries.items()):
             uniform = entries.get("uniform" + entry[len("searched"):]) if entry.startswith("searched") else None
@@ -72,7 +73,7 @@ def gap_rows(tuned: dict) -> list[str]:
             start = ("converged weights" if "_from_trained" in entry else
                      "fresh weights" if "_from_scratch" in entry else "generated weights")
             seed = entry.rsplit("_seed", 1)[1] if "_seed" in entry else "0"
-            lines.append(f"| {tag.replace('_', ' ')} | {start} | {seed} | {row['test_after']:.2%} | "
+            lines.append(f"| {tag.replace('_', ' ')} | {start} | {row['epochs']} | {seed} | {row['test_after']:.2%} | "
                          f"{uniform['test_after']:.2%} | {100 * (row['test_after'] - uniform['test_after']):+.2f} |")
     return lines if len(lines) > 2 else []
 

@@ -152,8 +152,8 @@ def test_the_gap_table_pairs_each_searched_row_with_the_uniform_row_trained_alik
                             "searched_from_scratch_seed1": _trained(0.8203, {}),  # its uniform row is missing
                             "searched": _trained(0.70, {}, 4), "uniform": _trained(0.72, {}, 4)}}
     rows = gap_rows(tuned)[2:]
-    assert rows == ["| flops 0.25 | generated weights | 0 | 70.00% | 72.00% | -2.00 |",
-                    "| flops 0.25 | fresh weights | 0 | 81.77% | 81.47% | +0.30 |"]
+    assert rows == ["| flops 0.25 | generated weights | 4 | 0 | 70.00% | 72.00% | -2.00 |",
+                    "| flops 0.25 | fresh weights | 20 | 0 | 81.77% | 81.47% | +0.30 |"]
     assert gap_rows({"flops_0.5": {"searched": _trained(0.7, {})}}) == []
 
 
@@ -164,3 +164,48 @@ def test_each_entry_of_a_budget_checkpoints_to_its_own_files(tmp_path):
     assert searched[0].name == "scratch_resnet20_flops_0.5_searched_from_scratch.keras"
     assert searched[1].name == "scratch_resnet20_flops_0.5_searched_from_scratch.json"
     assert not set(searched) & set(uniform)
+
+
+def test_row_names_say_how_a_row_was_trained():
+    assert bench.row_name("searched", "generated") == "searched"
+    assert bench.row_name("uniform", "trained", seed=1) == "uniform_from_trained_seed1"
+    assert bench.row_name("searched", "scratch", epochs=bench.SCRATCH_EPOCHS) == "searched_from_scratch"
+    assert bench.row_name("uniform", "scratch", seed=1, epochs=60) == "uniform_from_scratch_60ep_seed1"
+    assert bench.row_name("uniform", "trained", epochs=60) == "uniform_from_trained"  # fine-tuning: epochs in the row
+
+
+def test_exported_architectures_train_from_fresh_weights_and_are_filed_under_their_search(tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+    import pytest
+
+    from benchmarks import converged
+
+    committed = json.loads((bench.RESULTS_DIR / "metapruning_resnet20.json").read_text())["search"]["flops_0.25"]
+    monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path / "results")
+    bench._store(tmp_path / "results" / "metapruning_resnet20.json", {"search": {"flops_0.25": committed}})
+    exported = bench.export_scratch("resnet20", 0.25, tmp_path / "export", log=lambda line: None)
+    searched, uniform = exported["entries"]["searched"], exported["entries"]["uniform"]
+    assert {name: searched["widths"][name] for name in committed["widths"]} == committed["widths"]
+    assert searched["flops_kept"] == pytest.approx(committed["cost"], rel=1e-6)
+    assert uniform["flops_kept"] <= searched["flops_kept"] and len(set(uniform["widths"].values()) - {10}) == 3
+
+    full = converged.load_cifar10()  # a real subset: 5,000 held out, 512 images trained, 256 test images
+    small = converged.Cifar10(full.x_train[:bench.HELD_OUT + 512], full.y_train[:bench.HELD_OUT + 512],
+                              full.x_test[:256], full.y_test[:256])
+    monkeypatch.setattr(converged, "load_cifar10", lambda source=None: small)
+    record = bench.train_exported(tmp_path / "export", "uniform", epochs=1, seed=1, log=lambda line: None)
+    assert record["widths"] == uniform["widths"] and record["epochs"] == 1 and 0.0 <= record["test_after"] <= 1.0
+    assert sorted(path.name for path in (tmp_path / "export").iterdir()) == [
+        "export.json", "searched.keras", "uniform.keras", "uniform_from_scratch_1ep_seed1.json"]  # checkpoints gone
+
+    assert bench.collect_exported(tmp_path / "export", log=lambda line: None) == ["uniform_from_scratch_1ep_seed1"]
+    filed = bench._load(tmp_path / "results" / "metapruning_resnet20.json")["finetune"]["flops_0.25"]
+    assert filed["uniform_from_scratch_1ep_seed1"]["test_after"] == record["test_after"]
+    np.testing.assert_allclose(filed["uniform_from_scratch_1ep_seed1"]["flops_kept"], uniform["flops_kept"])
+
+    bench._store(tmp_path / "results" / "metapruning_resnet20.json",
+                 {"search": {"flops_0.25": {**committed, "gene": [0] * len(committed["gene"])}}})
+    with pytest.raises(ValueError, match="found another gene"):
+        bench.collect_exported(tmp_path / "export")
