@@ -281,7 +281,7 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     split = _split(data, score_images)
     profile = PROFILES["v2"]
     model, net = _network(model_name, paths, trained_weights=init == "generated")
-    for base, gene in (("searched", row["gene"]), ("uniform", row["uniform_gene"])):
+    for base in ("searched", "uniform"):
         if base not in entries:
             continue
         entry = row_name(base, init, seed, epochs)
