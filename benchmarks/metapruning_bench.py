@@ -399,7 +399,8 @@ def collect_exported(directory: str | pathlib.Path, log=print) -> list[str]:
     """Files the records of `train_exported` in ``directory`` under their search's row; returns their names.
 
     Refuses an export whose search was run again since (another gene), and records not trained at the
-    exported widths.
+    exported widths. The checkpoint state of a training still under way (``checkpoint_<row>.json``) is not a
+    record and is left alone.
     """
     directory = pathlib.Path(directory)
     exported = json.loads((directory / EXPORT_FILE).read_text())
@@ -410,9 +411,10 @@ def collect_exported(directory: str | pathlib.Path, log=print) -> list[str]:
         raise ValueError(f"Expected the search {exported['tag']!r} that {directory} was exported from. Received "
                          f"a search that found another gene since. Fix: export again and train again.")
     filed = []
-    for path in sorted(directory.glob("*_from_scratch*.json")):
+    records = [(entry, path) for entry in exported["entries"]
+               for path in sorted(directory.glob(f"{entry}_from_scratch*.json"))]
+    for entry, path in records:
         record = json.loads(path.read_text())
-        entry = path.stem.split("_from_scratch")[0]
         if record["widths"] != exported["entries"][entry]["widths"]:
             raise ValueError(f"Expected {path.name} to be trained at the exported widths of {entry!r}. Received "
                              f"other widths. Fix: export again and train again.")

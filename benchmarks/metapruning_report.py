@@ -55,7 +55,8 @@ def markdown(results: dict) -> str:
         lines.append("\nRows `searched`, `uniform`: from the PruningNet's generated weights; `_from_trained`: the "
                      "converged model cut to the gene's channels; both fine-tuned with protocol 2's recipe. "
                      "`_from_scratch`: fresh weights trained with the converged models' recipe (warm-up, cosine "
-                     "from 0.1), 20 epochs unless the row says `_<E>ep`. The uniform widths are matched to the searched FLOPs to a channel in the "
+                     "from 0.1), 20 epochs unless the row says `_<E>ep`. The uniform widths are matched to the searched "
+                     "FLOPs to a channel in the "
                      "`_from_scratch` rows and in the `_from_trained` rows of session 11 on; earlier "
                      "`_from_trained` rows used the widest uniform gene within the budget.")
     return "\n".join(lines) or "Not run yet."

@@ -200,10 +200,19 @@ def test_exported_architectures_train_from_fresh_weights_and_are_filed_under_the
     assert sorted(path.name for path in (tmp_path / "export").iterdir()) == [
         "export.json", "searched.keras", "uniform.keras", "uniform_from_scratch_1ep_seed1.json"]  # checkpoints gone
 
+    # a training still under way leaves its checkpoint state beside the records: not a record, left alone
+    (tmp_path / "export" / "checkpoint_searched_from_scratch_60ep.json").write_text(json.dumps({"epoch": 3}))
     assert bench.collect_exported(tmp_path / "export", log=lambda line: None) == ["uniform_from_scratch_1ep_seed1"]
     filed = bench._load(tmp_path / "results" / "metapruning_resnet20.json")["finetune"]["flops_0.25"]
+    assert list(filed) == ["uniform_from_scratch_1ep_seed1"]
     assert filed["uniform_from_scratch_1ep_seed1"]["test_after"] == record["test_after"]
     np.testing.assert_allclose(filed["uniform_from_scratch_1ep_seed1"]["flops_kept"], uniform["flops_kept"])
+
+    other = tmp_path / "export" / "searched_from_scratch_1ep.json"  # trained at widths that were not exported
+    other.write_text(json.dumps({**record, "widths": uniform["widths"]}))
+    with pytest.raises(ValueError, match="trained at the exported widths of 'searched'"):
+        bench.collect_exported(tmp_path / "export")
+    other.unlink()
 
     bench._store(tmp_path / "results" / "metapruning_resnet20.json",
                  {"search": {"flops_0.25": {**committed, "gene": [0] * len(committed["gene"])}}})
