@@ -45,6 +45,23 @@ def test_gene_space_has_one_gene_per_prunable_group_and_residual_channels_share_
     assert space.plan(space.full) == kap.PrunePlan({})
 
 
+def test_genes_keep_whole_normalization_groups_and_every_layer_of_a_group():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.GroupNormalization(groups=4, name="gn")(keras.layers.Conv2D(16, 3, name="c1")(inputs))
+    halves = keras.layers.Concatenate()([keras.layers.Conv2D(4, 1, name="a")(x), keras.layers.Conv2D(4, 1, name="b")(x)])
+    x = keras.layers.Add()([halves, keras.layers.Conv2D(8, 1, name="wide")(x)])
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(keras.layers.GlobalAveragePooling2D()(x)))
+    graph = kap.DependencyGraph(model)
+    space = mp.GeneSpace(graph, scales=(0.1, 0.3, 0.6, 1.0))
+    gn, tied = (space.groups.index(graph.group(name)) for name in ("c1", "a"))
+    assert space.widths[gn] == (4, 4, 8, 16)  # 1, 1, 2, 4 of the 4 normalization groups of 4 channels
+    assert space.widths[tied] == (2, 3, 5, 8)  # channel 4 (layer "b"'s first) added back below 0.6
+    assert list(space.plan(space.uniform(0)).kept[graph.group("a").id]) == [0, 4]
+    for choice in range(3):  # every uniform gene is a valid plan: apply_plan would raise otherwise
+        slim = kap.apply_plan(model, space.plan(space.uniform(choice)))
+        assert slim.get_layer("c1").filters == space.widths[gn][choice]
+
+
 def test_mutation_and_crossover_keep_genes_valid():
     space = mp.GeneSpace(kap.DependencyGraph(_residual_net()))
     rng = np.random.default_rng(0)
@@ -215,6 +232,32 @@ def test_genes_outside_the_window_are_rejected_before_scoring():
     assert search.history.rejected > 0
     assert value == max(search.history.scores.values()) and best in scored
     assert search.history.best_scores == sorted(search.history.best_scores)  # elitist: never worse
+
+
+def test_a_mild_budget_fills_its_population_near_the_budget():
+    space, _ = _space_of(groups=12)
+    cost = mp.cost_function(mp.PruningNet(space.graph.model), kap.Budget(flops=0.75))
+    rng = np.random.default_rng(0)
+    assert sum(0.7 <= cost(space.random(rng)) <= 0.75 for _ in range(100)) < 2  # random genes almost never land
+    settings = mp.SearchSettings(population=12, parents=3, mutations=4, crossovers=4, iterations=2, max_tries=10)
+    search = mp.EvolutionarySearch(space, lambda gene: float(sum(gene)), cost, high=0.75, low=0.7, settings=settings,
+                                   verbose=0)
+    population = search.first_population()
+    assert len(population) == 12 and len(set(population)) > 6
+    assert all(0.7 <= cost(g) <= 0.75 for g in population)
+    best, _ = search.run()
+    assert 0.7 <= cost(best) <= 0.75
+    narrow = mp.EvolutionarySearch(space, lambda gene: 0.0, cost, high=0.123456, low=0.123456, settings=settings)
+    with pytest.raises(ValueError, match="No gene of 12 choices has a cost in"):
+        narrow.first_population()
+
+
+def test_search_refuses_a_window_no_gene_reaches_before_training():
+    model = _residual_net()
+    net = mp.PruningNet(model, scales=(0.25, 0.5, 0.75, 1.0))
+    with pytest.raises(ValueError, match="has a cost in"):
+        mp.search(model, _data(64), kap.Budget(flops=0.4321), window=0.0, pruningnet=net, verbose=0)
+    assert getattr(net, "optimizer", None) is None  # never compiled: the training did not start
 
 
 def test_search_is_deterministic_under_a_seed_and_resumes_from_its_cache(tmp_path):

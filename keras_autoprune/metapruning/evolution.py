@@ -13,6 +13,14 @@ Each iteration (Liu et al., section 3.3):
    crossovers of two random parents, and random genes up to
    ``population``.
 
+Random genes cost about a third of the model on average, so for a mild
+budget (a window near 0.75, say) almost none lands in the window. When the
+random draws cannot fill a population, it is completed with *near-budget*
+genes: the uniform gene at the widest choice ``k`` inside the budget and
+the one at ``k + 1`` mixed, each group taking ``k + 1`` with a probability
+drawn uniformly per gene (costs spread between the two uniform costs), then
+mutated with ``mutation_probability``.
+
 Every candidate is checked against the cost window
 ``low <= cost(gene) <= high`` *before* it is scored (a cost is a fraction of
 the original model's FLOPs, parameters or estimated latency); a child
@@ -131,6 +139,7 @@ class EvolutionarySearch:
         self.history = SearchHistory()
         self._cost_cache: dict[Gene, float] = {}
         self._stored: dict[Gene, float] = {}
+        self._uniform_costs: list[float] | None = None  # cost of every uniform gene, for `_near_budget`
         if self.cache_path is not None and self.cache_path.exists():
             self._read_cache()
 
@@ -144,13 +153,7 @@ class EvolutionarySearch:
         """Runs every iteration; returns the best gene and its score."""
         rng = np.random.default_rng(self.seed)
         settings = self.settings
-        population = self._fill([], settings.population, rng, lambda: self.space.random(rng))
-        if not population:
-            raise ValueError(
-                f"No random gene of {len(self.space)} choices has a cost in [{self.low:.3f}, {self.high:.3f}] "
-                f"after {settings.max_tries * settings.population} draws. Fix: widen the window (a lower "
-                "`low`), raise the budget, or add smaller `scales`."
-            )
+        population = self.first_population(rng)
         for iteration in range(settings.iterations):
             self._score_all(population, iteration)
             ranked = sorted(self.history.scores.items(), key=lambda item: (-item[1], item[0]))
@@ -163,8 +166,43 @@ class EvolutionarySearch:
                 parents[rng.integers(len(parents))], rng, settings.mutation_probability))
             children = self._fill(children, settings.mutations + settings.crossovers, rng,
                                   lambda: self.space.crossover(*_two(parents, rng), rng))
-            population = self._fill(children, settings.population, rng, lambda: self.space.random(rng))
+            population = self._fill_random(children, rng)
         return self.history.best_genes[-1], self.history.best_scores[-1]
+
+    def first_population(self, rng: np.random.Generator | None = None) -> list[Gene]:
+        """The first population (needs costs only, no score), or a ValueError if no gene lands in the window.
+
+        ``rng`` defaults to a fresh generator of ``seed``, the one `run` starts with: a check before a long
+        PruningNet training sees the population the search will score.
+        """
+        rng = np.random.default_rng(self.seed) if rng is None else rng
+        population = self._fill_random([], rng)
+        if not population:
+            raise ValueError(
+                f"No gene of {len(self.space)} choices has a cost in [{self.low:.3f}, {self.high:.3f}] after "
+                f"{2 * self.settings.max_tries * self.settings.population} draws (random, then near the budget). "
+                "Fix: widen the window (a lower `low`), or use finer `scales` near the budget."
+            )
+        return population
+
+    def _fill_random(self, genes: list[Gene], rng) -> list[Gene]:
+        """``genes`` completed to ``population`` with random genes, then near-budget ones if those run short."""
+        size = self.settings.population
+        genes = self._fill(genes, size, rng, lambda: self.space.random(rng))
+        if len(genes) < size:
+            genes = self._fill(genes, size, rng, lambda: self._near_budget(rng))
+        return genes
+
+    def _near_budget(self, rng) -> Gene:
+        """A mix of the uniform genes at the widest choice inside the budget and the next one, mutated."""
+        if self._uniform_costs is None:
+            self._uniform_costs = [float(self.cost(self.space.uniform(k))) for k in range(len(self.space.scales))]
+        inside = [k for k, c in enumerate(self._uniform_costs) if c <= self.high]
+        narrow = inside[-1] if inside else 0
+        wide = min(narrow + 1, len(self.space.scales) - 1)
+        pick = rng.random(len(self.space)) < rng.random()
+        mixed = tuple(wide if p else narrow for p in pick)
+        return self.space.mutate(mixed, rng, self.settings.mutation_probability)
 
     def _fill(self, genes: list[Gene], size: int, rng, draw) -> list[Gene]:
         genes = list(genes)

@@ -4,9 +4,14 @@ A gene vector holds one integer per prunable channel group of the model's
 `kap.DependencyGraph` (channels tied by a residual Add are one group, so they
 share one gene). Gene ``i = k`` keeps the first
 
-``width = max(1, round(scales[k] * group.size))``
+``max(1, round(scales[k] * chunks))``
 
-channels of group ``i`` in the space's channel order: index order by default,
+chunks of group ``i`` in the space's channel order, where a chunk is one
+channel, or one normalisation group where a GroupNormalization normalises
+the channels (channels can only be removed in whole groups there); a chunk
+comes in the order of its first channel. A layer holding only some of the
+group's channels (a concatenation added to a wider convolution) keeps its
+first chunk even when the width would leave it none. The order is index order by default,
 or any permutation per group (`PruningNet(channel_order="l1")` puts the
 channels of largest L1 norm first, so that a warm-started PruningNet starts
 every gene from the strongest trained channels). For a PruningNet trained
@@ -21,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from keras_autoprune.graph.dependency import DependencyGraph
-from keras_autoprune.surgery.plan import PrunePlan
+from keras_autoprune.surgery.plan import PrunePlan, cover_members
 
 #: The paper's 31 width scales: 0.10, 0.13, ..., 1.00.
 DEFAULT_SCALES: tuple[float, ...] = tuple(round(0.1 + 0.03 * i, 2) for i in range(31))
@@ -35,7 +40,8 @@ class GeneSpace:
     Args:
         graph: the model's dependency graph; one gene per prunable group.
         scales: the width choices, increasing fractions in ``(0, 1]``; the
-            last one should be 1.0 so that the full model is a gene.
+            last one should be 1.0 so that the full model is a gene
+            (`full`).
         channel_order: ``{group_id: permutation of range(group.size)}``,
             the order in which a group's channels are kept (groups left
             out, or ``None``: index order).
@@ -43,7 +49,8 @@ class GeneSpace:
     Attributes:
         groups: the prunable `kap.ChannelGroup`s, one per gene.
         scales: the width choices.
-        widths: ``widths[i][k]``: channels kept by group ``i`` at choice ``k``.
+        widths: ``widths[i][k]``: channels kept by group ``i`` at choice ``k``
+            (whole chunks, see the module docstring).
         channel_order: one permutation per group, in ``groups`` order.
 
     Example:
@@ -68,15 +75,17 @@ class GeneSpace:
                 "search. Check `kap.DependencyGraph(model).summary()` for why every group is blocked."
             )
         self.scales = scales
-        self.widths = tuple(tuple(max(1, int(round(s * g.size))) for s in scales) for g in self.groups)
         self.channel_order = _check_order(self.groups, channel_order or {})
+        self._kept = tuple(tuple(_kept_channels(g, order, s) for s in scales)
+                           for g, order in zip(self.groups, self.channel_order))
+        self.widths = tuple(tuple(kept.size for kept in choices) for choices in self._kept)
 
     def __len__(self) -> int:
         return len(self.groups)
 
     @property
     def full(self) -> Gene:
-        """The gene that keeps every channel (largest choice everywhere)."""
+        """The largest choice everywhere: every channel when the last scale is 1.0."""
         return (len(self.scales) - 1,) * len(self.groups)
 
     def uniform(self, choice: int) -> Gene:
@@ -85,9 +94,9 @@ class GeneSpace:
         return (int(choice),) * len(self.groups)
 
     def plan(self, gene: Sequence[int]) -> PrunePlan:
-        """The `kap.PrunePlan` of ``gene``: group ``i`` keeps its first ``widths[i][gene[i]]`` channels (in order)."""
+        """The `kap.PrunePlan` of ``gene``: group ``i`` keeps its ``widths[i][gene[i]]`` first channels (in order)."""
         gene = self.check(gene)
-        return PrunePlan({g.id: np.sort(self.channel_order[i][:self.widths[i][k]])
+        return PrunePlan({g.id: self._kept[i][k].copy()
                           for i, (g, k) in enumerate(zip(self.groups, gene)) if self.widths[i][k] < g.size})
 
     def group_widths(self, gene: Sequence[int]) -> dict[str, int]:
@@ -129,6 +138,18 @@ class GeneSpace:
             raise ValueError(
                 f"A gene's choices index `scales` (0 to {len(self.scales) - 1}). Received: choice={choice}"
             )
+
+
+def _kept_channels(group, order: np.ndarray, scale: float) -> np.ndarray:
+    """The sorted channels ``group`` keeps at ``scale``: its first whole chunks in ``order``, every member covered."""
+    chunks = group.chunks[order]
+    _, first = np.unique(chunks, return_index=True)
+    chunk_order = chunks[np.sort(first)]  # each chunk at its first channel in `order`
+    count = max(1, int(round(scale * chunk_order.size)))
+    kept = np.flatnonzero(np.isin(group.chunks, chunk_order[:count]))
+    rank = np.empty(chunk_order.size)
+    rank[chunk_order] = -np.arange(chunk_order.size)  # earlier in the order: a better chunk to add back
+    return cover_members(group, kept, rank)
 
 
 def _check_order(groups: Sequence, channel_order: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:

@@ -60,7 +60,9 @@ def train_pruningnet(net: PruningNet, data: Any, epochs: int = 1, learning_rate:
         label_smoothing: label smoothing (the paper: 0.1).
         from_logits: whether the model outputs logits; default: ``True``
             unless its last layer applies a softmax.
-        seed: seed of the genes drawn.
+        seed: seed of the genes drawn (and of the order of ``(x, y)``
+            arrays). Training in stages, give each call its own seed: the
+            same seed draws the same genes in the same order again.
         batch_size: batch size for ``(x, y)`` arrays.
         decay: decay the rate linearly to 0 over this call (``False``: keep
             it constant, e.g. when training in one-epoch stages with your own
@@ -84,18 +86,37 @@ def train_pruningnet(net: PruningNet, data: Any, epochs: int = 1, learning_rate:
     classes = int(net.base.outputs[0].shape[-1])
     net.compile(optimizer=keras.optimizers.SGD(rate, momentum=0.9, nesterov=True),
                 loss=SmoothedCrossentropy(classes, label_smoothing, logits))
-    sampler = GeneSampler(seed)
-    if not arrays:
-        return net.fit(data, epochs=epochs, callbacks=[sampler, *callbacks], verbose=verbose)
-    order_rng = np.random.default_rng(seed)
-    losses = []
-    for epoch in range(epochs):
-        order = order_rng.permutation(len(data[0]))
-        history = net.fit(data[0][order], data[1][order], batch_size=batch_size, epochs=epoch + 1, initial_epoch=epoch,
-                          shuffle=False, callbacks=[sampler, *callbacks], verbose=verbose)
-        losses.extend(history.history["loss"])
-    history.history["loss"] = losses
-    return history
+    if arrays:  # its own seeded order; `fit` would shuffle its batches unseeded
+        return net.fit(ShuffledArrays(*data, batch_size=batch_size, seed=seed), epochs=epochs, shuffle=False,
+                       callbacks=[GeneSampler(seed), *callbacks], verbose=verbose)
+    return net.fit(data, epochs=epochs, callbacks=[GeneSampler(seed), *callbacks], verbose=verbose)
+
+
+class ShuffledArrays(keras.utils.PyDataset):
+    """``(x, y)`` arrays in batches, in a new permutation drawn from ``seed`` at every epoch.
+
+    The same seed gives the same batches in every run, in one ``fit`` (so that
+    callbacks such as ``BackupAndRestore`` or ``EarlyStopping`` see one
+    training, not one per epoch). When training in stages (one call per
+    epoch), give each stage its own ``seed``, or every stage repeats the same
+    order.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self._rng = np.random.default_rng(seed)
+        self._order = self._rng.permutation(len(x))
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, index: int):
+        rows = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+        return self.x[rows], self.y[rows]
+
+    def on_epoch_end(self) -> None:
+        self._order = self._rng.permutation(len(self.x))
 
 
 class SmoothedCrossentropy(keras.losses.Loss):
@@ -229,7 +250,7 @@ class SearchResult:
 
 
 def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: Any = None,
-           recalibration_data: Any = None, epochs: int = 1, pruningnet: PruningNet | None = None,
+           recalibration_data: Any = None, epochs: int | None = None, pruningnet: PruningNet | None = None,
            scales: Sequence[float] = DEFAULT_SCALES, window: float = 0.05, settings: SearchSettings | None = None,
            latency_table: LatencyTable | None = None, recalibration_batches: int = 20, batch_size: int = 128,
            seed: int = 0, cache_path: str | os.PathLike | None = None, verbose: int = 1) -> SearchResult:
@@ -247,7 +268,9 @@ def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: An
             explicitly.
         recalibration_data: batches re-estimating BatchNormalization before
             each score; default ``data``.
-        epochs: PruningNet training epochs (0 with a trained ``pruningnet``).
+        epochs: PruningNet training epochs; default 1, or 0 when a trained
+            ``pruningnet`` is given (pass more to train it further: that
+            changes its weights, so an earlier score cache no longer applies).
         pruningnet: a `PruningNet` of ``model`` already built (and trained).
         scales: width choices per gene (the paper's 31 by default).
         window: candidates cost between ``budget - window`` and ``budget``
@@ -268,6 +291,8 @@ def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: An
         raise TypeError(f"`budget` must be a kap.Budget, e.g. kap.Budget(flops=0.5). Received: budget={budget!r}")
     if not 0 <= window < budget.fraction:
         raise ValueError(f"`window` must be in [0, budget) = [0, {budget.fraction}). Received: window={window!r}")
+    if epochs is None:
+        epochs = 0 if pruningnet is not None else 1
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0 or (epochs == 0 and pruningnet is None):
         raise ValueError(
             f"`epochs` must be an int >= 1 (>= 0 when a trained `pruningnet` is given). Received: epochs={epochs!r}"
@@ -284,12 +309,15 @@ def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: An
     cost = cost_function(net, budget, latency_table)
     uniform_gene(net.space, cost, budget.fraction)  # the cheapest gene is the uniform smallest one
     scorer = CandidateScorer(net, validation_data, recalibration_data, recalibration_batches, batch_size)
+    low = budget.fraction - window
+    EvolutionarySearch(net.space, scorer, cost, high=budget.fraction, low=low, settings=settings, seed=seed,
+                       verbose=0).first_population()  # costs only: a window no gene reaches fails here
     start = time.perf_counter()
     if epochs:
         train_pruningnet(net, data, epochs=epochs, seed=seed, batch_size=batch_size, verbose="auto" if verbose else 0)
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    evolution = EvolutionarySearch(net.space, scorer, cost, high=budget.fraction, low=budget.fraction - window,
+    evolution = EvolutionarySearch(net.space, scorer, cost, high=budget.fraction, low=low,
                                    settings=settings, seed=seed, cache_path=cache_path,
                                    cache_key=fingerprint(net, recalibration_batches, batch_size, seed,
                                                          _data_digest(validation_data), _data_digest(recalibration_data)),
@@ -331,7 +359,7 @@ def _held_out(data: Any, validation_data: Any, seed: int) -> tuple[Any, Any]:
     raise ValueError(
         "MetaPruning scores candidates on held-out labelled data. Received: validation_data=None with "
         f"data of type {type(data).__name__}. Fix: pass `validation_data=` (e.g. un-augmented training "
-        "examples kept out of `data`), or give `data` as `(x, y)` arrays to hold out their last 10%."
+        "examples kept out of `data`), or give `data` as `(x, y)` arrays to hold out a random 10% of them."
     )
 
 

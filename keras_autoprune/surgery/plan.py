@@ -125,7 +125,7 @@ class PrunePlan:
             np.add.at(score, group.chunks, scores[group_id])
             best = np.argsort(-score, kind="stable")[:keep_chunks]
             kept_channels = np.flatnonzero(np.isin(group.chunks, best))
-            kept[group.id] = _cover_members(group, kept_channels, score)
+            kept[group.id] = cover_members(group, kept_channels, score)
         return cls(kept)
 
     # -- access ---------------------------------------------------------
@@ -221,7 +221,7 @@ class PrunePlan:
         return cls(data["kept"])
 
 
-def _cover_members(group, kept: np.ndarray, chunk_score: np.ndarray) -> np.ndarray:
+def cover_members(group, kept: np.ndarray, chunk_score: np.ndarray) -> np.ndarray:
     """Adds back the best chunk of any member left with no channel.
 
     A group may span layers that each hold only some of its channels (a
