@@ -272,6 +272,23 @@ def test_near_identical_neurons_merge_by_threshold():
     assert relative_error(np.asarray(result.model(_inputs(model))), np.asarray(model(_inputs(model)))) < 0.05
 
 
+def test_near_identical_distance_compares_weights_only():
+    """Two orthogonal filters of small norm are 141% apart, however many positions they occupy (here 16 after the Flatten)."""
+    model = _chain_model()
+    conv = model.get_layer("c2")
+    kernel, bias = conv.kernel.numpy(), conv.bias.numpy()
+    kernel[..., 1], kernel[..., 4] = 0, 0
+    kernel[0, 0, 0, 1], kernel[0, 0, 1, 4] = 0.01, 0.01
+    bias[[1, 4]] = 0
+    conv.kernel.assign(kernel)
+    conv.bias.assign(bias)
+    clusters = merge_neurons(model, merge_threshold=0.5).clusters.get("c2", [])
+    assert not any({1, 4} <= set(cluster) for cluster in clusters)
+    kernel[0, 0, 1, 4], kernel[0, 0, 0, 4] = 0, 0.0101  # now a 1% longer copy of channel 1: within 0.02
+    conv.kernel.assign(kernel)
+    assert merge_neurons(model, merge_threshold=0.02).clusters["c2"] == [[1, 4]]
+
+
 # -- stage 3: uneven depthwise separation -------------------------------------------
 
 
@@ -399,6 +416,15 @@ def test_compress_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match) as error:
         kap.red.compress(model, **kwargs)
     assert "Received" in str(error.value)
+
+
+@pytest.mark.parametrize("stage, kwargs", [(hash_weights, {"bandwidth_scale": -0.5}),
+                                           (merge_neurons, {"merge_threshold": float("nan")})])
+def test_stage_functions_reject_bad_knobs(stage, kwargs):
+    model = keras.Sequential([keras.Input((3,)), L.Dense(2)])
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"Expected `{name}` to be a finite number >= 0.*Received"):
+        stage(model, **kwargs)
 
 
 def test_compress_rejects_subclassed_models():

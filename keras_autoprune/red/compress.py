@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import warnings
 
 import keras
@@ -34,6 +33,7 @@ from keras_autoprune.graph.dependency import DependencyGraph, check_model
 from keras_autoprune.red.batchnorm import FoldedNorm, fold_batchnorm
 from keras_autoprune.red.hashing import HashedTensor, hash_weights
 from keras_autoprune.red.merging import MergeResult, merge_neurons
+from keras_autoprune.red.options import check_knob
 from keras_autoprune.red.report import red_report
 from keras_autoprune.red.separation import Separation, separate_depthwise
 from keras_autoprune.report import PruningReport
@@ -181,12 +181,8 @@ def compress(
 
 def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers=False) -> None:
     """Checks `compress`'s arguments other than the model (raises ValueError), before any work."""
-    for name, value in (("bandwidth_scale", bandwidth_scale), ("merge_threshold", merge_threshold)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-            raise ValueError(
-                f"Expected `{name}` to be a finite number >= 0 (e.g. {name}="
-                f"{'0.05' if name == 'bandwidth_scale' else '0.0'}). Received: {name}={value!r}"
-            )
+    check_knob("bandwidth_scale", bandwidth_scale)
+    check_knob("merge_threshold", merge_threshold)
     if budget is not None and bandwidth_scale == 0:
         raise ValueError(
             "A budget search scales `bandwidth_scale` up from its value, so it must be > 0. "
@@ -208,7 +204,8 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
     graph = DependencyGraph(model)
     stages = [StageFigures("original", count_flops(model), count_params(model))]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unknown layers were reported once, for `model`
+        # the graph of `model` above reported unknown layers and failing handlers once; not again per stage
+        warnings.filterwarnings("ignore", message="keras_autoprune: (no pruning handler|handler .* failed)")
         folded, folds = fold_batchnorm(model, graph)
         stages.append(StageFigures("batchnorm_folded", count_flops(folded), count_params(folded)))
         run = _Stages.run(folded, bandwidth_scale, merge_threshold, separate)

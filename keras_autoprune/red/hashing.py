@@ -32,6 +32,7 @@ import numpy as np
 
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.red.kde import density_modes, silverman_bandwidth
+from keras_autoprune.red.options import check_knob
 from keras_autoprune.red.records import clone_with, is_linear_layer
 from keras_autoprune.surgery.clone import layer_from_config
 from keras_autoprune.surgery.weights import layer_weights
@@ -75,7 +76,7 @@ def hash_values(values: np.ndarray, bandwidth_scale: float) -> tuple[np.ndarray,
 
 
 def hash_weights(
-    model: keras.Model, bandwidth_scale: float = 1.0, graph: DependencyGraph | None = None,
+    model: keras.Model, bandwidth_scale: float = 0.05, graph: DependencyGraph | None = None,
     layers: Collection[str] | None = None,
 ) -> tuple[keras.Model, list[HashedTensor]]:
     """Returns a copy of ``model`` whose linear layers' weights are hashed.
@@ -83,8 +84,9 @@ def hash_weights(
     Args:
         model: a built Sequential or Functional model (left unchanged);
             usually already BatchNormalization-folded.
-        bandwidth_scale: multiplies Silverman's bandwidth; smaller keeps
-            more distinct values (closer to the original model).
+        bandwidth_scale: multiplies Silverman's bandwidth (> 0); smaller
+            keeps more distinct values (closer to the original model). The
+            default is `compress`'s.
         graph: ``DependencyGraph(model)`` if already built.
         layers: qualified names of the layers to hash; default: every
             linear layer.
@@ -93,13 +95,14 @@ def hash_weights(
         ``(hashed_model, tensors)``: the new model and one `HashedTensor`
         per hashed weight, in graph order.
     """
+    check_knob("bandwidth_scale", bandwidth_scale)
     if graph is None:
         graph = DependencyGraph(model)
     plans: dict[int, tuple] = {}
     tensors = []
     for record in graph.records:
         layer = record.operation
-        if not record.first_call or not is_linear_layer(layer) or id(layer) in plans:
+        if not record.first_call or not is_linear_layer(layer):
             continue
         if layers is not None and record.name not in layers:
             continue

@@ -22,8 +22,9 @@ greedily in index order; a channel joins the first cluster leader ``i`` with
     d(i, j) = max over members m of ||s_i^m − s_j^m|| / max(||s_i^m||, ||s_j^m||)
 
 at most ``merge_threshold`` (``s^m``: the channel's weights in member
-layer m, see `signatures`). The leader's weights are kept unchanged and the
-model is then only approximately equal.
+layer m, see `signatures`; a member without weights for it contributes 0)
+and the same members and position counts as ``i``. The leader's weights are
+kept unchanged and the model is then only approximately equal.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.graph.handlers import LinearHandler, SeparableHandler
+from keras_autoprune.red.options import check_knob
 from keras_autoprune.red.records import GraphIndex, with_weights
 from keras_autoprune.red.signatures import GroupSignatures, group_signatures
 from keras_autoprune.surgery import PrunePlan, apply_plan
@@ -86,6 +88,7 @@ def merge_neurons(model: keras.Model, merge_threshold: float = 0.0, graph: Depen
     Returns:
         A `MergeResult`; with nothing to merge its ``model`` is a copy.
     """
+    check_knob("merge_threshold", merge_threshold)
     if graph is None:
         graph = DependencyGraph(model)
     index = GraphIndex(graph)
@@ -135,7 +138,7 @@ def _clusters(signature: GroupSignatures, threshold: float) -> list[list[int]]:
         width = max(len(v[m]) for v in vectors if m in v)
         stacks[m] = np.stack([v[m] if m in v and len(v[m]) == width else np.full(width, np.nan) for v in vectors])
     norms = {m: np.linalg.norm(s, axis=1) for m, s in stacks.items()}
-    present = np.stack([[m in v for m in members] for v in vectors]) if members else np.zeros((len(vectors), 0), bool)
+    layouts = [signature.layout(c) for c in channels]
     unassigned = np.ones(len(vectors), bool)
     out = []
     for leader in channels:
@@ -146,8 +149,8 @@ def _clusters(signature: GroupSignatures, threshold: float) -> list[list[int]]:
             diff = np.linalg.norm(stacks[m] - stacks[m][leader], axis=1)
             scale = np.maximum(np.maximum(norms[m], norms[m][leader]), 1e-30)
             distance = np.maximum(distance, np.where(diff == 0, 0.0, diff / scale))
-        same_members = np.all(present == present[leader], axis=1)
-        joined = unassigned & same_members & (distance <= threshold)  # NaN compares False
+        same_layout = np.array([layout == layouts[leader] for layout in layouts])
+        joined = unassigned & same_layout & (distance <= threshold)  # NaN compares False
         joined[leader] = True
         out.append(np.flatnonzero(joined).tolist())
         unassigned &= ~joined

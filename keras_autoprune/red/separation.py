@@ -168,6 +168,4 @@ def separate_depthwise(model: keras.Model, graph: DependencyGraph | None = None)
         if found is not None:
             replacements[record.name], separation = found
             separations.append(separation)
-    if not replacements:
-        return replace_layers(model, {}), []
     return replace_layers(model, replacements), separations

@@ -84,8 +84,9 @@ class GroupSignatures:
 
     Attributes:
         group: the group.
-        pieces: per member, ``{channel: 1-D float64 array}`` (members that
-            hold no weights for the channel contribute its position count).
+        pieces: per member, ``{channel: 1-D float64 array}``: how many
+            positions the channel occupies in the member, then the member's
+            weights for it (nothing more for a weightless member).
         readers: the group's readers.
         blocked: why the group cannot merge (None if it can).
     """
@@ -104,8 +105,12 @@ class GroupSignatures:
         return b"|".join(parts)
 
     def vectors(self, channel: int) -> dict[int, np.ndarray]:
-        """``{member: piece}`` for ``channel`` (for near-identical distances)."""
-        return {m: p[channel] for m, p in enumerate(self.pieces) if channel in p}
+        """``{member: weights}`` for ``channel``, without the position count (near-identical distances)."""
+        return {m: p[channel][1:] for m, p in enumerate(self.pieces) if channel in p}
+
+    def layout(self, channel: int) -> tuple[tuple[int, float], ...]:
+        """``((member, positions), ...)`` for ``channel``: near-identical channels must match it exactly."""
+        return tuple((m, float(p[channel][0])) for m, p in enumerate(self.pieces) if channel in p)
 
 
 def group_signatures(index: GraphIndex, group: ChannelGroup, cache: dict | None = None) -> GroupSignatures:

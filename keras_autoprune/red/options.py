@@ -1,0 +1,16 @@
+"""Validation of RED's numeric knobs, shared by `compress` and the stage functions."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+EXAMPLES = {"bandwidth_scale": "0.05", "merge_threshold": "0.0"}
+
+
+def check_knob(name: str, value) -> None:
+    """Raises ValueError unless ``value`` is a finite real number >= 0 (``bandwidth_scale``, ``merge_threshold``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"Expected `{name}` to be a finite number >= 0 (e.g. {name}={EXAMPLES[name]}). Received: {name}={value!r}"
+        )
