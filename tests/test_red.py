@@ -248,6 +248,18 @@ def test_concatenation_and_squeeze_excite_readers():
     _assert_same(result.model, model, _inputs(model))
 
 
+def test_channels_merge_through_a_reduction_op():
+    """A squeeze written with `keras.ops.mean` over the spatial axes treats two equal channels alike."""
+    inputs = keras.Input((5, 5, 3))
+    x = L.Conv2D(6, 3, name="c", activation="relu")(inputs)
+    model = keras.Model(inputs, L.Dense(2, name="head")(keras.ops.mean(x, axis=(1, 2))))
+    randomize(model, seed=17)
+    _copy_channel(model.get_layer("c"), 1, 4)
+    result = merge_neurons(model)
+    assert result.clusters == {"c": [[1, 4]]} and result.model.get_layer("c").filters == 5
+    _assert_same(result.model, model, _inputs(model))
+
+
 def test_group_normalization_blocks_merging():
     inputs = keras.Input((5, 5, 2))
     x = L.Conv2D(4, 1, name="c")(inputs)

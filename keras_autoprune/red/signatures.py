@@ -10,7 +10,8 @@ tensor of the group when every layer of the group treats them alike:
   convolution, a BatchNormalization that was not folded, PReLU, LayerScale,
   the depthwise part of a SeparableConv, ...) has identical per-channel
   weights for them;
-- weightless layers (activations, pooling, merges such as a residual Add or a
+- weightless layers (activations, pooling, reductions over other axes such
+  as ``keras.ops.mean(x, axis=(1, 2))``, merges such as a residual Add or a
   squeeze-excite Multiply, Concatenate, Flatten) apply the same function to
   both; the merge's other operands are channels of the same group, so they
   are covered by the two rules above.
@@ -50,13 +51,14 @@ from keras_autoprune.graph.handlers import (
     LinearHandler,
     MergeHandler,
     PassThroughHandler,
+    ReductionHandler,
     ReshapeHandler,
     SeparableHandler,
 )
 from keras_autoprune.red.records import GraphIndex
 from keras_autoprune.surgery.weights import layer_weights
 
-_WEIGHTLESS = (ActivationHandler, ConcatenateHandler, MergeHandler, PassThroughHandler, ReshapeHandler)
+_WEIGHTLESS = (ActivationHandler, ConcatenateHandler, MergeHandler, PassThroughHandler, ReductionHandler, ReshapeHandler)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +178,9 @@ def _member(layer, handler, side, weights, positions, in_width):
         return _slices(per_channel), None
     if isinstance(handler, _WEIGHTLESS) and not weights:
         return nothing
+    if not weights:
+        return (f"({type(layer).__name__}, handler {type(handler).__name__}) is an operation RED does not know "
+                "to treat two equal channels alike")
     return f"({type(layer).__name__}, handler {type(handler).__name__}) has weights RED cannot compare per channel"
 
 
