@@ -7,6 +7,7 @@ import json
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_autoprune as kap
 from keras_autoprune import metapruning as mp
@@ -372,6 +373,9 @@ def test_search_checks_its_arguments_before_any_work():
         mp.search(model, (x, y), kap.Budget(latency=0.5))
     with pytest.raises(ValueError, match="`window`"):
         mp.search(model, (x, y), kap.Budget(flops=0.1), window=0.2)
+    unlabelled = tf.data.Dataset.from_tensor_slices(x).batch(8)
+    with pytest.raises(ValueError, match="scored by their top-1 accuracy"):
+        mp.search(model, (x, y), kap.Budget(flops=0.5), validation_data=unlabelled)
     with pytest.raises(ValueError, match="`epochs`"):
         mp.search(model, (x, y), kap.Budget(flops=0.5), epochs=0)
     # Before the PruningNet's training (which would end in another error): no gene is that cheap.

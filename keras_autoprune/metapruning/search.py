@@ -32,6 +32,7 @@ from keras_autoprune.metapruning.genes import DEFAULT_SCALES, Gene, GeneSpace
 from keras_autoprune.metapruning.latency import LatencyTable
 from keras_autoprune.metapruning.pruningnet import GeneSampler, PruningNet
 from keras_autoprune.report import PruningReport
+from keras_autoprune.stats.calibration import CalibrationData
 from keras_autoprune.surgery.plan import PrunePlan
 
 
@@ -164,6 +165,11 @@ class CandidateScorer:
             raise ValueError("CandidateScorer needs labelled `validation_data` and `recalibration_data` batches. "
                              f"Received: validation_data={type(validation_data).__name__}, "
                              f"recalibration_data={type(recalibration_data).__name__}")
+        # the first batch of each is checked now (labels, input shapes, classes), not after a long training
+        CalibrationData(validation_data, net.base, batch_size=batch_size,
+                        labels_reason="candidates are scored by their top-1 accuracy on `validation_data`")
+        CalibrationData(recalibration_data, net.base, batch_size=batch_size, num_batches=recalibration_batches,
+                        require_labels=False)
         self.net = net
         self.validation_data = validation_data
         self.recalibration_data = recalibration_data
