@@ -219,7 +219,8 @@ class EvolutionarySearch:
 
     def _score_all(self, population: list[Gene], iteration: int) -> None:
         todo = [g for g in dict.fromkeys(population) if g not in self.history.scores]
-        bar = keras.utils.Progbar(len(todo), verbose=self.verbose, unit_name="candidate") if todo and self.verbose else None
+        bar = keras.utils.Progbar(len(todo), verbose=self.verbose, unit_name="candidate",
+                                    stateful_metrics=["best"]) if todo and self.verbose else None
         if self.verbose:
             print(f"Iteration {iteration + 1}/{self.settings.iterations}: {len(todo)} new candidates "
                   f"({len(population) - len(todo)} cached)")

@@ -28,7 +28,9 @@ Warm start (DECIDE, the default): ``B = 0`` and ``b = W_trained``, so at
 every gene the PruningNet starts from the user's trained weights cropped to
 the gene (the paper trains from scratch; starting from a converged model
 makes a few epochs enough on a CPU). ``warm_start=False`` draws ``b`` from
-a He-normal distribution and ``B`` small, as from scratch.
+a He-normal distribution and ``B`` small, so the generated kernels start as
+from scratch; the variables without a generator (biases, BatchNormalization
+``gamma`` and ``beta``, layers outside every group) keep the model's values.
 
 Channel order (DECIDE): a gene keeps the first channels of each group in
 an order fixed when the PruningNet is built. ``channel_order="index"`` (the
