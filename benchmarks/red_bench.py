@@ -46,12 +46,15 @@ from collections.abc import Callable
 from benchmarks import converged
 
 SWEEPS = {
-    "resnet20": {"bandwidth_scales": (0.05, 0.1, 0.15, 0.2, 0.3, 1.0), "merge_thresholds": (0.3, 0.35, 0.4, 0.45, 0.5)},
-    "mobilenetv2": {"bandwidth_scales": (0.01, 0.02, 0.05, 0.1, 0.2, 1.0), "merge_thresholds": (0.1, 0.2, 0.3)},
+    "resnet20": {"bandwidth_scales": (0.05, 0.1, 0.15, 0.2, 0.3, 1.0), "merge_thresholds": (0.6, 0.7, 0.8, 0.9, 1.0)},
+    "mobilenetv2": {"bandwidth_scales": (0.01, 0.02, 0.05, 0.1, 0.2, 1.0), "merge_thresholds": (0.1, 0.3, 0.5, 0.7)},
 }
 """Default sweep per model: ``bandwidth_scale`` with ``merge_threshold=0``, then the merge thresholds at
 ``MERGE_SCALE``. Ranges from the first measurements (docs/methods/red.md): past 0.3 (ResNet-20) and 0.2
-(MobileNetV2) both models are at chance; 1.0 is kept as the point where stage 3 separates convolutions."""
+(MobileNetV2) both models are at chance; 1.0 is kept as the point where stage 3 separates convolutions.
+The thresholds span from the first merge (ResNet-20: 0.6) to where about 20% (ResNet-20) and 35%
+(MobileNetV2) of the FLOPs are gone; they were chosen again in session 16, when the near-identical
+distance stopped counting a channel's position count as a weight (`keras_autoprune.red.merging`)."""
 MERGE_SCALE = 0.05
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results" / "v2"
 PLOT_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "img"
