@@ -179,6 +179,40 @@ def test_tolerance_mode_that_undoes_its_first_round_leaves_no_mask(digits, pretr
             assert np.all(np.any(kernel != 0, axis=0)), layer.name
 
 
+def _scripted_accuracy(monkeypatch, values):
+    """The tolerance judge reads these accuracies in turn (the unpruned reference first): which round fails is then
+    chosen by the test, not by the training's noise. Each call is recorded."""
+    calls = []
+
+    def scripted(model, data, batch_size=128):
+        calls.append(len(calls))
+        return values[len(calls) - 1]
+
+    monkeypatch.setattr("keras_autoprune.callbacks.nap.accuracy", scripted)
+    return calls
+
+
+@pytest.mark.parametrize("granularity, budget", [("channel", kap.Budget(flops=0.3)), ("weight", kap.Budget(params=0.3))])
+def test_tolerance_mode_judges_each_round_once_and_an_undone_round_keeps_the_earlier_ones(
+        digits, pretrained, monkeypatch, granularity, budget):
+    x_train, x_test, y_train, y_test = digits
+    model = fresh(pretrained)
+    calls = _scripted_accuracy(monkeypatch, [0.90, 0.90, 0.50, 0.895, 0.895])  # round 2 fails by 0.40
+    cb = kap.NAPCallback((x_train[:256], y_train[:256]), budget=budget, rounds=3, granularity=granularity,
+                         validation_data=(x_test, y_test), max_accuracy_drop=0.05, verbose=0)
+    model.fit(x_train[:512], y_train[:512], epochs=4, batch_size=64, callbacks=[cb], verbose=0)
+    assert len(calls) == 3 and cb.stopped  # the reference, then rounds 1 and 2; epochs 2 and 3 judge nothing
+    assert [h.get("accepted") for h in cb.history] == [True, False]
+    kept = cb.history[0]["flops_kept" if granularity == "channel" else "params_kept"]
+    if granularity == "channel":
+        assert kap.count_flops(cb.pruned_model) / kap.count_flops(model) == pytest.approx(kept)
+    else:  # round 1's masks survive the undone round 2: its weights are still zeros in the result
+        zeros = sum(int(np.sum(m == 0)) for m in cb.weight_masks.values())
+        assert zeros > 0 and cb.measure_kept()["params"] == pytest.approx(kept)
+        for name, mask in cb.weight_masks.items():
+            assert np.all(cb.pruned_model.get_layer(name).kernel.numpy()[mask == 0] == 0), name
+
+
 def test_tolerance_mode_without_a_budget_aims_at_the_models_floor_when_it_is_above_its_default():
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, name="c1")(inputs))

@@ -91,8 +91,9 @@ class NAPCallback(RankedPruningCallback):
         validation_data: labelled data for tolerance mode.
         max_accuracy_drop: tolerance mode: after each round's epoch, if the
             validation accuracy fell more than this below the unpruned
-            model's, the round is undone and pruning stops. The last round
-            that met the tolerance is kept.
+            model's (measured just before the first round, so after the
+            epochs before ``start_epoch``), the round is undone and pruning
+            stops. The last round that met the tolerance is kept.
         **kwargs: ``start_epoch``, ``end_epoch``, ``check_tolerance``,
             ``verbose`` (see `PruningCallback`).
 
@@ -195,10 +196,8 @@ class NAPCallback(RankedPruningCallback):
                                          likelihood=self._likelihood, num_batches=self.num_batches)
         self.statistics_seconds = 0.0
         self.weight_masks: dict[str, np.ndarray] | None = None
-        self.base_accuracy = None
+        self.base_accuracy = None  # measured just before the first round (`prune_round`)
         self._snapshot = None
-        if self.validation_data is not None:
-            self.base_accuracy = accuracy(model, self.validation_data, self.batch_size)
 
     def sample_inputs(self):
         return self._source.sample_inputs
@@ -250,6 +249,8 @@ class NAPCallback(RankedPruningCallback):
 
     def prune_round(self, target: float) -> None:
         if self.validation_data is not None:
+            if self.base_accuracy is None:  # the unpruned model as trained so far (restored on resume)
+                self.base_accuracy = accuracy(self.model, self.validation_data, self.batch_size)
             self._snapshot = ([v.numpy() for v in self.model.weights], self.plan, self.weight_masks, self._kept)
         factors = self._factors()
         if self.granularity == "weight":
@@ -266,7 +267,7 @@ class NAPCallback(RankedPruningCallback):
         self.plan = plan
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._snapshot is not None and epoch in self._epochs:
+        if self._snapshot is not None and epoch in self._epochs and not self.stopped:
             self._judge_round(epoch, logs)
         super().on_epoch_end(epoch, logs)
 
@@ -276,16 +277,17 @@ class NAPCallback(RankedPruningCallback):
         self.history[-1].update(val_accuracy=value, accepted=drop <= self.max_accuracy_drop)
         if logs is not None:
             logs["pruned_val_accuracy"] = value
+        snapshot, self._snapshot = self._snapshot, None  # each round is judged once, after its own epoch
         if drop <= self.max_accuracy_drop:
             return
-        weights, plan, masks, kept = self._snapshot
+        weights, plan, masks, kept = snapshot
         for variable, value_before in zip(self.model.weights, weights):
             variable.assign(value_before)
         self.plan, self.weight_masks, self._kept = plan, masks, kept
-        if plan is not None:
-            self._masks.apply(plan)
-        elif masks is not None:
+        if self.granularity == "weight" and masks is not None:
             self._apply_weight_masks(masks)
+        elif self.granularity == "channel" and plan is not None:
+            self._masks.apply(plan)
         else:  # the first round is undone: no mask may stay
             self._masks.apply(PrunePlan({}))
         self.stopped = True
@@ -336,9 +338,14 @@ class NAPCallback(RankedPruningCallback):
         if self.granularity == "channel":
             return super().build_pruned_model()
         clone = clone_model(self.model)
+        twins = {}
         for old, new in zip(_layers(self.model), _layers(clone)):
+            twins[id(old)] = new
             if old.weights:
                 assign_weights(new, layer_weights(old))
+        for name, mask in (self.weight_masks or {}).items():  # the removed weights are zeros in the result
+            kernel = twins[id(self.graph_layer(name))].kernel
+            kernel.assign(np.asarray(kernel) * mask)
         return clone
 
 
