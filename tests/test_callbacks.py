@@ -1,5 +1,7 @@
 """PruningCallback lifecycle, via the data-free MagnitudeCallback."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -69,6 +71,31 @@ def test_instance_is_reusable(data):
     assert cb.pruned_model is not None and len(cb.history) == 1
     assert kap.count_params(cb.pruned_model) <= 0.6 * kap.count_params(second)
     assert plan_one is not cb.plan
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("same_instance", [True, False])
+def test_a_fit_that_raised_leaves_no_stale_constraint_behind_the_next(data, same_instance):
+    x, y = data
+    model = small_cnn()
+    own = keras.constraints.MaxNorm(3.0)
+    model.get_layer("c1").kernel.constraint = own
+    cb = kap.MagnitudeCallback(kap.Budget(flops=0.5), verbose=0)
+    with pytest.raises(KeyboardInterrupt):  # Keras calls no on_train_end then: the masks stay on
+        model.fit(x, y, epochs=2, callbacks=[cb, _Interrupt()], verbose=0)
+    assert model.get_layer("c1").kernel.constraint is not own
+    again = cb if same_instance else kap.MagnitudeCallback(kap.Budget(flops=0.9), verbose=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=1, callbacks=[again], verbose=0)
+    stale = [w for w in caught if "did not end" in str(w.message)]
+    assert len(stale) == (0 if same_instance else 1)  # the same callback removes its own before installing
+    assert model.get_layer("c1").kernel.constraint is own
+    assert all(v.constraint is None for v in model.trainable_weights if v is not model.get_layer("c1").kernel)
 
 
 @pytest.mark.parametrize(

@@ -316,6 +316,8 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
         self._masks.remove()
 
     def on_train_begin(self, logs=None):
+        if self._installed:  # an earlier fit raised before on_train_end: its constraints are still on
+            self.remove_constraints()
         self._reset()
         model = self.model
         self.graph = DependencyGraph(model)

@@ -13,6 +13,8 @@ is the masked model of the final plan.
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 
@@ -23,7 +25,35 @@ from keras_autoprune.surgery.plan import PrunePlan
 from keras_autoprune.surgery.weights import layer_weights, weight_keys
 
 
-class MaskConstraint(keras.constraints.Constraint):
+class InstalledConstraint(keras.constraints.Constraint):
+    """A constraint a pruning callback puts in front of a variable's own (``previous``) for the length of a fit."""
+
+    previous = None
+
+
+def users_constraint(constraint):
+    """``constraint`` without the pruning constraints in front of it.
+
+    Keras calls ``on_train_end`` only when ``fit`` returns: a fit that raised
+    (an interrupt, an out-of-memory error) leaves its callback's constraints
+    on the variables, and the next install must not stack on them.
+    """
+    while isinstance(constraint, InstalledConstraint):
+        constraint = constraint.previous
+    return constraint
+
+
+def warn_stale(count: int) -> None:
+    """Says that ``count`` variables carried pruning constraints an interrupted fit left (if any)."""
+    if count:
+        warnings.warn(
+            f"keras_autoprune: {count} variable(s) still carried the pruning constraints of a fit that did not end "
+            "(it raised before on_train_end); they were dropped, and the variables' own constraints kept.",
+            stacklevel=3,
+        )
+
+
+class MaskConstraint(InstalledConstraint):
     """``w * mask`` (then the variable's previous constraint, if any)."""
 
     def __init__(self, mask: keras.Variable, previous=None):
@@ -61,15 +91,19 @@ class MaskSet:
         if strategy is not None:
             with strategy.scope():
                 return self.install()
+        stale = 0
         for handler, layer in self._layers.values():
             for variable in layer.trainable_weights:
                 key = id(variable)
                 if key in self._masks:
                     continue
                 mask = keras.Variable(np.ones(variable.shape, "float32"), trainable=False, name="kap_mask")
+                own = users_constraint(variable.constraint)
+                stale += own is not variable.constraint
                 self._masks[key] = mask
-                self._previous[key] = variable.constraint
-                variable.constraint = MaskConstraint(mask, variable.constraint)
+                self._previous[key] = own
+                variable.constraint = MaskConstraint(mask, own)
+        warn_stale(stale)
 
     def remove(self) -> None:
         """Restores the original constraints (mask values are forgotten)."""

@@ -29,10 +29,11 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_autoprune.callbacks.masks import InstalledConstraint, users_constraint, warn_stale
 from keras_autoprune.surgery.factorization import FactorizationPlan
 
 
-class ProjectionConstraint(keras.constraints.Constraint):
+class ProjectionConstraint(InstalledConstraint):
     """The previous constraint, if any, then ``P_in · K_k · P_out`` for every kernel offset."""
 
     def __init__(self, p_in: keras.Variable, p_out: keras.Variable, previous=None):
@@ -68,15 +69,19 @@ class ProjectionSet:
         if strategy is not None:
             with strategy.scope():
                 return self.install()
+        stale = 0
         for name, layer in self.layers.items():
             if name in self._variables:
                 continue
             cin, cout = layer.kernel.shape[-2:]
             p_in = keras.Variable(np.eye(cin, dtype="float32"), trainable=False, name="kap_projection_in")
             p_out = keras.Variable(np.eye(cout, dtype="float32"), trainable=False, name="kap_projection_out")
+            own = users_constraint(layer.kernel.constraint)
+            stale += own is not layer.kernel.constraint
             self._variables[name] = (p_in, p_out)
-            self._previous[name] = layer.kernel.constraint
-            layer.kernel.constraint = ProjectionConstraint(p_in, p_out, layer.kernel.constraint)
+            self._previous[name] = own
+            layer.kernel.constraint = ProjectionConstraint(p_in, p_out, own)
+        warn_stale(stale)
 
     def remove(self) -> None:
         """Restores the original kernel constraints."""
