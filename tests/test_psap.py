@@ -148,6 +148,7 @@ def test_from_scratch_meets_budget_and_learns(digits):  # noqa: F811
         (dict(max_layer_ratio=1.0), "max_layer_ratio"),
         (dict(protect_quantile=-0.1), "protect_quantile"),
         (dict(ema=1.5), "ema"),
+        (dict(rounds=0), "rounds"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -155,3 +156,15 @@ def test_bad_arguments(kwargs, match):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=match):
         kap.PSAPCallback(**arguments)
+
+
+def test_a_budget_below_the_layer_floor_fails_before_training(digits):  # noqa: F811
+    x_train, _, y_train, _ = digits
+    model = build()
+    cb = kap.PSAPCallback(kap.Budget(flops=0.05), (x_train[:64], y_train[:64]), verbose=0)  # floor 0.8: about 8% kept
+    with pytest.raises(kap.BudgetUnreachableError, match="max_layer_ratio") as error:
+        model.fit(x_train[:64], y_train[:64], epochs=1, callbacks=[cb], verbose=0)
+    floor = float(str(error.value).split("model keeps ")[1].split("%")[0]) / 100
+    assert 0.05 < floor < 0.2
+    lower = kap.PSAPCallback(kap.Budget(flops=0.05), (x_train[:64], y_train[:64]), max_layer_ratio=0.99, verbose=0)
+    assert kap.count_flops(lower.prune(model)) <= 0.05 * kap.count_flops(model)  # a lower floor reaches it

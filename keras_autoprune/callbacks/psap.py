@@ -39,7 +39,9 @@ class PSAPCallback(PruningCallback):
         start_epoch, end_epoch, rounds: schedule; default one round per
             epoch over ``[start_epoch, end_epoch)``.
         kappa: ``ε_l = κ · mean|W_l|`` in the weight sparsity ratio. Default 0.05.
-        max_layer_ratio: most of a group pruned at once. Default 0.8.
+        max_layer_ratio: the largest fraction of a group's channels removed
+            in all (every group keeps at least ``1 - max_layer_ratio``; the
+            budget check before training counts with this floor). Default 0.8.
         protect_quantile: active filters in this top fraction of gradient
             EMA are spared. Default 0.1.
         ema: decay of the gradient-norm EMA. Default 0.5.
@@ -68,7 +70,7 @@ class PSAPCallback(PruningCallback):
     ):
         if end_epoch is not None and rounds is None:
             rounds = max(1, end_epoch - start_epoch)
-        super().__init__(budget, start_epoch=start_epoch, end_epoch=end_epoch, rounds=rounds or 1, **kwargs)
+        super().__init__(budget, start_epoch=start_epoch, end_epoch=end_epoch, rounds=1 if rounds is None else rounds, **kwargs)
         if data is None:
             raise ValueError("`data` (a few labelled batches) is required for the gradient statistics. Received: data=None")
         for name, value, low, high in (
@@ -99,6 +101,10 @@ class PSAPCallback(PruningCallback):
 
     def run_facts(self) -> dict:
         return fisher_facts(self._likelihood, self._fisher)
+
+    def smallest_plan(self) -> PrunePlan:
+        """Every prunable group at its floor: ``max_layer_ratio`` of its channels removed (`psap.psap_plan` caps there)."""
+        return PrunePlan.uniform(self.graph, self.max_layer_ratio, importance="last")
 
     def method_state(self):
         emas = {f"grad_ema:{group_id}": value for group_id, value in self.grad_ema.items()}
