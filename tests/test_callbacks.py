@@ -73,6 +73,28 @@ def test_instance_is_reusable(data):
     assert plan_one is not cb.plan
 
 
+class _Scale(keras.layers.Layer):
+    """A custom layer without `get_config`: Keras cannot rebuild it from its config."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def call(self, x):
+        return x * self.factor
+
+
+def test_prune_copies_models_with_custom_layers_it_cannot_rebuild(data):
+    x, _ = data
+    inputs = keras.Input((8, 8, 1))
+    h = _Scale(2.0)(L.Conv2D(8, 3, name="c1", activation="relu")(inputs))
+    model = keras.Model(inputs, L.Dense(10, name="head")(L.GlobalAveragePooling2D()(L.Conv2D(8, 3, name="c2")(h))))
+    before = [w.copy() for w in model.get_weights()]
+    slim = kap.MagnitudeCallback(kap.Budget(flops=0.6), verbose=0).prune(model)
+    assert kap.count_flops(slim) <= 0.6 * kap.count_flops(model)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # the user's model is not changed
+
+
 class _Interrupt(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         raise KeyboardInterrupt

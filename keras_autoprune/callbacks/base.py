@@ -54,7 +54,7 @@ from keras_autoprune.callbacks.state import ResumeMixin, StateStore
 from keras_autoprune.errors import BudgetUnreachableError, SurgeryError
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.surgery.plan import PrunePlan
-from keras_autoprune.surgery.clone import clone_model
+from keras_autoprune.surgery.clone import clone_layers, copy_layer
 from keras_autoprune.surgery.rebuild import apply_plan
 
 
@@ -262,8 +262,7 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
             check_readable(batchnorm_data, self.rounds - 1, owner)
             # Its first batch is checked against the model now, before any round (a one-shot iterator gets it back).
             batchnorm_data = CalibrationSource(batchnorm_data, model, batch_size=128, require_labels=False, owner=owner).data
-        copy = clone_model(model)
-        copy.set_weights(model.get_weights())
+        copy = clone_layers(model, copy_layer)  # surgery's copy: custom layers are copied, not rebuilt from config
         self.set_params({})  # not a fit: no epoch count to check against the rounds
         if getattr(model, "loss", None) is not None:
             config = getattr(getattr(model, "_compile_config", None), "config", None) or {}

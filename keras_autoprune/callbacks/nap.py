@@ -13,9 +13,8 @@ from keras_autoprune.callbacks.calibration import CalibrationSource, check_reada
 from keras_autoprune.evaluation import accuracy
 from keras_autoprune.methods import nap
 from keras_autoprune.stats import collect_channel_fisher, collect_kfac
-from keras_autoprune.surgery.clone import clone_model
+from keras_autoprune.surgery.clone import clone_layers, copy_layer
 from keras_autoprune.surgery.plan import PrunePlan
-from keras_autoprune.surgery.weights import assign_weights, layer_weights
 
 _GRANULARITIES = ("channel", "weight")
 TOLERANCE_MODE_BUDGET = 0.1
@@ -337,12 +336,8 @@ class NAPCallback(RankedPruningCallback):
     def build_pruned_model(self) -> keras.Model:
         if self.granularity == "channel":
             return super().build_pruned_model()
-        clone = clone_model(self.model)
-        twins = {}
-        for old, new in zip(_layers(self.model), _layers(clone)):
-            twins[id(old)] = new
-            if old.weights:
-                assign_weights(new, layer_weights(old))
+        clone = clone_layers(self.model, copy_layer)  # copies hold the trained values, without the masks' constraints
+        twins = {id(old): new for old, new in zip(_layers(self.model), _layers(clone))}
         for name, mask in (self.weight_masks or {}).items():  # the removed weights are zeros in the result
             kernel = twins[id(self.graph_layer(name))].kernel
             kernel.assign(np.asarray(kernel) * mask)
