@@ -146,6 +146,24 @@ def test_a_state_of_another_run_is_refused(tmp_path):
         _fit(_model(), [other], initial_epoch=3)
 
 
+def test_a_state_written_with_other_method_settings_is_refused(tmp_path):
+    _uninterrupted("magnitude", tmp_path)
+    other = kap.MagnitudeCallback(kap.Budget(flops=0.5), start_epoch=1, rounds=2, verbose=0, state_dir=tmp_path / "whole",
+                                  max_layer_ratio=0.5)
+    with pytest.raises(ValueError, match="does not belong to this run: its settings.*max_layer_ratio"):
+        _fit(_model(), [other], initial_epoch=3)
+
+
+def test_prune_neither_resumes_nor_writes_a_fits_state(tmp_path):
+    _uninterrupted("magnitude", tmp_path)  # states of a fit at 50% in tmp_path / "whole"
+    written = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    other = kap.MagnitudeCallback(kap.Budget(flops=0.6), start_epoch=1, rounds=2, verbose=0, state_dir=tmp_path / "whole")
+    model = _model()
+    slim = other.prune(model)  # one-shot: that fit's states are not read (they would be refused: another budget)
+    assert kap.count_flops(slim) <= 0.6 * kap.count_flops(model) and len(other.history) == 2
+    assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == written
+
+
 def test_one_callback_reused_on_another_model_starts_afresh(tmp_path):
     callback = kap.MagnitudeCallback(kap.Budget(flops=0.5), verbose=0)
     first = _model()

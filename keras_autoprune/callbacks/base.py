@@ -268,14 +268,18 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
             config = getattr(getattr(model, "_compile_config", None), "config", None) or {}
             copy.compile(loss=model.loss, loss_weights=config.get("loss_weights"))
         self.set_model(copy)
-        self.on_train_begin()
+        store, self._store = self._store, None  # one-shot: no fit's state is resumed (nor written)
         try:
-            for index, epoch in enumerate(sorted(self._epochs)):
-                if index and batchnorm_data is not None:
-                    recalibrate_batchnorm(copy, batchnorm_data)
-                self.on_epoch_begin(epoch)
+            self.on_train_begin()
+            try:
+                for index, epoch in enumerate(sorted(self._epochs)):
+                    if index and batchnorm_data is not None:
+                        recalibrate_batchnorm(copy, batchnorm_data)
+                    self.on_epoch_begin(epoch)
+            finally:
+                self.on_train_end()
         finally:
-            self.on_train_end()
+            self._store = store
         return self.pruned_model
 
     # -- lifecycle -----------------------------------------------------

@@ -88,6 +88,8 @@ class EigenDamageCallback(PruningCallback):
 
     plan_class = FactorizationPlan
 
+    decision_settings = ("max_layer_ratio", "fisher", "kfac_approximation", "cost_aware", "scorer")
+
     def __init__(
         self,
         data: Any,

@@ -52,6 +52,8 @@ class PSAPCallback(PruningCallback):
 
     ramp = "cubic"
 
+    decision_settings = ("kappa", "max_layer_ratio", "protect_quantile", "ema")
+
     def __init__(
         self,
         budget: Budget,

@@ -41,6 +41,8 @@ class RankedPruningCallback(PruningCallback):
         **kwargs: schedule arguments of `PruningCallback`.
     """
 
+    decision_settings = ("max_layer_ratio",)
+
     def __init__(self, budget: Budget, *, max_layer_ratio: float = DEFAULT_MAX_LAYER_RATIO, **kwargs: Any):
         super().__init__(budget, **kwargs)
         check_max_layer_ratio(max_layer_ratio)

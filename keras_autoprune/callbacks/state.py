@@ -82,15 +82,21 @@ class ResumeMixin:
 
     Reads and sets the callback's ``plan``, ``history``, ``pruning_seconds``,
     ``stopped``, ``_kept`` and ``_original``; reads ``model``, ``verbose``,
-    its settings (``budget``, ``start_epoch``, ``end_epoch``, ``rounds``),
+    its settings (``budget``, ``start_epoch``, ``end_epoch``, ``rounds``,
+    and the method's ``decision_settings``),
     ``plan_class``, ``_epochs`` (the scheduled rounds), ``state_dir`` and
     ``_store`` (a `StateStore`, or None without ``state_dir``). The method's
     own part goes through ``method_state`` / ``restore_method_state`` and
     ``restore_constraints``.
     """
 
+    #: Names of the method's arguments that change its decisions: a state written with other values is refused.
+    decision_settings: tuple[str, ...] = ()
+
     def _settings(self) -> dict:
-        return {"budget": str(self.budget), "start_epoch": self.start_epoch, "end_epoch": self.end_epoch, "rounds": self.rounds}
+        schedule = {"budget": str(self.budget), "start_epoch": self.start_epoch, "end_epoch": self.end_epoch,
+                    "rounds": self.rounds}
+        return {**schedule, **{name: repr(getattr(self, name)) for name in self.decision_settings}}
 
     def _save_state(self, epoch: int) -> None:
         values, arrays = self.method_state()
