@@ -73,7 +73,8 @@ def sweep_points(bandwidth_scales, merge_thresholds, merge_scale: float = MERGE_
 
 
 def red_row(model, model_name: str, bandwidth_scale: float, merge_threshold: float,
-            evaluate: Callable, separate_depthwise: bool = True, hash_all_layers: bool = False) -> tuple[dict, object]:
+            evaluate: Callable, separate_depthwise: bool = True, hash_all_layers: bool = False,
+            merge_distance: str = "channel") -> tuple[dict, object]:
     """One RED point: the row and the `RedResult`."""
     import numpy as np
 
@@ -81,13 +82,15 @@ def red_row(model, model_name: str, bandwidth_scale: float, merge_threshold: flo
 
     start = time.perf_counter()
     result = kap.red.compress(model, bandwidth_scale=bandwidth_scale, merge_threshold=merge_threshold,
-                              separate_depthwise=separate_depthwise, hash_all_layers=hash_all_layers)
+                              separate_depthwise=separate_depthwise, hash_all_layers=hash_all_layers,
+                              merge_distance=merge_distance)
     seconds = time.perf_counter() - start
     first, last = result.stages[0], result.stages[-1]
     kernels = [t.distinct_after for t in result.hashed if t.weight != "bias"]
     row = {
         "entry": "red", "model": model_name, "bandwidth_scale": bandwidth_scale, "merge_threshold": merge_threshold,
-        "hash_all_layers": hash_all_layers, "hashing_reverted": list(result.hashing_reverted),
+        "hash_all_layers": hash_all_layers, "merge_distance": merge_distance,
+        "hashing_reverted": list(result.hashing_reverted),
         "flops_kept": last.flops / first.flops, "params_kept": last.params / first.params,
         "accuracy": evaluate(result.model), "seconds": seconds,
         "flops": last.flops, "params": last.params,
@@ -153,7 +156,7 @@ def variant(row: dict) -> bool:
 
 def sweep(model, model_name: str, evaluate: Callable, points: list[tuple[float, float]],
           done: list[dict] | None = None, on_row: Callable | None = None, log=print,
-          hash_all_layers: bool = False) -> list[dict]:
+          hash_all_layers: bool = False, merge_distance: str = "channel") -> list[dict]:
     """RED at every point and uniform L1 beside it; rows in ``done`` are kept and their points skipped.
 
     Uniform L1 is bisected once per distinct FLOPs target; a point with the
@@ -172,7 +175,8 @@ def sweep(model, model_name: str, evaluate: Callable, points: list[tuple[float, 
     for index, (scale, threshold) in enumerate(points, 1):
         red = find("red", (scale, threshold))
         if red is None:
-            red, _ = red_row(model, model_name, scale, threshold, evaluate, hash_all_layers=hash_all_layers)
+            red, _ = red_row(model, model_name, scale, threshold, evaluate, hash_all_layers=hash_all_layers,
+                             merge_distance=merge_distance)
             rows.append(red)
             _emit(on_row, rows)
         uniform = find("uniform_l1_datafree", (scale, threshold))
@@ -210,14 +214,14 @@ def latency_point(rows: list[dict], original_accuracy: float) -> dict | None:
 
 
 def measure_latency(model, rows: list[dict], original_accuracy: float, folder: pathlib.Path,
-                    runs: int = 300, log=print, hash_all_layers: bool = False) -> dict:
+                    runs: int = 300, log=print, hash_all_layers: bool = False, merge_distance: str = "channel") -> dict:
     """Exports and times the original against the `latency_point` (and, if any, separated vs not) of the
     rows of one ``hash_all_layers`` setting."""
     import functools
 
     import keras_autoprune as kap
 
-    compress = functools.partial(kap.red.compress, hash_all_layers=hash_all_layers)
+    compress = functools.partial(kap.red.compress, hash_all_layers=hash_all_layers, merge_distance=merge_distance)
     rows = [r for r in rows if variant(r) == hash_all_layers]
     folder = pathlib.Path(folder)
     out: dict = {"num_threads": 1, "runs": runs, "rounds": 10}
@@ -329,7 +333,8 @@ def markdown(result: dict) -> str:
 
 
 def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, data: converged.Cifar10,
-        fresh: bool = False, latency: bool = True, log=print, hash_all_layers: bool = False) -> dict:
+        fresh: bool = False, latency: bool = True, log=print, hash_all_layers: bool = False,
+        merge_distance: str = "channel") -> dict:
     """Runs (or continues) the sweep for one model and one ``hash_all_layers`` setting and writes ``out``
     (the other setting's rows stay); returns the result."""
     import keras
@@ -353,13 +358,15 @@ def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, d
 
     started = time.perf_counter()
     rows = sweep(model, model_name, lambda m: converged.test_accuracy(m, data), points,
-                 done=result.get("rows"), on_row=save, log=log, hash_all_layers=hash_all_layers)
+                 done=result.get("rows"), on_row=save, log=log, hash_all_layers=hash_all_layers,
+                 merge_distance=merge_distance)
     result["sweep_seconds_this_run"] = time.perf_counter() - started
     if latency:
         with tempfile.TemporaryDirectory() as folder:
             result[latency_key(hash_all_layers)] = measure_latency(model, rows, result["original"]["accuracy"],
                                                                    pathlib.Path(folder), log=log,
-                                                                   hash_all_layers=hash_all_layers)
+                                                                   hash_all_layers=hash_all_layers,
+                                                                   merge_distance=merge_distance)
     save(rows)
     return result
 
@@ -376,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hash-all-layers", action="store_true",
                         help="RED with hash_all_layers=True (every layer keeps its hashing, the paper's); kept "
                              "beside the default's rows")
+    parser.add_argument("--merge-distance", choices=("channel", "layer"), default="channel",
+                        help="RED's merge_distance; 'layer' rows go to their own file, plot and table "
+                             "(red_<model>_layer_distance)")
     args = parser.parse_args(argv)
     sweep_spec = SWEEPS[args.model]
     scales = args.bandwidth_scales if args.bandwidth_scales is not None else sweep_spec["bandwidth_scales"]
@@ -384,15 +394,17 @@ def main(argv: list[str] | None = None) -> int:
         if not math.isfinite(value) or value < 0:
             parser.error(f"Expected finite values >= 0. Received: {value}")
     folder = args.out or RESULTS_DIR
-    result = run(args.model, sweep_points(scales, thresholds), folder / f"red_{args.model}.json",
+    name = f"red_{args.model}" + ("" if args.merge_distance == "channel" else f"_{args.merge_distance}_distance")
+    result = run(args.model, sweep_points(scales, thresholds), folder / f"{name}.json",
                  converged.load_cifar10(args.data), fresh=args.fresh, latency=not args.no_latency,
-                 log=lambda line: print(line, flush=True), hash_all_layers=args.hash_all_layers)
-    plot(args.model, result, (PLOT_DIR if args.out is None else folder) / f"v2_red_{args.model}.png")
+                 log=lambda line: print(line, flush=True), hash_all_layers=args.hash_all_layers,
+                 merge_distance=args.merge_distance)
+    plot(args.model, result, (PLOT_DIR if args.out is None else folder) / f"v2_{name}.png")
     print(markdown(result))
     if args.out is None:  # the published results: their table in docs/methods/red.md too
         from benchmarks.report import update_docs
 
-        update_docs(DOCS_PAGE, f"red_{args.model}", markdown(result))
+        update_docs(DOCS_PAGE, name, markdown(result))
     return 0
 
 

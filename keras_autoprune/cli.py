@@ -271,6 +271,9 @@ def _add_red(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--merge-threshold", type=float, default=0.0,
                         help="relative distance below which neurons merge; 0 merges identical ones only, "
                              "exactly (default: 0)")
+    parser.add_argument("--merge-distance", choices=("channel", "layer"), default="channel",
+                        help="what that distance is relative to: the larger of the two channels (default) or the "
+                             "layer's typical channel (weak channels merge more easily)")
     parser.add_argument("--separate-depthwise", action="store_true",
                         help="split convolutions whose hashed kernels repeat into depthwise + 1x1 where cheaper")
     parser.add_argument("--budget", default=None,
@@ -292,7 +295,7 @@ def _run_red(args: argparse.Namespace) -> int:
     outcome = compress_saved_model(
         args.model, args.out, bandwidth_scale=args.bandwidth_scale, merge_threshold=args.merge_threshold,
         separate_depthwise=args.separate_depthwise, budget=budget, hash_all_layers=args.hash_all_layers,
-        unsafe=args.unsafe, tflite=args.tflite,
+        merge_distance=args.merge_distance, unsafe=args.unsafe, tflite=args.tflite,
     )
     report = outcome.result.report
     print(report.to_markdown() if report is not None else "(no per-layer report for this model)")

@@ -301,6 +301,25 @@ def test_near_identical_distance_compares_weights_only():
     assert merge_neurons(model, merge_threshold=0.02).clusters["c2"] == [[1, 4]]
 
 
+def test_layer_distance_merges_weak_channels_the_channel_distance_keeps_apart():
+    """Two weak orthogonal filters (norm 0.01 in a layer whose filters have norm about 2): 141% apart relative to
+    themselves, under 1% relative to the layer's typical channel."""
+    model = _chain_model()
+    conv = model.get_layer("c2")
+    kernel, bias = conv.kernel.numpy(), conv.bias.numpy()
+    kernel[..., 1], kernel[..., 4] = 0, 0
+    kernel[0, 0, 0, 1], kernel[0, 0, 1, 4] = 0.01, 0.01
+    bias[[1, 4]] = 0
+    conv.kernel.assign(kernel)
+    conv.bias.assign(bias)
+    assert "c2" not in merge_neurons(model, merge_threshold=0.05).clusters
+    merged = merge_neurons(model, merge_threshold=0.05, merge_distance="layer")
+    assert merged.clusters == {"c2": [[1, 4]]}
+    assert relative_error(np.asarray(merged.model(_inputs(model))), np.asarray(model(_inputs(model)))) < 0.05
+    result = kap.red.compress(model, bandwidth_scale=0.0, merge_threshold=0.05, merge_distance="layer")
+    assert result.merge_clusters == {"c2": [[1, 4]]} and result.report.extra["merge_distance"] == "layer"
+
+
 # -- stage 3: uneven depthwise separation -------------------------------------------
 
 
@@ -421,6 +440,7 @@ def test_default_keeps_the_hashing_of_every_layer_a_merge_compares_depthwise_inc
         ({"hash_all_layers": 1}, "hash_all_layers"),
         ({"budget": 0.5}, "kap.Budget"),
         ({"budget": kap.Budget(flops=0.5), "bandwidth_scale": 0.0}, "bandwidth_scale"),
+        ({"merge_distance": "absolute"}, "merge_distance"),
     ],
 )
 def test_compress_rejects_bad_arguments(kwargs, match):
@@ -431,11 +451,12 @@ def test_compress_rejects_bad_arguments(kwargs, match):
 
 
 @pytest.mark.parametrize("stage, kwargs", [(hash_weights, {"bandwidth_scale": -0.5}),
-                                           (merge_neurons, {"merge_threshold": float("nan")})])
+                                           (merge_neurons, {"merge_threshold": float("nan")}),
+                                           (merge_neurons, {"merge_distance": "absolute"})])
 def test_stage_functions_reject_bad_knobs(stage, kwargs):
     model = keras.Sequential([keras.Input((3,)), L.Dense(2)])
     name = next(iter(kwargs))
-    with pytest.raises(ValueError, match=f"Expected `{name}` to be a finite number >= 0.*Received"):
+    with pytest.raises(ValueError, match=f"Expected `{name}` to be .*Received"):
         stage(model, **kwargs)
 
 

@@ -33,7 +33,7 @@ from keras_autoprune.graph.dependency import DependencyGraph, check_model
 from keras_autoprune.red.batchnorm import FoldedNorm, fold_batchnorm
 from keras_autoprune.red.hashing import HashedTensor, hash_weights
 from keras_autoprune.red.merging import MergeResult, merge_neurons
-from keras_autoprune.red.options import check_knob
+from keras_autoprune.red.options import check_distance, check_knob
 from keras_autoprune.red.report import red_report
 from keras_autoprune.red.separation import Separation, separate_depthwise
 from keras_autoprune.report import PruningReport
@@ -134,6 +134,7 @@ def compress(
     separate_depthwise: bool = False,
     budget: Budget | None = None,
     hash_all_layers: bool = False,
+    merge_distance: str = "channel",
 ) -> RedResult:
     """Compresses ``model`` with RED, without data and without fine-tuning.
 
@@ -148,6 +149,10 @@ def compress(
             destroys both.
         merge_threshold: relative distance below which output neurons merge
             (stage 2). 0 (default): only identical neurons, exactly.
+        merge_distance: what that distance is relative to: ``"channel"``
+            (default; the larger of the two channels' weight norms) or
+            ``"layer"`` (the layer's root-mean-square channel norm, so weak
+            channels merge more easily); see `keras_autoprune.red.merging`.
         separate_depthwise: run stage 3 (uneven depthwise separation).
         budget: a `kap.Budget`; if given, ``bandwidth_scale`` is the lower
             end of a search (log-bisection up to 100 times it) for the
@@ -172,17 +177,19 @@ def compress(
     >>> result.model, result.report, result.summary()          # doctest: +SKIP
     """
     check_model(model)
-    check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers)
-    options = (float(merge_threshold), bool(separate_depthwise), hash_all_layers)
+    check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance)
+    options = (float(merge_threshold), bool(separate_depthwise), hash_all_layers, merge_distance)
     if budget is None:
         return _run(model, float(bandwidth_scale), *options)
     return _search(model, float(bandwidth_scale), *options, budget)
 
 
-def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers=False) -> None:
+def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers=False,
+                  merge_distance="channel") -> None:
     """Checks `compress`'s arguments other than the model (raises ValueError), before any work."""
     check_knob("bandwidth_scale", bandwidth_scale)
     check_knob("merge_threshold", merge_threshold)
+    check_distance(merge_distance)
     if budget is not None and bandwidth_scale == 0:
         raise ValueError(
             "A budget search scales `bandwidth_scale` up from its value, so it must be > 0. "
@@ -200,7 +207,8 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, 
         budget.require_countable("kap.red.compress")
 
 
-def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, hash_all_layers: bool) -> RedResult:
+def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, hash_all_layers: bool,
+         merge_distance: str = "channel") -> RedResult:
     graph = DependencyGraph(model)
     stages = [StageFigures("original", count_flops(model), count_params(model))]
     with warnings.catch_warnings():
@@ -208,14 +216,15 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         warnings.filterwarnings("ignore", message="keras_autoprune: (no pruning handler|handler .* failed)")
         folded, folds = fold_batchnorm(model, graph)
         stages.append(StageFigures("batchnorm_folded", count_flops(folded), count_params(folded)))
-        run = _Stages.run(folded, bandwidth_scale, merge_threshold, separate)
+        run = _Stages.run(folded, bandwidth_scale, merge_threshold, separate, merge_distance=merge_distance)
         reverted: tuple[str, ...] = ()
         if not hash_all_layers:
             used = set(run.merge.compared_layers) | {separation.layer for separation in run.separations}
             hashed_layers = list(dict.fromkeys(tensor.layer for tensor in run.tensors))
             reverted = tuple(layer for layer in hashed_layers if layer not in used)
             if reverted:
-                again = _Stages.run(folded, bandwidth_scale, merge_threshold, separate, layers=used)
+                again = _Stages.run(folded, bandwidth_scale, merge_threshold, separate, layers=used,
+                                    merge_distance=merge_distance)
                 if merge_threshold > 0 or again.merge.clusters == run.merge.clusters:
                     run = again
                 else:  # cannot happen if `compared_layers` is complete; never give up a merge silently
@@ -225,6 +234,7 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         "method": "red",
         "bandwidth_scale": bandwidth_scale,
         "merge_threshold": merge_threshold,
+        "merge_distance": merge_distance,
         "batchnorm_folded": len(folds),
         "neurons_merged": run.merge.merged,
         "convolutions_separated": len(run.separations),
@@ -264,11 +274,12 @@ class _Stages:
     separations: list[Separation]
 
     @classmethod
-    def run(cls, folded, bandwidth_scale: float, merge_threshold: float, separate: bool, layers=None) -> _Stages:
+    def run(cls, folded, bandwidth_scale: float, merge_threshold: float, separate: bool, layers=None,
+            merge_distance: str = "channel") -> _Stages:
         """Hashes ``layers`` (default: every linear layer; none when ``bandwidth_scale`` is 0), merges, separates."""
         hashed, tensors = (hash_weights(folded, bandwidth_scale, layers=layers)
                            if bandwidth_scale > 0 and (layers is None or layers) else (folded, []))
-        merge = merge_neurons(hashed, merge_threshold)
+        merge = merge_neurons(hashed, merge_threshold, merge_distance=merge_distance)
         current, separations = separate_depthwise(merge.model) if separate else (merge.model, [])
         return cls(hashed, tensors, merge, current, separations)
 
@@ -281,18 +292,19 @@ class _Stages:
         return figures
 
 
-def _search(model, low: float, merge_threshold: float, separate: bool, hash_all_layers: bool, budget: Budget) -> RedResult:
+def _search(model, low: float, merge_threshold: float, separate: bool, hash_all_layers: bool, merge_distance: str,
+            budget: Budget) -> RedResult:
     """Smallest ``bandwidth_scale`` in ``[low, 100·low]`` (log-bisection) meeting ``budget``."""
     target = budget.fraction * (count_flops(model) if budget.metric == "flops" else count_params(model))
 
     def cost(result: RedResult) -> int:
         return getattr(result.stages[-1], budget.metric)
 
-    best = _run(model, low, merge_threshold, separate, hash_all_layers)
+    best = _run(model, low, merge_threshold, separate, hash_all_layers, merge_distance)
     if cost(best) <= target:
         return best
     high = low * _SEARCH_RANGE
-    top = _run(model, high, merge_threshold, separate, hash_all_layers)
+    top = _run(model, high, merge_threshold, separate, hash_all_layers, merge_distance)
     if cost(top) > target:
         reached = cost(top) / (target / budget.fraction)
         raise BudgetUnreachableError(
@@ -303,7 +315,7 @@ def _search(model, low: float, merge_threshold: float, separate: bool, hash_all_
     best = top
     for _ in range(_SEARCH_STEPS):
         middle = math.sqrt(low * high)
-        result = _run(model, middle, merge_threshold, separate, hash_all_layers)
+        result = _run(model, middle, merge_threshold, separate, hash_all_layers, merge_distance)
         if cost(result) <= target:
             high, best = middle, result
         else:

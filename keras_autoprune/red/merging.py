@@ -19,11 +19,22 @@ the merged model equals the unmerged one to float rounding (the tests check
 Near-identical channels (``merge_threshold > 0``): channels are clustered
 greedily in index order; a channel joins the first cluster leader ``i`` with
 
-    d(i, j) = max over members m of ||s_i^m − s_j^m|| / max(||s_i^m||, ||s_j^m||)
+    d(i, j) = max over members m of ||s_i^m − s_j^m|| / n_m
 
 at most ``merge_threshold`` (``s^m``: the channel's weights in member
 layer m, see `signatures`; a member without weights for it contributes 0)
-and the same members and position counts as ``i``. The leader's weights are
+and the same members and position counts as ``i``. The scale ``n_m``
+(``merge_distance``) is
+
+- ``"channel"`` (default): ``max(||s_i^m||, ||s_j^m||)``, the distance
+  relative to the larger of the two channels: a channel merges only into
+  one that points the same way, whatever its size;
+- ``"layer"``: the root mean square of ``||s_c^m||`` over the group's
+  channels ``c``, the distance relative to a typical channel of the layer:
+  channels much weaker than the layer's typical one (on MobileNetV2,
+  expansion channels whose BatchNormalization scale collapsed) merge with
+  each other even when they point different ways, since what they add to
+  the readers is small either way. The leader's weights are
 kept unchanged and the model is then only approximately equal.
 """
 
@@ -37,7 +48,7 @@ import numpy as np
 
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.graph.handlers import LinearHandler, SeparableHandler
-from keras_autoprune.red.options import check_knob
+from keras_autoprune.red.options import check_distance, check_knob
 from keras_autoprune.red.records import GraphIndex, with_weights
 from keras_autoprune.red.signatures import GroupSignatures, group_signatures
 from keras_autoprune.surgery import PrunePlan, apply_plan
@@ -75,7 +86,8 @@ class MergeResult:
         return sum(len(c) - 1 for clusters in self.clusters.values() for c in clusters)
 
 
-def merge_neurons(model: keras.Model, merge_threshold: float = 0.0, graph: DependencyGraph | None = None) -> MergeResult:
+def merge_neurons(model: keras.Model, merge_threshold: float = 0.0, graph: DependencyGraph | None = None,
+                  merge_distance: str = "channel") -> MergeResult:
     """Merges the identical output neurons of ``model`` (see the module docstring).
 
     Args:
@@ -84,11 +96,14 @@ def merge_neurons(model: keras.Model, merge_threshold: float = 0.0, graph: Depen
         merge_threshold: 0 merges exactly identical neurons only; a positive
             value also merges neurons within that relative distance.
         graph: ``DependencyGraph(model)`` if already built.
+        merge_distance: ``"channel"`` or ``"layer"``, what the distance is
+            relative to (see the module docstring).
 
     Returns:
         A `MergeResult`; with nothing to merge its ``model`` is a copy.
     """
     check_knob("merge_threshold", merge_threshold)
+    check_distance(merge_distance)
     if graph is None:
         graph = DependencyGraph(model)
     index = GraphIndex(graph)
@@ -103,7 +118,7 @@ def merge_neurons(model: keras.Model, merge_threshold: float = 0.0, graph: Depen
         if signature.blocked:
             blocked[group.id] = signature.blocked
             continue
-        found = [c for c in _clusters(signature, merge_threshold) if len(c) > 1]
+        found = [c for c in _clusters(signature, merge_threshold, merge_distance) if len(c) > 1]
         if found:
             clusters[group.id] = found
             signatures[group.id] = signature
@@ -124,7 +139,7 @@ def merge_neurons(model: keras.Model, merge_threshold: float = 0.0, graph: Depen
                        _compared_layers(index, graph, clusters))
 
 
-def _clusters(signature: GroupSignatures, threshold: float) -> list[list[int]]:
+def _clusters(signature: GroupSignatures, threshold: float, distance: str = "channel") -> list[list[int]]:
     channels = range(signature.group.size)
     if threshold <= 0:
         by_key: dict[bytes, list[int]] = {}
@@ -138,6 +153,9 @@ def _clusters(signature: GroupSignatures, threshold: float) -> list[list[int]]:
         width = max(len(v[m]) for v in vectors if m in v)
         stacks[m] = np.stack([v[m] if m in v and len(v[m]) == width else np.full(width, np.nan) for v in vectors])
     norms = {m: np.linalg.norm(s, axis=1) for m, s in stacks.items()}
+    if distance == "layer":  # every channel measured against the member's root-mean-square channel norm
+        norms = {m: np.full_like(n, np.sqrt(np.nanmean(n ** 2)) if np.isfinite(n).any() else 0.0)
+                 for m, n in norms.items()}
     layouts = [signature.layout(c) for c in channels]
     unassigned = np.ones(len(vectors), bool)
     out = []

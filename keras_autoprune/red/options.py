@@ -1,4 +1,4 @@
-"""Validation of RED's numeric knobs, shared by `compress` and the stage functions."""
+"""Validation of RED's knobs, shared by `compress` and the stage functions."""
 
 from __future__ import annotations
 
@@ -14,3 +14,13 @@ def check_knob(name: str, value) -> None:
         raise ValueError(
             f"Expected `{name}` to be a finite number >= 0 (e.g. {name}={EXAMPLES[name]}). Received: {name}={value!r}"
         )
+
+
+MERGE_DISTANCES = ("channel", "layer")
+
+
+def check_distance(merge_distance) -> None:
+    """Raises ValueError unless ``merge_distance`` is one of `MERGE_DISTANCES`."""
+    if merge_distance not in MERGE_DISTANCES:
+        raise ValueError(f"Expected `merge_distance` to be one of {MERGE_DISTANCES} (what a near-identical distance is "
+                         f"relative to). Received: merge_distance={merge_distance!r}")

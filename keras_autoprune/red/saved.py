@@ -46,6 +46,7 @@ def compress_saved_model(
     separate_depthwise: bool = False,
     budget: Budget | None = None,
     hash_all_layers: bool = False,
+    merge_distance: str = "channel",
     unsafe: bool = False,
     tflite: str | os.PathLike | None = None,
 ) -> RedOutcome:
@@ -55,7 +56,7 @@ def compress_saved_model(
         model_path: a ``.keras`` file.
         out: the compressed model's ``.keras`` file.
         bandwidth_scale, merge_threshold, separate_depthwise, budget,
-            hash_all_layers: as in `keras_autoprune.red.compress`.
+            hash_all_layers, merge_distance: as in `keras_autoprune.red.compress`.
         unsafe: load with ``safe_mode=False``.
         tflite: also export a float32 ``.tflite`` here, verified with LiteRT
             on random inputs.
@@ -68,7 +69,7 @@ def compress_saved_model(
         ExportError: the ``.tflite`` failed conversion or verification.
     """
     check_model_paths(model_path, out, tflite)
-    check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers)
+    check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance)
     import keras
 
     from keras_autoprune.red.compress import compress
@@ -76,7 +77,8 @@ def compress_saved_model(
     start = time.perf_counter()
     model = keras.saving.load_model(model_path, safe_mode=not unsafe, compile=False)
     result = compress(model, bandwidth_scale=bandwidth_scale, merge_threshold=merge_threshold,
-                      separate_depthwise=separate_depthwise, budget=budget, hash_all_layers=hash_all_layers)
+                      separate_depthwise=separate_depthwise, budget=budget, hash_all_layers=hash_all_layers,
+                      merge_distance=merge_distance)
     result.model.save(out)
     files, summary = [str(out)], None
     if tflite is not None:
