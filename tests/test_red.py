@@ -284,8 +284,8 @@ def test_near_identical_neurons_merge_by_threshold():
     assert relative_error(np.asarray(result.model(_inputs(model))), np.asarray(model(_inputs(model)))) < 0.05
 
 
-def test_near_identical_distance_compares_weights_only():
-    """Two orthogonal filters of small norm are 141% apart, however many positions they occupy (here 16 after the Flatten)."""
+def _weak_orthogonal_pair():
+    """The chain model with filters 1 and 4 of ``c2`` orthogonal, of norm 0.01 and without bias; and that kernel."""
     model = _chain_model()
     conv = model.get_layer("c2")
     kernel, bias = conv.kernel.numpy(), conv.bias.numpy()
@@ -294,6 +294,13 @@ def test_near_identical_distance_compares_weights_only():
     bias[[1, 4]] = 0
     conv.kernel.assign(kernel)
     conv.bias.assign(bias)
+    return model, kernel
+
+
+def test_near_identical_distance_compares_weights_only():
+    """Two orthogonal filters of small norm are 141% apart, however many positions they occupy (here 16 after the Flatten)."""
+    model, kernel = _weak_orthogonal_pair()
+    conv = model.get_layer("c2")
     clusters = merge_neurons(model, merge_threshold=0.5).clusters.get("c2", [])
     assert not any({1, 4} <= set(cluster) for cluster in clusters)
     kernel[0, 0, 1, 4], kernel[0, 0, 0, 4] = 0, 0.0101  # now a 1% longer copy of channel 1: within 0.02
@@ -304,14 +311,7 @@ def test_near_identical_distance_compares_weights_only():
 def test_layer_distance_merges_weak_channels_the_channel_distance_keeps_apart():
     """Two weak orthogonal filters (norm 0.01 in a layer whose filters have norm about 2): 141% apart relative to
     themselves, under 1% relative to the layer's typical channel."""
-    model = _chain_model()
-    conv = model.get_layer("c2")
-    kernel, bias = conv.kernel.numpy(), conv.bias.numpy()
-    kernel[..., 1], kernel[..., 4] = 0, 0
-    kernel[0, 0, 0, 1], kernel[0, 0, 1, 4] = 0.01, 0.01
-    bias[[1, 4]] = 0
-    conv.kernel.assign(kernel)
-    conv.bias.assign(bias)
+    model, _ = _weak_orthogonal_pair()
     assert "c2" not in merge_neurons(model, merge_threshold=0.05).clusters
     merged = merge_neurons(model, merge_threshold=0.05, merge_distance="layer")
     assert merged.clusters == {"c2": [[1, 4]]}
