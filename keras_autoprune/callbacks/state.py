@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import uuid
 from typing import Any
 
 import numpy as np
@@ -46,15 +47,20 @@ class StateStore:
         return self.folder / f"pruning-state-{epoch}.json"
 
     def save(self, epoch: int, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        """Writes the state of the end of ``epoch`` atomically (arrays first, then the JSON that refers to them)."""
+        """Writes the state of the end of ``epoch`` atomically (arrays first, then the JSON that refers to them).
+
+        Temporary files have a name of their own per call: workers of a multi-worker ``fit`` that share the folder
+        each write the same state, and none renames another's file away.
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.path(epoch)
+        unique = uuid.uuid4().hex[:12]
         names = sorted(arrays)  # any strings (group ids, layer names): stored by position
         if names:
-            temporary = target.with_suffix(".tmp.npz")
+            temporary = target.with_suffix(f".{unique}.tmp.npz")
             np.savez(temporary, *[np.asarray(arrays[name]) for name in names])
             os.replace(temporary, target.with_suffix(".npz"))
-        temporary = target.with_suffix(".tmp")
+        temporary = target.with_suffix(f".{unique}.tmp")
         temporary.write_text(json.dumps(dict(state, format=FORMAT, arrays=names), indent=1))
         os.replace(temporary, target)
 
