@@ -372,6 +372,8 @@ def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, d
 
 
 def main(argv: list[str] | None = None) -> int:
+    from keras_autoprune.red.options import MERGE_DISTANCES
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.red_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(SWEEPS), required=True)
     parser.add_argument("--bandwidth-scales", nargs="+", type=float, help="default: the model's SWEEPS entry")
@@ -383,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hash-all-layers", action="store_true",
                         help="RED with hash_all_layers=True (every layer keeps its hashing, the paper's); kept "
                              "beside the default's rows")
-    parser.add_argument("--merge-distance", choices=("channel", "layer"), default="channel",
+    parser.add_argument("--merge-distance", choices=MERGE_DISTANCES, default="channel",
                         help="RED's merge_distance; 'layer' rows go to their own file, plot and table "
                              "(red_<model>_layer_distance)")
     args = parser.parse_args(argv)

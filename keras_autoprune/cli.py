@@ -48,6 +48,7 @@ from collections.abc import Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ logs: errors reach the user as exceptions
 
 from keras_autoprune.errors import ExportError  # noqa: E402
+from keras_autoprune.red.options import MERGE_DISTANCES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,7 +272,7 @@ def _add_red(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--merge-threshold", type=float, default=0.0,
                         help="relative distance below which neurons merge; 0 merges identical ones only, "
                              "exactly (default: 0)")
-    parser.add_argument("--merge-distance", choices=("channel", "layer"), default="channel",
+    parser.add_argument("--merge-distance", choices=MERGE_DISTANCES, default="channel",
                         help="what that distance is relative to: the larger of the two channels (default) or the "
                              "layer's typical channel (weak channels merge more easily)")
     parser.add_argument("--separate-depthwise", action="store_true",

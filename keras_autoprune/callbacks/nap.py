@@ -103,8 +103,8 @@ class NAPCallback(RankedPruningCallback):
     >>> cb.pruned_model.summary()                                                      # doctest: +SKIP
     """
 
-    decision_settings = ("max_layer_ratio", "granularity", "fisher", "damping", "scorer", "input_side", "cost_aware", "obs_update",
-                         "max_accuracy_drop")
+    decision_settings = ("max_layer_ratio", "granularity", "fisher", "damping", "scorer", "input_side", "cost_aware",
+                         "obs_update", "max_accuracy_drop")
 
     def __init__(
         self,

@@ -72,7 +72,8 @@ class PSAPCallback(PruningCallback):
     ):
         if end_epoch is not None and rounds is None:
             rounds = max(1, end_epoch - start_epoch)
-        super().__init__(budget, start_epoch=start_epoch, end_epoch=end_epoch, rounds=1 if rounds is None else rounds, **kwargs)
+        rounds = 1 if rounds is None else rounds
+        super().__init__(budget, start_epoch=start_epoch, end_epoch=end_epoch, rounds=rounds, **kwargs)
         if data is None:
             raise ValueError("`data` (a few labelled batches) is required for the gradient statistics. Received: data=None")
         for name, value, low, high in (

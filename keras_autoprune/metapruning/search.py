@@ -12,6 +12,7 @@ plain ``fit`` with a `GeneSampler`), `CandidateScorer`, `EvolutionarySearch`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import time
@@ -88,12 +89,12 @@ def train_pruningnet(net: PruningNet, data: Any, epochs: int = 1, learning_rate:
     net.compile(optimizer=keras.optimizers.SGD(rate, momentum=0.9, nesterov=True),
                 loss=SmoothedCrossentropy(classes, label_smoothing, logits))
     if arrays:  # its own seeded order; `fit` would shuffle its batches unseeded
-        return net.fit(ShuffledArrays(*data, batch_size=batch_size, seed=seed), epochs=epochs, shuffle=False,
+        return net.fit(_ShuffledArrays(*data, batch_size=batch_size, seed=seed), epochs=epochs, shuffle=False,
                        callbacks=[GeneSampler(seed), *callbacks], verbose=verbose)
     return net.fit(data, epochs=epochs, callbacks=[GeneSampler(seed), *callbacks], verbose=verbose)
 
 
-class ShuffledArrays(keras.utils.PyDataset):
+class _ShuffledArrays(keras.utils.PyDataset):
     """``(x, y)`` arrays in batches, in a new permutation drawn from ``seed`` at every epoch.
 
     The same seed gives the same batches in every run, in one ``fit`` (so that
@@ -312,7 +313,7 @@ def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: An
         _check_pruningnet(pruningnet, model, scales)
     net = pruningnet if pruningnet is not None else PruningNet(model, scales=scales, seed=seed)
     # Everything that can be checked is checked before the (long) training.
-    cost = cost_function(net, budget, latency_table)
+    cost = functools.cache(cost_function(net, budget, latency_table))  # shared by the check and the search
     uniform_gene(net.space, cost, budget.fraction)  # the cheapest gene is the uniform smallest one
     scorer = CandidateScorer(net, validation_data, recalibration_data, recalibration_batches, batch_size)
     low = budget.fraction - window

@@ -34,8 +34,10 @@ and the same members and position counts as ``i``. The scale ``n_m``
   channels much weaker than the layer's typical one (on MobileNetV2,
   expansion channels whose BatchNormalization scale collapsed) merge with
   each other even when they point different ways, since what they add to
-  the readers is small either way. The leader's weights are
-kept unchanged and the model is then only approximately equal.
+  the readers is small either way.
+
+The leader's weights are kept unchanged and the model is then only
+approximately equal.
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ from keras_autoprune.graph.handlers import (
 from keras_autoprune.red.records import GraphIndex
 from keras_autoprune.surgery.weights import layer_weights
 
-_WEIGHTLESS = (ActivationHandler, ConcatenateHandler, MergeHandler, PassThroughHandler, ReductionHandler, ReshapeHandler)
+_WEIGHTLESS = (ActivationHandler, ConcatenateHandler, MergeHandler, PassThroughHandler, ReductionHandler,
+               ReshapeHandler)
 
 
 @dataclasses.dataclass(frozen=True)
