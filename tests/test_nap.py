@@ -244,6 +244,40 @@ def test_fine_grained_mode_masks_kernels_outside_prunable_channel_groups():
     assert np.count_nonzero(slim.get_layer("c").kernel.numpy() == 0) > 0  # a kernel no channel group reaches
 
 
+def test_fine_grained_mode_refuses_an_unreachable_budget_before_training():
+    inputs = keras.Input((8,))
+    x = L.BatchNormalization(name="bn")(L.Dense(6, name="a")(inputs))
+    model = keras.Model(inputs, L.Dense(2, activation="softmax", name="c")(x))  # 60 of 92 weights are kernels
+    model.compile(loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x_train, y_train = rng.normal(size=(16, 8)).astype("float32"), rng.integers(0, 2, 16)
+    before = [w.numpy().copy() for w in model.weights]
+    cb = kap.NAPCallback((x_train, y_train), kap.Budget(params=0.3), granularity="weight", verbose=0)
+    with pytest.raises(kap.BudgetUnreachableError, match=r"60 of its 92 .* keeps at least 34\.8%.*Budget\(params=0\.35\)"):
+        model.fit(x_train, y_train, epochs=1, callbacks=[cb], verbose=0)
+    assert all(np.array_equal(b, w.numpy()) for b, w in zip(before, model.weights))  # no step was taken
+    slim = kap.NAPCallback((x_train, y_train), kap.Budget(params=0.35), granularity="weight", verbose=0).prune(model)
+    nonzero = sum(int(np.count_nonzero(w.numpy())) for w in slim.weights)
+    assert nonzero <= 0.35 * model.count_params()
+
+
+def test_fine_grained_mode_masks_attention_projections():
+    inputs = keras.Input((4, 8))
+    x = L.MultiHeadAttention(2, 4, name="mha")(inputs, inputs)
+    model = keras.Model(inputs, L.Dense(2, activation="softmax", name="c")(L.GlobalAveragePooling1D()(x)))
+    model.compile(loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(16, 4, 8)).astype("float32"), rng.integers(0, 2, 16))
+    cb = kap.NAPCallback(data, kap.Budget(params=0.5), granularity="weight", verbose=0)
+    slim = cb.prune(model)
+    assert set(cb.weight_masks) == {"c", "mha/query", "mha/key", "mha/value", "mha/attention_output"}
+    masked = slim.get_layer("mha").query_dense.kernel.numpy()
+    assert masked.shape == (8, 2, 4) and 0 < np.count_nonzero(masked) < masked.size
+    zeros = sum(int(np.sum(m == 0)) for m in cb.weight_masks.values())
+    assert cb.history[-1]["params_kept"] == pytest.approx(1 - zeros / model.count_params())
+    assert zeros >= 0.5 * model.count_params()
+
+
 def test_fine_grained_mode_masks_weights_and_strips_masks(digits, pretrained):
     x_train, x_test, y_train, y_test = digits
     model = fresh(pretrained)

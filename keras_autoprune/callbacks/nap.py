@@ -7,11 +7,13 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_autoprune.accounting import count_params
 from keras_autoprune.budget import Budget, round_up_fraction
 from keras_autoprune.callbacks.ranked import DEFAULT_MAX_LAYER_RATIO, RankedPruningCallback
 from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable, fisher_facts, resolve_fisher
 from keras_autoprune.evaluation import accuracy
 from keras_autoprune.methods import nap
+from keras_autoprune.errors import BudgetUnreachableError
 from keras_autoprune.stats import collect_channel_fisher, collect_kfac
 from keras_autoprune.surgery.clone import clone_layers, copy_layer
 from keras_autoprune.surgery.plan import PrunePlan
@@ -212,7 +214,8 @@ class NAPCallback(RankedPruningCallback):
             super().check_graph(graph)
 
     def check_budget(self, model: keras.Model) -> None:
-        if self.granularity != "channel":  # the weight mode checks its own floor in its first round
+        if self.granularity == "weight":
+            self._weight_fraction(self.budget.fraction, count_params(model))  # raises when out of reach
             return
         if not self._budget_given:  # tolerance mode's own default: as far as the model goes, not an error
             floor = self.budget_floor(model)
@@ -305,15 +308,28 @@ class NAPCallback(RankedPruningCallback):
         super().on_train_end(logs)
 
     # -- fine-grained mode ---------------------------------------------
-    def _weight_round(self, factors, target: float) -> None:
-        total = self._original["params"]
-        scored = sum(int(np.prod(self.graph_layer(n).kernel.shape)) for n in factors if not factors[n].depthwise)
-        fraction = 1.0 - (1.0 - target) * total / max(scored, 1)
+    def _weight_fraction(self, target: float, total: int) -> float:
+        """Share of the maskable weights a weight-mode round keeps so that the model keeps ``target`` of its
+        ``total`` parameters: ``1 - (1 - target) · total / maskable``, where ``maskable`` counts the kernels
+        of `nap.maskable_taps` (Dense, convolution and attention projections; not depthwise).
+
+        Raises:
+            BudgetUnreachableError: masking every maskable weight still keeps more than ``target``.
+        """
+        maskable = sum(int(np.prod(t.layer.kernel.shape)) for t in nap.maskable_taps(self.graph).values())
+        fraction = 1.0 - (1.0 - target) * total / max(maskable, 1)
         if fraction <= 0:
-            raise ValueError(
-                f"Budget {self.budget} is below what masking Dense/Conv kernels can reach "
-                f"({scored} of {total} parameters are prunable weights)."
+            floor = 1.0 - maskable / total
+            raise BudgetUnreachableError(
+                f"Expected a parameter budget that masking single weights can reach on model '{self.model.name}'. "
+                f"Received: {self.budget}, but only {maskable} of its {total} parameters are kernels of Dense or "
+                f"convolution layers NAP can mask (biases, normalization and depthwise weights stay), so the model "
+                f"keeps at least {floor:.1%}. Fix: kap.Budget(params={round_up_fraction(floor)}) or more."
             )
+        return fraction
+
+    def _weight_round(self, factors, target: float) -> None:
+        fraction = self._weight_fraction(target, self._original["params"])
         masks = nap.weight_masks(self.graph, factors, fraction, self.damping)
         if self.weight_masks is not None:  # removed weights stay removed
             masks = {name: m * self.weight_masks.get(name, 1.0) for name, m in masks.items()}
@@ -321,14 +337,11 @@ class NAPCallback(RankedPruningCallback):
         self._apply_weight_masks(masks)
         self.plan = PrunePlan({})
 
-    def graph_layer(self, name: str):
-        return next(r.operation for r in self.graph.records if r.name == name)
-
     def _apply_weight_masks(self, masks: dict[str, np.ndarray]) -> None:
         self._masks.apply(PrunePlan({}))
+        taps = nap.maskable_taps(self.graph)
         for name, mask in masks.items():
-            layer = self.graph_layer(name)
-            self._masks.set_variable_mask(layer.kernel, mask)
+            self._masks.set_variable_mask(taps[name].layer.kernel, mask)
 
     def measure_kept(self) -> dict[str, float]:
         if self.granularity == "channel":
@@ -340,17 +353,9 @@ class NAPCallback(RankedPruningCallback):
         if self.granularity == "channel":
             return super().build_pruned_model()
         clone = clone_layers(self.model, copy_layer)  # copies hold the trained values, without the masks' constraints
-        twins = {id(old): new for old, new in zip(_layers(self.model), _layers(clone))}
+        twins = {id(old): new for old, new in zip(self.model.weights, clone.weights, strict=True)}
+        taps = nap.maskable_taps(self.graph)
         for name, mask in (self.weight_masks or {}).items():  # the removed weights are zeros in the result
-            kernel = twins[id(self.graph_layer(name))].kernel
+            kernel = twins[id(taps[name].layer.kernel)]
             kernel.assign(np.asarray(kernel) * mask)
         return clone
-
-
-def _layers(model):
-    """Every layer of a model, nested models expanded, in a stable order."""
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _layers(layer)
-        else:
-            yield layer

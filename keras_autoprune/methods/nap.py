@@ -44,6 +44,7 @@ from keras_autoprune.scoring.obs import out_channel_update, weight_saliency
 from keras_autoprune.stats import GroupSaliency, damped_inverses, split_weight_matrix, weight_matrix
 from keras_autoprune.stats.channel_fisher import group_channel_fisher
 from keras_autoprune.stats.engine import StatisticsResult
+from keras_autoprune.stats.taps import Tap, resolve_taps
 from keras_autoprune.surgery.plan import PrunePlan
 
 
@@ -165,6 +166,12 @@ def obs_update(graph: DependencyGraph, factors: StatisticsResult, plan: PrunePla
     return updated
 
 
+def maskable_taps(graph: DependencyGraph) -> dict[str, Tap]:
+    """The layers whose kernels fine-grained NAP masks, by qualified name: every tapped Dense, convolution and
+    MultiHeadAttention projection (`stats.taps.resolve_taps`); depthwise kernels are not masked."""
+    return {name: tap for name, tap in resolve_taps(graph).items() if not tap.depthwise}
+
+
 def weight_masks(
     graph: DependencyGraph,
     factors: StatisticsResult,
@@ -173,7 +180,7 @@ def weight_masks(
 ) -> dict[str, np.ndarray]:
     """Fine-grained NAP: kernel masks keeping ``fraction`` of the scored weights.
 
-    Every weight of every layer with factors gets
+    Every weight of every maskable layer (`maskable_taps`) with factors gets
     ``ΔL = W² / (2 [A⁻¹]_pp [G⁻¹]_ii)``; the globally lowest go, so that the
     kept count is ``ceil(fraction * total)``. Biases are never masked.
 
@@ -181,17 +188,16 @@ def weight_masks(
         ``{layer name: 0/1 array shaped like its kernel}``.
     """
     scored = {}
-    for record in graph.records:
-        factor = factors.get(record.name)
-        if not record.first_call or factor is None or factor.depthwise:
+    for name, tap in maskable_taps(graph).items():
+        factor = factors.get(name)
+        if factor is None:
             continue
-        layer = record.operation
-        bias = layer.bias.numpy() if getattr(layer, "use_bias", False) else None
-        w = weight_matrix(layer.kernel.numpy(), bias, False)
+        kernel = tap.layer.kernel
+        w = factor.weight_matrix(kernel.numpy(), tap.layer.bias.numpy() if tap.has_bias else None)
         a_inv, g_inv = damped_inverses(factor.A, factor.G, damping)
         saliency = weight_saliency(w, np.diag(a_inv), np.diag(g_inv))
-        kernel_rows = int(np.prod(layer.kernel.shape[:-1]))
-        scored[record.name] = (layer.kernel.shape, saliency[:kernel_rows])
+        kernel_rows = int(np.prod(kernel.shape)) // w.shape[1]
+        scored[name] = (tuple(kernel.shape), saliency[:kernel_rows])
     everything = np.concatenate([s.reshape(-1) for _, s in scored.values()])
     keep = int(np.ceil(fraction * everything.size))
     threshold = np.sort(everything)[::-1][keep - 1] if keep else np.inf
