@@ -46,6 +46,7 @@ import numpy as np
 
 from keras_autoprune.accounting import count_flops, count_params
 from keras_autoprune.allocation.schedule import round_epochs, round_targets
+from keras_autoprune.allocation.cost import PlanCost
 from keras_autoprune.budget import Budget, round_up_fraction
 from keras_autoprune.batchnorm import recalibrate_batchnorm
 from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable
@@ -155,7 +156,7 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
         groups, or the method's per-layer floor); layers whose channels
         cannot be pruned stay whole.
         """
-        floor = self.budget_floor(model)
+        floor = self.budget_floor()
         if floor > self.budget.fraction:
             metric = self.budget.metric
             raise BudgetUnreachableError(
@@ -166,10 +167,16 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
                 f"{round_up_fraction(floor)}) or more."
             )
 
-    def budget_floor(self, model: keras.Model) -> float:
-        """The fraction of the budget's metric that `smallest_plan` keeps on ``model``: the least reachable."""
-        smallest = apply_plan(model, self.smallest_plan(), self.graph)
-        return self.budget.cost(smallest) / self.budget.cost(model)
+    def budget_floor(self) -> float:
+        """The fraction of the budget's metric that `smallest_plan` keeps on the fit's model: the least reachable."""
+        cost, metric = self.plan_cost(), self.budget.metric
+        return cost(self.smallest_plan(), metric) / cost(PrunePlan({}), metric)
+
+    def plan_cost(self) -> PlanCost:
+        """Exact FLOPs or parameters of a plan on the fit's model, without rebuilding it (`PlanCost`, one per fit)."""
+        if self._plan_cost is None:
+            self._plan_cost = PlanCost(self.model, self.graph)
+        return self._plan_cost
 
     def smallest_plan(self) -> PrunePlan:
         """The plan of the smallest model the method builds: every prunable group down to one channel."""
@@ -204,8 +211,8 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
 
     def measure_kept(self) -> dict[str, float]:
         """FLOPs and parameters of the current plan, as fractions of the original."""
-        slim = apply_plan(self.model, self.plan, self.graph)
-        return {"flops": count_flops(slim) / self._original["flops"], "params": count_params(slim) / self._original["params"]}
+        cost = self.plan_cost()
+        return {metric: cost(self.plan, metric) / self._original[metric] for metric in ("flops", "params")}
 
     def build_pruned_model(self) -> keras.Model:
         """The final slim model (called once, after the masks are removed)."""
@@ -295,6 +302,7 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
         self._masks: MaskSet | None = None
         self._installed = False
         self._original = {}
+        self._plan_cost: PlanCost | None = None
         self._epochs: dict[int, float] = {}
         self._first_epoch: int | None = None
 

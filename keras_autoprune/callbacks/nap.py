@@ -218,7 +218,7 @@ class NAPCallback(RankedPruningCallback):
             self._weight_fraction(self.budget.fraction, count_params(model))  # raises when out of reach
             return
         if not self._budget_given:  # tolerance mode's own default: as far as the model goes, not an error
-            floor = self.budget_floor(model)
+            floor = self.budget_floor()
             self.budget = Budget(flops=max(TOLERANCE_MODE_BUDGET, round_up_fraction(floor)))
         super().check_budget(model)
 

@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 
-from keras_autoprune.allocation.cost import PlanCost
 from keras_autoprune.budget import Budget
 from keras_autoprune.callbacks.base import PruningCallback
 from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable, fisher_facts, resolve_fisher
@@ -100,7 +99,6 @@ class PSAPCallback(PruningCallback):
                                          num_batches=self.num_batches)
         self.grad_ema: dict[str, np.ndarray] = {}
         self.statistics_seconds = 0.0
-        self._cost = None
 
     def run_facts(self) -> dict:
         return fisher_facts(self._likelihood, self._fisher)
@@ -142,10 +140,9 @@ class PSAPCallback(PruningCallback):
             filters = channel_l1(self.graph)
             zeroed = {g: off & (filters[g] == 0) for g, off in zeroed.items()}
         protected = psap.protected_channels(self.grad_ema, zeroed, self.protect_quantile, regrow=not final)
-        self._cost = self._cost or PlanCost(self.model, self.graph)
         sparsity = psap.group_sparsity(self.graph, self.kappa)
         plan = psap.adaptive_plan(
-            self.model, self.graph, self.budget, target, sparsity, protected, self.max_layer_ratio, self._cost
+            self.model, self.graph, self.budget, target, sparsity, protected, self.max_layer_ratio, self.plan_cost()
         )
         plan.validate(self.graph)
         self._masks.apply(plan, enforce=final)
