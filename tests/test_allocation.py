@@ -7,6 +7,7 @@ import pytest
 import keras_autoprune as kap
 from keras_autoprune.allocation.cost import PlanCost
 from keras_autoprune.allocation.ranking import global_ranking_plan, removal_order
+from keras_autoprune.allocation.search import shortest_fitting_prefix, smallest_fitting_value
 from tests.helpers import randomize
 from tests.test_handlers import BUILDERS
 
@@ -143,3 +144,18 @@ def test_channel_costs_count_a_pass_through_layer_once_and_a_residual_convolutio
     assert costs["project"] == pytest.approx(np.full(4, expected))
     for group in ("expand", "project"):  # a first-order share (biases included): within 15% of the exact saving
         assert costs[group][0] == pytest.approx(_saving_of_one_channel(model, graph, group, 0), rel=0.15)
+
+
+def test_bisections_return_the_smallest_fitting_value_and_only_values_that_fit():
+    assert shortest_fitting_prefix(lambda count: count >= 37, 0, 100) == 37
+    calls = []
+
+    def fits(value):
+        calls.append(value)
+        return value >= 0.3
+
+    found = smallest_fitting_value(fits, 0.0, 1.0, steps=30)
+    assert 0.3 <= found < 0.3 + 1e-8 and len(calls) == 30
+    scale = smallest_fitting_value(lambda value: value >= 7.0, 0.1, 10.0, steps=40, geometric=True)
+    assert 7.0 <= scale < 7.0 * (1 + 1e-9)
+    assert smallest_fitting_value(lambda value: False, 0.0, 1.0, steps=5) == 1.0  # only `high` was known to fit

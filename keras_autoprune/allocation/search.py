@@ -1,7 +1,8 @@
-"""Bisection for the shortest prefix of a removal order that meets a budget."""
+"""Bisections that meet a budget: the shortest prefix of a removal order, the smallest knob value."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 
@@ -18,3 +19,18 @@ def shortest_fitting_prefix(fits: Callable[[int], bool], low: int, high: int) ->
         else:
             low = middle + 1
     return low
+
+
+def smallest_fitting_value(fits: Callable[[float], bool], low: float, high: float, steps: int,
+                           geometric: bool = False) -> float:
+    """The smallest ``value`` in ``(low, high]`` with ``fits(value)``, to the bracket left after ``steps`` halvings.
+
+    ``fits`` must be monotone (a larger value never costs more) and
+    ``fits(high)`` true; the returned value is always one where ``fits``
+    held. The bracket is split at ``(low + high) / 2``, or at ``√(low·high)``
+    with ``geometric=True`` (a knob spanning decades, ``low > 0``).
+    """
+    for _ in range(steps):
+        middle = math.sqrt(low * high) if geometric else (low + high) / 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 from keras_autoprune.allocation.cost import PlanCost
+from keras_autoprune.allocation.search import smallest_fitting_value
 from keras_autoprune.budget import Budget
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.surgery.importance import channel_l1
@@ -129,11 +130,7 @@ def adaptive_plan(
         return cost(plan, budget.metric) <= limit
 
     def smallest(make, high: float) -> float:
-        low = 0.0
-        for _ in range(30):
-            middle = (low + high) / 2
-            low, high = (low, middle) if fits(make(middle)) else (middle, high)
-        return high
+        return smallest_fitting_value(lambda value: fits(make(value)), 0.0, high, steps=30)
 
     top = max_layer_ratio / min([r for r in relative.values() if r > 0] or [1.0])
     if fits(plan_at(top)):

@@ -27,6 +27,7 @@ import warnings
 import keras
 
 from keras_autoprune.accounting import count_flops, count_params
+from keras_autoprune.allocation.search import smallest_fitting_value
 from keras_autoprune.budget import Budget
 from keras_autoprune.errors import BudgetUnreachableError
 from keras_autoprune.graph.dependency import DependencyGraph, check_model
@@ -312,12 +313,10 @@ def _search(model, low: float, merge_threshold: float, separate: bool, hash_all_
             f"{reached:.1%} of the {budget.metric} there. Received: budget={budget!r}. Fix: ask for at least "
             f"{math.ceil(reached * 100) / 100:.2f}, or pass separate_depthwise=True or a merge_threshold > 0."
         )
-    best = top
-    for _ in range(_SEARCH_STEPS):
-        middle = math.sqrt(low * high)
-        result = _run(model, middle, merge_threshold, separate, hash_all_layers, merge_distance)
-        if cost(result) <= target:
-            high, best = middle, result
-        else:
-            low = middle
-    return best
+    results = {high: top}
+
+    def fits(scale: float) -> bool:
+        results[scale] = _run(model, scale, merge_threshold, separate, hash_all_layers, merge_distance)
+        return cost(results[scale]) <= target
+
+    return results[smallest_fitting_value(fits, low, high, _SEARCH_STEPS, geometric=True)]
