@@ -362,6 +362,11 @@ def test_search_refuses_a_score_cache_written_with_other_scoring_data(tmp_path):
     assert search((x[64:], y[64:])).gene == first.gene  # the same data: the cache is read back
     with pytest.raises(ValueError, match="so its scores do not apply"):
         search((x[64:], (y[64:] + 1) % 4))  # other labels: other scores
+    before = [w.numpy().copy() for w in net.trained_weights()]
+    with pytest.raises(ValueError, match="the PruningNet trains first.*pruningnet=result.pruningnet, epochs=0"):
+        mp.search(model, (x[:64], y[:64]), kap.Budget(flops=0.5), validation_data=(x[64:], y[64:]), pruningnet=net,
+                  epochs=1, window=0.3, settings=SMALL, cache_path=cache, verbose=0)
+    assert all(np.array_equal(b, w.numpy()) for b, w in zip(before, net.trained_weights()))  # refused before training
 
 
 def test_search_checks_its_arguments_before_any_work():

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import pathlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -288,7 +289,8 @@ def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: An
         seed: seed of training genes, search draws and generators.
         cache_path: JSON file of scored genes (resumes an interrupted search;
             keyed by a fingerprint of the trained PruningNet, so scores of
-            another network are refused).
+            another network are refused). An existing file with ``epochs > 0``
+            is refused before the training, which would change the net.
         verbose: 1 shows progress, 0 is silent.
 
     Returns:
@@ -307,6 +309,13 @@ def search(model: keras.Model, data: Any, budget: Budget, *, validation_data: An
     if settings is not None and not isinstance(settings, SearchSettings):
         raise TypeError(f"`settings` must be a kap.metapruning.SearchSettings or None. Received: settings={settings!r}")
     _check_latency_table(budget, latency_table)
+    if epochs and cache_path is not None and pathlib.Path(cache_path).exists():
+        raise ValueError(
+            f"Expected a `cache_path` of this search's PruningNet. Received: cache_path={str(cache_path)!r}, a file "
+            f"that exists, with epochs={epochs}: the PruningNet trains first, which changes the weights the scores "
+            "belong to, so the file would be refused after the training. Fix: to resume a search, pass the trained "
+            "net (pruningnet=result.pruningnet, epochs=0); otherwise use another `cache_path` or delete the file."
+        )
     data, validation_data = _held_out(data, validation_data, seed)
     recalibration_data = data if recalibration_data is None else recalibration_data
     if pruningnet is not None:
