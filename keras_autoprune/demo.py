@@ -21,7 +21,6 @@ import time
 from typing import Any
 
 import keras
-import numpy as np
 
 L = keras.layers
 

@@ -132,7 +132,6 @@ def plant_repeats(model: keras.Model, graph: DependencyGraph, seed: int = 0) -> 
     `plant_duplicates` afterwards copies whole columns, which keeps the
     repeats. Returns the layer's name, or None.
     """
-    index = GraphIndex(graph)
     rng = np.random.default_rng(seed)
     for record in graph.records:
         layer = record.operation

@@ -9,7 +9,6 @@ is traced (issue 13, MiT's SegFormer attention).
 
 import keras
 import numpy as np
-import pytest
 
 import keras_autoprune as kap
 from keras_autoprune.allocation.cost import PlanCost

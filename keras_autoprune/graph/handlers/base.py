@@ -14,9 +14,12 @@ models.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from keras_autoprune.graph.context import WalkContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +113,7 @@ class LayerHandler:
     #: because all calls read the same weights.
     has_channel_weights: bool = False
 
-    def propagate(self, layer: Any, call: CallInfo, ctx: "WalkContext") -> list[np.ndarray]:
+    def propagate(self, layer: Any, call: CallInfo, ctx: WalkContext) -> list[np.ndarray]:
         """Returns the output layouts of one call and records the ties."""
         reason = f"layer '{layer.name}' ({type(layer).__name__}) has no pruning handler"
         for layout in call.in_layouts:
