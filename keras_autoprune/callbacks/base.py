@@ -45,8 +45,8 @@ import keras
 import numpy as np
 
 from keras_autoprune.accounting import count_flops, count_params
-from keras_autoprune.allocation.schedule import round_epochs, round_targets
 from keras_autoprune.allocation.cost import PlanCost
+from keras_autoprune.allocation.schedule import round_epochs, round_targets
 from keras_autoprune.budget import Budget, round_up_fraction
 from keras_autoprune.batchnorm import recalibrate_batchnorm
 from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable

@@ -12,8 +12,8 @@ from keras_autoprune.budget import Budget, round_up_fraction
 from keras_autoprune.callbacks.ranked import DEFAULT_MAX_LAYER_RATIO, RankedPruningCallback
 from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable, fisher_facts, resolve_fisher
 from keras_autoprune.evaluation import accuracy
-from keras_autoprune.methods import nap
 from keras_autoprune.errors import BudgetUnreachableError
+from keras_autoprune.methods import nap
 from keras_autoprune.stats import collect_channel_fisher, collect_kfac
 from keras_autoprune.surgery.clone import clone_layers, copy_layer
 from keras_autoprune.surgery.plan import PrunePlan
