@@ -9,7 +9,8 @@ import pytest
 import keras_autoprune as kap
 from keras_autoprune.red import density_modes, fold_batchnorm, hash_weights, merge_neurons, separate_depthwise, silverman_bandwidth
 from keras_autoprune.red.separation import distinct_kernels
-from tests.helpers import randomize, relative_error, subclassed_model
+from keras_autoprune.graph.dependency import DependencyGraph
+from tests.helpers import Block, randomize, relative_error, subclassed_model
 
 L = keras.layers
 
@@ -139,8 +140,8 @@ def test_batchnorm_folding_in_nested_models():
     model = keras.Sequential([keras.Input((5, 5, 3)), middle, L.GlobalAveragePooling2D(), L.Dense(2)])
     randomize(model, seed=12)
     folded, folds = fold_batchnorm(model)
-    # bn2's Functional parent sits in a Sequential model: Keras cannot drop its node there.
-    assert [f.norm for f in folds] == ["middle/inner/bn"]
+    assert [f.norm for f in folds] == ["middle/inner/bn", "middle/bn2"]
+    assert [layer.name for layer in folded.layers[0].layers][-1] == "c2"  # a Functional model inside a Sequential
     _assert_same(folded, model, _inputs(model))
 
     outer_inputs = keras.Input((5, 5, 3))
@@ -151,6 +152,60 @@ def test_batchnorm_folding_in_nested_models():
     _assert_same(folded, functional, _inputs(functional))
     result = kap.red.compress(functional, bandwidth_scale=0.0)
     _assert_same(result.model, functional, _inputs(functional))
+
+
+def _custom_block_model():
+    """A traced custom layer (Conv, BatchNormalization, relu) whose channels 0 and 2 are equal."""
+    inputs = keras.Input((6, 6, 3))
+    block = Block(4, name="blk")
+    x = L.Conv2D(3, 1, name="c")(block(inputs))
+    model = keras.Model(inputs, L.Dense(2, name="head")(L.GlobalAveragePooling2D()(x)))
+    randomize(model, seed=21)
+    _copy_channel(block.conv, 0, 2)
+    _copy_channel(block.bn, 0, 2)
+    return model
+
+
+def test_every_stage_reaches_layers_inside_custom_layers():
+    model = _custom_block_model()
+    x = _inputs(model)
+    folded, folds = fold_batchnorm(model)
+    assert [f.norm.split("/")[0] for f in folds] == ["blk"]
+    assert kap.count_params(folded) == kap.count_params(model) - 4 * 4  # gamma, beta, mean, variance gone
+    _assert_same(folded, model, x)
+
+    hashed, tensors = hash_weights(folded, bandwidth_scale=1.0)
+    inner = [t for t in tensors if t.layer.startswith("blk/") and t.weight == "kernel"]
+    assert len(inner) == 1 and inner[0].distinct_after < inner[0].distinct_before
+    kernels = [np.asarray(v) for v in hashed.weights if v.path.endswith("kernel") and len(v.shape) == 4]
+    assert sorted(np.unique(k).size for k in kernels) == sorted(
+        t.distinct_after for t in tensors if t.weight == "kernel" and t.layer != "head")
+
+    result = merge_neurons(folded)
+    assert list(result.clusters.values()) == [[[0, 2]]]
+    _assert_same(result.model, model, x)
+    compressed = kap.red.compress(model, bandwidth_scale=0.0)
+    assert compressed.model.count_params() < model.count_params()
+    _assert_same(compressed.model, model, x)
+
+
+def test_a_graph_of_another_model_is_refused():
+    model = _chain_model()
+    twin = keras.models.clone_model(model)
+    twin.set_weights(model.get_weights())
+    for stage in (fold_batchnorm, hash_weights, merge_neurons, separate_depthwise):
+        with pytest.raises(ValueError, match="another model"):
+            stage(twin, graph=DependencyGraph(model))
+
+
+def test_hashing_layers_must_name_linear_layers():
+    model = _chain_model()
+    with pytest.raises(ValueError, match="single string"):
+        hash_weights(model, layers="c1")
+    with pytest.raises(ValueError, match=r"unknown name\(s\) \['c9'\]"):
+        hash_weights(model, layers=["c1", "c9"])
+    _, tensors = hash_weights(model, layers=("c1",))
+    assert {t.layer for t in tensors} == {"c1"}
 
 
 # -- stage 2: merging -------------------------------------------------------------
@@ -246,6 +301,22 @@ def test_concatenation_and_squeeze_excite_readers():
     assert result.clusters == {"b": [[3, 6]]}  # one group: the gate ties the concatenation together
     assert result.model.get_layer("a").filters == 3 and result.model.get_layer("b").filters == 3
     _assert_same(result.model, model, _inputs(model))
+
+
+def test_near_identical_merging_in_a_group_whose_members_hold_some_channels():
+    """A concatenation added to a convolution: each branch holds only part of the group's channels."""
+    inputs = keras.Input((5, 5, 3))
+    a = L.Conv2D(4, 3, padding="same", name="a")(inputs)
+    b = L.Conv2D(3, 1, name="b")(inputs)
+    x = L.Add()([L.Concatenate()([b, a]), L.Conv2D(7, 1, name="c")(inputs)])
+    model = keras.Model(inputs, L.Conv2D(2, 1, name="out")(L.ReLU()(x)))
+    randomize(model, seed=23)
+    _copy_channel(model.get_layer("a"), 0, 3)  # positions 3 and 6
+    _copy_channel(model.get_layer("c"), 3, 6)
+    for threshold in (0.0, 0.01):
+        result = merge_neurons(model, merge_threshold=threshold)
+        assert list(result.clusters.values()) == [[[3, 6]]], threshold
+        _assert_same(result.model, model, _inputs(model))
 
 
 def test_channels_merge_through_a_reduction_op():

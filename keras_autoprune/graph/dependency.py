@@ -298,6 +298,25 @@ class DependencyGraph:
         return "\n".join(lines)
 
 
+def graph_of(model: keras.Model, graph: DependencyGraph | None = None) -> DependencyGraph:
+    """``graph`` if it was built for ``model``, else ``DependencyGraph(model)`` when it is None.
+
+    Every function taking an optional, already built graph calls this: a graph
+    of another model (a clone with the same layer names included) keys its
+    layers by identity, so its plans would silently miss ``model``'s layers.
+
+    Raises:
+        ValueError: ``graph`` belongs to another model.
+    """
+    if graph is None:
+        return DependencyGraph(model)
+    if graph.model is not model:
+        raise ValueError(
+            "`graph` was built for another model. Pass `DependencyGraph(model)` of this model, "
+            f"or leave `graph` out. Received: graph of '{graph.model.name}', model '{model.name}'"
+        )
+    return graph
+
 
 def _is_graph_model(model) -> bool:
     from keras.src.models.functional import Functional

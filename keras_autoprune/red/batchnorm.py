@@ -21,9 +21,9 @@ A BatchNormalization is folded only when all of these hold, so the folded
 model computes the same function (to float rounding): it normalises the
 last axis; its input is the only output of a `LINEAR_CLASSES` layer with a
 linear activation; that tensor has no other reader (not even a model
-output); both layers are called once; and the normalisation can be removed
-(its parent model is Sequential, or it and every model around it are
-Functional). Other BatchNormalizations (after
+output); and both layers are called once. Nested models and custom layers
+the graph sees through are included (a traced custom layer becomes its
+traced functional model, as in `kap.apply_plan`). Other BatchNormalizations (after
 an Add, after an activation) stay; RED treats them as per-channel weights.
 The model is used in inference mode: the folded model has no batch
 statistics to update, so it is not meant to be trained from scratch
@@ -37,7 +37,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.graph.dependency import DependencyGraph, graph_of
 from keras_autoprune.red.records import GraphIndex, clone_with, is_linear_layer
 from keras_autoprune.surgery.clone import layer_from_config
 from keras_autoprune.surgery.weights import layer_weights
@@ -72,8 +72,7 @@ def fold_batchnorm(model: keras.Model, graph: DependencyGraph | None = None) -> 
     >>> folds, [layer.name for layer in folded.layers[1:]]
     ([FoldedNorm(norm='bn', into='conv')], ['conv'])
     """
-    if graph is None:
-        graph = DependencyGraph(model)
+    graph = graph_of(model, graph)
     index = GraphIndex(graph)
     plans: dict[int, tuple] = {}
     drop: set[int] = set()
@@ -81,14 +80,14 @@ def fold_batchnorm(model: keras.Model, graph: DependencyGraph | None = None) -> 
     for record in graph.records:
         norm = record.operation
         producer = _foldable_producer(index, record)
-        if producer is None or not _removable(model, record.name):
+        if producer is None:
             continue
         drop.add(id(norm))
         layer = producer.operation
         config, weights = _fold(layer, layer_weights(layer), layer_weights(norm), float(norm.epsilon))
         plans[id(layer)] = (layer_from_config(layer, config), weights)
         folds.append(FoldedNorm(norm=record.name, into=producer.name))
-    return clone_with(model, lambda layer: plans.get(id(layer)), frozenset(drop)), folds
+    return clone_with(model, graph, lambda layer: plans.get(id(layer)), frozenset(drop)), folds
 
 
 def _foldable_producer(index: GraphIndex, record):
@@ -108,22 +107,6 @@ def _foldable_producer(index: GraphIndex, record):
     if getattr(layer.activation, "__name__", None) != "linear":
         return None
     return producer
-
-
-def _removable(model: keras.Model, name: str) -> bool:
-    """Whether `clone_with` can remove the layer with qualified name ``name``.
-
-    A Sequential parent replaces it by an Identity; a Functional parent drops
-    its node, which `keras.models.clone_model` can only do when every model
-    enclosing that parent is Functional too (it does not hand its
-    ``call_function`` through a Sequential).
-    """
-    chain = [model]
-    for part in name.split("/")[:-1]:
-        chain.append(chain[-1].get_layer(part))
-    if isinstance(chain[-1], keras.Sequential):
-        return True
-    return not any(isinstance(m, keras.Sequential) for m in chain)
 
 
 def _fold(layer, weights: dict, norm_weights: dict, epsilon: float) -> tuple[dict, dict]:

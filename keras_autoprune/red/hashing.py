@@ -30,7 +30,7 @@ from collections.abc import Collection
 import keras
 import numpy as np
 
-from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.graph.dependency import DependencyGraph, graph_of
 from keras_autoprune.red.kde import density_modes, silverman_bandwidth
 from keras_autoprune.red.options import check_knob
 from keras_autoprune.red.records import clone_with, is_linear_layer
@@ -84,20 +84,25 @@ def hash_weights(
     Args:
         model: a built Sequential or Functional model (left unchanged);
             usually already BatchNormalization-folded.
-        bandwidth_scale: multiplies Silverman's bandwidth (> 0); smaller
-            keeps more distinct values (closer to the original model). The
-            default is `compress`'s.
+        bandwidth_scale: multiplies Silverman's bandwidth (>= 0); smaller
+            keeps more distinct values (closer to the original model; 0
+            leaves every value as it is). The default is `compress`'s.
         graph: ``DependencyGraph(model)`` if already built.
-        layers: qualified names of the layers to hash; default: every
-            linear layer.
+        layers: qualified names of the layers to hash (a list, set or
+            tuple of linear layers' names); default: every linear layer.
 
     Returns:
         ``(hashed_model, tensors)``: the new model and one `HashedTensor`
         per hashed weight, in graph order.
+
+    Raises:
+        ValueError: a knob out of range, ``layers`` a single string or naming
+            a layer that is not a linear layer of ``model``.
     """
     check_knob("bandwidth_scale", bandwidth_scale)
-    if graph is None:
-        graph = DependencyGraph(model)
+    graph = graph_of(model, graph)
+    if layers is not None:
+        layers = _checked_names(graph, layers)
     plans: dict[int, tuple] = {}
     tensors = []
     for record in graph.records:
@@ -116,4 +121,17 @@ def hash_weights(
             tensors.append(HashedTensor(record.name, key, int(original.size), int(np.unique(original).size),
                                         int(np.unique(weights[key]).size), float(bandwidth)))
         plans[id(layer)] = (layer_from_config(layer, layer.get_config()), weights)
-    return clone_with(model, lambda layer: plans.get(id(layer))), tensors
+    return clone_with(model, graph, lambda layer: plans.get(id(layer))), tensors
+
+
+def _checked_names(graph: DependencyGraph, layers) -> frozenset[str]:
+    if isinstance(layers, str):
+        raise ValueError(f"Expected `layers` to be a collection of qualified layer names, e.g. layers=[{layers!r}]. "
+                         f"Received: layers={layers!r} (a single string)")
+    linear = {r.name for r in graph.records if is_linear_layer(r.operation)}
+    unknown = sorted(set(layers) - linear)
+    if unknown:
+        raise ValueError(f"Expected `layers` to name linear layers of the model (qualified, nested ones as outer/inner). "
+                         f"Received unknown name(s) {unknown}; the linear layers are {sorted(linear)[:20]}"
+                         f"{' ...' if len(linear) > 20 else ''}")
+    return frozenset(layers)

@@ -48,7 +48,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.graph.dependency import DependencyGraph, graph_of
 from keras_autoprune.graph.handlers import LinearHandler, SeparableHandler
 from keras_autoprune.red.options import check_distance, check_knob
 from keras_autoprune.red.records import GraphIndex, with_weights
@@ -106,8 +106,7 @@ def merge_neurons(model: keras.Model, merge_threshold: float = 0.0, graph: Depen
     """
     check_knob("merge_threshold", merge_threshold)
     check_distance(merge_distance)
-    if graph is None:
-        graph = DependencyGraph(model)
+    graph = graph_of(model, graph)
     index = GraphIndex(graph)
     cache: dict = {}
     clusters: dict[str, list[list[int]]] = {}
@@ -125,9 +124,9 @@ def merge_neurons(model: keras.Model, merge_threshold: float = 0.0, graph: Depen
             clusters[group.id] = found
             signatures[group.id] = signature
     if not clusters:
-        return MergeResult(with_weights(model, {}), PrunePlan({}), {}, {}, blocked)
+        return MergeResult(with_weights(model, graph, {}), PrunePlan({}), {}, {}, blocked)
 
-    folded = _fold_readers(model, signatures, clusters, cache)
+    folded = _fold_readers(model, graph, signatures, clusters, cache)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same unknown layers were reported for `model`
         folded_graph = DependencyGraph(folded)
@@ -151,7 +150,7 @@ def _clusters(signature: GroupSignatures, threshold: float, distance: str = "cha
     vectors = [signature.vectors(c) for c in channels]
     members = sorted({m for v in vectors for m in v})
     stacks = {}
-    for m in members:  # channels absent from a member get NaN rows (never within threshold)
+    for m in members:  # channels absent from a member (or narrower there) get NaN rows
         width = max(len(v[m]) for v in vectors if m in v)
         stacks[m] = np.stack([v[m] if m in v and len(v[m]) == width else np.full(width, np.nan) for v in vectors])
     norms = {m: np.linalg.norm(s, axis=1) for m, s in stacks.items()}
@@ -166,6 +165,8 @@ def _clusters(signature: GroupSignatures, threshold: float, distance: str = "cha
             continue
         distance = np.zeros(len(vectors))
         for m in members:
+            if m not in vectors[leader]:  # the leader has no weights there: they contribute 0
+                continue
             diff = np.linalg.norm(stacks[m] - stacks[m][leader], axis=1)
             scale = np.maximum(np.maximum(norms[m], norms[m][leader]), 1e-30)
             distance = np.maximum(distance, np.where(diff == 0, 0.0, diff / scale))
@@ -177,7 +178,7 @@ def _clusters(signature: GroupSignatures, threshold: float, distance: str = "cha
     return out
 
 
-def _fold_readers(model, signatures, clusters, cache) -> keras.Model:
+def _fold_readers(model, graph, signatures, clusters, cache) -> keras.Model:
     """``model`` with every reader's rows of merged channels added into the kept ones."""
     updates: dict[int, dict[str, np.ndarray]] = {}
     for group_id, found in clusters.items():
@@ -189,7 +190,7 @@ def _fold_readers(model, signatures, clusters, cache) -> keras.Model:
                 for j in cluster[1:]:
                     kernel[keep_rows] += kernel[reader.rows[j]]
                     kernel[reader.rows[j]] = 0
-    return with_weights(model, updates)
+    return with_weights(model, graph, updates)
 
 
 def _per_layer(index: GraphIndex, graph: DependencyGraph, clusters) -> dict[str, int]:

@@ -17,8 +17,8 @@ import keras
 import numpy as np
 
 from keras_autoprune.graph.dependency import CallRecord, DependencyGraph, check_model
-from keras_autoprune.surgery.clone import copy_layer, layer_from_config
-from keras_autoprune.surgery.weights import assign_weights
+from keras_autoprune.surgery.clone import clone_layers, copy_layer, layer_from_config
+from keras_autoprune.surgery.rebuild import nested_models
 
 _L = keras.layers
 #: Layer families whose weights RED hashes and whose outputs it can absorb a
@@ -87,54 +87,34 @@ class GraphIndex:
 Change = Callable[[keras.layers.Layer], "tuple[keras.layers.Layer, dict[str, np.ndarray]] | None"]
 
 
-def clone_with(model: keras.Model, change: Change, drop: frozenset[int] = frozenset()) -> keras.Model:
+def clone_with(model: keras.Model, graph: DependencyGraph, change: Change,
+               drop: frozenset[int] = frozenset()) -> keras.Model:
     """Clones ``model`` (left unchanged), letting ``change`` replace layers.
 
-    The same loop as `keras_autoprune.surgery.clone.clone_layers` (layers that
-    ``change`` leaves alone, returning None, are copied with `copy_layer`;
-    changed ones get their weights by variable path), plus what surgery has
-    no use for: removing layers. A layer whose ``id`` is in ``drop`` must map
-    its first input to its output unchanged; in a Functional graph its node
-    disappears (its input tensor takes its output's place, via
-    `keras.models.clone_model`'s ``call_function``), in a Sequential model it
-    becomes a `keras.layers.Identity` of the same name.
+    `keras_autoprune.surgery.clone.clone_layers` with ``graph``'s nested
+    models and traced custom layers cloned layer by layer
+    (`keras_autoprune.surgery.rebuild.nested_models`), so ``change`` sees
+    every layer the graph walked, those inside custom layers included (a
+    traced custom layer becomes its traced functional model, as in
+    `kap.apply_plan`). Layers that ``change`` leaves alone (returning None)
+    are copied with `copy_layer`; changed ones get their weights by variable
+    path. Layers whose ``id`` is in ``drop`` map their first input to their
+    output unchanged and disappear (``clone_layers``'s ``drop``).
     """
-    new_weights = []
-    placeholders: set[int] = set()
 
-    def clone(layer):
-        if not isinstance(layer, keras.layers.Layer):
-            return layer  # a stateless `keras.ops` node: reused as is
-        if id(layer) in drop:
-            placeholder = keras.layers.Identity(name=layer.name)
-            placeholders.add(id(placeholder))
-            return placeholder
+    def rebuild(layer):
         replaced = change(layer)
-        new_layer, weights = replaced if replaced is not None else copy_layer(layer)
-        if weights is not None:
-            new_weights.append((new_layer, weights))
-        return new_layer
+        return replaced if replaced is not None else copy_layer(layer)
 
-    def call(operation, *args, **kwargs):
-        if id(operation) in placeholders:
-            return args[0]
-        return operation(*args, **kwargs)
-
-    functional = not isinstance(model, keras.Sequential)
-    new_model = keras.models.clone_model(
-        model, clone_function=clone, call_function=call if functional and drop else None, recursive=True
-    )
-    for layer, weights in new_weights:
-        assign_weights(layer, weights)
-    return new_model
+    return clone_layers(model, rebuild, nested=nested_models(graph), drop=drop)
 
 
-def with_weights(model: keras.Model, weights: dict[int, dict[str, np.ndarray]]) -> keras.Model:
-    """A clone of ``model`` where layer ``id -> {key: value}`` get new weight values."""
+def with_weights(model: keras.Model, graph: DependencyGraph, weights: dict[int, dict[str, np.ndarray]]) -> keras.Model:
+    """A clone of ``model`` (``graph`` its graph) where layer ``id -> {key: value}`` get new weight values."""
 
     def change(layer):
         if id(layer) not in weights:
             return None
         return layer_from_config(layer, layer.get_config()), weights[id(layer)]
 
-    return clone_with(model, change)
+    return clone_with(model, graph, change)

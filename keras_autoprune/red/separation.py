@@ -37,7 +37,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.graph.dependency import DependencyGraph, graph_of
 from keras_autoprune.red.records import GraphIndex
 from keras_autoprune.surgery import LayerReplacement, replace_layers
 from keras_autoprune.surgery.weights import layer_weights
@@ -151,8 +151,7 @@ def separate_depthwise(model: keras.Model, graph: DependencyGraph | None = None)
         ``(new_model, separations)``; with nothing separated the model is a
         copy.
     """
-    if graph is None:
-        graph = DependencyGraph(model)
+    graph = graph_of(model, graph)
     index = GraphIndex(graph)
     replacements, separations = {}, []
     for record in graph.records:

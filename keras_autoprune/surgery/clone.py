@@ -42,7 +42,7 @@ Nested = Callable[[keras.layers.Layer], "tuple[keras.Model, list[tuple]] | None"
 
 
 def clone_layers(model: keras.Model, rebuild: Rebuild, rebuild_op: Callable | None = None,
-                 nested: Nested | None = None) -> keras.Model:
+                 nested: Nested | None = None, drop: frozenset[int] = frozenset()) -> keras.Model:
     """Clones ``model`` with every layer replaced by ``rebuild(layer)``.
 
     Args:
@@ -59,6 +59,13 @@ def clone_layers(model: keras.Model, rebuild: Rebuild, rebuild_op: Callable | No
             model to clone in their place and the shapes of its new inputs
             (their channel widths may have changed); None clones nested
             models with Keras's ``recursive=True`` at their original widths.
+        drop: ``id`` of layers to remove, each mapping its first input to its
+            output unchanged (a normalisation folded into its producer): in a
+            Functional graph its node disappears (its input tensor takes its
+            output's place), in a Sequential model it becomes a
+            `keras.layers.Identity` of the same name. Without ``nested``, a
+            Functional graph inside a Sequential one cannot drop nodes (Keras
+            does not hand ``call_function`` through a Sequential).
 
     Returns:
         The new model, same kind and name, with its weights assigned.
@@ -67,8 +74,11 @@ def clone_layers(model: keras.Model, rebuild: Rebuild, rebuild_op: Callable | No
 
     cache: dict[int, keras.layers.Layer] = {}
     traced: dict[int, keras.Model] = {}  # clone standing for a custom layer seen through -> its traced model
+    placeholders: set[int] = set()  # Identity layers standing for dropped ones
 
     def call(new_layer, *args, **kwargs):
+        if id(new_layer) in placeholders:
+            return args[0]
         if id(new_layer) not in traced:
             return new_layer(*args, **kwargs)
         # A traced model takes the custom layer's tensor arguments, in node order,
@@ -86,8 +96,11 @@ def clone_layers(model: keras.Model, rebuild: Rebuild, rebuild_op: Callable | No
             return layer if rebuild_op is None else rebuild_op(layer)  # a stateless `keras.ops` node
         if id(layer) in cache:
             return cache[id(layer)]
-        inner = nested(layer) if nested is not None else None
-        if inner is not None:
+        inner = nested(layer) if nested is not None and id(layer) not in drop else None
+        if id(layer) in drop:
+            new_layer = keras.layers.Identity(name=layer.name)
+            placeholders.add(id(new_layer))
+        elif inner is not None:
             functional, shapes = inner
             inputs = [keras.Input(batch_shape=s, dtype=t.dtype, name=t.name) for s, t in zip(shapes, functional.inputs)]
             inputs = keras.tree.pack_sequence_as(functional._inputs_struct, inputs)
@@ -103,7 +116,11 @@ def clone_layers(model: keras.Model, rebuild: Rebuild, rebuild_op: Callable | No
         cache[id(layer)] = new_layer
         return new_layer
 
-    new_model = replay(model) if nested is not None else clone_model(model, clone_function=clone, recursive=True)
+    if nested is not None:
+        new_model = replay(model)
+    else:
+        calls = {"call_function": call} if drop and not isinstance(model, keras.Sequential) else {}
+        new_model = clone_model(model, clone_function=clone, recursive=True, **calls)
     for new_layer, weights in new_weights:
         assign_weights(new_layer, weights)
     return new_model

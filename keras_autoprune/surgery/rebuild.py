@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import keras
 
-from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.graph.dependency import DependencyGraph, graph_of
 from keras_autoprune.graph.handlers import LayerHandler, get_handler
-from keras_autoprune.surgery.clone import clone_layers, copy_layer, layer_from_config
+from keras_autoprune.surgery.clone import Nested, clone_layers, copy_layer, layer_from_config
 from keras_autoprune.surgery.keep import layer_keeps
 from keras_autoprune.surgery.plan import PrunePlan
 from keras_autoprune.surgery.weights import layer_weights
@@ -67,25 +67,9 @@ def mask_plan(model: keras.Model, plan: PrunePlan, graph: DependencyGraph | None
 def _execute(model, plan: PrunePlan, graph: DependencyGraph | None, masking: bool) -> keras.Model:
     if not isinstance(plan, PrunePlan):
         raise TypeError(f"Expected a `kap.PrunePlan`. Received: plan of type {type(plan).__name__}")
-    if graph is None:
-        graph = DependencyGraph(model)
-    elif graph.model is not model:
-        raise ValueError(
-            "`graph` was built for another model. Pass `DependencyGraph(model)` of this model, "
-            f"or leave `graph` out. Received: graph of '{graph.model.name}', model '{model.name}'"
-        )
+    graph = graph_of(model, graph)
     removed = plan.removed_atoms(graph)
     keeps = layer_keeps(graph, removed)
-
-    def nested(layer):
-        entry = graph.nested.get(id(layer))
-        if entry is None:
-            return None
-        functional, layouts = entry
-        shapes = [tuple(t.shape) for t in functional.inputs]
-        if not masking:
-            shapes = [s[:-1] + (int((~removed[l]).sum()),) if len(l) else s for s, l in zip(shapes, layouts)]
-        return functional, shapes
 
     def rebuild(layer):
         keep = keeps.get(id(layer))
@@ -107,7 +91,29 @@ def _execute(model, plan: PrunePlan, graph: DependencyGraph | None, masking: boo
             return operation  # masked: same architecture, same operations
         return record.handler.prune_operation(operation, record.call, keep)
 
-    return clone_layers(model, rebuild, rebuild_op, nested)
+    return clone_layers(model, rebuild, rebuild_op, nested_models(graph, None if masking else removed))
+
+
+def nested_models(graph: DependencyGraph, removed: dict | None = None) -> Nested:
+    """The ``nested`` hook of `clone_layers` for ``graph``'s nested models and traced custom layers.
+
+    Each is cloned layer by layer in its place (a traced custom layer becomes
+    its traced functional model), on inputs of their original widths, or
+    without the channels that ``removed`` (``PrunePlan.removed_atoms``)
+    marks.
+    """
+
+    def nested(layer):
+        entry = graph.nested.get(id(layer))
+        if entry is None:
+            return None
+        functional, layouts = entry
+        shapes = [tuple(t.shape) for t in functional.inputs]
+        if removed is not None:
+            shapes = [s[:-1] + (int((~removed[l]).sum()),) if len(l) else s for s, l in zip(shapes, layouts)]
+        return functional, shapes
+
+    return nested
 
 
 def _in_source_order(weights: dict, source: dict) -> dict:
