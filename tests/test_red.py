@@ -189,6 +189,19 @@ def test_every_stage_reaches_layers_inside_custom_layers():
     _assert_same(compressed.model, model, x)
 
 
+def test_separation_inside_a_custom_layer():
+    inputs = keras.Input((8, 8, 3))
+    block = Block(16, name="blk")
+    model = keras.Model(inputs, L.GlobalAveragePooling2D()(block(inputs)))
+    randomize(model, seed=22)
+    kernel, bias = block.conv.get_weights()
+    block.conv.set_weights([np.repeat(kernel[..., :1], 16, axis=-1), bias])  # one kernel per input channel
+    separated, separations = separate_depthwise(model)
+    assert [(s.layer.split("/")[0], s.multiplier, s.distinct_kernels) for s in separations] == [("blk", 1, 3)]
+    assert kap.count_flops(separated) < kap.count_flops(model)
+    _assert_same(separated, model, _inputs(model))
+
+
 def test_a_graph_of_another_model_is_refused():
     model = _chain_model()
     twin = keras.models.clone_model(model)
@@ -397,7 +410,7 @@ def test_layer_distance_merges_weak_channels_the_channel_distance_keeps_apart():
 def test_separation_is_exact_and_only_where_cheaper():
     rng = np.random.default_rng(10)
     inputs = keras.Input((6, 6, 4))
-    x = L.Conv2D(16, 3, padding="same", name="repeats", activation="relu")(inputs)
+    x = L.Conv2D(16, 3, padding="same", name="repeats", activation="swish")(inputs)
     model = keras.Model(inputs, L.Conv2D(8, 3, name="distinct")(x))
     randomize(model, seed=10)
     kernel = np.zeros((3, 3, 4, 16), "float32")
@@ -410,6 +423,7 @@ def test_separation_is_exact_and_only_where_cheaper():
     separated, separations = separate_depthwise(model)
     assert [s.layer for s in separations] == ["repeats"] and separations[0].multiplier == 2
     assert separations[0].flops_after < separations[0].flops_before
+    assert separations[0].flops_before == next(row.flops for row in kap.flops_table(model) if row.layer == "repeats")
     assert kap.count_flops(separated) == kap.count_flops(model) - separations[0].flops_before + separations[0].flops_after
     _assert_same(separated, model, _inputs(model))
 

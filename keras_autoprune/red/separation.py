@@ -20,9 +20,11 @@ traffic and are not layers. The block keeps the convolution's name (a
 `keras.Sequential` from `kap.replace_layers`); the depthwise part takes its
 strides, padding and dilation, the 1×1 part its bias and activation.
 
-Cost, at ``P`` output positions (``kap.count_flops`` formulas):
+Cost, at ``P`` output positions (``kap.count_flops`` formulas, computed by
+`keras_autoprune.flops_formulas.call_flops` on both blocks; ``b + a``: the
+bias and activation of the ``C_out·P`` outputs, the same in both):
 
-    before: 2·K·C_in·C_out·P + b        after: 2·K·C_in·M·P + 2·C_in·M·C_out·P + b
+    before: 2·K·C_in·C_out·P + b + a        after: 2·K·C_in·M·P + 2·C_in·M·C_out·P + b + a
 
 A convolution is separated only when ``after < before``, i.e.
 ``M·(K + C_out) < K·C_out``. Conv1D and Conv2D with ``groups=1``,
@@ -37,8 +39,10 @@ import dataclasses
 import keras
 import numpy as np
 
+from keras_autoprune.flops_formulas import call_flops
 from keras_autoprune.graph.dependency import DependencyGraph, graph_of
-from keras_autoprune.red.records import GraphIndex
+from keras_autoprune.graph.handlers import CallInfo
+from keras_autoprune.red.records import GraphIndex, clone_with
 from keras_autoprune.surgery import LayerReplacement, replace_layers
 from keras_autoprune.surgery.weights import layer_weights
 
@@ -92,13 +96,13 @@ def distinct_kernels(kernel: np.ndarray, limit: int | None = None) -> list[list[
     return out
 
 
-def separate_layer(layer: keras.layers.Layer, name: str, positions: int, calls: int = 1) -> tuple[LayerReplacement, Separation] | None:
+def separate_layer(layer: keras.layers.Layer, name: str, call: CallInfo, calls: int = 1) -> tuple[LayerReplacement, Separation] | None:
     """The depthwise + 1×1 replacement of ``layer`` if it lowers FLOPs, else None.
 
     Args:
         layer: a Conv1D/Conv2D layer.
         name: its qualified name (for the report).
-        positions: ``P``, output positions of one call.
+        call: its first call (input and output shapes).
         calls: how many times the layer is called.
     """
     config = layer.get_config()
@@ -110,11 +114,6 @@ def separate_layer(layer: keras.layers.Layer, name: str, positions: int, calls: 
     if kernels is None:
         return None
     multiplier = max(1, max(len(k) for k in kernels))
-    bias_flops = c_out * positions if config["use_bias"] else 0
-    before = calls * (2 * taps * c_in * c_out * positions + bias_flops)
-    after = calls * (2 * taps * c_in * multiplier * positions + 2 * c_in * multiplier * c_out * positions + bias_flops)
-    if after >= before:
-        return None
     depthwise = np.zeros(kernel.shape[:-2] + (c_in, multiplier), kernel.dtype)
     pointwise = np.zeros((1,) * (kernel.ndim - 2) + (c_in * multiplier, c_out), kernel.dtype)
     for c, unique in enumerate(kernels):
@@ -132,6 +131,12 @@ def separate_layer(layer: keras.layers.Layer, name: str, positions: int, calls: 
     )
     second = conv_class(c_out, 1, activation=config["activation"], use_bias=config["use_bias"],
                         dtype=layer.dtype_policy, name=f"{layer.name}_pointwise")
+    in_shape, out_shape = call.in_shapes[0], call.out_shapes[0]
+    middle = tuple(out_shape[:-1]) + (c_in * multiplier,)
+    before = calls * call_flops(layer, [in_shape], [out_shape])
+    after = calls * (call_flops(first, [in_shape], [middle]) + call_flops(second, [middle], [out_shape]))
+    if after >= before:
+        return None
     second_weights = {"kernel": pointwise}
     if config["use_bias"]:
         second_weights["bias"] = weights["bias"]
@@ -162,9 +167,10 @@ def separate_depthwise(model: keras.Model, graph: DependencyGraph | None = None)
         if (config.get("groups", 1) != 1 or config.get("data_format", "channels_last") != "channels_last"
                 or config["padding"] not in ("valid", "same")):
             continue
-        positions = int(np.prod([d or 1 for d in record.call.out_shapes[0][1:-1]]))
-        found = separate_layer(layer, record.name, positions, index.calls[id(layer)])
+        found = separate_layer(layer, record.name, record.call, index.calls[id(layer)])
         if found is not None:
             replacements[record.name], separation = found
             separations.append(separation)
+    if graph.traced and replacements:  # custom layers become their traced functional models, which name their layers
+        model = clone_with(model, graph, lambda layer: None)
     return replace_layers(model, replacements), separations
