@@ -212,8 +212,9 @@ def _input_shapes(model: keras.Model, functional: keras.Model, input_shape: Any)
                 raise ValueError(
                     "Expected a model whose input shapes are known except for the batch "
                     f"axis, as FLOPs depend on them. Received: model '{model.name}' with "
-                    f"input shapes {recorded}. Fix: pass the shape to count, e.g. "
-                    "`count_flops(model, input_shape=(224, 224, 3))`."
+                    f"input shapes {recorded}. Fix: pass the shape to count as `input_shape`, e.g. "
+                    "`count_flops(model, input_shape=(224, 224, 3))` or "
+                    "`kap.red.compress(model, input_shape=(224, 224, 3))`."
                 )
         return recorded
     given = [input_shape] if len(recorded) == 1 else list(input_shape)

@@ -284,8 +284,23 @@ def _add_red(subcommands: argparse._SubParsersAction) -> None:
                              "enables no merge or separation gets its weights back")
     parser.add_argument("--unsafe", action="store_true",
                         help="load with safe_mode=False (needed for Lambda layers; runs code stored in the file)")
+    parser.add_argument("--input-shape", metavar="H,W,C",
+                        help="input shape without the batch axis, for a model whose inputs have unknown sizes: "
+                             "the FLOPs are counted at it (RED reads no data)")
     parser.add_argument("--tflite", metavar="OUT.tflite", help="also export a verified float32 .tflite")
     parser.set_defaults(run=_run_red)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    """``"224,224,3"`` -> ``(224, 224, 3)``; ValueError (reported as a usage error) otherwise."""
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise ValueError(f"Expected --input-shape to be positive integers separated by commas, e.g. 32,32,3. "
+                         f"Received: --input-shape {text!r}")
+    return shape
 
 
 def _run_red(args: argparse.Namespace) -> int:
@@ -293,10 +308,11 @@ def _run_red(args: argparse.Namespace) -> int:
     from keras_autoprune.red.saved import compress_saved_model, stage_details
 
     budget = parse_budget(args.budget) if args.budget is not None else None
+    input_shape = _parse_shape(args.input_shape) if args.input_shape is not None else None
     outcome = compress_saved_model(
         args.model, args.out, bandwidth_scale=args.bandwidth_scale, merge_threshold=args.merge_threshold,
         separate_depthwise=args.separate_depthwise, budget=budget, hash_all_layers=args.hash_all_layers,
-        merge_distance=args.merge_distance, unsafe=args.unsafe, tflite=args.tflite,
+        merge_distance=args.merge_distance, input_shape=input_shape, unsafe=args.unsafe, tflite=args.tflite,
     )
     report = outcome.result.report
     print(report.to_markdown() if report is not None else "(no per-layer report for this model)")

@@ -14,8 +14,6 @@ layer and how the two sides are matched:
   `kap.replace_layers`) gets the block's summed costs;
 - `_check_outputs`, `_check_layers`: the two models must have the same
   outputs and the same layer names and kinds.
-
-`keras_autoprune.red.report` builds RED's rows with the same helpers.
 """
 
 from __future__ import annotations

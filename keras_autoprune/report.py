@@ -157,6 +157,7 @@ class PruningReport:
         plan: PrunePlan | None = None,
         extra: Mapping[str, Any] | None = None,
         input_shape: Any = None,
+        removed_layers: bool = False,
     ) -> "PruningReport":
         """Compares ``pruned`` with the ``original`` it was made from.
 
@@ -172,6 +173,10 @@ class PruningReport:
             extra: run facts to store and show (see the class docstring).
             input_shape: input shape without the batch axis, for models
                 whose inputs have unknown dimensions (see `count_flops`).
+            removed_layers: allow layers of ``original`` to be gone from
+                ``pruned`` (rows with 0 FLOPs and parameters after, width
+                None) and new costed layers in it (rows with 0 before), as
+                `kap.red.compress` makes by folding BatchNormalizations.
 
         Returns:
             A `PruningReport`.
@@ -184,15 +189,19 @@ class PruningReport:
         _check_outputs(original, pruned)
         before = _costs_by_layer(original, input_shape)
         after = _merge_replaced(before, _costs_by_layer(pruned, input_shape))
-        _check_layers(before, after)
+        if not removed_layers:
+            _check_layers(before, after)
         channels_before = _channels_by_layer(original)
         channels_after = _channels_by_layer(pruned)
         layers = []
         for name, (kind, flops, params) in before.items():
-            _, flops_after, params_after = after[name]
+            _, flops_after, params_after = after.get(name, (kind, 0, 0))
             if flops or params or flops_after or params_after:
-                layers.append(LayerChange(name, kind, channels_before.get(name), channels_after.get(name, channels_before.get(name)),
-                                          flops, flops_after, params, params_after))
+                width = channels_after.get(name, channels_before.get(name)) if name in after else None
+                layers.append(LayerChange(name, kind, channels_before.get(name), width, flops, flops_after, params, params_after))
+        for name, (kind, flops, params) in after.items():
+            if name not in before and (flops or params):
+                layers.append(LayerChange(name, kind, None, channels_after.get(name), 0, flops, 0, params))
         return cls(layers, plan=plan, extra=extra)
 
     # -- totals -------------------------------------------------------------

@@ -202,6 +202,24 @@ def test_separation_inside_a_custom_layer():
     _assert_same(separated, model, _inputs(model))
 
 
+def test_compress_counts_a_model_of_unknown_input_size_at_input_shape():
+    inputs = keras.Input((None, None, 3))
+    x = L.BatchNormalization(name="bn")(L.Conv2D(4, 3, name="c")(inputs))
+    model = keras.Model(inputs, L.Dense(2, name="head")(L.GlobalAveragePooling2D()(L.ReLU()(x))))
+    randomize(model, seed=24)
+    _copy_channel(model.get_layer("c"), 0, 3)
+    _copy_channel(model.get_layer("bn"), 0, 3)
+    with pytest.raises(ValueError, match="input_shape"):
+        kap.red.compress(model)
+    result = kap.red.compress(model, bandwidth_scale=0.0, input_shape=(8, 8, 3))
+    assert result.stages[0].flops == kap.count_flops(model, input_shape=(8, 8, 3))
+    assert result.stages[-1].flops == kap.count_flops(result.model, input_shape=(8, 8, 3)) < result.stages[0].flops
+    assert result.report.totals["flops_after"] == result.stages[-1].flops
+    _assert_same(result.model, model, np.random.default_rng(1).normal(0, 1, (2, 8, 8, 3)).astype("float32"))
+    fitted = kap.red.compress(model, bandwidth_scale=0.01, budget=kap.Budget(flops=0.9), input_shape=(8, 8, 3))
+    assert fitted.stages[-1].flops <= 0.9 * kap.count_flops(model, input_shape=(8, 8, 3))
+
+
 def test_a_graph_of_another_model_is_refused():
     model = _chain_model()
     twin = keras.models.clone_model(model)

@@ -67,6 +67,20 @@ def test_red_subcommand_passes_the_merge_distance(duplicates_file, tmp_path, cap
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_red_subcommand_counts_a_model_of_unknown_input_size_at_input_shape(tmp_path, capsys):
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(inputs))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    path, out = tmp_path / "dynamic.keras", tmp_path / "red.keras"
+    model.save(path)
+    assert main(["red", str(path), str(out)]) == 2
+    assert "input_shape" in capsys.readouterr().err and not out.exists()
+    assert main(["red", str(path), str(out), "--input-shape", "8,8,3"]) == 0
+    folded = keras.saving.load_model(out)
+    assert kap.count_flops(folded, input_shape=(8, 8, 3)) < kap.count_flops(model, input_shape=(8, 8, 3))
+    assert f"{kap.count_flops(model, input_shape=(8, 8, 3)):,}" in capsys.readouterr().out
+
+
 def test_red_subcommand_with_a_budget_and_separation(duplicates_file, tmp_path, capsys):
     path, model = duplicates_file
     out = tmp_path / "red.keras"
@@ -85,6 +99,7 @@ def test_red_subcommand_with_a_budget_and_separation(duplicates_file, tmp_path, 
         (["--budget", "flops=1.5"], "1.5"),
         (["--bandwidth-scale", "0", "--budget", "flops=0.5"], "bandwidth_scale=0"),
         (["--tflite", "red.bin"], ".tflite"),
+        (["--input-shape", "8,x"], "--input-shape"),
     ],
 )
 def test_red_subcommand_rejects_bad_arguments_before_work(extra, message, duplicates_file, tmp_path, capsys, monkeypatch):

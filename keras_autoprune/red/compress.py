@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from typing import Any
 
 import keras
 
@@ -35,7 +36,6 @@ from keras_autoprune.red.batchnorm import FoldedNorm, fold_batchnorm
 from keras_autoprune.red.hashing import HashedTensor, hash_weights
 from keras_autoprune.red.merging import MergeResult, merge_neurons
 from keras_autoprune.red.options import check_distance, check_knob
-from keras_autoprune.red.report import red_report
 from keras_autoprune.red.separation import Separation, separate_depthwise
 from keras_autoprune.report import PruningReport
 from keras_autoprune.surgery import PrunePlan
@@ -136,6 +136,7 @@ def compress(
     budget: Budget | None = None,
     hash_all_layers: bool = False,
     merge_distance: str = "channel",
+    input_shape: Any = None,
 ) -> RedResult:
     """Compresses ``model`` with RED, without data and without fine-tuning.
 
@@ -164,6 +165,10 @@ def compress(
             merged neurons or were separated hashed; the others keep their
             original weights, so hashing that removes nothing costs no
             accuracy.
+        input_shape: input shape without the batch axis, for a model whose
+            inputs have unknown dimensions (``(None, None, 3)``): the stage
+            figures, the budget and the report count FLOPs at this shape
+            (see `kap.count_flops`). RED itself reads no data.
 
     Returns:
         A `RedResult`.
@@ -179,7 +184,8 @@ def compress(
     """
     check_model(model)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance)
-    options = (float(merge_threshold), bool(separate_depthwise), hash_all_layers, merge_distance)
+    count_flops(model, input_shape)  # a model of unknown input size needs `input_shape`: refused before any work
+    options = (float(merge_threshold), bool(separate_depthwise), hash_all_layers, merge_distance, input_shape)
     if budget is None:
         return _run(model, float(bandwidth_scale), *options)
     return _search(model, float(bandwidth_scale), *options, budget)
@@ -209,14 +215,18 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, 
 
 
 def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, hash_all_layers: bool,
-         merge_distance: str = "channel") -> RedResult:
+         merge_distance: str = "channel", input_shape: Any = None) -> RedResult:
     graph = DependencyGraph(model)
-    stages = [StageFigures("original", count_flops(model), count_params(model))]
+
+    def figures(name: str, current: keras.Model) -> StageFigures:
+        return StageFigures(name, count_flops(current, input_shape), count_params(current))
+
+    stages = [figures("original", model)]
     with warnings.catch_warnings():
         # the graph of `model` above reported unknown layers and failing handlers once; not again per stage
         warnings.filterwarnings("ignore", message="keras_autoprune: (no pruning handler|handler .* failed)")
         folded, folds = fold_batchnorm(model, graph)
-        stages.append(StageFigures("batchnorm_folded", count_flops(folded), count_params(folded)))
+        stages.append(figures("batchnorm_folded", folded))
         run = _Stages.run(folded, bandwidth_scale, merge_threshold, separate, merge_distance=merge_distance)
         reverted: tuple[str, ...] = ()
         if not hash_all_layers:
@@ -230,7 +240,10 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
                     run = again
                 else:  # cannot happen if `compared_layers` is complete; never give up a merge silently
                     reverted = ()
-    stages.extend(run.figures(stages[-1], separate))
+    stages.append(dataclasses.replace(stages[-1], stage="hashed"))  # hashing changes values, not sizes
+    stages.append(figures("merged", run.merge.model))
+    if separate:
+        stages.append(figures("separated", run.model))
     extra = {
         "method": "red",
         "bandwidth_scale": bandwidth_scale,
@@ -242,7 +255,8 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         "hashing_reverted": len(reverted),
     }
     try:
-        report = red_report(model, run.model, plan=run.merge.plan, extra=extra)
+        report = PruningReport.from_models(model, run.model, plan=run.merge.plan, extra=extra, input_shape=input_shape,
+                                           removed_layers=True)
     except (ValueError, TypeError) as error:  # a layer the cost counters do not know: the model is still good
         warnings.warn(f"RED compressed '{model.name}', but its per-layer report could not be built "
                       f"({type(error).__name__}: {error}); `result.report` is None.", stacklevel=2)
@@ -284,28 +298,21 @@ class _Stages:
         current, separations = separate_depthwise(merge.model) if separate else (merge.model, [])
         return cls(hashed, tensors, merge, current, separations)
 
-    def figures(self, folded: StageFigures, separate: bool) -> list[StageFigures]:
-        """The ``hashed``, ``merged`` (and ``separated``) stage figures."""
-        figures = [StageFigures("hashed", folded.flops, folded.params),
-                   StageFigures("merged", count_flops(self.merge.model), count_params(self.merge.model))]
-        if separate:
-            figures.append(StageFigures("separated", count_flops(self.model), count_params(self.model)))
-        return figures
-
 
 def _search(model, low: float, merge_threshold: float, separate: bool, hash_all_layers: bool, merge_distance: str,
-            budget: Budget) -> RedResult:
+            input_shape: Any, budget: Budget) -> RedResult:
     """Smallest ``bandwidth_scale`` in ``[low, 100·low]`` (log-bisection) meeting ``budget``."""
-    target = budget.fraction * (count_flops(model) if budget.metric == "flops" else count_params(model))
+    target = budget.fraction * (count_flops(model, input_shape) if budget.metric == "flops" else count_params(model))
+    options = (merge_threshold, separate, hash_all_layers, merge_distance, input_shape)
 
     def cost(result: RedResult) -> int:
         return getattr(result.stages[-1], budget.metric)
 
-    best = _run(model, low, merge_threshold, separate, hash_all_layers, merge_distance)
+    best = _run(model, low, *options)
     if cost(best) <= target:
         return best
     high = low * _SEARCH_RANGE
-    top = _run(model, high, merge_threshold, separate, hash_all_layers, merge_distance)
+    top = _run(model, high, *options)
     if cost(top) > target:
         reached = cost(top) / (target / budget.fraction)
         raise BudgetUnreachableError(
@@ -316,7 +323,7 @@ def _search(model, low: float, merge_threshold: float, separate: bool, hash_all_
     results = {high: top}
 
     def fits(scale: float) -> bool:
-        results[scale] = _run(model, scale, merge_threshold, separate, hash_all_layers, merge_distance)
+        results[scale] = _run(model, scale, *options)
         return cost(results[scale]) <= target
 
     return results[smallest_fitting_value(fits, low, high, _SEARCH_STEPS, geometric=True)]

@@ -47,6 +47,7 @@ def compress_saved_model(
     budget: Budget | None = None,
     hash_all_layers: bool = False,
     merge_distance: str = "channel",
+    input_shape: tuple[int, ...] | None = None,
     unsafe: bool = False,
     tflite: str | os.PathLike | None = None,
 ) -> RedOutcome:
@@ -56,7 +57,8 @@ def compress_saved_model(
         model_path: a ``.keras`` file.
         out: the compressed model's ``.keras`` file.
         bandwidth_scale, merge_threshold, separate_depthwise, budget,
-            hash_all_layers, merge_distance: as in `keras_autoprune.red.compress`.
+            hash_all_layers, merge_distance, input_shape: as in
+            `keras_autoprune.red.compress`.
         unsafe: load with ``safe_mode=False``.
         tflite: also export a float32 ``.tflite`` here, verified with LiteRT
             on random inputs.
@@ -78,7 +80,7 @@ def compress_saved_model(
     model = keras.saving.load_model(model_path, safe_mode=not unsafe, compile=False)
     result = compress(model, bandwidth_scale=bandwidth_scale, merge_threshold=merge_threshold,
                       separate_depthwise=separate_depthwise, budget=budget, hash_all_layers=hash_all_layers,
-                      merge_distance=merge_distance)
+                      merge_distance=merge_distance, input_shape=input_shape)
     result.model.save(out)
     files, summary = [str(out)], None
     if tflite is not None:
