@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import keras
@@ -395,6 +396,45 @@ def test_search_checks_its_arguments_before_any_work():
     unrelated = keras.Model(inputs, L.Dense(4, name="head")(L.GlobalAveragePooling2D()(L.Conv2D(5, 3, name="c1")(inputs))))
     with pytest.raises(ValueError, match="built from `model`"):
         mp.search(unrelated, (x, y), kap.Budget(flops=0.5), pruningnet=other, epochs=0)
+
+
+def test_search_refuses_scoring_training_and_latency_inputs_before_building_the_pruningnet(monkeypatch):
+    model = _residual_net()
+    x, y = _data(32)
+    held_out = (x[:8], y[:8])
+    search_module = importlib.import_module("keras_autoprune.metapruning.search")  # the package's `search` is the function
+
+    def no_net(*args, **kwargs):
+        pytest.fail("the PruningNet was built before the arguments were checked")
+
+    monkeypatch.setattr(search_module, "PruningNet", no_net)
+    budget = kap.Budget(flops=0.5)
+    with pytest.raises(ValueError, match="`batch_size` must be an int >= 1"):
+        mp.search(model, (x, y), budget, batch_size=0)
+    with pytest.raises(ValueError, match="`recalibration_batches` must be an int >= 1"):
+        mp.search(model, (x, y), budget, recalibration_batches=0)
+    with pytest.raises(ValueError):  # 8x5 images for a model of 8x8 images
+        mp.search(model, (x, y), budget, validation_data=(x[:8, :5], y[:8]))
+    repeated = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+    with pytest.raises(ValueError, match="infinite tf.data.Dataset"):
+        mp.search(model, repeated, budget, validation_data=held_out)
+    other = keras.Sequential([keras.Input((4,)), L.Dense(3, name="d1"), L.Dense(2)])
+    table = mp.LatencyTable.build(other, scales=(1.0,), runs=1, verbose=0)
+    with pytest.raises(ValueError, match="built for model"):
+        mp.search(model, (x, y), kap.Budget(latency=0.5), latency_table=table)
+
+
+def test_train_pruningnet_refuses_inputs_it_cannot_train_on():
+    model = _residual_net()
+    net = mp.PruningNet(model, scales=(0.5, 1.0))
+    x, y = _data(16)
+    with pytest.raises(ValueError, match="infinite"):
+        mp.train_pruningnet(net, tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat())
+    with pytest.raises(ValueError, match="`batch_size`"):
+        mp.train_pruningnet(net, (x, y), batch_size=0)
+    for rate in (0.0, -0.1, float("nan"), "fast"):
+        with pytest.raises(ValueError, match="`learning_rate`"):
+            mp.train_pruningnet(net, (x, y), learning_rate=rate)
 
 
 # -- latency -------------------------------------------------------------------------------

@@ -10,16 +10,9 @@ from keras_autoprune.metapruning.evolution import EvolutionarySearch, SearchHist
 from keras_autoprune.metapruning.genes import DEFAULT_SCALES, GeneSpace
 from keras_autoprune.metapruning.latency import LatencyCheck, LatencyTable, LayerTiming, check_latency
 from keras_autoprune.metapruning.pruningnet import GeneSampler, PruningNet
-from keras_autoprune.metapruning.search import (
-    CandidateScorer,
-    SearchResult,
-    SmoothedCrossentropy,
-    cost_function,
-    fingerprint,
-    search,
-    train_pruningnet,
-    uniform_gene,
-)
+from keras_autoprune.metapruning.scoring import CandidateScorer, cost_function, uniform_gene
+from keras_autoprune.metapruning.search import SearchResult, fingerprint, search
+from keras_autoprune.metapruning.training import SmoothedCrossentropy, train_pruningnet
 
 __all__ = [
     "CandidateScorer",
