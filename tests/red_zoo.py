@@ -56,7 +56,7 @@ def _per_channel_weights(record, side: str, weights: dict) -> list[tuple[str, in
     if isinstance(handler, LinearHandler):
         if side == "input":
             return []
-        return [("kernel", -1 if handler._depthwise(layer) else handler.out_axis)] + bias
+        return [("kernel", -1 if handler.is_depthwise(layer) else handler.out_axis)] + bias
     if isinstance(handler, DepthwiseHandler):
         return [("kernel", -1)] + bias if side == "output" else []  # on the (…, C·M) reshaped kernel
     if isinstance(handler, SeparableHandler):

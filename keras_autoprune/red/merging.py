@@ -200,11 +200,15 @@ def _per_layer(index: GraphIndex, graph: DependencyGraph, clusters) -> dict[str,
         gone = np.array(sorted(j for cluster in found for j in cluster[1:]))
         for member in graph.group(group_id).members:
             record = index.record(member.layer)
-            creates = isinstance(record.handler, SeparableHandler) or (
-                isinstance(record.handler, LinearHandler) and not record.handler._depthwise(record.operation))
+            creates = isinstance(record.handler, SeparableHandler) or _mixes_channels(record)
             if member.side == "output" and creates:
                 counts[member.layer] = counts.get(member.layer, 0) + int(np.isin(member.channels, gone).sum())
     return counts
+
+
+def _mixes_channels(record) -> bool:
+    """Whether the call is a Conv/Dense layer (not a depthwise grouped one): each output reads every input."""
+    return isinstance(record.handler, LinearHandler) and not record.handler.is_depthwise(record.operation)
 
 
 def _compared_layers(index: GraphIndex, graph: DependencyGraph, clusters) -> frozenset[str]:
@@ -213,8 +217,7 @@ def _compared_layers(index: GraphIndex, graph: DependencyGraph, clusters) -> fro
     for group_id in clusters:
         for member in graph.group(group_id).members:
             record = index.record(member.layer)
-            reads = (member.side == "input" and isinstance(record.handler, LinearHandler)
-                     and not record.handler._depthwise(record.operation))
+            reads = member.side == "input" and _mixes_channels(record)
             if not reads and getattr(record.operation, "weights", None):
                 names.add(member.layer)
     return frozenset(names)

@@ -153,7 +153,7 @@ def _member(layer, handler, side, weights, positions, in_width):
     nothing = (lambda p: np.zeros(0), None)
     if isinstance(handler, LinearHandler):
         kernel = weights["kernel"]
-        if handler._depthwise(layer):
+        if handler.is_depthwise(layer):
             return (_columns(weights, "kernel", -1), None) if side == "output" else nothing
         if side == "output":
             return _columns(weights, "kernel", handler.out_axis), None

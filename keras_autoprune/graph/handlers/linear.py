@@ -49,7 +49,7 @@ class LinearHandler(LayerHandler):
         self.transposed = transposed
 
     @staticmethod
-    def _depthwise(layer: Any) -> bool:
+    def is_depthwise(layer: Any) -> bool:
         """Whether this is a grouped convolution with one input channel per group."""
         return layer.get_config().get("groups", 1) > 1 and layer.kernel.shape[-2] == 1
 
@@ -58,9 +58,9 @@ class LinearHandler(LayerHandler):
         config = layer.get_config()
         if config.get("data_format", "channels_last") != "channels_last":
             return "data_format='channels_first'"
-        if config.get("groups", 1) != 1 and not self._depthwise(layer):
+        if config.get("groups", 1) != 1 and not self.is_depthwise(layer):
             return f"groups={config['groups']} (grouped convolution)"
-        if mixes_channels(layer) and self._depthwise(layer):  # its inputs are its outputs
+        if mixes_channels(layer) and self.is_depthwise(layer):  # its inputs are its outputs
             return "a softmax activation across its outputs"
         return None
 
@@ -74,7 +74,7 @@ class LinearHandler(LayerHandler):
             for layout in call.in_layouts:
                 ctx.fix(layout, reason)
             return [ctx.fix(ctx.new_space(channels(call.out_shapes[0])), reason)]
-        if self._depthwise(layer):
+        if self.is_depthwise(layer):
             return [np.repeat(call.in_layouts[0], layer.get_config()["filters"] // layer.get_config()["groups"])]
         outputs = ctx.new_space(channels(call.out_shapes[0]))
         if mixes_channels(layer):  # a softmax mixes the outputs only: removed inputs fold into the bias before it
@@ -85,7 +85,7 @@ class LinearHandler(LayerHandler):
         return [activation_at_zero(layer, channels(call.out_shapes[0]))]
 
     def can_fold(self, layer) -> bool:
-        if self.transposed or self._depthwise(layer):
+        if self.transposed or self.is_depthwise(layer):
             return False
         config = layer.get_config()
         if "kernel_size" not in config:
@@ -103,13 +103,13 @@ class LinearHandler(LayerHandler):
                 config["use_bias"] = True
                 weights["bias"] = np.zeros(kernel.shape[self.out_axis], kernel.dtype)
             weights["bias"] = weights["bias"] + shift.astype(kernel.dtype)
-        if not self._depthwise(layer):
+        if not self.is_depthwise(layer):
             kernel = np.compress(in_keep, kernel, axis=self.in_axis)
         weights["kernel"] = np.compress(out_keep, kernel, axis=self.out_axis)
         if "bias" in weights:
             weights["bias"] = weights["bias"][out_keep]
         config[self.units_key] = int(out_keep.sum())
-        if self._depthwise(layer):
+        if self.is_depthwise(layer):
             config["groups"] = int(in_keep.sum())
         return config, weights
 
@@ -125,7 +125,7 @@ class LinearHandler(LayerHandler):
         weights = {k: np.array(v) for k, v in weights.items()}
         kernel = np.moveaxis(weights["kernel"], (self.in_axis, self.out_axis), (-2, -1))
         kernel[..., ~keep.outputs[0]] = 0
-        if not self._depthwise(layer):  # depthwise: the removed input is the removed output
+        if not self.is_depthwise(layer):  # depthwise: the removed input is the removed output
             kernel[..., keep.zero_rows[0], :] = 0
         weights["kernel"] = np.moveaxis(kernel, (-2, -1), (self.in_axis, self.out_axis))
         if "bias" in weights:
