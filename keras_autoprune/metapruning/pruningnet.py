@@ -1,8 +1,10 @@
 """`PruningNet`: a hyper-network that generates a model's weights for any gene.
 
-For every weight tensor ``W`` (kernel of a convolution, depthwise
-convolution or Dense layer) whose shape a prunable channel group changes,
-a two-layer perceptron maps the layer's encoding ``e = (in_scale,
+For every trainable weight tensor ``W`` of two or more dimensions in a layer
+whose channels a prunable group changes (the kernels of convolutions,
+depthwise convolutions and Dense layers; also, where such layers are
+touched, MultiHeadAttention projections, Embedding tables or PReLU
+slopes), a two-layer perceptron maps the layer's encoding ``e = (in_scale,
 out_scale)`` (fractions of its input and output channels kept by the gene)
 to the full tensor:
 
