@@ -283,6 +283,23 @@ def test_float32_file_of_a_rounding_sensitive_model_is_verified_against_float64(
         check_figures(Figures(1.0, 0.01, None, 32), "float32 file", 1e-4, None, wrong.describe())
 
 
+def test_a_file_that_fails_verification_leaves_the_previous_file_in_place(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16,))
+    model = keras.Model(inputs, keras.layers.Dense(200)(inputs))  # 200 close logits: int8 flips some top-1 classes
+    x = np.random.default_rng(0).uniform(-1, 1, (100, 16)).astype("float32")
+    path = tmp_path / "m.tflite"
+    path.write_bytes(b"previous")
+    with pytest.raises(VerificationError, match="top-1 agreement 0.99.*kept at .*m.unverified.tflite.*was not written"):
+        kap.export_tflite(model, path, quantize="int8", representative_data=x, num_samples=100, min_top1_agreement=1.0)
+    assert path.read_bytes() == b"previous"
+    failed = tmp_path / "m.unverified.tflite"
+    assert verify_tflite(failed, model, [x]).top1_agreement == pytest.approx(0.99)  # kept for inspection
+    result = kap.export_tflite(model, path, quantize="int8", representative_data=x, num_samples=100)
+    assert result.verified and result.size_bytes == path.stat().st_size > 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["m.tflite"]  # the next export to `path` reuses that name
+
+
 def test_float64_copy_refuses_mixed_precision():
     from keras_autoprune.export.rounding import float64_copy
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import keras
 
+from keras_autoprune.errors import VerificationError
 from keras_autoprune.export.convert import CONVERSION_PATHS, convert
 from keras_autoprune.export.data import sample_inputs
 from keras_autoprune.export.int8_scales import admit_int8_scales, describe
@@ -132,15 +133,41 @@ def export_tflite(
     expected = reference_outputs(model, inputs)  # the model must run on the samples before any conversion
     content, flex_ops = convert(model, quantize, inputs, int8_io, allow_flex, via)
     content, scale_fixes = admit_int8_scales(content) if quantize == "int8" else (content, [])
-    path.write_bytes(content)
     what = f"{quantize or 'float32'} TFLite file {path}"
     if flex_ops:
+        path.write_bytes(content)
         note = "LiteRT's Python interpreter cannot run Flex ops; run the file where the Flex delegate is linked"
         warnings.warn(f"The {what} holds Flex ops ({', '.join(flex_ops)}) and was not verified: {note}.",
                       stacklevel=2)
         return ExportResult(path, "tflite", quantize, len(content), None, None, None, 0,
                             verified=False, flex_ops=flex_ops, note=note)
-    received = run_tflite(path, model, inputs)
+    # Verified under another name, then renamed: a file that fails never replaces one already at `path`;
+    # it is kept beside it for inspection.
+    staging = unverified_path(path)
+    staging.write_bytes(content)
+    try:
+        result = _verify(staging, path, model, inputs, expected, quantize, tolerance, min_top1_agreement, scale_fixes)
+    except VerificationError as error:
+        raise VerificationError(f"{error} The file that failed is kept at '{staging}' for inspection; "
+                                f"'{path}' was not written.") from error
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    os.replace(staging, path)
+    return result
+
+
+def unverified_path(path: pathlib.Path) -> pathlib.Path:
+    """Where `export_tflite` writes a file before verifying it (and keeps it if it fails): ``m.unverified.tflite``."""
+    return path.with_name(f"{path.stem}.unverified{path.suffix}")
+
+
+def _verify(staging: pathlib.Path, path: pathlib.Path, model: keras.Model, inputs: list, expected: list,
+            quantize: str | None, tolerance: float, min_top1_agreement: float | None,
+            scale_fixes: list) -> ExportResult:
+    """Runs the file at ``staging`` with LiteRT against ``expected`` (raises VerificationError); its result at ``path``."""
+    what = f"{quantize or 'float32'} TFLite file {path}"
+    received = run_tflite(staging, model, inputs)
     figures = compare(expected, received)
     tolerance = tolerance if quantize is None else None
     note, rounding = describe(scale_fixes) if scale_fixes else "", ""
@@ -152,7 +179,7 @@ def export_tflite(
                     f"but {rounding}: within {FACTOR:g}x the model's own float32 rounding (verified against float64)")
             tolerance = None
     check_figures(figures, what, tolerance, min_top1_agreement, rounding)
-    return ExportResult(path, "tflite", quantize, len(content), figures.max_abs_error,
+    return ExportResult(path, "tflite", quantize, staging.stat().st_size, figures.max_abs_error,
                         figures.relative_error, figures.top1_agreement, figures.num_samples, note=note)
 
 
