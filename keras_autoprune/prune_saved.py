@@ -81,7 +81,7 @@ def prune_saved_model(
     import keras_autoprune as kap
     from keras_autoprune.datasets import load_images
     from keras_autoprune.evaluation import accuracy, output_activation
-    from keras_autoprune.export.images import SCALES
+    from keras_autoprune.export.images import SCALES, classes_in_turn, to_channels
 
     if method not in METHODS:
         raise ValueError(f"Expected --method to be one of {METHODS}. Received: {method!r}")
@@ -97,14 +97,16 @@ def prune_saved_model(
     check_model_paths(model_path, out, tflite, int8)
     start = time.perf_counter()
     model = keras.saving.load_model(model_path, safe_mode=not unsafe)
-    if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
-        raise ValueError(f"Expected a model with one image input (N, H, W, C). Received inputs {[tuple(t.shape) for t in model.inputs]}")
-    height, width = model.inputs[0].shape[1:3]
+    shapes = [tuple(t.shape) for t in model.inputs]
+    if len(shapes) != 1 or len(shapes[0]) != 4 or None in shapes[0][1:] or shapes[0][-1] not in (1, 3):
+        raise ValueError("Expected a model with one image input (N, H, W, C) of known height and width and 1 or 3 "
+                         f"channels. Received inputs {shapes}")
+    height, width, channels = shapes[0][1:]
     multiplier, offset = SCALES[scale]
 
     def images(split):
         x, y, classes = load_images(data, split, image_size=(height, width), max_per_class=max_per_class)
-        return (x * multiplier + offset).astype("float32"), y, classes
+        return (to_channels(x, channels) * multiplier + offset).astype("float32"), y, classes
 
     x_train, y_train, classes = images("train")
     try:
@@ -136,7 +138,8 @@ def prune_saved_model(
     files = [str(out)]
     for path, quantize in ((tflite, None), (int8, "int8")):
         if path is not None:
-            sample = (test[0] if test is not None else x_train)[:100]
+            x_sample, y_sample = test if test is not None else (x_train, y_train)
+            sample = x_sample[classes_in_turn(y_sample, 100)]  # every class, not the first folder's images
             result = kap.export_tflite(slim, path, quantize=quantize, representative_data=sample)
             log(result.summary())
             files.append(str(path))

@@ -162,6 +162,27 @@ def test_prune_subcommand_prunes_a_saved_model(uncompiled_cnn_file, image_folder
     assert (tmp_path / "slim.tflite").stat().st_size > 0
 
 
+def test_prune_subcommand_on_a_single_channel_model_exports_int8_calibrated_on_every_class(image_folder, tmp_path, capsys):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 12, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, activation="relu")(inputs))
+    path = tmp_path / "grey.keras"
+    keras.Model(inputs, keras.layers.Dense(3)(x)).save(path)
+    status = main(["prune", str(path), "--data", str(image_folder), "--budget", "flops=0.7", "--method", "magnitude",
+                   "--epochs", "1", "--batch-size", "16", "--out", str(tmp_path / "slim.keras"),
+                   "--int8", str(tmp_path / "slim_int8.tflite")])
+    assert status == 0 and (tmp_path / "slim_int8.tflite").stat().st_size > 0
+    assert "24 test images" in capsys.readouterr().out
+
+
+def test_classes_in_turn_takes_each_class_before_any_second_example():
+    from keras_autoprune.export.images import classes_in_turn
+
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    assert classes_in_turn(labels, 4).tolist() == [0, 3, 5, 1]
+    assert sorted(classes_in_turn(labels, 100).tolist()) == list(range(6))
+
+
 def test_prune_subcommand_checks_arguments_before_work(uncompiled_cnn_file, image_folder, tmp_path, capsys):
     base = ["prune", str(uncompiled_cnn_file), "--data", str(image_folder), "--out", str(tmp_path / "o.keras")]
     assert main([*base, "--budget", "flops=1.5"]) == 2

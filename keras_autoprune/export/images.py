@@ -13,7 +13,8 @@ Reading and decoding is `keras_autoprune.datasets.load_images` (with its
 cache); here classes are taken in turn, files in name order, so that a few
 samples cover every class.
 
-Each image is decoded with the model's number of channels, resized
+Each image is decoded as RGB (a single-channel model gets the mean of R, G
+and B, `to_channels`), resized
 (bilinear) to the model's input height and width when it differs, and
 scaled by ``scale``:
 
@@ -61,7 +62,9 @@ def load_images(
         num_samples: how many images at most. Defaults to 100.
         scale: ``"unit"``, ``"symmetric"`` or ``"none"``. Defaults to "unit".
         split: subfolder of ``source`` (folder) or TFDS split. Defaults to
-            None: the folder itself, or TFDS's ``"train"``.
+            None: ``"train"``, i.e. ``source/train`` if the folder has one,
+            else the folder itself (``source/<class>/*``), or TFDS's
+            ``"train"``.
 
     Raises:
         ValueError: bad ``scale`` or ``image_shape``, a folder without
@@ -82,12 +85,23 @@ def load_images(
         x, y, _ = datasets.load_images(source, split or "train", image_size=(height, width), max_per_class=num_samples)
     except (FileNotFoundError, ImportError) as error:
         raise ValueError(str(error)) from None
-    rank = np.zeros(len(y), np.int64)  # position of each image within its class
-    for label in np.unique(y):
-        rank[y == label] = np.arange(np.sum(y == label))
-    order = np.lexsort((y, rank))[:num_samples]  # classes in turn
-    images = x[order]
-    if channels == 1:
-        images = images.mean(axis=-1, keepdims=True)
     multiplier, offset = SCALES[scale]
-    return (images * multiplier + offset).astype(np.float32)
+    return (to_channels(x[classes_in_turn(y, num_samples)], channels) * multiplier + offset).astype(np.float32)
+
+
+def classes_in_turn(labels: np.ndarray, count: int) -> np.ndarray:
+    """Indices of up to ``count`` examples taking the classes in turn: each class's first, then each one's second, ...
+
+    A folder of images comes grouped by class; its first ``count`` images
+    would calibrate and verify an export on one class only.
+    """
+    labels = np.asarray(labels)
+    rank = np.zeros(len(labels), np.int64)  # position of each example within its class
+    for label in np.unique(labels):
+        rank[labels == label] = np.arange(np.sum(labels == label))
+    return np.lexsort((labels, rank))[:count]
+
+
+def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """RGB images (``N, H, W, 3``) as the model's ``channels``: unchanged for 3, the mean of R, G and B for 1."""
+    return images.mean(axis=-1, keepdims=True) if channels == 1 else images
