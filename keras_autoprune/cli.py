@@ -231,7 +231,17 @@ def _run_export(args: argparse.Namespace) -> int:
 
     from keras_autoprune.export import export_saved_model, export_tflite
     from keras_autoprune.export.images import load_images
+    from keras_autoprune.export.saved_model import check_saved_model_target
+    from keras_autoprune.export.tflite import check_tflite_arguments
+    from keras_autoprune.export.verify import check_thresholds
 
+    # Every argument is checked before the model is loaded, and both outputs before either is written.
+    if args.tflite:
+        check_tflite_arguments(args.tflite, args.quantize, args.data is not None, args.int8_io, args.via,
+                               args.tolerance, args.min_top1, args.num_samples)
+    if args.saved_model:
+        check_saved_model_target(args.saved_model, args.version)
+        check_thresholds(args.tolerance, args.min_top1, args.num_samples)
     model = keras.saving.load_model(args.model)
     data = None
     if args.data is not None:
@@ -247,7 +257,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.saved_model:
         result = export_saved_model(
             model, args.saved_model, version=args.version, representative_data=data,
-            tolerance=args.tolerance, min_top1_agreement=args.min_top1,
+            tolerance=args.tolerance, min_top1_agreement=args.min_top1, num_samples=args.num_samples,
         )
         print(result.summary())
     return 0

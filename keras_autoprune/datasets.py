@@ -18,6 +18,7 @@ the alphabetical order of the class folders.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import pathlib
 import tarfile
@@ -56,13 +57,39 @@ def load_images(
     path = pathlib.Path(source)
     if path.exists():
         return _load_folder(_extracted(path), split, image_size, max_per_class)
-    name = str(source).removeprefix("tfds:")
-    if str(source).startswith("tfds:") or ("/" not in name and not path.suffix):
+    name = _tfds_name(source)
+    if name is not None:
         return _load_tfds(name, split, image_size, max_per_class)
-    raise FileNotFoundError(
-        "Expected an image folder (<root>/<split>/<class>/*.jpg), a .tar.gz of one, or a TFDS name "
-        f"such as 'cifar10'. Received: source={str(source)!r}, which does not exist."
-    )
+    raise FileNotFoundError(_missing(source))
+
+
+def check_image_source(source: str | os.PathLike) -> None:
+    """Raises ValueError unless `load_images` can start on ``source``, without reading any image.
+
+    It must be an existing folder or archive, or a TFDS name (``"cifar10"``,
+    ``"tfds:cifar10"``) with tensorflow-datasets installed.
+    """
+    if pathlib.Path(source).exists():
+        return
+    name = _tfds_name(source)
+    if name is None:
+        raise ValueError(_missing(source))
+    if importlib.util.find_spec("tensorflow_datasets") is None:
+        raise ValueError(f"Loading the TFDS data set '{name}' needs tensorflow-datasets. Received: --data {str(source)!r}. "
+                         'Fix: pip install "keras-autoprune[bench]", or pass an image folder instead.')
+
+
+def _tfds_name(source: str | os.PathLike) -> str | None:
+    """The TFDS name ``source`` stands for (``tfds:NAME``, or a bare name without a folder or suffix), else None."""
+    name = str(source).removeprefix("tfds:")
+    if str(source).startswith("tfds:") or ("/" not in name and not pathlib.Path(name).suffix):
+        return name
+    return None
+
+
+def _missing(source: str | os.PathLike) -> str:
+    return ("Expected an image folder (<root>/<split>/<class>/*.jpg), a .tar.gz of one, or a TFDS name "
+            f"such as 'cifar10'. Received: source={str(source)!r}, which does not exist.")
 
 
 def _extracted(path: pathlib.Path) -> pathlib.Path:

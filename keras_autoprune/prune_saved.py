@@ -79,7 +79,7 @@ def prune_saved_model(
     import keras
 
     import keras_autoprune as kap
-    from keras_autoprune.datasets import load_images
+    from keras_autoprune.datasets import check_image_source, load_images
     from keras_autoprune.evaluation import accuracy, output_activation
     from keras_autoprune.export.images import SCALES, classes_in_turn, to_channels
 
@@ -95,6 +95,9 @@ def prune_saved_model(
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real) or not learning_rate > 0:
         raise ValueError(f"Expected --learning-rate to be a number > 0. Received: {learning_rate!r}")
     check_model_paths(model_path, out, tflite, int8)
+    check_image_source(data)
+    if not isinstance(budget, Budget):
+        raise ValueError(f"Expected `budget` to be a kap.Budget, e.g. kap.Budget(flops=0.5). Received: budget={budget!r}")
     start = time.perf_counter()
     model = keras.saving.load_model(model_path, safe_mode=not unsafe)
     shapes = [tuple(t.shape) for t in model.inputs]

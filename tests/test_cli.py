@@ -55,6 +55,21 @@ def test_export_errors_are_reported(args, status, message, model_file, capsys, m
     assert message in capsys.readouterr().err
 
 
+def test_export_checks_every_argument_before_loading_the_model(model_file, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(keras.saving, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "serving" / "1").mkdir(parents=True)
+    for args, message in (
+        (["--tflite", str(tmp_path / "x.tflite"), "--int8-io"], "int8_io=True"),
+        (["--tflite", str(tmp_path / "x.tflite"), "--tolerance", "0"], "tolerance"),
+        (["--tflite", str(tmp_path / "x.tflite"), "--num-samples", "0"], "num_samples"),
+        (["--tflite", str(tmp_path / "x.tflite"), "--saved-model", str(tmp_path / "serving"), "--version", "1"],
+         "exists"),
+    ):
+        assert main(["export", str(model_file), *args]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert not (tmp_path / "x.tflite").exists()
+
+
 def test_missing_model_file_and_flex_failure(tmp_path, capsys):
     assert main(["export", str(tmp_path / "none.keras"), "--tflite", str(tmp_path / "x.tflite")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -195,7 +210,8 @@ def test_prune_subcommand_checks_arguments_before_work(uncompiled_cnn_file, imag
     assert not (tmp_path / "o.keras").exists()
     for extra, message in ((["--tflite", str(tmp_path / "missing" / "m.tflite")], "existing folder"),
                            (["--tflite", str(tmp_path / "m.tflite"), "--int8", str(tmp_path / "m.tflite")], "one file per export"),
-                           (["--batch-size", "0"], "--batch-size to be an integer >= 1")):
+                           (["--batch-size", "0"], "--batch-size to be an integer >= 1"),
+                           (["--data", str(tmp_path / "missing.tar.gz")], "which does not exist")):
         assert main([*base, "--budget", "flops=0.5", *extra]) == 2
         assert message in capsys.readouterr().err
     before = uncompiled_cnn_file.read_bytes()

@@ -40,7 +40,7 @@ import tensorflow as tf
 from keras_autoprune.export.data import sample_inputs
 from keras_autoprune.export.result import ExportResult
 from keras_autoprune.export.signature import SIGNATURE_KEY, check_exportable, write_serving_saved_model
-from keras_autoprune.export.verify import check_figures, check_thresholds, compare, keras_outputs, serving_outputs
+from keras_autoprune.export.verify import check_figures, check_thresholds, compare, reference_outputs, serving_outputs
 
 
 def export_saved_model(
@@ -85,18 +85,16 @@ def export_saved_model(
             (nothing is left under ``export_dir`` then).
     """
     model = check_exportable(model)
-    base = _check_export_dir(export_dir)
-    if version is None and base.name.isdigit():  # "serving/1": the version directory itself
-        base, version = base.parent, int(base.name)
-    version = _check_version(base, version)
+    base, version = check_saved_model_target(export_dir, version)
     check_thresholds(tolerance, min_top1_agreement, num_samples)
     inputs = sample_inputs(model, representative_data, num_samples, seed)
+    expected = reference_outputs(model, inputs)  # the model must run on the samples before anything is written
     base.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{version}-partial-", dir=base))
     try:
         write_serving_saved_model(model, staging)
         signature = tf.saved_model.load(str(staging)).signatures[SIGNATURE_KEY]
-        figures = compare(keras_outputs(model, inputs), serving_outputs(signature, model, inputs))
+        figures = compare(expected, serving_outputs(signature, model, inputs))
         check_figures(figures, f"SavedModel version {version} in {base}", tolerance, min_top1_agreement)
         final = base / str(version)
         staging.rename(final)
@@ -105,6 +103,18 @@ def export_saved_model(
     size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
     return ExportResult(final, "saved_model", None, size, figures.max_abs_error,
                         figures.relative_error, figures.top1_agreement, figures.num_samples)
+
+
+def check_saved_model_target(export_dir: Any, version: Any = None) -> tuple[pathlib.Path, int]:
+    """``(base directory, version)`` that `export_saved_model` would write, or a ValueError/TypeError.
+
+    A path ending in a number with ``version=None`` is the version directory
+    itself (``"serving/1"``: base ``serving``, version 1).
+    """
+    base = _check_export_dir(export_dir)
+    if version is None and base.name.isdigit():
+        base, version = base.parent, int(base.name)
+    return base, _check_version(base, version)
 
 
 def _check_export_dir(export_dir: Any) -> pathlib.Path:

@@ -126,9 +126,8 @@ def export_tflite(
             or its top-1 agreement is below ``min_top1_agreement``.
     """
     model = check_exportable(model)
-    path = _check_path(path)
-    _check_options(quantize, representative_data, int8_io, via)
-    check_thresholds(tolerance, min_top1_agreement, num_samples)
+    path = check_tflite_arguments(path, quantize, representative_data is not None, int8_io, via, tolerance,
+                                  min_top1_agreement, num_samples)
     inputs = sample_inputs(model, representative_data, num_samples, seed)
     expected = reference_outputs(model, inputs)  # the model must run on the samples before any conversion
     content, flex_ops = convert(model, quantize, inputs, int8_io, allow_flex, via)
@@ -183,6 +182,16 @@ def _verify(staging: pathlib.Path, path: pathlib.Path, model: keras.Model, input
                         figures.relative_error, figures.top1_agreement, figures.num_samples, note=note)
 
 
+def check_tflite_arguments(path: Any, quantize: str | None = None, has_representative_data: bool = False,
+                           int8_io: bool = False, via: str = "function", tolerance: float | None = 1e-4,
+                           min_top1_agreement: float | None = None, num_samples: int = 100) -> pathlib.Path:
+    """`export_tflite`'s checks of everything but the model and the data, before any work; returns ``path``."""
+    path = _check_path(path)
+    _check_options(quantize, has_representative_data, int8_io, via)
+    check_thresholds(tolerance, min_top1_agreement, num_samples)
+    return path
+
+
 def _check_path(path: Any) -> pathlib.Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"Expected `path` to be a file path. Received: path={path!r}")
@@ -201,13 +210,13 @@ def _check_path(path: Any) -> pathlib.Path:
     return path
 
 
-def _check_options(quantize: Any, representative_data: Any, int8_io: bool, via: Any) -> None:
+def _check_options(quantize: Any, has_representative_data: bool, int8_io: bool, via: Any) -> None:
     if quantize not in QUANTIZE_MODES:
         raise ValueError(
             f"Expected `quantize` to be one of {list(QUANTIZE_MODES)}. "
             f"Received: quantize={quantize!r}"
         )
-    if quantize == "int8" and representative_data is None:
+    if quantize == "int8" and not has_representative_data:
         raise ValueError(
             "Expected `representative_data` with quantize='int8': full-integer "
             "quantization calibrates activation ranges on sample inputs. Received: "
