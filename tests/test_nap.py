@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -213,6 +214,31 @@ def test_tolerance_mode_judges_each_round_once_and_an_undone_round_keeps_the_ear
             assert np.all(cb.pruned_model.get_layer(name).kernel.numpy()[mask == 0] == 0), name
 
 
+def test_tolerance_mode_checks_validation_data_before_training(digits, pretrained):
+    x_train, x_test, y_train, _ = digits
+    model = fresh(pretrained)
+    weights = [w.copy() for w in model.get_weights()]
+    cb = kap.NAPCallback((x_train[:256], y_train[:256]), budget=kap.Budget(flops=0.5), rounds=2,
+                         validation_data=tf.data.Dataset.from_tensor_slices(x_test).batch(32), max_accuracy_drop=0.05,
+                         verbose=0)
+    with pytest.raises(ValueError, match="tolerance mode measures the top-1 accuracy"):
+        model.fit(x_train[:256], y_train[:256], epochs=2, batch_size=64, callbacks=[cb], verbose=0)
+    for before, after in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(before, after)  # not one step was trained
+
+
+def test_one_shot_prune_judges_each_round_in_tolerance_mode(digits, pretrained, monkeypatch):
+    x_train, x_test, y_train, y_test = digits
+    model = fresh(pretrained)
+    calls = _scripted_accuracy(monkeypatch, [0.90, 0.90, 0.50])  # round 2 fails by 0.40
+    cb = kap.NAPCallback((x_train[:256], y_train[:256]), budget=kap.Budget(flops=0.3), rounds=3,
+                         validation_data=(x_test, y_test), max_accuracy_drop=0.05, verbose=0)
+    slim = cb.prune(model)
+    assert len(calls) == 3 and cb.stopped and [h.get("accepted") for h in cb.history] == [True, False]
+    assert kap.count_flops(slim) / kap.count_flops(model) == pytest.approx(cb.history[0]["flops_kept"])
+    assert cb.history[0]["flops_kept"] > 0.3
+
+
 def test_tolerance_mode_without_a_budget_aims_at_the_models_floor_when_it_is_above_its_default():
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, name="c1")(inputs))
@@ -314,6 +340,10 @@ def test_obs_update_zeroes_removed_columns_and_moves_the_rest(digits, pretrained
         (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), fisher="exact"), ValueError, "fisher"),
         (dict(data=([0], [0]), validation_data=([0], [0])), ValueError, "max_accuracy_drop"),
         (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), damping=-1), ValueError, "damping"),
+        (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), damping=float("nan")), ValueError, "damping"),
+        (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), damping=True), ValueError, "damping"),
+        (dict(data=([0], [0]), validation_data=([0], [0]), max_accuracy_drop="0.01"), ValueError, "max_accuracy_drop"),
+        (dict(data=([0], [0]), validation_data=iter([([0], [0])]), max_accuracy_drop=0.01), ValueError, "one-shot iterator"),
         (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), scorer="obs"),
          ValueError, r"scorer. must be one of \('nap', 'kron-obs', 'kron-obd', 'c-obs', 'c-obd', 'fisher'\)\. Received: scorer='obs'"),
         (dict(data=([0], [0]), budget=kap.Budget(flops=0.5), scorer="c-obs", input_side=True), ValueError, "output side only"),

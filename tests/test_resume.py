@@ -144,6 +144,10 @@ def test_a_state_of_another_run_is_refused(tmp_path):
     other = kap.MagnitudeCallback(kap.Budget(flops=0.6), start_epoch=1, rounds=2, verbose=0, state_dir=tmp_path / "whole")
     with pytest.raises(ValueError, match="does not belong to this run: its settings"):
         _fit(_model(), [other], initial_epoch=3)
+    # A budget that prints the same ("50% of FLOPs") is another run too.
+    close = kap.MagnitudeCallback(kap.Budget(flops=0.504), start_epoch=1, rounds=2, verbose=0, state_dir=tmp_path / "whole")
+    with pytest.raises(ValueError, match="does not belong to this run: its settings"):
+        _fit(_model(), [close], initial_epoch=3)
 
 
 def test_a_state_written_with_other_method_settings_is_refused(tmp_path):

@@ -230,7 +230,10 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
         again on the masked model before each round: with ``rounds=k`` each
         round removes a ``1/k`` share of the reduction, seeing the channels
         already removed), then the slim model, its check against the masked
-        copy and the report, exactly as at the end of ``fit``. Afterwards
+        copy and the report, exactly as at the end of ``fit``. In NAP's
+        tolerance mode each round is judged right after it (in ``fit``, after
+        its epoch): one that costs more than ``max_accuracy_drop`` is undone
+        and pruning stops. Afterwards
         ``plan``, ``pruned_model``, ``report``, ``history`` and
         ``pruning_seconds`` are set as after ``fit``. The copy is compiled
         with ``model``'s loss (and loss weights) when ``model`` has one (the
@@ -283,6 +286,7 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
                     if index and batchnorm_data is not None:
                         recalibrate_batchnorm(copy, batchnorm_data)
                     self.on_epoch_begin(epoch)
+                    self.on_epoch_end(epoch)  # where fit ends the round's epoch: NAP's tolerance mode judges it
             finally:
                 self.on_train_end()
         finally:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -15,6 +18,7 @@ from keras_autoprune.evaluation import accuracy
 from keras_autoprune.errors import BudgetUnreachableError
 from keras_autoprune.methods import nap
 from keras_autoprune.stats import collect_channel_fisher, collect_kfac
+from keras_autoprune.stats.calibration import CalibrationData
 from keras_autoprune.surgery.clone import clone_layers, copy_layer
 from keras_autoprune.surgery.plan import PrunePlan
 
@@ -172,10 +176,17 @@ class NAPCallback(RankedPruningCallback):
             )
         if fisher not in ("true", "empirical"):
             raise ValueError(f"`fisher` must be 'true' or 'empirical'. Received: fisher={fisher!r}")
-        if not isinstance(damping, (int, float)) or damping <= 0:
-            raise ValueError(f"`damping` must be a positive number. Received: damping={damping!r}")
-        if max_accuracy_drop is not None and not 0 <= max_accuracy_drop < 1:
+        if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not math.isfinite(damping) or damping <= 0:
+            raise ValueError(f"`damping` must be a finite number > 0, e.g. 1e-3. Received: damping={damping!r}")
+        if max_accuracy_drop is not None and (isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, numbers.Real)
+                                              or not 0 <= max_accuracy_drop < 1):
             raise ValueError(f"`max_accuracy_drop` is a fraction in [0, 1), e.g. 0.01. Received: {max_accuracy_drop!r}")
+        if isinstance(validation_data, Iterator):
+            raise ValueError(
+                "NAPCallback: expected `validation_data` that can be read once for the unpruned model and once after "
+                f"every round. Received: a one-shot iterator ({type(validation_data).__name__}). Fix: pass arrays "
+                "(x, y), a tf.data.Dataset, a keras.utils.PyDataset or a list of batches."
+            )
         check_readable(data, rounds, "NAPCallback")
         self.data = data
         self.granularity = granularity
@@ -198,6 +209,9 @@ class NAPCallback(RankedPruningCallback):
         self._source = CalibrationSource(self.data, model, batch_size=self.batch_size,
                                          require_labels=self._fisher == "empirical", owner="NAPCallback",
                                          likelihood=self._likelihood, num_batches=self.num_batches)
+        if self.validation_data is not None:  # its first batch, checked now rather than at the first round
+            CalibrationData(self.validation_data, model, batch_size=self.batch_size,
+                            labels_reason="tolerance mode measures the top-1 accuracy on `validation_data`")
         self.statistics_seconds = 0.0
         self.weight_masks: dict[str, np.ndarray] | None = None
         self.base_accuracy = None  # measured just before the first round (`prune_round`)

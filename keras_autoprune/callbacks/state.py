@@ -100,7 +100,7 @@ class ResumeMixin:
     decision_settings: tuple[str, ...] = ()
 
     def _settings(self) -> dict:
-        schedule = {"budget": str(self.budget), "start_epoch": self.start_epoch, "end_epoch": self.end_epoch,
+        schedule = {"budget": repr(self.budget), "start_epoch": self.start_epoch, "end_epoch": self.end_epoch,
                     "rounds": self.rounds}
         return {**schedule, **{name: repr(getattr(self, name)) for name in self.decision_settings}}
 
