@@ -256,6 +256,23 @@ def test_tolerance_mode_without_a_budget_aims_at_the_models_floor_when_it_is_abo
                         verbose=0).prune(model)
 
 
+def test_tolerance_mode_in_weight_granularity_defaults_to_a_parameter_budget_above_its_floor():
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=4, name="dw")(inputs)  # 120 weights weight mode keeps
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, name="c1")(x))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="d")(x))
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(8, 16, 16, 3)).astype("float32"), rng.integers(0, 2, 8))
+    cb = kap.NAPCallback(data, granularity="weight", validation_data=data, max_accuracy_drop=0.99, verbose=0)
+    assert cb.budget.metric == "params"
+    cb.prune(model)
+    total = model.count_params()
+    floor = (120 + 8 + 2) / total  # the depthwise layer and the biases: 12.9%, above the default 10%
+    assert total == 1010 and cb.budget.fraction == pytest.approx(kap.budget.round_up_fraction(floor + 0.01)) == 0.14
+    assert floor < cb.measure_kept()["params"] <= cb.budget.fraction + 1 / total  # within one weight
+
+
 def test_fine_grained_mode_masks_kernels_outside_prunable_channel_groups():
     inputs = keras.Input((8,))
     x = keras.layers.LayerNormalization(name="ln")(keras.layers.Dense(5, name="b")(keras.layers.Dense(6, name="a")(inputs)))

@@ -146,7 +146,8 @@ class NAPCallback(RankedPruningCallback):
                     "Give a `budget` (e.g. `kap.Budget(flops=0.5)`), or use tolerance mode with "
                     "`validation_data=...` and `max_accuracy_drop=0.01`. Received: budget=None"
                 )
-            budget = Budget(flops=TOLERANCE_MODE_BUDGET)
+            # single weights save parameters, channels FLOPs
+            budget = Budget(**{"params" if granularity == "weight" else "flops": TOLERANCE_MODE_BUDGET})
         super().__init__(budget, rounds=rounds, max_layer_ratio=max_layer_ratio, **kwargs)
         self._budget_given = budget_given
         if data is None:
@@ -176,9 +177,11 @@ class NAPCallback(RankedPruningCallback):
             )
         if fisher not in ("true", "empirical"):
             raise ValueError(f"`fisher` must be 'true' or 'empirical'. Received: fisher={fisher!r}")
-        if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not math.isfinite(damping) or damping <= 0:
+        if (isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not math.isfinite(damping)
+                or damping <= 0):
             raise ValueError(f"`damping` must be a finite number > 0, e.g. 1e-3. Received: damping={damping!r}")
-        if max_accuracy_drop is not None and (isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, numbers.Real)
+        if max_accuracy_drop is not None and (isinstance(max_accuracy_drop, bool)
+                                              or not isinstance(max_accuracy_drop, numbers.Real)
                                               or not 0 <= max_accuracy_drop < 1):
             raise ValueError(f"`max_accuracy_drop` is a fraction in [0, 1), e.g. 0.01. Received: {max_accuracy_drop!r}")
         if isinstance(validation_data, Iterator):
@@ -229,7 +232,11 @@ class NAPCallback(RankedPruningCallback):
 
     def check_budget(self, model: keras.Model) -> None:
         if self.granularity == "weight":
-            self._weight_fraction(self.budget.fraction, count_params(model))  # raises when out of reach
+            total = count_params(model)
+            if not self._budget_given:  # tolerance mode's own default: a step above the floor, not an error
+                above_floor = round_up_fraction(min(1.0, self._weight_floor(total) + 0.01))
+                self.budget = Budget(params=max(TOLERANCE_MODE_BUDGET, above_floor))
+            self._weight_fraction(self.budget.fraction, total)  # raises when out of reach
             return
         if not self._budget_given:  # tolerance mode's own default: as far as the model goes, not an error
             floor = self.budget_floor()
@@ -330,10 +337,10 @@ class NAPCallback(RankedPruningCallback):
         Raises:
             BudgetUnreachableError: masking every maskable weight still keeps more than ``target``.
         """
-        maskable = sum(int(np.prod(t.layer.kernel.shape)) for t in nap.maskable_taps(self.graph).values())
+        maskable = self._maskable()
         fraction = 1.0 - (1.0 - target) * total / max(maskable, 1)
         if fraction <= 0:
-            floor = 1.0 - maskable / total
+            floor = self._weight_floor(total)
             raise BudgetUnreachableError(
                 f"Expected a parameter budget that masking single weights can reach on model '{self.model.name}'. "
                 f"Received: {self.budget}, but only {maskable} of its {total} parameters are kernels of Dense or "
@@ -341,6 +348,14 @@ class NAPCallback(RankedPruningCallback):
                 f"keeps at least {floor:.1%}. Fix: kap.Budget(params={round_up_fraction(floor)}) or more."
             )
         return fraction
+
+    def _maskable(self) -> int:
+        """Weights of the kernels weight mode masks (`nap.maskable_taps`)."""
+        return sum(int(np.prod(t.layer.kernel.shape)) for t in nap.maskable_taps(self.graph).values())
+
+    def _weight_floor(self, total: int) -> float:
+        """The smallest fraction of ``total`` parameters weight mode can keep: ``1 - maskable / total``."""
+        return 1.0 - self._maskable() / total
 
     def _weight_round(self, factors, target: float) -> None:
         fraction = self._weight_fraction(target, self._original["params"])
