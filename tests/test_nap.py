@@ -227,6 +227,35 @@ def test_tolerance_mode_checks_validation_data_before_training(digits, pretraine
         np.testing.assert_array_equal(before, after)  # not one step was trained
 
 
+def _separable_chain():
+    """c1 (Conv2D) -> s1, s2 (SeparableConv2D, which the statistics cannot tap) -> GAP -> d (Dense)."""
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inputs)
+    x = keras.layers.SeparableConv2D(16, 3, padding="same", activation="relu", name="s1")(x)
+    x = keras.layers.SeparableConv2D(16, 3, padding="same", activation="relu", name="s2")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="d")(keras.layers.GlobalAveragePooling2D()(x)))
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    return model, (rng.normal(size=(32, 12, 12, 3)).astype("float32"), rng.integers(0, 3, 32))
+
+
+def test_groups_the_scorer_cannot_score_stay_whole_and_count_in_the_budget_floor():
+    model, data = _separable_chain()
+    graph = kap.DependencyGraph(model)
+    # Fisher reads the readers (only d is tapped); NAP also the producers (c1); the baselines the producers only.
+    assert nap.scorable_groups(graph, "fisher", False) == {"s2"}
+    assert nap.scorable_groups(graph, "nap", True) == {"c1", "s2"}
+    assert nap.scorable_groups(graph, "c-obs", False) == {"c1"}
+    fisher = kap.NAPCallback(data, kap.Budget(flops=0.3), scorer="fisher", num_batches=2, batch_size=16, verbose=0)
+    with pytest.raises(kap.BudgetUnreachableError, match=r"cannot score.*\['c1', 's1'\]"):
+        fisher.prune(model)  # before: accepted, then each round only warned that it could not reach the budget
+    cb = kap.NAPCallback(data, kap.Budget(flops=0.3), scorer="nap", num_batches=2, batch_size=16, verbose=0)
+    with pytest.warns(UserWarning, match=r"reach no layer that scores group\(s\) \['s1'\]"):
+        slim = cb.prune(model)
+    assert "s1" not in cb.plan.kept  # before: scored 0 and removed first
+    assert slim.get_layer("s1").filters == 16 and kap.count_flops(slim) <= 0.3 * kap.count_flops(model)
+
+
 def test_one_shot_prune_judges_each_round_in_tolerance_mode(digits, pretrained, monkeypatch):
     x_train, x_test, y_train, y_test = digits
     model = fresh(pretrained)

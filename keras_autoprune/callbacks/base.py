@@ -163,9 +163,13 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
                 f"Expected a budget {type(self).__name__} can reach on model '{model.name}'. Received: "
                 f"kap.Budget({metric}={self.budget.fraction}), but with every prunable channel group at its smallest "
                 f"(one channel, or the layer floor `max_layer_ratio` keeps) the model keeps {floor:.1%} of its {metric} (the layers whose channels cannot be pruned "
-                f"stay whole: see kap.DependencyGraph(model).summary()). Fix: kap.Budget({metric}="
+                f"stay whole: see kap.DependencyGraph(model).summary()){self.floor_note()}. Fix: kap.Budget({metric}="
                 f"{round_up_fraction(floor)}) or more."
             )
+
+    def floor_note(self) -> str:
+        """More on what `smallest_plan` leaves whole, for the unreachable-budget message (default: nothing)."""
+        return ""
 
     def budget_floor(self) -> float:
         """The fraction of the budget's metric that `smallest_plan` keeps on the fit's model: the least reachable."""

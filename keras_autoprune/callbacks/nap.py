@@ -230,6 +230,19 @@ class NAPCallback(RankedPruningCallback):
         if self.granularity == "channel":  # single weights need no prunable channel group
             super().check_graph(graph)
 
+    def smallest_plan(self) -> PrunePlan:
+        """The ranked floor, with the groups the scorer cannot score left whole (`nap.scorable_groups`)."""
+        scorable = nap.scorable_groups(self.graph, self.scorer, self.input_side)
+        return PrunePlan({gid: kept for gid, kept in super().smallest_plan().kept.items() if gid in scorable})
+
+    def floor_note(self) -> str:
+        scorable = nap.scorable_groups(self.graph, self.scorer, self.input_side)
+        unscored = sorted(g.id for g in self.graph.prunable_groups if g.id not in scorable)
+        if not unscored:
+            return ""
+        return (f"; so do the groups scorer={self.scorer!r} cannot score, as none of the layers it reads there can be "
+                f"tapped: {unscored[:8]}{' ...' if len(unscored) > 8 else ''} (another scorer may reach them)")
+
     def check_budget(self, model: keras.Model) -> None:
         if self.granularity == "weight":
             total = count_params(model)

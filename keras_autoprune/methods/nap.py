@@ -30,6 +30,7 @@ weight, ranked over all layers, under a parameter budget (see
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import keras
@@ -42,6 +43,7 @@ from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.scoring import baselines
 from keras_autoprune.scoring.obs import out_channel_update, weight_saliency
 from keras_autoprune.stats import GroupSaliency, damped_inverses, split_weight_matrix, weight_matrix
+from keras_autoprune.stats.groups import expanded_members, internal_members
 from keras_autoprune.stats.channel_fisher import group_channel_fisher
 from keras_autoprune.stats.engine import StatisticsResult
 from keras_autoprune.stats.taps import Tap, resolve_taps
@@ -112,7 +114,12 @@ def channel_saliencies(
         saliency = GroupSaliency(graph, factors, damping)
         score = ((lambda g: saliency.group(g, input_side=input_side)) if scorer == "nap"
                  else (lambda g: saliency.output_scores(g, _BASELINES[scorer])))
-        scores = {g.id: score(g) for g in graph.prunable_groups}
+        measured = scorable_groups(graph, scorer, input_side, set(factors))
+        unmeasured = sorted(g.id for g in graph.prunable_groups if g.id not in measured)
+        if unmeasured:
+            warnings.warn(f"keras_autoprune: the K-FAC statistics reach no layer that scores group(s) {unmeasured} "
+                          f"with scorer={scorer!r} (their layers cannot be tapped); they are not pruned.", stacklevel=2)
+        scores = {g.id: score(g) for g in graph.prunable_groups if g.id in measured}
     if cost_aware:
         costs = channel_costs(model, graph, metric)
         scores = {gid: s / np.maximum(costs[gid], 1e-12) for gid, s in scores.items()}
@@ -164,6 +171,27 @@ def obs_update(graph: DependencyGraph, factors: StatisticsResult, plan: PrunePla
             bias.assign(new_bias.astype(bias.dtype))
         updated.append(record.name)
     return updated
+
+
+def scorable_groups(graph: DependencyGraph, scorer: str, input_side: bool = True,
+                    tapped: set[str] | None = None) -> frozenset[str]:
+    """Prunable groups that ``scorer`` can score: some member it reads is a layer the statistics tap.
+
+    The channel Fisher (``"fisher"``) reads the groups' readers (input side);
+    ``"nap"`` reads producers and, with ``input_side``, readers; the
+    baselines read producers. A group none of whose read members is tapped
+    would score 0 and be removed first, so the callbacks leave it whole.
+
+    Args:
+        tapped: qualified names of the tapped layers (the keys of collected
+            statistics); default: those `resolve_taps` would tap.
+    """
+    tapped = set(resolve_taps(graph)) if tapped is None else tapped
+    sides = {"input"} if scorer == "fisher" else {"output", "input"} if scorer == "nap" and input_side else {"output"}
+    internal, _ = internal_members(graph)
+    return frozenset(group.id for group in graph.prunable_groups
+                     if any(m.layer in tapped and m.side in sides and m.tensor_index == 0
+                            for m in expanded_members(group, internal)))
 
 
 def maskable_taps(graph: DependencyGraph) -> dict[str, Tap]:

@@ -144,7 +144,8 @@ def group_channel_fisher(graph: DependencyGraph, result: StatisticsResult) -> di
     if unmeasured:
         warnings.warn(
             f"keras_autoprune: the channel Fisher reaches no reader of group(s) {unmeasured} (read only by layers "
-            "the statistics cannot tap); they are not pruned. scorer='nap' scores them from their producers.",
+            "the statistics cannot tap); they are not pruned. scorer='nap' also reads their producers, which may be "
+            "tapped.",
             stacklevel=2,
         )
     return {group_id: score for group_id, score in scores.items() if group_id in measured}
