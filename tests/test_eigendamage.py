@@ -235,6 +235,8 @@ def test_reduce_approximation_changes_the_bases_and_still_meets_the_budget(digit
     (dict(budget=kap.Budget(flops=0.5), cost_aware="yes"), ValueError, "cost_aware"),
     (dict(budget=kap.Budget(flops=0.5), scorer="obs"), ValueError, "scorer"),
     (dict(budget=0.5), TypeError, "kap.Budget"),
+    (dict(budget=kap.Budget(flops=0.5), num_batches=0), ValueError, "num_batches=0"),
+    (dict(budget=kap.Budget(flops=0.5), batch_size=True), ValueError, "batch_size=True"),
 ])
 def test_bad_arguments_fail_in_init(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -149,6 +149,8 @@ def test_from_scratch_meets_budget_and_learns(digits):  # noqa: F811
         (dict(protect_quantile=-0.1), "protect_quantile"),
         (dict(ema=1.5), "ema"),
         (dict(rounds=0), "rounds"),
+        (dict(num_batches=-1), "num_batches=-1"),
+        (dict(batch_size=0), "batch_size=0"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -16,7 +16,7 @@ from typing import Any
 
 import keras
 
-from keras_autoprune.stats.calibration import CalibrationData, check_batch_count
+from keras_autoprune.stats.calibration import CalibrationData, check_batch_count, check_count
 from keras_autoprune.stats.loss import Likelihood, resolve_likelihood
 
 
@@ -34,6 +34,13 @@ def check_readable(data: Any, rounds: int, owner: str, passes_per_round: int = 1
             "(x, y), a tf.data.Dataset, a keras.utils.PyDataset or a list of batches "
             f"(e.g. `list(itertools.islice(generator, 8))`){', or use ' + single if single else ''}."
         )
+
+
+def check_counts(num_batches: Any, batch_size: Any) -> None:
+    """Raises ValueError unless ``num_batches`` is None or an int >= 1 and ``batch_size`` an int >= 1 (in ``__init__``)."""
+    if num_batches is not None:
+        check_count("num_batches", num_batches)
+    check_count("batch_size", batch_size)
 
 
 class CalibrationSource:

@@ -8,7 +8,13 @@ import keras
 
 from keras_autoprune.budget import Budget, round_up_fraction
 from keras_autoprune.callbacks.base import PruningCallback
-from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable, fisher_facts, resolve_fisher
+from keras_autoprune.callbacks.calibration import (
+    CalibrationSource,
+    check_counts,
+    check_readable,
+    fisher_facts,
+    resolve_fisher,
+)
 from keras_autoprune.errors import BudgetUnreachableError
 from keras_autoprune.callbacks.projections import ProjectionSet
 from keras_autoprune.graph.dependency import DependencyGraph
@@ -128,6 +134,7 @@ class EigenDamageCallback(PruningCallback):
         self.data = data
         self.max_layer_ratio = float(max_layer_ratio)
         self.fisher = fisher
+        check_counts(num_batches, batch_size)
         self.num_batches = num_batches
         self.batch_size = batch_size
         self.kfac_approximation = kfac_approximation

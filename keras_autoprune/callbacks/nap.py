@@ -13,7 +13,13 @@ import numpy as np
 from keras_autoprune.accounting import count_params
 from keras_autoprune.budget import Budget, round_up_fraction
 from keras_autoprune.callbacks.ranked import DEFAULT_MAX_LAYER_RATIO, RankedPruningCallback
-from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable, fisher_facts, resolve_fisher
+from keras_autoprune.callbacks.calibration import (
+    CalibrationSource,
+    check_counts,
+    check_readable,
+    fisher_facts,
+    resolve_fisher,
+)
 from keras_autoprune.evaluation import accuracy
 from keras_autoprune.errors import BudgetUnreachableError
 from keras_autoprune.methods import nap
@@ -191,6 +197,7 @@ class NAPCallback(RankedPruningCallback):
                 "(x, y), a tf.data.Dataset, a keras.utils.PyDataset or a list of batches."
             )
         check_readable(data, rounds, "NAPCallback")
+        check_counts(num_batches, batch_size)
         self.data = data
         self.granularity = granularity
         self.masks_every_layer = granularity == "weight"  # single weights are masked in any Dense/Conv kernel

@@ -8,7 +8,13 @@ import numpy as np
 
 from keras_autoprune.budget import Budget
 from keras_autoprune.callbacks.base import PruningCallback
-from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable, fisher_facts, resolve_fisher
+from keras_autoprune.callbacks.calibration import (
+    CalibrationSource,
+    check_counts,
+    check_readable,
+    fisher_facts,
+    resolve_fisher,
+)
 from keras_autoprune.methods import psap
 from keras_autoprune.stats import collect_gradient_stats
 from keras_autoprune.surgery.importance import channel_l1
@@ -89,6 +95,7 @@ class PSAPCallback(PruningCallback):
         self.max_layer_ratio = max_layer_ratio
         self.protect_quantile = protect_quantile
         self.ema = ema
+        check_counts(num_batches, batch_size)
         self.num_batches = num_batches
         self.batch_size = batch_size
 

@@ -97,7 +97,7 @@ class CalibrationData:
         likelihood: Any = None,
         labels_reason: str | None = None,
     ):
-        _check_count("batch_size", batch_size)
+        check_count("batch_size", batch_size)
         check_batch_count(data, num_batches)
         self._functional = check_model(model)
         self._require_labels = require_labels
@@ -295,7 +295,7 @@ def _same_size(array: np.ndarray, size: int, what: str, index: int) -> None:
 def check_batch_count(data: Any, num_batches: int | None) -> None:
     """Raises ValueError unless ``num_batches`` is None or a positive integer, and ``data`` is finite when it is None."""
     if num_batches is not None:
-        _check_count("num_batches", num_batches)
+        check_count("num_batches", num_batches)
     elif isinstance(data, tf.data.Dataset) and int(data.cardinality()) == tf.data.INFINITE_CARDINALITY:
         raise ValueError(
             "Expected a finite dataset, or `num_batches`. Received: an infinite tf.data.Dataset "
@@ -303,7 +303,8 @@ def check_batch_count(data: Any, num_batches: int | None) -> None:
         )
 
 
-def _check_count(name: str, value: Any) -> None:
+def check_count(name: str, value: Any) -> None:
+    """Raises ValueError unless ``value`` is an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"Expected a positive integer. Received: {name}={value!r}")
 
