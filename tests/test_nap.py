@@ -364,6 +364,27 @@ def test_fine_grained_mode_masks_weights_and_strips_masks(digits, pretrained):
     assert accuracy(slim, (x_test, y_test)) > 0.8
 
 
+def test_cost_aware_scores_rank_a_group_normalization_chunk_by_its_saliency_per_cost():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.GroupNormalization(groups=2, name="gn")(keras.layers.Conv2D(8, 3, name="c1")(inputs))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="c2")(keras.layers.ReLU()(x))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="d")(keras.layers.GlobalAveragePooling2D()(x)))
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(16, 8, 8, 3)).astype("float32"), rng.integers(0, 3, 16))
+    graph = kap.DependencyGraph(model)
+    factors = collect_kfac(model, data, graph=graph, verbose=0)
+    plain = nap.channel_saliencies(model, graph, factors)
+    per_cost = nap.channel_saliencies(model, graph, factors, cost_aware=True)
+    costs = kap.allocation.cost.channel_costs(model, graph, "flops")
+    chunks = graph.group("c1").chunks
+    assert sorted(set(chunks.tolist())) == [0, 1]  # two chunks of four channels
+    for chunk in (0, 1):
+        members = chunks == chunk  # what the ranking sums for the chunk: its saliency per FLOP it saves
+        assert per_cost["c1"][members].sum() == pytest.approx(plain["c1"][members].sum() / costs["c1"][members].sum())
+    np.testing.assert_allclose(per_cost["c2"], plain["c2"] / costs["c2"])  # single channels: as before
+
+
 def test_obs_update_zeroes_removed_columns_and_moves_the_rest(digits, pretrained):
     x_train, _, y_train, _ = digits
     model = fresh(pretrained)

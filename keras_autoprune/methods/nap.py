@@ -10,7 +10,9 @@ Structured mode (channels):
    (input side, on by default: ``input_side=True``). A coupled group sums
    its members (`stats.GroupSaliency`).
 3. All groups' channels are ranked together (optionally per unit of cost,
-   ``cost_aware=True``: ``ΔL_i / cost_i``); the lowest go until the budget
+   ``cost_aware=True``: ``ΔL_i / cost_i``; a chunk removed as one, a
+   GroupNormalization group, ranks by ``Σ ΔL / Σ cost`` over its channels);
+   the lowest go until the budget
    holds (`allocation.global_ranking_plan`). Per-layer ratios follow from the
    ranking alone.
 4. Optional OBS update of the remaining output channels of each layer that
@@ -120,10 +122,16 @@ def channel_saliencies(
             warnings.warn(f"keras_autoprune: the K-FAC statistics reach no layer that scores group(s) {unmeasured} "
                           f"with scorer={scorer!r} (their layers cannot be tapped); they are not pruned.", stacklevel=2)
         scores = {g.id: score(g) for g in graph.prunable_groups if g.id in measured}
-    if cost_aware:
+    if cost_aware:  # the ranking sums a chunk's channels: each divided by its chunk's cost, the sum is Σ ΔL / Σ cost
         costs = channel_costs(model, graph, metric)
-        scores = {gid: s / np.maximum(costs[gid], 1e-12) for gid, s in scores.items()}
+        scores = {gid: s / np.maximum(_chunk_costs(graph.group(gid).chunks, costs[gid]), 1e-12)
+                  for gid, s in scores.items()}
     return scores
+
+
+def _chunk_costs(chunks: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    """Each channel's chunk's summed cost (a channel's own cost when chunks are single channels)."""
+    return np.bincount(chunks, weights=costs)[chunks]
 
 
 def nap_plan(
