@@ -44,6 +44,7 @@ import keras
 import numpy as np
 
 from keras_autoprune.accounting import call_flops, call_shapes, count_flops, count_params
+from keras_autoprune.allocation.ranking import layer_floor
 from keras_autoprune.allocation.search import shortest_fitting_prefix
 from keras_autoprune.budget import Budget
 from keras_autoprune.graph.dependency import DependencyGraph
@@ -164,8 +165,9 @@ class FactorizedCost:
 
 
 def removable(width: int, max_layer_ratio: float) -> int:
-    """How many of a layer side's ``width`` original directions may be removed (at most the ratio, one kept)."""
-    return min(int(max_layer_ratio * width), width - 1)
+    """How many of a layer side's ``width`` original directions may be removed: all but `layer_floor`'s
+    ``max(1, ceil((1 - r) · width))``, the floor the channel rankings use."""
+    return width - layer_floor(width, max_layer_ratio)
 
 
 def _with_channels(shape: tuple, axis: int, width: int) -> tuple:
