@@ -146,6 +146,7 @@ def global_ranking_plan(
     target: float | None = None,
     removed: PrunePlan | None = None,
     max_layer_ratio: float = 1.0,
+    plan_cost: PlanCost | None = None,
 ) -> PrunePlan:
     """The plan removing the lowest-scored channels until ``target`` is met.
 
@@ -159,6 +160,7 @@ def global_ranking_plan(
         removed: channels removed by earlier rounds, which stay removed.
         max_layer_ratio: the largest fraction of any layer's channels removed
             (1.0: down to one channel), see the module docstring.
+        plan_cost: `PlanCost(model, graph)` if already built (a callback's, one per fit).
 
     Returns:
         The plan whose rebuilt model costs at most ``target`` of the original
@@ -169,7 +171,7 @@ def global_ranking_plan(
     target = budget.fraction if target is None else target
     order = removal_order(graph, scores, removed, max_layer_ratio)
     forced = sum(1 for g, c in order if removed is not None and g in removed.kept and not np.isin(c, removed.kept[g]).any())
-    cost = PlanCost(model, graph)
+    cost = plan_cost if plan_cost is not None else PlanCost(model, graph)
     limit = target * cost(PrunePlan({}), budget.metric)
 
     def fits(count: int) -> bool:

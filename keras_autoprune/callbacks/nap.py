@@ -303,7 +303,7 @@ class NAPCallback(RankedPruningCallback):
             self._weight_round(factors, target)
             return
         plan = nap.nap_plan(
-            self.model, self.graph, factors, self.budget, target, self.plan, self.max_layer_ratio,
+            self.model, self.graph, factors, self.budget, target, self.plan, self.max_layer_ratio, self.plan_cost(),
             damping=self.damping, input_side=self.input_side, cost_aware=self.cost_aware, scorer=self.scorer,
         )
         if self.obs_update:

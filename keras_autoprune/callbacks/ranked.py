@@ -55,7 +55,7 @@ class RankedPruningCallback(PruningCallback):
     def compute_plan(self, target: float, removed: PrunePlan | None) -> PrunePlan:
         """The global ranking of `scores` down to ``target``, with this callback's layer floor."""
         return global_ranking_plan(self.model, self.graph, self.scores(), self.budget, target, removed,
-                                   self.max_layer_ratio)
+                                   self.max_layer_ratio, self.plan_cost())
 
     def smallest_plan(self) -> PrunePlan:
         """Every prunable group at its floor (``ceil((1 - max_layer_ratio) * size)`` channels, at least one)."""

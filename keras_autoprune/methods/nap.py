@@ -38,7 +38,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_autoprune.allocation.cost import channel_costs
+from keras_autoprune.allocation.cost import PlanCost, channel_costs
 from keras_autoprune.allocation.ranking import global_ranking_plan
 from keras_autoprune.budget import Budget
 from keras_autoprune.graph.dependency import DependencyGraph
@@ -142,11 +142,12 @@ def nap_plan(
     target: float | None = None,
     removed: PrunePlan | None = None,
     max_layer_ratio: float = 1.0,
+    plan_cost: PlanCost | None = None,
     **saliency_options: Any,
 ) -> PrunePlan:
     """The NAP plan for ``target`` (default: the budget) from K-FAC factors (``max_layer_ratio``: the layer floor of `global_ranking_plan`)."""
     scores = channel_saliencies(model, graph, factors, metric=budget.metric, **saliency_options)
-    return global_ranking_plan(model, graph, scores, budget, target, removed, max_layer_ratio)
+    return global_ranking_plan(model, graph, scores, budget, target, removed, max_layer_ratio, plan_cost)
 
 
 def obs_update(graph: DependencyGraph, factors: StatisticsResult, plan: PrunePlan, damping: float = 1e-3) -> list[str]:
