@@ -72,7 +72,9 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
             to the budget. Default 1.
         check_tolerance: relative tolerance of the final check that the
             rebuilt model equals the masked one. Default 1e-4.
-        verbose: 0 silent, 1 one line per round. Default 1.
+        verbose: 0 silent; 1 a line per round and, for methods that read
+            calibration data, a progress bar over its batches; 2 the same
+            with one line per pass instead of a bar (for logs). Default 1.
         state_dir: folder for the pruning state, written at the end of every
             epoch, so that an interrupted ``fit`` resumes with its pruning
             (give the same folder and arguments to the resumed run). Default

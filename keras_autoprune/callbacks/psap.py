@@ -131,7 +131,7 @@ class PSAPCallback(PruningCallback):
     def prune_round(self, target: float) -> None:
         gradients = collect_gradient_stats(
             self.model, self._source.data, fisher=self._fisher, num_batches=self.num_batches,
-            batch_size=self.batch_size, graph=self.graph, verbose=0,
+            batch_size=self.batch_size, graph=self.graph, verbose=self.verbose,
         )
         self.statistics_seconds += gradients.seconds
         norms = psap.group_gradient_norms(self.graph, gradients)
