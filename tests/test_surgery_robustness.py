@@ -237,3 +237,23 @@ def test_an_adapted_normalization_keeps_its_statistics_through_surgery():
     copy = kap.apply_plan(model, kap.PrunePlan({}))
     np.testing.assert_allclose(np.asarray(copy(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(copy.get_layer("norm").mean), np.asarray(norm.mean), rtol=1e-6)
+
+
+@pytest.mark.parametrize("make", ["lora", "int8"])
+def test_lora_and_quantized_layers_block_their_channels(make):
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(8, activation="relu", name="d1")(keras.layers.Dense(8, activation="relu", name="d0")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="d2")(x))
+    randomize(model, seed=3)
+    if make == "lora":
+        model.get_layer("d1").enable_lora(2)
+        randomize(model, seed=4)  # lora_kernel_b is zero at first: give the LoRA path weight
+    else:
+        model.quantize("int8")
+    graph = kap.DependencyGraph(model)
+    blocked = {g.id: g.reason for g in graph.groups if not g.prunable}
+    assert "d1" in blocked and ("lora" in blocked["d1"].lower() or "quantization_mode" in blocked["d1"])
+    # Whatever stays prunable keeps the contract (before: LoRA columns stayed alive, int8 scales crashed).
+    plan = kap.PrunePlan.uniform(graph, 0.5)
+    assert "d1" not in plan.kept
+    assert_contract(model, plan, graph)

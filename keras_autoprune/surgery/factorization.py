@@ -42,6 +42,7 @@ import keras
 import numpy as np
 
 from keras_autoprune.errors import PlanError
+from keras_autoprune.graph.handlers.base import weights_format_problem
 from keras_autoprune.surgery.clone import clone_layers, copy_layer
 from keras_autoprune.surgery.replace import LayerReplacement, named_layers, replace_layers
 from keras_autoprune.surgery.weights import layer_weights
@@ -58,11 +59,7 @@ def factorization_problem(layer) -> str | None:
         return f"{type(layer).__name__} is not one of Dense, Conv1D, Conv2D"
     if getattr(layer, "groups", 1) != 1:
         return f"grouped convolution (groups={layer.groups})"
-    if getattr(layer, "quantization_mode", None):
-        return f"quantized (quantization_mode={layer.quantization_mode!r})"
-    if getattr(layer, "lora_enabled", False):
-        return "LoRA is enabled"
-    return None
+    return weights_format_problem(layer)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,15 @@ from typing import Any
 
 import numpy as np
 
-from keras_autoprune.graph.handlers.base import CallInfo, LayerHandler, LayerKeep, SublayerMember, TensorRef, channels
+from keras_autoprune.graph.handlers.base import (
+    CallInfo,
+    LayerHandler,
+    LayerKeep,
+    SublayerMember,
+    TensorRef,
+    channels,
+    weights_format_problem,
+)
 
 #: Parameter names of `MultiHeadAttention.call`, in order.
 CALL_ARGS = (
@@ -87,10 +95,8 @@ class MultiHeadAttentionHandler(LayerHandler):
         for name in ("query_mask", "value_mask", "key_mask", "attention_mask"):
             if isinstance(bound.get(name), TensorRef):
                 ctx.fix(call.in_layouts[bound[name].index], f"it is an attention mask of layer '{layer.name}'")
-        problem = None
-        if getattr(layer, "quantization_mode", None):
-            problem = f"quantization_mode={layer.quantization_mode!r}"
-        elif None in indices.values():
+        problem = weights_format_problem(layer)
+        if problem is None and None in indices.values():
             problem = "query or value passed in an unrecognised way"
         if problem:
             reason = f"layer '{layer.name}' uses {problem}, which is not supported for pruning"

@@ -207,6 +207,21 @@ def activation_at_zero(layer: Any, width: int) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(activation(np.zeros((1, width), np.float32))), np.float64)[0]
 
 
+def weights_format_problem(layer: Any) -> str | None:
+    """Why ``layer``'s weights cannot be sliced or masked per channel (quantized or LoRA-enabled), or None.
+
+    A quantized layer keeps per-channel scales beside its integer kernel and
+    a LoRA-enabled one computes ``kernel + A·B`` from two more matrices:
+    surgery that slices or zeroes ``kernel`` alone would leave them
+    inconsistent.
+    """
+    if getattr(layer, "quantization_mode", None):
+        return f"quantization_mode={layer.quantization_mode!r}"
+    if getattr(layer, "lora_enabled", False):
+        return "LoRA (lora_enabled=True)"
+    return None
+
+
 def mixes_channels(layer: Any) -> bool:
     """Whether a layer's built-in activation normalises across channels."""
     activation = getattr(layer, "activation", None)

@@ -14,7 +14,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_autoprune.graph.handlers.base import CallInfo, LayerHandler, LayerKeep, activation_at_zero, channels, mixes_channels
+from keras_autoprune.graph.handlers.base import (
+    CallInfo,
+    LayerHandler,
+    LayerKeep,
+    activation_at_zero,
+    channels,
+    mixes_channels,
+    weights_format_problem,
+)
 
 
 def _multiplier(layer) -> int:
@@ -24,6 +32,8 @@ def _multiplier(layer) -> int:
 def _unsupported(layer) -> str | None:
     if layer.get_config().get("data_format", "channels_last") != "channels_last":
         return "data_format='channels_first'"
+    if weights_format_problem(layer):
+        return weights_format_problem(layer)
     if mixes_channels(layer):
         return "a softmax activation across its outputs"
     return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_autoprune.graph.handlers.base import LayerHandler, LayerKeep, channels
+from keras_autoprune.graph.handlers.base import LayerHandler, LayerKeep, channels, weights_format_problem
 
 
 class EmbeddingHandler(LayerHandler):
@@ -24,8 +24,9 @@ class EmbeddingHandler(LayerHandler):
         for layout in call.in_layouts:
             ctx.fix(layout, f"it holds the indices looked up by '{layer.name}'")
         out = ctx.new_space(channels(call.out_shapes[0]))
-        if getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
-            ctx.fix(out, f"layer '{layer.name}' is quantized or LoRA-enabled, which is not supported for pruning")
+        problem = weights_format_problem(layer)
+        if problem:
+            ctx.fix(out, f"layer '{layer.name}' uses {problem}, which is not supported for pruning")
         return [out]
 
     def constants(self, layer, call, in_values):

@@ -30,6 +30,7 @@ from keras_autoprune.graph.handlers.base import (
     activation_at_zero,
     channels,
     mixes_channels,
+    weights_format_problem,
 )
 
 
@@ -58,6 +59,8 @@ class LinearHandler(LayerHandler):
         config = layer.get_config()
         if config.get("data_format", "channels_last") != "channels_last":
             return "data_format='channels_first'"
+        if weights_format_problem(layer):
+            return weights_format_problem(layer)
         if config.get("groups", 1) != 1 and not self.is_depthwise(layer):
             return f"groups={config['groups']} (grouped convolution)"
         if mixes_channels(layer) and self.is_depthwise(layer):  # its inputs are its outputs
