@@ -257,3 +257,18 @@ def test_lora_and_quantized_layers_block_their_channels(make):
     plan = kap.PrunePlan.uniform(graph, 0.5)
     assert "d1" not in plan.kept
     assert_contract(model, plan, graph)
+
+
+def test_a_shared_reshape_ties_the_channels_of_its_calls():
+    a_in, b_in = keras.Input((6, 6, 3)), keras.Input((6, 6, 3))
+    a = keras.layers.Conv2D(4, 3, padding="same", name="a")(a_in)
+    b = keras.layers.Conv2D(4, 3, padding="same", name="b")(b_in)
+    reshape = keras.layers.Reshape((36, 4), name="r")
+    out = keras.layers.Add()([keras.layers.Dense(2, name="d1")(reshape(a)), keras.layers.Dense(2, name="d2")(reshape(b))])
+    model = keras.Model([a_in, b_in], out)
+    randomize(model, seed=5)
+    graph = kap.DependencyGraph(model)
+    group = next(g for g in graph.prunable_groups if any(m.layer == "a" for m in g.members))
+    assert {m.layer for m in group.members} >= {"a", "b"}  # one group: both calls keep the same channels
+    slim, _ = assert_contract(model, kap.PrunePlan({group.id: [0, 1]}), graph)  # before: Keras refused target_shape
+    assert slim.get_layer("r").target_shape == (36, 2)

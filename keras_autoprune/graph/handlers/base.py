@@ -108,9 +108,10 @@ class LayerHandler:
     and the outputs get fresh, unprunable channels.
     """
 
-    #: Whether the layer holds per-channel weights. Calls of a shared layer
-    #: (a layer used more than once) then have their input layouts tied,
-    #: because all calls read the same weights.
+    #: Whether the layer holds per-channel weights (or a configuration that
+    #: counts channels, such as Reshape's ``target_shape``). Calls of a shared
+    #: layer (a layer used more than once) then have their input layouts
+    #: tied, because all calls read the same weights and configuration.
     has_channel_weights: bool = False
 
     def propagate(self, layer: Any, call: CallInfo, ctx: WalkContext) -> list[np.ndarray]:

@@ -36,6 +36,8 @@ def map_channel_axis(values: np.ndarray, in_shape: tuple, out_shape: tuple) -> n
 class ReshapeHandler(LayerHandler):
     """Flatten and Reshape layers (channels_last)."""
 
+    has_channel_weights = True  # Reshape's `target_shape` counts the channels: every call must keep the same ones
+
     def propagate(self, layer, call, ctx):
         config = layer.get_config()
         layout = call.in_layouts[0]
