@@ -272,3 +272,17 @@ def test_a_shared_reshape_ties_the_channels_of_its_calls():
     assert {m.layer for m in group.members} >= {"a", "b"}  # one group: both calls keep the same channels
     slim, _ = assert_contract(model, kap.PrunePlan({group.id: [0, 1]}), graph)  # before: Keras refused target_shape
     assert slim.get_layer("r").target_shape == (36, 2)
+
+
+@pytest.mark.parametrize("shape, axis", [((6, 6, 3), [1, 2]), ((5, 4), 1), ((6, 4), 1)])
+def test_normalization_over_other_axes_passes_channels_and_keeps_its_weights(shape, axis):
+    """Instance-norm style LayerNormalization: its beta is per position, so a removed channel is not 0 after it."""
+    inputs = keras.Input(shape)
+    producer = keras.layers.Conv2D(6, 3, padding="same", name="p") if len(shape) == 3 else keras.layers.Dense(6, name="p")
+    x = keras.layers.LayerNormalization(axis=axis, name="ln")(producer(inputs))
+    reader = keras.layers.Conv2D(2, 1, name="r") if len(shape) == 3 else keras.layers.Dense(2, name="r")
+    model = keras.Model(inputs, reader(keras.layers.ReLU()(x)))
+    randomize(model, seed=6)  # beta and gamma non-trivial
+    graph = kap.DependencyGraph(model)
+    slim, _ = assert_contract(model, kap.PrunePlan({"p": [0, 2, 3]}), graph)  # before: 0.46 and 0.38 apart, or a crash
+    assert slim.get_layer("ln").gamma.shape == model.get_layer("ln").gamma.shape

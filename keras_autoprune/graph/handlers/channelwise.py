@@ -143,6 +143,16 @@ class StatisticsBlockingHandler(ChannelwiseHandler):
             return "normalizes across channels (its statistics would change)"
         return None
 
+    def constants(self, layer, call, in_values):
+        # Over other axes a constant channel normalizes to 0 at every position, then LayerNormalization's
+        # beta adds a per-position offset: no constant per channel. Without beta, 0 stays 0.
+        if getattr(layer, "center", False):
+            return [np.full_like(in_values[0], np.nan, dtype=np.float64)]
+        return [np.where(in_values[0] == 0, 0.0, np.nan)]
+
+    def prune(self, layer, config, weights, keep: LayerKeep):
+        return config, weights  # its weights span the normalized axes, never the channels
+
 
 class NormalizationHandler(ChannelwiseHandler):
     """The preprocessing Normalization layer: ``(x − mean)/√var``.
