@@ -11,6 +11,7 @@ the walk by `keras_autoprune.graph.groups`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
 from typing import Any
 
@@ -108,8 +109,11 @@ class DependencyGraph:
         self.atoms = AtomTable()
         self.records: list[CallRecord] = []
         self.unknown_layers: list[str] = []
-        #: tensor key -> key of the tensor it is (nested model boundaries).
+        #: tensor key -> key of the tensor it is: a nested model's (or traced layer's) output tensor in the
+        #: enclosing graph -> the inner output's key for that call. Records hold resolved keys already.
         self.tensor_alias: dict[int, int] = {}
+        self._walked_inner: set[int] = set()  # nested models and traced layers walked once already
+        self._fresh_keys = itertools.count(-1, -1)  # keys of a later call's inner tensors (never an id)
         self.nested: dict[int, tuple[keras.Model, list[np.ndarray]]] = {}
         self.traced: dict[int, keras.Model] = {}
         self._untraced: dict[int, str] = {}
@@ -136,7 +140,22 @@ class DependencyGraph:
         self._build_groups()
 
     # -- walking --------------------------------------------------------
-    def _walk(self, functional, in_layouts: list[np.ndarray], prefix: str) -> list[np.ndarray]:
+    def _walk(self, functional, in_layouts: list[np.ndarray], prefix: str, keys: dict[int, int] | None = None,
+              fresh: bool = False) -> list[np.ndarray]:
+        """Walks ``functional``'s calls; returns its output layouts.
+
+        ``keys`` maps this graph's tensors to the keys the records use (a
+        nested call's inputs: the enclosing tensors' keys); other tensors are
+        keyed by ``id``, or, with ``fresh`` (a nested model's later call), by
+        new keys, so that every call of a nested model has its own tensors.
+        """
+        keys = {} if keys is None else keys
+
+        def key(tensor) -> int:
+            if fresh:
+                return keys.setdefault(id(tensor), next(self._fresh_keys))
+            return keys.get(id(tensor), id(tensor))
+
         layouts = _Layouts((id(t), layout) for t, layout in zip(functional.inputs, in_layouts))
         nodes_by_depth = functional._nodes_by_depth
         # Within a depth, follow the order in which the layers were created so
@@ -155,17 +174,23 @@ class DependencyGraph:
                     node_in = [self._block_rows(layout, f"it enters nested model '{prefix + operation.name}'")
                                for layout in node_in]
                     self.nested.setdefault(id(operation), (inner, node_in))
-                    node_out = self._walk(inner, node_in, prefix + operation.name + "/")
-                    self.tensor_alias.update({id(i): id(o) for i, o in zip(inner.inputs, tensors)})
+                    inner_keys = {id(i): key(o) for i, o in zip(inner.inputs, tensors)}
+                    again = id(operation) in self._walked_inner
+                    self._walked_inner.add(id(operation))
+                    node_out = self._walk(inner, node_in, prefix + operation.name + "/", inner_keys, fresh=again)
                     inner_out = list(inner.outputs)
                     if id(operation) in self.traced:
                         # A traced layer's constant outputs (placeholders) carry none of its input channels;
                         # their layouts are made only if read (an unused placeholder adds no group).
                         node_out = expand_outputs(inner, node_out, lambda i, _: self._constant_layout(operation, node.outputs[i]))
                         inner_out = expand_outputs(inner, inner_out, lambda i, _: None)
-                    self.tensor_alias.update({id(o): id(i) for o, i in zip(node.outputs, inner_out) if i is not None})
+                    for outer, inner_tensor in zip(node.outputs, inner_out):
+                        if inner_tensor is not None:
+                            resolved = inner_keys.get(id(inner_tensor), id(inner_tensor))
+                            keys[id(outer)] = resolved
+                            self.tensor_alias[id(outer)] = resolved
                 else:
-                    node_out = self._walk_call(operation, node, tensors, node_in, prefix)
+                    node_out = self._walk_call(operation, node, tensors, node_in, prefix, key)
                 for tensor, layout in zip(node.outputs, node_out):
                     layouts[id(tensor)] = layout
         return [layouts[id(t)] for t in functional.outputs]
@@ -190,7 +215,7 @@ class DependencyGraph:
         self.traced[id(operation)] = traced
         return traced
 
-    def _walk_call(self, operation, node, tensors, in_layouts, prefix) -> list[np.ndarray]:
+    def _walk_call(self, operation, node, tensors, in_layouts, prefix, key_of=id) -> list[np.ndarray]:
         name = prefix + operation.name
         handler = get_handler(operation)
         if handler is None:
@@ -234,8 +259,8 @@ class DependencyGraph:
                 operation=operation,
                 handler=handler,
                 call=call,
-                input_keys=[id(t) for t in tensors],
-                output_keys=[id(t) for t in node.outputs],
+                input_keys=[key_of(t) for t in tensors],
+                output_keys=[key_of(t) for t in node.outputs],
                 out_layouts=out_layouts,
                 first_call=first_call,
                 internal_layouts=list(ctx.internal),
