@@ -305,3 +305,19 @@ def test_a_nested_model_or_traced_layer_called_twice_keeps_each_calls_constants(
     randomize(model, seed=7)
     graph = kap.DependencyGraph(model)
     assert_contract(model, kap.PrunePlan.uniform(graph, 0.5), graph)  # before: 0.34 apart in one of the orders
+
+
+def test_surgery_leaves_the_input_models_operations_without_new_nodes():
+    inputs = keras.Input((6, 6, 3))
+    x = keras.ops.relu(keras.layers.Conv2D(4, 3, padding="same", name="c1")(inputs))
+    x = keras.ops.mean(keras.layers.Conv2D(4, 3, padding="same", name="c2")(x), axis=(1, 2))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="d")(x))
+    randomize(model, seed=8)
+    operations = [op for op in model.operations if not isinstance(op, keras.layers.Layer)]
+    assert len(operations) == 2
+    before = [len(op._inbound_nodes) for op in operations]
+    graph = kap.DependencyGraph(model)
+    slim, masked = assert_contract(model, kap.PrunePlan.uniform(graph, 0.5), graph)
+    kap.replace_layers(model, {})
+    assert [len(op._inbound_nodes) for op in operations] == before  # before: 1 -> 3
+    assert not {id(op) for op in operations} & {id(op) for op in slim.operations + masked.operations}

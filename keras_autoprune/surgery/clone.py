@@ -30,6 +30,7 @@ import keras
 import numpy as np
 
 from keras_autoprune.errors import UnsupportedModelError
+from keras_autoprune.graph.handlers.shape_ops import copy_operation
 from keras_autoprune.graph.trace import expand_outputs
 from keras_autoprune.surgery.duplicate import duplicate_layer
 from keras_autoprune.surgery.weights import assign_weights, layer_weights
@@ -92,8 +93,14 @@ def clone_layers(model: keras.Model, rebuild: Rebuild, rebuild_op: Callable | No
         return clone_model(source, clone_function=clone, **calls, **kwargs)
 
     def clone(layer):
-        if not isinstance(layer, keras.layers.Layer):
-            return layer if rebuild_op is None else rebuild_op(layer)  # a stateless `keras.ops` node
+        if not isinstance(layer, keras.layers.Layer):  # a stateless `keras.ops` node
+            new_op = layer if rebuild_op is None else rebuild_op(layer)
+            if new_op is not layer:
+                return new_op
+            try:
+                return copy_operation(layer)
+            except Exception:  # noqa: BLE001 - an op Keras cannot rebuild from its config is reused
+                return layer
         if id(layer) in cache:
             return cache[id(layer)]
         inner = nested(layer) if nested is not None and id(layer) not in drop else None

@@ -46,11 +46,11 @@ def _new_positions(in_keep: np.ndarray) -> np.ndarray:
     return np.cumsum(in_keep) - 1
 
 
-def _rebuilt(op, **changes):
-    """A new operation of ``op``'s class with some config entries changed.
+def copy_operation(op, **changes):
+    """A new operation of ``op``'s class (a `keras.ops` node), with some config entries changed.
 
-    Rewritten calls always get a new operation, so that the input model's
-    operations do not gain nodes of the pruned model.
+    Surgery always calls a new operation, rewritten or not, so that the input
+    model's operations do not gain nodes of the pruned model.
     """
     return type(op).from_config(dict(op.get_config(), **changes))
 
@@ -88,7 +88,7 @@ class SplitHandler(IndexMapHandler):
         sections = op.indices_or_sections
         points = range(width // sections, width, width // sections) if isinstance(sections, int) else sections
         in_keep = keep.inputs[0]
-        return _rebuilt(op, indices_or_sections=[int(in_keep[: int(p)].sum()) for p in points]), call.args, call.kwargs
+        return copy_operation(op, indices_or_sections=[int(in_keep[: int(p)].sum()) for p in points]), call.args, call.kwargs
 
 
 class SliceHandler(IndexMapHandler):
@@ -103,7 +103,7 @@ class SliceHandler(IndexMapHandler):
         start[-1] = int(in_keep[:begin].sum())
         if shape[-1] != -1:
             shape[-1] = int(in_keep[begin:end].sum())
-        return (_rebuilt(op, shape=shape), *_with_argument(call, "start_indices", start))
+        return (copy_operation(op, shape=shape), *_with_argument(call, "start_indices", start))
 
 
 def _channel_entry(key, rank: int) -> int | None:
@@ -148,7 +148,7 @@ class GetItemHandler(IndexMapHandler):
         else:
             entries[entry] = int(new[int(item) % len(in_keep)])
         new_key = type(key)(entries) if isinstance(key, (tuple, list)) else entries[0]
-        return (_rebuilt(op), *_with_argument(call, "key", new_key))
+        return (copy_operation(op), *_with_argument(call, "key", new_key))
 
 
 class _AlongAxisHandler(IndexMapHandler):
@@ -169,7 +169,7 @@ class TakeHandler(_AlongAxisHandler):
         if indices.ndim:
             indices = indices[..., keep.outputs[0]]
         new = _new_positions(in_keep)[indices]
-        return (_rebuilt(op), *_with_argument(call, "indices", new.tolist() if new.ndim else int(new)))
+        return (copy_operation(op), *_with_argument(call, "indices", new.tolist() if new.ndim else int(new)))
 
 
 class RepeatHandler(_AlongAxisHandler):
@@ -179,7 +179,7 @@ class RepeatHandler(_AlongAxisHandler):
         repeats = np.asarray(op.repeats)
         if not _on_channels(op.axis, len(call.in_shapes[0])) or repeats.size == 1:
             return op, call.args, call.kwargs
-        return _rebuilt(op, repeats=repeats.reshape(-1)[keep.inputs[0]].tolist()), call.args, call.kwargs
+        return copy_operation(op, repeats=repeats.reshape(-1)[keep.inputs[0]].tolist()), call.args, call.kwargs
 
 
 class ReshapeOpHandler(IndexMapHandler):
@@ -218,7 +218,7 @@ class ReshapeOpHandler(IndexMapHandler):
         newshape = list(op.newshape) if not isinstance(op.newshape, int) else [op.newshape]
         if newshape[-1] != -1:
             newshape[-1] = int(keep.outputs[0].sum())
-        return _rebuilt(op, newshape=tuple(newshape)), call.args, call.kwargs
+        return copy_operation(op, newshape=tuple(newshape)), call.args, call.kwargs
 
 
 def operation_handlers() -> dict[type, IndexMapHandler]:
