@@ -190,6 +190,7 @@ def test_plan_json_round_trip_is_bit_exact_and_documented_format():
     ({"bn": LayerFactorization(np.eye(8), np.eye(8))}, "cannot be factorised"),
     ({"c1": LayerFactorization(np.eye(4), np.eye(8))}, r"q_in must have shape \(3, n\)"),
     ({"c1": LayerFactorization(np.eye(3), np.ones((8, 2)))}, "not orthonormal"),
+    ({"c1": LayerFactorization(np.eye(3), np.full((8, 2), np.nan))}, "not orthonormal"),
 ])
 def test_invalid_plans_fail_clearly(layers, match):
     with pytest.raises(PlanError, match=match):

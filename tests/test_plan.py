@@ -106,3 +106,22 @@ def test_a_layer_cannot_be_emptied_and_uniform_never_does_it():
     plan = kap.PrunePlan.uniform(graph, 0.9)
     plan.validate(graph)
     assert np.isin([0, 1], plan.kept["a"]).any() and np.isin(np.arange(2, 8), plan.kept["a"]).any()
+
+
+def test_uniform_and_from_ratios_refuse_bad_input_with_a_clear_error():
+    inputs = keras.Input((8,))
+    x = keras.layers.Dense(6, name="a")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="out")(x))
+    graph = kap.DependencyGraph(model)
+    with pytest.raises(kap.PlanError, match="not the model"):
+        kap.PrunePlan.uniform(model, 0.5)
+    assert kap.PrunePlan.uniform(graph, np.float32(0.5)).kept["a"].size == 3  # a numpy ratio is a ratio
+    scores = {"a": np.arange(6.0), "out": np.arange(2.0)}
+    with pytest.raises(kap.PlanError, match=r"in \[0, 1\). Received: ratio=1.5"):
+        kap.PrunePlan.from_ratios(graph, {"a": 1.5}, scores)
+    with pytest.raises(kap.PlanError, match="'out', blocked"):
+        kap.PrunePlan.from_ratios(graph, {"out": 0.5}, scores)
+    with pytest.raises(kap.PlanError, match="'nope', not a group"):
+        kap.PrunePlan.from_ratios(graph, {"nope": 0.5}, scores)
+    with pytest.raises(kap.PlanError, match=r"one score per channel of group 'a' \(6\). Received: scores of shape \(5,\)"):
+        kap.PrunePlan.from_ratios(graph, {"a": 0.5}, {"a": np.arange(5.0)})

@@ -179,7 +179,7 @@ class FactorizationPlan:
                         f"Layer '{name}': {side} must have shape ({width}, n) with 1 <= n <= {width}. Received: {q.shape}"
                     )
                 error = np.max(np.abs(q.T @ q - np.eye(q.shape[1])))
-                if error > 1e-6:
+                if not error <= 1e-6:  # NaN included
                     raise PlanError(f"Layer '{name}': the columns of {side} are not orthonormal (max |QᵀQ - I| = {error:.2g}).")
 
     def apply(self, model: keras.Model) -> keras.Model:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -78,8 +79,8 @@ class PrunePlan:
                 the weights creating them, summed over the group's layers) or
                 ``"last"`` (the highest indices).
         """
-        if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-            raise PlanError(f"`ratio` is the fraction of channels removed, in [0, 1). Received: ratio={ratio!r}")
+        _check_graph(graph)
+        _check_ratio(ratio)
         if not isinstance(round_to, int) or round_to < 1:
             raise PlanError(f"`round_to` must be a positive integer. Received: round_to={round_to!r}")
         if importance not in ("l1", "last"):
@@ -109,10 +110,26 @@ class PrunePlan:
             ratios: ``{group_id: fraction removed}`` for prunable groups.
             scores: ``{group_id: per-channel score}``, higher = keep.
             round_to: keep a multiple of this many channels.
+
+        Raises:
+            PlanError: a ratio outside ``[0, 1)``, a group that is not a
+                prunable group of ``graph``, or scores of the wrong length.
         """
+        _check_graph(graph)
+        prunable = {g.id: g for g in graph.prunable_groups}
+        for group_id, ratio in ratios.items():
+            if group_id not in prunable:
+                known = graph.group_index(group_id) is not None
+                why = f"blocked ({graph.group(group_id).reason})" if known else "not a group of the graph"
+                raise PlanError(f"Expected ratios of prunable groups. Received: '{group_id}', {why}. "
+                                "Fix: see graph.summary() for the prunable groups.")
+            _check_ratio(ratio)
+            if np.shape(scores[group_id]) != (prunable[group_id].size,):
+                raise PlanError(f"Expected one score per channel of group '{group_id}' ({prunable[group_id].size}). "
+                                f"Received: scores of shape {np.shape(scores[group_id])}")
         kept = {}
         for group_id, ratio in ratios.items():
-            group = graph.group(group_id)
+            group = prunable[group_id]
             n_chunks = int(group.chunks.max()) + 1
             chunk_size = group.size // n_chunks
             keep_chunks = max(1, n_chunks - math.floor(ratio * n_chunks))
@@ -235,3 +252,14 @@ def cover_members(group, kept: np.ndarray, chunk_score: np.ndarray) -> np.ndarra
             best = chunks[np.argmax(chunk_score[chunks])]
             kept_set.update(np.flatnonzero(group.chunks == best).tolist())
     return np.array(sorted(kept_set), np.int64)
+
+
+def _check_graph(graph) -> None:
+    if not isinstance(graph, DependencyGraph):
+        raise PlanError(f"Expected a kap.DependencyGraph. Received: {type(graph).__name__}. "
+                        "Fix: pass kap.DependencyGraph(model), not the model.")
+
+
+def _check_ratio(ratio) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio < 1:
+        raise PlanError(f"`ratio` is the fraction of channels removed, in [0, 1). Received: ratio={ratio!r}")
