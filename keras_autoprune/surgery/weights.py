@@ -68,7 +68,8 @@ def assign_weights(layer, values: dict[str, np.ndarray]) -> None:
         if tuple(value.shape) != tuple(variable.shape):
             raise SurgeryError(
                 f"Layer '{layer.name}', variable '{key}': surgery produced shape {value.shape}, "
-                f"the rebuilt layer expects {tuple(variable.shape)}. This is a bug in its handler."
+                f"the rebuilt layer expects {tuple(variable.shape)}. With `kap.replace_layers`, check the "
+                "replacement's weights against its layers' shapes; otherwise this is a bug in the layer's handler."
             )
         variable.assign(value.astype(variable.dtype))
     finalize = getattr(layer, "finalize_state", None)
@@ -84,6 +85,7 @@ def _by_position(layer, keys: list[str], values: dict[str, np.ndarray]) -> list:
         raise SurgeryError(
             f"Layer '{layer.name}' has a variable '{missing}' that surgery did not provide, and the "
             f"values cannot be matched by position either. Expected: {list(zip(keys, expected))}. "
-            f"Received: {list(zip(values, received))}. This is a bug in its handler."
+            f"Received: {list(zip(values, received))}. With `kap.replace_layers`, give each replacement layer "
+            "its weights by these keys; otherwise this is a bug in the layer's handler."
         )
     return [(key, variable, value) for key, variable, value in zip(keys, layer.weights, values.values())]
