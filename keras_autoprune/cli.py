@@ -48,6 +48,7 @@ from collections.abc import Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ logs: errors reach the user as exceptions
 
 from keras_autoprune.errors import ExportError  # noqa: E402
+from keras_autoprune.export.images import SCALES  # noqa: E402
 from keras_autoprune.red.options import MERGE_DISTANCES  # noqa: E402
 
 
@@ -134,7 +135,7 @@ def _add_prune(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", choices=METHODS, default="nap", help="default: nap")
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs, pruning in the first two (default: 2)")
     parser.add_argument("--out", required=True, metavar="OUT.keras", help="where to write the pruned model")
-    parser.add_argument("--scale", choices=["unit", "symmetric", "none"], default="unit",
+    parser.add_argument("--scale", choices=list(SCALES), default="unit",
                         help="pixels the model expects: unit = [0,1] (default), symmetric = [-1,1], none = raw 0-255")
     parser.add_argument("--learning-rate", type=float, default=0.01, help="SGD rate if the model is saved uncompiled")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -200,7 +201,7 @@ def _add_export(subcommands: argparse._SubParsersAction) -> None:
                              "required for --quantize int8 (default: random inputs)")
     parser.add_argument("--split", default=None,
                         help="subfolder of --data, or TFDS split (default: the folder itself / 'train')")
-    parser.add_argument("--scale", choices=["unit", "symmetric", "none"], default="unit",
+    parser.add_argument("--scale", choices=list(SCALES), default="unit",
                         help="pixel scaling: unit = x/255 in [0,1] (default), symmetric = x/127.5-1 "
                              "in [-1,1], none = raw 0-255")
     parser.add_argument("--num-samples", type=int, default=100,

@@ -443,6 +443,8 @@ def test_latency_is_positive_and_ordered(tiny_model, tmp_path):
     assert [r.runs for r in pair] == [10, 10]
     with pytest.raises(ValueError, match="Received: runs=0"):
         measure_latency(path, runs=0)
+    with pytest.raises(ValueError, match="a list of .tflite paths.*Received: one path"):
+        measure_latencies(str(path))  # before: timed each character of the path
 
 
 # -- .keras round trip ---------------------------------------------------------------

@@ -94,6 +94,9 @@ def measure_latencies(
                              ("runs", runs, 1), ("rounds", rounds, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"Expected `{name}` to be an integer >= {low}. Received: {name}={value!r}")
+    if isinstance(tflite_paths, (str, os.PathLike)):
+        raise ValueError("Expected a list of .tflite paths to time side by side. Received: one path "
+                         f"{str(tflite_paths)!r}. Fix: measure_latencies([{str(tflite_paths)!r}]) or measure_latency(path).")
     paths = [pathlib.Path(p) for p in tflite_paths]
     for path in paths:
         if not path.is_file():
