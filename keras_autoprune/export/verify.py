@@ -274,7 +274,13 @@ def check_figures(
 def _batched(run: Callable[[list[np.ndarray]], list[np.ndarray]], inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     count = inputs[0].shape[0]
     chunks = [run([x[s:s + BATCH_SIZE] for x in inputs]) for s in range(0, count, BATCH_SIZE)]
-    return [np.concatenate([np.asarray(c[i], dtype=np.float32) for c in chunks]) for i in range(len(chunks[0]))]
+    return [np.concatenate([_output_array(c[i]) for c in chunks]) for i in range(len(chunks[0]))]
+
+
+def _output_array(value) -> np.ndarray:
+    """An output as float32, or float64 as it is (the float64 copy of `rounding` is the yardstick)."""
+    array = np.asarray(value)
+    return array if array.dtype == np.float64 else array.astype(np.float32)
 
 
 def _quantize(x: np.ndarray, details: dict) -> np.ndarray:
