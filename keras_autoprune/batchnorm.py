@@ -25,11 +25,13 @@ def recalibrate_batchnorm(model: keras.Model, data: Any, batch_size: int = 128, 
     """Replaces the moving statistics of every BatchNormalization layer by their average over ``data``.
 
     The model runs forward in training mode (each layer normalises with its
-    batch's statistics, as during training) and, for the ``k``-th batch, each
-    layer updates ``moving <- (1 - 1/k) moving + (1/k) batch_statistic``, so
-    after ``K`` batches ``moving_mean = (1/K) sum_k mean_k`` and
-    ``moving_variance = (1/K) sum_k var_k`` (the batch variance Keras
-    computes): a cumulative average, not the exponential one of ``fit``. The
+    batch's statistics, as during training) and, for the ``k``-th batch of
+    ``n_k`` examples, each layer updates ``moving <- (1 - n_k/N_k) moving +
+    (n_k/N_k) batch_statistic`` with ``N_k = n_1 + ... + n_k``, so after
+    ``K`` batches ``moving_mean = sum_k (n_k/N) mean_k`` and
+    ``moving_variance = sum_k (n_k/N) var_k`` (the batch variance Keras
+    computes): a cumulative average weighted by batch size (a short last
+    batch counts for its examples), not the exponential one of ``fit``. The
     layers' ``momentum`` is restored afterwards, and so is ``trainable``:
     frozen layers (``trainable=False``, as in a frozen backbone, which Keras
     runs in inference mode even in a training call) are re-estimated too.
@@ -59,14 +61,14 @@ def recalibrate_batchnorm(model: keras.Model, data: Any, batch_size: int = 128, 
         return 0
     momenta = [layer.momentum for layer in layers]
     frozen = [layer for layer in layers if not layer.trainable]
-    seen = 0
+    seen = 0  # examples so far
     try:
         for layer in frozen:
             layer.trainable = True
         for batch in CalibrationData(data, model, batch_size=batch_size, num_batches=num_batches, require_labels=False):
-            seen += 1
+            seen += batch.size
             for layer in layers:
-                layer.momentum = 1.0 - 1.0 / seen
+                layer.momentum = 1.0 - batch.size / seen
             model(batch.x if len(batch.x) > 1 else batch.x[0], training=True)
     finally:
         for layer, momentum in zip(layers, momenta):

@@ -50,6 +50,18 @@ def test_recalibrate_batchnorm_is_the_average_of_batch_statistics():
     np.testing.assert_array_equal(model.get_layer("c1").kernel.numpy(), kernel)  # no weight is trained
 
 
+def test_recalibrate_batchnorm_weights_a_short_last_batch_by_its_examples():
+    model = _cnn()
+    x, _ = _data(20)  # batches of 16 and 4
+    kap.recalibrate_batchnorm(model, x, batch_size=16)
+    features = keras.Model(model.inputs, model.get_layer("c1").output).predict(x, verbose=0)
+    first, last = features[:16].reshape(-1, 8), features[16:].reshape(-1, 8)
+    bn1 = model.get_layer("bn1")
+    np.testing.assert_allclose(np.asarray(bn1.moving_mean), (16 * first.mean(0) + 4 * last.mean(0)) / 20, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn1.moving_variance), (16 * first.var(0) + 4 * last.var(0)) / 20,
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_recalibrate_batchnorm_reaches_nested_layers_and_respects_num_batches():
     inner = _cnn()
     inputs = keras.Input((8, 8, 3))
