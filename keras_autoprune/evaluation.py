@@ -8,16 +8,25 @@ import keras
 import numpy as np
 
 from keras_autoprune.stats.calibration import CalibrationData
+from keras_autoprune.stats.replay import activation_name, probability_activation
 
 
 def output_activation(model: keras.Model) -> str | None:
-    """``"softmax"`` or ``"sigmoid"`` when ``model``'s last layer turns logits into probabilities with it (a
-    ``Softmax`` layer, or a layer whose ``activation`` is one of them), else None (logits)."""
-    last = model.layers[-1]
-    if isinstance(last, keras.layers.Softmax):
-        return "softmax"
-    name = getattr(getattr(last, "activation", None), "__name__", "")
-    return name if name in ("softmax", "sigmoid") else None
+    """``"softmax"`` or ``"sigmoid"`` when the operation producing ``model``'s first output turns logits into
+    probabilities with it, else None (logits).
+
+    That operation is a ``Softmax`` or ``Activation`` layer, a layer whose
+    ``activation`` is one of them, or a ``keras.ops.softmax``/``sigmoid``
+    node; inside a nested model, the one producing that model's output.
+    """
+    tensor = model.outputs[0]
+    while True:
+        operation, _, index = tensor._keras_history
+        if isinstance(operation, keras.Model) and getattr(operation, "outputs", None):
+            tensor = operation.outputs[index]  # the nested model's own output
+            continue
+        found = probability_activation(operation)
+        return found if found is not None else activation_name(getattr(operation, "activation", None))
 
 
 def accuracy(model: keras.Model, data: Any, batch_size: int = 128) -> float:

@@ -23,6 +23,20 @@ def test_output_activation_reads_the_last_layer():
     assert output_activation(_classifier(1, activation="sigmoid")) == "sigmoid"
 
 
+def test_output_activation_follows_ops_and_nested_models():
+    inputs = keras.Input((3,))
+    logits = L.Dense(1, name="d")(inputs)
+    by_op = keras.Model(inputs, keras.ops.sigmoid(logits))
+    assert output_activation(by_op) == "sigmoid"
+    assert output_activation(keras.Model(inputs, keras.ops.softmax(L.Dense(3)(inputs)))) == "softmax"
+    outer = keras.Input((3,))
+    nested = keras.Model(outer, _classifier(1, activation="sigmoid")(outer))
+    assert output_activation(nested) == "sigmoid"
+    x = np.array([[1, 1, 1], [-1, -1, -1]], "float32")
+    by_op.get_layer("d").set_weights([np.ones((3, 1), "float32"), np.zeros(1, "float32")])
+    assert accuracy(by_op, (x, np.array([1, 0]))) == 1.0  # before: probabilities thresholded at 0, 0.5
+
+
 @pytest.mark.parametrize("activation", [None, "sigmoid"])
 def test_a_single_unit_classifier_is_thresholded_not_arg_maxed(activation):
     model = _classifier(1, activation=activation)  # output: sum of the inputs (through a sigmoid or not)

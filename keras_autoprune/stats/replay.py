@@ -97,7 +97,7 @@ def replay(
             tap = taps.get(name)
             if tap is None:
                 outputs = op(*args, **kwargs)
-                source = _probability_activation(op)
+                source = probability_activation(op)
                 if source:
                     logits[id(outputs)] = (source, args[0])
                 return outputs
@@ -110,7 +110,7 @@ def replay(
             watch(pre)
             records.append(TapRecord(tap, args[0], pre))
             outputs = activation(pre)
-            source = _activation_name(activation)
+            source = activation_name(activation)
             if source:
                 logits[id(outputs)] = (source, pre)
             return outputs
@@ -149,7 +149,8 @@ def _attention_call(layer, args, kwargs, project):
     return (output, scores) if scores_wanted else output
 
 
-def _activation_name(activation) -> str | None:
+def activation_name(activation) -> str | None:
+    """``"softmax"``/``"sigmoid"`` for those Keras activation functions, else None."""
     if activation is keras.activations.softmax:
         return "softmax"
     if activation is keras.activations.sigmoid:
@@ -157,12 +158,12 @@ def _activation_name(activation) -> str | None:
     return None
 
 
-def _probability_activation(op) -> str | None:
+def probability_activation(op) -> str | None:
     """``"softmax"``/``"sigmoid"`` when ``op`` maps logits to probabilities."""
     from keras.src.ops import nn as ops_nn
 
     if isinstance(op, L.Activation):
-        return _activation_name(op.activation)
+        return activation_name(op.activation)
     if isinstance(op, L.Softmax) and op.axis in (-1, [-1], (-1,)):
         return "softmax"
     if isinstance(op, ops_nn.Softmax) and getattr(op, "axis", -1) == -1:
