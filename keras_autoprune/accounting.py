@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -217,12 +218,16 @@ def _input_shapes(model: keras.Model, functional: keras.Model, input_shape: Any)
                     "`kap.red.compress(model, input_shape=(224, 224, 3))`."
                 )
         return recorded
-    given = [input_shape] if len(recorded) == 1 else list(input_shape)
-    shapes = [(None, *map(int, s)) for s in given] if len(given) == len(recorded) else []
+    single = len(recorded) == 1 and not (isinstance(input_shape, list) and len(input_shape) == 1
+                                         and isinstance(input_shape[0], (tuple, list)))
+    given = [input_shape] if single else list(input_shape)
+    sizes_ok = all(hasattr(s, "__iter__") and not isinstance(s, str)
+                   and all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in s) for s in given)
+    shapes = [(None, *map(int, s)) for s in given] if sizes_ok and len(given) == len(recorded) else []
     if not shapes or any(len(s) != len(r) for s, r in zip(shapes, recorded)):
         raise ValueError(
             "Expected `input_shape` to give one shape without the batch axis per model "
-            f"input, of ranks {[len(r) - 1 for r in recorded]}. Received: "
+            f"input, of ranks {[len(r) - 1 for r in recorded]}, in positive integers. Received: "
             f"input_shape={input_shape!r}. Fix: e.g. `input_shape=(224, 224, 3)`."
         )
     return shapes

@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 import keras
+import numpy as np
 import pytest
 
 from keras_autoprune.accounting import (
@@ -128,6 +129,10 @@ def test_nested_backbone_with_unknown_spatial_size_uses_call_shape():
     with pytest.raises(ValueError, match="input_shape"):
         count_flops(backbone)
     assert count_flops(backbone, input_shape=(8, 8, 3)) == 7776
+    assert count_flops(backbone, input_shape=[(8, 8, 3)]) == count_flops(backbone, input_shape=np.array([8, 8, 3])) == 7776
+    for bad in ((None, 8, 3), (0, 8, 3), (8.0, 8, 3), (8, 8)):  # before: a bare TypeError for the first and third
+        with pytest.raises(ValueError, match="in positive integers"):
+            count_flops(backbone, input_shape=bad)
     assert count_params(backbone) == 108
 
 
