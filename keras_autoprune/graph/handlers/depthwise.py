@@ -14,15 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_autoprune.graph.handlers.base import (
-    CallInfo,
-    LayerHandler,
-    LayerKeep,
-    activation_at_zero,
-    channels,
-    mixes_channels,
-    weights_format_problem,
-)
+from keras_autoprune.graph.handlers.base import CallInfo, LayerHandler, LayerKeep, activation_at_zero, channels
+from keras_autoprune.graph.handlers.base import mixes_channels, weights_format_problem
 
 
 def _multiplier(layer) -> int:
