@@ -316,3 +316,14 @@ def test_fisher_scorer_meets_the_budget_and_ranks_otherwise(digits, pretrained):
     assert plans["fisher"] != plans["kfac"]
     with pytest.raises(ValueError, match="read 2 times per round"):
         kap.EigenDamageCallback(iter([(x_train[:8], y_train[:8])]), budget=kap.Budget(flops=0.5), scorer="fisher")
+
+
+def test_directions_removable_follow_the_channel_rankings_layer_floor():
+    from keras_autoprune.allocation.ranking import layer_floor
+    from keras_autoprune.methods.eigendamage import removable
+
+    for width in (1, 3, 16, 64, 100):
+        for ratio in (0.29, 0.5, 0.9, 1.0):
+            assert removable(width, ratio) == width - layer_floor(width, ratio)
+    assert removable(100, 0.29) == 29  # int(0.29 * 100) is 28: the float edge where they disagreed
+    assert removable(1, 1.0) == 0 and removable(3, 1.0) == 2  # one direction always stays
