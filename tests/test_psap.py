@@ -170,3 +170,21 @@ def test_a_budget_below_the_layer_floor_fails_before_training(digits):  # noqa: 
     assert 0.05 < floor < 0.2
     lower = kap.PSAPCallback(kap.Budget(flops=0.05), (x_train[:64], y_train[:64]), max_layer_ratio=0.99, verbose=0)
     assert kap.count_flops(lower.prune(model)) <= 0.05 * kap.count_flops(model)  # a lower floor reaches it
+
+
+def test_gradient_statistics_read_the_real_labels(digits):  # noqa: F811
+    """The protection signal is the norm of the loss gradient at the data's labels, not at sampled ones."""
+    import tensorflow as tf
+
+    x_train, _, y_train, _ = digits
+    model = build()
+    x, y = x_train[:128], y_train[:128]
+    cb = kap.PSAPCallback(kap.Budget(flops=0.6), (x, y), num_batches=2, batch_size=64, verbose=0)
+    cb.prune(model)
+    assert cb.report.extra["fisher"] == "empirical"  # before: "true", labels sampled from the model
+    with tf.GradientTape() as tape:
+        loss = model.loss(y, model(x, training=False))
+    kernel, bias = tape.gradient(loss, [model.get_layer("c3").kernel, model.get_layer("c3").bias])
+    flat = np.concatenate([kernel.numpy().reshape(-1, kernel.shape[-1]), bias.numpy()[None]], axis=0)
+    expected = np.linalg.norm(flat, axis=0)  # per filter of c3 (its group's only producer), the real gradient
+    np.testing.assert_allclose(cb.grad_ema["c3"], expected, rtol=1e-3)

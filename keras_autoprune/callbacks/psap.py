@@ -100,7 +100,8 @@ class PSAPCallback(PruningCallback):
         self.batch_size = batch_size
 
     def check_model(self, model) -> None:
-        self._likelihood, self._fisher = resolve_fisher(model, "true", "PSAPCallback", self.verbose)
+        # The real labels: the mean gradient of labels sampled from the model is zero in expectation.
+        self._likelihood, self._fisher = resolve_fisher(model, "empirical", "PSAPCallback", self.verbose)
         self._source = CalibrationSource(self.data, model, batch_size=self.batch_size, owner="PSAPCallback",
                                          require_labels=self._fisher == "empirical", likelihood=self._likelihood,
                                          num_batches=self.num_batches)
