@@ -129,6 +129,7 @@ class SmoothedCrossentropy(keras.losses.Loss):
 
 
 def is_labelled_arrays(data: Any) -> bool:
+    """Whether ``data`` is an ``(x, y)`` tuple of NumPy arrays (shuffled and split here, not by ``fit``)."""
     return isinstance(data, tuple) and len(data) == 2 and all(isinstance(a, np.ndarray) for a in data)
 
 

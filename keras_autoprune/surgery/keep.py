@@ -31,8 +31,7 @@ def layer_keeps(graph: DependencyGraph, removed: np.ndarray) -> dict[int, LayerK
     values: dict[int, np.ndarray] = {}
     keeps: dict[int, LayerKeep] = {}
 
-    def value_of(key: int, width: int) -> np.ndarray:
-        key = graph.tensor_alias.get(key, key)
+    def value_of(key: int, width: int) -> np.ndarray:  # records hold resolved keys (`DependencyGraph._walk`)
         return values.get(key, np.full(width, np.nan))
 
     for record in graph.records:
