@@ -23,7 +23,7 @@ The user's model keeps its masked (zeroed) weights after training; the slim
 model is ``cb.pruned_model``.
 
 ``cb.prune(model)`` runs the same lifecycle once without training (one-shot,
-post-training pruning) on a copy of the model.
+post-training pruning) on a copy of the model (`keras_autoprune.callbacks.oneshot`).
 
 Interrupted training: with ``state_dir`` the state is written at the end of
 every epoch and a resumed ``fit`` (``BackupAndRestore``, or a checkpoint and
@@ -39,7 +39,6 @@ import numbers
 import os
 import time
 import warnings
-from typing import Any
 
 import keras
 import numpy as np
@@ -48,18 +47,17 @@ from keras_autoprune.accounting import count_flops, count_params
 from keras_autoprune.allocation.cost import PlanCost
 from keras_autoprune.allocation.schedule import round_epochs, round_targets
 from keras_autoprune.budget import Budget, round_up_fraction
-from keras_autoprune.batchnorm import recalibrate_batchnorm
-from keras_autoprune.callbacks.calibration import CalibrationSource, check_readable
 from keras_autoprune.callbacks.masks import MaskSet
+from keras_autoprune.callbacks.oneshot import OneShotMixin
 from keras_autoprune.callbacks.state import ResumeMixin, StateStore
 from keras_autoprune.errors import BudgetUnreachableError, SurgeryError
 from keras_autoprune.graph.dependency import DependencyGraph
+from keras_autoprune.report import PruningReport
 from keras_autoprune.surgery.plan import PrunePlan
-from keras_autoprune.surgery.clone import clone_layers, copy_layer
 from keras_autoprune.surgery.rebuild import apply_plan
 
 
-class PruningCallback(ResumeMixin, keras.callbacks.Callback):
+class PruningCallback(OneShotMixin, ResumeMixin, keras.callbacks.Callback):
     """Base class of the pruning callbacks (lifecycle only).
 
     Args:
@@ -226,79 +224,6 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
         return apply_plan(self.model, self.plan, self.graph)
 
     # -- one-shot -------------------------------------------------------
-    def prune(self, model: keras.Model, batchnorm_data: Any = None) -> keras.Model:
-        """One-shot pruning of a trained model, without training; returns the slim model.
-
-        Runs the callback's lifecycle on a copy of ``model`` (the user's model
-        is not changed): the checks of ``on_train_begin``, the callback's
-        rounds back to back with no training in between (statistics from the
-        callback's calibration data where the method reads data, collected
-        again on the masked model before each round: with ``rounds=k`` each
-        round removes a ``1/k`` share of the reduction, seeing the channels
-        already removed), then the slim model, its check against the masked
-        copy and the report, exactly as at the end of ``fit``. In NAP's
-        tolerance mode each round is judged right after it (in ``fit``, after
-        its epoch): one that costs more than ``max_accuracy_drop`` is undone
-        and pruning stops. Afterwards
-        ``plan``, ``pruned_model``, ``report``, ``history`` and
-        ``pruning_seconds`` are set as after ``fit``. The copy is compiled
-        with ``model``'s loss (and loss weights) when ``model`` has one (the
-        curvature methods read it).
-
-        Re-estimating the BatchNormalization statistics of the result on
-        training images (`kap.recalibrate_batchnorm`) usually recovers much of
-        the accuracy one-shot pruning loses.
-
-        Args:
-            model: the trained model (not changed).
-            batchnorm_data: with ``rounds > 1``, training images (any form
-                `kap.recalibrate_batchnorm` takes) on which the masked copy's
-                BatchNormalization statistics are re-estimated before every
-                round after the first, as training would update them between
-                the rounds of ``fit``: later rounds then measure the network
-                that the earlier ones left, not one with stale statistics
-                (measured in docs/methods/nap.md, "Rounds without training").
-                None (default): not re-estimated. The result keeps the
-                statistics of the last re-estimation.
-
-        Raises:
-            ValueError: what ``fit`` would raise; ``batchnorm_data`` with
-                ``rounds=1``, whose first batch does not fit ``model``, or a
-                one-shot iterator that more than one re-estimation would need
-                to read again (all before the first round).
-        """
-        if batchnorm_data is not None:
-            if self.rounds < 2:
-                raise ValueError(
-                    "`batchnorm_data` is used between rounds, and this callback has rounds=1. "
-                    f"Received: rounds={self.rounds}. Fix: a callback with rounds > 1, or re-estimate the result "
-                    "with kap.recalibrate_batchnorm(slim, data)."
-                )
-            owner = f"{type(self).__name__}.prune(batchnorm_data=...)"
-            check_readable(batchnorm_data, self.rounds - 1, owner)
-            # Its first batch is checked against the model now, before any round (a one-shot iterator gets it back).
-            batchnorm_data = CalibrationSource(batchnorm_data, model, batch_size=128, require_labels=False, owner=owner).data
-        copy = clone_layers(model, copy_layer)  # surgery's copy: custom layers are copied, not rebuilt from config
-        self.set_params({})  # not a fit: no epoch count to check against the rounds
-        if getattr(model, "loss", None) is not None:
-            config = getattr(getattr(model, "_compile_config", None), "config", None) or {}
-            copy.compile(loss=model.loss, loss_weights=config.get("loss_weights"))
-        self.set_model(copy)
-        store, self._store = self._store, None  # one-shot: no fit's state is resumed (nor written)
-        try:
-            self.on_train_begin()
-            try:
-                for index, epoch in enumerate(sorted(self._epochs)):
-                    if index and batchnorm_data is not None:
-                        recalibrate_batchnorm(copy, batchnorm_data)
-                    self.on_epoch_begin(epoch)
-                    self.on_epoch_end(epoch)  # where fit ends the round's epoch: NAP's tolerance mode judges it
-            finally:
-                self.on_train_end()
-        finally:
-            self._store = store
-        return self.pruned_model
-
     # -- lifecycle -----------------------------------------------------
     def _reset(self) -> None:
         self.plan: PrunePlan | None = None
@@ -440,10 +365,6 @@ class PruningCallback(ResumeMixin, keras.callbacks.Callback):
             )
 
     def _make_report(self):
-        try:
-            from keras_autoprune.report import PruningReport
-        except ImportError:  # pragma: no cover - report module not available
-            return None
         return PruningReport.from_models(
             self.model,
             self.pruned_model,
