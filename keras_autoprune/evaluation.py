@@ -30,27 +30,36 @@ def output_activation(model: keras.Model) -> str | None:
 
 
 def accuracy(model: keras.Model, data: Any, batch_size: int = 128) -> float:
-    """Fraction of examples whose predicted class equals the label.
+    """Fraction of examples whose predicted class equals the label, weighted by their sample weights.
 
-    The predicted class is the arg-max of the output; with a single output
+    ``sum_i w_i [argmax f(x_i) = y_i] / sum_i w_i``, as Keras's accuracy
+    metrics weigh ``(x, y, sample_weight)`` data (``w_i = 1`` without
+    weights). The predicted class is the arg-max of the output; with a single output
     unit (a binary classifier) it is 1 where the output exceeds 0.5 after a
     sigmoid (`output_activation`), 0 as a logit.
 
     Args:
         model: a classifier (logits or probabilities; one output).
         data: labelled data in any form `stats.calibration` accepts:
-            ``(x, y)`` arrays, a batched `tf.data.Dataset` of ``(x, y)``, a
-            generator of batches. Labels are integers or one-hot rows.
+            ``(x, y)`` or ``(x, y, sample_weight)`` arrays, a batched
+            `tf.data.Dataset` of such tuples, a generator of batches. Labels
+            are integers or one-hot rows.
+
+    Raises:
+        ValueError: the sample weights sum to 0 (no example counts).
         batch_size: batch size for in-memory arrays.
     """
     binary = model.outputs[0].shape[-1] == 1
     threshold = 0.5 if output_activation(model) == "sigmoid" else 0.0
-    correct = total = 0
+    correct = total = 0.0
     for batch in CalibrationData(data, model, batch_size=batch_size, require_labels=True):
         outputs = np.asarray(model(batch.x if len(batch.x) > 1 else batch.x[0], training=False))
         predicted = (outputs[..., 0] > threshold).astype(np.int64) if binary else np.argmax(outputs, axis=-1)
         labels = batch.y
         labels = np.argmax(labels, axis=-1) if labels.ndim == 2 and labels.shape[-1] > 1 else labels.reshape(-1)
-        correct += int(np.sum(predicted.reshape(-1) == labels.astype(np.int64)))
-        total += labels.shape[0]
+        correct += float(np.sum(batch.sample_weight * (predicted.reshape(-1) == labels.astype(np.int64))))
+        total += float(np.sum(batch.sample_weight))
+    if total == 0:
+        raise ValueError("Expected labelled data whose sample weights do not all equal 0. Received: weights summing "
+                         "to 0, so no example counts in the accuracy. Fix: give positive weights, or no weights.")
     return correct / total

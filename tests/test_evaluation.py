@@ -52,3 +52,15 @@ def test_multi_class_accuracy_takes_the_arg_max_with_integer_or_one_hot_labels()
     x = np.array([[0, 1], [1, 0], [2, 3]], "float32")
     assert accuracy(model, (x, np.array([1, 0, 0]))) == pytest.approx(2 / 3)
     assert accuracy(model, (x, np.eye(2)[[1, 0, 0]])) == pytest.approx(2 / 3)
+
+
+def test_accuracy_weighs_the_examples_by_their_sample_weights():
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, L.Softmax()(inputs))
+    x = np.array([[0, 1], [1, 0], [2, 3]], "float32")  # predicted 1, 0, 1
+    y = np.array([1, 0, 0])  # the third is wrong
+    weights = np.array([1.0, 0.0, 3.0])
+    assert accuracy(model, (x, y, weights), batch_size=2) == pytest.approx(1 / 4)
+    assert accuracy(model, (x, y, np.ones(3))) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="sum"):
+        accuracy(model, (x, y, np.zeros(3)))
