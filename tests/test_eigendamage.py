@@ -327,3 +327,21 @@ def test_directions_removable_follow_the_channel_rankings_layer_floor():
             assert removable(width, ratio) == width - layer_floor(width, ratio)
     assert removable(100, 0.29) == 29  # int(0.29 * 100) is 28: the float edge where they disagreed
     assert removable(1, 1.0) == 0 and removable(3, 1.0) == 2  # one direction always stays
+
+
+def test_direction_fisher_refuses_bases_that_do_not_fit_their_layer():
+    from keras_autoprune.stats import collect_direction_fisher
+
+    inputs = keras.Input((6, 6, 2))
+    h = keras.layers.Conv2D(3, 3, name="c1")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(keras.layers.Flatten()(h)))
+    data = (np.zeros((4, 6, 6, 2), "float32"), np.zeros(4, "int64"))
+    good = np.eye(3)
+    cases = [({"nope": (good, np.eye(3))}, "no layer of that name"),
+             ({"c1": (good, np.eye(3))}, "Q_in of layer 'c1' to be a finite 2 x n"),  # c1 has 2 inputs
+             ({"c1": (np.eye(2), np.ones((3, 2)))}, "orthonormal"),
+             ({"c1": (np.eye(2), np.full((3, 3), np.nan))}, "NaN"),
+             ({"c1": np.eye(2)}, "a pair")]
+    for bases, message in cases:
+        with pytest.raises(ValueError, match=message):
+            collect_direction_fisher(model, data, bases, fisher="empirical", verbose=0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -74,9 +75,52 @@ def collect_direction_fisher(model: Any, data: Any, bases: dict[str, tuple[np.nd
         data: calibration data, as for `collect_kfac`.
         bases: ``{layer name: (Q_in, Q_out)}`` of Dense, Conv1D or Conv2D layers.
         **options: `collect_kfac`'s ``fisher``, ``num_batches``, ``batch_size``, ``seed``, ``graph``, ``verbose``.
+
+    Raises:
+        ValueError: a base that `check_bases` refuses (before any batch is read).
     """
-    statistic = DirectionFisherStatistic({name: (np.asarray(a), np.asarray(b)) for name, (a, b) in bases.items()})
+    statistic = DirectionFisherStatistic(check_bases(model, bases))
     result = run_statistics(model, data, [statistic], layers=list(bases), **options)[0]
     return StatisticsResult({name: value for name, value in result.items() if value is not None},
                             num_examples=result.num_examples, num_batches=result.num_batches,
                             seconds=result.seconds, fisher=result.fisher, likelihood=result.likelihood)
+
+
+def check_bases(model: Any, bases: dict[str, tuple[Any, Any]], tolerance: float = 1e-4) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``bases`` as float64 arrays, after checking each against its layer.
+
+    A base belongs to a Dense, Conv1D or Conv2D layer of ``model`` (not
+    grouped) with kernel ``(..., C_in, C_out)``; ``Q_in`` is ``C_in × n_in``
+    and ``Q_out`` is ``C_out × n_out``, finite, with orthonormal columns
+    (``|QᵀQ − I| ≤ tolerance``): the scores are those of removing directions
+    of an orthonormal basis, and any other matrix scores something else.
+
+    Raises:
+        ValueError: the first base that does not meet this, with its layer and what to pass instead.
+    """
+    layers = {layer.name: layer for layer in model._flatten_layers(include_self=False)}
+    checked = {}
+    for name, pair in bases.items():
+        layer = layers.get(name)
+        if not isinstance(layer, (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D)) or getattr(layer, "groups", 1) != 1:
+            found = "no layer of that name" if layer is None else f"a {type(layer).__name__}" + (
+                f" with groups={layer.groups}" if getattr(layer, "groups", 1) != 1 else "")
+            raise ValueError(f"Expected bases of Dense, Conv1D or Conv2D layers (not grouped) of model {model.name!r}. "
+                             f"Received: a base for {name!r}, {found}. Fix: key the bases by such layers' names.")
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"Expected bases[{name!r}] to be a pair (Q_in, Q_out). Received: {type(pair).__name__}.")
+        channels = tuple(int(d) for d in layer.kernel.shape[-2:])
+        arrays = []
+        for side, q, rows in zip(("Q_in", "Q_out"), pair, channels):
+            q = np.asarray(q, np.float64)
+            if q.ndim != 2 or q.shape[0] != rows or not 0 < q.shape[1] <= rows or not np.all(np.isfinite(q)):
+                raise ValueError(f"Expected {side} of layer {name!r} to be a finite {rows} x n matrix with "
+                                 f"1 <= n <= {rows}. Received: shape {q.shape}"
+                                 + ("" if q.ndim != 2 or np.all(np.isfinite(q)) else " with NaN or inf entries") + ".")
+            error = float(np.max(np.abs(q.T @ q - np.eye(q.shape[1]))))
+            if error > tolerance:
+                raise ValueError(f"Expected {side} of layer {name!r} to have orthonormal columns. Received: "
+                                 f"max |QᵀQ - I| = {error:.3g}. Fix: orthonormalise it (np.linalg.qr(Q)[0]).")
+            arrays.append(q)
+        checked[name] = tuple(arrays)
+    return checked
