@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExportError as error:
         print(f"keras-autoprune {args.command}: failed: {error}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"keras-autoprune {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -103,16 +103,18 @@ def _add_demo(subcommands: argparse._SubParsersAction) -> None:
                         help="epochs of fit with the NAP callback (default: 6)")
     parser.add_argument("--max-per-class", type=int, default=500,
                         help="training images per class for --data (default: 500)")
+    parser.add_argument("--image-size", metavar="H,W",
+                        help="resize --data images to this height and width (default: their own size)")
     parser.add_argument("--out", default=None, help="folder for the .tflite files and the plot (default: a temp folder)")
     parser.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from keras_autoprune.budget import Budget
     from keras_autoprune.demo import run_demo
 
-    Budget(flops=args.flops)  # checks the value before any work
-    run_demo(args.data, args.epochs, args.finetune_epochs, args.flops, args.out, args.max_per_class)
+    image_size = _parse_shape(args.image_size, "--image-size", 2) if args.image_size is not None else None
+    run_demo(args.data, args.epochs, args.finetune_epochs, args.flops, args.out, args.max_per_class,
+             image_size=image_size)  # checks every argument before any work
     return 0
 
 
@@ -167,13 +169,17 @@ def _add_report(subcommands: argparse._SubParsersAction) -> None:
     parser = subcommands.add_parser("report", help="per-layer FLOPs and parameters of a saved model")
     parser.add_argument("model", help="the model file (.keras)")
     parser.add_argument("--unsafe", action="store_true", help="load with safe_mode=False (runs code stored in the file)")
+    parser.add_argument("--input-shape", metavar="H,W,C",
+                        help="input shape without the batch axis, for a model whose inputs have unknown sizes: "
+                             "the FLOPs are counted at it")
     parser.set_defaults(run=_run_report)
 
 
 def _run_report(args: argparse.Namespace) -> int:
     from keras_autoprune.prune_saved import describe_model
 
-    print(describe_model(args.model, unsafe=args.unsafe))
+    input_shape = _parse_shape(args.input_shape) if args.input_shape is not None else None
+    print(describe_model(args.model, unsafe=args.unsafe, input_shape=input_shape))
     return 0
 
 
@@ -302,15 +308,16 @@ def _add_red(subcommands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_run_red)
 
 
-def _parse_shape(text: str) -> tuple[int, ...]:
-    """``"224,224,3"`` -> ``(224, 224, 3)``; ValueError (reported as a usage error) otherwise."""
+def _parse_shape(text: str, flag: str = "--input-shape", length: int | None = None) -> tuple[int, ...]:
+    """``"224,224,3"`` -> ``(224, 224, 3)`` (``length`` numbers when given); ValueError (a usage error) otherwise."""
     try:
         shape = tuple(int(part) for part in text.split(","))
     except ValueError:
         shape = ()
-    if not shape or min(shape) < 1:
-        raise ValueError(f"Expected --input-shape to be positive integers separated by commas, e.g. 32,32,3. "
-                         f"Received: --input-shape {text!r}")
+    if not shape or min(shape) < 1 or length not in (None, len(shape)):
+        example = "32,32" if length == 2 else "32,32,3"
+        raise ValueError(f"Expected {flag} to be {length or ''} positive integers separated by commas, e.g. {example}. "
+                         f"Received: {flag} {text!r}".replace("be  ", "be "))
     return shape
 
 

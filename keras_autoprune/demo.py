@@ -44,8 +44,9 @@ def small_cnn(input_shape: tuple[int, ...], classes: int, width: int = 32) -> ke
     return keras.Model(inputs, L.Dense(classes, name="logits")(x), name="small_cnn")
 
 
-def load_demo_data(data: str | None, max_per_class: int = 500) -> tuple[tuple, tuple, str]:
-    """``((x_train, y_train), (x_test, y_test), description)``."""
+def load_demo_data(data: str | None, max_per_class: int = 500,
+                   image_size: tuple[int, int] | None = None) -> tuple[tuple, tuple, str]:
+    """``((x_train, y_train), (x_test, y_test), description)``; the test split's class ids are the training split's."""
     if data is None:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
@@ -56,10 +57,26 @@ def load_demo_data(data: str | None, max_per_class: int = 500) -> tuple[tuple, t
         return (x_train, y_train), (x_test, y_test), "scikit-learn digits (8x8, 1,347 train / 450 test)"
     from keras_autoprune.datasets import load_images
 
-    x_train, y_train, classes = load_images(data, "train", max_per_class=max_per_class)
-    x_test, y_test, _ = load_images(data, "test", max_per_class=max(1, max_per_class // 5))
+    x_train, y_train, classes = load_images(data, "train", image_size, max_per_class)
+    x_test, y_test, _ = load_images(data, "test", image_size, max(1, max_per_class // 5), class_names=classes)
     shape = "x".join(map(str, x_train.shape[1:3]))
     return (x_train, y_train), (x_test, y_test), f"{data} ({len(classes)} classes, {shape}, {len(x_train)} train / {len(x_test)} test)"
+
+
+def check_demo_arguments(epochs: int, finetune_epochs: int, flops: float, max_per_class: int, data: str | None) -> None:
+    """Raises ValueError (named as the command line's flags) unless the demo can run with these arguments."""
+    from keras_autoprune.budget import Budget
+    from keras_autoprune.datasets import check_image_source
+
+    for flag, value, low in (("--epochs", epochs, 0), ("--finetune-epochs", finetune_epochs, 1),
+                             ("--max-per-class", max_per_class, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"Expected {flag} to be an integer >= {low}"
+                             + (" (pruning happens while fine-tuning)" if flag == "--finetune-epochs" else "")
+                             + f". Received: {flag} {value!r}")
+    Budget(flops=flops)
+    if data is not None:
+        check_image_source(data)
 
 
 def run_demo(
@@ -70,6 +87,7 @@ def run_demo(
     out_dir: str | os.PathLike | None = None,
     max_per_class: int = 500,
     verbose: int = 1,
+    image_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Runs the demo; returns the figures it prints.
 
@@ -83,17 +101,24 @@ def run_demo(
             (default: a new temporary folder).
         max_per_class: images per class for folder/TFDS data.
         verbose: 0 silent, 1 the table and steps.
+        image_size: ``(height, width)`` to resize folder/TFDS images to
+            (default: their own size, which they must then share).
+
+    Raises:
+        ValueError: bad arguments (before any data is read), or data that cannot be read.
     """
     import keras_autoprune as kap
     from keras_autoprune.evaluation import accuracy
     from keras_autoprune.export import export_tflite, measure_latencies
+    from keras_autoprune.export.images import classes_in_turn
 
+    check_demo_arguments(epochs, finetune_epochs, flops, max_per_class, data)
     start = time.perf_counter()
     out = pathlib.Path(out_dir or tempfile.mkdtemp(prefix="kap_demo_"))
     out.mkdir(parents=True, exist_ok=True)
     say = print if verbose else (lambda *a, **k: None)
     keras.utils.set_random_seed(0)
-    (x_train, y_train), (x_test, y_test), description = load_demo_data(data, max_per_class)
+    (x_train, y_train), (x_test, y_test), description = load_demo_data(data, max_per_class, image_size)
     classes = int(max(y_train.max(), y_test.max()) + 1)
     say(f"data: {description}")
 
@@ -113,7 +138,7 @@ def run_demo(
     after = {"accuracy": accuracy(slim, (x_test, y_test)), "params": kap.count_params(slim), "flops": kap.count_flops(slim)}
 
     say("exporting both models to TFLite and verifying them with LiteRT ...")
-    sample = x_test[:64]
+    sample = x_test[classes_in_turn(y_test, 64)]  # every class (folder data comes sorted by class)
     exports = {
         name: export_tflite(m, out / f"{name}.tflite", representative_data=sample)
         for name, m in (("original", original), ("pruned", slim))

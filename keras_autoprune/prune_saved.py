@@ -20,6 +20,7 @@ import os
 import pathlib
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -107,14 +108,15 @@ def prune_saved_model(
     height, width, channels = shapes[0][1:]
     multiplier, offset = SCALES[scale]
 
-    def images(split):
-        x, y, classes = load_images(data, split, image_size=(height, width), max_per_class=max_per_class)
+    def images(split, class_names=None):
+        x, y, classes = load_images(data, split, image_size=(height, width), max_per_class=max_per_class,
+                                    class_names=class_names)
         return (to_channels(x, channels) * multiplier + offset).astype("float32"), y, classes
 
     x_train, y_train, classes = images("train")
     try:
-        test = images("test")[:2]
-    except (ValueError, FileNotFoundError):
+        test = images("test", classes)[:2]  # the training split's class ids
+    except FileNotFoundError:  # no test split: no accuracy is reported (said below)
         test = None
     log(f"data: {len(x_train)} training images, {0 if test is None else len(test[0])} test images, {len(classes)} classes")
     if getattr(model, "loss", None) is None:
@@ -149,8 +151,12 @@ def prune_saved_model(
     return PruneOutcome(slim, callback.report, accuracy_before, accuracy_after, time.perf_counter() - start, files)
 
 
-def describe_model(model_path: str | os.PathLike, unsafe: bool = False) -> str:
-    """The per-layer FLOPs and parameters table of a saved model, with its totals (``keras-autoprune report``)."""
+def describe_model(model_path: str | os.PathLike, unsafe: bool = False, input_shape: Any = None) -> str:
+    """The per-layer FLOPs and parameters table of a saved model, with its totals (``keras-autoprune report``).
+
+    ``input_shape`` (without the batch axis) counts the FLOPs of a model whose inputs have unknown sizes, as in
+    `kap.count_flops`.
+    """
     import keras
 
     import keras_autoprune as kap
@@ -158,9 +164,9 @@ def describe_model(model_path: str | os.PathLike, unsafe: bool = False) -> str:
     if not pathlib.Path(model_path).is_file():
         raise ValueError(f"Expected a saved model file (.keras). Received: '{model_path}', which does not exist.")
     model = keras.saving.load_model(model_path, safe_mode=not unsafe, compile=False)
-    table = kap.format_table(kap.flops_table(model))
+    table = kap.format_table(kap.flops_table(model, input_shape))
     graph = kap.DependencyGraph(model)
     prunable = sum(group.size for group in graph.prunable_groups)
     total = sum(group.size for group in graph.groups)
-    return (f"{table}\n\nmodel '{model.name}': {kap.count_params(model):,} parameters, {kap.count_flops(model):,} FLOPs per "
+    return (f"{table}\n\nmodel '{model.name}': {kap.count_params(model):,} parameters, {kap.count_flops(model, input_shape):,} FLOPs per "
             f"example; {len(graph.prunable_groups)} prunable channel groups ({prunable} of {total} channels)")

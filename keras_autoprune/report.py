@@ -274,7 +274,8 @@ class PruningReport:
             "Only layers with FLOPs or parameters are listed; the totals cover the whole model.",
         ]
         if self.plan is not None:
-            lines += ["", "Plan: " + (f"{len(self.plan.kept)} channel group(s) pruned." if isinstance(self.plan, PrunePlan)
+            lines += ["", "Plan: " + (f"kept channels chosen for {len(self.plan.kept)} channel group(s)."
+                                      if isinstance(self.plan, PrunePlan)
                                       else self.plan.describe())]
         if self.extra:
             lines += ["", "Run: " + "; ".join(f"{k}: {v}" for k, v in self.extra.items()) + "."]
@@ -318,7 +319,13 @@ def _ratio(after: int, before: int) -> float | None:
 
 
 def _percent(ratio: float | None) -> str:
-    return "n/a" if ratio is None else f"{100 * ratio:.1f}%"
+    """``"48.3%"``; a ratio that is not exactly 1 (or 0) but rounds to it reads ``"<100.0%"``, ``">100.0%"`` (``">0.0%"``)."""
+    if ratio is None:
+        return "n/a"
+    text = f"{100 * ratio:.1f}%"
+    if text == "100.0%" and ratio != 1:
+        return ("<" if ratio < 1 else ">") + text
+    return ">0.0%" if text == "0.0%" and ratio > 0 else text
 
 
 def _count(value: int | None) -> str:
@@ -326,10 +333,12 @@ def _count(value: int | None) -> str:
 
 
 def _human(value: int) -> str:
-    """``950``, ``12.3K``, ``6.2M``, ``4.1G``."""
+    """``950``, ``12.3K``, ``6.2M``, ``4.1G``: the largest unit in which the value, rounded to one decimal, is >= 1
+    (``999,950`` is ``1.0M``, not ``1000.0K``)."""
     for power, unit in ((4, "T"), (3, "G"), (2, "M"), (1, "K")):
-        if abs(value) >= 1000**power:
-            return f"{value / 1000**power:.1f}{unit}"
+        text = f"{value / 1000**power:.1f}"
+        if abs(float(text)) >= 1 and abs(value) >= 1000 ** (power - 1) * 999.5:
+            return f"{text}{unit}"
     return str(value)
 
 

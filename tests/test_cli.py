@@ -134,6 +134,19 @@ def test_demo_subcommand_rejects_a_bad_budget_before_work(capsys):
     assert "(0, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--finetune-epochs", "0"], "--finetune-epochs to be an integer >= 1"),
+    (["--epochs", "-3"], "--epochs to be an integer >= 0"),
+    (["--max-per-class", "0"], "--max-per-class to be an integer >= 1"),
+    (["--data", "/no/such/folder/x"], "does not exist"),
+    (["--image-size", "32"], "--image-size to be 2 positive integers"),
+])
+def test_demo_subcommand_checks_every_argument_before_work(args, message, capsys):
+    assert main(["demo", *args]) == 2  # before: training ran first (or a traceback for the missing folder)
+    captured = capsys.readouterr()
+    assert message in captured.err and "training" not in captured.out
+
+
 # -- prune and report ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
@@ -219,6 +232,45 @@ def test_prune_subcommand_checks_arguments_before_work(uncompiled_cnn_file, imag
                  "--out", str(uncompiled_cnn_file)]) == 2
     assert "other than the input model" in capsys.readouterr().err
     assert uncompiled_cnn_file.read_bytes() == before
+
+
+def test_report_subcommand_counts_a_model_of_unknown_input_size_at_input_shape(tmp_path, capsys):
+    inputs = keras.Input((None, None, 3))
+    path = tmp_path / "fcn.keras"
+    keras.Model(inputs, keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(inputs)).save(path)
+    assert main(["report", str(path)]) == 2
+    assert "input_shape" in capsys.readouterr().err
+    assert main(["report", str(path), "--input-shape", "8,8,3"]) == 0
+    assert f"{2 * 3 * 3 * 3 * 4 * 8 * 8:,} FLOPs" in capsys.readouterr().out  # 2 x k x k x Cin x Cout x H x W
+
+
+def test_prune_subcommand_keeps_the_training_class_ids_in_the_test_split(tmp_path, monkeypatch):
+    from keras_autoprune.prune_saved import prune_saved_model
+
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", ("a", "b", "c")), ("test", ("a", "c"))):
+        for label, name in enumerate(classes):
+            for index in range(6):
+                _write(root / split / name / f"{index}.png", rng.integers(0, 255, (8, 8, 3)).astype("uint8"))
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, padding="same")(inputs))
+    model_path = tmp_path / "m.keras"
+    keras.Model(inputs, keras.layers.Dense(3)(x)).save(model_path)
+    import keras_autoprune as kap
+    from keras_autoprune import datasets
+
+    seen, original = {}, datasets.load_images
+
+    def recording(source, split="train", **options):  # the real loader; records the labels it returned
+        result = original(source, split, **options)
+        seen[split] = result[1]
+        return result
+
+    monkeypatch.setattr(datasets, "load_images", recording)
+    prune_saved_model(model_path, root, kap.Budget(flops=0.8), tmp_path / "out.keras", method="magnitude",
+                      epochs=1, log=lambda line: None)
+    np.testing.assert_array_equal(np.unique(seen["test"]), [0, 2])  # "c" is class 2 in both splits
 
 
 def test_report_subcommand_prints_layers_and_totals(uncompiled_cnn_file, capsys):

@@ -111,7 +111,7 @@ def test_to_markdown_has_rows_totals_and_run_facts(pruned_cnn):
     ]
     assert lines[8] == "**Total:** FLOPs 113,412 → 31,188 (27.5% kept); params 1,492 → 420 (28.2% kept)."
     assert "Only layers with FLOPs or parameters are listed" in lines[10]
-    assert lines[12] == "Plan: 2 channel group(s) pruned."
+    assert lines[12] == "Plan: kept channels chosen for 2 channel group(s)."
     assert lines[14] == "Run: method: uniform; statistics_seconds: 1.5; budget: 0.25."
 
 
@@ -203,3 +203,12 @@ def test_models_with_different_layers_raise():
     other = keras.Model(inputs, L.Dense(4, name="fc")(x))
     with pytest.raises(ValueError, match=r"only in original: \['bn', 'relu', 'c2'\]"):
         PruningReport.from_models(_cnn(), other)
+
+
+def test_short_figures_round_before_choosing_the_unit():
+    from keras_autoprune.report import _human, _percent
+
+    assert [_human(v) for v in (950, 999, 12_345, 999_950, 999_999, 6_200_000)] == ["950", "999", "12.3K", "1.0M", "1.0M", "6.2M"]
+    # A pruned model never reads as untouched, nor an enlarged one as equal.
+    assert [_percent(r) for r in (1.0, 0.99951, 1.0004, 0.0, 0.0001, 0.483, None)] == [
+        "100.0%", "<100.0%", ">100.0%", "0.0%", ">0.0%", "48.3%", "n/a"]
