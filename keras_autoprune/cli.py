@@ -218,6 +218,8 @@ def _add_export(subcommands: argparse._SubParsersAction) -> None:
                         help="fail when top-1 agreement with Keras is below this fraction")
     parser.add_argument("--via", choices=["function", "saved_model"], default="function",
                         help="TFLite conversion path (default: function)")
+    parser.add_argument("--unsafe", action="store_true",
+                        help="load with safe_mode=False (needed for Lambda layers; runs code stored in the file)")
     parser.set_defaults(run=_run_export)
 
 
@@ -249,7 +251,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.saved_model:
         check_saved_model_target(args.saved_model, args.version)
         check_thresholds(args.tolerance, args.min_top1, args.num_samples)
-    model = keras.saving.load_model(args.model)
+    model = keras.saving.load_model(args.model, safe_mode=not args.unsafe)
     data = None
     if args.data is not None:
         data = load_images(args.data, tuple(model.inputs[0].shape[1:]), args.num_samples, args.scale, args.split)

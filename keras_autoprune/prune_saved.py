@@ -104,7 +104,8 @@ def prune_saved_model(
     shapes = [tuple(t.shape) for t in model.inputs]
     if len(shapes) != 1 or len(shapes[0]) != 4 or None in shapes[0][1:] or shapes[0][-1] not in (1, 3):
         raise ValueError("Expected a model with one image input (N, H, W, C) of known height and width and 1 or 3 "
-                         f"channels. Received inputs {shapes}")
+                         f"channels. Received inputs {shapes}. Fix: prune other models from Python with a callback "
+                         "(docs/callbacks.md), or save the model with a fixed input size.")
     height, width, channels = shapes[0][1:]
     multiplier, offset = SCALES[scale]
 

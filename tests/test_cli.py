@@ -294,3 +294,15 @@ def test_the_installed_command_prints_no_tensorflow_logs(uncompiled_cnn_file):
     assert done.returncode == 0, done.stderr
     assert "prunable channel groups" in done.stdout
     assert done.stderr == ""  # no C++ start-up lines (CUDA probing, oneDNN notices)
+
+
+def test_export_loads_a_lambda_model_only_with_unsafe(tmp_path, capsys):
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Lambda(lambda t: 2.0 * t)(inputs)))
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    target = tmp_path / "lambda.tflite"
+    assert main(["export", str(path), "--tflite", str(target)]) == 2  # safe mode refuses to run stored code
+    assert "safe_mode" in capsys.readouterr().err and not target.exists()
+    assert main(["export", str(path), "--tflite", str(target), "--unsafe"]) == 0
+    assert target.exists()
