@@ -112,7 +112,7 @@ def count_flops(model: keras.Model, input_shape: Any = None) -> int:
     if uncounted:
         warnings.warn(
             f"count_flops: no FLOPs formula for {len(uncounted)} layer(s)/op(s) of model "
-            f"'{model.name}', counted as 0: {', '.join(uncounted[:10])}"
+            f"'{model.name}' (or for their activation), left out of the total: {', '.join(uncounted[:10])}"
             f"{' ...' if len(uncounted) > 10 else ''}. The total leaves out what they compute; "
             "`flops_table(model)` marks them with counted=False.",
             stacklevel=2,
@@ -177,7 +177,8 @@ def call_shapes(model: keras.Model, input_shape: Any = None) -> dict[str, list[t
 def format_table(rows: Sequence[LayerCost]) -> str:
     """Formats `flops_table` rows as a fixed-width text table with totals."""
     header = ("layer", "kind", "FLOPs", "params")
-    body = [(r.layer, r.kind, f"{r.flops:,}" if r.counted else "?", f"{r.params:,}") for r in rows]
+    body = [(r.layer, r.kind, f"{r.flops:,}" if r.counted else f"{r.flops:,}?" if r.flops else "?", f"{r.params:,}")
+            for r in rows]
     total = ("total", "", f"{sum(r.flops for r in rows):,}",
              f"{sum(r.params for r in rows):,}")
     widths = [max(len(line[i]) for line in [header, total, *body]) for i in range(4)]
@@ -187,7 +188,8 @@ def format_table(rows: Sequence[LayerCost]) -> str:
                 f"{line[2]:>{widths[2]}}  {line[3]:>{widths[3]}}")
 
     rule = "-" * len(fmt(header))
-    note = ["? = no FLOPs formula for this layer: counted as 0"] if not all(r.counted for r in rows) else []
+    note = (["? = no FLOPs formula for this layer (or, after a number, for its activation): not counted"]
+            if not all(r.counted for r in rows) else [])
     return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(total), *note])
 
 
@@ -200,9 +202,15 @@ def _inputs_by_name(op: Any, node: Any, ins: list[Shape], outs: list[Shape]) -> 
 
 
 def _shape(tensor: Any) -> Shape:
-    """The tensor's shape with the batch axis unknown: FLOPs are per example, whatever batch size a model fixes."""
+    """The tensor's shape with the batch axis unknown: FLOPs are per example, whatever batch size a model fixes.
+
+    A shape that has an unknown axis after the first already carries the
+    (unknown) batch axis elsewhere (a transpose moved it): it is kept as is.
+    """
     shape = tuple(tensor.shape)
-    return (None, *shape[1:]) if shape else shape
+    if not shape or any(d is None for d in shape[1:]):
+        return shape
+    return (None, *shape[1:])
 
 
 def _input_shapes(model: keras.Model, functional: keras.Model, input_shape: Any) -> list[Shape]:
@@ -230,6 +238,13 @@ def _input_shapes(model: keras.Model, functional: keras.Model, input_shape: Any)
             f"input, of ranks {[len(r) - 1 for r in recorded]}, in positive integers. Received: "
             f"input_shape={input_shape!r}. Fix: e.g. `input_shape=(224, 224, 3)`."
         )
+    for given_shape, known in zip(shapes, recorded):
+        if any(k is not None and g != k for g, k in zip(given_shape[1:], known[1:])):
+            raise ValueError(
+                "Expected `input_shape` to agree with the model's known input sizes (it fills the unknown "
+                f"ones): {[r[1:] for r in recorded]}. Received: input_shape={input_shape!r}. Fix: give the "
+                "known sizes as they are, or rebuild the model for the other size."
+            )
     return shapes
 
 

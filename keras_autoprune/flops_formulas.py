@@ -21,8 +21,10 @@ Exact multiply-accumulates (the dominant term):
   ``V``; ``T`` query and ``S`` key/value positions; input widths ``D_q``,
   ``D_k``, ``D_v``; output width ``D_o``): the projections
   ``2·T·D_q·H·K + 2·S·D_k·H·K + 2·S·D_v·H·V + 2·T·H·V·D_o`` (+ their
-  biases), the query scaling ``T·H·K``, the scores ``2·H·T·S·K``, their
-  softmax ``5·H·T·S`` and the weighted sum ``2·H·T·S·V`` (with
+  biases), the query scaling ``T·H·K``, the scores ``2·H·T·A·K``, their
+  softmax ``5·H·T·A`` and the weighted sum ``2·H·T·A·V``, where ``A`` is
+  the number of key positions each query attends to: ``S``, or with
+  ``attention_axes`` the product of the key's sizes on those axes (with
   ``use_gate``: ``2·T·D_q·H·V`` + bias + ``T·H·V``). The key is taken to be
   the value unless a third tensor of the value's shape is passed.
 
@@ -262,11 +264,13 @@ def _attention_flops(layer: Any, ins: list[Shape], outs: list[Shape]) -> int:
     query, value, key = ins
     heads, k, v = layer.num_heads, layer.key_dim, layer.value_dim or layer.key_dim
     t, s = _numel(query[:-1]), _numel(value[:-1])
+    axes = getattr(layer, "_attention_axes", None)  # normalised by Keras when built; None: every position axis
+    attended = s if axes is None else math.prod(_dim(value[a]) for a in ((axes,) if isinstance(axes, int) else axes))
     d_out = _numel(outs[0]) // max(t, 1)
     bias = int(layer.use_bias)
     flops = 2 * t * _dim(query[-1]) * heads * k + 2 * s * _dim(key[-1]) * heads * k + 2 * s * _dim(value[-1]) * heads * v
     flops += 2 * t * heads * v * d_out + bias * (t * heads * k + s * heads * (k + v) + t * d_out)
-    flops += t * heads * k + heads * t * s * (2 * k + 5 + 2 * v)
+    flops += t * heads * k + heads * t * attended * (2 * k + 5 + 2 * v)
     if getattr(layer, "_use_gate", False):
         flops += 2 * t * _dim(query[-1]) * heads * v + bias * t * heads * v + t * heads * v
     return flops

@@ -251,7 +251,40 @@ def test_layers_without_a_formula_are_reported():
         assert count_flops(model) == 224 + 32
     lines = format_table(rows).splitlines()
     assert [line.split()[2] for line in lines[2:-3]] == ["224", "32", "?", "?", "0", "0", "?"]
-    assert lines[-1] == "? = no FLOPs formula for this layer: counted as 0"
+    assert lines[-1] == "? = no FLOPs formula for this layer (or, after a number, for its activation): not counted"
+
+
+def test_a_layer_with_an_unknown_activation_shows_what_was_counted():
+    inputs = keras.Input((5, 5, 2))
+    model = keras.Model(inputs, L.Conv2D(4, 3, activation="log_softmax", use_bias=False, name="c")(inputs))
+    (row,) = flops_table(model)
+    assert not row.counted and row.flops == 2 * 3 * 3 * 2 * 4 * 3 * 3  # the convolution, not its activation
+    assert format_table([row]).splitlines()[2].split()[2] == f"{row.flops:,}?"
+
+
+def test_input_shape_fills_unknown_sizes_and_must_agree_with_known_ones():
+    inputs = keras.Input((8, None, 3))
+    model = keras.Model(inputs, L.Conv2D(4, 3, use_bias=False)(inputs))
+    assert count_flops(model, input_shape=(8, 8, 3)) == 2 * 9 * 3 * 4 * 6 * 6
+    with pytest.raises(ValueError, match=r"agree with the model's known input sizes.*\(8, None, 3\)"):
+        count_flops(model, input_shape=(8, 8, 5))  # before: counted as if the kernel took 5 channels
+
+
+def test_attention_over_some_axes_counts_the_positions_each_query_attends_to():
+    inputs = keras.Input((4, 6, 8))
+    over_one = L.MultiHeadAttention(1, 2, attention_axes=(2,), use_bias=False)
+    over_all = L.MultiHeadAttention(1, 2, use_bias=False)
+    one = count_flops(keras.Model(inputs, over_one(inputs, inputs)))
+    every = count_flops(keras.Model(inputs, over_all(inputs, inputs)))
+    t, k = 24, 2  # 4 x 6 query positions, key size 2 (= value size), one head
+    assert every - one == t * (24 - 6) * (2 * k + 5 + 2 * k)  # scores, softmax, weighted sum over 6 keys, not 24
+
+
+def test_a_transpose_that_moves_the_batch_axis_keeps_the_other_sizes():
+    inputs = keras.Input((6, 4))
+    moved = keras.ops.transpose(inputs, (1, 0, 2))  # (6, None, 4)
+    rows = flops_table(keras.Model(inputs, moved * 2.0))
+    assert rows[-1].flops == 24  # before: 4 (the 6 taken for a batch axis)
 
 
 def test_a_fully_counted_model_does_not_warn():

@@ -92,6 +92,56 @@ def test_layer_floor_keeps_a_fraction_of_every_group():
     assert {g: sorted(k.tolist()) for g, k in plan.kept.items()} == {"a": [0, 2], "b": [2, 3, 5]}
 
 
+def test_channels_removed_earlier_stay_removed_when_their_group_has_no_scores():
+    model = two_branch_model()
+    randomize(model)
+    graph = kap.DependencyGraph(model)
+    earlier = kap.PrunePlan({"a": [0, 2], "b": [1, 2, 3, 4, 5]})  # a round took a1, a3 and b0
+    plan = global_ranking_plan(model, graph, {"b": np.arange(6.0)}, kap.Budget(flops=0.5), removed=earlier)
+    assert set(plan.kept["a"].tolist()) == {0, 2}  # before: "a" was left out of the order and came back whole
+    assert not np.isin([0], plan.kept["b"]).any()
+
+
+def test_scores_must_name_prunable_groups_and_be_finite():
+    model = two_branch_model()
+    graph = kap.DependencyGraph(model)
+    with pytest.raises(ValueError, match=r"e.g. \['a', 'b'\]. Received: a score for 'conv_a'"):
+        removal_order(graph, {"conv_a": np.ones(4)})  # before: ignored, and a warning about the layer floor
+    with pytest.raises(ValueError, match=r"finite scores for group 'a'.*channel\(s\) \[1\]"):
+        removal_order(graph, {"a": np.array([50.0, np.nan, 60.0, 70.0]), "b": np.arange(6.0)})
+
+
+def test_plan_costs_measure_flops_or_params_only_and_params_need_no_shapes():
+    model = two_branch_model()
+    graph = kap.DependencyGraph(model)
+    with pytest.raises(ValueError, match="latency table"):
+        global_ranking_plan(model, graph, {"a": np.ones(4)}, kap.Budget(latency=0.5))  # before: counted as FLOPs
+    with pytest.raises(ValueError, match="Received: metric='param'"):
+        PlanCost(model, graph)(kap.PrunePlan({}), "param")
+    from keras_autoprune.allocation.cost import channel_costs
+
+    with pytest.raises(ValueError, match="metric"):
+        channel_costs(model, graph, "latency")
+    i = keras.Input((None, None, 3))
+    open_size = keras.Model(i, L.GlobalAveragePooling2D()(L.Conv2D(6, 3, name="b")(L.Conv2D(4, 3, name="a")(i))))
+    graph = kap.DependencyGraph(open_size)
+    assert PlanCost(open_size, graph)(kap.PrunePlan({"a": [0, 1]}), "params") == (3 * 9 * 2 + 2) + (2 * 9 * 6 + 6)
+    fixed = keras.Model(j := keras.Input((8, 8, 3)), open_size(j))
+    assert PlanCost(open_size, graph, input_shape=(8, 8, 3))(kap.PrunePlan({})) == kap.count_flops(fixed)
+
+
+def test_a_ranked_callbacks_floor_is_the_rankings_floor():
+    from keras_autoprune.allocation.ranking import layer_floor
+
+    i = keras.Input((4, 4, 3))
+    model = keras.Model(i, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(100, 1, name="wide")(i))))
+    callback = kap.MagnitudeCallback(kap.Budget(flops=0.5), max_layer_ratio=0.29, verbose=0)
+    callback.set_model(model)
+    callback.graph = kap.DependencyGraph(model)
+    kept = len(callback.smallest_plan().kept["wide"])
+    assert kept == layer_floor(100, 0.29) == 71  # PrunePlan.uniform's floor(0.29 * 100) = 28 removed keeps 72
+
+
 @pytest.mark.parametrize("ratio", [0, 1.5, -0.1, True, "0.9"])
 def test_layer_floor_rejects_ratios_outside_the_unit_interval(ratio):
     with pytest.raises(ValueError, match="max_layer_ratio"):

@@ -10,7 +10,9 @@ channel axis on each side it is pruned on; a channel's cost is the sum over
 the group's members of ``cost_layer * positions_of_channel / width``. For a
 convolution with ``C_in`` inputs and ``C_out`` outputs this is
 ``cost / C_out`` per output channel and ``cost / C_in`` per input channel:
-the first-order saving of removing that channel alone.
+about the first-order saving of removing that channel alone (exactly so on
+the output side; on the input side slightly more, as the layer's bias and
+activation, which an input channel does not cost, are spread too).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from keras_autoprune.surgery.weights import layer_weights
 def channel_costs(model: keras.Model, graph: DependencyGraph, metric: str = "flops") -> dict[str, np.ndarray]:
     """``{group_id: per-channel cost}`` for every prunable group.
 
-    A channel's cost is the first-order saving of removing it alone: the sum,
+    A channel's cost is about the first-order saving of removing it alone (see the module docstring): the sum,
     over the layers its group touches, of ``layer cost / width`` of the side
     it sits on. A layer that passes channels through (its output carries
     its input's channels: a depthwise convolution, BatchNormalization, an
@@ -46,6 +48,7 @@ def channel_costs(model: keras.Model, graph: DependencyGraph, metric: str = "flo
         graph: its dependency graph.
         metric: ``"flops"`` or ``"params"``.
     """
+    check_metric(metric)
     per_layer: dict[str, float] = {}
     for row in flops_table(model):
         per_layer[row.layer] = per_layer.get(row.layer, 0.0) + float(getattr(row, metric))
@@ -87,16 +90,21 @@ class PlanCost:
     Args:
         model: the model of ``graph``.
         graph: its dependency graph.
+        input_shape: for a model whose inputs have unknown sizes, the shape
+            at which FLOPs are counted (as in `kap.count_flops`); parameters
+            need none.
     """
 
-    def __init__(self, model: keras.Model, graph: DependencyGraph):
+    def __init__(self, model: keras.Model, graph: DependencyGraph, input_shape=None):
         self.graph = graph
-        self._shapes = call_shapes(model)
+        self._model, self._input_shape = model, input_shape
+        self._call_shapes = None  # read on the first FLOPs count: parameters need no shapes
         self._weights = {id(r.operation): layer_weights(r.operation) for r in graph.records
                          if r.first_call and getattr(r.operation, "weights", None)}
 
     def __call__(self, plan: PrunePlan, metric: str = "flops") -> int:
         """Cost of the pruned model: ``"flops"`` or ``"params"``."""
+        check_metric(metric)
         total = 0
         for call in self.pruned_calls(plan, shapes=metric != "params"):
             if metric == "params":
@@ -129,11 +137,24 @@ class PlanCost:
                 config, weights = record.handler.prune(operation, operation.get_config(), weights, keep)
             ins = outs = None
             if shapes:
-                ins, outs = self._shapes[record.name][index]
+                ins, outs = self._shapes()[record.name][index]
                 ins = [_shorten(s, layout, removed) for s, layout in zip(ins, record.call.in_layouts)]
                 outs = [_shorten(s, layout, removed) for s, layout in zip(outs, record.out_layouts)]
             layer = type(operation).from_config(config) if config is not None else operation
             yield PrunedCall(record, layer, ins, outs, weights)
+
+    def _shapes(self) -> dict:
+        if self._call_shapes is None:
+            self._call_shapes = call_shapes(self._model, self._input_shape)
+        return self._call_shapes
+
+
+def check_metric(metric: str) -> None:
+    """Raises ValueError unless ``metric`` is one that counting measures: ``"flops"`` or ``"params"``."""
+    if metric not in ("flops", "params"):
+        raise ValueError(f"Expected metric 'flops' or 'params' (counted from the model). Received: metric={metric!r}"
+                         + (". A latency budget needs a measured latency table: kap.metapruning.search."
+                            if metric == "latency" else "."))
 
 
 @dataclasses.dataclass(frozen=True)

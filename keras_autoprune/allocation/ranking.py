@@ -49,30 +49,28 @@ def removal_order(
 
     Args:
         graph: the model's dependency graph.
-        scores: ``{group_id: per-channel score}``; higher = more important.
-            Groups absent from ``scores`` are not pruned.
+        scores: ``{group_id: per-channel score}``, finite; higher = more
+            important. Groups absent from ``scores`` lose no further channels
+            (those ``removed`` already took stay removed).
         removed: a plan whose removed channels stay removed (earlier rounds).
         max_layer_ratio: the largest fraction of a group's (and a layer's)
             original channels the order removes, in (0, 1]; see the module
             docstring.
+
+    Raises:
+        ValueError: a score key that is not a group of ``graph``, or scores
+            of a prunable group of the wrong shape or not finite.
     """
     check_max_layer_ratio(max_layer_ratio)
+    check_scores(graph, scores)
     forced, candidates = [], []
-    already = removed.kept if removed is not None else {}
     for group in graph.prunable_groups:
-        if group.id not in scores:
-            continue
-        score = np.asarray(scores[group.id], np.float64)
-        if score.shape != (group.size,):
-            raise ValueError(
-                f"Scores of group '{group.id}' must have shape ({group.size},). Received: shape {score.shape}"
-            )
-        kept_before = already.get(group.id)
+        score = np.asarray(scores[group.id], np.float64) if group.id in scores else None
         for chunk in range(int(group.chunks.max()) + 1):
             channels = np.flatnonzero(group.chunks == chunk)
-            if kept_before is not None and not np.isin(channels, kept_before).any():
+            if is_removed(removed, group.id, channels):
                 forced.append((group.id, channels))
-            else:
+            elif score is not None:
                 candidates.append((float(score[channels].sum()), len(candidates), group.id, channels))
     candidates.sort(key=lambda item: (item[0], item[1]))
     feasibility = _Feasibility(graph, max_layer_ratio)
@@ -85,6 +83,36 @@ def removal_order(
             feasibility.remove(group_id, channels)
             order.append((group_id, channels))
     return order
+
+
+def is_removed(removed: PrunePlan | None, group_id: str, channels: np.ndarray) -> bool:
+    """Whether ``removed`` (an earlier round's plan) took every channel of this chunk."""
+    kept = None if removed is None else removed.kept.get(group_id)
+    return kept is not None and not np.isin(channels, kept).any()
+
+
+def check_scores(graph: DependencyGraph, scores: dict[str, np.ndarray]) -> None:
+    """Raises ValueError unless every key of ``scores`` is a group of ``graph``, and the prunable ones' scores are
+    finite, one per channel (scores of groups that cannot be pruned are ignored)."""
+    known = {group.id for group in graph.groups}
+    groups = {group.id: group for group in graph.prunable_groups}
+    for group_id, values in scores.items():
+        if group_id not in known:
+            raise ValueError(f"Expected scores keyed by the group ids of the graph, e.g. {sorted(groups)[:4]}. "
+                             f"Received: a score for {group_id!r}, which is not one. Fix: key the scores by group.id.")
+        group = groups.get(group_id)
+        if group is None:
+            continue
+        score = np.asarray(values, np.float64)
+        if score.shape != (group.size,):
+            raise ValueError(
+                f"Scores of group '{group_id}' must have shape ({group.size},). Received: shape {score.shape}"
+            )
+        bad = np.flatnonzero(~np.isfinite(score))
+        if bad.size:
+            raise ValueError(f"Expected finite scores for group '{group_id}'. Received: {bad.size} NaN or infinite "
+                             f"value(s), at channel(s) {bad[:6].tolist()}. Fix: check the statistics that produced "
+                             "them (a NaN loss or an overflow), or give such channels a finite score.")
 
 
 def check_max_layer_ratio(value: float) -> None:
@@ -168,9 +196,10 @@ def global_ranking_plan(
         removable channel does not reach the target, that maximal plan is
         returned with a warning.
     """
+    budget.require_countable("global_ranking_plan")
     target = budget.fraction if target is None else target
     order = removal_order(graph, scores, removed, max_layer_ratio)
-    forced = sum(1 for g, c in order if removed is not None and g in removed.kept and not np.isin(c, removed.kept[g]).any())
+    forced = sum(1 for group_id, channels in order if is_removed(removed, group_id, channels))
     cost = plan_cost if plan_cost is not None else PlanCost(model, graph)
     limit = target * cost(PrunePlan({}), budget.metric)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_autoprune.allocation.ranking import check_max_layer_ratio, global_ranking_plan
+from keras_autoprune.allocation.ranking import check_max_layer_ratio, global_ranking_plan, plan_from_prefix, removal_order
 from keras_autoprune.budget import Budget
 from keras_autoprune.callbacks.base import PruningCallback
 from keras_autoprune.surgery.plan import PrunePlan
@@ -58,5 +58,12 @@ class RankedPruningCallback(PruningCallback):
                                    self.max_layer_ratio, self.plan_cost())
 
     def smallest_plan(self) -> PrunePlan:
-        """Every prunable group at its floor (``ceil((1 - max_layer_ratio) * size)`` channels, at least one)."""
-        return PrunePlan.uniform(self.graph, min(self.max_layer_ratio, 1.0 - 1e-9), importance="last")
+        """Every prunable group and layer at its floor (`allocation.ranking.layer_floor`), as the ranking removes.
+
+        The whole removal order of any scores: the ranking skips exactly the
+        chunks that would cross a floor, so its last prefix is the most it
+        can remove.
+        """
+        scores = {group.id: np.zeros(group.size) for group in self.graph.prunable_groups}
+        order = removal_order(self.graph, scores, None, self.max_layer_ratio)
+        return plan_from_prefix(self.graph, order, len(order))
