@@ -19,6 +19,10 @@ entry from the same pretrained weights with the same schedule
 tables and goals in the profile's page (``docs/benchmarks.md`` for ``v2``, ``docs/benchmarks_quick.md`` otherwise) and
 ``docs/img/accuracy_vs_flops_<profile>.png`` (`benchmarks.report`); the
 ``smoke`` profile writes neither unless ``--docs``/``--plot`` name a file.
+A profile whose finished units are kept in the repository (``v2``,
+``v2_mobilenetv2``) publishes every finished unit after any invocation
+(the ``--report-only`` command it records), so running some entries or
+seeds adds them to the page instead of replacing it.
 
 Stages: with ``--max-minutes`` (default for ``gpu``: 8.5) the run stops
 cleanly before that time, keeping every finished unit and a checkpoint of
@@ -71,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="keep finished units of an earlier run")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: report the finished units (and time their files together)")
+    parser.add_argument("--retime", action="store_true",
+                        help="export every finished unit's .tflite files again from its kept model (the current "
+                             "exporter) and time each latency group anew, as a whole")
     parser.add_argument("--retrain", action="store_true", help="discard the cached pretrained model")
     parser.add_argument("--verbose", type=int, default=0, help="Keras fit verbosity")
     return parser.parse_args(argv)
@@ -98,13 +105,39 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python -m benchmarks.run", *argv]),
     }
     try:
-        return run_profile(profile, args, entries, cache, deadline, context)
+        if not profile.base_model or args.report_only:
+            return run_profile(profile, args, entries, cache, deadline, context)
+        # A profile with kept units publishes all of them, whatever subset this invocation ran.
+        run_profile(profile, args, entries, cache, deadline, context, publish=False)
+        keep = pathlib.Path(args.results_dir) / profile.name / f"units-{profile.run_key()}"
+        seeds, finished = finished_units(keep)
+        entries = ["unpruned"] + [e for e in ALL_ENTRIES[1:] if e in set(finished) | set(entries)]
+        argv = ["--profile", profile.name, "--seeds", *map(str, seeds), "--budgets", *map(str, profile.budgets),
+                "--entries", *entries, "--report-only"]
+        context["command"] = " ".join(["python -m benchmarks.run", *argv])
+        return run_profile(profile, parse_args(argv + [f"--{k}={v}" for k, v in (("data", args.data), (
+            "cache-dir", args.cache_dir), ("results-dir", args.results_dir), ("docs", args.docs), ("plot", args.plot))]),
+                           entries, cache, deadline, context)
     except StageIncomplete as stop:
         print(f"Stage finished: {stop}. Run the same command again to continue.", flush=True)
         return {"incomplete": str(stop)}
 
 
-def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path, deadline: Deadline, context: dict) -> dict:
+def finished_units(folder: pathlib.Path) -> tuple[list[int], list[str]]:
+    """The seeds and the entries of the finished units kept in ``folder`` (``s<seed>-b<budget>-<entry>.json``)."""
+    seeds, entries = set(), set()
+    for path in pathlib.Path(folder).glob("s*-*.json"):
+        seed, _, rest = path.stem.partition("-")
+        entry = "unpruned" if rest == "unpruned" else rest.partition("-")[2]
+        if seed[1:].isdigit() and entry in ALL_ENTRIES:
+            seeds.add(int(seed[1:]))
+            entries.add(entry)
+    return sorted(seeds), sorted(entries)
+
+
+def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path, deadline: Deadline, context: dict,
+                publish: bool = True) -> dict:
+    """Runs the units of ``entries`` (reports them with ``args.report_only``); ``publish``: write the results and docs."""
     log = _logger(context["clock"])
     data = load_converged(args.data) if profile.base_model else load(args.data, profile.train_per_class, profile.test_per_class)
     log(f"data: {len(data.x_train)} training, {len(data.x_test)} test images")
@@ -141,12 +174,12 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
             if budget is not None and any(r["seed"] == seed and r["budget"] == budget for r in runs):
                 unit = _unit(seed, budget, "latency")
                 group = [r for r in runs if r["seed"] == seed and r["budget"] in (None, budget) and "error" not in r]
-                timed = store.result(unit) or {}
+                timed = {} if args.retime else store.result(unit) or {}
                 # Not timed yet: an entry or a precision; a failed export is tried again (it may work now).
                 new = _untimed(timed, {r["entry"]: r["tflite"] for r in group}) | {
                     r["entry"] for r in group if any("error" in f for f in r["tflite"].values())}
                 if new:  # only these files are needed (exported again from the kept models if gone)
-                    files = {r["entry"]: _tflite_files(r, store, data, profile) for r in group
+                    files = {r["entry"]: _tflite_files(r, store, data, profile, again=args.retime) for r in group
                              if r["entry"] in new or r["entry"] == "unpruned"}
                     files = {entry: paths for entry, paths in files.items() if paths is not None}
                     if _untimed(timed, files):
@@ -161,6 +194,8 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
         "torch_finetune": _torch_rows(pathlib.Path(args.results_dir), profile),
     }
     results["goals"] = report.goals(results)
+    if not publish:
+        return results
     report.write_json(pathlib.Path(args.results_dir) / f"{profile.name}.json", results)
     if args.docs != "none":
         report.update_docs(pathlib.Path(args.docs), profile.name, report.markdown(results))
@@ -252,29 +287,39 @@ def _merge_timings(timed: dict, new: dict) -> dict:
     return merged
 
 
-def _tflite_files(result: dict, store: UnitStore, data: BenchData, profile: Profile) -> dict | None:
+_EXPORTED_AGAIN: set[str] = set()
+"""Units whose files ``--retime`` exported again in this process (the unpruned unit is in every group)."""
+
+
+def _tflite_files(result: dict, store: UnitStore, data: BenchData, profile: Profile, again: bool = False) -> dict | None:
     """The unit's ``.tflite`` figures; files lost with the cache are exported again from the kept model.
 
     A precision whose export failed is tried again too (the export may have
     been fixed since), and the unit's record is updated with the new figures.
-    Returns None when neither the files nor a kept model exist (a TFMOT unit
-    of an earlier session: its model is not kept), and the entry is not timed.
+    With ``again`` (``--retime``) the files are exported again from the kept
+    model whatever their state, once per process, so that a latency group
+    compares files of one exporter; the record is updated. Returns None when
+    neither the files nor a kept model exist (a TFMOT unit of an earlier
+    session: its model is not kept), and the entry is not timed.
     """
     failed = any("error" in figures for figures in result["tflite"].values())
     present = all(pathlib.Path(f["path"]).exists() for f in result["tflite"].values() if "path" in f)
-    if present and not failed:
-        return result["tflite"]
     unit = _unit(result["seed"], result["budget"], result["entry"])
+    if present and not failed and not (again and unit not in _EXPORTED_AGAIN):
+        return result["tflite"]
     kept = store.kept_model(unit)
     if kept is None or not kept.exists():
-        if present:
-            return result["tflite"]  # a failed export, and no model to try it again from
+        if present:  # a failed export, or --retime, and no model to export from: the files as they are
+            if again:
+                print(f"{unit}: no kept model to export again; its existing files are timed", flush=True)
+            return result["tflite"]
         print(f"{unit}: its .tflite files are gone and no model is kept; left out of the latency group", flush=True)
         return None
     import keras
 
     tflite = export_model(keras.saving.load_model(kept), store.files(unit), data.test_sample(profile.export_samples), profile)
-    if failed:
+    if failed or again:
+        _EXPORTED_AGAIN.add(unit)
         result["tflite"] = tflite
         store.save(unit, result)
     return tflite

@@ -168,6 +168,15 @@ def test_kept_units_survive_the_loss_of_the_cache_and_their_files_are_exported_a
     assert files["float32"]["relative_error"] < 1e-5 and files["float32"]["bytes"] > 0
     assert _tflite_files(dict(row, tflite=files), again, data, profile) == files  # present files are not exported again
     assert _tflite_files(dict(row, entry="tfmot"), again, data, profile) is None  # no kept model: not timed
+    # --retime: exported again from the kept model (once per process), the record updated.
+    pathlib.Path(files["int8"]["path"]).write_bytes(b"an older exporter's file")
+    current = dict(row, tflite=files)
+    retimed = _tflite_files(current, again, data, profile, again=True)
+    assert pathlib.Path(retimed["int8"]["path"]).read_bytes() != b"an older exporter's file"
+    assert again.result("s0-b50-nap")["tflite"] == retimed
+    pathlib.Path(retimed["int8"]["path"]).write_bytes(b"touched after")
+    assert _tflite_files(current, again, data, profile, again=True) == retimed  # not a second time
+    assert pathlib.Path(retimed["int8"]["path"]).read_bytes() == b"touched after"
 
 
 def test_architecture_describes_the_residual_graph():
@@ -490,3 +499,13 @@ def test_a_run_of_some_entries_times_only_those_and_keeps_the_latency_of_the_oth
     # A precision that failed before and exports now is timed again; a first group is kept as timed.
     assert _untimed(merged, {"nap": {"float32": {"path": "n"}, "int8": {"path": "n8"}}}) == {"nap"}
     assert _merge_timings({}, new) == new
+
+
+def test_a_partial_run_publishes_every_finished_unit(tmp_path):
+    from benchmarks.run import finished_units
+
+    for name in ("s0-unpruned", "s0-b50-nap", "s0-b25-psap", "s1-b25-uniform_l1", "s0-b25-latency", "base_model"):
+        (tmp_path / f"{name}.json").write_text("{}")
+    (tmp_path / "s0-b50-nap.keras").write_text("")
+    # The seeds and entries of every finished unit (not latency groups or records), whatever one invocation ran.
+    assert finished_units(tmp_path) == ([0, 1], ["nap", "psap", "uniform_l1", "unpruned"])
