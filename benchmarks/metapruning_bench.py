@@ -255,7 +255,7 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     ``init``: ``"generated"`` starts each from the PruningNet's generated weights (rows ``searched``,
     ``uniform``); ``"trained"`` from the converged model cut to the gene's channels by `kap.apply_plan`
     (the channels the net's order keeps first; rows ``searched_from_trained``, ``uniform_from_trained``),
-    both fine-tuned with protocol 2's recipe. ``"scratch"`` trains the slim architectures from a fresh
+    both fine-tuned with protocol 2's learning rate and schedule (the converged recipe's weight decay, 5e-3). ``"scratch"`` trains the slim architectures from a fresh
     initialisation with the converged models' recipe (`converged.Recipe`: warm-up, cosine from 0.1) over
     ``epochs``, the paper's comparison (rows ``searched_from_scratch``, ``uniform_from_scratch``); it
     checkpoints every epoch in the cache and resumes. ``seed`` seeds the augmentation (and, from scratch,

@@ -53,7 +53,7 @@ def markdown(results: dict) -> str:
                              f"{row['test_after']:.4f} | {row['flops_kept']:.3f} |")
         lines += ["", *gap_rows(tuned)]
         lines.append("\nRows `searched`, `uniform`: from the PruningNet's generated weights; `_from_trained`: the "
-                     "converged model cut to the gene's channels; both fine-tuned with protocol 2's recipe. "
+                     "converged model cut to the gene's channels; both fine-tuned with protocol 2's learning rate and schedule with the converged recipe's weight decay (5e-3; protocol 2 uses 5e-4). "
                      "`_from_scratch`: fresh weights trained with the converged models' recipe (warm-up, cosine "
                      "from 0.1), 20 epochs unless the row says `_<E>ep`. The uniform widths are matched to the searched "
                      "FLOPs to a channel in the "
