@@ -40,6 +40,7 @@ import time
 import numpy as np
 
 from benchmarks import converged
+from benchmarks.stages import code_revision
 from keras_autoprune.callbacks.ranked import DEFAULT_MAX_LAYER_RATIO
 
 TARGETS = (0.8, 0.65, 0.5, 0.35, 0.25)
@@ -131,6 +132,7 @@ def run_row(model, entry: str, target: float, shared: dict, data: converged.Cifa
     kap.recalibrate_batchnorm(slim, shared["batchnorm_x"], batch_size=BATCH_SIZE)
     row["accuracy_bn"] = converged.test_accuracy(slim, data)
     row["seconds"] = time.perf_counter() - start
+    row["code_revision"] = code_revision()
     return row
 
 

@@ -51,7 +51,7 @@ from benchmarks.entries import EntryCannotRun, entry_schedule, run_entry  # noqa
 from benchmarks.measure import export_model, latency_figures  # noqa: E402
 from benchmarks.pretrain import load_pretrained, pretrain, pretrained_path  # noqa: E402
 from benchmarks.profiles import ALL_ENTRIES, PROFILES, Profile  # noqa: E402
-from benchmarks.stages import Deadline, StageIncomplete, UnitStore  # noqa: E402
+from benchmarks.stages import Deadline, StageIncomplete, UnitStore, code_revision  # noqa: E402
 from benchmarks.tfmot_peer import run_tfmot  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -166,7 +166,8 @@ def run_profile(profile: Profile, args, entries: list[str], cache: pathlib.Path,
                 if result is None:
                     pruning_epochs = entry_schedule(entry, profile).prune_end  # one fit call, not resumable
                     deadline.check(1.5 * pruning_epochs * epoch_seconds + 120, unit)
-                    result = store.save(unit, run_unit(entry, profile, data, data_path, pretrained, budget, seed, store, unit, deadline))
+                    result = run_unit(entry, profile, data, data_path, pretrained, budget, seed, store, unit, deadline)
+                    result = store.save(unit, dict(result, code_revision=code_revision()))
                 runs.append(result)
                 log(f"{unit}: " + (result["error"] if "error" in result else
                                    f"accuracy {result['accuracy']:.4f}, FLOPs kept {result['flops_kept']:.3f}, "

@@ -95,3 +95,20 @@ class UnitStore:
     def kept_model(self, unit: str) -> pathlib.Path | None:
         """Where the unit's final model is kept (``<keep>/<unit>.keras``), or None without ``keep``."""
         return None if self.keep is None else self.keep / f"{unit}.keras"
+
+
+def code_revision() -> str | None:
+    """The repository's commit (``git rev-parse --short HEAD``), ``+changes`` when the library or the benchmark
+    code differs from it; None outside a git checkout. Recorded in every finished unit and row, so that a table
+    mixing code versions can be told apart (resumed results are reused as they are)."""
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        changes = subprocess.run(["git", "status", "--porcelain", "--", "keras_autoprune", "benchmarks/*.py"],
+                                 cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if changes else "")

@@ -509,3 +509,16 @@ def test_a_partial_run_publishes_every_finished_unit(tmp_path):
     (tmp_path / "s0-b50-nap.keras").write_text("")
     # The seeds and entries of every finished unit (not latency groups or records), whatever one invocation ran.
     assert finished_units(tmp_path) == ([0, 1], ["nap", "psap", "uniform_l1", "unpruned"])
+
+
+def test_units_record_the_code_revision_they_ran():
+    import subprocess
+
+    from benchmarks.stages import code_revision
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    revision = code_revision()
+    if not head:
+        assert revision is None  # not a git checkout
+    else:
+        assert revision in (head, head + "+changes")
