@@ -132,7 +132,7 @@ def test_protocol_one_prunes_once_and_reestimates_batchnorm(cifar, tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 10_000
 
 
-def test_protocol_one_variants_configure_the_callbacks_and_name_their_files():
+def test_protocol_one_variants_configure_the_callbacks_and_name_their_files(capsys):
     calibration = (np.zeros((256, 32, 32, 3), "float32"), np.zeros(256, "int64"))
     floored = oneshot.make_callback("nap_cost_aware", 0.5, calibration, max_layer_ratio=0.9, rounds=3)
     assert (floored.max_layer_ratio, floored.rounds, floored.cost_aware, floored.num_batches) == (0.9, 3, True, 2)
@@ -147,6 +147,7 @@ def test_protocol_one_variants_configure_the_callbacks_and_name_their_files():
         "oneshot_resnet20_batchnorm_between_rounds_1_rounds_4.json"
     with pytest.raises(SystemExit):  # re-estimation between rounds needs rounds
         oneshot.main(["--model", "resnet20", "--batchnorm-between-rounds"])
+    assert "--batchnorm-between-rounds needs --rounds 2" in capsys.readouterr().err
 
 
 def test_protocol_one_records_an_entry_that_cannot_run():

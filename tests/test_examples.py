@@ -31,5 +31,5 @@ def test_cifar10_pruning_smoke(tmp_path, method):
     result = _load("cifar10_pruning").main(["--smoke", "--method", method, "--data", str(archive), "--out", str(tmp_path)])
     assert result["flops_kept"] <= 0.5
     assert result["float32"].relative_error <= 1e-4
-    assert 0 <= result["int8"].top1_agreement <= 1
+    assert result["int8"].path.is_file() and result["int8"].size_bytes < result["float32"].size_bytes
     assert (tmp_path / f"resnet20_{method}.keras").is_file()

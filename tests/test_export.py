@@ -200,8 +200,19 @@ def test_float32_matches_pruned_application(name, kwargs, mobilenet_v2, tmp_path
     assert error <= 1e-4
 
 
-def test_float32_via_saved_model_gives_the_same_outputs(trained_cnn, float_file, tmp_path):
+def test_float32_via_saved_model_gives_the_same_outputs(trained_cnn, float_file, tmp_path, monkeypatch):
+    from keras_autoprune.export import convert as convert_module
+
+    sources = []
+    real = convert_module._saved_model_source
+
+    def recorded(model, scratch):  # the library's own path, recorded: it must be the one converting
+        sources.append(model.name)
+        return real(model, scratch)
+
+    monkeypatch.setattr(convert_module, "_saved_model_source", recorded)
     result = export_tflite(trained_cnn, tmp_path / "sm.tflite", via="saved_model", num_samples=16)
+    assert sources == [trained_cnn.name]
     x = random_inputs((32, 32, 3))
     np.testing.assert_allclose(run_litert(result.path, x), run_litert(float_file.path, x), rtol=0, atol=1e-5)
 

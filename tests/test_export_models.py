@@ -201,10 +201,19 @@ def test_file_without_signature_falls_back_to_saved_model_path(tmp_path, monkeyp
         calls.append(real(content, inputs, outputs))
         return "a file with the signature(s) [] and no 'serving_default'" if len(calls) == 1 else calls[-1]
 
+    saved_model_sources = []
+    real_source = convert_module._saved_model_source
+
+    def recorded(model, scratch):
+        saved_model_sources.append(model.name)
+        return real_source(model, scratch)
+
     monkeypatch.setattr(convert_module, "signature_problem", first_fails)
+    monkeypatch.setattr(convert_module, "_saved_model_source", recorded)
     with pytest.warns(UserWarning, match=r"frozen function gave a file .*; converting through a SavedModel"):
         result = export_tflite(swish_model(), tmp_path / "m.tflite", num_samples=4)
     assert calls == [None, None] and result.relative_error <= 1e-5
+    assert len(saved_model_sources) == 1  # the second conversion went through the SavedModel path
 
 
 def test_file_without_signature_on_every_path_is_an_export_error(tmp_path, monkeypatch):

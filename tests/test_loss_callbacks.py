@@ -122,6 +122,7 @@ def test_eigendamage_and_psap_prune_regression_models(loss):
     eigen = kap.EigenDamageCallback((x, y), budget=kap.Budget(params=0.8), verbose=0)
     slim = eigen.prune(model)
     np.testing.assert_allclose(np.asarray(slim(x[:8])), np.asarray(eigen.model(x[:8])), rtol=1e-4, atol=1e-4)
+    assert eigen.plan.layers and kap.count_params(slim) <= 0.8 * kap.count_params(model)
     assert eigen.report.extra["fisher"] == ("true" if loss == "mae" else "empirical")
     psap = kap.PSAPCallback(kap.Budget(flops=0.6), (x, y), verbose=0)
     assert kap.count_flops(psap.prune(model)) <= 0.6 * kap.count_flops(model)

@@ -114,17 +114,25 @@ def test_soft_pruned_filters_can_regrow_between_rounds(digits):  # noqa: F811
     x_train, _, y_train, _ = digits
     model = leaky_cnn()
     cb = kap.PSAPCallback(kap.Budget(flops=0.5), (x_train[:256], y_train[:256]), end_epoch=3, verbose=0)
-    zeroed_norms = []
+    zeroed_norms, norms_at_the_round = [], []
 
-    class Probe(keras.callbacks.Callback):
+    def removed_norm(name):
+        gone = np.setdiff1d(np.arange(16), cb.plan.kept.get(name, np.arange(16)))
+        return gone.size, np.abs(model.get_layer(name).kernel.numpy()[..., gone]).sum()
+
+    class Probe(keras.callbacks.Callback):  # after `cb` in the list: sees each round right after it
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 0:
+                norms_at_the_round.extend(removed_norm(name) for name in ("c1", "c2"))
+
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 0:  # after one epoch of soft pruning: zeroed filters trained again
-                for name in ("c1", "c2"):
-                    gone = np.setdiff1d(np.arange(16), cb.plan.kept.get(name, np.arange(16)))
-                    zeroed_norms.append(np.abs(model.get_layer(name).kernel.numpy()[..., gone]).sum())
+                zeroed_norms.extend(removed_norm(name)[1] for name in ("c1", "c2"))
 
     model.fit(x_train, y_train, epochs=3, batch_size=64, callbacks=[cb, Probe()], verbose=0)
-    # Soft: zeroed filters were not held at zero during the next epoch.
+    # The soft round zeroed some filters ...
+    assert sum(count for count, _ in norms_at_the_round) > 0 and all(norm == 0 for _, norm in norms_at_the_round)
+    # ... which were not held at zero during the next epoch.
     assert sum(zeroed_norms) > 0
     for name in cb.plan.kept:  # the last round is hard
         removed = np.setdiff1d(np.arange(16), cb.plan.kept[name])

@@ -243,6 +243,7 @@ def test_an_adapted_normalization_keeps_its_statistics_through_surgery():
 def test_lora_and_quantized_layers_block_their_channels(make):
     inputs = keras.Input((6,))
     x = keras.layers.Dense(8, activation="relu", name="d1")(keras.layers.Dense(8, activation="relu", name="d0")(inputs))
+    x = keras.layers.Dense(8, activation="relu", name="d3")(x)  # its channels are free of d1's LoRA path
     model = keras.Model(inputs, keras.layers.Dense(3, name="d2")(x))
     randomize(model, seed=3)
     if make == "lora":
@@ -256,6 +257,7 @@ def test_lora_and_quantized_layers_block_their_channels(make):
     # Whatever stays prunable keeps the contract (before: LoRA columns stayed alive, int8 scales crashed).
     plan = kap.PrunePlan.uniform(graph, 0.5)
     assert "d1" not in plan.kept
+    assert ("d3" in plan.kept) == (make == "lora")  # LoRA blocks d1's channels only; int8 quantizes every Dense
     assert_contract(model, plan, graph)
 
 
@@ -304,7 +306,9 @@ def test_a_nested_model_or_traced_layer_called_twice_keeps_each_calls_constants(
     model = keras.Model(inputs, keras.layers.Add()([inner(first), inner(second)]))
     randomize(model, seed=7)
     graph = kap.DependencyGraph(model)
-    assert_contract(model, kap.PrunePlan.uniform(graph, 0.5), graph)  # before: 0.34 apart in one of the orders
+    plan = kap.PrunePlan.uniform(graph, 0.5)
+    assert len(plan.kept) == 1  # a's and b's channels, tied by the shared call: each call folds their removal
+    assert_contract(model, plan, graph)  # before: 0.34 apart in one of the orders
 
 
 def test_surgery_leaves_the_input_models_operations_without_new_nodes():
