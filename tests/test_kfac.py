@@ -350,6 +350,25 @@ def test_damping_formula_and_inverses():
         damp(A, G, damping=0)
 
 
+def test_a_factor_at_zero_is_damped_relative_to_its_layer_and_scores_nothing_alone():
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(40, 5)), rng.normal(size=(40, 4))
+    A, G, W = X.T @ X / 40, Y.T @ Y / 40, rng.normal(size=(5, 4))
+    # A layer that never reaches the loss (G = 0): no channel of it matters. Before: damped by sqrt(λ)·1 in absolute
+    # units, it scored ½·sqrt(λ)·wᵀAw whatever the loss scale, above the live layers of a well-fitted model.
+    _, dead_inverse = damped_inverses(A, np.zeros((4, 4)), damping=1e-3)
+    assert np.all(kron_obs(W, A, dead_inverse) < 1e-100)
+    # A dead block of a stack (a depthwise channel after a ReLU that never fires) takes its layer's scale.
+    blocks = np.stack([G, 0 * G, 2 * G])
+    _, inverses = damped_inverses(np.stack([A] * 3), blocks, damping=1e-3)
+    mean = (np.trace(G) + 2 * np.trace(G)) / 2 / 4  # the positive blocks' mean eigenvalue
+    np.testing.assert_allclose(inverses[1], np.eye(4) / (np.sqrt(1e-3) * mean), rtol=1e-12)
+    scores = [kron_obs(W, A, inverse).sum() for inverse in inverses]
+    assert scores[1] < 0.1 * min(scores[0], scores[2])  # and scales with the layer (x 1e-3 with G):
+    _, smaller = damped_inverses(np.stack([A] * 3), 1e-3 * blocks, damping=1e-3)
+    np.testing.assert_allclose(kron_obs(W, A, smaller[1]).sum(), 1e-3 * scores[1], rtol=1e-9)
+
+
 def test_group_saliency_sums_members_with_the_obs_formulas():
     inputs = keras.Input((6, 6, 2), dtype=F64)
     a = L.Conv2D(3, 3, padding="same", dtype=F64, name="a")(inputs)

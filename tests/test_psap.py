@@ -69,6 +69,29 @@ def test_protection_rule_keeps_large_gradient_filters_and_lets_wrongly_pruned_re
     np.testing.assert_array_equal(hard, [False, False, False, False, True, False])
 
 
+def test_protection_spares_the_quantiles_count_whatever_the_ties_and_nothing_without_gradients():
+    rng = np.random.default_rng(0)
+    for n in (8, 10, 11, 16, 24, 32, 64):  # without ties: exactly the channels at or above the quantile, as before
+        ema = rng.random(n)
+        guard = psap.protected_channels({"g": ema}, {}, protect_quantile=0.1)["g"]
+        np.testing.assert_array_equal(guard, ema >= np.quantile(ema, 0.9))
+    tied = {"g": np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])}
+    assert psap.protected_channels(tied, {}, protect_quantile=0.1)["g"].tolist() == [True] + [False] * 9  # before: all
+    silent = {"g": np.zeros(8)}  # no gradient statistics (a layer kind PSAP cannot tap)
+    assert not psap.protected_channels(silent, {}, protect_quantile=0.1)["g"].any()  # before: every channel
+
+
+def test_protected_channels_keep_their_l1_order_among_themselves():
+    model = _two_conv_model()
+    graph = kap.DependencyGraph(model)
+    model.get_layer("a").kernel.assign(np.array([[[[0.3, 0.1, 0.4, 0.2], [0.3, 0.1, 0.4, 0.2]]]]))
+    # Every channel protected (more than the ratio leaves): the removed ones are still the smallest by L1.
+    plan = psap.adaptive_plan(model, graph, kap.Budget(params=0.8), 0.8, {"a": 1.0, "b": 0.0}, {"a": np.ones(4, bool)})
+    gone = set(range(4)) - set(plan.kept["a"].tolist())
+    by_l1 = [1, 3, 0, 2]  # channel L1 norms 0.6, 0.2, 0.8, 0.4
+    assert 0 < len(gone) < 4 and gone == set(by_l1[: len(gone)])  # before: tied at inf, removed by index (0 first)
+
+
 def test_protected_filters_are_never_pruned():
     model = _two_conv_model()
     graph = kap.DependencyGraph(model)

@@ -75,7 +75,12 @@ def protected_channels(
         grad_ema: EMA of each channel's gradient norm, per group.
         zeroed: boolean array per group, True for channels zeroed now.
         protect_quantile: active channels whose EMA is in this top fraction
-            of their group are spared.
+            of their group are spared: those at or above the
+            ``1 - protect_quantile`` quantile of the active EMAs, at most
+            ``n - ceil((1 - q)(n - 1))`` of the ``n`` active ones (the count
+            without ties; ties go by channel index), and only channels with
+            a gradient (EMA > 0): a group without gradient statistics (its
+            layers cannot be tapped) protects nothing.
         regrow: protect zeroed channels whose EMA exceeds the active
             channels' median so they can regrow (soft rounds). False in the
             final hard round: a channel zeroed there is removed for good, so
@@ -92,8 +97,11 @@ def protected_channels(
         if active.size:
             if regrow:
                 guard |= off & (ema > np.median(active))  # wrongly pruned: let it regrow
-            cut = np.quantile(active, 1 - protect_quantile) if protect_quantile > 0 else np.inf
-            guard |= ~off & (ema >= cut) & (protect_quantile > 0)
+            if protect_quantile > 0:
+                cut = np.quantile(active, 1 - protect_quantile)
+                top = np.flatnonzero(~off & (ema >= cut) & (ema > 0))
+                most = active.size - int(np.ceil((1 - protect_quantile) * (active.size - 1) - 1e-9))
+                guard[top[np.argsort(-ema[top], kind="stable")[:most]]] = True
         protected[group_id] = guard
     return protected
 
@@ -119,8 +127,8 @@ def adaptive_plan(
     mean = np.mean(list(sparsity.values())) or 1.0
     relative = {gid: (wsr / mean if mean else 1.0) for gid, wsr in sparsity.items()}
     scores = channel_l1(graph)
-    for group_id, guard in (protected or {}).items():
-        scores[group_id] = np.where(guard, np.inf, scores[group_id])
+    for group_id, guard in (protected or {}).items():  # above every unprotected channel, in their L1 order
+        scores[group_id] = np.where(guard, scores[group_id] + scores[group_id].max() + 1.0, scores[group_id])
 
     def plan_at(scale: float, floor: float = 0.0) -> PrunePlan:
         ratios = {gid: float(np.clip(max(scale * r, floor), 0.0, max_layer_ratio)) for gid, r in relative.items()}

@@ -51,7 +51,12 @@ def damp(A: np.ndarray, G: np.ndarray, damping: float = 1e-3) -> tuple[np.ndarra
         G' = G + sqrt(λ·m_A·m_G)/π·I = G + sqrt(λ)·m_G·I
 
     so ``A' ⊗ G' ≈ A ⊗ G + λ·m_A·m_G·I + (cross terms)``. A factor whose
-    trace is 0 (a layer that never reaches the loss) uses ``m = 1``.
+    trace is 0 (a channel or layer that never reaches the loss) has no scale
+    of its own: in a stack of blocks (a depthwise layer's per-channel
+    factors, the leading axes) it takes the mean ``m`` of the stack's other
+    blocks, so its damping stays relative to its layer; a whole layer at 0
+    takes a vanishing ``m`` (``sqrt`` of the smallest normal float), so
+    that what it never changes scores (about) 0, not a constant.
 
     Args:
         A, G: the factors, ``(..., n, n)`` and ``(..., m, m)``.
@@ -78,8 +83,21 @@ def _shifts(A: np.ndarray, G: np.ndarray, damping: float) -> tuple[np.ndarray, n
     if not isinstance(damping, (int, float, np.floating)) or not np.isfinite(damping) or damping <= 0:
         raise ValueError(f"Expected a positive finite damping. Received: damping={damping!r}")
     root = np.sqrt(float(damping))
-    mean_A, mean_G = mean_eigenvalue(A), mean_eigenvalue(G)
-    return root * np.where(mean_A > 0, mean_A, 1.0), root * np.where(mean_G > 0, mean_G, 1.0)
+    return root * _scale(mean_eigenvalue(A)), root * _scale(mean_eigenvalue(G))
+
+
+_VANISHING = float(np.sqrt(np.finfo(np.float64).tiny))
+"""The scale of a layer whose factor is 0 everywhere: its inverse (about 6.7e153) is still finite."""
+
+
+def _scale(means: np.ndarray) -> np.ndarray:
+    """``means`` with each 0 replaced by the mean of the positive ones of its stack (or `_VANISHING`)."""
+    means = np.asarray(means, np.float64)
+    positive = means > 0
+    if positive.all():
+        return means
+    fallback = float(means[positive].mean()) if positive.any() else _VANISHING
+    return np.where(positive, means, fallback)
 
 
 def _shifted_inverse(matrix: np.ndarray, shift: np.ndarray) -> np.ndarray:
