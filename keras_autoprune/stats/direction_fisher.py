@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_autoprune.graph.dependency import DependencyGraph, graph_of
 from keras_autoprune.stats.engine import StatisticsResult, run_statistics
 from keras_autoprune.stats.taps import Tap
 
@@ -79,18 +80,21 @@ def collect_direction_fisher(model: Any, data: Any, bases: dict[str, tuple[np.nd
     Raises:
         ValueError: a base that `check_bases` refuses (before any batch is read).
     """
-    statistic = DirectionFisherStatistic(check_bases(model, bases))
-    result = run_statistics(model, data, [statistic], layers=list(bases), **options)[0]
+    graph = graph_of(model, options.pop("graph", None))
+    statistic = DirectionFisherStatistic(check_bases(model, bases, graph=graph))
+    result = run_statistics(model, data, [statistic], layers=list(bases), graph=graph, **options)[0]
     return StatisticsResult({name: value for name, value in result.items() if value is not None},
                             num_examples=result.num_examples, num_batches=result.num_batches,
                             seconds=result.seconds, fisher=result.fisher, likelihood=result.likelihood)
 
 
-def check_bases(model: Any, bases: dict[str, tuple[Any, Any]], tolerance: float = 1e-4) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def check_bases(model: Any, bases: dict[str, tuple[Any, Any]], tolerance: float = 1e-4,
+                graph: DependencyGraph | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``bases`` as float64 arrays, after checking each against its layer.
 
     A base belongs to a Dense, Conv1D or Conv2D layer of ``model`` (not
-    grouped) with kernel ``(..., C_in, C_out)``; ``Q_in`` is ``C_in × n_in``
+    grouped), named as the dependency graph names it (``outer/inner`` inside
+    nested models and traced custom layers) with kernel ``(..., C_in, C_out)``; ``Q_in`` is ``C_in × n_in``
     and ``Q_out`` is ``C_out × n_out``, finite, with orthonormal columns
     (``|QᵀQ − I| ≤ tolerance``): the scores are those of removing directions
     of an orthonormal basis, and any other matrix scores something else.
@@ -98,7 +102,7 @@ def check_bases(model: Any, bases: dict[str, tuple[Any, Any]], tolerance: float 
     Raises:
         ValueError: the first base that does not meet this, with its layer and what to pass instead.
     """
-    layers = {layer.name: layer for layer in model._flatten_layers(include_self=False)}
+    layers = {record.name: record.operation for record in graph_of(model, graph).records}
     checked = {}
     for name, pair in bases.items():
         layer = layers.get(name)
