@@ -317,9 +317,10 @@ def _parse_shape(text: str, flag: str = "--input-shape", length: int | None = No
     except ValueError:
         shape = ()
     if not shape or min(shape) < 1 or length not in (None, len(shape)):
-        example = "32,32" if length == 2 else "32,32,3"
-        raise ValueError(f"Expected {flag} to be {length or ''} positive integers separated by commas, e.g. {example}. "
-                         f"Received: {flag} {text!r}".replace("be  ", "be "))
+        count, example = (f"{length} positive integers", ",".join(["32"] * length)) if length else (
+            "positive integers", "32,32,3")
+        raise ValueError(f"Expected {flag} to be {count} separated by commas, e.g. {example}. "
+                         f"Received: {flag} {text!r}")
     return shape
 
 
