@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pathlib
 from typing import Any
 
@@ -30,6 +31,11 @@ PRECISIONS = ("float32", "int8")
 def gzip_size(path: str | pathlib.Path) -> int:
     """Bytes of the file after ``gzip -9``."""
     return len(gzip.compress(pathlib.Path(path).read_bytes(), compresslevel=9))
+
+
+def file_sha256(path: str | pathlib.Path) -> str:
+    """The file's sha256 (hex): which file a size or a latency figure belongs to."""
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def export_model(model: Any, folder: pathlib.Path, representative, profile: Profile) -> dict:
@@ -56,6 +62,7 @@ def export_model(model: Any, folder: pathlib.Path, representative, profile: Prof
             "path": str(path),
             "bytes": result.size_bytes,
             "gzip_bytes": gzip_size(path),
+            "sha256": file_sha256(path),
             "relative_error": result.relative_error,
             "top1_agreement": result.top1_agreement,
         }
@@ -66,8 +73,9 @@ def latency_figures(files: dict[str, dict], reference: str, profile: Profile) ->
     """Times every file of ``files`` (``{name: {precision: {"path": ...}}}``) together.
 
     Returns:
-        ``{name: {precision: {"median_ms", "p90_ms", "kept"}}}``; ``kept`` is
-        the paired latency ratio to ``files[reference]`` of the same precision.
+        ``{name: {precision: {"median_ms", "p90_ms", "kept", "sha256"}}}``;
+        ``kept`` is the paired latency ratio to ``files[reference]`` of the
+        same precision, ``sha256`` the timed file's.
     """
     import keras_autoprune as kap
     from benchmarks.export_latency import paired_speedup
@@ -85,5 +93,6 @@ def latency_figures(files: dict[str, dict], reference: str, profile: Profile) ->
             "median_ms": timing.median_ms,
             "p90_ms": timing.p90_ms,
             "kept": 1.0 / paired_speedup(base.times_ms, timing.times_ms, profile.latency_rounds),
+            "sha256": file_sha256(files[name][precision]["path"]),
         }
     return figures

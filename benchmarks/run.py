@@ -261,9 +261,15 @@ def _exported(files: dict) -> dict[str, set[str]]:
 
 
 def _untimed(timed: dict, files: dict) -> set[str]:
-    """The entries of ``files`` (not the unpruned reference) with a ``.tflite`` precision that ``timed`` lacks."""
+    """The entries of ``files`` (not the unpruned reference) with a ``.tflite`` precision that ``timed`` lacks,
+    or whose file is no longer the one timed (both record a ``sha256``, and they differ)."""
+    def stale(entry: str, precision: str) -> bool:
+        was, now = timed[entry][precision].get("sha256"), files[entry][precision].get("sha256")
+        return bool(was and now and was != now)
+
     return {entry for entry, precisions in _exported(files).items()
-            if entry != "unpruned" and not precisions <= set(timed.get(entry, {}))}
+            if entry != "unpruned" and (not precisions <= set(timed.get(entry, {}))
+                                        or any(stale(entry, precision) for precision in precisions))}
 
 
 def _merge_timings(timed: dict, new: dict) -> dict:

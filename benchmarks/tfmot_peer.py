@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.data import BenchData, steps_per_epoch
-from benchmarks.measure import gzip_size
+from benchmarks.measure import file_sha256, gzip_size
 from benchmarks.profiles import Profile, learning_rate
 from benchmarks.stages import Deadline
 from benchmarks.training import compile_model, fit_epochs
@@ -166,6 +166,7 @@ def _tflite_figures(tf: Any, model: Any, path: pathlib.Path, representative: np.
     keras_logits = np.asarray(model(representative, training=False))
     return {
         "path": str(path), "bytes": path.stat().st_size, "gzip_bytes": gzip_size(path),
+        "sha256": file_sha256(path),
         "relative_error": float(np.max(np.abs(lite - keras_logits)) / np.max(np.abs(keras_logits))),
         "top1_agreement": float(np.mean(lite.argmax(-1) == keras_logits.argmax(-1))),
     }

@@ -1,5 +1,6 @@
 """The benchmark suite: the `smoke` profile end to end, and its parts on their own."""
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -462,6 +463,8 @@ def test_a_failed_export_is_recorded_and_left_out_of_the_timing(tmp_path):
     broken = {"float32": files["float32"], "int8": {"error": "ExportError: XNNPACK failed to prepare"}}
     timed = latency_figures({"unpruned": files, "red": broken}, "unpruned", profile)
     assert set(timed["unpruned"]) == {"float32", "int8"} and set(timed["red"]) == {"float32"}
+    digest = hashlib.sha256((tmp_path / "float32.tflite").read_bytes()).hexdigest()
+    assert files["float32"]["sha256"] == timed["red"]["float32"]["sha256"] == digest
     results = {"budgets": [0.5], "latency": {"0/0.5": timed}, "runs": [
         {"entry": "red", "budget": 0.5, "seed": 0, "accuracy": 0.5, "flops_kept": 0.5, "params_kept": 0.5,
          "fit_seconds": 1.0, "pruning_seconds": 0.0, "statistics_seconds": 0.0, "tflite": broken}]}
@@ -498,6 +501,11 @@ def test_a_run_of_some_entries_times_only_those_and_keeps_the_latency_of_the_oth
     # A precision that failed before and exports now is timed again; a first group is kept as timed.
     assert _untimed(merged, {"nap": {"float32": {"path": "n"}, "int8": {"path": "n8"}}}) == {"nap"}
     assert _merge_timings({}, new) == new
+    # A file exported again since it was timed (another sha256) is timed again; records without one stay timed.
+    sealed = {"unpruned": timed["unpruned"], "nap": {"float32": dict(figures(0.6, 0.6), sha256="a" * 64)}}
+    assert _untimed(sealed, {"nap": {"float32": {"path": "n", "sha256": "b" * 64}}}) == {"nap"}
+    assert _untimed(sealed, {"nap": {"float32": {"path": "n", "sha256": "a" * 64}}}) == set()
+    assert _untimed(timed, {"nap": {"float32": {"path": "n", "sha256": "b" * 64}}}) == set()
 
 
 def test_a_partial_run_publishes_every_finished_unit(tmp_path):
