@@ -56,7 +56,7 @@ from keras_autoprune.flops_formulas import (  # noqa: F401 - ACTIVATION_FLOPS, F
 )
 from keras_autoprune.graph.dependency import call_refs, check_model
 from keras_autoprune.graph.handlers.attention import attention_inputs
-from keras_autoprune.graph.handlers.base import CallInfo
+from keras_autoprune.graph.handlers.base import CallInfo, TensorRef
 from keras_autoprune.graph.trace import expand_outputs, see_through
 
 
@@ -193,12 +193,19 @@ def format_table(rows: Sequence[LayerCost]) -> str:
     return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(total), *note])
 
 
-def _inputs_by_name(op: Any, node: Any, ins: list[Shape], outs: list[Shape]) -> dict[str, int] | None:
-    """For a MultiHeadAttention call, where its query, value and key are among the call's tensors."""
-    if not isinstance(op, keras.layers.MultiHeadAttention):
-        return None
-    args, kwargs = call_refs(node, node.arguments.keras_tensors)
-    return attention_inputs(CallInfo([], ins, outs, args, kwargs))
+def inputs_by_name(operation: Any, call: CallInfo) -> dict[str, int] | None:
+    """Where the named operands of a call sit among its tensors, for the calls whose FLOPs depend on it.
+
+    MultiHeadAttention: ``query``, ``value`` and ``key``. ``keras.ops.matmul``:
+    ``x1`` or ``x2``, whichever are tensors (the other may be a constant, which
+    is not among the tensors). None for every other call (read by position).
+    """
+    if isinstance(operation, keras.layers.MultiHeadAttention):
+        return attention_inputs(call)
+    if type(operation).__name__ == "Matmul":
+        operands = list(call.args) + [call.kwargs.get(name) for name in ("x1", "x2") if name in call.kwargs]
+        return {name: ref.index for name, ref in zip(("x1", "x2"), operands) if isinstance(ref, TensorRef)}
+    return None
 
 
 def _shape(tensor: Any) -> Shape:
@@ -293,7 +300,10 @@ class _Walker:
             if id(variable) not in self._seen_variables:
                 self._seen_variables.add(id(variable))
                 params += math.prod(variable.shape)
-        flops = call_flops(op, ins, outs, _inputs_by_name(op, node, ins, outs)) if self.with_flops else 0
+        flops = 0
+        if self.with_flops:
+            call = CallInfo([], ins, outs, *call_refs(node, node.arguments.keras_tensors))
+            flops = call_flops(op, ins, outs, inputs_by_name(op, call))
         self.shapes.setdefault(prefix + op.name, []).append((ins, outs))
         counted = has_formula(op) if self.with_flops else True
         self.rows.append(LayerCost(prefix + op.name, type(op).__name__, int(flops), int(params), counted))

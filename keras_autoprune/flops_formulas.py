@@ -150,16 +150,17 @@ def call_flops(operation: Any, in_shapes: list[Shape], out_shapes: list[Shape],
                inputs_by_name: dict[str, int] | None = None) -> int:
     """FLOPs of one call of a layer or op node with the given shapes (batch axis first).
 
-    ``inputs_by_name``: for a MultiHeadAttention call, the index in
-    ``in_shapes`` of its ``query``, ``value`` and ``key`` (masks and keyword
-    order make positions unreliable; `graph.handlers.attention.attention_inputs`);
-    None reads them by position.
+    ``inputs_by_name``: where named operands sit in ``in_shapes``
+    (`accounting.inputs_by_name`): a MultiHeadAttention call's ``query``,
+    ``value`` and ``key`` (masks and keyword order make positions
+    unreliable); a matmul's ``x1`` and ``x2`` (one may be a constant, absent
+    from ``in_shapes``). None reads them by position.
     """
     if isinstance(operation, _L.MultiHeadAttention):
         return int(_attention_flops(operation, _attention_roles(in_shapes, inputs_by_name), out_shapes))
     if isinstance(operation, keras.layers.Layer):
         return int(_layer_flops(operation, in_shapes, out_shapes))
-    return int(_op_flops(operation, in_shapes, out_shapes))
+    return int(_op_flops(operation, in_shapes, out_shapes, inputs_by_name))
 
 
 def has_formula(operation: Any) -> bool:
@@ -276,7 +277,17 @@ def _attention_flops(layer: Any, ins: list[Shape], outs: list[Shape]) -> int:
     return flops
 
 
-def _op_flops(op: Any, ins: list[Shape], outs: list[Shape]) -> int:
+def _contracted(ins: list[Shape], inputs_by_name: dict[str, int] | None) -> int:
+    """The size a matmul ``x1 @ x2`` contracts: ``x1``'s last axis, or ``x2``'s second-to-last where
+    ``x1`` is a constant (``x2``'s only axis if it is a vector)."""
+    named = {"x1": 0} if inputs_by_name is None else inputs_by_name
+    if "x1" in named:
+        return _dim(ins[named["x1"]][-1])
+    x2 = ins[named["x2"]]
+    return _dim(x2[-2] if len(x2) >= 2 else x2[-1])
+
+
+def _op_flops(op: Any, ins: list[Shape], outs: list[Shape], inputs_by_name: dict[str, int] | None = None) -> int:
     """FLOPs of one call of a `keras.ops` operation node."""
     kind = type(op).__name__
     n_out = sum(_numel(s) for s in outs)
@@ -284,8 +295,8 @@ def _op_flops(op: Any, ins: list[Shape], outs: list[Shape]) -> int:
         return n_out
     if kind in _OP_REDUCTIONS:
         return _numel(ins[0]) if ins else 0
-    if kind == "Matmul" and ins and ins[0]:
-        return 2 * _dim(ins[0][-1]) * n_out
+    if kind == "Matmul" and ins:
+        return 2 * _contracted(ins, inputs_by_name) * n_out
     if kind == "Gelu" and getattr(op, "approximate", False):
         return 7 * n_out  # tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
     if kind in _OP_ACTIVATIONS:

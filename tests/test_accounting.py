@@ -108,6 +108,19 @@ def test_merges_and_op_nodes():
     assert count_params(model) == 0 == model.count_params()
 
 
+def test_a_matmul_with_a_constant_first_operand_contracts_the_second_operands_rows():
+    import keras_autoprune as kap
+    from keras_autoprune.allocation.cost import PlanCost
+
+    inputs = keras.Input((4, 16))
+    matrix = keras.ops.matmul(np.ones((2, 4), "float32"), inputs)     # (2, 16): 2·4·(2·16) = 256
+    vector = keras.ops.matmul(np.ones((4,), "float32"), inputs)       # (16,): 2·4·16 = 128
+    keyword = keras.ops.matmul(x1=np.ones((3, 4), "float32"), x2=inputs)  # (3, 16): 2·4·48 = 384
+    model = keras.Model(inputs, [matrix, vector, keyword])
+    assert sorted(r.flops for r in flops_table(model)) == [128, 256, 384]
+    assert PlanCost(model, kap.DependencyGraph(model))(kap.PrunePlan({})) == 256 + 128 + 384
+
+
 def test_nested_sequential_in_functional():
     inner = keras.Sequential(
         [keras.Input((8, 8, 3)), L.Conv2D(4, 3, use_bias=False, name="c"),

@@ -22,9 +22,8 @@ import dataclasses
 import keras
 import numpy as np
 
-from keras_autoprune.accounting import call_flops, call_shapes, flops_table
+from keras_autoprune.accounting import call_flops, call_shapes, flops_table, inputs_by_name
 from keras_autoprune.graph.dependency import DependencyGraph
-from keras_autoprune.graph.handlers.attention import attention_inputs
 from keras_autoprune.graph.handlers.matmul import rows_of
 from keras_autoprune.surgery.keep import layer_keeps
 from keras_autoprune.surgery.plan import PrunePlan
@@ -111,8 +110,7 @@ class PlanCost:
                 if call.record.first_call:
                     total += sum(int(np.prod(w.shape)) for w in call.weights.values())
             else:
-                named = attention_inputs(call.record.call) if isinstance(call.layer, keras.layers.MultiHeadAttention) else None
-                total += call_flops(call.layer, call.in_shapes, call.out_shapes, named)
+                total += call_flops(call.layer, call.in_shapes, call.out_shapes, inputs_by_name(call.layer, call.record.call))
         return total
 
     def pruned_calls(self, plan: PrunePlan, shapes: bool = True):
