@@ -220,6 +220,20 @@ def _shape(tensor: Any) -> Shape:
     return (None, *shape[1:])
 
 
+#: Operations that keep every element (a reshape, a permutation of axes): only these can move the batch axis.
+_REARRANGING_OPS = ("Reshape", "Transpose", "Swapaxes", "Moveaxis")
+
+
+def _mixes_batch(operation: Any, ins: list[Shape], outs: list[Shape]) -> bool:
+    """Whether a node that keeps every element has fewer elements per example after it than before
+    (shapes as `_shape` records them): the batch axis was merged into another axis, or moved."""
+    if isinstance(operation, keras.layers.Layer) or type(operation).__name__ not in _REARRANGING_OPS:
+        return False
+    if len(ins) != 1 or len(outs) != 1 or any(d is None for s in (ins[0][1:], outs[0][1:]) for d in s):
+        return False
+    return math.prod(ins[0][1:]) != math.prod(outs[0][1:])
+
+
 def _input_shapes(model: keras.Model, functional: keras.Model, input_shape: Any) -> list[Shape]:
     recorded = [_shape(t) for t in functional.inputs]
     if input_shape is None:
@@ -313,12 +327,19 @@ class _Walker:
 
         The recorded shapes are used unless an input shape differs from the
         recorded one (a nested model built for ``None`` spatial sizes and
-        called on a fixed size): then the op's ``compute_output_spec`` infers
-        them, without adding nodes to the graph.
+        called on a fixed size), or the node moves the batch axis
+        (`_mixes_batch`): then the op's ``compute_output_spec`` infers them,
+        without adding nodes to the graph, at batch 1 for the latter (``(None,
+        4, 8)`` reshaped to ``(-1, 8)`` is ``(4, 8)``: 4 rows per example, and
+        the layers after it are counted on 4 rows).
         """
         recorded_ins = [_shape(t) for t in node.arguments.keras_tensors]
         recorded_outs = [_shape(t) for t in node.outputs]
-        if not self.with_flops or ins == recorded_ins:
+        if not self.with_flops:
+            return recorded_outs
+        if _mixes_batch(node.operation, recorded_ins, recorded_outs):
+            ins = [(1, *s[1:]) if s and s[0] is None else s for s in ins]
+        elif ins == recorded_ins:
             return recorded_outs
         new = {
             id(t): keras.KerasTensor(s, dtype=t.dtype)
@@ -335,4 +356,4 @@ class _Walker:
                 stacklevel=4,
             )
             return recorded_outs
-        return [_shape(t) for t in keras.tree.flatten(spec)]
+        return [tuple(t.shape) for t in keras.tree.flatten(spec)]

@@ -121,6 +121,26 @@ def test_a_matmul_with_a_constant_first_operand_contracts_the_second_operands_ro
     assert PlanCost(model, kap.DependencyGraph(model))(kap.PrunePlan({})) == 256 + 128 + 384
 
 
+@pytest.mark.parametrize("batch_size", [None, 1])
+def test_a_reshape_or_transpose_moving_the_batch_axis_counts_the_rows_it_makes(batch_size):
+    from keras_autoprune.allocation.cost import PlanCost
+
+    inputs = keras.Input((4, 8), batch_size=batch_size)
+    if batch_size is None:
+        rows = keras.ops.reshape(inputs, (-1, 8))          # (None, 8): 4 rows per example
+    else:
+        rows = keras.ops.transpose(inputs, (1, 0, 2))      # (4, 1, 8): the batch axis moved
+    tokens = L.Dense(16, name="per_row")(rows)             # 4 rows: 4·(2·8·16 + 16) = 1088
+    back = keras.ops.reshape(tokens, (-1, 4, 16))          # one example again
+    model = keras.Model(inputs, L.Dense(2, name="head")(back))  # 4·(2·16·2 + 2) = 264
+    assert {r.layer: r.flops for r in flops_table(model) if r.flops} == {"per_row": 1088, "head": 264}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the graph cannot prune across the batch-mixing reshape
+        import keras_autoprune as kap
+
+        assert PlanCost(model, kap.DependencyGraph(model))(kap.PrunePlan({})) == 1088 + 264
+
+
 def test_nested_sequential_in_functional():
     inner = keras.Sequential(
         [keras.Input((8, 8, 3)), L.Conv2D(4, 3, use_bias=False, name="c"),
