@@ -30,6 +30,14 @@ def test_uniform_counts_and_round_to(graph):
     assert len(kap.PrunePlan.uniform(graph, 0.99).kept["a"]) == 1  # at least one stays
 
 
+def test_a_ratio_whose_product_rounds_below_a_whole_count_removes_that_count():
+    inputs = keras.Input((4,))
+    graph = kap.DependencyGraph(keras.Model(inputs, L.Dense(3, name="head")(L.Dense(100, name="wide")(inputs))))
+    assert 0.29 * 100 < 29 and 0.57 * 100 < 57  # 28.999999999999996 and 56.99999999999999 in binary floats
+    assert len(kap.PrunePlan.uniform(graph, 0.29).kept["wide"]) == 71
+    assert len(kap.PrunePlan.uniform(graph, 0.57).kept["wide"]) == 43
+
+
 def test_uniform_l1_keeps_the_largest_filters(graph):
     kernel = graph.model.get_layer("a").kernel.numpy()
     norms = np.abs(kernel).sum(axis=(0, 1, 2))

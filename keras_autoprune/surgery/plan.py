@@ -132,7 +132,7 @@ class PrunePlan:
             group = prunable[group_id]
             n_chunks = int(group.chunks.max()) + 1
             chunk_size = group.size // n_chunks
-            keep_chunks = max(1, n_chunks - math.floor(ratio * n_chunks))
+            keep_chunks = max(1, n_chunks - math.floor(ratio * n_chunks + 1e-9))  # 0.29 * 100 = 28.999...: 29
             if round_to > 1:
                 rounded = math.ceil(keep_chunks * chunk_size / round_to) * round_to
                 keep_chunks = min(n_chunks, math.ceil(rounded / chunk_size))
