@@ -146,6 +146,20 @@ def test_reshape_that_splits_channels_blocks_and_one_that_keeps_them_maps():
     assert graph.group("b").prunable
 
 
+def test_a_reshape_flattening_tokens_into_rows_maps_and_one_gathering_rows_back_blocks_with_its_reason():
+    import warnings
+
+    inputs = keras.Input((4, 8))
+    rows = keras.ops.reshape(L.Dense(8, name="a")(inputs), (-1, 8))      # (None, 8): channels kept
+    tokens = keras.ops.reshape(L.Dense(16, name="b")(rows), (-1, 4, 16))  # 4 rows back into one example
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clear reason, not a handler failure
+        graph = kap.DependencyGraph(keras.Model(inputs, L.Dense(2, name="head")(tokens)))
+    assert graph.group("a").prunable
+    assert not graph.group("b").prunable
+    assert "gathers the rows of several batch entries into one (16 elements per entry in, 64 out)" in graph.group("b").reason
+
+
 def test_subclassed_model_is_rejected_with_a_fix():
     net = subclassed_model()
     with pytest.raises(kap.UnsupportedModelError, match="subclassed.*functional API"):

@@ -31,6 +31,8 @@ Operations whose positions or indices are tensors (``take(x, idx_tensor)``,
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from keras_autoprune.graph.handlers.indexmap import IndexMapHandler
@@ -189,6 +191,13 @@ class ReshapeOpHandler(IndexMapHandler):
     ..., (A-1)·B + j`` at position ``j`` of the new last axis: they are tied
     into one channel, and pruning it keeps the reshape ``(..., A, B')``.
     """
+
+    def blocked_reason(self, op, call):
+        before, after = tuple(call.in_shapes[0][1:]), tuple(call.out_shapes[0][1:])
+        if None in before or None in after or math.prod(after) <= math.prod(before):
+            return None  # fewer elements per example out: rows split off an example, mapped on the id grid
+        return (f"gathers the rows of several batch entries into one ({math.prod(before)} elements per entry in, "
+                f"{math.prod(after)} out)")
 
     @staticmethod
     def _split(call) -> tuple[int, int] | None:
