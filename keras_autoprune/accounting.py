@@ -57,6 +57,7 @@ from keras_autoprune.flops_formulas import (  # noqa: F401 - ACTIVATION_FLOPS, F
 from keras_autoprune.graph.dependency import call_refs, check_model
 from keras_autoprune.graph.handlers.attention import attention_inputs
 from keras_autoprune.graph.handlers.base import CallInfo, TensorRef
+from keras_autoprune.graph.handlers.matmul import matmul_operands
 from keras_autoprune.graph.trace import expand_outputs, see_through
 
 
@@ -203,8 +204,7 @@ def inputs_by_name(operation: Any, call: CallInfo) -> dict[str, int] | None:
     if isinstance(operation, keras.layers.MultiHeadAttention):
         return attention_inputs(call)
     if type(operation).__name__ == "Matmul":
-        operands = list(call.args) + [call.kwargs.get(name) for name in ("x1", "x2") if name in call.kwargs]
-        return {name: ref.index for name, ref in zip(("x1", "x2"), operands) if isinstance(ref, TensorRef)}
+        return {name: ref.index for name, ref in zip(("x1", "x2"), matmul_operands(call)) if isinstance(ref, TensorRef)}
     return None
 
 

@@ -114,6 +114,12 @@ class SwapLastAxesHandler(IndexMapHandler):
         return super().prune_operation(op, call, keep)
 
 
+def matmul_operands(call: CallInfo) -> list:
+    """A ``keras.ops.matmul`` call's ``x1`` and ``x2`` in that order, positional or keyword
+    (a tensor as its `TensorRef`, a constant as itself)."""
+    return list(call.args) + [call.kwargs[name] for name in ("x1", "x2") if name in call.kwargs]
+
+
 class MatmulHandler(LayerHandler):
     """``keras.ops.matmul(a, b)``: ``a``'s channels tied to ``b``'s rows; ``b``'s channels to the output."""
 
@@ -122,8 +128,7 @@ class MatmulHandler(LayerHandler):
     @staticmethod
     def _operands(call: CallInfo) -> tuple[int, int] | None:
         """Tensor indices of ``a`` and ``b`` when both are tensors of rank >= 2."""
-        args = list(call.args) + [call.kwargs.get(name) for name in ("x1", "x2") if name in call.kwargs]
-        refs = [a for a in args if isinstance(a, TensorRef)]
+        refs = [a for a in matmul_operands(call) if isinstance(a, TensorRef)]
         if len(refs) != 2 or len(call.in_layouts) != 2:
             return None
         a, b = refs[0].index, refs[1].index
