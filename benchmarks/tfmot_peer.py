@@ -53,6 +53,7 @@ _LAYER_FIELDS = {
     "InputLayer": ("batch_shape",),
     "Normalization": ("axis", "mean", "variance"),
     "Conv2D": ("filters", "kernel_size", "strides", "padding", "dilation_rate", "use_bias", "activation"),
+    "DepthwiseConv2D": ("kernel_size", "strides", "padding", "depth_multiplier", "dilation_rate", "use_bias", "activation"),
     "BatchNormalization": ("axis", "momentum", "epsilon", "center", "scale"),
     "ReLU": ("max_value", "negative_slope", "threshold"),
     "Add": (),
@@ -172,6 +173,18 @@ def _tflite_figures(tf: Any, model: Any, path: pathlib.Path, representative: np.
     }
 
 
+def _pruned_kernel(layer: Any) -> Any:
+    """The kernel TFMOT's magnitude pruning sparsifies in ``layer`` (None for the layers it leaves dense).
+
+    Conv2D and Dense prune ``kernel``. TFMOT 0.8 wraps a DepthwiseConv2D but
+    creates no mask for it (its registry prunes no weight of that class:
+    checked by wrapping one and training a step), so depthwise kernels stay
+    dense like biases, normalisations and BatchNormalization, and are not
+    wrapped here.
+    """
+    return layer.kernel if type(layer).__name__ in ("Conv2D", "Dense") else None
+
+
 def run_peer(request: dict) -> dict:
     """Steps 1-4 of the module docstring, in this (legacy Keras) process."""
     import tensorflow_model_optimization as tfmot  # sets TF_USE_LEGACY_KERAS=1
@@ -193,7 +206,7 @@ def run_peer(request: dict) -> dict:
     if not twin_error <= 1e-4:  # NaN fails too
         raise RuntimeError(f"The tf_keras twin differs from the Keras 3 model by {twin_error:.3g} (relative).")
     total = model.count_params()
-    prunable = sum(int(np.prod(layer.kernel.shape)) for layer in model.layers if isinstance(layer, (tf_keras.layers.Conv2D, tf_keras.layers.Dense)))
+    prunable = sum(int(np.prod(_pruned_kernel(layer).shape)) for layer in model.layers if _pruned_kernel(layer) is not None)
     sparsity = min(0.99, (1.0 - request["params_kept"]) * total / prunable)
     prune_steps = profile.rounds * steps_per_epoch(data, profile.batch_size)
     updates = min(8, prune_steps)
@@ -201,7 +214,7 @@ def run_peer(request: dict) -> dict:
     schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, sparsity, begin_step=0, end_step=frequency * updates, frequency=frequency)
 
     def wrap(layer):  # the kernels that are pruned; the other layers (Normalization, BN, ...) stay as they are
-        if isinstance(layer, (tf_keras.layers.Conv2D, tf_keras.layers.Dense)):
+        if _pruned_kernel(layer) is not None:
             return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
         return layer
 

@@ -191,6 +191,17 @@ def test_architecture_describes_the_residual_graph():
     assert [layer["class"] for layer in description["layers"]].count("Conv2D") == 9
 
 
+def test_architecture_describes_depthwise_layers_and_capped_relus():
+    from keras_autoprune.zoo import mobilenetv2_cifar
+
+    description = architecture(mobilenetv2_cifar(alpha=0.25, last_channels=32))
+    layers = {layer["name"]: layer for layer in description["layers"]}
+    assert layers["b1_1_dw"]["class"] == "DepthwiseConv2D"
+    assert layers["b1_1_dw"]["config"] == {"kernel_size": [3, 3], "strides": [1, 1], "padding": "same", "depth_multiplier": 1,
+                                           "dilation_rate": [1, 1], "use_bias": False, "activation": "linear"}
+    assert layers["stem_relu"]["config"]["max_value"] == 6.0
+
+
 def test_taylor_scores_sum_gradient_times_weight_over_the_creating_filters():
     import keras
 
@@ -248,23 +259,26 @@ def test_fine_tuning_resumes_after_a_deadline(tmp_path):
     not (importlib.util.find_spec("tensorflow_model_optimization") and importlib.util.find_spec("tf_keras")),
     reason="the TFMOT peer needs tf_keras and tensorflow-model-optimization (the bench extra)",
 )
-def test_tfmot_peer_matches_the_parameter_target_and_resumes(tmp_path):
+@pytest.mark.parametrize("builder", ["resnet", "mobilenetv2"])
+def test_tfmot_peer_matches_the_parameter_target_and_resumes(tmp_path, builder):
+    """TFMOT leaves depthwise kernels dense: on MobileNetV2 the Conv2D/Dense kernels alone meet the target."""
     import dataclasses
 
     from benchmarks.tfmot_peer import run_tfmot
-    from keras_autoprune.zoo import resnet_cifar
+    from keras_autoprune.zoo import mobilenetv2_cifar, resnet_cifar
 
     data = _tiny_data(40)
     data.x_test, data.y_test = data.normalise(data.x_train[:4]), data.y_train[:4]  # non-zero logits
     data.save(tmp_path / "data.npz")
     profile = dataclasses.replace(PROFILES["smoke"], finetune_epochs=3, batch_size=8, export_samples=4)
-    model = resnet_cifar(8, width=8)
-    stage = run_tfmot(model, tmp_path / "data.npz", 0.3, profile, 0, tmp_path, max_seconds=0.0)
+    model = resnet_cifar(8, width=8) if builder == "resnet" else mobilenetv2_cifar(alpha=0.25, last_channels=32)
+    params_kept = 0.3
+    stage = run_tfmot(model, tmp_path / "data.npz", params_kept, profile, 0, tmp_path, max_seconds=0.0)
     assert stage == {"incomplete": "TFMOT fine-tuning stopped after epoch 2"}
-    result = run_tfmot(model, tmp_path / "data.npz", 0.3, profile, 0, tmp_path)
+    result = run_tfmot(model, tmp_path / "data.npz", params_kept, profile, 0, tmp_path)
     assert "error" not in result, result
     assert result["twin_relative_error"] <= 1e-4
-    assert result["params_kept"] == pytest.approx(0.3, abs=0.01)  # non-zero parameters after strip_pruning
+    assert result["params_kept"] == pytest.approx(params_kept, abs=0.01)  # non-zero parameters after strip_pruning
     assert result["tflite"]["float32"]["relative_error"] <= 1e-4
     assert result["tflite"]["float32"]["gzip_bytes"] < 0.6 * result["tflite"]["float32"]["bytes"]
     assert not (tmp_path / "peer_state.json").exists()
