@@ -52,6 +52,7 @@ from keras_autoprune.flops_formulas import (  # noqa: F401 - ACTIVATION_FLOPS, F
     FREE_OPS,
     Shape,
     call_flops,
+    einsum_dense_output_shape,
     has_formula,
 )
 from keras_autoprune.graph.dependency import call_refs, check_model
@@ -331,12 +332,16 @@ class _Walker:
         (`_mixes_batch`): then the op's ``compute_output_spec`` infers them,
         without adding nodes to the graph, at batch 1 for the latter (``(None,
         4, 8)`` reshaped to ``(-1, 8)`` is ``(4, 8)``: 4 rows per example, and
-        the layers after it are counted on 4 rows).
+        the layers after it are counted on 4 rows). An EinsumDense's output
+        shape comes from its equation (`einsum_dense_output_shape`): Keras
+        records an axis given as None in its ``output_shape`` as unknown.
         """
         recorded_ins = [_shape(t) for t in node.arguments.keras_tensors]
         recorded_outs = [_shape(t) for t in node.outputs]
         if not self.with_flops:
             return recorded_outs
+        if isinstance(node.operation, keras.layers.EinsumDense):
+            return [einsum_dense_output_shape(node.operation, ins[0])]
         if _mixes_batch(node.operation, recorded_ins, recorded_outs):
             ins = [(1, *s[1:]) if s and s[0] is None else s for s in ins]
         elif ins == recorded_ins:

@@ -16,6 +16,10 @@ Exact multiply-accumulates (the dominant term):
 - ``DepthwiseConv1D/2D``: ``2·K·C·M·P + b`` (``M`` the depth multiplier).
 - ``SeparableConv1D/2D``: ``2·K·C_in·M·P + 2·C_in·M·C_out·P + b``.
 - ``Dense`` on any rank: ``2·C_in·C_out·P + b`` (``P`` = all leading axes).
+- ``EinsumDense`` (``x, W -> y`` by its equation): ``2·N_out·Π_c n_c + b``
+  over the contracted letters ``c`` (in ``x`` or ``W``, not in ``y``; ``n_c``
+  their sizes): a two-operand einsum visits every combination of its
+  distinct letters once, and the output letters (with ``...``) make ``N_out``.
 - ``keras.ops.matmul`` nodes: ``2·k·N_out`` (``k`` the contracted size).
 - ``MultiHeadAttention`` (``H`` heads of key size ``K`` and value size
   ``V``; ``T`` query and ``S`` key/value positions; input widths ``D_q``,
@@ -134,7 +138,7 @@ _GLOBAL_POOL = (_L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D,
 _MERGE = (_L.Add, _L.Subtract, _L.Multiply, _L.Maximum, _L.Minimum)
 _WITH_FORMULA = (
     _CONV + _CONV_TRANSPOSE + _DEPTHWISE + _SEPARABLE + _POOL + _GLOBAL_POOL + _MERGE
-    + (_L.Dense, _L.MultiHeadAttention, _L.BatchNormalization, _L.LayerNormalization, _L.GroupNormalization, _L.Rescaling,
+    + (_L.Dense, _L.EinsumDense, _L.MultiHeadAttention, _L.BatchNormalization, _L.LayerNormalization, _L.GroupNormalization, _L.Rescaling,
        _L.Normalization, _L.PReLU, _L.Average, _L.Activation, _L.Softmax, _L.ReLU, _L.LeakyReLU, _L.ELU)
 )
 _FREE_LAYERS = (
@@ -223,6 +227,10 @@ def _layer_flops(layer: Any, ins: list[Shape], outs: list[Shape]) -> int:
         return 2 * macs + bias + act
     if isinstance(layer, _L.Dense):
         return 2 * _dim(x[-1]) * n_out + bias + act
+    if isinstance(layer, _L.EinsumDense):
+        n_out = _numel(einsum_dense_output_shape(layer, x))
+        bias = n_out if getattr(layer, "bias", None) is not None else 0
+        return 2 * _einsum_dense_contracted(layer, x) * n_out + bias + _activation_flops(layer.activation, n_out)
     if isinstance(layer, _L.BatchNormalization):
         return 2 * n_out
     if isinstance(layer, _L.LayerNormalization):
@@ -246,6 +254,43 @@ def _layer_flops(layer: Any, ins: list[Shape], outs: list[Shape]) -> int:
     if isinstance(layer, _L.Softmax):
         return ACTIVATION_FLOPS["softmax"] * n_out
     return 0
+
+
+def _einsum_dense_letters(layer: Any, x: Shape) -> tuple[dict[str, int | None], Shape, str, set[str]]:
+    """An EinsumDense call on input shape ``x``: ``(size of every letter, the input's ``...`` axes,
+    output spec, contracted letters)``.
+
+    A letter's size comes from the input (aligned to the right of a leading
+    ``...``, else to the left), or from the kernel where the input lacks it.
+    The contracted letters are those of the input or kernel spec missing
+    from the output.
+    """
+    operands, output = layer.equation.split("->")
+    in_spec, kernel_spec = operands.split(",")
+    letters = in_spec.replace("...", "")
+    axes = x[len(x) - len(letters):] if in_spec.startswith("...") else x[:len(letters)]
+    ellipsis = tuple(x[:len(x) - len(letters)]) if "..." in in_spec else ()
+    sizes: dict[str, int | None] = dict(zip(kernel_spec, (int(d) for d in layer.kernel.shape)))
+    sizes.update(zip(letters, axes))
+    return sizes, ellipsis, output, (set(letters) | set(kernel_spec)) - set(output) - {"."}
+
+
+def einsum_dense_output_shape(layer: Any, x: Shape) -> Shape:
+    """The output shape of an EinsumDense call on input shape ``x``, from its equation.
+
+    Keras leaves an axis given as None in ``output_shape`` unknown in the
+    symbolic output (``"abc,cd->abd"`` with ``output_shape=(None, 64)`` on
+    ``(None, 10, 32)`` records ``(None, None, 64)``); the input knows it.
+    """
+    sizes, ellipsis, output, _ = _einsum_dense_letters(layer, x)
+    head, _, tail = output.partition("...")
+    return tuple(sizes[c] for c in head) + (ellipsis if "..." in output else ()) + tuple(sizes[c] for c in tail)
+
+
+def _einsum_dense_contracted(layer: Any, x: Shape) -> int:
+    """``Π_c n_c`` over the letters an EinsumDense call sums away."""
+    sizes, _, _, contracted = _einsum_dense_letters(layer, x)
+    return math.prod(_dim(sizes[c]) for c in contracted)
 
 
 def _attention_roles(ins: list[Shape], inputs_by_name: dict[str, int] | None) -> list[Shape]:

@@ -64,6 +64,17 @@ _LAYER_CASES = {
     "avgpool_3x3_s1": ((8, 8, 3), lambda: L.AveragePooling2D(3, strides=1), 9 * 108, 0),
     "global_avgpool": ((8, 8, 3), lambda: L.GlobalAveragePooling2D(), 192, 0),
     "flatten": ((8, 8, 3), lambda: L.Flatten(), 0, 0),
+    # EinsumDense: 2·N_out·(contracted sizes) + N_out bias. (B, 10, 32) -> (B, 10, 64) contracting c=32:
+    # 2·640·32 + 640.
+    "einsum_dense_tokens": (
+        (10, 32), lambda: L.EinsumDense("abc,cd->abd", output_shape=(None, 64), bias_axes="d"), 40960 + 640, 2048 + 64),
+    # The Dense spelling with an ellipsis: (B, 7, 3) -> (B, 7, 5), as "dense_3d" without the bias: 2·35·3.
+    "einsum_dense_ellipsis": ((7, 3), lambda: L.EinsumDense("...b,bc->...c", output_shape=5), 210, 15),
+    # Two letters summed (b from the input, c from both): (B, 4, 8) -> (B, 16), 2·16·4·8.
+    "einsum_dense_two_contracted": ((4, 8), lambda: L.EinsumDense("abc,bcd->ad", output_shape=16), 1024, 512),
+    # A head split: (B, 6, 12) -> (B, 6, 2, 3), W (12, 2, 3), contracting c=12 with swish (2 per output): 2·36·12 + 72.
+    "einsum_dense_heads": ((6, 12), lambda: L.EinsumDense("abc,cde->abde", output_shape=(None, 2, 3), activation="swish"),
+                           864 + 72, 72),
 }
 
 
@@ -283,6 +294,17 @@ def test_layers_without_a_formula_are_reported():
     lines = format_table(rows).splitlines()
     assert [line.split()[2] for line in lines[2:-3]] == ["224", "32", "?", "?", "0", "0", "?"]
     assert lines[-1] == "? = no FLOPs formula for this layer (or, after a number, for its activation): not counted"
+
+
+def test_the_layers_after_an_einsum_dense_count_the_positions_its_equation_keeps():
+    """Keras records ``output_shape=(None, 64)`` as an unknown axis; the equation knows it is the input's 10."""
+    inputs = keras.Input((10, 32))
+    hidden = L.EinsumDense("abc,cd->abd", output_shape=(None, 64), bias_axes="d", name="e")(inputs)
+    assert tuple(hidden.shape) == (None, None, 64)
+    model = keras.Model(inputs, L.Dense(5, use_bias=False, name="d")(hidden))
+    rows = {r.layer: r.flops for r in flops_table(model)}
+    assert rows == {"e": 2 * 10 * 64 * 32 + 640, "d": 2 * 10 * 64 * 5}
+    assert count_flops(model) == 41600 + 6400
 
 
 def test_a_layer_with_an_unknown_activation_shows_what_was_counted():
