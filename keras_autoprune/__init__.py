@@ -1,6 +1,6 @@
 """keras-autoprune: automatic structured pruning for Keras 3.
 
-The public API (see docs/ and DESIGN.md):
+The public API (see docs/ and README.md):
 
 >>> import keras_autoprune as kap
 >>> graph = kap.DependencyGraph(model)                      # doctest: +SKIP

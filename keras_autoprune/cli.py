@@ -202,8 +202,8 @@ def _add_export(subcommands: argparse._SubParsersAction) -> None:
                         help="TFLite quantization (default: float32)")
     parser.add_argument("--int8-io", action="store_true", help="int8 input/output tensors (with --quantize int8)")
     parser.add_argument("--allow-flex", action="store_true", help="allow TensorFlow Select (Flex) ops")
-    parser.add_argument("--data", metavar="DIR|TFDS_NAME",
-                        help="sample images: a folder of class subfolders (JPEG/PNG) or a TFDS name; "
+    parser.add_argument("--data", metavar="DIR|ARCHIVE|TFDS_NAME",
+                        help="sample images: a folder of class subfolders (JPEG/PNG), a .tar.gz of one, or a TFDS name; "
                              "required for --quantize int8 (default: random inputs)")
     parser.add_argument("--split", default=None,
                         help="subfolder of --data, or TFDS split (default: the folder itself / 'train')")

@@ -37,10 +37,10 @@ class PSAPCallback(PruningCallback):
     Args:
         budget: `kap.Budget` reached at the last round.
         data: a few batches for the gradient statistics (one calibration
-            pass per round; ``num_batches`` bounds it). Labels are sampled
-            from the model (true Fisher) when the compiled loss defines a
-            distribution (cross-entropies, MSE, MAE); any other loss uses
-            the labels in ``data`` (empirical Fisher), as `NAPCallback` says.
+            pass per round; ``num_batches`` bounds it), with labels: PSAP
+            always uses the real labels (empirical Fisher), since the mean
+            gradient of labels sampled from the model is zero in
+            expectation.
         start_epoch, end_epoch, rounds: schedule; default one round per
             epoch over ``[start_epoch, end_epoch)``.
         kappa: ``ε_l = κ · mean|W_l|`` in the weight sparsity ratio. Default 0.05.
