@@ -276,6 +276,8 @@ def test_tolerance_mode_without_a_budget_aims_at_the_models_floor_when_it_is_abo
     rng = np.random.default_rng(0)
     data = (rng.normal(size=(8, 16, 16, 3)).astype("float32"), rng.integers(0, 2, 8))
     cb = kap.NAPCallback(data, validation_data=data, max_accuracy_drop=0.99, max_layer_ratio=1.0, verbose=0)
+    with pytest.raises(RuntimeError, match=r"budget_floor\(\) after `fit` or `prune` has started"):
+        cb.budget_floor()
     cb.prune(model)
     floor = cb.budget_floor()  # the copy that prune() worked on
     assert floor > 0.1 and cb.budget.fraction == pytest.approx(kap.budget.round_up_fraction(floor))

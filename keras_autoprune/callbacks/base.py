@@ -172,7 +172,17 @@ class PruningCallback(OneShotMixin, ResumeMixin, keras.callbacks.Callback):
         return ""
 
     def budget_floor(self) -> float:
-        """The fraction of the budget's metric that `smallest_plan` keeps on the fit's model: the least reachable."""
+        """The fraction of the budget's metric that `smallest_plan` keeps on the fit's model: the least reachable.
+
+        Raises:
+            RuntimeError: before `fit` or `prune` has started (no model yet).
+        """
+        if self.graph is None:
+            raise RuntimeError(
+                f"Expected {type(self).__name__}.budget_floor() after `fit` or `prune` has started: it is measured "
+                "on the model being pruned. Received: a callback with no model yet. Fix: call it once fit/prune has "
+                "begun, or read the fraction in the kap.BudgetUnreachableError that fit raises for a budget below it."
+            )
         cost, metric = self.plan_cost(), self.budget.metric
         return cost(self.smallest_plan(), metric) / cost(PrunePlan({}), metric)
 
