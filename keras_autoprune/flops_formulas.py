@@ -31,6 +31,12 @@ Exact multiply-accumulates (the dominant term):
   ``attention_axes`` the product of the key's sizes on those axes (with
   ``use_gate``: ``2·T·D_q·H·V`` + bias + ``T·H·V``). The key is taken to be
   the value unless a third tensor of the value's shape is passed.
+- ``Attention`` (dot-product, ``T`` query and ``S`` value positions, query
+  and key width ``D``, value width ``V``): scores ``2·T·S·D`` (+ ``T·S``
+  with ``use_scale``), or with ``score_mode="concat"`` ``2·T·S·D + T·S``
+  (broadcast add, sum, weight; + ``T·S·D`` with ``use_scale``);
+  ``AdditiveAttention``: ``(2 + use_scale)·T·S·D``; then the softmax
+  ``5·T·S`` and the weighted sum ``2·T·S·V`` (masks and dropout: 0).
 
 Cheaper element-wise work, as TensorFlow's profiler counts it:
 
@@ -138,7 +144,7 @@ _GLOBAL_POOL = (_L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D,
 _MERGE = (_L.Add, _L.Subtract, _L.Multiply, _L.Maximum, _L.Minimum)
 _WITH_FORMULA = (
     _CONV + _CONV_TRANSPOSE + _DEPTHWISE + _SEPARABLE + _POOL + _GLOBAL_POOL + _MERGE
-    + (_L.Dense, _L.EinsumDense, _L.MultiHeadAttention, _L.BatchNormalization, _L.LayerNormalization, _L.GroupNormalization, _L.Rescaling,
+    + (_L.Dense, _L.EinsumDense, _L.MultiHeadAttention, _L.Attention, _L.BatchNormalization, _L.LayerNormalization, _L.GroupNormalization, _L.Rescaling,
        _L.Normalization, _L.PReLU, _L.Average, _L.Activation, _L.Softmax, _L.ReLU, _L.LeakyReLU, _L.ELU)
 )
 _FREE_LAYERS = (
@@ -162,6 +168,8 @@ def call_flops(operation: Any, in_shapes: list[Shape], out_shapes: list[Shape],
     """
     if isinstance(operation, _L.MultiHeadAttention):
         return int(_attention_flops(operation, _attention_roles(in_shapes, inputs_by_name), out_shapes))
+    if isinstance(operation, _L.Attention):
+        return int(_dot_attention_flops(operation, _attention_roles(in_shapes, None)))
     if isinstance(operation, keras.layers.Layer):
         return int(_layer_flops(operation, in_shapes, out_shapes))
     return int(_op_flops(operation, in_shapes, out_shapes, inputs_by_name))
@@ -320,6 +328,20 @@ def _attention_flops(layer: Any, ins: list[Shape], outs: list[Shape]) -> int:
     if getattr(layer, "_use_gate", False):
         flops += 2 * t * _dim(query[-1]) * heads * v + bias * t * heads * v + t * heads * v
     return flops
+
+
+def _dot_attention_flops(layer: Any, ins: list[Shape]) -> int:
+    """FLOPs of one Attention or AdditiveAttention call (formula in the module docstring); ``ins``: query, value, key."""
+    query, value, _ = ins
+    t, s, d, v = _numel(query[1:-1]), _numel(value[1:-1]), _dim(query[-1]), _dim(value[-1])
+    scale = int(bool(layer.use_scale))
+    if isinstance(layer, _L.AdditiveAttention):
+        scores = (2 + scale) * t * s * d
+    elif layer.score_mode == "concat":
+        scores = 2 * t * s * d + t * s + scale * t * s * d
+    else:
+        scores = 2 * t * s * d + scale * t * s
+    return scores + ACTIVATION_FLOPS["softmax"] * t * s + 2 * t * s * v
 
 
 def _contracted(ins: list[Shape], inputs_by_name: dict[str, int] | None) -> int:

@@ -307,6 +307,21 @@ def test_the_layers_after_an_einsum_dense_count_the_positions_its_equation_keeps
     assert count_flops(model) == 41600 + 6400
 
 
+@pytest.mark.parametrize("make, scores", [
+    (lambda: L.Attention(), 2 * 4 * 6 * 8),                                          # q·kᵀ: 2·T·S·D
+    (lambda: L.Attention(use_scale=True), 2 * 4 * 6 * 8 + 4 * 6),                    # + the scale, T·S
+    (lambda: L.Attention(score_mode="concat"), 2 * 4 * 6 * 8 + 4 * 6),               # add, sum over D; weight T·S
+    (lambda: L.Attention(score_mode="concat", use_scale=True), 3 * 4 * 6 * 8 + 4 * 6),
+    (lambda: L.AdditiveAttention(), 3 * 4 * 6 * 8),                                  # scale·tanh(q + k), summed
+    (lambda: L.AdditiveAttention(use_scale=False), 2 * 4 * 6 * 8),
+])
+def test_dot_product_attention_counts_its_scores_softmax_and_weighted_sum(make, scores):
+    query, value, key = keras.Input((4, 8)), keras.Input((6, 5)), keras.Input((6, 8))
+    model = keras.Model([query, value, key], make()([query, value, key]))
+    assert count_flops(model) == scores + 5 * 4 * 6 + 2 * 4 * 6 * 5  # softmax 5·T·S, weighted sum 2·T·S·V
+    assert all(r.counted for r in flops_table(model))
+
+
 def test_a_layer_with_an_unknown_activation_shows_what_was_counted():
     inputs = keras.Input((5, 5, 2))
     model = keras.Model(inputs, L.Conv2D(4, 3, activation="log_softmax", use_bias=False, name="c")(inputs))
