@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
 
 from keras_autoprune.errors import UnsupportedModelError
 from keras_autoprune.flops_formulas import (  # noqa: F401 - ACTIVATION_FLOPS, FREE_OPS: importable from here too
@@ -209,6 +210,19 @@ def inputs_by_name(operation: Any, call: CallInfo) -> dict[str, int] | None:
     return None
 
 
+def einsum_operand_shapes(call: CallInfo) -> list[Shape]:
+    """The shape of every operand of a ``keras.ops.einsum`` call in order: a tensor's as recorded, a constant's
+    (a NumPy array or a Python number, which is not among the call's tensors) with a leading None, as if it
+    had a batch axis, when it has the tensors' rank; as it is otherwise."""
+    shapes = []
+    for operand in call.args:
+        if isinstance(operand, TensorRef):
+            shapes.append(call.in_shapes[operand.index])
+        else:
+            shapes.append(tuple(np.shape(operand)))
+    return shapes
+
+
 def _shape(tensor: Any) -> Shape:
     """The tensor's shape with the batch axis unknown: FLOPs are per example, whatever batch size a model fixes.
 
@@ -318,7 +332,8 @@ class _Walker:
         flops = 0
         if self.with_flops:
             call = CallInfo([], ins, outs, *call_refs(node, node.arguments.keras_tensors))
-            flops = call_flops(op, ins, outs, inputs_by_name(op, call))
+            operands = einsum_operand_shapes(call) if type(op).__name__ == "Einsum" else ins
+            flops = call_flops(op, operands, outs, inputs_by_name(op, call))
         self.shapes.setdefault(prefix + op.name, []).append((ins, outs))
         counted = has_formula(op) if self.with_flops else True
         self.rows.append(LayerCost(prefix + op.name, type(op).__name__, int(flops), int(params), counted))

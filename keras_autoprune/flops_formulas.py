@@ -21,6 +21,11 @@ Exact multiply-accumulates (the dominant term):
   their sizes): a two-operand einsum visits every combination of its
   distinct letters once, and the output letters (with ``...``) make ``N_out``.
 - ``keras.ops.matmul`` nodes: ``2·k·N_out`` (``k`` the contracted size).
+- ``keras.ops.einsum`` nodes of two operands: ``2·N_out·Π_c n_c`` over the
+  letters ``c`` summed away (as EinsumDense); of one operand: ``N_in`` when
+  it sums a letter away, else 0 (a transpose, a diagonal). An einsum of
+  three or more operands has no formula (its cost depends on the
+  contraction order the backend picks).
 - ``MultiHeadAttention`` (``H`` heads of key size ``K`` and value size
   ``V``; ``T`` query and ``S`` key/value positions; input widths ``D_q``,
   ``D_k``, ``D_v``; output width ``D_o``): the projections
@@ -170,6 +175,8 @@ def call_flops(operation: Any, in_shapes: list[Shape], out_shapes: list[Shape],
         return int(_attention_flops(operation, _attention_roles(in_shapes, inputs_by_name), out_shapes))
     if isinstance(operation, _L.Attention):
         return int(_dot_attention_flops(operation, _attention_roles(in_shapes, None)))
+    if type(operation).__name__ == "Einsum":
+        return int(_einsum_flops(operation.subscripts, in_shapes, out_shapes))
     if isinstance(operation, keras.layers.Layer):
         return int(_layer_flops(operation, in_shapes, out_shapes))
     return int(_op_flops(operation, in_shapes, out_shapes, inputs_by_name))
@@ -188,6 +195,8 @@ def has_formula(operation: Any) -> bool:
         name = getattr(activation, "__name__", activation)
         return activation is None or (isinstance(name, str) and name in ACTIVATION_FLOPS)
     kind = type(operation).__name__
+    if kind == "Einsum":
+        return operation.subscripts.count(",") <= 1
     return kind in FREE_OPS or kind in _OP_ELEMENTWISE or kind in _OP_REDUCTIONS or kind in _OP_ACTIVATIONS or kind == "Matmul"
 
 
@@ -342,6 +351,26 @@ def _dot_attention_flops(layer: Any, ins: list[Shape]) -> int:
     else:
         scores = 2 * t * s * d + scale * t * s
     return scores + ACTIVATION_FLOPS["softmax"] * t * s + 2 * t * s * v
+
+
+def _einsum_flops(subscripts: str, ins: list[Shape], outs: list[Shape]) -> int:
+    """FLOPs of one ``keras.ops.einsum`` call of one or two operands (formula in the module docstring);
+    ``ins``: the shape of every operand, constants included (`accounting.einsum_operand_shapes`)."""
+    specs, _, output = subscripts.replace(" ", "").partition("->")
+    if len(ins) > 2:
+        return 0  # no formula (`has_formula`): the cost depends on the contraction order
+    sizes: dict[str, int] = {}
+    for spec, shape in zip(specs.split(","), ins):
+        letters = spec.replace("...", "")
+        axes = shape[len(shape) - len(letters):] if spec.startswith("...") else shape[:len(letters)]
+        for letter, d in zip(letters, axes):
+            sizes.setdefault(letter, _dim(d))
+    if not output and "->" not in subscripts:  # implicit output: the letters seen once, in alphabetical order
+        output = "".join(sorted(c for c in sizes if specs.count(c) == 1))
+    contracted = set(sizes) - set(output)
+    if len(ins) == 1:
+        return _numel(ins[0]) if contracted else 0
+    return 2 * sum(_numel(s) for s in outs) * math.prod(sizes[c] for c in contracted)
 
 
 def _contracted(ins: list[Shape], inputs_by_name: dict[str, int] | None) -> int:

@@ -322,6 +322,31 @@ def test_dot_product_attention_counts_its_scores_softmax_and_weighted_sum(make, 
     assert all(r.counted for r in flops_table(model))
 
 
+def test_einsum_ops_count_the_letters_they_sum_away_constants_included():
+    x, y = keras.Input((4, 8)), keras.Input((6, 8))
+    weights = np.ones((8, 3), "float32")
+    outputs = [
+        keras.ops.einsum("btd,de->bte", x, weights),      # a constant second operand: 2·(4·3)·8
+        keras.ops.einsum("...d,de->...e", x, weights),   # with an ellipsis: the same
+        keras.ops.einsum("btd,bsd->bts", x, y),           # two tensors: 2·(4·6)·8
+        keras.ops.einsum("btd->bd", x),                   # one operand summing t: N_in = 32
+        keras.ops.einsum("btd->bdt", x),                  # a transpose: 0
+        keras.ops.einsum("bd,de", x[:, 0], weights),      # implicit output "be": 2·3·8
+    ]
+    model = keras.Model([x, y], outputs)
+    rows = [r for r in flops_table(model) if r.kind == "Einsum"]
+    assert len(rows) == 6 and all(r.counted for r in rows)
+    flops = {r.layer: r.flops for r in rows}
+    assert [flops[t._keras_history.operation.name] for t in outputs] == [2 * 12 * 8, 2 * 12 * 8, 2 * 24 * 8, 32, 0, 48]
+
+
+def test_an_einsum_of_three_operands_is_reported_uncounted():
+    x = keras.Input((4, 8))
+    model = keras.Model(x, keras.ops.einsum("bi,bj,bk->bijk", x[:, 0], x[:, 1], x[:, 2]))
+    (row,) = [r for r in flops_table(model) if r.kind == "Einsum"]
+    assert not row.counted and row.flops == 0
+
+
 def test_a_layer_with_an_unknown_activation_shows_what_was_counted():
     inputs = keras.Input((5, 5, 2))
     model = keras.Model(inputs, L.Conv2D(4, 3, activation="log_softmax", use_bias=False, name="c")(inputs))
