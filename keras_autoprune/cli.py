@@ -49,7 +49,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ logs: err
 
 from keras_autoprune.errors import ExportError  # noqa: E402
 from keras_autoprune.export.images import SCALES  # noqa: E402
-from keras_autoprune.red.options import MERGE_DISTANCES  # noqa: E402
+from keras_autoprune.red.options import BUDGET_KNOBS, MERGE_DISTANCES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,7 +297,10 @@ def _add_red(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--separate-depthwise", action="store_true",
                         help="split convolutions whose hashed kernels repeat into depthwise + 1x1 where cheaper")
     parser.add_argument("--budget", default=None,
-                        help="flops=F or params=F: search --bandwidth-scale upwards for the fraction kept")
+                        help="flops=F or params=F: search --budget-knob upwards for the fraction kept")
+    parser.add_argument("--budget-knob", choices=BUDGET_KNOBS, default="bandwidth_scale",
+                        help="what the --budget search raises: coarser hashing (default) or more near-identical "
+                             "merging (--bandwidth-scale fixed)")
     parser.add_argument("--hash-all-layers", action="store_true",
                         help="keep every layer's hashed weights (the paper); by default a layer whose hashing "
                              "enables no merge or separation gets its weights back")
@@ -333,7 +336,8 @@ def _run_red(args: argparse.Namespace) -> int:
     outcome = compress_saved_model(
         args.model, args.out, bandwidth_scale=args.bandwidth_scale, merge_threshold=args.merge_threshold,
         separate_depthwise=args.separate_depthwise, budget=budget, hash_all_layers=args.hash_all_layers,
-        merge_distance=args.merge_distance, input_shape=input_shape, unsafe=args.unsafe, tflite=args.tflite,
+        merge_distance=args.merge_distance, input_shape=input_shape, budget_knob=args.budget_knob,
+        unsafe=args.unsafe, tflite=args.tflite,
     )
     report = outcome.result.report
     print(report.to_markdown() if report is not None else "(no per-layer report for this model)")

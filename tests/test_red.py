@@ -514,6 +514,24 @@ def test_compress_with_budget_picks_a_scale_that_fits():
         kap.red.compress(model, bandwidth_scale=0.001, budget=kap.Budget(params=0.01))
 
 
+@pytest.mark.parametrize("merge_distance", ["channel", "layer"])
+def test_a_budget_can_raise_the_merge_threshold_instead_of_the_hashing(merge_distance):
+    model = _residual_model()
+    full = kap.count_flops(model)
+    result = kap.red.compress(model, bandwidth_scale=0.0, budget=kap.Budget(flops=0.8), budget_knob="merge_threshold",
+                              merge_distance=merge_distance)
+    assert result.stages[-1].flops <= 0.8 * full and result.merge_threshold > 0 and result.bandwidth_scale == 0
+    assert result.hashed == () and result.neurons_merged > 0  # no hashing: near-identical merging did it all
+    # The search's answer: a smaller threshold (its bracket, 1/1024 of the range, lower) keeps more than the budget.
+    ceiling = 2.0 if merge_distance == "channel" else 2.0 * np.sqrt(max(g.size for g in kap.DependencyGraph(model).prunable_groups))
+    below = kap.red.compress(model, bandwidth_scale=0.0, merge_threshold=result.merge_threshold - ceiling / 1000,
+                             merge_distance=merge_distance)
+    assert below.stages[-1].flops > 0.8 * full
+    assert "merge_threshold=" in result.summary()
+    with pytest.raises(kap.BudgetUnreachableError, match="merge_threshold up to"):
+        kap.red.compress(model, bandwidth_scale=0.0, budget=kap.Budget(params=0.001), budget_knob="merge_threshold")
+
+
 def test_default_keeps_the_hashing_of_every_layer_a_merge_compares_depthwise_included():
     """An inverted residual (expand -> depthwise -> project): a merged channel must agree in the expansion
     and in the depthwise filters, so both keep their hashing; only the readers' hashing is undone."""
@@ -544,6 +562,7 @@ def test_default_keeps_the_hashing_of_every_layer_a_merge_compares_depthwise_inc
         ({"budget": 0.5}, "kap.Budget"),
         ({"budget": kap.Budget(flops=0.5), "bandwidth_scale": 0.0}, "bandwidth_scale"),
         ({"merge_distance": "absolute"}, "merge_distance"),
+        ({"budget_knob": "bandwidth"}, "budget_knob"),
     ],
 )
 def test_compress_rejects_bad_arguments(kwargs, match):

@@ -95,6 +95,15 @@ def test_red_subcommand_with_a_budget_and_separation(duplicates_file, tmp_path, 
     assert kap.count_flops(keras.saving.load_model(out)) <= 0.9 * kap.count_flops(model)
 
 
+def test_red_subcommand_budget_by_merge_threshold(duplicates_file, tmp_path, capsys):
+    path, model = duplicates_file
+    out = tmp_path / "red.keras"
+    args = ["red", str(path), str(out), "--budget", "flops=0.8", "--budget-knob", "merge_threshold", "--bandwidth-scale", "0"]
+    assert main(args) == 0
+    assert "merge_threshold=" in capsys.readouterr().out
+    assert kap.count_flops(keras.saving.load_model(out)) <= 0.8 * kap.count_flops(model)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

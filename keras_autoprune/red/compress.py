@@ -35,7 +35,7 @@ from keras_autoprune.graph.dependency import DependencyGraph, check_model
 from keras_autoprune.red.batchnorm import FoldedNorm, fold_batchnorm
 from keras_autoprune.red.hashing import HashedTensor, hash_weights
 from keras_autoprune.red.merging import MergeResult, merge_neurons
-from keras_autoprune.red.options import check_distance, check_knob
+from keras_autoprune.red.options import BUDGET_KNOBS, check_distance, check_knob
 from keras_autoprune.red.separation import Separation, separate_depthwise
 from keras_autoprune.report import PruningReport
 from keras_autoprune.surgery import PrunePlan
@@ -80,7 +80,10 @@ class RedResult:
         merge_clusters: ``{group_id: [[kept, merged, ...], ...]}``.
         merge_blocked: ``{group_id: why it could not merge}``.
         separations: the convolutions separated in stage 3.
-        bandwidth_scale: the value used (chosen by the search with a budget).
+        bandwidth_scale: the value used (chosen by the search with a budget
+            and ``budget_knob="bandwidth_scale"``).
+        merge_threshold: the value used (chosen by the search with a budget
+            and ``budget_knob="merge_threshold"``).
     """
 
     model: keras.Model
@@ -96,6 +99,7 @@ class RedResult:
     separations: tuple[Separation, ...]
     bandwidth_scale: float
     hashing_reverted: tuple[str, ...] = ()
+    merge_threshold: float = 0.0
 
     @property
     def distinct_values(self) -> dict[str, dict[str, int]]:
@@ -120,7 +124,8 @@ class RedResult:
     def summary(self) -> str:
         """One line per stage: FLOPs and parameters, kept fractions."""
         first = self.stages[0]
-        lines = [f"RED (bandwidth_scale={self.bandwidth_scale:g}): {len(self.folded_norms)} BatchNormalization folded, "
+        lines = [f"RED (bandwidth_scale={self.bandwidth_scale:g}, merge_threshold={self.merge_threshold:g}): "
+                 f"{len(self.folded_norms)} BatchNormalization folded, "
                  f"{self.neurons_merged} neurons merged, {len(self.separations)} convolutions separated"]
         for s in self.stages:
             lines.append(f"  {s.stage:17s} FLOPs {s.flops:>14,} ({s.flops / max(first.flops, 1):6.1%})  "
@@ -137,6 +142,7 @@ def compress(
     hash_all_layers: bool = False,
     merge_distance: str = "channel",
     input_shape: Any = None,
+    budget_knob: str = "bandwidth_scale",
 ) -> RedResult:
     """Compresses ``model`` with RED, without data and without fine-tuning.
 
@@ -156,9 +162,15 @@ def compress(
             ``"layer"`` (the layer's root-mean-square channel norm, so weak
             channels merge more easily); see `keras_autoprune.red.merging`.
         separate_depthwise: run stage 3 (uneven depthwise separation).
-        budget: a `kap.Budget`; if given, ``bandwidth_scale`` is the lower
-            end of a search (log-bisection up to 100 times it) for the
-            smallest scale whose compressed model fits the budget.
+        budget: a `kap.Budget`; if given, the knob named by ``budget_knob``
+            is the lower end of a search for the smallest value whose
+            compressed model fits the budget.
+        budget_knob: what the budget search raises: ``"bandwidth_scale"``
+            (default, the paper's knob; log-bisection from ``bandwidth_scale``
+            up to 100 times it) or ``"merge_threshold"`` (bisection from
+            ``merge_threshold`` up to the distance at which every group's
+            channels merge, with ``bandwidth_scale`` fixed): coarser hashing
+            or more near-identical merging.
         hash_all_layers: keep the hashed weights of every layer, as the
             paper does. ``False`` (default): stages 1-3 run once with every
             layer hashed, then again with only the layers that created
@@ -183,24 +195,30 @@ def compress(
     >>> result.model, result.report, result.summary()          # doctest: +SKIP
     """
     check_model(model)
-    check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance)
+    check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
+                  budget_knob)
     count_flops(model, input_shape)  # a model of unknown input size needs `input_shape`: refused before any work
-    options = (float(merge_threshold), bool(separate_depthwise), hash_all_layers, merge_distance, input_shape)
+    knobs = {"bandwidth_scale": float(bandwidth_scale), "merge_threshold": float(merge_threshold)}
+    options = (bool(separate_depthwise), hash_all_layers, merge_distance, input_shape)
     if budget is None:
-        return _run(model, float(bandwidth_scale), *options)
-    return _search(model, float(bandwidth_scale), *options, budget)
+        return _run(model, knobs["bandwidth_scale"], knobs["merge_threshold"], *options)
+    return _search(model, knobs, budget_knob, options, budget)
 
 
 def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers=False,
-                  merge_distance="channel") -> None:
+                  merge_distance="channel", budget_knob="bandwidth_scale") -> None:
     """Checks `compress`'s arguments other than the model (raises ValueError), before any work."""
     check_knob("bandwidth_scale", bandwidth_scale)
     check_knob("merge_threshold", merge_threshold)
     check_distance(merge_distance)
-    if budget is not None and bandwidth_scale == 0:
+    if budget_knob not in BUDGET_KNOBS:
+        raise ValueError(f"Expected `budget_knob` to be one of {BUDGET_KNOBS} (what a budget search raises). "
+                         f"Received: budget_knob={budget_knob!r}")
+    if budget is not None and budget_knob == "bandwidth_scale" and bandwidth_scale == 0:
         raise ValueError(
             "A budget search scales `bandwidth_scale` up from its value, so it must be > 0. "
-            "Received: bandwidth_scale=0 with a budget. Fix: pass e.g. bandwidth_scale=0.05."
+            "Received: bandwidth_scale=0 with a budget. Fix: pass e.g. bandwidth_scale=0.05, "
+            "or budget_knob='merge_threshold'."
         )
     for name, value in (("separate_depthwise", separate_depthwise), ("hash_all_layers", hash_all_layers)):
         if not isinstance(value, bool):
@@ -275,6 +293,7 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         separations=tuple(run.separations),
         bandwidth_scale=bandwidth_scale,
         hashing_reverted=reverted,
+        merge_threshold=merge_threshold,
     )
 
 
@@ -299,31 +318,55 @@ class _Stages:
         return cls(hashed, tensors, merge, current, separations)
 
 
-def _search(model, low: float, merge_threshold: float, separate: bool, hash_all_layers: bool, merge_distance: str,
-            input_shape: Any, budget: Budget) -> RedResult:
-    """Smallest ``bandwidth_scale`` in ``[low, 100·low]`` (log-bisection) meeting ``budget``."""
-    target = budget.fraction * (count_flops(model, input_shape) if budget.metric == "flops" else count_params(model))
-    options = (merge_threshold, separate, hash_all_layers, merge_distance, input_shape)
+def _search(model, knobs: dict[str, float], knob: str, options: tuple, budget: Budget) -> RedResult:
+    """The smallest value of ``knob`` from ``knobs[knob]`` up (the other knob fixed) whose result meets ``budget``.
+
+    ``bandwidth_scale``: log-bisection in ``[b, 100·b]``. ``merge_threshold``:
+    bisection in ``[t, t_max]``, where every group's channels merge at
+    ``t_max`` (`_merge_ceiling`).
+    """
+    target = budget.fraction * (count_flops(model, options[-1]) if budget.metric == "flops" else count_params(model))
+
+    def run(value: float) -> RedResult:
+        return _run(model, **{**knobs, knob: value}, separate=options[0], hash_all_layers=options[1],
+                    merge_distance=options[2], input_shape=options[3])
 
     def cost(result: RedResult) -> int:
         return getattr(result.stages[-1], budget.metric)
 
-    best = _run(model, low, *options)
+    low = knobs[knob]
+    best = run(low)
     if cost(best) <= target:
         return best
-    high = low * _SEARCH_RANGE
-    top = _run(model, high, *options)
+    geometric = knob == "bandwidth_scale"
+    high = low * _SEARCH_RANGE if geometric else _merge_ceiling(model, options[2])
+    top = run(high)
     if cost(top) > target:
         reached = cost(top) / (target / budget.fraction)
+        other = "a merge_threshold > 0 or budget_knob='merge_threshold'" if geometric else "separate_depthwise=True"
         raise BudgetUnreachableError(
-            f"RED cannot reach the budget ({budget}) with bandwidth_scale up to {high:g}: it keeps "
+            f"RED cannot reach the budget ({budget}) with {knob} up to {high:g}: it keeps "
             f"{reached:.1%} of the {budget.metric} there. Received: budget={budget!r}. Fix: ask for at least "
-            f"{math.ceil(reached * 100) / 100:.2f}, or pass separate_depthwise=True or a merge_threshold > 0."
+            f"{math.ceil(reached * 100) / 100:.2f}, or pass separate_depthwise=True or {other}."
         )
     results = {high: top}
 
-    def fits(scale: float) -> bool:
-        results[scale] = _run(model, scale, *options)
-        return cost(results[scale]) <= target
+    def fits(value: float) -> bool:
+        results[value] = run(value)
+        return cost(results[value]) <= target
 
-    return results[smallest_fitting_value(fits, low, high, _SEARCH_STEPS, geometric=True)]
+    return results[smallest_fitting_value(fits, low, high, _SEARCH_STEPS, geometric=geometric)]
+
+
+def _merge_ceiling(model: keras.Model, merge_distance: str) -> float:
+    """A ``merge_threshold`` at which every two channels of a group are near-identical.
+
+    ``d(i, j) ≤ (‖s_i‖ + ‖s_j‖) / n``: at most 2 with ``"channel"``
+    (``n = max(‖s_i‖, ‖s_j‖)``), at most ``2·√C`` with ``"layer"`` (``n`` the
+    root mean square of a group's ``C`` channel norms, none of which exceeds
+    ``√C·n``).
+    """
+    if merge_distance == "channel":
+        return 2.0 * (1 + 1e-6)  # opposite channels sit at 2 up to float rounding
+    sizes = [group.size for group in DependencyGraph(model).prunable_groups] or [1]
+    return 2.0 * math.sqrt(max(sizes)) * (1 + 1e-6)

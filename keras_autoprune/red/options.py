@@ -18,6 +18,9 @@ def check_knob(name: str, value) -> None:
 
 MERGE_DISTANCES = ("channel", "layer")
 
+BUDGET_KNOBS = ("bandwidth_scale", "merge_threshold")
+"""What a budget search may raise (`keras_autoprune.red.compress`'s ``budget_knob``)."""
+
 
 def check_distance(merge_distance) -> None:
     """Raises ValueError unless ``merge_distance`` is one of `MERGE_DISTANCES`."""

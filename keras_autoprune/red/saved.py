@@ -48,6 +48,7 @@ def compress_saved_model(
     hash_all_layers: bool = False,
     merge_distance: str = "channel",
     input_shape: tuple[int, ...] | None = None,
+    budget_knob: str = "bandwidth_scale",
     unsafe: bool = False,
     tflite: str | os.PathLike | None = None,
 ) -> RedOutcome:
@@ -57,7 +58,7 @@ def compress_saved_model(
         model_path: a ``.keras`` file.
         out: the compressed model's ``.keras`` file.
         bandwidth_scale, merge_threshold, separate_depthwise, budget,
-            hash_all_layers, merge_distance, input_shape: as in
+            hash_all_layers, merge_distance, input_shape, budget_knob: as in
             `keras_autoprune.red.compress`.
         unsafe: load with ``safe_mode=False``.
         tflite: also export a float32 ``.tflite`` here, verified with LiteRT
@@ -71,7 +72,8 @@ def compress_saved_model(
         ExportError: the ``.tflite`` failed conversion or verification.
     """
     check_model_paths(model_path, out, tflite)
-    check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance)
+    check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
+                  budget_knob)
     import keras
 
     from keras_autoprune.red.compress import compress
@@ -80,7 +82,7 @@ def compress_saved_model(
     model = keras.saving.load_model(model_path, safe_mode=not unsafe, compile=False)
     result = compress(model, bandwidth_scale=bandwidth_scale, merge_threshold=merge_threshold,
                       separate_depthwise=separate_depthwise, budget=budget, hash_all_layers=hash_all_layers,
-                      merge_distance=merge_distance, input_shape=input_shape)
+                      merge_distance=merge_distance, input_shape=input_shape, budget_knob=budget_knob)
     result.model.save(out)
     files, summary = [str(out)], None
     if tflite is not None:
