@@ -41,10 +41,10 @@ SCORER_ENTRIES = ("kron_obs", "kron_obd", "c_obs", "c_obd")
 """NAP's framework with a classic curvature scorer (`kap.NAPCallback(scorer=...)`), named after the scorer."""
 
 STRUCTURED_ENTRIES = ("uniform_l1", "global_l1", "taylor", "random", "nap", "nap_cost_aware", "fisher_cost_aware", *SCORER_ENTRIES,
-                      "eigendamage", "eigendamage_capped", "psap", "psap_scratch", "red")
+                      "eigendamage", "eigendamage_capped", "psap", "psap_scratch", "red", "red_merge")
 """Entries that remove channels or eigen-directions (their FLOPs must meet the budget)."""
 
-ONE_SHOT_ENTRIES = ("red",)
+ONE_SHOT_ENTRIES = ("red", "red_merge")
 """Entries that compress the model once, data-free, before the first fine-tuning epoch (no callback)."""
 
 SCRATCH_ENTRIES = ("psap_scratch",)
@@ -153,9 +153,10 @@ PROFILES: dict[str, Profile] = {
         calibration_batches=2, batch_size=32, pretrain_epochs=1, pretrain_lr=0.05,
         # Without TFMOT (its own process) and without the variants that only
         # change an argument of an entry's callback (cost_aware, scorer,
-        # max_layer_ratio: tested with the callbacks), to keep the test short.
+        # max_layer_ratio, RED's budget knob: tested with the callbacks and `kap.red`), to keep the test short.
         finetune_epochs=1, finetune_lr=0.01,
-        entries=tuple(e for e in ALL_ENTRIES[:-1] if e not in ("nap_cost_aware", "fisher_cost_aware", *SCORER_ENTRIES, "eigendamage_capped")),
+        entries=tuple(e for e in ALL_ENTRIES[:-1] if e not in ("nap_cost_aware", "fisher_cost_aware", *SCORER_ENTRIES,
+                                                                "eigendamage_capped", "red_merge")),
         latency_runs=20, latency_rounds=2, latency_warmup=2, export_samples=20,
     ),
     "cpu": Profile(
@@ -183,7 +184,7 @@ PROFILES: dict[str, Profile] = {
         latency_runs=400, resumable=True, stage_minutes=8.5,
         # psap_scratch's pruning epochs (a third of 204) run in one `fit` with
         # the callback, which cannot stop at a stage boundary; not in the default.
-        entries=tuple(e for e in ALL_ENTRIES if e not in SCRATCH_ENTRIES),
+        entries=tuple(e for e in ALL_ENTRIES if e not in (*SCRATCH_ENTRIES, "red_merge")),
     ),
 }
 """The predefined profiles, by name."""

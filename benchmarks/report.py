@@ -26,6 +26,7 @@ LABELS = {
     "kron_obs": "Kron-OBS (NAP framework)", "kron_obd": "Kron-OBD (NAP framework)", "c_obs": "C-OBS (NAP framework)",
     "c_obd": "C-OBD (NAP framework)", "eigendamage": "EigenDamage",
     "eigendamage_capped": "EigenDamage, max_layer_ratio=0.75", "red": "RED (data-free, then fine-tuned)",
+    "red_merge": "RED, budget by merging (layer distance)",
 }
 
 _LINE_STYLES = {"nap_cost_aware": "--", "psap_scratch": "--", "kron_obs": ":", "kron_obd": ":", "c_obs": ":", "c_obd": ":", "eigendamage_capped": "--"}

@@ -284,6 +284,23 @@ def test_tfmot_peer_matches_the_parameter_target_and_resumes(tmp_path, builder):
     assert not (tmp_path / "peer_state.json").exists()
 
 
+def test_red_merge_entry_reaches_the_budget_by_near_identical_merging():
+    import keras
+
+    import keras_autoprune as kap
+    from benchmarks.entries import compress_one_shot
+    from keras_autoprune.zoo import resnet_cifar
+
+    keras.utils.set_random_seed(3)
+    pretrained = resnet_cifar(8, width=8)
+    model, figures = compress_one_shot("red_merge", pretrained, 0.5)
+    expected = kap.red.compress(pretrained, budget=kap.Budget(flops=0.5), budget_knob="merge_threshold",
+                                merge_distance="layer")  # data-free, hence deterministic
+    assert figures["merge_threshold"] == expected.merge_threshold > 0 and figures["bandwidth_scale"] == 0.05
+    assert figures["neurons_merged"] == expected.neurons_merged > 0
+    assert kap.count_flops(model) == kap.count_flops(expected.model) <= 0.5 * kap.count_flops(pretrained)
+
+
 def test_red_entry_compresses_without_data_then_fine_tunes_like_the_others(tmp_path):
     """``red``: `kap.red.compress` to the FLOPs budget before epoch 0, then the common fine-tuning, no callback."""
     import dataclasses
