@@ -175,7 +175,7 @@ PROFILES: dict[str, Profile] = {
         calibration_batches=8, batch_size=128, pretrain_epochs=0, pretrain_lr=0.1,
         finetune_epochs=4, finetune_lr=0.01, rounds=2, resumable=True, base_model="mobilenetv2",
         entries=("unpruned", "uniform_l1", "taylor", "random", "nap", "fisher_cost_aware", "eigendamage", "psap", "red",
-                 "tfmot"),
+                 "red_merge", "tfmot"),
     ),
     "gpu": Profile(
         name="gpu", depth=56, width=16, train_per_class=None, test_per_class=None,
