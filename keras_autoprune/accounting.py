@@ -211,16 +211,9 @@ def inputs_by_name(operation: Any, call: CallInfo) -> dict[str, int] | None:
 
 
 def einsum_operand_shapes(call: CallInfo) -> list[Shape]:
-    """The shape of every operand of a ``keras.ops.einsum`` call in order: a tensor's as recorded, a constant's
-    (a NumPy array or a Python number, which is not among the call's tensors) with a leading None, as if it
-    had a batch axis, when it has the tensors' rank; as it is otherwise."""
-    shapes = []
-    for operand in call.args:
-        if isinstance(operand, TensorRef):
-            shapes.append(call.in_shapes[operand.index])
-        else:
-            shapes.append(tuple(np.shape(operand)))
-    return shapes
+    """The shape of every operand of a ``keras.ops.einsum`` call, in order: a tensor's as recorded, a
+    constant's (a NumPy array, which is not among the call's tensors) as it is."""
+    return [call.in_shapes[a.index] if isinstance(a, TensorRef) else tuple(np.shape(a)) for a in call.args]
 
 
 def _shape(tensor: Any) -> Shape:

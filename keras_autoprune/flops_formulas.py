@@ -19,7 +19,8 @@ Exact multiply-accumulates (the dominant term):
 - ``EinsumDense`` (``x, W -> y`` by its equation): ``2·N_out·Π_c n_c + b``
   over the contracted letters ``c`` (in ``x`` or ``W``, not in ``y``; ``n_c``
   their sizes): a two-operand einsum visits every combination of its
-  distinct letters once, and the output letters (with ``...``) make ``N_out``.
+  distinct letters once, and the output letters (with ``...``) make ``N_out``
+  (the einsum formula below, on ``x`` and the kernel).
 - ``keras.ops.matmul`` nodes: ``2·k·N_out`` (``k`` the contracted size).
 - ``keras.ops.einsum`` nodes of two operands: ``2·N_out·Π_c n_c`` over the
   letters ``c`` summed away (as EinsumDense); of one operand: ``N_in`` when
@@ -245,9 +246,11 @@ def _layer_flops(layer: Any, ins: list[Shape], outs: list[Shape]) -> int:
     if isinstance(layer, _L.Dense):
         return 2 * _dim(x[-1]) * n_out + bias + act
     if isinstance(layer, _L.EinsumDense):
-        n_out = _numel(einsum_dense_output_shape(layer, x))
+        out = einsum_dense_output_shape(layer, x)
+        n_out = _numel(out)
         bias = n_out if getattr(layer, "bias", None) is not None else 0
-        return 2 * _einsum_dense_contracted(layer, x) * n_out + bias + _activation_flops(layer.activation, n_out)
+        kernel = tuple(int(d) for d in layer.kernel.shape)
+        return _einsum_flops(layer.equation, [x, kernel], [out]) + bias + _activation_flops(layer.activation, n_out)
     if isinstance(layer, _L.BatchNormalization):
         return 2 * n_out
     if isinstance(layer, _L.LayerNormalization):
@@ -273,23 +276,16 @@ def _layer_flops(layer: Any, ins: list[Shape], outs: list[Shape]) -> int:
     return 0
 
 
-def _einsum_dense_letters(layer: Any, x: Shape) -> tuple[dict[str, int | None], Shape, str, set[str]]:
-    """An EinsumDense call on input shape ``x``: ``(size of every letter, the input's ``...`` axes,
-    output spec, contracted letters)``.
-
-    A letter's size comes from the input (aligned to the right of a leading
-    ``...``, else to the left), or from the kernel where the input lacks it.
-    The contracted letters are those of the input or kernel spec missing
-    from the output.
-    """
-    operands, output = layer.equation.split("->")
-    in_spec, kernel_spec = operands.split(",")
-    letters = in_spec.replace("...", "")
-    axes = x[len(x) - len(letters):] if in_spec.startswith("...") else x[:len(letters)]
-    ellipsis = tuple(x[:len(x) - len(letters)]) if "..." in in_spec else ()
-    sizes: dict[str, int | None] = dict(zip(kernel_spec, (int(d) for d in layer.kernel.shape)))
-    sizes.update(zip(letters, axes))
-    return sizes, ellipsis, output, (set(letters) | set(kernel_spec)) - set(output) - {"."}
+def _letter_sizes(specs: list[str], shapes: list[Shape]) -> dict[str, int | None]:
+    """``{letter: size}`` of einsum operand specs on their shapes; a spec's letters sit to the right of a leading
+    ``...``, else from the left. The first operand holding a letter gives its size (None for a batch axis)."""
+    sizes: dict[str, int | None] = {}
+    for spec, shape in zip(specs, shapes):
+        letters = spec.replace("...", "")
+        axes = shape[len(shape) - len(letters):] if spec.startswith("...") else shape[:len(letters)]
+        for letter, d in zip(letters, axes):
+            sizes.setdefault(letter, d)
+    return sizes
 
 
 def einsum_dense_output_shape(layer: Any, x: Shape) -> Shape:
@@ -298,16 +294,15 @@ def einsum_dense_output_shape(layer: Any, x: Shape) -> Shape:
     Keras leaves an axis given as None in ``output_shape`` unknown in the
     symbolic output (``"abc,cd->abd"`` with ``output_shape=(None, 64)`` on
     ``(None, 10, 32)`` records ``(None, None, 64)``); the input knows it.
+    A letter's size comes from the input, or from the kernel where the
+    input lacks it.
     """
-    sizes, ellipsis, output, _ = _einsum_dense_letters(layer, x)
+    operands, output = layer.equation.split("->")
+    in_spec, kernel_spec = operands.split(",")
+    sizes = _letter_sizes([in_spec, kernel_spec], [x, tuple(int(d) for d in layer.kernel.shape)])
+    ellipsis = tuple(x[:len(x) - len(in_spec.replace("...", ""))]) if "..." in output else ()
     head, _, tail = output.partition("...")
-    return tuple(sizes[c] for c in head) + (ellipsis if "..." in output else ()) + tuple(sizes[c] for c in tail)
-
-
-def _einsum_dense_contracted(layer: Any, x: Shape) -> int:
-    """``Π_c n_c`` over the letters an EinsumDense call sums away."""
-    sizes, _, _, contracted = _einsum_dense_letters(layer, x)
-    return math.prod(_dim(sizes[c]) for c in contracted)
+    return tuple(sizes[c] for c in head) + ellipsis + tuple(sizes[c] for c in tail)
 
 
 def _attention_roles(ins: list[Shape], inputs_by_name: dict[str, int] | None) -> list[Shape]:
@@ -359,18 +354,13 @@ def _einsum_flops(subscripts: str, ins: list[Shape], outs: list[Shape]) -> int:
     specs, _, output = subscripts.replace(" ", "").partition("->")
     if len(ins) > 2:
         return 0  # no formula (`has_formula`): the cost depends on the contraction order
-    sizes: dict[str, int] = {}
-    for spec, shape in zip(specs.split(","), ins):
-        letters = spec.replace("...", "")
-        axes = shape[len(shape) - len(letters):] if spec.startswith("...") else shape[:len(letters)]
-        for letter, d in zip(letters, axes):
-            sizes.setdefault(letter, _dim(d))
+    sizes = _letter_sizes(specs.split(","), ins)
     if not output and "->" not in subscripts:  # implicit output: the letters seen once, in alphabetical order
         output = "".join(sorted(c for c in sizes if specs.count(c) == 1))
     contracted = set(sizes) - set(output)
     if len(ins) == 1:
         return _numel(ins[0]) if contracted else 0
-    return 2 * sum(_numel(s) for s in outs) * math.prod(sizes[c] for c in contracted)
+    return 2 * sum(_numel(s) for s in outs) * math.prod(_dim(sizes[c]) for c in contracted)
 
 
 def _contracted(ins: list[Shape], inputs_by_name: dict[str, int] | None) -> int:

@@ -199,9 +199,10 @@ def compress(
                   budget_knob)
     count_flops(model, input_shape)  # a model of unknown input size needs `input_shape`: refused before any work
     knobs = {"bandwidth_scale": float(bandwidth_scale), "merge_threshold": float(merge_threshold)}
-    options = (bool(separate_depthwise), hash_all_layers, merge_distance, input_shape)
+    options = {"separate": bool(separate_depthwise), "hash_all_layers": hash_all_layers,
+               "merge_distance": merge_distance, "input_shape": input_shape}
     if budget is None:
-        return _run(model, knobs["bandwidth_scale"], knobs["merge_threshold"], *options)
+        return _run(model, **knobs, **options)
     return _search(model, knobs, budget_knob, options, budget)
 
 
@@ -318,18 +319,18 @@ class _Stages:
         return cls(hashed, tensors, merge, current, separations)
 
 
-def _search(model, knobs: dict[str, float], knob: str, options: tuple, budget: Budget) -> RedResult:
+def _search(model, knobs: dict[str, float], knob: str, options: dict[str, Any], budget: Budget) -> RedResult:
     """The smallest value of ``knob`` from ``knobs[knob]`` up (the other knob fixed) whose result meets ``budget``.
 
     ``bandwidth_scale``: log-bisection in ``[b, 100·b]``. ``merge_threshold``:
     bisection in ``[t, t_max]``, where every group's channels merge at
     ``t_max`` (`_merge_ceiling`).
     """
-    target = budget.fraction * (count_flops(model, options[-1]) if budget.metric == "flops" else count_params(model))
+    full = count_flops(model, options["input_shape"]) if budget.metric == "flops" else count_params(model)
+    target = budget.fraction * full
 
     def run(value: float) -> RedResult:
-        return _run(model, **{**knobs, knob: value}, separate=options[0], hash_all_layers=options[1],
-                    merge_distance=options[2], input_shape=options[3])
+        return _run(model, **{**knobs, knob: value}, **options)
 
     def cost(result: RedResult) -> int:
         return getattr(result.stages[-1], budget.metric)
@@ -339,10 +340,10 @@ def _search(model, knobs: dict[str, float], knob: str, options: tuple, budget: B
     if cost(best) <= target:
         return best
     geometric = knob == "bandwidth_scale"
-    high = low * _SEARCH_RANGE if geometric else _merge_ceiling(model, options[2])
+    high = low * _SEARCH_RANGE if geometric else _merge_ceiling(model, options["merge_distance"])
     top = run(high)
     if cost(top) > target:
-        reached = cost(top) / (target / budget.fraction)
+        reached = cost(top) / full
         other = "a merge_threshold > 0 or budget_knob='merge_threshold'" if geometric else "separate_depthwise=True"
         raise BudgetUnreachableError(
             f"RED cannot reach the budget ({budget}) with {knob} up to {high:g}: it keeps "
