@@ -39,6 +39,10 @@ data, before the first epoch, then fine-tunes it like every other entry
   ``merge_distance="layer"`` (the smallest near-identical threshold whose
   model fits, hashing at the default 0.05): the setting that kept
   MobileNetV2 away from chance at 50% data-free (docs/methods/red.md).
+- ``red_bn``, ``red_merge_bn``: ``red`` and ``red_merge`` with
+  ``restore_batchnorm=True``: the folded BatchNormalizations are put back
+  (exactly, in inference mode) so that the fine-tuning trains with them, as
+  every other entry does; the budget counts them.
 
 A budget an entry cannot reach (`kap.BudgetUnreachableError`: RED's budget
 mode, or a callback's check before its first epoch) is a result
@@ -260,7 +264,8 @@ def compress_one_shot(entry: str, model: keras.Model, budget: float) -> tuple[ke
     """
     if entry not in ONE_SHOT_ENTRIES:
         raise ValueError(f"Unknown one-shot entry {entry!r}. Expected one of {ONE_SHOT_ENTRIES}.")
-    options = {"budget_knob": "merge_threshold", "merge_distance": "layer"} if entry == "red_merge" else {}
+    options = {"budget_knob": "merge_threshold", "merge_distance": "layer"} if entry.startswith("red_merge") else {}
+    options["restore_batchnorm"] = entry.endswith("_bn")
     start = time.perf_counter()
     result = kap.red.compress(model, budget=kap.Budget(flops=budget), **options)
     figures = {"pruning_seconds": time.perf_counter() - start, "bandwidth_scale": result.bandwidth_scale,

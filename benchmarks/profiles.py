@@ -41,10 +41,11 @@ SCORER_ENTRIES = ("kron_obs", "kron_obd", "c_obs", "c_obd")
 """NAP's framework with a classic curvature scorer (`kap.NAPCallback(scorer=...)`), named after the scorer."""
 
 STRUCTURED_ENTRIES = ("uniform_l1", "global_l1", "taylor", "random", "nap", "nap_cost_aware", "fisher_cost_aware", *SCORER_ENTRIES,
-                      "eigendamage", "eigendamage_capped", "psap", "psap_scratch", "red", "red_merge")
+                      "eigendamage", "eigendamage_capped", "psap", "psap_scratch", "red", "red_merge", "red_bn",
+                      "red_merge_bn")
 """Entries that remove channels or eigen-directions (their FLOPs must meet the budget)."""
 
-ONE_SHOT_ENTRIES = ("red", "red_merge")
+ONE_SHOT_ENTRIES = ("red", "red_merge", "red_bn", "red_merge_bn")
 """Entries that compress the model once, data-free, before the first fine-tuning epoch (no callback)."""
 
 SCRATCH_ENTRIES = ("psap_scratch",)
@@ -156,7 +157,8 @@ PROFILES: dict[str, Profile] = {
         # max_layer_ratio, RED's budget knob: tested with the callbacks and `kap.red`), to keep the test short.
         finetune_epochs=1, finetune_lr=0.01,
         entries=tuple(e for e in ALL_ENTRIES[:-1] if e not in ("nap_cost_aware", "fisher_cost_aware", *SCORER_ENTRIES,
-                                                                "eigendamage_capped", "red_merge")),
+                                                                "eigendamage_capped", "red_merge", "red_bn",
+                                                                "red_merge_bn")),
         latency_runs=20, latency_rounds=2, latency_warmup=2, export_samples=20,
     ),
     "cpu": Profile(
@@ -168,14 +170,15 @@ PROFILES: dict[str, Profile] = {
         name="v2", depth=20, width=16, train_per_class=None, test_per_class=None,
         calibration_batches=8, batch_size=128, pretrain_epochs=0, pretrain_lr=0.1,
         finetune_epochs=4, finetune_lr=0.01, rounds=2, resumable=True, base_model="resnet20",
-        entries=("unpruned", "uniform_l1", "taylor", "nap", "fisher_cost_aware", "eigendamage", "psap", "red", "tfmot"),
+        entries=("unpruned", "uniform_l1", "taylor", "nap", "fisher_cost_aware", "eigendamage", "psap", "red", "red_bn",
+                 "red_merge_bn", "tfmot"),
     ),
     "v2_mobilenetv2": Profile(
         name="v2_mobilenetv2", depth=20, width=16, train_per_class=None, test_per_class=None,
         calibration_batches=8, batch_size=128, pretrain_epochs=0, pretrain_lr=0.1,
         finetune_epochs=4, finetune_lr=0.01, rounds=2, resumable=True, base_model="mobilenetv2",
         entries=("unpruned", "uniform_l1", "taylor", "random", "nap", "fisher_cost_aware", "eigendamage", "psap", "red",
-                 "red_merge", "tfmot"),
+                 "red_merge", "red_bn", "red_merge_bn", "tfmot"),
     ),
     "gpu": Profile(
         name="gpu", depth=56, width=16, train_per_class=None, test_per_class=None,
@@ -184,7 +187,7 @@ PROFILES: dict[str, Profile] = {
         latency_runs=400, resumable=True, stage_minutes=8.5,
         # psap_scratch's pruning epochs (a third of 204) run in one `fit` with
         # the callback, which cannot stop at a stage boundary; not in the default.
-        entries=tuple(e for e in ALL_ENTRIES if e not in (*SCRATCH_ENTRIES, "red_merge")),
+        entries=tuple(e for e in ALL_ENTRIES if e not in (*SCRATCH_ENTRIES, "red_merge", "red_bn", "red_merge_bn")),
     ),
 }
 """The predefined profiles, by name."""

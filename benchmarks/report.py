@@ -27,6 +27,8 @@ LABELS = {
     "c_obd": "C-OBD (NAP framework)", "eigendamage": "EigenDamage",
     "eigendamage_capped": "EigenDamage, max_layer_ratio=0.75", "red": "RED (data-free, then fine-tuned)",
     "red_merge": "RED, budget by merging (layer distance)",
+    "red_bn": "RED, BatchNormalization restored",
+    "red_merge_bn": "RED, budget by merging, BatchNormalization restored",
 }
 
 _LINE_STYLES = {"nap_cost_aware": "--", "psap_scratch": "--", "kron_obs": ":", "kron_obd": ":", "c_obs": ":", "c_obd": ":", "eigendamage_capped": "--"}

@@ -304,6 +304,8 @@ def _add_red(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--hash-all-layers", action="store_true",
                         help="keep every layer's hashed weights (the paper); by default a layer whose hashing "
                              "enables no merge or separation gets its weights back")
+    parser.add_argument("--restore-batchnorm", action="store_true",
+                        help="put the folded BatchNormalizations back (same function), to fine-tune the result")
     parser.add_argument("--unsafe", action="store_true",
                         help="load with safe_mode=False (needed for Lambda layers; runs code stored in the file)")
     parser.add_argument("--input-shape", metavar="H,W,C",
@@ -337,6 +339,7 @@ def _run_red(args: argparse.Namespace) -> int:
         args.model, args.out, bandwidth_scale=args.bandwidth_scale, merge_threshold=args.merge_threshold,
         separate_depthwise=args.separate_depthwise, budget=budget, hash_all_layers=args.hash_all_layers,
         merge_distance=args.merge_distance, input_shape=input_shape, budget_knob=args.budget_knob,
+        restore_batchnorm=args.restore_batchnorm,
         unsafe=args.unsafe, tflite=args.tflite,
     )
     report = outcome.result.report

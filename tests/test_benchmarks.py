@@ -301,6 +301,25 @@ def test_red_merge_entry_reaches_the_budget_by_near_identical_merging():
     assert kap.count_flops(model) == kap.count_flops(expected.model) <= 0.5 * kap.count_flops(pretrained)
 
 
+def test_red_merge_bn_entry_restores_the_batchnorms_within_the_budget():
+    import keras
+
+    import keras_autoprune as kap
+    from benchmarks.entries import compress_one_shot
+    from keras_autoprune.zoo import resnet_cifar
+
+    keras.utils.set_random_seed(3)
+    pretrained = resnet_cifar(8, width=8)
+    model, figures = compress_one_shot("red_merge_bn", pretrained, 0.5)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == figures["batchnorm_folded"] > 0
+    assert kap.count_flops(model) <= 0.5 * kap.count_flops(pretrained)  # the restored normalisations counted
+    expected = kap.red.compress(pretrained, budget=kap.Budget(flops=0.5), budget_knob="merge_threshold",
+                                merge_distance="layer", restore_batchnorm=True)
+    assert figures["merge_threshold"] == expected.merge_threshold and figures["neurons_merged"] > 0
+    assert kap.count_flops(expected.model) == kap.count_flops(model)
+
+
 def test_red_entry_compresses_without_data_then_fine_tunes_like_the_others(tmp_path):
     """``red``: `kap.red.compress` to the FLOPs budget before epoch 0, then the common fine-tuning, no callback."""
     import dataclasses

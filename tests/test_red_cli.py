@@ -95,6 +95,18 @@ def test_red_subcommand_with_a_budget_and_separation(duplicates_file, tmp_path, 
     assert kap.count_flops(keras.saving.load_model(out)) <= 0.9 * kap.count_flops(model)
 
 
+def test_red_subcommand_restores_the_batchnorms(duplicates_file, tmp_path, capsys):
+    path, model = duplicates_file
+    out = tmp_path / "red.keras"
+    assert main(["red", str(path), str(out), "--bandwidth-scale", "0.05", "--restore-batchnorm"]) == 0
+    assert "batchnorm_restored" in capsys.readouterr().out
+    loaded = keras.saving.load_model(out, safe_mode=True)
+    assert isinstance(loaded.get_layer("bn1"), keras.layers.BatchNormalization) and loaded.get_layer("c1").filters == 6
+    hashed = kap.red.compress(model, bandwidth_scale=0.05).hashed_model
+    x = _inputs(model, batch=4)
+    assert relative_error(np.asarray(loaded(x)), np.asarray(hashed(x))) <= 1e-5
+
+
 def test_red_subcommand_budget_by_merge_threshold(duplicates_file, tmp_path, capsys):
     path, model = duplicates_file
     out = tmp_path / "red.keras"

@@ -111,21 +111,40 @@ def _foldable_producer(index: GraphIndex, record):
 
 def _fold(layer, weights: dict, norm_weights: dict, epsilon: float) -> tuple[dict, dict]:
     """Config and weights of ``layer`` with the normalisation absorbed."""
-    variance = norm_weights["moving_variance"].astype(np.float64)
-    scale = norm_weights.get("gamma", np.ones_like(variance)).astype(np.float64) / np.sqrt(variance + epsilon)
-    shift = norm_weights.get("beta", np.zeros_like(variance)).astype(np.float64)
-    mean = norm_weights["moving_mean"].astype(np.float64)
-    name = "pointwise_kernel" if "pointwise_kernel" in weights else "kernel"
-    kernel = weights[name].astype(np.float64)
-    if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
-        kernel = kernel * scale.reshape(kernel.shape[-2:])
-    elif isinstance(layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)):
-        kernel = kernel * scale[:, None]
-    else:
-        kernel = kernel * scale
+    scale, shift, mean = inference_affine(norm_weights, epsilon)
+    name = output_kernel_name(weights)
     bias = weights.get("bias", np.zeros(scale.shape, weights[name].dtype)).astype(np.float64)
     dtype = weights[name].dtype
     new = dict(weights)
-    new[name] = kernel.astype(dtype)
+    new[name] = scale_outputs(layer, weights[name], scale)
     new["bias"] = (scale * (bias - mean) + shift).astype(dtype)
     return dict(layer.get_config(), use_bias=True), new
+
+
+def inference_affine(norm_weights: dict, epsilon: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(s, β, μ)`` of a BatchNormalization's inference map ``s·(y − μ) + β``, ``s = γ / √(σ² + ε)`` (float64)."""
+    variance = norm_weights["moving_variance"].astype(np.float64)
+    scale = norm_weights.get("gamma", np.ones_like(variance)).astype(np.float64) / np.sqrt(variance + epsilon)
+    shift = norm_weights.get("beta", np.zeros_like(variance)).astype(np.float64)
+    return scale, shift, norm_weights["moving_mean"].astype(np.float64)
+
+
+def output_kernel_name(weights: dict) -> str:
+    """The weight holding a linear layer's output channels: ``"pointwise_kernel"`` or ``"kernel"``."""
+    return "pointwise_kernel" if "pointwise_kernel" in weights else "kernel"
+
+
+def scale_outputs(layer, kernel: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``kernel`` of ``layer`` with output channel ``o`` multiplied by ``scale[o]`` (computed in float64).
+
+    The output axis is the last one, the second last for ``Conv*Transpose``,
+    and ``(C, M)`` for a ``DepthwiseConv*`` kernel (output ``c·M + m``).
+    """
+    wide = kernel.astype(np.float64)
+    if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        wide = wide * scale.reshape(kernel.shape[-2:])
+    elif isinstance(layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)):
+        wide = wide * scale[:, None]
+    else:
+        wide = wide * scale
+    return wide.astype(kernel.dtype)

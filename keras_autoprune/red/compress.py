@@ -13,8 +13,10 @@ The stages, each a small module of this package:
 3. `separate_depthwise` (``separate_depthwise=True``): convolutions whose
    hashed kernels repeat become a depthwise + 1×1 block where that lowers
    FLOPs.
+4. `restore_batchnorm` (``restore_batchnorm=True``): the folded
+   BatchNormalizations put back, for a user who fine-tunes the result.
 
-Stages 0, 2 (``merge_threshold=0``) and 3 are exact; stage 1 is where the
+Stages 0, 2 (``merge_threshold=0``), 3 and 4 are exact; stage 1 is where the
 model changes. No data is read and nothing is fine-tuned.
 """
 
@@ -37,6 +39,7 @@ from keras_autoprune.red.hashing import HashedTensor, hash_weights
 from keras_autoprune.red.merging import MergeResult, merge_neurons
 from keras_autoprune.red.options import BUDGET_KNOBS, check_distance, check_knob
 from keras_autoprune.red.separation import Separation, separate_depthwise
+from keras_autoprune.red.unfolding import check_restorable, kept_outputs, restore_batchnorm
 from keras_autoprune.report import PruningReport
 from keras_autoprune.surgery import PrunePlan
 
@@ -58,16 +61,19 @@ class RedResult:
     """What `compress` returns.
 
     Attributes:
-        model: the compressed plain-Keras model (standard layers only).
+        model: the compressed plain-Keras model (standard layers only);
+            with ``restore_batchnorm=True``, the folded BatchNormalizations
+            are back in it.
         hashed_model: the model after stages 0-1; ``model`` computes the same
-            function as this one (to float rounding) when
+            function as this one (to float rounding, in inference mode) when
             ``merge_threshold=0``.
         report: a `kap.PruningReport` of ``model`` against the input model
             (its plan is the stage-2 merge plan), or None if one could not be
             built.
         stages: `StageFigures` for ``"original"``, ``"batchnorm_folded"``,
-            ``"hashed"``, ``"merged"`` and, with ``separate_depthwise``,
-            ``"separated"``.
+            ``"hashed"``, ``"merged"``, with ``separate_depthwise``
+            ``"separated"``, and with ``restore_batchnorm``
+            ``"batchnorm_restored"``.
         folded_norms: the BatchNormalizations folded, with their producers.
         hashed: one `HashedTensor` per hashed weight tensor (of the layers
             that kept their hashing).
@@ -128,7 +134,7 @@ class RedResult:
                  f"{len(self.folded_norms)} BatchNormalization folded, "
                  f"{self.neurons_merged} neurons merged, {len(self.separations)} convolutions separated"]
         for s in self.stages:
-            lines.append(f"  {s.stage:17s} FLOPs {s.flops:>14,} ({s.flops / max(first.flops, 1):6.1%})  "
+            lines.append(f"  {s.stage:18s} FLOPs {s.flops:>14,} ({s.flops / max(first.flops, 1):6.1%})  "
                          f"params {s.params:>12,} ({s.params / max(first.params, 1):6.1%})")
         return "\n".join(lines)
 
@@ -143,6 +149,7 @@ def compress(
     merge_distance: str = "channel",
     input_shape: Any = None,
     budget_knob: str = "bandwidth_scale",
+    restore_batchnorm: bool = False,
 ) -> RedResult:
     """Compresses ``model`` with RED, without data and without fine-tuning.
 
@@ -181,13 +188,21 @@ def compress(
             inputs have unknown dimensions (``(None, None, 3)``): the stage
             figures, the budget and the report count FLOPs at this shape
             (see `kap.count_flops`). RED itself reads no data.
+        restore_batchnorm: put every folded BatchNormalization back after
+            its producer, over the channels it kept, with weights that keep
+            the compressed model's function in inference mode
+            (`keras_autoprune.red.unfolding`). For fine-tuning the result
+            with data: without it the compressed model has no normalisation
+            to train with. A budget counts the restored normalisations.
 
     Returns:
         A `RedResult`.
 
     Raises:
         UnsupportedModelError: a subclassed or unbuilt model.
-        ValueError: a bad argument, or a budget that the search cannot reach.
+        ValueError: a bad argument, a budget that the search cannot reach,
+            or ``restore_batchnorm=True`` on a model with custom layers that
+            RED traces.
 
     Example:
 
@@ -197,10 +212,14 @@ def compress(
     check_model(model)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
                   budget_knob)
+    if not isinstance(restore_batchnorm, bool):
+        raise ValueError(f"Expected `restore_batchnorm` to be True or False. Received: restore_batchnorm={restore_batchnorm!r}")
+    if restore_batchnorm:
+        check_restorable(DependencyGraph(model))
     count_flops(model, input_shape)  # a model of unknown input size needs `input_shape`: refused before any work
     knobs = {"bandwidth_scale": float(bandwidth_scale), "merge_threshold": float(merge_threshold)}
     options = {"separate": bool(separate_depthwise), "hash_all_layers": hash_all_layers,
-               "merge_distance": merge_distance, "input_shape": input_shape}
+               "merge_distance": merge_distance, "input_shape": input_shape, "restore": restore_batchnorm}
     if budget is None:
         return _run(model, **knobs, **options)
     return _search(model, knobs, budget_knob, options, budget)
@@ -234,7 +253,7 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, 
 
 
 def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, hash_all_layers: bool,
-         merge_distance: str = "channel", input_shape: Any = None) -> RedResult:
+         merge_distance: str = "channel", input_shape: Any = None, restore: bool = False) -> RedResult:
     graph = DependencyGraph(model)
 
     def figures(name: str, current: keras.Model) -> StageFigures:
@@ -263,6 +282,11 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
     stages.append(figures("merged", run.merge.model))
     if separate:
         stages.append(figures("separated", run.model))
+    compressed = run.model
+    if restore:
+        kept = kept_outputs(run.hashed, run.merge.plan, {fold.into for fold in folds})
+        compressed = restore_batchnorm(model, graph, run.model, folds, kept)
+        stages.append(figures("batchnorm_restored", compressed))
     extra = {
         "method": "red",
         "bandwidth_scale": bandwidth_scale,
@@ -272,16 +296,17 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         "neurons_merged": run.merge.merged,
         "convolutions_separated": len(run.separations),
         "hashing_reverted": len(reverted),
+        "batchnorm_restored": len(folds) if restore else 0,
     }
     try:
-        report = PruningReport.from_models(model, run.model, plan=run.merge.plan, extra=extra, input_shape=input_shape,
+        report = PruningReport.from_models(model, compressed, plan=run.merge.plan, extra=extra, input_shape=input_shape,
                                            removed_layers=True)
     except (ValueError, TypeError) as error:  # a layer the cost counters do not know: the model is still good
         warnings.warn(f"RED compressed '{model.name}', but its per-layer report could not be built "
                       f"({type(error).__name__}: {error}); `result.report` is None.", stacklevel=2)
         report = None
     return RedResult(
-        model=run.model,
+        model=compressed,
         hashed_model=run.hashed,
         report=report,
         stages=tuple(stages),

@@ -49,6 +49,7 @@ def compress_saved_model(
     merge_distance: str = "channel",
     input_shape: tuple[int, ...] | None = None,
     budget_knob: str = "bandwidth_scale",
+    restore_batchnorm: bool = False,
     unsafe: bool = False,
     tflite: str | os.PathLike | None = None,
 ) -> RedOutcome:
@@ -58,8 +59,8 @@ def compress_saved_model(
         model_path: a ``.keras`` file.
         out: the compressed model's ``.keras`` file.
         bandwidth_scale, merge_threshold, separate_depthwise, budget,
-            hash_all_layers, merge_distance, input_shape, budget_knob: as in
-            `keras_autoprune.red.compress`.
+            hash_all_layers, merge_distance, input_shape, budget_knob,
+            restore_batchnorm: as in `keras_autoprune.red.compress`.
         unsafe: load with ``safe_mode=False``.
         tflite: also export a float32 ``.tflite`` here, verified with LiteRT
             on random inputs.
@@ -82,7 +83,8 @@ def compress_saved_model(
     model = keras.saving.load_model(model_path, safe_mode=not unsafe, compile=False)
     result = compress(model, bandwidth_scale=bandwidth_scale, merge_threshold=merge_threshold,
                       separate_depthwise=separate_depthwise, budget=budget, hash_all_layers=hash_all_layers,
-                      merge_distance=merge_distance, input_shape=input_shape, budget_knob=budget_knob)
+                      merge_distance=merge_distance, input_shape=input_shape, budget_knob=budget_knob,
+                      restore_batchnorm=restore_batchnorm)
     result.model.save(out)
     files, summary = [str(out)], None
     if tflite is not None:
