@@ -170,15 +170,15 @@ PROFILES: dict[str, Profile] = {
         name="v2", depth=20, width=16, train_per_class=None, test_per_class=None,
         calibration_batches=8, batch_size=128, pretrain_epochs=0, pretrain_lr=0.1,
         finetune_epochs=4, finetune_lr=0.01, rounds=2, resumable=True, base_model="resnet20",
-        entries=("unpruned", "uniform_l1", "taylor", "nap", "fisher_cost_aware", "eigendamage", "psap", "red", "red_bn",
-                 "red_merge_bn", "tfmot"),
+        entries=("unpruned", "uniform_l1", "taylor", "nap", "fisher_cost_aware", "eigendamage", "psap", "red", "red_merge_bn",
+                 "tfmot"),
     ),
     "v2_mobilenetv2": Profile(
         name="v2_mobilenetv2", depth=20, width=16, train_per_class=None, test_per_class=None,
         calibration_batches=8, batch_size=128, pretrain_epochs=0, pretrain_lr=0.1,
         finetune_epochs=4, finetune_lr=0.01, rounds=2, resumable=True, base_model="mobilenetv2",
         entries=("unpruned", "uniform_l1", "taylor", "random", "nap", "fisher_cost_aware", "eigendamage", "psap", "red",
-                 "red_merge", "red_bn", "red_merge_bn", "tfmot"),
+                 "red_merge", "red_merge_bn", "tfmot"),
     ),
     "gpu": Profile(
         name="gpu", depth=56, width=16, train_per_class=None, test_per_class=None,
