@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 
 import keras_autoprune as kap
@@ -29,6 +30,10 @@ def randomize(model, seed: int = 0, scale: float = 0.5, kernels: bool = True) ->
         else:
             value = rng.normal(0.0, scale, shape)
         variable.assign(value.astype(variable.dtype))
+    for layer in model._flatten_layers(include_self=False):
+        # Keras calls this after loading weights: a Normalization layer caches its statistics from them.
+        if isinstance(layer, keras.layers.Normalization):
+            layer.finalize_state()
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
