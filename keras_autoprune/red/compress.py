@@ -211,11 +211,7 @@ def compress(
     """
     check_model(model)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
-                  budget_knob)
-    if not isinstance(restore_batchnorm, bool):
-        raise ValueError(f"Expected `restore_batchnorm` to be True or False. Received: restore_batchnorm={restore_batchnorm!r}")
-    if restore_batchnorm:
-        check_restorable(DependencyGraph(model))
+                  budget_knob, restore_batchnorm)
     count_flops(model, input_shape)  # a model of unknown input size needs `input_shape`: refused before any work
     knobs = {"bandwidth_scale": float(bandwidth_scale), "merge_threshold": float(merge_threshold)}
     options = {"separate": bool(separate_depthwise), "hash_all_layers": hash_all_layers,
@@ -226,7 +222,7 @@ def compress(
 
 
 def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers=False,
-                  merge_distance="channel", budget_knob="bandwidth_scale") -> None:
+                  merge_distance="channel", budget_knob="bandwidth_scale", restore_batchnorm=False) -> None:
     """Checks `compress`'s arguments other than the model (raises ValueError), before any work."""
     check_knob("bandwidth_scale", bandwidth_scale)
     check_knob("merge_threshold", merge_threshold)
@@ -240,7 +236,8 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, 
             "Received: bandwidth_scale=0 with a budget. Fix: pass e.g. bandwidth_scale=0.05, "
             "or budget_knob='merge_threshold'."
         )
-    for name, value in (("separate_depthwise", separate_depthwise), ("hash_all_layers", hash_all_layers)):
+    for name, value in (("separate_depthwise", separate_depthwise), ("hash_all_layers", hash_all_layers),
+                        ("restore_batchnorm", restore_batchnorm)):
         if not isinstance(value, bool):
             raise ValueError(f"Expected `{name}` to be True or False. Received: {name}={value!r}")
     if budget is not None and not isinstance(budget, Budget):
@@ -255,6 +252,8 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, 
 def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, hash_all_layers: bool,
          merge_distance: str = "channel", input_shape: Any = None, restore: bool = False) -> RedResult:
     graph = DependencyGraph(model)
+    if restore:
+        check_restorable(graph)  # before any stage
 
     def figures(name: str, current: keras.Model) -> StageFigures:
         return StageFigures(name, count_flops(current, input_shape), count_params(current))
@@ -284,7 +283,7 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         stages.append(figures("separated", run.model))
     compressed = run.model
     if restore:
-        kept = kept_outputs(run.hashed, run.merge.plan, {fold.into for fold in folds})
+        kept = kept_outputs(run.hashed_graph, run.merge.plan, {fold.into for fold in folds})
         compressed = restore_batchnorm(model, graph, run.model, folds, kept)
         stages.append(figures("batchnorm_restored", compressed))
     extra = {
@@ -328,6 +327,7 @@ class _Stages:
     """Stages 1-3 on a BatchNormalization-folded model."""
 
     hashed: keras.Model
+    hashed_graph: DependencyGraph
     tensors: list[HashedTensor]
     merge: MergeResult
     model: keras.Model
@@ -339,9 +339,10 @@ class _Stages:
         """Hashes ``layers`` (default: every linear layer; none when ``bandwidth_scale`` is 0), merges, separates."""
         hashed, tensors = (hash_weights(folded, bandwidth_scale, layers=layers)
                            if bandwidth_scale > 0 and (layers is None or layers) else (folded, []))
-        merge = merge_neurons(hashed, merge_threshold, merge_distance=merge_distance)
+        graph = DependencyGraph(hashed)
+        merge = merge_neurons(hashed, merge_threshold, graph=graph, merge_distance=merge_distance)
         current, separations = separate_depthwise(merge.model) if separate else (merge.model, [])
-        return cls(hashed, tensors, merge, current, separations)
+        return cls(hashed, graph, tensors, merge, current, separations)
 
 
 def _search(model, knobs: dict[str, float], knob: str, options: dict[str, Any], budget: Budget) -> RedResult:

@@ -74,7 +74,7 @@ def compress_saved_model(
     """
     check_model_paths(model_path, out, tflite)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
-                  budget_knob)
+                  budget_knob, restore_batchnorm)
     import keras
 
     from keras_autoprune.red.compress import compress
