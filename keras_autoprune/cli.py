@@ -49,7 +49,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ logs: err
 
 from keras_autoprune.errors import ExportError  # noqa: E402
 from keras_autoprune.export.images import SCALES  # noqa: E402
-from keras_autoprune.red.options import BUDGET_KNOBS, MERGE_DISTANCES  # noqa: E402
+from keras_autoprune.red.options import BUDGET_KNOBS, MERGE_DISTANCES, MERGE_REPRESENTATIVES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,6 +294,9 @@ def _add_red(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--merge-distance", choices=MERGE_DISTANCES, default="channel",
                         help="what that distance is relative to: the larger of the two channels (default) or the "
                              "layer's typical channel (weak channels merge more easily)")
+    parser.add_argument("--merge-representative", choices=MERGE_REPRESENTATIVES, default="readers",
+                        help="the weights a near-identical cluster keeps: the combination its readers see best "
+                             "(default) or its first channel's")
     parser.add_argument("--separate-depthwise", action="store_true",
                         help="split convolutions whose hashed kernels repeat into depthwise + 1x1 where cheaper")
     parser.add_argument("--budget", default=None,
@@ -339,7 +342,7 @@ def _run_red(args: argparse.Namespace) -> int:
         args.model, args.out, bandwidth_scale=args.bandwidth_scale, merge_threshold=args.merge_threshold,
         separate_depthwise=args.separate_depthwise, budget=budget, hash_all_layers=args.hash_all_layers,
         merge_distance=args.merge_distance, input_shape=input_shape, budget_knob=args.budget_knob,
-        restore_batchnorm=args.restore_batchnorm,
+        restore_batchnorm=args.restore_batchnorm, merge_representative=args.merge_representative,
         unsafe=args.unsafe, tflite=args.tflite,
     )
     report = outcome.result.report

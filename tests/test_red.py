@@ -422,6 +422,62 @@ def test_layer_distance_merges_weak_channels_the_channel_distance_keeps_apart():
     assert result.merge_clusters == {"c2": [[1, 4]]} and result.report.extra["merge_distance"] == "layer"
 
 
+def _near_copies_read_in_proportion(depthwise: bool):
+    """Producer ``p`` whose channel 1 is a 1% perturbed copy of channel 0, read (through an identical depthwise
+    filter if ``depthwise``, without activation) by ``r`` with channel 1's rows twice channel 0's."""
+    inputs = keras.Input((5, 5, 3))
+    x = L.Conv2D(4, 1, name="p")(inputs)
+    if depthwise:
+        x = L.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    model = keras.Model(inputs, L.Conv2D(2, 3, padding="same", name="r")(x))
+    randomize(model, seed=31)
+    producer = model.get_layer("p")
+    _copy_channel(producer, 0, 1)
+    rng = np.random.default_rng(0)
+    for variable in producer.weights:
+        value = variable.numpy()
+        value[..., 1] *= 1 + 0.01 * rng.standard_normal(value[..., 1].shape)
+        variable.assign(value)
+    if depthwise:
+        _copy_channel(model.get_layer("dw"), 0, 1, axis=-2)
+    reader = model.get_layer("r")
+    kernel = reader.kernel.numpy()
+    kernel[:, :, 1, :] = 2 * kernel[:, :, 0, :]
+    reader.kernel.assign(kernel)
+    return model
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_near_identical_cluster_keeps_the_combination_its_readers_see(depthwise):
+    """Readers with rows R_1 = 2 R_0: a = (1/3, 2/3), and without activation the merged model is exact."""
+    model = _near_copies_read_in_proportion(depthwise)
+    producer = model.get_layer("p")
+    kernel, bias = producer.kernel.numpy(), producer.bias.numpy()
+    result = merge_neurons(model, merge_threshold=0.05)
+    assert [cluster for clusters in result.clusters.values() for cluster in clusters] == [[0, 1]]
+    merged = result.model.get_layer("p")
+    np.testing.assert_allclose(merged.kernel.numpy()[..., 0], (kernel[..., 0] + 2 * kernel[..., 1]) / 3, rtol=1e-6)
+    np.testing.assert_allclose(merged.bias.numpy()[0], (bias[0] + 2 * bias[1]) / 3, rtol=1e-6)
+    np.testing.assert_array_equal(merged.kernel.numpy()[..., 1:], kernel[..., 2:])  # the others untouched
+    x = _inputs(model, batch=3)
+    _assert_same(result.model, model, x)
+    leader = merge_neurons(model, merge_threshold=0.05, merge_representative="leader")
+    np.testing.assert_array_equal(leader.model.get_layer("p").kernel.numpy()[..., 0], kernel[..., 0])
+    assert relative_error(np.asarray(leader.model(x)), np.asarray(model(x))) > 1e-3
+
+
+def test_exact_merges_keep_the_leader_with_either_representative():
+    model = _chain_model()
+    _copy_channel(model.get_layer("c2"), 1, 4)
+    x = _inputs(model)
+    for representative in ("readers", "leader"):
+        result = merge_neurons(model, merge_representative=representative)
+        assert result.clusters == {"c2": [[1, 4]]}
+        _assert_same(result.model, model, x)
+    report = kap.red.compress(model, bandwidth_scale=0.0, merge_threshold=0.01, merge_representative="leader").report
+    assert report.extra["merge_representative"] == "leader"
+
+
 # -- stage 3: uneven depthwise separation -------------------------------------------
 
 
@@ -562,6 +618,7 @@ def test_default_keeps_the_hashing_of_every_layer_a_merge_compares_depthwise_inc
         ({"budget": 0.5}, "kap.Budget"),
         ({"budget": kap.Budget(flops=0.5), "bandwidth_scale": 0.0}, "bandwidth_scale"),
         ({"merge_distance": "absolute"}, "merge_distance"),
+        ({"merge_representative": "centroid"}, "merge_representative"),
         ({"budget_knob": "bandwidth"}, "budget_knob"),
     ],
 )
@@ -574,7 +631,8 @@ def test_compress_rejects_bad_arguments(kwargs, match):
 
 @pytest.mark.parametrize("stage, kwargs", [(hash_weights, {"bandwidth_scale": -0.5}),
                                            (merge_neurons, {"merge_threshold": float("nan")}),
-                                           (merge_neurons, {"merge_distance": "absolute"})])
+                                           (merge_neurons, {"merge_distance": "absolute"}),
+                                           (merge_neurons, {"merge_representative": "mean"})])
 def test_stage_functions_reject_bad_knobs(stage, kwargs):
     model = keras.Sequential([keras.Input((3,)), L.Dense(2)])
     name = next(iter(kwargs))

@@ -67,6 +67,20 @@ def test_red_subcommand_passes_the_merge_distance(duplicates_file, tmp_path, cap
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_red_subcommand_passes_the_merge_representative(duplicates_file, tmp_path, capsys):
+    path, model = duplicates_file
+    out = tmp_path / "red.keras"
+    assert main(["red", str(path), str(out), "--merge-threshold", "1.0", "--merge-representative", "leader"]) == 0
+    x = _inputs(model, batch=4)
+    leader = kap.red.compress(model, merge_threshold=1.0, merge_representative="leader").model
+    readers = kap.red.compress(model, merge_threshold=1.0).model  # clusters of near-identical channels at 1.0
+    assert relative_error(np.asarray(readers(x)), np.asarray(leader(x))) > 1e-4  # the flag matters here
+    assert relative_error(np.asarray(keras.saving.load_model(out)(x)), np.asarray(leader(x))) <= 1e-5
+    with pytest.raises(SystemExit):
+        main(["red", str(path), str(out), "--merge-representative", "mean"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_red_subcommand_counts_a_model_of_unknown_input_size_at_input_shape(tmp_path, capsys):
     inputs = keras.Input((None, None, 3))
     x = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(inputs))

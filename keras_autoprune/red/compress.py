@@ -37,7 +37,7 @@ from keras_autoprune.graph.dependency import DependencyGraph, check_model
 from keras_autoprune.red.batchnorm import FoldedNorm, fold_batchnorm
 from keras_autoprune.red.hashing import HashedTensor, hash_weights
 from keras_autoprune.red.merging import MergeResult, merge_neurons
-from keras_autoprune.red.options import BUDGET_KNOBS, check_distance, check_knob
+from keras_autoprune.red.options import BUDGET_KNOBS, check_distance, check_knob, check_representative
 from keras_autoprune.red.separation import Separation, separate_depthwise
 from keras_autoprune.red.unfolding import check_restorable, kept_outputs, restore_batchnorm
 from keras_autoprune.report import PruningReport
@@ -150,6 +150,7 @@ def compress(
     input_shape: Any = None,
     budget_knob: str = "bandwidth_scale",
     restore_batchnorm: bool = False,
+    merge_representative: str = "readers",
 ) -> RedResult:
     """Compresses ``model`` with RED, without data and without fine-tuning.
 
@@ -168,6 +169,11 @@ def compress(
             (default; the larger of the two channels' weight norms) or
             ``"layer"`` (the layer's root-mean-square channel norm, so weak
             channels merge more easily); see `keras_autoprune.red.merging`.
+        merge_representative: the weights of the channel a near-identical
+            cluster keeps: ``"readers"`` (default; the combination of the
+            cluster's weights that its readers see best, a least-squares
+            fit) or ``"leader"`` (its first channel's, unchanged). Exact
+            merges (``merge_threshold=0``) are the same with either.
         separate_depthwise: run stage 3 (uneven depthwise separation).
         budget: a `kap.Budget`; if given, the knob named by ``budget_knob``
             is the lower end of a search for the smallest value whose
@@ -211,22 +217,25 @@ def compress(
     """
     check_model(model)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
-                  budget_knob, restore_batchnorm)
+                  budget_knob, restore_batchnorm, merge_representative)
     count_flops(model, input_shape)  # a model of unknown input size needs `input_shape`: refused before any work
     knobs = {"bandwidth_scale": float(bandwidth_scale), "merge_threshold": float(merge_threshold)}
     options = {"separate": bool(separate_depthwise), "hash_all_layers": hash_all_layers,
-               "merge_distance": merge_distance, "input_shape": input_shape, "restore": restore_batchnorm}
+               "merge_distance": merge_distance, "input_shape": input_shape, "restore": restore_batchnorm,
+               "merge_representative": merge_representative}
     if budget is None:
         return _run(model, **knobs, **options)
     return _search(model, knobs, budget_knob, options, budget)
 
 
 def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers=False,
-                  merge_distance="channel", budget_knob="bandwidth_scale", restore_batchnorm=False) -> None:
+                  merge_distance="channel", budget_knob="bandwidth_scale", restore_batchnorm=False,
+                  merge_representative="readers") -> None:
     """Checks `compress`'s arguments other than the model (raises ValueError), before any work."""
     check_knob("bandwidth_scale", bandwidth_scale)
     check_knob("merge_threshold", merge_threshold)
     check_distance(merge_distance)
+    check_representative(merge_representative)
     if budget_knob not in BUDGET_KNOBS:
         raise ValueError(f"Expected `budget_knob` to be one of {BUDGET_KNOBS} (what a budget search raises). "
                          f"Received: budget_knob={budget_knob!r}")
@@ -250,7 +259,8 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, 
 
 
 def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, hash_all_layers: bool,
-         merge_distance: str = "channel", input_shape: Any = None, restore: bool = False) -> RedResult:
+         merge_distance: str = "channel", input_shape: Any = None, restore: bool = False,
+         merge_representative: str = "readers") -> RedResult:
     graph = DependencyGraph(model)
     if restore:
         check_restorable(graph)  # before any stage
@@ -264,15 +274,15 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         warnings.filterwarnings("ignore", message="keras_autoprune: (no pruning handler|handler .* failed)")
         folded, folds = fold_batchnorm(model, graph)
         stages.append(figures("batchnorm_folded", folded))
-        run = _Stages.run(folded, bandwidth_scale, merge_threshold, separate, merge_distance=merge_distance)
+        merging = {"merge_distance": merge_distance, "merge_representative": merge_representative}
+        run = _Stages.run(folded, bandwidth_scale, merge_threshold, separate, **merging)
         reverted: tuple[str, ...] = ()
         if not hash_all_layers:
             used = set(run.merge.compared_layers) | {separation.layer for separation in run.separations}
             hashed_layers = list(dict.fromkeys(tensor.layer for tensor in run.tensors))
             reverted = tuple(layer for layer in hashed_layers if layer not in used)
             if reverted:
-                again = _Stages.run(folded, bandwidth_scale, merge_threshold, separate, layers=used,
-                                    merge_distance=merge_distance)
+                again = _Stages.run(folded, bandwidth_scale, merge_threshold, separate, layers=used, **merging)
                 if merge_threshold > 0 or again.merge.clusters == run.merge.clusters:
                     run = again
                 else:  # cannot happen if `compared_layers` is complete; never give up a merge silently
@@ -291,6 +301,7 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         "bandwidth_scale": bandwidth_scale,
         "merge_threshold": merge_threshold,
         "merge_distance": merge_distance,
+        "merge_representative": merge_representative,
         "batchnorm_folded": len(folds),
         "neurons_merged": run.merge.merged,
         "convolutions_separated": len(run.separations),
@@ -335,12 +346,13 @@ class _Stages:
 
     @classmethod
     def run(cls, folded, bandwidth_scale: float, merge_threshold: float, separate: bool, layers=None,
-            merge_distance: str = "channel") -> _Stages:
+            merge_distance: str = "channel", merge_representative: str = "readers") -> _Stages:
         """Hashes ``layers`` (default: every linear layer; none when ``bandwidth_scale`` is 0), merges, separates."""
         hashed, tensors = (hash_weights(folded, bandwidth_scale, layers=layers)
                            if bandwidth_scale > 0 and (layers is None or layers) else (folded, []))
         graph = DependencyGraph(hashed)
-        merge = merge_neurons(hashed, merge_threshold, graph=graph, merge_distance=merge_distance)
+        merge = merge_neurons(hashed, merge_threshold, graph=graph, merge_distance=merge_distance,
+                              merge_representative=merge_representative)
         current, separations = separate_depthwise(merge.model) if separate else (merge.model, [])
         return cls(hashed, graph, tensors, merge, current, separations)
 

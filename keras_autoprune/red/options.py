@@ -18,6 +18,9 @@ def check_knob(name: str, value) -> None:
 
 MERGE_DISTANCES = ("channel", "layer")
 
+MERGE_REPRESENTATIVES = ("readers", "leader")
+"""What the kept channel of a near-identical cluster computes (`keras_autoprune.red.merging`)."""
+
 BUDGET_KNOBS = ("bandwidth_scale", "merge_threshold")
 """What a budget search may raise (`keras_autoprune.red.compress`'s ``budget_knob``)."""
 
@@ -27,3 +30,11 @@ def check_distance(merge_distance) -> None:
     if merge_distance not in MERGE_DISTANCES:
         raise ValueError(f"Expected `merge_distance` to be one of {MERGE_DISTANCES} (what a near-identical distance is "
                          f"relative to). Received: merge_distance={merge_distance!r}")
+
+
+def check_representative(merge_representative) -> None:
+    """Raises ValueError unless ``merge_representative`` is one of `MERGE_REPRESENTATIVES`."""
+    if merge_representative not in MERGE_REPRESENTATIVES:
+        raise ValueError(f"Expected `merge_representative` to be one of {MERGE_REPRESENTATIVES} (the weights of a "
+                         f"near-identical cluster's kept channel). Received: "
+                         f"merge_representative={merge_representative!r}")

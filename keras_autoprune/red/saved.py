@@ -50,6 +50,7 @@ def compress_saved_model(
     input_shape: tuple[int, ...] | None = None,
     budget_knob: str = "bandwidth_scale",
     restore_batchnorm: bool = False,
+    merge_representative: str = "readers",
     unsafe: bool = False,
     tflite: str | os.PathLike | None = None,
 ) -> RedOutcome:
@@ -60,7 +61,8 @@ def compress_saved_model(
         out: the compressed model's ``.keras`` file.
         bandwidth_scale, merge_threshold, separate_depthwise, budget,
             hash_all_layers, merge_distance, input_shape, budget_knob,
-            restore_batchnorm: as in `keras_autoprune.red.compress`.
+            restore_batchnorm, merge_representative: as in
+            `keras_autoprune.red.compress`.
         unsafe: load with ``safe_mode=False``.
         tflite: also export a float32 ``.tflite`` here, verified with LiteRT
             on random inputs.
@@ -74,7 +76,7 @@ def compress_saved_model(
     """
     check_model_paths(model_path, out, tflite)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
-                  budget_knob, restore_batchnorm)
+                  budget_knob, restore_batchnorm, merge_representative)
     import keras
 
     from keras_autoprune.red.compress import compress
@@ -84,7 +86,7 @@ def compress_saved_model(
     result = compress(model, bandwidth_scale=bandwidth_scale, merge_threshold=merge_threshold,
                       separate_depthwise=separate_depthwise, budget=budget, hash_all_layers=hash_all_layers,
                       merge_distance=merge_distance, input_shape=input_shape, budget_knob=budget_knob,
-                      restore_batchnorm=restore_batchnorm)
+                      restore_batchnorm=restore_batchnorm, merge_representative=merge_representative)
     result.model.save(out)
     files, summary = [str(out)], None
     if tflite is not None:

@@ -81,6 +81,43 @@ class Reader:
     rows: dict[int, np.ndarray]
 
 
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where a member layer keeps weights of its own for each channel.
+
+    ``weights[key]``, its last two axes flattened into one when
+    ``flatten_last_two`` (a depthwise kernel ``(..., C, M)`` holds output
+    channel ``c·M + m``), indexed by the channel's positions along ``axis``.
+    """
+
+    key: str
+    axis: int
+    flatten_last_two: bool = False
+
+    def _shaped(self, weights: dict) -> np.ndarray:
+        value = weights[self.key]
+        return value.reshape(value.shape[:-2] + (-1,)) if self.flatten_last_two else value
+
+    def read(self, weights: dict, positions: np.ndarray) -> np.ndarray:
+        """The weights at ``positions``, the channel axis first."""
+        return np.moveaxis(self._shaped(weights), self.axis, 0)[positions]
+
+    def write(self, weights: dict, positions: np.ndarray, values: np.ndarray) -> None:
+        """Sets the weights at ``positions`` (``values`` as `read` returns them); replaces ``weights[key]``."""
+        shaped = self._shaped(weights).copy()
+        np.moveaxis(shaped, self.axis, 0)[positions] = values
+        weights[self.key] = shaped.reshape(weights[self.key].shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberSlots:
+    """A member layer's `Slot`s and each channel's positions in it (what a merge may rewrite)."""
+
+    layer: object
+    slots: tuple[Slot, ...]
+    positions: dict[int, np.ndarray]
+
+
 @dataclasses.dataclass
 class GroupSignatures:
     """Per-channel signatures and readers of one group.
@@ -92,12 +129,14 @@ class GroupSignatures:
             weights for it (nothing more for a weightless member).
         readers: the group's readers.
         blocked: why the group cannot merge (None if it can).
+        members: the members with weights per channel, as `MemberSlots`.
     """
 
     group: ChannelGroup
     pieces: list[dict[int, np.ndarray]]
     readers: list[Reader]
     blocked: str | None = None
+    members: list[MemberSlots] = dataclasses.field(default_factory=list)
 
     def key(self, channel: int) -> bytes:
         """Exact signature: equal keys mean equal channels."""
@@ -127,6 +166,7 @@ def group_signatures(index: GraphIndex, group: ChannelGroup, cache: dict | None 
     cache = {} if cache is None else cache
     pieces: list[dict[int, np.ndarray]] = []
     readers: list[Reader] = []
+    members: list[MemberSlots] = []
     if not group.prunable:
         return GroupSignatures(group, [], [], f"the group is not prunable ({group.reason})")
     if len(np.unique(group.chunks)) != group.size:
@@ -141,42 +181,41 @@ def group_signatures(index: GraphIndex, group: ChannelGroup, cache: dict | None 
         found = _member(layer, handler, member.side, weights, positions, len(record.call.in_layouts[0]) if record.call.in_layouts else 0)
         if isinstance(found, str):
             return GroupSignatures(group, [], [], f"layer '{member.layer}' {found}")
-        piece, reader = found
-        pieces.append({c: np.concatenate([[float(len(p))], piece(p)]) for c, p in positions.items()})
+        slots, reader = found
+        pieces.append({c: np.concatenate([[float(len(p))]] + [s.read(weights, p).astype(np.float64).ravel()
+                                                              for s in slots]) for c, p in positions.items()})
+        if slots:
+            members.append(MemberSlots(layer, slots, positions))
         if reader is not None:
             readers.append(reader)
-    return GroupSignatures(group, pieces, readers)
+    return GroupSignatures(group, pieces, readers, members=members)
 
 
 def _member(layer, handler, side, weights, positions, in_width):
-    """``(piece(positions) -> 1-D array, Reader or None)`` or a reason string."""
-    nothing = (lambda p: np.zeros(0), None)
+    """``(the member's Slots, Reader or None)`` or a reason string."""
+    nothing = ((), None)
     if isinstance(handler, LinearHandler):
         kernel = weights["kernel"]
         if handler.is_depthwise(layer):
             return (_columns(weights, "kernel", -1), None) if side == "output" else nothing
         if side == "output":
             return _columns(weights, "kernel", handler.out_axis), None
-        return nothing[0], Reader(layer, "kernel", handler.in_axis % kernel.ndim, positions)
+        return (), Reader(layer, "kernel", handler.in_axis % kernel.ndim, positions)
     if isinstance(handler, DepthwiseHandler):
         if side == "input":
             return nothing
-        flat = dict(weights, kernel=weights["kernel"].reshape(weights["kernel"].shape[:-2] + (-1,)))
-        return _columns(flat, "kernel", -1), None
+        return _columns(weights, "kernel", -1, flatten_last_two=True), None
     if isinstance(handler, SeparableHandler):
         if side == "output":
             return _columns(weights, "pointwise_kernel", -1), None
-        depthwise = weights["depthwise_kernel"]
-        multiplier = depthwise.shape[-1]
+        multiplier = weights["depthwise_kernel"].shape[-1]
         rows = {c: (p[:, None] * multiplier + np.arange(multiplier)).ravel() for c, p in positions.items()}
         pointwise = weights["pointwise_kernel"]
-        piece = lambda p: np.take(depthwise, p, axis=-2).astype(np.float64).ravel()  # noqa: E731
-        return piece, Reader(layer, "pointwise_kernel", pointwise.ndim - 2, rows)
+        return (Slot("depthwise_kernel", -2),), Reader(layer, "pointwise_kernel", pointwise.ndim - 2, rows)
     if isinstance(handler, ChannelwiseHandler):
         if side == "output":
             return nothing
-        per_channel = [w for w in weights.values() if w.ndim and w.shape[-1] == in_width]
-        return _slices(per_channel), None
+        return tuple(Slot(key, -1) for key, w in weights.items() if w.ndim and w.shape[-1] == in_width), None
     if isinstance(handler, _WEIGHTLESS) and not weights:
         return nothing
     if not weights:
@@ -185,24 +224,7 @@ def _member(layer, handler, side, weights, positions, in_width):
     return f"({type(layer).__name__}, handler {type(handler).__name__}) has weights RED cannot compare per channel"
 
 
-def _slices(per_channel: list[np.ndarray]):
-    """``piece(p)``: every per-channel weight at positions ``p`` (last axis)."""
-
-    def piece(p):
-        return np.concatenate([np.take(w, p, axis=-1).astype(np.float64).ravel() for w in per_channel] + [np.zeros(0)])
-
-    return piece
-
-
-def _columns(weights: dict, key: str, axis: int):
-    """``piece(p)``: the kernel slices at output positions ``p`` and their biases."""
-    kernel = weights[key]
-    bias = weights.get("bias")
-
-    def piece(p):
-        out = [np.take(kernel, p, axis=axis).astype(np.float64).ravel()]
-        if bias is not None:
-            out.append(bias[p].astype(np.float64))
-        return np.concatenate(out)
-
-    return piece
+def _columns(weights: dict, key: str, axis: int, flatten_last_two: bool = False) -> tuple[Slot, ...]:
+    """The kernel slices at output positions along ``axis``, and the biases."""
+    kernel = Slot(key, axis, flatten_last_two)
+    return (kernel, Slot("bias", 0)) if weights.get("bias") is not None else (kernel,)
