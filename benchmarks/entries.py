@@ -43,6 +43,11 @@ data, before the first epoch, then fine-tunes it like every other entry
   ``restore_batchnorm=True``: the folded BatchNormalizations are put back
   (exactly, in inference mode) so that the fine-tuning trains with them, as
   every other entry does; the budget counts them.
+- ``red_merge_leader``, ``red_merge_leader_bn``: ``red_merge`` and
+  ``red_merge_bn`` with ``merge_representative="leader"`` (a merged cluster
+  keeps its first channel's weights): what those two entries computed
+  before session 23 made the readers' combination RED's default; their
+  units of sessions 21-22 are kept under these names.
 
 A budget an entry cannot reach (`kap.BudgetUnreachableError`: RED's budget
 mode, or a callback's check before its first epoch) is a result
@@ -265,6 +270,8 @@ def compress_one_shot(entry: str, model: keras.Model, budget: float) -> tuple[ke
     if entry not in ONE_SHOT_ENTRIES:
         raise ValueError(f"Unknown one-shot entry {entry!r}. Expected one of {ONE_SHOT_ENTRIES}.")
     options = {"budget_knob": "merge_threshold", "merge_distance": "layer"} if entry.startswith("red_merge") else {}
+    if "_leader" in entry:
+        options["merge_representative"] = "leader"
     options["restore_batchnorm"] = entry.endswith("_bn")
     start = time.perf_counter()
     result = kap.red.compress(model, budget=kap.Budget(flops=budget), **options)

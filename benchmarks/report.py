@@ -29,6 +29,8 @@ LABELS = {
     "red_merge": "RED, budget by merging (layer distance)",
     "red_bn": "RED, BatchNormalization restored",
     "red_merge_bn": "RED, budget by merging, BatchNormalization restored",
+    "red_merge_leader": "RED, budget by merging, leader kept (before session 23)",
+    "red_merge_leader_bn": "RED, budget by merging, leader kept, BatchNormalization restored (before session 23)",
 }
 
 _LINE_STYLES = {"nap_cost_aware": "--", "psap_scratch": "--", "kron_obs": ":", "kron_obd": ":", "c_obs": ":", "c_obd": ":", "eigendamage_capped": "--"}
