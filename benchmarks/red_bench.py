@@ -22,6 +22,12 @@ finished points; ``--fresh`` starts over), the plot to
 ``benchmarks:red_<model>`` markers; not with ``--out``). ``seconds`` is the compression (RED) or the
 bisection and surgery (uniform L1), not the evaluation.
 
+``--merge-representative`` (default ``readers``, the library's default since
+session 23) is recorded in each row with ``merge_threshold > 0``; rows
+without it ran before the option existed and kept the leader of each
+cluster (``leader``). Rows of both stay in the file, table and plot, so the
+curves before and after the change are shown side by side.
+
 Latency: the best RED point that removes FLOPs beyond BatchNormalization
 folding (the fewest FLOPs within 1 point of the original accuracy, else the
 most accurate) is exported to a float32 ``.tflite`` with `kap.export_tflite`
@@ -74,7 +80,7 @@ def sweep_points(bandwidth_scales, merge_thresholds, merge_scale: float = MERGE_
 
 def red_row(model, model_name: str, bandwidth_scale: float, merge_threshold: float,
             evaluate: Callable, separate_depthwise: bool = True, hash_all_layers: bool = False,
-            merge_distance: str = "channel") -> tuple[dict, object]:
+            merge_distance: str = "channel", merge_representative: str = "readers") -> tuple[dict, object]:
     """One RED point: the row and the `RedResult`."""
     import numpy as np
 
@@ -83,13 +89,14 @@ def red_row(model, model_name: str, bandwidth_scale: float, merge_threshold: flo
     start = time.perf_counter()
     result = kap.red.compress(model, bandwidth_scale=bandwidth_scale, merge_threshold=merge_threshold,
                               separate_depthwise=separate_depthwise, hash_all_layers=hash_all_layers,
-                              merge_distance=merge_distance)
+                              merge_distance=merge_distance, merge_representative=merge_representative)
     seconds = time.perf_counter() - start
     first, last = result.stages[0], result.stages[-1]
     kernels = [t.distinct_after for t in result.hashed if t.weight != "bias"]
     row = {
         "entry": "red", "model": model_name, "bandwidth_scale": bandwidth_scale, "merge_threshold": merge_threshold,
         "hash_all_layers": hash_all_layers, "merge_distance": merge_distance,
+        "merge_representative": merge_representative,
         "hashing_reverted": list(result.hashing_reverted),
         "flops_kept": last.flops / first.flops, "params_kept": last.params / first.params,
         "accuracy": evaluate(result.model), "seconds": seconds,
@@ -154,14 +161,24 @@ def variant(row: dict) -> bool:
     return row.get("hash_all_layers", True)
 
 
+def representative(row: dict) -> str:
+    """A RED row's ``merge_representative``: ``""`` without near-identical merging (``merge_threshold=0``, where
+    it changes nothing); ``"leader"`` for rows written before the option existed."""
+    return row.get("merge_representative", "leader") if row["merge_threshold"] > 0 else ""
+
+
 def sweep(model, model_name: str, evaluate: Callable, points: list[tuple[float, float]],
           done: list[dict] | None = None, on_row: Callable | None = None, log=print,
-          hash_all_layers: bool = False, merge_distance: str = "channel") -> list[dict]:
+          hash_all_layers: bool = False, merge_distance: str = "channel",
+          merge_representative: str = "readers") -> list[dict]:
     """RED at every point and uniform L1 beside it; rows in ``done`` are kept and their points skipped.
 
     Uniform L1 is bisected once per distinct FLOPs target; a point with the
     same target as an earlier one gets a copy (``"same_as"`` names it).
-    Rows of the other ``hash_all_layers`` setting are kept and left alone.
+    Rows of the other ``hash_all_layers`` setting, or of the other
+    ``merge_representative`` at a ``merge_threshold > 0``, are kept and left
+    alone (uniform L1 rows are shared: merging the same clusters either way
+    keeps the same FLOPs).
     """
     import keras_autoprune as kap
 
@@ -169,14 +186,16 @@ def sweep(model, model_name: str, evaluate: Callable, points: list[tuple[float, 
     graph = kap.DependencyGraph(model)
 
     def find(entry: str, point: tuple[float, float]) -> dict | None:
+        wanted = merge_representative if point[1] > 0 and entry == "red" else ""
         return next((r for r in rows if r["entry"] == entry and variant(r) == hash_all_layers
-                     and (r["bandwidth_scale"], r["merge_threshold"]) == point), None)
+                     and (r["bandwidth_scale"], r["merge_threshold"]) == point
+                     and (representative(r) if entry == "red" else "") == wanted), None)
 
     for index, (scale, threshold) in enumerate(points, 1):
         red = find("red", (scale, threshold))
         if red is None:
             red, _ = red_row(model, model_name, scale, threshold, evaluate, hash_all_layers=hash_all_layers,
-                             merge_distance=merge_distance)
+                             merge_distance=merge_distance, merge_representative=merge_representative)
             rows.append(red)
             _emit(on_row, rows)
         uniform = find("uniform_l1_datafree", (scale, threshold))
@@ -230,7 +249,7 @@ def measure_latency(model, rows: list[dict], original_accuracy: float, folder: p
         return dict(out, note="no RED point removes FLOPs beyond BatchNormalization folding")
     files = {"original": (model, folder / "original.tflite")}
     red = compress(model, bandwidth_scale=best["bandwidth_scale"], merge_threshold=best["merge_threshold"],
-                   separate_depthwise=True)
+                   separate_depthwise=True, merge_representative=representative(best) or "readers")
     files["red"] = (red.model, folder / "red.tflite")
     separating = [r for r in rows if r["entry"] == "red" and r["convolutions_separated"] > 0]
     if separating:
@@ -255,7 +274,8 @@ def measure_latency(model, rows: list[dict], original_accuracy: float, folder: p
     for key, timing in zip(files, timings):
         exports[key].update(median_ms=timing.median_ms, p90_ms=timing.p90_ms, min_ms=timing.min_ms)
     out.update(point={"bandwidth_scale": best["bandwidth_scale"], "merge_threshold": best["merge_threshold"],
-                      "accuracy": best["accuracy"], "flops_kept": best["flops_kept"]},
+                      "merge_representative": representative(best), "accuracy": best["accuracy"],
+                      "flops_kept": best["flops_kept"]},
                files=exports,
                latency_ratio=exports["red"]["median_ms"] / exports["original"]["median_ms"])
     if "separated" in exports:
@@ -280,18 +300,19 @@ def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
         red = sorted((r for r in rows if r["entry"] == "red" and variant(r) == hash_all),
                      key=lambda r: (r["merge_threshold"], r["bandwidth_scale"]))
         scale_line = [(r["flops_kept"], r["accuracy"]) for r in red if r["merge_threshold"] == 0]  # in knob order
-        merges = [(r["flops_kept"], r["accuracy"]) for r in red if r["merge_threshold"] > 0]
         alpha, suffix = (0.35, ", every layer hashed") if hash_all else (1.0, "")
         if scale_line:
             axis.plot(*zip(*scale_line), "-o", color="tab:red", markersize=4, alpha=alpha,
                       label=f"RED, bandwidth_scale sweep{suffix}")
-        if merges:
-            axis.plot(*zip(*merges), "s", color="tab:purple", markersize=6, alpha=alpha,
-                      label=f"RED, bandwidth_scale={MERGE_SCALE:g}, merge_threshold > 0{suffix}")
+        for kept, color in _MERGE_COLORS.items():
+            merges = [(r["flops_kept"], r["accuracy"]) for r in red if representative(r) == kept]
+            if merges:
+                axis.plot(*zip(*merges), "s", color=color, markersize=6, alpha=alpha,
+                          label=f"RED, bandwidth_scale={MERGE_SCALE:g}, merge_threshold > 0, {kept}{suffix}")
         for r in red:
             label = f"{r['bandwidth_scale']:g}" if r["merge_threshold"] == 0 else f"t={r['merge_threshold']:g}"
             axis.annotate(label, (r["flops_kept"], r["accuracy"]), textcoords="offset points", xytext=(-4, 4), alpha=alpha,
-                          ha="right", fontsize=7, color="tab:red" if r["merge_threshold"] == 0 else "tab:purple")
+                          ha="right", fontsize=7, color=_MERGE_COLORS.get(representative(r), "tab:red"))
     uniform = sorted({(r["flops_kept"], r["accuracy"]) for r in rows if r["entry"] == "uniform_l1_datafree"})
     if uniform:
         axis.plot(*zip(*uniform), "--^", color="tab:blue", markersize=4, label="uniform L1, data-free")
@@ -307,6 +328,10 @@ def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
     plt.close(figure)
 
 
+_MERGE_COLORS = {"leader": "tab:purple", "readers": "tab:green"}
+"""Plot colours of the near-identical merges by ``merge_representative``."""
+
+
 def latency_key(hash_all_layers: bool) -> str:
     """Where a result keeps the latency figures of one setting."""
     return "latency_hash_all_layers" if hash_all_layers else "latency"
@@ -316,17 +341,19 @@ def markdown(result: dict) -> str:
     """The table of the docs: each RED point and uniform L1 beside it (accuracy %, FLOPs and parameters kept)."""
     rows = result["rows"]
     uniform = {(variant(r), r["bandwidth_scale"], r["merge_threshold"]): r for r in rows if r["entry"] == "uniform_l1_datafree"}
-    lines = ["| hashed layers | bandwidth_scale | merge_threshold | RED accuracy | FLOPs kept | params kept | neurons merged "
-             "| convs separated | median distinct kernel values | uniform L1 accuracy | its FLOPs kept | its params kept |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| hashed layers | bandwidth_scale | merge_threshold | merged channel | RED accuracy | FLOPs kept | params kept "
+             "| neurons merged | convs separated | median distinct kernel values | uniform L1 accuracy | its FLOPs kept "
+             "| its params kept |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     red = (r for r in rows if r["entry"] == "red")
-    for r in sorted(red, key=lambda r: (not variant(r), r["merge_threshold"], r["bandwidth_scale"])):
+    for r in sorted(red, key=lambda r: (not variant(r), r["merge_threshold"], r["bandwidth_scale"], representative(r))):
         u = uniform.get((variant(r), r["bandwidth_scale"], r["merge_threshold"]), {"error": "not run"})
         hashed = "all" if variant(r) else f"used ({len(r['hashing_reverted'])} undone)"
         twin = ("| " + str(u["error"]) + " | | |" if "error" in u else
                 f"| {100 * u['accuracy']:.2f}% | {u['flops_kept']:.1%} | {u['params_kept']:.1%} |")
         median = r.get("kernel_distinct_values_median")
-        lines.append(f"| {hashed} | {r['bandwidth_scale']:g} | {r['merge_threshold']:g} | {100 * r['accuracy']:.2f}% | {r['flops_kept']:.1%} "
+        lines.append(f"| {hashed} | {r['bandwidth_scale']:g} | {r['merge_threshold']:g} | {representative(r)} "
+                     f"| {100 * r['accuracy']:.2f}% | {r['flops_kept']:.1%} "
                      f"| {r['params_kept']:.1%} | {r['neurons_merged']:,} | {r['convolutions_separated']} "
                      f"| {'' if median is None else f'{median:g}'} " + twin)
     return "\n".join(lines)
@@ -334,7 +361,7 @@ def markdown(result: dict) -> str:
 
 def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, data: converged.Cifar10,
         fresh: bool = False, latency: bool = True, log=print, hash_all_layers: bool = False,
-        merge_distance: str = "channel") -> dict:
+        merge_distance: str = "channel", merge_representative: str = "readers") -> dict:
     """Runs (or continues) the sweep for one model and one ``hash_all_layers`` setting and writes ``out``
     (the other setting's rows stay); returns the result."""
     import keras
@@ -359,7 +386,7 @@ def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, d
     started = time.perf_counter()
     rows = sweep(model, model_name, lambda m: converged.test_accuracy(m, data), points,
                  done=result.get("rows"), on_row=save, log=log, hash_all_layers=hash_all_layers,
-                 merge_distance=merge_distance)
+                 merge_distance=merge_distance, merge_representative=merge_representative)
     result["sweep_seconds_this_run"] = time.perf_counter() - started
     if latency:
         with tempfile.TemporaryDirectory() as folder:
@@ -372,7 +399,7 @@ def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, d
 
 
 def main(argv: list[str] | None = None) -> int:
-    from keras_autoprune.red.options import MERGE_DISTANCES
+    from keras_autoprune.red.options import MERGE_DISTANCES, MERGE_REPRESENTATIVES
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.red_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(SWEEPS), required=True)
@@ -388,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge-distance", choices=MERGE_DISTANCES, default="channel",
                         help="RED's merge_distance; 'layer' rows go to their own file, plot and table "
                              "(red_<model>_layer_distance)")
+    parser.add_argument("--merge-representative", choices=MERGE_REPRESENTATIVES, default="readers",
+                        help="RED's merge_representative for the merge_threshold > 0 points; rows of both are kept "
+                             "side by side")
     args = parser.parse_args(argv)
     sweep_spec = SWEEPS[args.model]
     scales = args.bandwidth_scales if args.bandwidth_scales is not None else sweep_spec["bandwidth_scales"]
@@ -400,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.model, sweep_points(scales, thresholds), folder / f"{name}.json",
                  converged.load_cifar10(args.data), fresh=args.fresh, latency=not args.no_latency,
                  log=lambda line: print(line, flush=True), hash_all_layers=args.hash_all_layers,
-                 merge_distance=args.merge_distance)
+                 merge_distance=args.merge_distance, merge_representative=args.merge_representative)
     plot(args.model, result, (PLOT_DIR if args.out is None else folder) / f"v2_{name}.png")
     print(markdown(result))
     if args.out is None:  # the published results: their table in docs/methods/red.md too

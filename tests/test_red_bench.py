@@ -49,6 +49,16 @@ def test_sweep_rows_pair_red_with_uniform_l1_at_the_same_flops():
     assert both[4]["neurons_merged"] == red["neurons_merged"] and both[4]["flops_kept"] == red["flops_kept"]
     table = red_bench.markdown({"rows": both})
     assert table.count("| used (2 undone) |") == 2 and table.count("| all |") == 1
+    # the other merge_representative adds a RED row at the merging point only, beside the same uniform row
+    again = red_bench.sweep(model, "tiny", evaluate, points, done=both, log=lambda _: None,
+                            merge_representative="leader")
+    assert again[:6] == both and [(r["entry"], r["merge_representative"]) for r in again[6:]] == [("red", "leader")]
+    assert [red_bench.representative(r) for r in again if r["entry"] == "red"] == ["", "readers", "", "leader"]
+    leader = kap.red.compress(model, bandwidth_scale=0.05, merge_threshold=0.3, separate_depthwise=True,
+                              merge_representative="leader").model
+    assert again[6]["accuracy"] == evaluate(leader) and again[6]["flops_kept"] == rows[2]["flops_kept"]
+    assert "| 0.3 | leader |" in red_bench.markdown({"rows": again})
+    assert red_bench.representative({"merge_threshold": 0.3}) == "leader"  # rows from before the option
 
 
 def test_plot_writes_a_png(tmp_path):
