@@ -321,7 +321,7 @@ def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
     axis.set_ylabel("top-1 accuracy (10,000 CIFAR-10 test images)")
     axis.set_title(f"{model_name}: data-free, no fine-tuning, no BN re-estimation")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="best")
+    axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
