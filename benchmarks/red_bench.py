@@ -295,7 +295,7 @@ def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if "error" not in r]
-    figure, axis = plt.subplots(figsize=(7.5, 5))
+    figure, axis = plt.subplots(figsize=(11, 5))
     for hash_all in sorted({variant(r) for r in rows if r["entry"] == "red"}):
         red = sorted((r for r in rows if r["entry"] == "red" and variant(r) == hash_all),
                      key=lambda r: (r["merge_threshold"], r["bandwidth_scale"]))
@@ -321,7 +321,7 @@ def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
     axis.set_ylabel("top-1 accuracy (10,000 CIFAR-10 test images)")
     axis.set_title(f"{model_name}: data-free, no fine-tuning, no BN re-estimation")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="lower right")
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: no point hidden
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
