@@ -466,6 +466,30 @@ def test_near_identical_cluster_keeps_the_combination_its_readers_see(depthwise)
     assert relative_error(np.asarray(leader.model(x)), np.asarray(model(x))) > 1e-3
 
 
+def test_a_layer_called_twice_in_the_group_is_combined_once():
+    """``p(a) + p(b)``: a shared producer is one member of its group, so its weights are combined once."""
+    a, b = keras.Input((4, 4, 3)), keras.Input((4, 4, 3))
+    producer = L.Conv2D(4, 1, name="p")
+    x = L.Add()([producer(a), producer(b)])
+    model = keras.Model([a, b], L.Conv2D(2, 1, name="r")(x))
+    randomize(model, seed=5)
+    _copy_channel(producer, 0, 1)
+    kernel, bias = producer.kernel.numpy(), producer.bias.numpy()
+    kernel[..., 1] *= 1.01
+    producer.kernel.assign(kernel)
+    reader = model.get_layer("r")
+    rows = reader.kernel.numpy()
+    rows[:, :, 1, :] = 3 * rows[:, :, 0, :]
+    reader.kernel.assign(rows)
+    result = merge_neurons(model, merge_threshold=0.05)
+    assert [cluster for clusters in result.clusters.values() for cluster in clusters] == [[0, 1]]
+    np.testing.assert_allclose(result.model.get_layer("p").kernel.numpy()[..., 0],
+                               (kernel[..., 0] + 3 * kernel[..., 1]) / 4, rtol=1e-6)
+    rng = np.random.default_rng(1)
+    x = [rng.normal(0, 1, (2, 4, 4, 3)).astype("float32") for _ in range(2)]
+    _assert_same(result.model, model, x)
+
+
 def test_exact_merges_keep_the_leader_with_either_representative():
     model = _chain_model()
     _copy_channel(model.get_layer("c2"), 1, 4)
