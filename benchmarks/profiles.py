@@ -48,6 +48,9 @@ STRUCTURED_ENTRIES = ("uniform_l1", "global_l1", "taylor", "random", "nap", "nap
 ONE_SHOT_ENTRIES = ("red", "red_merge", "red_bn", "red_merge_bn", "red_merge_leader", "red_merge_leader_bn")
 """Entries that compress the model once, data-free, before the first fine-tuning epoch (no callback)."""
 
+RED_VARIANTS = ONE_SHOT_ENTRIES[1:]
+"""RED with another knob or setting than the ``red`` entry's: left out of the profiles that run every entry."""
+
 SCRATCH_ENTRIES = ("psap_scratch",)
 """Entries that start from the pretraining's random initialisation, not from the pretrained model."""
 
@@ -157,8 +160,7 @@ PROFILES: dict[str, Profile] = {
         # max_layer_ratio, RED's budget knob: tested with the callbacks and `kap.red`), to keep the test short.
         finetune_epochs=1, finetune_lr=0.01,
         entries=tuple(e for e in ALL_ENTRIES[:-1] if e not in ("nap_cost_aware", "fisher_cost_aware", *SCORER_ENTRIES,
-                                                                "eigendamage_capped", "red_merge", "red_bn",
-                                                                "red_merge_bn")),
+                                                                "eigendamage_capped", *RED_VARIANTS)),
         latency_runs=20, latency_rounds=2, latency_warmup=2, export_samples=20,
     ),
     "cpu": Profile(
@@ -187,7 +189,7 @@ PROFILES: dict[str, Profile] = {
         latency_runs=400, resumable=True, stage_minutes=8.5,
         # psap_scratch's pruning epochs (a third of 204) run in one `fit` with
         # the callback, which cannot stop at a stage boundary; not in the default.
-        entries=tuple(e for e in ALL_ENTRIES if e not in (*SCRATCH_ENTRIES, "red_merge", "red_bn", "red_merge_bn")),
+        entries=tuple(e for e in ALL_ENTRIES if e not in (*SCRATCH_ENTRIES, *RED_VARIANTS)),
     ),
 }
 """The predefined profiles, by name."""
