@@ -498,8 +498,10 @@ def test_exact_merges_keep_the_leader_with_either_representative():
         result = merge_neurons(model, merge_representative=representative)
         assert result.clusters == {"c2": [[1, 4]]}
         _assert_same(result.model, model, x)
-    report = kap.red.compress(model, bandwidth_scale=0.0, merge_threshold=0.01, merge_representative="leader").report
-    assert report.extra["merge_representative"] == "leader"
+    result = kap.red.compress(model, bandwidth_scale=0.0, merge_threshold=0.01, merge_representative="leader")
+    assert result.report.extra["merge_representative"] == result.merge_representative == "leader"
+    assert "merge_threshold=0.01, merge_representative='leader')" in result.summary()
+    assert "merge_representative" not in kap.red.compress(model, bandwidth_scale=0.0).summary()  # exact merges only
 
 
 # -- stage 3: uneven depthwise separation -------------------------------------------

@@ -91,6 +91,8 @@ class RedResult:
             and ``budget_knob="bandwidth_scale"``).
         merge_threshold: the value used (chosen by the search with a budget
             and ``budget_knob="merge_threshold"``).
+        merge_representative: what a near-identical cluster kept
+            (``"readers"`` or ``"leader"``).
     """
 
     model: keras.Model
@@ -107,6 +109,7 @@ class RedResult:
     bandwidth_scale: float
     hashing_reverted: tuple[str, ...] = ()
     merge_threshold: float = 0.0
+    merge_representative: str = "readers"
 
     @property
     def distinct_values(self) -> dict[str, dict[str, int]]:
@@ -131,7 +134,8 @@ class RedResult:
     def summary(self) -> str:
         """One line per stage: FLOPs and parameters, kept fractions."""
         first = self.stages[0]
-        lines = [f"RED (bandwidth_scale={self.bandwidth_scale:g}, merge_threshold={self.merge_threshold:g}): "
+        kept = f", merge_representative={self.merge_representative!r}" if self.merge_threshold > 0 else ""
+        lines = [f"RED (bandwidth_scale={self.bandwidth_scale:g}, merge_threshold={self.merge_threshold:g}{kept}): "
                  f"{len(self.folded_norms)} BatchNormalization folded, "
                  f"{self.neurons_merged} neurons merged, {len(self.separations)} convolutions separated"]
         for s in self.stages:
@@ -331,6 +335,7 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         bandwidth_scale=bandwidth_scale,
         hashing_reverted=reverted,
         merge_threshold=merge_threshold,
+        merge_representative=merge_representative,
     )
 
 
