@@ -490,6 +490,35 @@ def test_a_layer_called_twice_in_the_group_is_combined_once():
     _assert_same(result.model, model, x)
 
 
+def test_a_merged_normalisation_keeps_a_positive_variance():
+    """Readers with R_1 = -R_0 / 2 give a = (2, -1): 2·1 − 2.5 would be a negative variance; the convex
+    weights (1, 0) keep the leader's."""
+    inputs = keras.Input((5, 5, 3))
+    x = L.BatchNormalization(name="bn")(L.Conv2D(4, 1, name="p")(inputs))
+    model = keras.Model(inputs, L.Conv2D(2, 1, name="r")(x))
+    randomize(model, seed=9)
+    _copy_channel(model.get_layer("p"), 0, 1)
+    norm = model.get_layer("bn")
+    for name, value in (("gamma", 1.0), ("beta", 0.0), ("moving_mean", 0.0), ("moving_variance", 1.0)):
+        variable = getattr(norm, name)
+        values = variable.numpy()
+        values[[0, 1]] = value
+        variable.assign(values)
+    variance = norm.moving_variance.numpy()
+    variance[1] = 2.5
+    norm.moving_variance.assign(variance)
+    reader = model.get_layer("r")
+    rows = reader.kernel.numpy()
+    rows[:, :, 1, :] = -0.5 * rows[:, :, 0, :]
+    reader.kernel.assign(rows)
+    result = merge_neurons(model, merge_threshold=0.6)
+    assert [cluster for clusters in result.clusters.values() for cluster in clusters] == [[0, 1]]
+    assert result.model.get_layer("bn").moving_variance.numpy()[0] == pytest.approx(1.0)
+    np.testing.assert_allclose(result.model.get_layer("p").kernel.numpy()[..., 0],
+                               model.get_layer("p").kernel.numpy()[..., 0], rtol=1e-5)  # 2·k − k
+    assert np.isfinite(np.asarray(result.model(_inputs(model)))).all()
+
+
 def test_exact_merges_keep_the_leader_with_either_representative():
     model = _chain_model()
     _copy_channel(model.get_layer("c2"), 1, 4)

@@ -88,11 +88,15 @@ class Slot:
     ``weights[key]``, its last two axes flattened into one when
     ``flatten_last_two`` (a depthwise kernel ``(..., C, M)`` holds output
     channel ``c·M + m``), indexed by the channel's positions along ``axis``.
+    ``convex``: a per-channel transform's parameter (a normalisation's
+    variance, a PReLU slope), which a merge may only average with
+    non-negative weights (a variance must stay positive).
     """
 
     key: str
     axis: int
     flatten_last_two: bool = False
+    convex: bool = False
 
     def _shaped(self, weights: dict) -> np.ndarray:
         value = weights[self.key]
@@ -215,7 +219,7 @@ def _member(layer, handler, side, weights, positions, in_width):
     if isinstance(handler, ChannelwiseHandler):
         if side == "output":
             return nothing
-        return tuple(Slot(key, -1) for key, w in weights.items() if w.ndim and w.shape[-1] == in_width), None
+        return tuple(Slot(key, -1, convex=True) for key, w in weights.items() if w.ndim and w.shape[-1] == in_width), None
     if isinstance(handler, _WEIGHTLESS) and not weights:
         return nothing
     if not weights:
