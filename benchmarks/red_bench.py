@@ -186,10 +186,10 @@ def sweep(model, model_name: str, evaluate: Callable, points: list[tuple[float, 
     graph = kap.DependencyGraph(model)
 
     def find(entry: str, point: tuple[float, float]) -> dict | None:
-        wanted = merge_representative if point[1] > 0 and entry == "red" else ""
+        kept = merge_representative if point[1] > 0 else ""  # what a RED row at this point must have kept
         return next((r for r in rows if r["entry"] == entry and variant(r) == hash_all_layers
                      and (r["bandwidth_scale"], r["merge_threshold"]) == point
-                     and (representative(r) if entry == "red" else "") == wanted), None)
+                     and (entry != "red" or representative(r) == kept)), None)
 
     for index, (scale, threshold) in enumerate(points, 1):
         red = find("red", (scale, threshold))
@@ -286,6 +286,10 @@ def measure_latency(model, rows: list[dict], original_accuracy: float, folder: p
     return out
 
 
+_MERGE_COLORS = {"leader": "tab:purple", "readers": "tab:green"}
+"""Plot colours of the near-identical merges by ``merge_representative``."""
+
+
 def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
     """Accuracy against FLOPs kept: RED (the bandwidth sweep as a line in knob order, each point labelled with its
     bandwidth_scale; merge thresholds as labelled squares; the ``hash_all_layers=True`` rows faded) and uniform L1."""
@@ -326,10 +330,6 @@ def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
-_MERGE_COLORS = {"leader": "tab:purple", "readers": "tab:green"}
-"""Plot colours of the near-identical merges by ``merge_representative``."""
 
 
 def latency_key(hash_all_layers: bool) -> str:

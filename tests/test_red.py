@@ -466,7 +466,7 @@ def test_near_identical_cluster_keeps_the_combination_its_readers_see(depthwise)
     assert relative_error(np.asarray(leader.model(x)), np.asarray(model(x))) > 1e-3
 
 
-def test_a_layer_called_twice_in_the_group_is_combined_once():
+def test_a_shared_producer_is_combined_once():
     """``p(a) + p(b)``: a shared producer is one member of its group, so its weights are combined once."""
     a, b = keras.Input((4, 4, 3)), keras.Input((4, 4, 3))
     producer = L.Conv2D(4, 1, name="p")

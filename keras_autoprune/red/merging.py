@@ -50,8 +50,9 @@ near-identical cluster ``C`` computes (``merge_representative``):
   readers' inputs when each channel is linear in its weights (the
   activation is ignored). The parameters of per-channel transforms (an
   unfolded normalisation, PReLU, ...) take the convex weights
-  ``max(a_c, 0) / sum_c max(a_c, 0)`` instead: a variance stays positive. Measured on the converged CIFAR-10 ResNet-20 it
-  loses far less accuracy than keeping the leader (docs/methods/red.md).
+  ``max(a_c, 0) / sum_c max(a_c, 0)`` instead: a variance stays positive.
+  Measured on the converged CIFAR-10 ResNet-20 and MobileNetV2 it loses far
+  less accuracy than keeping the leader (docs/methods/red.md).
 - ``"leader"``: the leader's weights, unchanged (RED's merge of identical
   neurons).
 
@@ -238,8 +239,8 @@ def _reader_coefficients(signature: GroupSignatures, cluster: list[int], cache) 
     read = np.concatenate(rows, axis=1) if rows else np.zeros((len(cluster), 0))  # (channels, reader weights)
     total = read.sum(axis=0)
     norm = float(total @ total)
-    if norm <= 1e-12 * float((read * read).sum()) or norm == 0.0:  # the readers cancel: no preferred combination
-        return np.full(len(cluster), 1.0 / len(cluster))
+    if norm <= 1e-12 * float((read * read).sum()):  # the readers cancel (or read nothing): no preferred combination
+        return _mean_weights(len(cluster))
     return read @ total / norm
 
 
@@ -260,7 +261,12 @@ def _convex(coefficients: np.ndarray) -> np.ndarray:
     """``max(a, 0)`` normalised to sum 1 (the plain mean if every ``a`` is ≤ 0)."""
     positive = np.maximum(coefficients, 0.0)
     total = positive.sum()
-    return positive / total if total > 0 else np.full(len(coefficients), 1.0 / len(coefficients))
+    return positive / total if total > 0 else _mean_weights(len(coefficients))
+
+
+def _mean_weights(count: int) -> np.ndarray:
+    """``1 / count`` each: the plain mean of a cluster."""
+    return np.full(count, 1.0 / count)
 
 
 def _per_layer(index: GraphIndex, graph: DependencyGraph, clusters) -> dict[str, int]:

@@ -7,8 +7,9 @@ left. That is what a data-free user wants (and what a TFLite converter does
 anyway), but a user who fine-tunes the compressed model afterwards trains a
 network without BatchNormalization at the learning rate of one with it; on
 the converged CIFAR-10 MobileNetV2 of Benchmark v2, RED's 50% model
-(53.97% data-free) collapsed to 10.00% during protocol 2's fine-tuning,
-and reached 87.70% with its normalisations restored (docs/methods/red.md).
+(53.97% data-free, merged clusters keeping their leader) collapsed to
+10.00% during protocol 2's fine-tuning, and reached 87.70% with its
+normalisations restored (docs/methods/red.md).
 
 `restore_batchnorm` rebuilds the original model's graph with the compressed
 model's layers and puts every folded BatchNormalization back after its
