@@ -28,6 +28,11 @@ without it ran before the option existed and kept the leader of each
 cluster (``leader``). Rows of both stay in the file, table and plot, so the
 curves before and after the change are shown side by side.
 
+``--snap-to`` (default ``mean``, the library's default since session 24) is
+recorded in each row with ``bandwidth_scale > 0``; rows without it ran
+before the option existed and snapped to the modes (``mode``). Rows of both
+stay side by side in the same way.
+
 Latency: the best RED point that removes FLOPs beyond BatchNormalization
 folding (the fewest FLOPs within 1 point of the original accuracy, else the
 most accurate) is exported to a float32 ``.tflite`` with `kap.export_tflite`
@@ -80,7 +85,8 @@ def sweep_points(bandwidth_scales, merge_thresholds, merge_scale: float = MERGE_
 
 def red_row(model, model_name: str, bandwidth_scale: float, merge_threshold: float,
             evaluate: Callable, separate_depthwise: bool = True, hash_all_layers: bool = False,
-            merge_distance: str = "channel", merge_representative: str = "readers") -> tuple[dict, object]:
+            merge_distance: str = "channel", merge_representative: str = "readers",
+            snap_to: str = "mean") -> tuple[dict, object]:
     """One RED point: the row and the `RedResult`."""
     import numpy as np
 
@@ -89,14 +95,15 @@ def red_row(model, model_name: str, bandwidth_scale: float, merge_threshold: flo
     start = time.perf_counter()
     result = kap.red.compress(model, bandwidth_scale=bandwidth_scale, merge_threshold=merge_threshold,
                               separate_depthwise=separate_depthwise, hash_all_layers=hash_all_layers,
-                              merge_distance=merge_distance, merge_representative=merge_representative)
+                              merge_distance=merge_distance, merge_representative=merge_representative,
+                              snap_to=snap_to)
     seconds = time.perf_counter() - start
     first, last = result.stages[0], result.stages[-1]
     kernels = [t.distinct_after for t in result.hashed if t.weight != "bias"]
     row = {
         "entry": "red", "model": model_name, "bandwidth_scale": bandwidth_scale, "merge_threshold": merge_threshold,
         "hash_all_layers": hash_all_layers, "merge_distance": merge_distance,
-        "merge_representative": merge_representative,
+        "merge_representative": merge_representative, "snap_to": snap_to,
         "hashing_reverted": list(result.hashing_reverted),
         "flops_kept": last.flops / first.flops, "params_kept": last.params / first.params,
         "accuracy": evaluate(result.model), "seconds": seconds,
@@ -167,38 +174,49 @@ def representative(row: dict) -> str:
     return row.get("merge_representative", "leader") if row["merge_threshold"] > 0 else ""
 
 
+def snapping(row: dict) -> str:
+    """A RED row's ``snap_to``: ``""`` without hashing (``bandwidth_scale=0``); ``"mode"`` for rows written before
+    the option existed."""
+    return row.get("snap_to", "mode") if row["bandwidth_scale"] > 0 else ""
+
+
 def sweep(model, model_name: str, evaluate: Callable, points: list[tuple[float, float]],
           done: list[dict] | None = None, on_row: Callable | None = None, log=print,
           hash_all_layers: bool = False, merge_distance: str = "channel",
-          merge_representative: str = "readers") -> list[dict]:
+          merge_representative: str = "readers", snap_to: str = "mean") -> list[dict]:
     """RED at every point and uniform L1 beside it; rows in ``done`` are kept and their points skipped.
 
     Uniform L1 is bisected once per distinct FLOPs target; a point with the
     same target as an earlier one gets a copy (``"same_as"`` names it).
-    Rows of the other ``hash_all_layers`` setting, or of the other
-    ``merge_representative`` at a ``merge_threshold > 0``, are kept and left
-    alone (uniform L1 rows are shared: merging the same clusters either way
-    keeps the same FLOPs).
+    Rows of the other ``hash_all_layers`` setting, of the other
+    ``merge_representative`` at a ``merge_threshold > 0`` or of the other
+    ``snap_to`` at a ``bandwidth_scale > 0`` are kept and left alone; a
+    uniform L1 row serves every RED row of its point with its FLOPs target.
     """
     import keras_autoprune as kap
 
     rows = list(done or [])
     graph = kap.DependencyGraph(model)
 
-    def find(entry: str, point: tuple[float, float]) -> dict | None:
+    def at(row: dict, point: tuple[float, float]) -> bool:
+        return variant(row) == hash_all_layers and (row["bandwidth_scale"], row["merge_threshold"]) == point
+
+    def find_red(point: tuple[float, float]) -> dict | None:
         kept = merge_representative if point[1] > 0 else ""  # what a RED row at this point must have kept
-        return next((r for r in rows if r["entry"] == entry and variant(r) == hash_all_layers
-                     and (r["bandwidth_scale"], r["merge_threshold"]) == point
-                     and (entry != "red" or representative(r) == kept)), None)
+        snapped = snap_to if point[0] > 0 else ""
+        return next((r for r in rows if r["entry"] == "red" and at(r, point) and representative(r) == kept
+                     and snapping(r) == snapped), None)
 
     for index, (scale, threshold) in enumerate(points, 1):
-        red = find("red", (scale, threshold))
+        red = find_red((scale, threshold))
         if red is None:
             red, _ = red_row(model, model_name, scale, threshold, evaluate, hash_all_layers=hash_all_layers,
-                             merge_distance=merge_distance, merge_representative=merge_representative)
+                             merge_distance=merge_distance, merge_representative=merge_representative,
+                             snap_to=snap_to)
             rows.append(red)
             _emit(on_row, rows)
-        uniform = find("uniform_l1_datafree", (scale, threshold))
+        uniform = next((r for r in rows if r["entry"] == "uniform_l1_datafree" and at(r, (scale, threshold))
+                        and r["target_flops_kept"] == red["flops_kept"]), None)
         if uniform is None:
             twin = next((r for r in rows if r["entry"] == "uniform_l1_datafree" and "same_as" not in r
                          and r["target_flops_kept"] == red["flops_kept"]), None)
@@ -233,15 +251,17 @@ def latency_point(rows: list[dict], original_accuracy: float) -> dict | None:
 
 
 def measure_latency(model, rows: list[dict], original_accuracy: float, folder: pathlib.Path,
-                    runs: int = 300, log=print, hash_all_layers: bool = False, merge_distance: str = "channel") -> dict:
+                    runs: int = 300, log=print, hash_all_layers: bool = False, merge_distance: str = "channel",
+                    snap_to: str = "mean") -> dict:
     """Exports and times the original against the `latency_point` (and, if any, separated vs not) of the
-    rows of one ``hash_all_layers`` setting."""
+    rows of one ``hash_all_layers`` and ``snap_to`` setting."""
     import functools
 
     import keras_autoprune as kap
 
-    compress = functools.partial(kap.red.compress, hash_all_layers=hash_all_layers, merge_distance=merge_distance)
-    rows = [r for r in rows if variant(r) == hash_all_layers]
+    compress = functools.partial(kap.red.compress, hash_all_layers=hash_all_layers, merge_distance=merge_distance,
+                                 snap_to=snap_to)
+    rows = [r for r in rows if variant(r) == hash_all_layers and snapping(r) in ("", snap_to)]
     folder = pathlib.Path(folder)
     out: dict = {"num_threads": 1, "runs": runs, "rounds": 10}
     best = latency_point(rows, original_accuracy)
@@ -274,7 +294,8 @@ def measure_latency(model, rows: list[dict], original_accuracy: float, folder: p
     for key, timing in zip(files, timings):
         exports[key].update(median_ms=timing.median_ms, p90_ms=timing.p90_ms, min_ms=timing.min_ms)
     out.update(point={"bandwidth_scale": best["bandwidth_scale"], "merge_threshold": best["merge_threshold"],
-                      "merge_representative": representative(best), "accuracy": best["accuracy"],
+                      "merge_representative": representative(best), "snap_to": snapping(best),
+                      "accuracy": best["accuracy"],
                       "flops_kept": best["flops_kept"]},
                files=exports,
                latency_ratio=exports["red"]["median_ms"] / exports["original"]["median_ms"])
@@ -288,6 +309,9 @@ def measure_latency(model, rows: list[dict], original_accuracy: float, folder: p
 
 _MERGE_COLORS = {"leader": "tab:purple", "readers": "tab:green"}
 """Plot colours of the near-identical merges by ``merge_representative``."""
+
+_SNAP_STYLES = {"mean": ("tab:red", "s"), "mode": ("tab:orange", "D"), "": ("tab:red", "s")}
+"""Plot colour of the ``bandwidth_scale`` line and marker of the merges by ``snap_to``."""
 
 
 def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
@@ -303,20 +327,26 @@ def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
     for hash_all in sorted({variant(r) for r in rows if r["entry"] == "red"}):
         red = sorted((r for r in rows if r["entry"] == "red" and variant(r) == hash_all),
                      key=lambda r: (r["merge_threshold"], r["bandwidth_scale"]))
-        scale_line = [(r["flops_kept"], r["accuracy"]) for r in red if r["merge_threshold"] == 0]  # in knob order
         alpha, suffix = (0.35, ", every layer hashed") if hash_all else (1.0, "")
-        if scale_line:
-            axis.plot(*zip(*scale_line), "-o", color="tab:red", markersize=4, alpha=alpha,
-                      label=f"RED, bandwidth_scale sweep{suffix}")
-        for kept, color in _MERGE_COLORS.items():
-            merges = [(r["flops_kept"], r["accuracy"]) for r in red if representative(r) == kept]
-            if merges:
-                axis.plot(*zip(*merges), "s", color=color, markersize=6, alpha=alpha,
-                          label=f"RED, bandwidth_scale={MERGE_SCALE:g}, merge_threshold > 0, {kept}{suffix}")
+        for snap in sorted({snapping(r) for r in red}):
+            color, marker = _SNAP_STYLES[snap]
+            named = f", snap_to={snap}" if snap else ""
+            scale_line = [(r["flops_kept"], r["accuracy"]) for r in red  # in knob order
+                          if r["merge_threshold"] == 0 and snapping(r) == snap]
+            if scale_line:
+                axis.plot(*zip(*scale_line), "-o", color=color, markersize=4, alpha=alpha,
+                          label=f"RED, bandwidth_scale sweep{named}{suffix}")
+            for kept, merge_color in _MERGE_COLORS.items():
+                merges = [(r["flops_kept"], r["accuracy"]) for r in red
+                          if representative(r) == kept and snapping(r) == snap]
+                if merges:
+                    axis.plot(*zip(*merges), marker, color=merge_color, markersize=6, alpha=alpha, linestyle="none",
+                              label=f"RED, bandwidth_scale={MERGE_SCALE:g}, merge_threshold > 0, {kept}{named}{suffix}")
         for r in red:
             label = f"{r['bandwidth_scale']:g}" if r["merge_threshold"] == 0 else f"t={r['merge_threshold']:g}"
+            color = _MERGE_COLORS.get(representative(r), _SNAP_STYLES[snapping(r)][0])
             axis.annotate(label, (r["flops_kept"], r["accuracy"]), textcoords="offset points", xytext=(-4, 4), alpha=alpha,
-                          ha="right", fontsize=7, color=_MERGE_COLORS.get(representative(r), "tab:red"))
+                          ha="right", fontsize=7, color=color)
     uniform = sorted({(r["flops_kept"], r["accuracy"]) for r in rows if r["entry"] == "uniform_l1_datafree"})
     if uniform:
         axis.plot(*zip(*uniform), "--^", color="tab:blue", markersize=4, label="uniform L1, data-free")
@@ -340,19 +370,21 @@ def latency_key(hash_all_layers: bool) -> str:
 def markdown(result: dict) -> str:
     """The table of the docs: each RED point and uniform L1 beside it (accuracy %, FLOPs and parameters kept)."""
     rows = result["rows"]
-    uniform = {(variant(r), r["bandwidth_scale"], r["merge_threshold"]): r for r in rows if r["entry"] == "uniform_l1_datafree"}
-    lines = ["| hashed layers | bandwidth_scale | merge_threshold | merged channel | RED accuracy | FLOPs kept | params kept "
+    uniform = {r["target_flops_kept"]: r for r in rows if r["entry"] == "uniform_l1_datafree"}  # by RED's FLOPs kept
+    lines = ["| hashed layers | bandwidth_scale | snapped to | merge_threshold | merged channel | RED accuracy | FLOPs kept | params kept "
              "| neurons merged | convs separated | median distinct kernel values | uniform L1 accuracy | its FLOPs kept "
              "| its params kept |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     red = (r for r in rows if r["entry"] == "red")
-    for r in sorted(red, key=lambda r: (not variant(r), r["merge_threshold"], r["bandwidth_scale"], representative(r))):
-        u = uniform.get((variant(r), r["bandwidth_scale"], r["merge_threshold"]), {"error": "not run"})
+    order = (lambda r: (not variant(r), r["merge_threshold"], r["bandwidth_scale"], representative(r), snapping(r)))
+    for r in sorted(red, key=order):
+        u = uniform.get(r["flops_kept"], {"error": "not run"})
         hashed = "all" if variant(r) else f"used ({len(r['hashing_reverted'])} undone)"
         twin = ("| " + str(u["error"]) + " | | |" if "error" in u else
                 f"| {100 * u['accuracy']:.2f}% | {u['flops_kept']:.1%} | {u['params_kept']:.1%} |")
         median = r.get("kernel_distinct_values_median")
-        lines.append(f"| {hashed} | {r['bandwidth_scale']:g} | {r['merge_threshold']:g} | {representative(r)} "
+        lines.append(f"| {hashed} | {r['bandwidth_scale']:g} | {snapping(r)} | {r['merge_threshold']:g} "
+                     f"| {representative(r)} "
                      f"| {100 * r['accuracy']:.2f}% | {r['flops_kept']:.1%} "
                      f"| {r['params_kept']:.1%} | {r['neurons_merged']:,} | {r['convolutions_separated']} "
                      f"| {'' if median is None else f'{median:g}'} " + twin)
@@ -361,7 +393,7 @@ def markdown(result: dict) -> str:
 
 def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, data: converged.Cifar10,
         fresh: bool = False, latency: bool = True, log=print, hash_all_layers: bool = False,
-        merge_distance: str = "channel", merge_representative: str = "readers") -> dict:
+        merge_distance: str = "channel", merge_representative: str = "readers", snap_to: str = "mean") -> dict:
     """Runs (or continues) the sweep for one model and one ``hash_all_layers`` setting and writes ``out``
     (the other setting's rows stay); returns the result."""
     import keras
@@ -386,20 +418,20 @@ def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, d
     started = time.perf_counter()
     rows = sweep(model, model_name, lambda m: converged.test_accuracy(m, data), points,
                  done=result.get("rows"), on_row=save, log=log, hash_all_layers=hash_all_layers,
-                 merge_distance=merge_distance, merge_representative=merge_representative)
+                 merge_distance=merge_distance, merge_representative=merge_representative, snap_to=snap_to)
     result["sweep_seconds_this_run"] = time.perf_counter() - started
     if latency:
         with tempfile.TemporaryDirectory() as folder:
             result[latency_key(hash_all_layers)] = measure_latency(model, rows, result["original"]["accuracy"],
                                                                    pathlib.Path(folder), log=log,
                                                                    hash_all_layers=hash_all_layers,
-                                                                   merge_distance=merge_distance)
+                                                                   merge_distance=merge_distance, snap_to=snap_to)
     save(rows)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    from keras_autoprune.red.options import MERGE_DISTANCES, MERGE_REPRESENTATIVES
+    from keras_autoprune.red.options import MERGE_DISTANCES, MERGE_REPRESENTATIVES, SNAP_TARGETS
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.red_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(SWEEPS), required=True)
@@ -418,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge-representative", choices=MERGE_REPRESENTATIVES, default="readers",
                         help="RED's merge_representative for the merge_threshold > 0 points; rows of both are kept "
                              "side by side")
+    parser.add_argument("--snap-to", choices=SNAP_TARGETS, default="mean",
+                        help="RED's snap_to for the bandwidth_scale > 0 points; rows of both are kept side by side")
     args = parser.parse_args(argv)
     sweep_spec = SWEEPS[args.model]
     scales = args.bandwidth_scales if args.bandwidth_scales is not None else sweep_spec["bandwidth_scales"]
@@ -430,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.model, sweep_points(scales, thresholds), folder / f"{name}.json",
                  converged.load_cifar10(args.data), fresh=args.fresh, latency=not args.no_latency,
                  log=lambda line: print(line, flush=True), hash_all_layers=args.hash_all_layers,
-                 merge_distance=args.merge_distance, merge_representative=args.merge_representative)
+                 merge_distance=args.merge_distance, merge_representative=args.merge_representative,
+                 snap_to=args.snap_to)
     plot(args.model, result, (PLOT_DIR if args.out is None else folder) / f"v2_{name}.png")
     print(markdown(result))
     if args.out is None:  # the published results: their table in docs/methods/red.md too

@@ -49,7 +49,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ logs: err
 
 from keras_autoprune.errors import ExportError  # noqa: E402
 from keras_autoprune.export.images import SCALES  # noqa: E402
-from keras_autoprune.red.options import BUDGET_KNOBS, MERGE_DISTANCES, MERGE_REPRESENTATIVES  # noqa: E402
+from keras_autoprune.red.options import BUDGET_KNOBS, MERGE_DISTANCES, MERGE_REPRESENTATIVES, SNAP_TARGETS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,6 +288,9 @@ def _add_red(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--bandwidth-scale", type=float, default=0.05,
                         help="multiplies Silverman's bandwidth of each weight density: larger hashes coarser "
                              "(more merging, lower accuracy); 0 skips hashing (default: 0.05)")
+    parser.add_argument("--snap-to", choices=SNAP_TARGETS, default="mean",
+                        help="what a hashed weight becomes: the mean of the weights in its basin (default) or the "
+                             "density's mode (the paper); the same neurons merge either way")
     parser.add_argument("--merge-threshold", type=float, default=0.0,
                         help="relative distance below which neurons merge; 0 merges identical ones only, "
                              "exactly (default: 0)")
@@ -343,7 +346,7 @@ def _run_red(args: argparse.Namespace) -> int:
         separate_depthwise=args.separate_depthwise, budget=budget, hash_all_layers=args.hash_all_layers,
         merge_distance=args.merge_distance, input_shape=input_shape, budget_knob=args.budget_knob,
         restore_batchnorm=args.restore_batchnorm, merge_representative=args.merge_representative,
-        unsafe=args.unsafe, tflite=args.tflite,
+        snap_to=args.snap_to, unsafe=args.unsafe, tflite=args.tflite,
     )
     report = outcome.result.report
     print(report.to_markdown() if report is not None else "(no per-layer report for this model)")

@@ -64,18 +64,40 @@ def test_snapped_values_stay_in_their_basin():
     np.testing.assert_array_equal(modes.basin(snapped), modes.basin(values))
 
 
+def test_snapping_to_the_mean_keeps_the_basins_and_moves_the_values_less():
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.exponential(0.3, 400), 3 - rng.exponential(0.3, 200)])  # two skewed basins
+    modes = density_modes(values, bandwidth=0.2)
+    means, at_modes = modes.snap(values, to="mean"), modes.snap(values)
+    basins = modes.basin(values)
+    assert len(modes.modes) >= 2
+    for k in np.unique(basins):
+        np.testing.assert_allclose(means[basins == k], values[basins == k].mean(), rtol=1e-12)
+    np.testing.assert_array_equal(modes.basin(means), basins)  # a basin's mean lies inside it
+    assert np.unique(means).size == np.unique(at_modes).size == np.unique(basins).size
+    assert ((means - values) ** 2).sum() < 0.9 * ((at_modes - values) ** 2).sum()
+    with pytest.raises(ValueError, match="Expected `to` to be 'mode' or 'mean'. Received: to='median'"):
+        modes.snap(values, to="median")
+
+
 def test_hash_weights_reduces_distinct_values_and_keeps_basins():
     model = keras.Sequential([keras.Input((12,)), L.Dense(16, name="d1"), L.Dense(4, name="d2")])
     randomize(model, seed=2)
     hashed, tensors = hash_weights(model, bandwidth_scale=0.5)
+    at_modes, _ = hash_weights(model, bandwidth_scale=0.5, snap_to="mode")
     assert [(t.layer, t.weight) for t in tensors] == [("d1", "kernel"), ("d1", "bias"), ("d2", "kernel"), ("d2", "bias")]
     for tensor in tensors:
-        before = model.get_layer(tensor.layer).weights[0 if tensor.weight == "kernel" else 1].numpy().ravel()
-        after = hashed.get_layer(tensor.layer).weights[0 if tensor.weight == "kernel" else 1].numpy().ravel()
+        index = 0 if tensor.weight == "kernel" else 1
+        before = model.get_layer(tensor.layer).weights[index].numpy().ravel().astype(np.float64)
+        after = hashed.get_layer(tensor.layer).weights[index].numpy().ravel()
         assert tensor.distinct_before == before.size and tensor.distinct_after == np.unique(after).size
         assert tensor.distinct_after < tensor.distinct_before
-        modes = density_modes(before.astype(np.float64), tensor.bandwidth)
-        np.testing.assert_allclose(after, modes.modes[modes.basin(before.astype(np.float64))], rtol=1e-6)
+        modes = density_modes(before, tensor.bandwidth)
+        basins = modes.basin(before)
+        means = np.array([before[basins == k].mean() for k in basins])  # default: each basin's mean
+        np.testing.assert_allclose(after, means, rtol=1e-6)
+        np.testing.assert_allclose(at_modes.get_layer(tensor.layer).weights[index].numpy().ravel(),
+                                   modes.modes[basins], rtol=1e-6)
     assert np.unique(model.get_layer("d1").kernel.numpy()).size == 12 * 16  # input model untouched
 
 
@@ -615,6 +637,24 @@ def test_compress_end_to_end(tmp_path):
     assert "neurons merged" in result.summary()
 
 
+def test_snapping_changes_the_weights_not_the_merges():
+    model = _chain_model()
+    randomize(model, seed=5)
+    _copy_channel(model.get_layer("c1"), 0, 3)
+    _copy_channel(model.get_layer("bn1"), 0, 3)
+    mean = kap.red.compress(model, bandwidth_scale=0.5, hash_all_layers=True)
+    mode = kap.red.compress(model, bandwidth_scale=0.5, hash_all_layers=True, snap_to="mode")
+    assert (mean.snap_to, mode.snap_to) == ("mean", "mode") and mean.report.extra["snap_to"] == "mean"
+    assert mean.merge_clusters == mode.merge_clusters and mean.neurons_merged >= 1
+    assert mean.stages == mode.stages and mean.distinct_values == mode.distinct_values
+    folded, _ = fold_batchnorm(model)
+    original = np.asarray(folded.get_layer("c2").kernel)
+    errors = {name: float(np.sum((np.asarray(r.hashed_model.get_layer("c2").kernel) - original) ** 2))
+              for name, r in (("mean", mean), ("mode", mode))}
+    assert 0 < errors["mean"] < errors["mode"]
+    assert "snap_to='mean'" in mean.summary() and "snap_to" not in kap.red.compress(model, bandwidth_scale=0).summary()
+
+
 def test_compress_with_budget_picks_a_scale_that_fits():
     model = _residual_model()
     budget = kap.Budget(flops=0.8)
@@ -673,6 +713,7 @@ def test_default_keeps_the_hashing_of_every_layer_a_merge_compares_depthwise_inc
         ({"budget": kap.Budget(flops=0.5), "bandwidth_scale": 0.0}, "bandwidth_scale"),
         ({"merge_distance": "absolute"}, "merge_distance"),
         ({"merge_representative": "centroid"}, "merge_representative"),
+        ({"snap_to": "median"}, "snap_to"),
         ({"budget_knob": "bandwidth"}, "budget_knob"),
     ],
 )
@@ -684,6 +725,7 @@ def test_compress_rejects_bad_arguments(kwargs, match):
 
 
 @pytest.mark.parametrize("stage, kwargs", [(hash_weights, {"bandwidth_scale": -0.5}),
+                                           (hash_weights, {"snap_to": "centre"}),
                                            (merge_neurons, {"merge_threshold": float("nan")}),
                                            (merge_neurons, {"merge_distance": "absolute"}),
                                            (merge_neurons, {"merge_representative": "mean"})])

@@ -59,12 +59,25 @@ def test_sweep_rows_pair_red_with_uniform_l1_at_the_same_flops():
     assert again[6]["accuracy"] == evaluate(leader) and again[6]["flops_kept"] == rows[2]["flops_kept"]
     assert "| 0.3 | leader |" in red_bench.markdown({"rows": again})
     assert red_bench.representative({"merge_threshold": 0.3}) == "leader"  # rows from before the option
+    # the other snap_to adds RED rows at both hashed points; a uniform row at the same FLOPs serves them
+    modes = red_bench.sweep(model, "tiny", evaluate, points, done=again, log=lambda _: None, snap_to="mode")
+    assert modes[:7] == again
+    assert [(r["entry"], r["snap_to"], r["merge_threshold"]) for r in modes[7:]] == [("red", "mode", 0.0),
+                                                                                     ("red", "mode", 0.3)]
+    assert [red_bench.snapping(r) for r in modes if r["entry"] == "red"] == ["mean"] * 4 + ["mode"] * 2
+    assert modes[7]["flops_kept"] == rows[0]["flops_kept"] and modes[8]["flops_kept"] == rows[2]["flops_kept"]
+    table = red_bench.markdown({"rows": modes})
+    assert table.count("| 0.05 | mode |") == 2 and "not run" not in table
+    assert red_bench.snapping({"bandwidth_scale": 0.05}) == "mode"  # rows from before the option
+    assert red_bench.snapping({"bandwidth_scale": 0.0, "snap_to": "mean"}) == ""  # nothing hashed
 
 
 def test_plot_writes_a_png(tmp_path):
     rows = [
         {"entry": "red", "bandwidth_scale": 0.05, "merge_threshold": 0.0, "flops_kept": 0.9, "accuracy": 0.8},
         {"entry": "red", "bandwidth_scale": 0.05, "merge_threshold": 0.3, "flops_kept": 0.7, "accuracy": 0.6},
+        {"entry": "red", "bandwidth_scale": 0.05, "merge_threshold": 0.3, "flops_kept": 0.7, "accuracy": 0.65,
+         "merge_representative": "readers", "snap_to": "mean"},
         {"entry": "uniform_l1_datafree", "bandwidth_scale": 0.05, "merge_threshold": 0.0, "flops_kept": 0.89, "accuracy": 0.7},
     ]
     path = tmp_path / "red.png"

@@ -81,6 +81,21 @@ def test_red_subcommand_passes_the_merge_representative(duplicates_file, tmp_pat
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_red_subcommand_passes_snap_to(duplicates_file, tmp_path, capsys):
+    path, model = duplicates_file
+    out = tmp_path / "red.keras"
+    assert main(["red", str(path), str(out), "--bandwidth-scale", "0.5", "--snap-to", "mode"]) == 0
+    x = _inputs(model, batch=4)
+    mode = kap.red.compress(model, bandwidth_scale=0.5, snap_to="mode").model
+    mean = kap.red.compress(model, bandwidth_scale=0.5).model
+    assert relative_error(np.asarray(mean(x)), np.asarray(mode(x))) > 1e-4  # the flag matters here
+    assert relative_error(np.asarray(keras.saving.load_model(out)(x)), np.asarray(mode(x))) <= 1e-5
+    assert "snap_to='mode'" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["red", str(path), str(out), "--snap-to", "median"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_red_subcommand_counts_a_model_of_unknown_input_size_at_input_shape(tmp_path, capsys):
     inputs = keras.Input((None, None, 3))
     x = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(inputs))

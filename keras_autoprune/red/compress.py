@@ -37,7 +37,7 @@ from keras_autoprune.graph.dependency import DependencyGraph, check_model
 from keras_autoprune.red.batchnorm import FoldedNorm, fold_batchnorm
 from keras_autoprune.red.hashing import HashedTensor, hash_weights
 from keras_autoprune.red.merging import MergeResult, merge_neurons
-from keras_autoprune.red.options import BUDGET_KNOBS, check_distance, check_knob, check_representative
+from keras_autoprune.red.options import check_choice, check_knob
 from keras_autoprune.red.separation import Separation, separate_depthwise
 from keras_autoprune.red.unfolding import check_restorable, kept_outputs, restore_batchnorm
 from keras_autoprune.report import PruningReport
@@ -93,6 +93,7 @@ class RedResult:
             and ``budget_knob="merge_threshold"``).
         merge_representative: what a near-identical cluster kept
             (``"readers"`` or ``"leader"``).
+        snap_to: what a hashed weight became (``"mean"`` or ``"mode"``).
     """
 
     model: keras.Model
@@ -110,6 +111,7 @@ class RedResult:
     hashing_reverted: tuple[str, ...] = ()
     merge_threshold: float = 0.0
     merge_representative: str = "readers"
+    snap_to: str = "mean"
 
     @property
     def distinct_values(self) -> dict[str, dict[str, int]]:
@@ -135,7 +137,8 @@ class RedResult:
         """One line per stage: FLOPs and parameters, kept fractions."""
         first = self.stages[0]
         kept = f", merge_representative={self.merge_representative!r}" if self.merge_threshold > 0 else ""
-        lines = [f"RED (bandwidth_scale={self.bandwidth_scale:g}, merge_threshold={self.merge_threshold:g}{kept}): "
+        snapped = f", snap_to={self.snap_to!r}" if self.bandwidth_scale > 0 else ""
+        lines = [f"RED (bandwidth_scale={self.bandwidth_scale:g}{snapped}, merge_threshold={self.merge_threshold:g}{kept}): "
                  f"{len(self.folded_norms)} BatchNormalization folded, "
                  f"{self.neurons_merged} neurons merged, {len(self.separations)} convolutions separated"]
         for s in self.stages:
@@ -156,6 +159,7 @@ def compress(
     budget_knob: str = "bandwidth_scale",
     restore_batchnorm: bool = False,
     merge_representative: str = "readers",
+    snap_to: str = "mean",
 ) -> RedResult:
     """Compresses ``model`` with RED, without data and without fine-tuning.
 
@@ -168,6 +172,12 @@ def compress(
             MobileNetV2 within 0.3 point of their accuracy (measured in
             docs/methods/red.md); Silverman's bandwidth itself (1.0)
             destroys both.
+        snap_to: what a hashed weight becomes (stage 1): ``"mean"``
+            (default; the mean of the weights in its basin, the least-squares
+            value for the basins) or ``"mode"`` (the density's mode, the
+            paper's hashing). The basins, hence the merges, separations and
+            sizes, are the same with either; the mean changes the weights
+            less (measured in docs/methods/red.md).
         merge_threshold: relative distance below which output neurons merge
             (stage 2). 0 (default): only identical neurons, exactly.
         merge_distance: what that distance is relative to: ``"channel"``
@@ -222,12 +232,12 @@ def compress(
     """
     check_model(model)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
-                  budget_knob, restore_batchnorm, merge_representative)
+                  budget_knob, restore_batchnorm, merge_representative, snap_to)
     count_flops(model, input_shape)  # a model of unknown input size needs `input_shape`: refused before any work
     knobs = {"bandwidth_scale": float(bandwidth_scale), "merge_threshold": float(merge_threshold)}
     options = {"separate": bool(separate_depthwise), "hash_all_layers": hash_all_layers,
                "merge_distance": merge_distance, "input_shape": input_shape, "restore": restore_batchnorm,
-               "merge_representative": merge_representative}
+               "merge_representative": merge_representative, "snap_to": snap_to}
     if budget is None:
         return _run(model, **knobs, **options)
     return _search(model, knobs, budget_knob, options, budget)
@@ -235,15 +245,13 @@ def compress(
 
 def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers=False,
                   merge_distance="channel", budget_knob="bandwidth_scale", restore_batchnorm=False,
-                  merge_representative="readers") -> None:
+                  merge_representative="readers", snap_to="mean") -> None:
     """Checks `compress`'s arguments other than the model (raises ValueError), before any work."""
     check_knob("bandwidth_scale", bandwidth_scale)
     check_knob("merge_threshold", merge_threshold)
-    check_distance(merge_distance)
-    check_representative(merge_representative)
-    if budget_knob not in BUDGET_KNOBS:
-        raise ValueError(f"Expected `budget_knob` to be one of {BUDGET_KNOBS} (what a budget search raises). "
-                         f"Received: budget_knob={budget_knob!r}")
+    for name, value in (("merge_distance", merge_distance), ("merge_representative", merge_representative),
+                        ("snap_to", snap_to), ("budget_knob", budget_knob)):
+        check_choice(name, value)
     if budget is not None and budget_knob == "bandwidth_scale" and bandwidth_scale == 0:
         raise ValueError(
             "A budget search scales `bandwidth_scale` up from its value, so it must be > 0. "
@@ -265,7 +273,7 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, 
 
 def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, hash_all_layers: bool,
          merge_distance: str = "channel", input_shape: Any = None, restore: bool = False,
-         merge_representative: str = "readers") -> RedResult:
+         merge_representative: str = "readers", snap_to: str = "mean") -> RedResult:
     graph = DependencyGraph(model)
     if restore:
         check_restorable(graph)  # before any stage
@@ -279,7 +287,8 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         warnings.filterwarnings("ignore", message="keras_autoprune: (no pruning handler|handler .* failed)")
         folded, folds = fold_batchnorm(model, graph)
         stages.append(figures("batchnorm_folded", folded))
-        merging = {"merge_distance": merge_distance, "merge_representative": merge_representative}
+        merging = {"merge_distance": merge_distance, "merge_representative": merge_representative,
+                   "snap_to": snap_to}
         run = _Stages.run(folded, bandwidth_scale, merge_threshold, separate, **merging)
         reverted: tuple[str, ...] = ()
         if not hash_all_layers:
@@ -307,6 +316,7 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         "merge_threshold": merge_threshold,
         "merge_distance": merge_distance,
         "merge_representative": merge_representative,
+        "snap_to": snap_to,
         "batchnorm_folded": len(folds),
         "neurons_merged": run.merge.merged,
         "convolutions_separated": len(run.separations),
@@ -336,6 +346,7 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         hashing_reverted=reverted,
         merge_threshold=merge_threshold,
         merge_representative=merge_representative,
+        snap_to=snap_to,
     )
 
 
@@ -352,9 +363,9 @@ class _Stages:
 
     @classmethod
     def run(cls, folded, bandwidth_scale: float, merge_threshold: float, separate: bool, layers=None,
-            merge_distance: str = "channel", merge_representative: str = "readers") -> _Stages:
+            merge_distance: str = "channel", merge_representative: str = "readers", snap_to: str = "mean") -> _Stages:
         """Hashes ``layers`` (default: every linear layer; none when ``bandwidth_scale`` is 0), merges, separates."""
-        hashed, tensors = (hash_weights(folded, bandwidth_scale, layers=layers)
+        hashed, tensors = (hash_weights(folded, bandwidth_scale, layers=layers, snap_to=snap_to)
                            if bandwidth_scale > 0 and (layers is None or layers) else (folded, []))
         graph = DependencyGraph(hashed)
         merge = merge_neurons(hashed, merge_threshold, graph=graph, merge_distance=merge_distance,

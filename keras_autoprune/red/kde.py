@@ -9,7 +9,8 @@ is a Gaussian kernel density estimate (KDE)
 with bandwidth ``h``. Its local maxima are the modes ``m_1 < ... < m_K``;
 between two consecutive modes the density has a minimum ``b_k``, the basin
 boundary. A weight ``w`` with ``b_{k-1} < w <= b_k`` belongs to basin ``k``
-and is snapped to ``m_k``. The number of modes ``K`` is not chosen: it comes
+and is snapped to ``m_k`` (RED's hashing; ``snap(values, to="mean")``
+snaps it to the mean of its basin instead). The number of modes ``K`` is not chosen: it comes
 from the weights and ``h`` (small ``h``: many modes; large ``h``: few).
 
 The density is evaluated on a regular grid (step ``h / 8``, at most 65,536
@@ -70,10 +71,26 @@ class DensityModes:
         """Index of the basin holding each value (same shape as ``values``)."""
         return np.searchsorted(self.boundaries, np.asarray(values), side="left")
 
-    def snap(self, values: np.ndarray) -> np.ndarray:
-        """Each value replaced by the mode of its basin (same shape and dtype)."""
+    def snap(self, values: np.ndarray, to: str = "mode") -> np.ndarray:
+        """Each value replaced by its basin's representative (same shape and dtype).
+
+        ``to="mode"``: the mode ``m_k`` of its basin. ``to="mean"``: the mean
+        of the ``values`` in its basin, ``v_k = mean{w_i : w_i in basin k}``,
+        the constant per basin closest to ``values`` in least squares
+        (``sum_i (w_i - v_k(i))²`` is smallest). Both keep one value per basin,
+        so equal basins give equal outputs either way; a basin holding none of
+        ``values`` keeps its mode.
+        """
         values = np.asarray(values)
-        return self.modes[self.basin(values)].astype(values.dtype)
+        basin = self.basin(values)
+        if to == "mode":
+            return self.modes[basin].astype(values.dtype)
+        if to != "mean":
+            raise ValueError(f"Expected `to` to be 'mode' or 'mean'. Received: to={to!r}")
+        sums = np.bincount(basin.ravel(), weights=values.astype(np.float64).ravel(), minlength=self.modes.size)
+        counts = np.bincount(basin.ravel(), minlength=self.modes.size)
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), self.modes)
+        return means[basin].astype(values.dtype)
 
 
 def density_modes(values: np.ndarray, bandwidth: float) -> DensityModes:

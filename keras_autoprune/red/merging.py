@@ -70,7 +70,7 @@ import numpy as np
 
 from keras_autoprune.graph.dependency import DependencyGraph, graph_of
 from keras_autoprune.graph.handlers import LinearHandler, SeparableHandler
-from keras_autoprune.red.options import check_distance, check_knob, check_representative
+from keras_autoprune.red.options import check_choice, check_knob
 from keras_autoprune.red.records import GraphIndex, with_weights
 from keras_autoprune.red.signatures import GroupSignatures, group_signatures
 from keras_autoprune.surgery import PrunePlan, apply_plan
@@ -128,8 +128,8 @@ def merge_neurons(model: keras.Model, merge_threshold: float = 0.0, graph: Depen
         A `MergeResult`; with nothing to merge its ``model`` is a copy.
     """
     check_knob("merge_threshold", merge_threshold)
-    check_distance(merge_distance)
-    check_representative(merge_representative)
+    check_choice("merge_distance", merge_distance)
+    check_choice("merge_representative", merge_representative)
     graph = graph_of(model, graph)
     index = GraphIndex(graph)
     cache: dict = {}

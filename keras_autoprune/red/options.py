@@ -17,24 +17,27 @@ def check_knob(name: str, value) -> None:
 
 
 MERGE_DISTANCES = ("channel", "layer")
+"""What a near-identical distance is relative to (`keras_autoprune.red.merging`)."""
 
 MERGE_REPRESENTATIVES = ("readers", "leader")
 """What the kept channel of a near-identical cluster computes (`keras_autoprune.red.merging`)."""
 
+SNAP_TARGETS = ("mean", "mode")
+"""What a hashed weight becomes: its basin's mean or its density mode (`keras_autoprune.red.hashing`)."""
+
 BUDGET_KNOBS = ("bandwidth_scale", "merge_threshold")
 """What a budget search may raise (`keras_autoprune.red.compress`'s ``budget_knob``)."""
 
+_MEANINGS = {
+    "merge_distance": (MERGE_DISTANCES, "what a near-identical distance is relative to"),
+    "merge_representative": (MERGE_REPRESENTATIVES, "the weights of a near-identical cluster's kept channel"),
+    "snap_to": (SNAP_TARGETS, "the value a hashed weight takes in its basin"),
+    "budget_knob": (BUDGET_KNOBS, "what a budget search raises"),
+}
 
-def check_distance(merge_distance) -> None:
-    """Raises ValueError unless ``merge_distance`` is one of `MERGE_DISTANCES`."""
-    if merge_distance not in MERGE_DISTANCES:
-        raise ValueError(f"Expected `merge_distance` to be one of {MERGE_DISTANCES} (what a near-identical distance is "
-                         f"relative to). Received: merge_distance={merge_distance!r}")
 
-
-def check_representative(merge_representative) -> None:
-    """Raises ValueError unless ``merge_representative`` is one of `MERGE_REPRESENTATIVES`."""
-    if merge_representative not in MERGE_REPRESENTATIVES:
-        raise ValueError(f"Expected `merge_representative` to be one of {MERGE_REPRESENTATIVES} (the weights of a "
-                         f"near-identical cluster's kept channel). Received: "
-                         f"merge_representative={merge_representative!r}")
+def check_choice(name: str, value) -> None:
+    """Raises ValueError unless ``value`` is one of the choices of option ``name`` (a key of `_MEANINGS`)."""
+    choices, meaning = _MEANINGS[name]
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"Expected `{name}` to be one of {choices} ({meaning}). Received: {name}={value!r}")

@@ -51,6 +51,7 @@ def compress_saved_model(
     budget_knob: str = "bandwidth_scale",
     restore_batchnorm: bool = False,
     merge_representative: str = "readers",
+    snap_to: str = "mean",
     unsafe: bool = False,
     tflite: str | os.PathLike | None = None,
 ) -> RedOutcome:
@@ -61,7 +62,7 @@ def compress_saved_model(
         out: the compressed model's ``.keras`` file.
         bandwidth_scale, merge_threshold, separate_depthwise, budget,
             hash_all_layers, merge_distance, input_shape, budget_knob,
-            restore_batchnorm, merge_representative: as in
+            restore_batchnorm, merge_representative, snap_to: as in
             `keras_autoprune.red.compress`.
         unsafe: load with ``safe_mode=False``.
         tflite: also export a float32 ``.tflite`` here, verified with LiteRT
@@ -76,7 +77,7 @@ def compress_saved_model(
     """
     check_model_paths(model_path, out, tflite)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
-                  budget_knob, restore_batchnorm, merge_representative)
+                  budget_knob, restore_batchnorm, merge_representative, snap_to)
     import keras
 
     from keras_autoprune.red.compress import compress
@@ -86,7 +87,8 @@ def compress_saved_model(
     result = compress(model, bandwidth_scale=bandwidth_scale, merge_threshold=merge_threshold,
                       separate_depthwise=separate_depthwise, budget=budget, hash_all_layers=hash_all_layers,
                       merge_distance=merge_distance, input_shape=input_shape, budget_knob=budget_knob,
-                      restore_batchnorm=restore_batchnorm, merge_representative=merge_representative)
+                      restore_batchnorm=restore_batchnorm, merge_representative=merge_representative,
+                      snap_to=snap_to)
     result.model.save(out)
     files, summary = [str(out)], None
     if tflite is not None:
