@@ -297,6 +297,7 @@ def test_red_merge_entry_reaches_the_budget_by_near_identical_merging():
     expected = kap.red.compress(pretrained, budget=kap.Budget(flops=0.5), budget_knob="merge_threshold",
                                 merge_distance="layer")  # data-free, hence deterministic
     assert figures["merge_threshold"] == expected.merge_threshold > 0 and figures["bandwidth_scale"] == 0.05
+    assert figures["snap_to"] == expected.snap_to == "mean"
     assert figures["neurons_merged"] == expected.neurons_merged > 0
     assert kap.count_flops(model) == kap.count_flops(expected.model) <= 0.5 * kap.count_flops(pretrained)
 

@@ -3,8 +3,9 @@
 The stages, each a small module of this package:
 
 0. `fold_batchnorm`: BatchNormalization folded into the layer before it.
-1. `hash_weights`: every weight tensor of the linear layers snapped to the
-   modes of its kernel density estimate (``bandwidth_scale``). By default
+1. `hash_weights`: every weight tensor of the linear layers snapped to one
+   value per basin of its kernel density estimate (``bandwidth_scale``; the
+   basin's mean by default, its mode with ``snap_to="mode"``). By default
    only the layers whose hashing lets stage 2 merge or stage 3 separate
    keep it: the others get their weights back (``hash_all_layers=False``).
 2. `merge_neurons`: identical output neurons merged exactly (a
