@@ -84,7 +84,7 @@ def test_hash_weights_reduces_distinct_values_and_keeps_basins():
     model = keras.Sequential([keras.Input((12,)), L.Dense(16, name="d1"), L.Dense(4, name="d2")])
     randomize(model, seed=2)
     hashed, tensors = hash_weights(model, bandwidth_scale=0.5)
-    at_modes, _ = hash_weights(model, bandwidth_scale=0.5, snap_to="mode")
+    at_modes, mode_tensors = hash_weights(model, bandwidth_scale=0.5, snap_to="mode")
     assert [(t.layer, t.weight) for t in tensors] == [("d1", "kernel"), ("d1", "bias"), ("d2", "kernel"), ("d2", "bias")]
     for tensor in tensors:
         index = 0 if tensor.weight == "kernel" else 1
@@ -98,6 +98,8 @@ def test_hash_weights_reduces_distinct_values_and_keeps_basins():
         np.testing.assert_allclose(after, means, rtol=1e-6)
         np.testing.assert_allclose(at_modes.get_layer(tensor.layer).weights[index].numpy().ravel(),
                                    modes.modes[basins], rtol=1e-6)
+        assert tensor.relative_error == pytest.approx(np.linalg.norm(after - before) / np.linalg.norm(before), rel=1e-9)
+    assert all(0 < t.relative_error <= m.relative_error for t, m in zip(tensors, mode_tensors))
     assert np.unique(model.get_layer("d1").kernel.numpy()).size == 12 * 16  # input model untouched
 
 
@@ -653,6 +655,10 @@ def test_snapping_changes_the_weights_not_the_merges():
               for name, r in (("mean", mean), ("mode", mode))}
     assert 0 < errors["mean"] < errors["mode"]
     assert "snap_to='mean'" in mean.summary() and "snap_to" not in kap.red.compress(model, bandwidth_scale=0).summary()
+    worst = mean.largest_hashing_error
+    assert worst.relative_error == max(t.relative_error for t in mean.hashed) > 0
+    assert f"by at most {worst.relative_error:.1%} of its norm ({worst.layer} {worst.weight})" in mean.summary()
+    assert kap.red.compress(model, bandwidth_scale=0).largest_hashing_error is None
 
 
 def test_compress_with_budget_picks_a_scale_that_fits():

@@ -145,7 +145,16 @@ class RedResult:
         for s in self.stages:
             lines.append(f"  {s.stage:18s} FLOPs {s.flops:>14,} ({s.flops / max(first.flops, 1):6.1%})  "
                          f"params {s.params:>12,} ({s.params / max(first.params, 1):6.1%})")
+        worst = self.largest_hashing_error
+        if worst is not None:
+            lines.append(f"  hashing moved a weight tensor by at most {worst.relative_error:.1%} of its norm "
+                         f"({worst.layer} {worst.weight})")
         return "\n".join(lines)
+
+    @property
+    def largest_hashing_error(self) -> HashedTensor | None:
+        """The hashed tensor with the largest ``relative_error`` (None if nothing kept its hashing)."""
+        return max(self.hashed, key=lambda tensor: tensor.relative_error, default=None)
 
 
 def compress(
@@ -176,9 +185,11 @@ def compress(
         snap_to: what a hashed weight becomes (stage 1): ``"mean"``
             (default; the mean of the weights in its basin, the least-squares
             value for the basins) or ``"mode"`` (the density's mode, the
-            paper's hashing). The basins, hence the merges, separations and
-            sizes, are the same with either; the mean changes the weights
-            less (measured in docs/methods/red.md).
+            paper's hashing). The basins, hence the exact merges, the
+            separations and the sizes, are the same with either (near-
+            identical merges compare the hashed values and may differ by a
+            few channels); the mean changes the weights less (measured in
+            docs/methods/red.md).
         merge_threshold: relative distance below which output neurons merge
             (stage 2). 0 (default): only identical neurons, exactly.
         merge_distance: what that distance is relative to: ``"channel"``

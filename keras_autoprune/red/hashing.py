@@ -61,8 +61,13 @@ class HashedTensor:
         weight: weight key (``"kernel"``, ``"bias"``, ...).
         size: number of scalars.
         distinct_before: distinct values before hashing.
-        distinct_after: distinct values after hashing (modes in use).
+        distinct_after: distinct values after hashing (basins in use).
         bandwidth: the KDE bandwidth ``h``.
+        relative_error: ``||ŵ − w|| / ||w||`` (0 for an all-zero ``w``), how
+            far hashing moved the tensor: a data-free sign of how much it
+            may cost (converged CIFAR-10 ResNet-20, every layer hashed:
+            median kernel 1.0% at ``bandwidth_scale=0.05``, 89.3% accurate;
+            88% at 1.0, at chance; docs/methods/red.md).
     """
 
     layer: str
@@ -71,6 +76,7 @@ class HashedTensor:
     distinct_before: int
     distinct_after: int
     bandwidth: float
+    relative_error: float = 0.0
 
 
 def hash_values(values: np.ndarray, bandwidth_scale: float, snap_to: str = "mean") -> tuple[np.ndarray, float]:
@@ -132,10 +138,13 @@ def hash_weights(
             if key not in weights:
                 continue
             original = weights[key]
-            hashed, bandwidth = hash_values(original.astype(np.float64), bandwidth_scale, snap_to)
+            exact = original.astype(np.float64)
+            hashed, bandwidth = hash_values(exact, bandwidth_scale, snap_to)
             weights[key] = hashed.astype(original.dtype)
+            norm = float(np.linalg.norm(exact))
+            error = float(np.linalg.norm(weights[key].astype(np.float64) - exact)) / norm if norm > 0 else 0.0
             tensors.append(HashedTensor(record.name, key, int(original.size), int(np.unique(original).size),
-                                        int(np.unique(weights[key]).size), float(bandwidth)))
+                                        int(np.unique(weights[key]).size), float(bandwidth), error))
         plans[id(layer)] = (layer_from_config(layer, layer.get_config()), weights)
     return clone_with(model, graph, lambda layer: plans.get(id(layer))), tensors
 

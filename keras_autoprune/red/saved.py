@@ -102,14 +102,16 @@ def compress_saved_model(
 def stage_details(result: RedResult) -> str:
     """The per-stage figures as text: `RedResult.summary`, then per layer the
     distinct values after hashing, the neurons merged and the separations."""
-    lines = [result.summary(), "", "distinct values after hashing (per layer and weight):"]
+    lines = [result.summary(), "", "distinct values after hashing (per layer and weight; relative change of the weights):"]
     distinct = result.distinct_values
     if not distinct:
         lines.append("  none hashed" + (" (bandwidth_scale=0)" if result.bandwidth_scale == 0 else ""))
     if result.hashing_reverted:
         lines.append(f"  hashing undone (it enabled no merge or separation): {', '.join(result.hashing_reverted)}")
+    moved = {(t.layer, t.weight): t.relative_error for t in result.hashed}
     for layer, weights in distinct.items():
-        lines.append(f"  {layer}: " + ", ".join(f"{key} {count:,}" for key, count in weights.items()))
+        lines.append(f"  {layer}: " + ", ".join(f"{key} {count:,} ({moved[layer, key]:.1%})"
+                                                for key, count in weights.items()))
     lines.append(f"neurons merged: {result.neurons_merged}" + (" (per layer below)" if result.merged_per_layer else ""))
     for layer, count in result.merged_per_layer.items():
         lines.append(f"  {layer}: {count}")
