@@ -33,6 +33,12 @@ recorded in each row with ``bandwidth_scale > 0``; rows without it ran
 before the option existed and snapped to the modes (``mode``). Rows of both
 stay side by side in the same way.
 
+``--no-bias-correction`` runs the ``merge_threshold > 0`` points with
+``correct_merge_bias=False``; rows record ``correct_merge_bias`` (rows
+without it ran before session 24 and were not corrected). The table's
+*merged channel* column shows the representative and ``+ bias`` where the
+readers' biases were corrected.
+
 Latency: the best RED point that removes FLOPs beyond BatchNormalization
 folding (the fewest FLOPs within 1 point of the original accuracy, else the
 most accurate) is exported to a float32 ``.tflite`` with `kap.export_tflite`
@@ -86,7 +92,7 @@ def sweep_points(bandwidth_scales, merge_thresholds, merge_scale: float = MERGE_
 def red_row(model, model_name: str, bandwidth_scale: float, merge_threshold: float,
             evaluate: Callable, separate_depthwise: bool = True, hash_all_layers: bool = False,
             merge_distance: str = "channel", merge_representative: str = "readers",
-            snap_to: str = "mean") -> tuple[dict, object]:
+            snap_to: str = "mean", correct_merge_bias: bool = True) -> tuple[dict, object]:
     """One RED point: the row and the `RedResult`."""
     import numpy as np
 
@@ -96,7 +102,7 @@ def red_row(model, model_name: str, bandwidth_scale: float, merge_threshold: flo
     result = kap.red.compress(model, bandwidth_scale=bandwidth_scale, merge_threshold=merge_threshold,
                               separate_depthwise=separate_depthwise, hash_all_layers=hash_all_layers,
                               merge_distance=merge_distance, merge_representative=merge_representative,
-                              snap_to=snap_to)
+                              snap_to=snap_to, correct_merge_bias=correct_merge_bias)
     seconds = time.perf_counter() - start
     first, last = result.stages[0], result.stages[-1]
     kernels = [t.distinct_after for t in result.hashed if t.weight != "bias"]
@@ -104,6 +110,7 @@ def red_row(model, model_name: str, bandwidth_scale: float, merge_threshold: flo
         "entry": "red", "model": model_name, "bandwidth_scale": bandwidth_scale, "merge_threshold": merge_threshold,
         "hash_all_layers": hash_all_layers, "merge_distance": merge_distance,
         "merge_representative": merge_representative, "snap_to": snap_to,
+        "correct_merge_bias": correct_merge_bias, "bias_corrected_groups": len(result.bias_corrected),
         "hashing_reverted": list(result.hashing_reverted),
         "flops_kept": last.flops / first.flops, "params_kept": last.params / first.params,
         "accuracy": evaluate(result.model), "seconds": seconds,
@@ -174,6 +181,17 @@ def representative(row: dict) -> str:
     return row.get("merge_representative", "leader") if row["merge_threshold"] > 0 else ""
 
 
+def bias_corrected(row: dict) -> bool | None:
+    """Whether a RED row's near-identical merges corrected the readers' biases (None without near-identical
+    merging; False for rows written before the option existed)."""
+    return row.get("correct_merge_bias", False) if row["merge_threshold"] > 0 else None
+
+
+def merged_channel(row: dict) -> str:
+    """The table's and plot's label of a RED row's merges: the representative, ``+ bias`` when corrected."""
+    return representative(row) + (" + bias" if bias_corrected(row) else "")
+
+
 def snapping(row: dict) -> str:
     """A RED row's ``snap_to``: ``""`` without hashing (``bandwidth_scale=0``); ``"mode"`` for rows written before
     the option existed."""
@@ -183,14 +201,15 @@ def snapping(row: dict) -> str:
 def sweep(model, model_name: str, evaluate: Callable, points: list[tuple[float, float]],
           done: list[dict] | None = None, on_row: Callable | None = None, log=print,
           hash_all_layers: bool = False, merge_distance: str = "channel",
-          merge_representative: str = "readers", snap_to: str = "mean") -> list[dict]:
+          merge_representative: str = "readers", snap_to: str = "mean", correct_merge_bias: bool = True) -> list[dict]:
     """RED at every point and uniform L1 beside it; rows in ``done`` are kept and their points skipped.
 
     Uniform L1 is bisected once per distinct FLOPs target; a point with the
     same target as an earlier one gets a copy (``"same_as"`` names it).
     Rows of the other ``hash_all_layers`` setting, of the other
-    ``merge_representative`` at a ``merge_threshold > 0`` or of the other
-    ``snap_to`` at a ``bandwidth_scale > 0`` are kept and left alone; a
+    ``merge_representative`` or ``correct_merge_bias`` at a
+    ``merge_threshold > 0`` or of the other ``snap_to`` at a
+    ``bandwidth_scale > 0`` are kept and left alone; a
     uniform L1 row serves every RED row of its point with its FLOPs target.
     """
     import keras_autoprune as kap
@@ -204,15 +223,16 @@ def sweep(model, model_name: str, evaluate: Callable, points: list[tuple[float, 
     def find_red(point: tuple[float, float]) -> dict | None:
         kept = merge_representative if point[1] > 0 else ""  # what a RED row at this point must have kept
         snapped = snap_to if point[0] > 0 else ""
+        corrected = correct_merge_bias if point[1] > 0 else None
         return next((r for r in rows if r["entry"] == "red" and at(r, point) and representative(r) == kept
-                     and snapping(r) == snapped), None)
+                     and snapping(r) == snapped and bias_corrected(r) == corrected), None)
 
     for index, (scale, threshold) in enumerate(points, 1):
         red = find_red((scale, threshold))
         if red is None:
             red, _ = red_row(model, model_name, scale, threshold, evaluate, hash_all_layers=hash_all_layers,
                              merge_distance=merge_distance, merge_representative=merge_representative,
-                             snap_to=snap_to)
+                             snap_to=snap_to, correct_merge_bias=correct_merge_bias)
             rows.append(red)
             _emit(on_row, rows)
         uniform = next((r for r in rows if r["entry"] == "uniform_l1_datafree" and at(r, (scale, threshold))
@@ -252,7 +272,7 @@ def latency_point(rows: list[dict], original_accuracy: float) -> dict | None:
 
 def measure_latency(model, rows: list[dict], original_accuracy: float, folder: pathlib.Path,
                     runs: int = 300, log=print, hash_all_layers: bool = False, merge_distance: str = "channel",
-                    snap_to: str = "mean") -> dict:
+                    snap_to: str = "mean", correct_merge_bias: bool = True) -> dict:
     """Exports and times the original against the `latency_point` (and, if any, separated vs not) of the
     rows of one ``hash_all_layers`` and ``snap_to`` setting."""
     import functools
@@ -260,8 +280,9 @@ def measure_latency(model, rows: list[dict], original_accuracy: float, folder: p
     import keras_autoprune as kap
 
     compress = functools.partial(kap.red.compress, hash_all_layers=hash_all_layers, merge_distance=merge_distance,
-                                 snap_to=snap_to)
-    rows = [r for r in rows if variant(r) == hash_all_layers and snapping(r) in ("", snap_to)]
+                                 snap_to=snap_to, correct_merge_bias=correct_merge_bias)
+    rows = [r for r in rows if variant(r) == hash_all_layers and snapping(r) in ("", snap_to)
+            and bias_corrected(r) in (None, correct_merge_bias)]
     folder = pathlib.Path(folder)
     out: dict = {"num_threads": 1, "runs": runs, "rounds": 10}
     best = latency_point(rows, original_accuracy)
@@ -295,6 +316,7 @@ def measure_latency(model, rows: list[dict], original_accuracy: float, folder: p
         exports[key].update(median_ms=timing.median_ms, p90_ms=timing.p90_ms, min_ms=timing.min_ms)
     out.update(point={"bandwidth_scale": best["bandwidth_scale"], "merge_threshold": best["merge_threshold"],
                       "merge_representative": representative(best), "snap_to": snapping(best),
+                      "correct_merge_bias": bias_corrected(best),
                       "accuracy": best["accuracy"],
                       "flops_kept": best["flops_kept"]},
                files=exports,
@@ -307,8 +329,9 @@ def measure_latency(model, rows: list[dict], original_accuracy: float, folder: p
     return out
 
 
-_MERGE_COLORS = {"leader": "tab:purple", "readers": "tab:green"}
-"""Plot colours of the near-identical merges by ``merge_representative``."""
+_MERGE_COLORS = {"leader": "tab:purple", "readers": "tab:green", "readers + bias": "tab:cyan",
+                 "leader + bias": "tab:pink"}
+"""Plot colours of the near-identical merges by `merged_channel`."""
 
 _SNAP_STYLES = {"mean": ("tab:red", "s"), "mode": ("tab:orange", "D"), "": ("tab:red", "s")}
 """Plot colour of the ``bandwidth_scale`` line and marker of the merges by ``snap_to``."""
@@ -338,13 +361,13 @@ def plot(model_name: str, result: dict, path: pathlib.Path) -> None:
                           label=f"RED, bandwidth_scale sweep{named}{suffix}")
             for kept, merge_color in _MERGE_COLORS.items():
                 merges = [(r["flops_kept"], r["accuracy"]) for r in red
-                          if representative(r) == kept and snapping(r) == snap]
+                          if merged_channel(r) == kept and snapping(r) == snap]
                 if merges:
                     axis.plot(*zip(*merges), marker, color=merge_color, markersize=6, alpha=alpha, linestyle="none",
                               label=f"RED, bandwidth_scale={MERGE_SCALE:g}, merge_threshold > 0, {kept}{named}{suffix}")
         for r in red:
             label = f"{r['bandwidth_scale']:g}" if r["merge_threshold"] == 0 else f"t={r['merge_threshold']:g}"
-            color = _MERGE_COLORS.get(representative(r), _SNAP_STYLES[snapping(r)][0])
+            color = _MERGE_COLORS.get(merged_channel(r), _SNAP_STYLES[snapping(r)][0])
             axis.annotate(label, (r["flops_kept"], r["accuracy"]), textcoords="offset points", xytext=(-4, 4), alpha=alpha,
                           ha="right", fontsize=7, color=color)
     uniform = sorted({(r["flops_kept"], r["accuracy"]) for r in rows if r["entry"] == "uniform_l1_datafree"})
@@ -376,7 +399,7 @@ def markdown(result: dict) -> str:
              "| its params kept |",
              "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     red = (r for r in rows if r["entry"] == "red")
-    order = (lambda r: (not variant(r), r["merge_threshold"], r["bandwidth_scale"], representative(r), snapping(r)))
+    order = (lambda r: (not variant(r), r["merge_threshold"], r["bandwidth_scale"], merged_channel(r), snapping(r)))
     for r in sorted(red, key=order):
         u = uniform.get(r["flops_kept"], {"error": "not run"})
         hashed = "all" if variant(r) else f"used ({len(r['hashing_reverted'])} undone)"
@@ -384,7 +407,7 @@ def markdown(result: dict) -> str:
                 f"| {100 * u['accuracy']:.2f}% | {u['flops_kept']:.1%} | {u['params_kept']:.1%} |")
         median = r.get("kernel_distinct_values_median")
         lines.append(f"| {hashed} | {r['bandwidth_scale']:g} | {snapping(r)} | {r['merge_threshold']:g} "
-                     f"| {representative(r)} "
+                     f"| {merged_channel(r)} "
                      f"| {100 * r['accuracy']:.2f}% | {r['flops_kept']:.1%} "
                      f"| {r['params_kept']:.1%} | {r['neurons_merged']:,} | {r['convolutions_separated']} "
                      f"| {'' if median is None else f'{median:g}'} " + twin)
@@ -393,7 +416,8 @@ def markdown(result: dict) -> str:
 
 def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, data: converged.Cifar10,
         fresh: bool = False, latency: bool = True, log=print, hash_all_layers: bool = False,
-        merge_distance: str = "channel", merge_representative: str = "readers", snap_to: str = "mean") -> dict:
+        merge_distance: str = "channel", merge_representative: str = "readers", snap_to: str = "mean",
+        correct_merge_bias: bool = True) -> dict:
     """Runs (or continues) the sweep for one model and one ``hash_all_layers`` setting and writes ``out``
     (the other setting's rows stay); returns the result."""
     import keras
@@ -418,14 +442,16 @@ def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, d
     started = time.perf_counter()
     rows = sweep(model, model_name, lambda m: converged.test_accuracy(m, data), points,
                  done=result.get("rows"), on_row=save, log=log, hash_all_layers=hash_all_layers,
-                 merge_distance=merge_distance, merge_representative=merge_representative, snap_to=snap_to)
+                 merge_distance=merge_distance, merge_representative=merge_representative, snap_to=snap_to,
+                 correct_merge_bias=correct_merge_bias)
     result["sweep_seconds_this_run"] = time.perf_counter() - started
     if latency:
         with tempfile.TemporaryDirectory() as folder:
             result[latency_key(hash_all_layers)] = measure_latency(model, rows, result["original"]["accuracy"],
                                                                    pathlib.Path(folder), log=log,
                                                                    hash_all_layers=hash_all_layers,
-                                                                   merge_distance=merge_distance, snap_to=snap_to)
+                                                                   merge_distance=merge_distance, snap_to=snap_to,
+                                                                   correct_merge_bias=correct_merge_bias)
     save(rows)
     return result
 
@@ -452,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
                              "side by side")
     parser.add_argument("--snap-to", choices=SNAP_TARGETS, default="mean",
                         help="RED's snap_to for the bandwidth_scale > 0 points; rows of both are kept side by side")
+    parser.add_argument("--no-bias-correction", action="store_true",
+                        help="RED with correct_merge_bias=False at the merge_threshold > 0 points; rows of both are "
+                             "kept side by side")
     args = parser.parse_args(argv)
     sweep_spec = SWEEPS[args.model]
     scales = args.bandwidth_scales if args.bandwidth_scales is not None else sweep_spec["bandwidth_scales"]
@@ -465,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                  converged.load_cifar10(args.data), fresh=args.fresh, latency=not args.no_latency,
                  log=lambda line: print(line, flush=True), hash_all_layers=args.hash_all_layers,
                  merge_distance=args.merge_distance, merge_representative=args.merge_representative,
-                 snap_to=args.snap_to)
+                 snap_to=args.snap_to, correct_merge_bias=not args.no_bias_correction)
     plot(args.model, result, (PLOT_DIR if args.out is None else folder) / f"v2_{name}.png")
     print(markdown(result))
     if args.out is None:  # the published results: their table in docs/methods/red.md too

@@ -300,6 +300,10 @@ def _add_red(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--merge-representative", choices=MERGE_REPRESENTATIVES, default="readers",
                         help="the weights a near-identical cluster keeps: the combination its readers see best "
                              "(default) or its first channel's")
+    parser.add_argument("--no-merge-bias-correction", dest="correct_merge_bias", action="store_false",
+                        help="with --merge-threshold > 0, leave the readers' biases as they are (by default they are "
+                             "corrected for the change in the mean of what they read, from the folded "
+                             "BatchNormalizations)")
     parser.add_argument("--separate-depthwise", action="store_true",
                         help="split convolutions whose hashed kernels repeat into depthwise + 1x1 where cheaper")
     parser.add_argument("--budget", default=None,
@@ -346,7 +350,7 @@ def _run_red(args: argparse.Namespace) -> int:
         separate_depthwise=args.separate_depthwise, budget=budget, hash_all_layers=args.hash_all_layers,
         merge_distance=args.merge_distance, input_shape=input_shape, budget_knob=args.budget_knob,
         restore_batchnorm=args.restore_batchnorm, merge_representative=args.merge_representative,
-        snap_to=args.snap_to, unsafe=args.unsafe, tflite=args.tflite,
+        snap_to=args.snap_to, correct_merge_bias=args.correct_merge_bias, unsafe=args.unsafe, tflite=args.tflite,
     )
     report = outcome.result.report
     print(report.to_markdown() if report is not None else "(no per-layer report for this model)")

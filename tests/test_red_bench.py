@@ -57,7 +57,7 @@ def test_sweep_rows_pair_red_with_uniform_l1_at_the_same_flops():
     leader = kap.red.compress(model, bandwidth_scale=0.05, merge_threshold=0.3, separate_depthwise=True,
                               merge_representative="leader").model
     assert again[6]["accuracy"] == evaluate(leader) and again[6]["flops_kept"] == rows[2]["flops_kept"]
-    assert "| 0.3 | leader |" in red_bench.markdown({"rows": again})
+    assert "| 0.3 | leader + bias |" in red_bench.markdown({"rows": again})
     assert red_bench.representative({"merge_threshold": 0.3}) == "leader"  # rows from before the option
     # the other snap_to adds RED rows at both hashed points; a uniform row at the same FLOPs serves them
     modes = red_bench.sweep(model, "tiny", evaluate, points, done=again, log=lambda _: None, snap_to="mode")
@@ -70,6 +70,14 @@ def test_sweep_rows_pair_red_with_uniform_l1_at_the_same_flops():
     assert table.count("| 0.05 | mode |") == 2 and "not run" not in table
     assert red_bench.snapping({"bandwidth_scale": 0.05}) == "mode"  # rows from before the option
     assert red_bench.snapping({"bandwidth_scale": 0.0, "snap_to": "mean"}) == ""  # nothing hashed
+    # without the bias correction: a RED row at the merging point only, its merges the same
+    plain = red_bench.sweep(model, "tiny", evaluate, points, done=modes, log=lambda _: None, correct_merge_bias=False)
+    assert plain[:9] == modes and [(r["entry"], r["merge_threshold"]) for r in plain[9:]] == [("red", 0.3)]
+    assert plain[9]["correct_merge_bias"] is False and plain[9]["flops_kept"] == rows[2]["flops_kept"]
+    assert [red_bench.merged_channel(r) for r in plain if r["merge_threshold"] > 0 and r["entry"] == "red"] == [
+        "readers + bias", "leader + bias", "readers + bias", "readers"]
+    assert red_bench.bias_corrected({"merge_threshold": 0.3}) is False  # rows from before the option
+    assert red_bench.bias_corrected({"merge_threshold": 0.0, "correct_merge_bias": True}) is None
 
 
 def test_plot_writes_a_png(tmp_path):

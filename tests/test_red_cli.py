@@ -81,6 +81,20 @@ def test_red_subcommand_passes_the_merge_representative(duplicates_file, tmp_pat
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_red_subcommand_can_leave_the_reader_biases_alone(duplicates_file, tmp_path, capsys):
+    path, model = duplicates_file
+    out = tmp_path / "red.keras"
+    assert main(["red", str(path), str(out), "--merge-threshold", "1.0", "--no-merge-bias-correction"]) == 0
+    assert "reader biases corrected" not in capsys.readouterr().out
+    plain = kap.red.compress(model, merge_threshold=1.0, correct_merge_bias=False).model
+    corrected = kap.red.compress(model, merge_threshold=1.0)
+    assert corrected.bias_corrected == ("c1",)
+    shift = np.abs(corrected.model.get_layer("c2").bias.numpy() - plain.get_layer("c2").bias.numpy()).max()
+    assert shift > 1e-4  # the flag matters here
+    np.testing.assert_array_equal(keras.saving.load_model(out).get_layer("c2").bias.numpy(),
+                                  plain.get_layer("c2").bias.numpy())
+
+
 def test_red_subcommand_passes_snap_to(duplicates_file, tmp_path, capsys):
     path, model = duplicates_file
     out = tmp_path / "red.keras"

@@ -36,6 +36,7 @@ from keras_autoprune.budget import Budget
 from keras_autoprune.errors import BudgetUnreachableError
 from keras_autoprune.graph.dependency import DependencyGraph, check_model
 from keras_autoprune.red.batchnorm import FoldedNorm, fold_batchnorm
+from keras_autoprune.red.correction import folded_statistics
 from keras_autoprune.red.hashing import HashedTensor, hash_weights
 from keras_autoprune.red.merging import MergeResult, merge_neurons
 from keras_autoprune.red.options import check_choice, check_knob
@@ -95,6 +96,10 @@ class RedResult:
         merge_representative: what a near-identical cluster kept
             (``"readers"`` or ``"leader"``).
         snap_to: what a hashed weight became (``"mean"`` or ``"mode"``).
+        correct_merge_bias: whether near-identical merges corrected their
+            readers' biases.
+        bias_corrected: the merged groups whose readers' biases were
+            corrected (empty without near-identical merging).
     """
 
     model: keras.Model
@@ -113,6 +118,8 @@ class RedResult:
     merge_threshold: float = 0.0
     merge_representative: str = "readers"
     snap_to: str = "mean"
+    correct_merge_bias: bool = True
+    bias_corrected: tuple[str, ...] = ()
 
     @property
     def distinct_values(self) -> dict[str, dict[str, int]]:
@@ -145,6 +152,9 @@ class RedResult:
         for s in self.stages:
             lines.append(f"  {s.stage:18s} FLOPs {s.flops:>14,} ({s.flops / max(first.flops, 1):6.1%})  "
                          f"params {s.params:>12,} ({s.params / max(first.params, 1):6.1%})")
+        if self.merge_threshold > 0 and self.correct_merge_bias and self.merge_clusters:
+            lines.append(f"  reader biases corrected for {len(self.bias_corrected)} of the {len(self.merge_clusters)} "
+                         "merged groups (data-free, from the folded BatchNormalizations)")
         worst = self.largest_hashing_error
         if worst is not None:
             lines.append(f"  hashing moved a weight tensor by at most {worst.relative_error:.1%} of its norm "
@@ -170,6 +180,7 @@ def compress(
     restore_batchnorm: bool = False,
     merge_representative: str = "readers",
     snap_to: str = "mean",
+    correct_merge_bias: bool = True,
 ) -> RedResult:
     """Compresses ``model`` with RED, without data and without fine-tuning.
 
@@ -201,6 +212,11 @@ def compress(
             cluster's weights that its readers see best, a least-squares
             fit) or ``"leader"`` (its first channel's, unchanged). Exact
             merges (``merge_threshold=0``) are the same with either.
+        correct_merge_bias: with ``merge_threshold > 0``, raise the biases
+            of a merged cluster's readers by the change in the mean of what
+            they read, estimated without data from the folded
+            BatchNormalizations (`keras_autoprune.red.correction`; groups
+            tied by a residual Add are left uncorrected). Default True.
         separate_depthwise: run stage 3 (uneven depthwise separation).
         budget: a `kap.Budget`; if given, the knob named by ``budget_knob``
             is the lower end of a search for the smallest value whose
@@ -244,12 +260,13 @@ def compress(
     """
     check_model(model)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
-                  budget_knob, restore_batchnorm, merge_representative, snap_to)
+                  budget_knob, restore_batchnorm, merge_representative, snap_to, correct_merge_bias)
     count_flops(model, input_shape)  # a model of unknown input size needs `input_shape`: refused before any work
     knobs = {"bandwidth_scale": float(bandwidth_scale), "merge_threshold": float(merge_threshold)}
     options = {"separate": bool(separate_depthwise), "hash_all_layers": hash_all_layers,
                "merge_distance": merge_distance, "input_shape": input_shape, "restore": restore_batchnorm,
-               "merge_representative": merge_representative, "snap_to": snap_to}
+               "merge_representative": merge_representative, "snap_to": snap_to,
+               "correct_merge_bias": correct_merge_bias}
     if budget is None:
         return _run(model, **knobs, **options)
     return _search(model, knobs, budget_knob, options, budget)
@@ -257,7 +274,7 @@ def compress(
 
 def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers=False,
                   merge_distance="channel", budget_knob="bandwidth_scale", restore_batchnorm=False,
-                  merge_representative="readers", snap_to="mean") -> None:
+                  merge_representative="readers", snap_to="mean", correct_merge_bias=True) -> None:
     """Checks `compress`'s arguments other than the model (raises ValueError), before any work."""
     check_knob("bandwidth_scale", bandwidth_scale)
     check_knob("merge_threshold", merge_threshold)
@@ -271,7 +288,7 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, 
             "or budget_knob='merge_threshold'."
         )
     for name, value in (("separate_depthwise", separate_depthwise), ("hash_all_layers", hash_all_layers),
-                        ("restore_batchnorm", restore_batchnorm)):
+                        ("restore_batchnorm", restore_batchnorm), ("correct_merge_bias", correct_merge_bias)):
         if not isinstance(value, bool):
             raise ValueError(f"Expected `{name}` to be True or False. Received: {name}={value!r}")
     if budget is not None and not isinstance(budget, Budget):
@@ -285,7 +302,7 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, 
 
 def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, hash_all_layers: bool,
          merge_distance: str = "channel", input_shape: Any = None, restore: bool = False,
-         merge_representative: str = "readers", snap_to: str = "mean") -> RedResult:
+         merge_representative: str = "readers", snap_to: str = "mean", correct_merge_bias: bool = True) -> RedResult:
     graph = DependencyGraph(model)
     if restore:
         check_restorable(graph)  # before any stage
@@ -299,8 +316,9 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         warnings.filterwarnings("ignore", message="keras_autoprune: (no pruning handler|handler .* failed)")
         folded, folds = fold_batchnorm(model, graph)
         stages.append(figures("batchnorm_folded", folded))
+        statistics = folded_statistics(graph, folds) if correct_merge_bias and merge_threshold > 0 else None
         merging = {"merge_distance": merge_distance, "merge_representative": merge_representative,
-                   "snap_to": snap_to}
+                   "snap_to": snap_to, "channel_statistics": statistics}
         run = _Stages.run(folded, bandwidth_scale, merge_threshold, separate, **merging)
         reverted: tuple[str, ...] = ()
         if not hash_all_layers:
@@ -329,6 +347,7 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         "merge_distance": merge_distance,
         "merge_representative": merge_representative,
         "snap_to": snap_to,
+        "merge_bias_corrected_groups": len(run.merge.bias_corrected),
         "batchnorm_folded": len(folds),
         "neurons_merged": run.merge.merged,
         "convolutions_separated": len(run.separations),
@@ -359,6 +378,8 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         merge_threshold=merge_threshold,
         merge_representative=merge_representative,
         snap_to=snap_to,
+        correct_merge_bias=correct_merge_bias,
+        bias_corrected=run.merge.bias_corrected,
     )
 
 
@@ -375,13 +396,14 @@ class _Stages:
 
     @classmethod
     def run(cls, folded, bandwidth_scale: float, merge_threshold: float, separate: bool, layers=None,
-            merge_distance: str = "channel", merge_representative: str = "readers", snap_to: str = "mean") -> _Stages:
+            merge_distance: str = "channel", merge_representative: str = "readers", snap_to: str = "mean",
+            channel_statistics=None) -> _Stages:
         """Hashes ``layers`` (default: every linear layer; none when ``bandwidth_scale`` is 0), merges, separates."""
         hashed, tensors = (hash_weights(folded, bandwidth_scale, layers=layers, snap_to=snap_to)
                            if bandwidth_scale > 0 and (layers is None or layers) else (folded, []))
         graph = DependencyGraph(hashed)
         merge = merge_neurons(hashed, merge_threshold, graph=graph, merge_distance=merge_distance,
-                              merge_representative=merge_representative)
+                              merge_representative=merge_representative, channel_statistics=channel_statistics)
         current, separations = separate_depthwise(merge.model) if separate else (merge.model, [])
         return cls(hashed, graph, tensors, merge, current, separations)
 

@@ -58,6 +58,10 @@ near-identical cluster ``C`` computes (``merge_representative``):
 
 With ``merge_threshold=0`` the members of a cluster are identical and the
 kept channel is the leader in both cases.
+
+Given ``channel_statistics`` (`compress` passes those of the folded
+BatchNormalizations), near-identical merges also raise each reader's bias by
+the change in the mean of what it reads (`keras_autoprune.red.correction`).
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ import numpy as np
 
 from keras_autoprune.graph.dependency import DependencyGraph, graph_of
 from keras_autoprune.graph.handlers import LinearHandler, SeparableHandler
+from keras_autoprune.red.correction import ChannelStatistics, reader_bias_shifts
 from keras_autoprune.red.options import check_choice, check_knob
 from keras_autoprune.red.records import GraphIndex, with_weights
 from keras_autoprune.red.signatures import GroupSignatures, group_signatures
@@ -93,6 +98,10 @@ class MergeResult:
         compared_layers: the layers whose weights entered the signatures of
             the merged groups (every member but the readers): the merges
             depend on these layers' weights only.
+        bias_corrected: the merged groups whose readers' biases were
+            corrected (`keras_autoprune.red.correction`).
+        bias_uncorrected: ``{group_id: why not}`` for the other merged
+            groups, when a correction was asked for.
     """
 
     model: keras.Model
@@ -101,6 +110,8 @@ class MergeResult:
     merged_per_layer: dict[str, int]
     blocked: dict[str, str]
     compared_layers: frozenset[str] = frozenset()
+    bias_corrected: tuple[str, ...] = ()
+    bias_uncorrected: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def merged(self) -> int:
@@ -109,7 +120,8 @@ class MergeResult:
 
 
 def merge_neurons(model: keras.Model, merge_threshold: float = 0.0, graph: DependencyGraph | None = None,
-                  merge_distance: str = "channel", merge_representative: str = "readers") -> MergeResult:
+                  merge_distance: str = "channel", merge_representative: str = "readers",
+                  channel_statistics: dict[str, ChannelStatistics] | None = None) -> MergeResult:
     """Merges the identical output neurons of ``model`` (see the module docstring).
 
     Args:
@@ -123,6 +135,12 @@ def merge_neurons(model: keras.Model, merge_threshold: float = 0.0, graph: Depen
         merge_representative: ``"readers"`` or ``"leader"``, the weights of
             a near-identical cluster's kept channel (see the module
             docstring).
+        channel_statistics: ``{layer: ChannelStatistics}`` of the layers
+            that create channels (their folded BatchNormalizations'; see
+            `keras_autoprune.red.correction.folded_statistics`): with
+            ``merge_threshold > 0``, the readers' biases of every merged group
+            the statistics describe are corrected. None (default): no
+            correction.
 
     Returns:
         A `MergeResult`; with nothing to merge its ``model`` is a copy.
@@ -151,7 +169,8 @@ def merge_neurons(model: keras.Model, merge_threshold: float = 0.0, graph: Depen
         return MergeResult(with_weights(model, graph, {}), PrunePlan({}), {}, {}, blocked)
 
     combine = merge_threshold > 0 and merge_representative == "readers"
-    folded = _fold_readers(model, graph, signatures, clusters, cache, combine)
+    statistics = channel_statistics if merge_threshold > 0 else None
+    folded, corrected, uncorrected = _fold_readers(model, index, signatures, clusters, cache, combine, statistics)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same unknown layers were reported for `model`
         folded_graph = DependencyGraph(folded)
@@ -162,7 +181,7 @@ def merge_neurons(model: keras.Model, merge_threshold: float = 0.0, graph: Depen
     plan = PrunePlan(kept)
     merged = apply_plan(folded, plan, folded_graph)
     return MergeResult(merged, plan, clusters, _per_layer(index, graph, clusters), blocked,
-                       _compared_layers(index, graph, clusters))
+                       _compared_layers(index, graph, clusters), corrected, uncorrected)
 
 
 def _clusters(signature: GroupSignatures, threshold: float, distance: str = "channel") -> list[list[int]]:
@@ -203,22 +222,39 @@ def _clusters(signature: GroupSignatures, threshold: float, distance: str = "cha
     return out
 
 
-def _fold_readers(model, graph, signatures, clusters, cache, combine: bool = False) -> keras.Model:
-    """``model`` with every reader's rows of merged channels added into the kept ones.
+def _fold_readers(model, index: GraphIndex, signatures, clusters, cache, combine: bool = False,
+                  statistics: dict[str, ChannelStatistics] | None = None):
+    """``(model, corrected groups, {uncorrected group: why})``: every reader's rows of merged channels added into
+    the kept ones.
 
     With ``combine``, each cluster's kept channel first gets the readers'
-    least-squares combination of the cluster's weights (module docstring).
+    least-squares combination of the cluster's weights; with ``statistics``
+    the readers' biases are corrected (module docstring).
     """
     updates: dict[int, dict[str, np.ndarray]] = {}
+    corrected: list[str] = []
+    uncorrected: dict[str, str] = {}
 
     def weights_of(layer) -> dict[str, np.ndarray]:
         return updates.setdefault(id(layer), {k: v.copy() for k, v in cache[id(layer)].items()})
 
     for group_id, found in clusters.items():
         signature = signatures[group_id]
+        coefficients = [_reader_coefficients(signature, cluster, cache) if combine else _leader_weights(len(cluster))
+                        for cluster in found]
         if combine:
-            for cluster in found:
-                _combine(signature, cluster, _reader_coefficients(signature, cluster, cache), weights_of)
+            for cluster, a in zip(found, coefficients):
+                _combine(signature, cluster, a, weights_of)
+        if statistics is not None:
+            shifts = reader_bias_shifts(index, signature, found, coefficients, cache, statistics)
+            if isinstance(shifts, str):
+                uncorrected[group_id] = shifts
+            else:
+                for reader_id, shift in shifts.items():
+                    layer = next(r.layer for r in signature.readers if id(r.layer) == reader_id)
+                    weights = weights_of(layer)
+                    weights["bias"] = (weights["bias"] + shift).astype(weights["bias"].dtype)
+                corrected.append(group_id)
         for reader in signature.readers:
             weights = weights_of(reader.layer)
             kernel = np.moveaxis(weights[reader.weight], reader.axis, 0)  # a view: writes go through
@@ -227,7 +263,7 @@ def _fold_readers(model, graph, signatures, clusters, cache, combine: bool = Fal
                 for j in cluster[1:]:
                     kernel[keep_rows] += kernel[reader.rows[j]]
                     kernel[reader.rows[j]] = 0
-    return with_weights(model, graph, updates)
+    return with_weights(model, index.graph, updates), tuple(corrected), uncorrected
 
 
 def _reader_coefficients(signature: GroupSignatures, cluster: list[int], cache) -> np.ndarray:
@@ -262,6 +298,11 @@ def _convex(coefficients: np.ndarray) -> np.ndarray:
     positive = np.maximum(coefficients, 0.0)
     total = positive.sum()
     return positive / total if total > 0 else _mean_weights(len(coefficients))
+
+
+def _leader_weights(count: int) -> np.ndarray:
+    """``(1, 0, ..., 0)``: the leader's weights kept."""
+    return np.eye(count)[0]
 
 
 def _mean_weights(count: int) -> np.ndarray:

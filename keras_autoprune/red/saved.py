@@ -52,6 +52,7 @@ def compress_saved_model(
     restore_batchnorm: bool = False,
     merge_representative: str = "readers",
     snap_to: str = "mean",
+    correct_merge_bias: bool = True,
     unsafe: bool = False,
     tflite: str | os.PathLike | None = None,
 ) -> RedOutcome:
@@ -62,7 +63,8 @@ def compress_saved_model(
         out: the compressed model's ``.keras`` file.
         bandwidth_scale, merge_threshold, separate_depthwise, budget,
             hash_all_layers, merge_distance, input_shape, budget_knob,
-            restore_batchnorm, merge_representative, snap_to: as in
+            restore_batchnorm, merge_representative, snap_to,
+            correct_merge_bias: as in
             `keras_autoprune.red.compress`.
         unsafe: load with ``safe_mode=False``.
         tflite: also export a float32 ``.tflite`` here, verified with LiteRT
@@ -77,7 +79,7 @@ def compress_saved_model(
     """
     check_model_paths(model_path, out, tflite)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
-                  budget_knob, restore_batchnorm, merge_representative, snap_to)
+                  budget_knob, restore_batchnorm, merge_representative, snap_to, correct_merge_bias)
     import keras
 
     from keras_autoprune.red.compress import compress
@@ -88,7 +90,7 @@ def compress_saved_model(
                       separate_depthwise=separate_depthwise, budget=budget, hash_all_layers=hash_all_layers,
                       merge_distance=merge_distance, input_shape=input_shape, budget_knob=budget_knob,
                       restore_batchnorm=restore_batchnorm, merge_representative=merge_representative,
-                      snap_to=snap_to)
+                      snap_to=snap_to, correct_merge_bias=correct_merge_bias)
     result.model.save(out)
     files, summary = [str(out)], None
     if tflite is not None:
