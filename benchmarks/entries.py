@@ -50,8 +50,10 @@ data, before the first epoch, then fine-tunes it like every other entry
   units of sessions 21-22 are kept under these names.
 
 The RED units measured before session 24 hashed to the density's modes
-(``snap_to="mode"``); later units record ``snap_to`` (the default
-``"mean"``) among their figures.
+(``snap_to="mode"``) and left the readers' biases of near-identical merges
+alone; later units record ``snap_to`` (the default ``"mean"``) and
+``bias_corrected_groups`` (``correct_merge_bias=True`` by default) among
+their figures.
 
 A budget an entry cannot reach (`kap.BudgetUnreachableError`: RED's budget
 mode, or a callback's check before its first epoch) is a result
@@ -281,6 +283,7 @@ def compress_one_shot(entry: str, model: keras.Model, budget: float) -> tuple[ke
     result = kap.red.compress(model, budget=kap.Budget(flops=budget), **options)
     figures = {"pruning_seconds": time.perf_counter() - start, "bandwidth_scale": result.bandwidth_scale,
                "merge_threshold": result.merge_threshold, "snap_to": result.snap_to,
+               "bias_corrected_groups": len(result.bias_corrected),
                "neurons_merged": result.neurons_merged, "batchnorm_folded": len(result.folded_norms)}
     return result.model, figures
 
