@@ -298,6 +298,7 @@ def test_red_merge_entry_reaches_the_budget_by_near_identical_merging():
                                 merge_distance="layer")  # data-free, hence deterministic
     assert figures["merge_threshold"] == expected.merge_threshold > 0 and figures["bandwidth_scale"] == 0.05
     assert figures["snap_to"] == expected.snap_to == "mean"
+    assert figures["bias_corrected_groups"] == len(expected.bias_corrected)
     assert figures["neurons_merged"] == expected.neurons_merged > 0
     assert kap.count_flops(model) == kap.count_flops(expected.model) <= 0.5 * kap.count_flops(pretrained)
 
