@@ -67,18 +67,34 @@ def test_red_subcommand_passes_the_merge_distance(duplicates_file, tmp_path, cap
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_red_subcommand_passes_the_merge_representative(duplicates_file, tmp_path, capsys):
+def _check_flag(duplicates_file, tmp_path, capsys, flags, option, knobs):
+    """`red` with ``flags`` writes ``compress(**knobs, **option)``, which differs from ``compress(**knobs)``; the
+    flag's last value replaced by a bad one is a usage error. Returns what the good run printed."""
     path, model = duplicates_file
     out = tmp_path / "red.keras"
-    assert main(["red", str(path), str(out), "--merge-threshold", "1.0", "--merge-representative", "leader"]) == 0
+    assert main(["red", str(path), str(out), *flags]) == 0
+    printed = capsys.readouterr().out
     x = _inputs(model, batch=4)
-    leader = kap.red.compress(model, merge_threshold=1.0, merge_representative="leader").model
-    readers = kap.red.compress(model, merge_threshold=1.0).model  # clusters of near-identical channels at 1.0
-    assert relative_error(np.asarray(readers(x)), np.asarray(leader(x))) > 1e-4  # the flag matters here
-    assert relative_error(np.asarray(keras.saving.load_model(out)(x)), np.asarray(leader(x))) <= 1e-5
+    expected = kap.red.compress(model, **knobs, **option).model
+    default = kap.red.compress(model, **knobs).model
+    assert relative_error(np.asarray(default(x)), np.asarray(expected(x))) > 1e-4  # the flag matters here
+    assert relative_error(np.asarray(keras.saving.load_model(out)(x)), np.asarray(expected(x))) <= 1e-5
     with pytest.raises(SystemExit):
-        main(["red", str(path), str(out), "--merge-representative", "mean"])
+        main(["red", str(path), str(out), *flags[:-1], "nonsense"])
     assert "invalid choice" in capsys.readouterr().err
+    return printed
+
+
+def test_red_subcommand_passes_the_merge_representative(duplicates_file, tmp_path, capsys):
+    # clusters of near-identical channels at 1.0
+    _check_flag(duplicates_file, tmp_path, capsys, ["--merge-threshold", "1.0", "--merge-representative", "leader"],
+                {"merge_representative": "leader"}, {"merge_threshold": 1.0})
+
+
+def test_red_subcommand_passes_snap_to(duplicates_file, tmp_path, capsys):
+    printed = _check_flag(duplicates_file, tmp_path, capsys, ["--bandwidth-scale", "0.5", "--snap-to", "mode"],
+                          {"snap_to": "mode"}, {"bandwidth_scale": 0.5})
+    assert "snap_to='mode'" in printed
 
 
 def test_red_subcommand_can_leave_the_reader_biases_alone(duplicates_file, tmp_path, capsys):
@@ -93,21 +109,6 @@ def test_red_subcommand_can_leave_the_reader_biases_alone(duplicates_file, tmp_p
     assert shift > 1e-4  # the flag matters here
     np.testing.assert_array_equal(keras.saving.load_model(out).get_layer("c2").bias.numpy(),
                                   plain.get_layer("c2").bias.numpy())
-
-
-def test_red_subcommand_passes_snap_to(duplicates_file, tmp_path, capsys):
-    path, model = duplicates_file
-    out = tmp_path / "red.keras"
-    assert main(["red", str(path), str(out), "--bandwidth-scale", "0.5", "--snap-to", "mode"]) == 0
-    x = _inputs(model, batch=4)
-    mode = kap.red.compress(model, bandwidth_scale=0.5, snap_to="mode").model
-    mean = kap.red.compress(model, bandwidth_scale=0.5).model
-    assert relative_error(np.asarray(mean(x)), np.asarray(mode(x))) > 1e-4  # the flag matters here
-    assert relative_error(np.asarray(keras.saving.load_model(out)(x)), np.asarray(mode(x))) <= 1e-5
-    assert "snap_to='mode'" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["red", str(path), str(out), "--snap-to", "median"])
-    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_red_subcommand_counts_a_model_of_unknown_input_size_at_input_shape(tmp_path, capsys):
