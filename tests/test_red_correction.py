@@ -113,3 +113,25 @@ def test_correct_merge_bias_must_be_a_bool():
     model = keras.Sequential([keras.Input((3,)), L.Dense(2)])
     with pytest.raises(ValueError, match="Expected `correct_merge_bias` to be True or False. Received"):
         kap.red.compress(model, correct_merge_bias="yes")
+
+
+def test_a_group_read_through_depthwise_filters_is_merged_without_correction():
+    inputs = keras.Input((5, 5, 3))
+    x = L.ReLU()(L.BatchNormalization(name="bn")(L.Conv2D(6, 3, padding="same", name="conv")(inputs)))
+    model = keras.Model(inputs, L.SeparableConv2D(2, 3, name="separable")(x))
+    randomize(model, seed=8)
+    for name in ("conv", "bn"):
+        for variable in model.get_layer(name).weights:
+            value = variable.numpy()
+            value[..., 4] = value[..., 1]
+            variable.assign(value)
+    depthwise = model.get_layer("separable").depthwise_kernel  # (3, 3, channels, 1): its filters are compared too
+    value = depthwise.numpy()
+    value[:, :, 4] = value[:, :, 1]
+    depthwise.assign(value)
+    result = kap.red.compress(model, bandwidth_scale=0, merge_threshold=0.5)
+    assert result.merge_clusters == {"conv": [[1, 4]]} and result.bias_corrected == ()
+    folded, folds = kap.red.fold_batchnorm(model)
+    stage = kap.red.merge_neurons(folded, 0.5, channel_statistics=kap.red.folded_statistics(
+        kap.DependencyGraph(model), folds))
+    assert stage.bias_uncorrected == {"conv": "reader 'separable' reads through depthwise filters"}

@@ -35,9 +35,10 @@ channels, had a BatchNormalization folded into it and holds each channel at
 one position, and between it and the readers there are only elementwise
 activations and layers that keep a value's mean (`MEAN_KEEPING`). A group
 tied by a residual Add or a gate, one with an unfolded normalisation or a
-max pooling after its last creating layer, is merged without correction,
-and so is a reader without a bias. Exact merges need none (their channels
-are equal).
+max pooling after its last creating layer, or one read by a SeparableConv
+(through its depthwise filters) or a grouped convolution, is merged without
+correction; a reader without a bias is left as it is. Exact merges need
+none (their channels are equal).
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ def reader_bias_shifts(index: GraphIndex, signature: GroupSignatures, clusters: 
     source = _source(index, signature.group, signature.readers, statistics)
     if isinstance(source, str):
         return source
+    for reader in signature.readers:
+        if reader.weight != "kernel" or reader.layer.get_config().get("groups", 1) > 1:
+            kind = "reads through depthwise filters" if reader.weight != "kernel" else "is a grouped convolution"
+            return f"reader '{reader.layer.name}' {kind}"
     stats = statistics[source.layer]
     records = {id(r.operation): r for r in index.graph.records if r.first_call}
     shifts: dict[int, np.ndarray] = {}
