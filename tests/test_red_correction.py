@@ -135,3 +135,20 @@ def test_a_group_read_through_depthwise_filters_is_merged_without_correction():
     stage = kap.red.merge_neurons(folded, 0.5, channel_statistics=kap.red.folded_statistics(
         kap.DependencyGraph(model), folds))
     assert stage.bias_uncorrected == {"conv": "reader 'separable' reads through depthwise filters"}
+
+
+def test_a_softmax_over_positions_is_not_taken_for_an_elementwise_activation():
+    inputs = keras.Input((5, 5, 3))
+    x = L.BatchNormalization(name="bn")(L.Conv2D(6, 3, padding="same", name="conv")(inputs))
+    model = keras.Model(inputs, L.Conv2D(2, 1, name="reader")(L.Softmax(axis=1, name="spatial")(x)))
+    randomize(model, seed=9)
+    for name in ("conv", "bn"):
+        for variable in model.get_layer(name).weights:
+            value = variable.numpy()
+            value[..., 4] = value[..., 1]
+            variable.assign(value)
+    folded, folds = kap.red.fold_batchnorm(model)
+    stage = kap.red.merge_neurons(folded, 0.5, channel_statistics=kap.red.folded_statistics(
+        kap.DependencyGraph(model), folds))
+    assert stage.clusters == {"conv": [[1, 4]]}
+    assert stage.bias_uncorrected == {"conv": "layer 'spatial' (Softmax) between 'conv' and the readers"}

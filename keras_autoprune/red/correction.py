@@ -150,7 +150,7 @@ def _source(index: GraphIndex, group: ChannelGroup, readers: list[Reader],
         layer = record.operation
         if order[member.layer] <= order[source.layer] or id(layer) in reading:
             continue
-        if isinstance(record.handler, ActivationHandler):
+        if isinstance(record.handler, ActivationHandler) and not _normalises(layer):
             if member.side == "output":  # the same layer's input side was seen first
                 activations.append(layer)
             continue
@@ -163,6 +163,13 @@ def _source(index: GraphIndex, group: ChannelGroup, readers: list[Reader],
             return f"'{source.layer}' holds a channel at {at.size} positions"
         positions[int(channel)] = int(at[0])
     return _Source(source.layer, positions, tuple(activations))
+
+
+def _normalises(layer) -> bool:
+    """Whether an activation layer is a softmax (over some axis): not elementwise, so not evaluated pointwise."""
+    name = getattr(layer, "get_config", dict)().get("activation")
+    name = name if isinstance(name, str) else getattr(name, "__name__", "")
+    return type(layer).__name__ in ("Softmax", "LogSoftmax") or name in ("softmax", "log_softmax")
 
 
 def _expected(activations, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
