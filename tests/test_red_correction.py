@@ -20,6 +20,15 @@ def _relu_mean(mean: float, std: float) -> float:
     return mean * 0.5 * (1 + math.erf(ratio / math.sqrt(2))) + std * math.exp(-ratio ** 2 / 2) / math.sqrt(2 * math.pi)
 
 
+def _copy_channel(model: keras.Model, names, source: int, target: int) -> None:
+    """Output channel ``target`` of the named layers becomes a copy of ``source`` (every per-channel weight)."""
+    for name in names:
+        for variable in model.get_layer(name).weights:
+            value = variable.numpy()
+            value[..., target] = value[..., source]
+            variable.assign(value)
+
+
 def _collinear_model(seed: int = 0) -> keras.Model:
     """Dense -> BN -> ReLU -> Dense; after folding, producer channel 1 is 1.3 times channel 0, so the two merge.
 
@@ -95,12 +104,7 @@ def test_a_residual_group_is_merged_without_correction():
     x = L.GlobalAveragePooling2D()(L.ReLU()(L.Add(name="add")([branch, shortcut])))
     model = keras.Model(inputs, L.Dense(2, name="head")(x))
     randomize(model, seed=4)
-    for name in ("branch", "shortcut", "bn_branch", "bn_short"):
-        layer = model.get_layer(name)
-        for variable in layer.weights:
-            value = variable.numpy()
-            value[..., 3] = value[..., 1]
-            variable.assign(value)
+    _copy_channel(model, ("branch", "shortcut", "bn_branch", "bn_short"), 1, 3)
     result = kap.red.compress(model, bandwidth_scale=0, merge_threshold=0.5)
     assert result.neurons_merged >= 1 and result.bias_corrected == ()
     stage = kap.red.merge_neurons(kap.red.fold_batchnorm(model)[0], 0.5, channel_statistics={
@@ -120,11 +124,7 @@ def test_a_group_read_through_depthwise_filters_is_merged_without_correction():
     x = L.ReLU()(L.BatchNormalization(name="bn")(L.Conv2D(6, 3, padding="same", name="conv")(inputs)))
     model = keras.Model(inputs, L.SeparableConv2D(2, 3, name="separable")(x))
     randomize(model, seed=8)
-    for name in ("conv", "bn"):
-        for variable in model.get_layer(name).weights:
-            value = variable.numpy()
-            value[..., 4] = value[..., 1]
-            variable.assign(value)
+    _copy_channel(model, ("conv", "bn"), 1, 4)
     depthwise = model.get_layer("separable").depthwise_kernel  # (3, 3, channels, 1): its filters are compared too
     value = depthwise.numpy()
     value[:, :, 4] = value[:, :, 1]
@@ -142,11 +142,7 @@ def test_a_softmax_over_positions_is_not_taken_for_an_elementwise_activation():
     x = L.BatchNormalization(name="bn")(L.Conv2D(6, 3, padding="same", name="conv")(inputs))
     model = keras.Model(inputs, L.Conv2D(2, 1, name="reader")(L.Softmax(axis=1, name="spatial")(x)))
     randomize(model, seed=9)
-    for name in ("conv", "bn"):
-        for variable in model.get_layer(name).weights:
-            value = variable.numpy()
-            value[..., 4] = value[..., 1]
-            variable.assign(value)
+    _copy_channel(model, ("conv", "bn"), 1, 4)
     folded, folds = kap.red.fold_batchnorm(model)
     stage = kap.red.merge_neurons(folded, 0.5, channel_statistics=kap.red.folded_statistics(
         kap.DependencyGraph(model), folds))
