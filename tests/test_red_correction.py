@@ -81,6 +81,11 @@ def test_correction_keeps_the_readers_mean_where_the_statistics_are_true():
                                   plain.model.get_layer("reader").kernel.numpy())
     assert "reader biases corrected for 1 of the 1 merged groups" in corrected.summary()
     assert corrected.report.extra["merge_bias_corrected_groups"] == 1
+    _, folds = kap.red.fold_batchnorm(model)
+    statistics = kap.red.folded_statistics(kap.DependencyGraph(model), folds)
+    assert set(statistics) == {"producer"}
+    np.testing.assert_array_equal(statistics["producer"].mean, beta)
+    np.testing.assert_array_equal(statistics["producer"].std, gamma)
 
 
 def test_the_leader_is_corrected_too_and_exact_merges_are_left_alone():

@@ -98,8 +98,9 @@ class _Source:
 
 def reader_bias_shifts(index: GraphIndex, signature: GroupSignatures, clusters: list[list[int]],
                        coefficients: list[np.ndarray], cache: dict,
-                       statistics: dict[str, ChannelStatistics]) -> dict[int, np.ndarray] | str:
-    """``{id(reader layer): Δ}`` for the readers of one group's merged ``clusters`` (module docstring), or why not.
+                       statistics: dict[str, ChannelStatistics]) -> list[tuple[Reader, np.ndarray]] | str:
+    """``[(reader, Δ)]`` for the readers with a bias of one group's merged ``clusters`` (module docstring), or why
+    the group cannot be corrected.
 
     Args:
         index: lookups over the graph of the model being merged.
@@ -116,39 +117,39 @@ def reader_bias_shifts(index: GraphIndex, signature: GroupSignatures, clusters: 
         if reader.weight != "kernel" or reader.layer.get_config().get("groups", 1) > 1:
             kind = "reads through depthwise filters" if reader.weight != "kernel" else "is a grouped convolution"
             return f"reader '{reader.layer.name}' {kind}"
+    channels = [c for cluster in clusters for c in cluster]
+    if any(c not in source.positions for c in channels):
+        return f"a merged channel is not created by '{source.layer}'"
     stats = statistics[source.layer]
-    records = {id(r.operation): r for r in index.graph.records if r.first_call}
-    shifts: dict[int, np.ndarray] = {}
-    for cluster, a in zip(clusters, coefficients):
-        if any(c not in source.positions for c in cluster):
-            return f"a merged channel is not created by '{source.layer}'"
-        at = [source.positions[c] for c in cluster]
-        mean, std = stats.mean[at], stats.std[at]
-        expected = _expected(source.activations, mean, std)
-        kept = _expected(source.activations, np.array([a @ mean]), np.array([abs(a @ std)]))[0]
-        for reader in signature.readers:
-            weights = cache[id(reader.layer)]
-            if weights.get("bias") is None:
-                continue
-            sums = _row_sums(records[id(reader.layer)].handler, reader, weights)
-            shift = sum(sums[c] * (e - kept) for c, e in zip(cluster, expected))
-            shifts[id(reader.layer)] = shifts.get(id(reader.layer), 0.0) + shift
+    at = [source.positions[c] for c in channels]
+    channel_means = dict(zip(channels, _expected(source.activations, stats.mean[at], stats.std[at])))
+    members = [[source.positions[c] for c in cluster] for cluster in clusters]
+    kept = _expected(source.activations,  # every cluster's kept channel at once: N(Σ a β, (Σ a |γ|)²)
+                     np.array([a @ stats.mean[m] for m, a in zip(members, coefficients)]),
+                     np.array([abs(a @ stats.std[m]) for m, a in zip(members, coefficients)]))
+    shifts = []
+    for reader in signature.readers:
+        weights = cache[id(reader.layer)]
+        if weights.get("bias") is None:
+            continue
+        sums = _row_sums(index.record_of(reader.layer).handler, reader, weights)
+        shift = sum(sums[c] * (channel_means[c] - kept_r) for cluster, kept_r in zip(clusters, kept) for c in cluster)
+        shifts.append((reader, shift))
     return shifts
 
 
 def _source(index: GraphIndex, group: ChannelGroup, readers: list[Reader],
             statistics: dict[str, ChannelStatistics]) -> _Source | str:
-    order = {record.name: position for position, record in enumerate(index.graph.records) if record.first_call}
     reading = {id(reader.layer) for reader in readers}
     candidates = [m for m in group.members if m.side == "output" and m.layer in statistics]
     if not candidates:
         return "no member of the group had a BatchNormalization folded into it"
-    source = max(candidates, key=lambda m: order[m.layer])
+    source = max(candidates, key=lambda m: index.position(m.layer))
     activations = []
-    for member in sorted(group.members, key=lambda m: order[m.layer]):
+    for member in sorted(group.members, key=lambda m: index.position(m.layer)):
         record = index.record(member.layer)
         layer = record.operation
-        if order[member.layer] <= order[source.layer] or id(layer) in reading:
+        if index.position(member.layer) <= index.position(source.layer) or id(layer) in reading:
             continue
         if isinstance(record.handler, ActivationHandler) and not _normalises(layer):
             if member.side == "output":  # the same layer's input side was seen first

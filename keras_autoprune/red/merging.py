@@ -250,9 +250,8 @@ def _fold_readers(model, index: GraphIndex, signatures, clusters, cache, combine
             if isinstance(shifts, str):
                 uncorrected[group_id] = shifts
             else:
-                for reader_id, shift in shifts.items():
-                    layer = next(r.layer for r in signature.readers if id(r.layer) == reader_id)
-                    weights = weights_of(layer)
+                for reader, shift in shifts:
+                    weights = weights_of(reader.layer)
                     weights["bias"] = (weights["bias"] + shift).astype(weights["bias"].dtype)
                 corrected.append(group_id)
         for reader in signature.readers:

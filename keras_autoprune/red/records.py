@@ -61,6 +61,8 @@ class GraphIndex:
         for tensor in check_model(graph.model).outputs:
             self._readers[self.resolve(id(tensor))] += 1
         self._first = {r.name: r for r in graph.records if r.first_call}
+        self._position = {name: position for position, name in enumerate(self._first)}
+        self._by_operation = {id(r.operation): r for r in self._first.values()}
 
     def resolve(self, key: int) -> int:
         """The key of the tensor that ``key`` stands for across nested-model boundaries."""
@@ -81,6 +83,14 @@ class GraphIndex:
     def record(self, name: str) -> CallRecord:
         """The first call of the layer with qualified name ``name``."""
         return self._first[name]
+
+    def record_of(self, operation) -> CallRecord:
+        """The first call of ``operation`` (a layer of the graph's model)."""
+        return self._by_operation[id(operation)]
+
+    def position(self, name: str) -> int:
+        """Where the first call of layer ``name`` comes in the graph's walk (earlier calls: smaller)."""
+        return self._position[name]
 
 
 #: ``change(layer) -> (new unbuilt layer, weights)`` or None to copy the layer.
