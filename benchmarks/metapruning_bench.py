@@ -15,7 +15,11 @@
 Every stage takes ``--channel-order l1`` to run the same protocol on a
 PruningNet that keeps each group's channels of largest L1 norm first
 (`PruningNet(channel_order="l1")`); its weights, scores and results are kept
-apart (``metapruning_<model>_l1.json``).
+apart (``metapruning_<model>_l1.json``). ``--pruningnet-start scratch`` likewise
+runs them on a PruningNet whose generators start from a random initialisation
+and train at 0.1 (the paper's; ``metapruning_<model>_scratchnet.json``). A
+training from scratch at the same widths, epochs and seed is reused from
+another net's results rather than trained twice.
 
 Data (fixed, shared by every stage): the 50,000 CIFAR-10 training images are
 split by a seeded permutation into 45,000 that train the PruningNet and the
@@ -49,6 +53,7 @@ decay).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -72,16 +77,39 @@ SCALES = tuple(round(0.1 + 0.05 * i, 2) for i in range(19))
 """Width choices 0.10, 0.15, ..., 1.00 (coarser than the paper's 31: fewer, more distinct genes)."""
 
 
-def _paths(model_name: str, channel_order: str = "index") -> dict:
+@dataclasses.dataclass(frozen=True)
+class NetVariant:
+    """Which PruningNet a stage runs on; each variant keeps its own weights, scores and results.
+
+    ``channel_order``: `PruningNet(channel_order=...)`. ``warm_start``: the generators start at the converged
+    weights and train at 0.01 (the default), or from a random initialisation at 0.1, the paper's PruningNet
+    (`PruningNet(warm_start=False)`; the results file gets a ``_scratchnet`` suffix).
+    """
+
+    channel_order: str = "index"
+    warm_start: bool = True
+
+    def run(self, model_name: str) -> str:
+        """``resnet20``, ``resnet20_l1``, ``resnet20_scratchnet``, ``resnet20_l1_scratchnet``."""
+        order = "" if self.channel_order == "index" else f"_{self.channel_order}"
+        return f"{model_name}{order}" + ("" if self.warm_start else "_scratchnet")
+
+    @property
+    def learning_rate(self) -> float:
+        """The PruningNet's initial learning rate, decayed linearly to 0 over the planned epochs."""
+        return 0.01 if self.warm_start else 0.1
+
+
+def _paths(model_name: str, variant: NetVariant = NetVariant()) -> dict:
     from keras_autoprune.datasets import cache_dir
 
     cache = cache_dir() / "metapruning"
     cache.mkdir(parents=True, exist_ok=True)
-    run = model_name if channel_order == "index" else f"{model_name}_{channel_order}"
+    run = variant.run(model_name)
     return {"weights": cache / f"pruningnet_{run}.weights.h5", "results": RESULTS_DIR / f"metapruning_{run}.json",
             "scores": cache / f"scores_{run}_{{tag}}.json", "table": RESULTS_DIR / f"latency_table_{model_name}.json",
             "calibrated_table": RESULTS_DIR / f"latency_table_{model_name}_calibrated.json",
-            "channel_order": channel_order, "run": run}
+            "channel_order": variant.channel_order, "warm_start": variant.warm_start, "run": run}
 
 
 def _tag(metric: str, target: float, calibrated: bool = False, score_images: int = SCORE_IMAGES) -> str:
@@ -143,7 +171,8 @@ def _network(model_name: str, paths: dict, trained_weights: bool = True):
     from keras_autoprune import metapruning as mp
 
     model = keras.saving.load_model(converged.MODELS_DIR / f"{model_name}.keras")
-    net = mp.PruningNet(model, scales=SCALES, seed=0, channel_order=paths["channel_order"])
+    net = mp.PruningNet(model, scales=SCALES, seed=0, channel_order=paths["channel_order"],
+                        warm_start=paths["warm_start"])
     if not trained_weights:
         return model, net
     trained = _load(paths["results"]).get("pruningnet", {}).get("epochs_done", 0)
@@ -157,11 +186,11 @@ def _network(model_name: str, paths: dict, trained_weights: bool = True):
     return model, net
 
 
-def train(model_name: str, epochs: int, channel_order: str = "index", log=print) -> None:
+def train(model_name: str, epochs: int, variant: NetVariant = NetVariant(), log=print) -> None:
     """Trains the PruningNet up to ``epochs`` epochs in all, one epoch per stage (resumes)."""
     from keras_autoprune import metapruning as mp
 
-    paths = _paths(model_name, channel_order)
+    paths = _paths(model_name, variant)
     results = _load(paths["results"])
     if not paths["weights"].exists():  # weights lost (or never kept): the recorded epochs describe another net
         results["pruningnet"] = {"epochs_done": 0, "seconds": [], "loss": [], "planned_epochs": epochs}
@@ -173,7 +202,7 @@ def train(model_name: str, epochs: int, channel_order: str = "index", log=print)
     model, net = _network(model_name, paths)
     for epoch in range(state["epochs_done"], epochs):
         x, y = _full_batches(*converged.augment(split["train_x"], split["train_y"], seed=2, epoch=epoch))
-        rate = 0.01 * (1 - epoch / state["planned_epochs"])
+        rate = variant.learning_rate * (1 - epoch / state["planned_epochs"])
         start = time.perf_counter()
         history = mp.train_pruningnet(net, (x, y), epochs=1, learning_rate=rate, decay=False, seed=epoch,
                                       batch_size=BATCH_SIZE, verbose=2)
@@ -187,7 +216,7 @@ def train(model_name: str, epochs: int, channel_order: str = "index", log=print)
         log(f"PruningNet epoch {epoch + 1}/{epochs}: loss {state['loss'][-1]:.4f}, {state['seconds'][-1]:.0f} s")
 
 
-def search(model_name: str, target: float, metric: str = "flops", channel_order: str = "index", calibrated: bool = False,
+def search(model_name: str, target: float, metric: str = "flops", variant: NetVariant = NetVariant(), calibrated: bool = False,
            score_images: int = SCORE_IMAGES, log=print) -> dict:
     """Searches at ``target`` (FLOPs or latency kept); scores the uniform gene of the same budget too.
 
@@ -198,7 +227,7 @@ def search(model_name: str, target: float, metric: str = "flops", channel_order:
     import keras_autoprune as kap
     from keras_autoprune import metapruning as mp
 
-    paths = _paths(model_name, channel_order)
+    paths = _paths(model_name, variant)
     results = _load(paths["results"])
     split = _split(converged.load_cifar10(), score_images)
     model, net = _network(model_name, paths)
@@ -247,7 +276,7 @@ def replace_search_row(results: dict, tag: str, row: dict, log=print) -> None:
     results["search"][tag] = row
 
 
-def finetune(model_name: str, target: float, epochs: int, metric: str = "flops", channel_order: str = "index",
+def finetune(model_name: str, target: float, epochs: int, metric: str = "flops", variant: NetVariant = NetVariant(),
              init: str = "generated", seed: int = 0, entries: tuple[str, ...] = ("searched", "uniform"),
              score_images: int = SCORE_IMAGES, log=print) -> None:
     """Trains the searched and the uniform gene of ``target`` the same epochs; test accuracy of each.
@@ -274,7 +303,7 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
     import keras_autoprune as kap
     from benchmarks.profiles import PROFILES, learning_rate
 
-    paths = _paths(model_name, channel_order)
+    paths = _paths(model_name, variant)
     tag = _tag(metric, target, score_images=score_images)
     row = _load(paths["results"])["search"][tag]
     data = converged.load_cifar10()
@@ -285,11 +314,13 @@ def finetune(model_name: str, target: float, epochs: int, metric: str = "flops",
         if base not in entries:
             continue
         entry = row_name(base, init, seed, epochs)
-        slim = _architecture(model, net, row, base, init, metric, channel_order)
+        slim = _architecture(model, net, row, base, init, metric, variant.channel_order)
         widths = layer_widths(slim)
         results = _load(paths["results"])
         done = _trained_row(results, tag, entry, widths, epochs, superseded=init != "generated",
                             other_searches=init == "scratch")
+        if done is None and init == "scratch":
+            done = _scratch_row_of_another_net(model_name, paths, entry, widths, epochs)
         if done is not None:
             if results.setdefault("finetune", {}).setdefault(tag, {}).get(entry) is not done:
                 results["finetune"][tag][entry] = done
@@ -345,7 +376,7 @@ EXPORT_FILE = "export.json"
 
 
 def export_scratch(model_name: str, target: float, directory: str | pathlib.Path, metric: str = "flops",
-                   channel_order: str = "index", score_images: int = SCORE_IMAGES, log=print) -> dict:
+                   variant: NetVariant = NetVariant(), score_images: int = SCORE_IMAGES, log=print) -> dict:
     """Writes a search's two architectures for `train_exported` on a machine without TensorFlow.
 
     ``<directory>/searched.keras`` and ``uniform.keras`` (the widths ``finetune --init scratch`` trains; their
@@ -357,14 +388,14 @@ def export_scratch(model_name: str, target: float, directory: str | pathlib.Path
 
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    paths = _paths(model_name, channel_order)
+    paths = _paths(model_name, variant)
     tag = _tag(metric, target, score_images=score_images)
     row = _load(paths["results"])["search"][tag]
     model, net = _network(model_name, paths, trained_weights=False)
-    exported = {"model": model_name, "channel_order": channel_order, "tag": tag, "score_images": score_images,
+    exported = {"model": model_name, "channel_order": variant.channel_order, "warm_start": variant.warm_start, "tag": tag, "score_images": score_images,
                 "gene": row["gene"], "cost": row["cost"], "entries": {}}
     for entry in ("searched", "uniform"):
-        slim = _architecture(model, net, row, entry, "scratch", metric, channel_order)
+        slim = _architecture(model, net, row, entry, "scratch", metric, variant.channel_order)
         slim.save(directory / f"{entry}.keras")
         exported["entries"][entry] = {"widths": layer_widths(slim),
                                       "flops_kept": kap.count_flops(slim) / kap.count_flops(model)}
@@ -404,7 +435,7 @@ def collect_exported(directory: str | pathlib.Path, log=print) -> list[str]:
     """
     directory = pathlib.Path(directory)
     exported = json.loads((directory / EXPORT_FILE).read_text())
-    paths = _paths(exported["model"], exported["channel_order"])
+    paths = _paths(exported["model"], NetVariant(exported["channel_order"], exported.get("warm_start", True)))
     results = _load(paths["results"])
     current = results["search"][exported["tag"]]
     if (current["gene"], current["cost"]) != (exported["gene"], exported["cost"]):
@@ -440,6 +471,22 @@ def _matched_uniform(model, net, cost: float, init: str, channel_order: str):
     graph = kap.DependencyGraph(model)
     importance = {"index": "last", "l1": "l1"}[channel_order]
     return kap.apply_plan(model, kap.PrunePlan.uniform(graph, ratio, importance=importance), graph)
+
+
+def _scratch_row_of_another_net(model_name: str, paths: dict, entry: str, widths: dict[str, int],
+                                epochs: int) -> dict | None:
+    """A from-scratch row of ``entry`` trained at ``widths`` in the results of another PruningNet of the same
+    model (`NetVariant`, and the kept results of earlier nets), or None.
+
+    A training from scratch depends on the widths, the epochs and the seed alone (the entry name), not on the
+    net whose search chose the widths, so the uniform widths matched to the same FLOPs are not trained twice.
+    """
+    for other in sorted(RESULTS_DIR.glob(f"metapruning_{model_name}*.json")):
+        if other != paths["results"]:
+            done = _trained_row(_load(other), "", entry, widths, epochs)
+            if done is not None:
+                return done
+    return None
 
 
 def layer_widths(model) -> dict[str, int]:
@@ -518,7 +565,7 @@ def train_from_scratch(architecture, split: dict, data: converged.Cifar10, epoch
     return record
 
 
-def latency(model_name: str, target: float, channel_order: str = "index", calibrate: bool = False, log=print) -> None:
+def latency(model_name: str, target: float, variant: NetVariant = NetVariant(), calibrate: bool = False, log=print) -> None:
     """Builds the latency table (once), searches under a latency budget, checks the table on the candidates.
 
     ``calibrate``: search with a calibrated copy of the table (calibrated once, kept beside it).
@@ -528,7 +575,7 @@ def latency(model_name: str, target: float, channel_order: str = "index", calibr
     import keras_autoprune as kap
     from keras_autoprune import metapruning as mp
 
-    paths = _paths(model_name, channel_order)
+    paths = _paths(model_name, variant)
     model = keras.saving.load_model(converged.MODELS_DIR / f"{model_name}.keras")
     if not paths["table"].exists():
         start = time.perf_counter()
@@ -540,7 +587,7 @@ def latency(model_name: str, target: float, channel_order: str = "index", calibr
         table.save(paths["calibrated_table"])
         log(f"latency table calibrated: k = {table.savings_scale:.3f}, T_full {table.full_ms:.4f} ms, "
             f"{time.perf_counter() - start:.0f} s")
-    winner = search(model_name, target, metric="latency", channel_order=channel_order, calibrated=calibrate, log=log)["gene"]
+    winner = search(model_name, target, metric="latency", variant=variant, calibrated=calibrate, log=log)["gene"]
     table = mp.LatencyTable.load(_table_path(paths, calibrate))
     tag = _tag("latency", target, calibrate)
     _, net = _network(model_name, paths)
@@ -573,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--channel-order", default="index", choices=("index", "l1"), help="`PruningNet(channel_order=...)`")
+    parser.add_argument("--pruningnet-start", default="warm", choices=("warm", "scratch"),
+                        help="the PruningNet's generators start at the converged weights (lr 0.01) or from a random "
+                             "initialisation (lr 0.1, the paper's); results in metapruning_<model>_scratchnet.json")
     parser.add_argument("--calibrate", action="store_true", help="latency stage: search with a calibrated table")
     parser.add_argument("--score-images", type=int, default=SCORE_IMAGES, choices=(SCORE_IMAGES, HELD_OUT),
                         help="search and finetune: held-out images that score a candidate (5000: all, with "
@@ -587,30 +637,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(converged.DEFAULT_SOURCE), help="scratch stage: the CIFAR-10 archive")
     args = parser.parse_args(argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
-    order = args.channel_order
+    variant = NetVariant(args.channel_order, warm_start=args.pruningnet_start == "warm")
     if args.stage == "train":
-        train(args.model, args.epochs, order, log=log)
+        train(args.model, args.epochs, variant, log=log)
     elif args.stage == "search":
-        search(args.model, args.target, channel_order=order, score_images=args.score_images, log=log)
+        search(args.model, args.target, variant=variant, score_images=args.score_images, log=log)
     elif args.stage == "finetune":
-        finetune(args.model, args.target, args.epochs, channel_order=order, score_images=args.score_images,
+        finetune(args.model, args.target, args.epochs, variant=variant, score_images=args.score_images,
                  init=args.init, seed=args.seed,
                  entries=tuple(args.entry or ("searched", "uniform")), log=log)
     elif args.stage in ("export", "scratch", "collect") and not args.dir:
         parser.error(f"the {args.stage} stage needs --dir FOLDER (the exported architectures and their records)")
     elif args.stage == "export":
-        export_scratch(args.model, args.target, args.dir, channel_order=order, score_images=args.score_images, log=log)
+        export_scratch(args.model, args.target, args.dir, variant=variant, score_images=args.score_images, log=log)
     elif args.stage == "scratch":
         for entry in args.entry or ("searched", "uniform"):
             train_exported(args.dir, entry, args.epochs, seed=args.seed, data_source=args.data, log=log)
     elif args.stage == "collect":
         collect_exported(args.dir, log=log)
     elif args.stage == "latency":
-        latency(args.model, args.target, order, calibrate=args.calibrate, log=log)
+        latency(args.model, args.target, variant, calibrate=args.calibrate, log=log)
     else:
         from benchmarks.report import update_docs
 
-        paths = _paths(args.model, order)
+        paths = _paths(args.model, variant)
         page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "methods" / "metapruning.md"
         update_docs(page, f"metapruning_{paths['run']}", markdown(_load(paths["results"])))
         for kept in sorted(RESULTS_DIR.glob(f"metapruning_{paths['run']}_*.json")):  # earlier nets' kept results

@@ -113,7 +113,8 @@ def test_trainings_that_need_no_generated_weights_run_without_the_cached_pruning
 
     results = tmp_path / "metapruning_resnet20.json"
     results.write_text(json.dumps({"pruningnet": {"epochs_done": 16}}))
-    paths = {"weights": tmp_path / "missing.weights.h5", "results": results, "channel_order": "index"}
+    paths = {"weights": tmp_path / "missing.weights.h5", "results": results, "channel_order": "index",
+             "warm_start": True}
     with pytest.raises(FileNotFoundError, match="16 PruningNet epoch"):
         bench._network("resnet20", paths)
     model, net = bench._network("resnet20", paths, trained_weights=False)
@@ -218,3 +219,31 @@ def test_exported_architectures_train_from_fresh_weights_and_are_filed_under_the
                  {"search": {"flops_0.25": {**committed, "gene": [0] * len(committed["gene"])}}})
     with pytest.raises(ValueError, match="found another gene"):
         bench.collect_exported(tmp_path / "export")
+
+
+def test_each_pruningnet_variant_keeps_its_own_results():
+    assert bench.NetVariant().run("resnet20") == "resnet20"
+    assert bench.NetVariant("l1").run("resnet20") == "resnet20_l1"
+    assert bench.NetVariant(warm_start=False).run("resnet20") == "resnet20_scratchnet"
+    assert bench.NetVariant("l1", warm_start=False).run("mobilenetv2") == "mobilenetv2_l1_scratchnet"
+    assert (bench.NetVariant().learning_rate, bench.NetVariant(warm_start=False).learning_rate) == (0.01, 0.1)
+
+
+def test_a_training_from_scratch_is_reused_from_another_nets_results_at_the_same_widths(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
+    row = _trained(0.8134, {"a": 3, "b": 4})
+    warm = {"finetune": {"flops_0.25": {"uniform_from_scratch_seed1": row}}}
+    (tmp_path / "metapruning_resnet20.json").write_text(json.dumps(warm))
+    (tmp_path / "metapruning_mobilenetv2.json").write_text(json.dumps(
+        {"finetune": {"flops_0.25": {"uniform_from_scratch": _trained(0.5, {"a": 3, "b": 4})}}}))
+    paths = {"results": tmp_path / "metapruning_resnet20_scratchnet.json"}
+    found = bench._scratch_row_of_another_net("resnet20", paths, "uniform_from_scratch_seed1", {"a": 3, "b": 4}, 20)
+    assert found == row
+    # another seed, other widths, more epochs, or only the model's own file: trained again
+    assert bench._scratch_row_of_another_net("resnet20", paths, "uniform_from_scratch", {"a": 3, "b": 4}, 20) is None
+    assert bench._scratch_row_of_another_net("resnet20", paths, "uniform_from_scratch_seed1", {"a": 3, "b": 5}, 20) is None
+    assert bench._scratch_row_of_another_net("resnet20", paths, "uniform_from_scratch_seed1", {"a": 3, "b": 4}, 60) is None
+    own = {"results": tmp_path / "metapruning_resnet20.json"}
+    assert bench._scratch_row_of_another_net("resnet20", own, "uniform_from_scratch_seed1", {"a": 3, "b": 4}, 20) is None
