@@ -197,6 +197,8 @@ def train(model_name: str, epochs: int, variant: NetVariant = NetVariant(), log=
         _store(paths["results"], results)
     state = results.setdefault("pruningnet", {"epochs_done": 0, "seconds": [], "loss": [], "planned_epochs": epochs})
     state["planned_epochs"] = max(epochs, state.get("planned_epochs", epochs))
+    state["warm_start"] = variant.warm_start
+    _store(paths["results"], results)
     data = converged.load_cifar10()
     split = _split(data)
     model, net = _network(model_name, paths)

@@ -14,7 +14,9 @@ def markdown(results: dict) -> str:
     lines = []
     state = results.get("pruningnet")
     if state:
-        lines.append(f"PruningNet: {state['epochs_done']} epoch(s) from the converged weights, "
+        start = ("from the converged weights" if state.get("warm_start", True)
+                 else "from a random initialisation (learning rate 0.1)")
+        lines.append(f"PruningNet: {state['epochs_done']} epoch(s) {start}, "
                      f"{sum(state['seconds']) / 60:.0f} min on 2 shared CPU cores; training loss (label-smoothed, "
                      f"random genes) per epoch: {', '.join(f'{v:.3f}' for v in state['loss'])}.\n")
     rows = results.get("search", {})

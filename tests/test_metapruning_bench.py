@@ -247,3 +247,12 @@ def test_a_training_from_scratch_is_reused_from_another_nets_results_at_the_same
     assert bench._scratch_row_of_another_net("resnet20", paths, "uniform_from_scratch_seed1", {"a": 3, "b": 4}, 60) is None
     own = {"results": tmp_path / "metapruning_resnet20.json"}
     assert bench._scratch_row_of_another_net("resnet20", own, "uniform_from_scratch_seed1", {"a": 3, "b": 4}, 20) is None
+
+
+def test_the_report_says_where_the_pruningnet_started():
+    from benchmarks.metapruning_report import markdown
+
+    state = {"epochs_done": 2, "seconds": [60.0, 60.0], "loss": [2.1, 1.9]}
+    assert "2 epoch(s) from the converged weights, 2 min" in markdown({"pruningnet": state})
+    scratch = markdown({"pruningnet": {**state, "warm_start": False}})
+    assert "2 epoch(s) from a random initialisation (learning rate 0.1)" in scratch and "2.100, 1.900" in scratch
