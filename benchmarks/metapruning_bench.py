@@ -97,7 +97,9 @@ class NetVariant:
     @property
     def learning_rate(self) -> float:
         """The PruningNet's initial learning rate, decayed linearly to 0 over the planned epochs."""
-        return 0.01 if self.warm_start else 0.1
+        from keras_autoprune.metapruning import training
+
+        return training.WARM_START_LEARNING_RATE if self.warm_start else training.SCRATCH_LEARNING_RATE
 
 
 def _paths(model_name: str, variant: NetVariant = NetVariant()) -> dict:
@@ -394,8 +396,8 @@ def export_scratch(model_name: str, target: float, directory: str | pathlib.Path
     tag = _tag(metric, target, score_images=score_images)
     row = _load(paths["results"])["search"][tag]
     model, net = _network(model_name, paths, trained_weights=False)
-    exported = {"model": model_name, "channel_order": variant.channel_order, "warm_start": variant.warm_start, "tag": tag, "score_images": score_images,
-                "gene": row["gene"], "cost": row["cost"], "entries": {}}
+    exported = {"model": model_name, "channel_order": variant.channel_order, "warm_start": variant.warm_start,
+                "tag": tag, "score_images": score_images, "gene": row["gene"], "cost": row["cost"], "entries": {}}
     for entry in ("searched", "uniform"):
         slim = _architecture(model, net, row, entry, "scratch", metric, variant.channel_order)
         slim.save(directory / f"{entry}.keras")

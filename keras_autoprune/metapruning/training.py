@@ -17,6 +17,11 @@ import numpy as np
 from keras_autoprune.evaluation import output_activation
 from keras_autoprune.metapruning.pruningnet import GeneSampler, PruningNet
 
+WARM_START_LEARNING_RATE = 0.01
+"""`train_pruningnet`'s initial rate for a PruningNet warm-started from trained weights."""
+SCRATCH_LEARNING_RATE = 0.1
+"""`train_pruningnet`'s initial rate for a PruningNet built with ``warm_start=False`` (the paper's)."""
+
 
 def train_pruningnet(net: PruningNet, data: Any, epochs: int = 1, learning_rate: float | None = None,
                      label_smoothing: float = 0.1, from_logits: bool | None = None, seed: int = 0,
@@ -64,7 +69,8 @@ def train_pruningnet(net: PruningNet, data: Any, epochs: int = 1, learning_rate:
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"`label_smoothing` must be in [0, 1). Received: label_smoothing={label_smoothing!r}")
     check_training(data, batch_size, learning_rate)
-    rate = learning_rate if learning_rate is not None else (0.01 if net.warm_start else 0.1)
+    default = WARM_START_LEARNING_RATE if net.warm_start else SCRATCH_LEARNING_RATE
+    rate = learning_rate if learning_rate is not None else default
     arrays = is_labelled_arrays(data)
     steps = -(-len(data[0]) // batch_size) if arrays else _batches(data)
     if steps and decay:
