@@ -35,6 +35,7 @@ from keras_autoprune.export import (  # noqa: E402
 from keras_autoprune.graph import ChannelGroup, ChannelMember, DependencyGraph  # noqa: E402
 from keras_autoprune.graph import handlers  # noqa: E402
 from keras_autoprune.graph.handlers import register_handler  # noqa: E402
+from keras_autoprune.multi_worker import disable_multi_worker_fit, enable_multi_worker_fit  # noqa: E402
 from keras_autoprune.report import LayerChange, PruningReport  # noqa: E402
 from keras_autoprune.surgery import (  # noqa: E402
     FactorizationPlan,
@@ -76,6 +77,8 @@ __all__ = sorted(
         "VerificationError",
         "export_saved_model",
         "export_tflite",
+        "enable_multi_worker_fit",
+        "disable_multi_worker_fit",
         "measure_latencies",
         "measure_latency",
         "verify_tflite",

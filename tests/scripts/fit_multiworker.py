@@ -1,12 +1,15 @@
 """One worker of a two-worker `MultiWorkerMirroredStrategy` pruning run (tests/test_multiworker.py).
 
-``python tests/scripts/fit_multiworker.py OUT_DIR INDEX`` with ``TF_CONFIG``
-set (no ``TF_CONFIG``: the single-worker reference). Every worker reads the
-whole calibration set, so every worker computes the same statistics and the
-same plan; each writes ``plan-<INDEX>.json`` and the chief (index 0) the
-pruned model.
+``python tests/scripts/fit_multiworker.py OUT_DIR INDEX METHOD`` with
+``TF_CONFIG`` set (no ``TF_CONFIG``: the single-worker reference, no
+strategy). ``METHOD``: ``nap`` or ``eigendamage``. Every worker passes the
+whole calibration set; the statistics are split across the workers' replicas
+and summed back (`keras_autoprune.stats.engine`), so every worker makes the
+same plan. Each writes ``plan-<INDEX>.json`` and ``logs-<INDEX>.json`` (the
+fit history); the chief (index 0) writes the pruned model.
 """
 
+import json
 import os
 import pathlib
 import sys
@@ -19,9 +22,15 @@ import tensorflow as tf  # noqa: E402
 
 import keras_autoprune as kap  # noqa: E402
 
+CALLBACKS = {"nap": kap.NAPCallback, "eigendamage": kap.EigenDamageCallback}
 
-def main(out: pathlib.Path, index: int) -> None:
-    strategy = tf.distribute.MultiWorkerMirroredStrategy() if "TF_CONFIG" in os.environ else tf.distribute.get_strategy()
+
+def main(out: pathlib.Path, index: int, method: str) -> None:
+    if "TF_CONFIG" in os.environ:
+        kap.enable_multi_worker_fit()  # keras-team/keras#20585
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        strategy = tf.distribute.get_strategy()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
     y = rng.integers(0, 4, 64)
@@ -33,12 +42,13 @@ def main(out: pathlib.Path, index: int) -> None:
         h = keras.layers.GlobalAveragePooling2D()(h)
         model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(h))
         model.compile(optimizer=keras.optimizers.SGD(0.05), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    callback = kap.NAPCallback((x, y), budget=kap.Budget(flops=0.5), rounds=2, num_batches=2, batch_size=32, verbose=0)
-    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=3, verbose=0, callbacks=[callback])
+    callback = CALLBACKS[method]((x, y), budget=kap.Budget(flops=0.5), rounds=2, num_batches=2, batch_size=32, verbose=0)
+    history = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=3, verbose=0, callbacks=[callback])
     (out / f"plan-{index}.json").write_text(callback.plan.to_json())
+    (out / f"logs-{index}.json").write_text(json.dumps(history.history))
     if index == 0:
         callback.pruned_model.save(out / "pruned.keras")
 
 
 if __name__ == "__main__":
-    main(pathlib.Path(sys.argv[1]), int(sys.argv[2]))
+    main(pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

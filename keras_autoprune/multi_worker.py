@@ -1,0 +1,143 @@
+"""Keras 3 `fit` under `tf.distribute.MultiWorkerMirroredStrategy`, which Keras breaks today.
+
+Keras 3 (checked up to 3.15.1, TensorFlow 2.21) cannot `fit`, `evaluate` or
+`predict` under `MultiWorkerMirroredStrategy`, not even a plain model with no
+callback (keras-team/keras#20585, open): the TensorFlow trainer trips twice on
+the strategy's cross-worker reductions.
+
+1. Before the first step, ``TensorFlowTrainer._maybe_symbolic_build`` takes
+   one distributed batch and averages it over the replicas with
+   ``strategy.reduce("MEAN", batch, axis=None)``, only to learn the batch's
+   shapes. The collective strategy reduces one value at a time, not an
+   ``(x, y)`` structure, and raises "Attempt to convert a value
+   (PerReplica...) to a Tensor".
+2. After every step, ``reduce_per_replica`` averages the logs across workers
+   with ``strategy.reduce("MEAN", v, axis=0)``; the logs (loss, metrics) are
+   scalars, which have no axis 0.
+
+`enable_multi_worker_fit` replaces those two functions, for the collective
+multi-worker strategy only, by versions that (1) build from the first
+replica's share of the batch (its shapes are all the build reads) and (2)
+average a scalar log over the replicas, ``mean_r v_r``
+(``strategy.reduce("MEAN", v, axis=None)``), and leave everything else to
+Keras. Nothing else changes: Keras still distributes the data, all-reduces
+the gradients and keeps the variables mirrored; under every other strategy
+(none, `MirroredStrategy`, TPU) the original functions run.
+`tests/test_multiworker.py` trains two workers on localhost and checks that
+they end with the single-worker run's weights and pruning plan.
+
+It patches Keras for the whole process, so it is never done implicitly: call
+`enable_multi_worker_fit()` once, on every worker, before `fit`;
+`disable_multi_worker_fit()` puts Keras' functions back.
+
+>>> import keras_autoprune as kap
+>>> kap.enable_multi_worker_fit()   # doctest: +SKIP
+>>> strategy = tf.distribute.MultiWorkerMirroredStrategy()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+import tensorflow as tf
+from keras import tree
+
+_TRAINER_MODULE = "keras.src.backend.tensorflow.trainer"  # private: looked up only when the fix is asked for
+_ORIGINAL: dict[str, Any] = {}
+
+
+def enable_multi_worker_fit() -> bool:
+    """Lets Keras 3 `fit`, `evaluate` and `predict` run under `MultiWorkerMirroredStrategy`.
+
+    Idempotent. Call it on every worker before the first `fit` (the module
+    docstring says what it changes and why).
+
+    Returns:
+        True if it patched Keras now, False if it was already patched.
+
+    Raises:
+        RuntimeError: the installed Keras no longer has the functions this fix
+            replaces (a Keras release reorganised its TensorFlow trainer); try
+            `fit` without it, since that release may have fixed the bug.
+    """
+    if _ORIGINAL:
+        return False
+    import keras
+
+    try:
+        tf_trainer = _trainer_module()
+    except ImportError:
+        tf_trainer = None
+    trainer_class = getattr(tf_trainer, "TensorFlowTrainer", None)
+    missing = [name for name, owner in (("TensorFlowTrainer._maybe_symbolic_build", trainer_class),
+                                        ("reduce_per_replica", tf_trainer),
+                                        ("_collective_all_reduce_multi_worker", tf_trainer))
+               if not hasattr(owner, name.rsplit(".", 1)[-1])]
+    if missing:
+        raise RuntimeError(
+            "keras_autoprune.enable_multi_worker_fit() fixes keras-team/keras#20585 in Keras' TensorFlow trainer, "
+            f"but this Keras lacks what it replaces. Received: keras=={keras.__version__}, missing {missing}. "
+            "Fix: run `fit` under MultiWorkerMirroredStrategy without it (this Keras may have fixed the bug), "
+            "or install keras<=3.15.1.")
+    _ORIGINAL["build"] = trainer_class._maybe_symbolic_build
+    _ORIGINAL["reduce"] = tf_trainer.reduce_per_replica
+    trainer_class._maybe_symbolic_build = _maybe_symbolic_build
+    tf_trainer.reduce_per_replica = _reduce_per_replica
+    return True
+
+
+def disable_multi_worker_fit() -> bool:
+    """Puts back the Keras functions `enable_multi_worker_fit` replaced.
+
+    Returns:
+        True if it restored them, False if Keras was not patched.
+    """
+    if not _ORIGINAL:
+        return False
+    tf_trainer = _trainer_module()
+    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _ORIGINAL.pop("build")
+    tf_trainer.reduce_per_replica = _ORIGINAL.pop("reduce")
+    return True
+
+
+def multi_worker_fit_enabled() -> bool:
+    """Whether `enable_multi_worker_fit` is in effect."""
+    return bool(_ORIGINAL)
+
+
+def _trainer_module() -> ModuleType:
+    return importlib.import_module(_TRAINER_MODULE)
+
+
+def _multi_worker(strategy) -> bool:
+    return strategy is not None and _trainer_module()._collective_all_reduce_multi_worker(strategy)
+
+
+def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    """Keras' build before the first step, from the first replica's share of the batch under multi-worker."""
+    if not _multi_worker(self._distribute_strategy) or iterator is None:
+        return _ORIGINAL["build"](self, iterator=iterator, data_batch=data_batch)
+    strategy = self.distribute_strategy
+    for _, _, batches in iterator:
+        data_batch = tree.map_structure(
+            lambda v: strategy.experimental_local_results(v)[0] if isinstance(v, tf.distribute.DistributedValues)
+            else v, next(batches))
+        break
+    with strategy.scope():
+        self._symbolic_build(data_batch=data_batch)
+
+
+def _reduce_per_replica(values, strategy, reduction):
+    """Keras' reduction of a step's outputs, with scalars averaged over the replicas under multi-worker."""
+    original = _ORIGINAL["reduce"]
+    if not _multi_worker(strategy) or reduction not in ("auto", "mean"):
+        return original(values, strategy, reduction)
+
+    def reduce(value):
+        if strategy.experimental_local_results(value)[0].shape.rank == 0:
+            return strategy.reduce("MEAN", value, axis=None)
+        return original(value, strategy, reduction)
+
+    return tree.map_structure(reduce, values)
