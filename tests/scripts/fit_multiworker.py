@@ -6,7 +6,8 @@ strategy). ``METHOD``: ``nap`` or ``eigendamage``. Every worker passes the
 whole calibration set; the statistics are split across the workers' replicas
 and summed back (`keras_autoprune.stats.engine`), so every worker makes the
 same plan. Each writes ``plan-<INDEX>.json`` and ``logs-<INDEX>.json`` (the
-fit history); the chief (index 0) writes the pruned model.
+fit history, then `evaluate` and `predict` of the masked model); the chief
+(index 0) writes the pruned model.
 """
 
 import json
@@ -43,9 +44,12 @@ def main(out: pathlib.Path, index: int, method: str) -> None:
         model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(h))
         model.compile(optimizer=keras.optimizers.SGD(0.05), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     callback = CALLBACKS[method]((x, y), budget=kap.Budget(flops=0.5), rounds=2, num_batches=2, batch_size=32, verbose=0)
-    history = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=3, verbose=0, callbacks=[callback])
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    logs = model.fit(dataset, epochs=3, verbose=0, callbacks=[callback]).history
+    logs["evaluate"] = model.evaluate(dataset, verbose=0)
+    logs["predict"] = model.predict(x[:4], verbose=0).tolist()
     (out / f"plan-{index}.json").write_text(callback.plan.to_json())
-    (out / f"logs-{index}.json").write_text(json.dumps(history.history))
+    (out / f"logs-{index}.json").write_text(json.dumps(logs))
     if index == 0:
         callback.pruned_model.save(out / "pruned.keras")
 
