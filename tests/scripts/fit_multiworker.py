@@ -2,7 +2,7 @@
 
 ``python tests/scripts/fit_multiworker.py OUT_DIR INDEX METHOD`` with
 ``TF_CONFIG`` set (no ``TF_CONFIG``: the single-worker reference, no
-strategy). ``METHOD``: ``nap`` or ``eigendamage``. Every worker passes the
+strategy). ``METHOD``: a key of ``CALLBACKS``. Every worker passes the
 whole calibration set; the statistics are split across the workers' replicas
 and summed back (`keras_autoprune.stats.engine`), so every worker makes the
 same plan. Each writes ``plan-<INDEX>.json`` and ``logs-<INDEX>.json`` (the
@@ -23,7 +23,14 @@ import tensorflow as tf  # noqa: E402
 
 import keras_autoprune as kap  # noqa: E402
 
-CALLBACKS = {"nap": kap.NAPCallback, "eigendamage": kap.EigenDamageCallback}
+BUDGET = kap.Budget(flops=0.5)
+CALLBACKS = {  # (calibration data) -> callback
+    "nap": lambda data: kap.NAPCallback(data, budget=BUDGET, rounds=2, num_batches=2, batch_size=32, verbose=0),
+    "eigendamage": lambda data: kap.EigenDamageCallback(data, budget=BUDGET, rounds=2, num_batches=2, batch_size=32,
+                                                        verbose=0),
+    "psap": lambda data: kap.PSAPCallback(BUDGET, data, rounds=2, num_batches=2, batch_size=32, verbose=0),
+    "magnitude": lambda data: kap.MagnitudeCallback(BUDGET, rounds=2, verbose=0),
+}
 
 
 def main(out: pathlib.Path, index: int, method: str) -> None:
@@ -43,7 +50,7 @@ def main(out: pathlib.Path, index: int, method: str) -> None:
         h = keras.layers.GlobalAveragePooling2D()(h)
         model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(h))
         model.compile(optimizer=keras.optimizers.SGD(0.05), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    callback = CALLBACKS[method]((x, y), budget=kap.Budget(flops=0.5), rounds=2, num_batches=2, batch_size=32, verbose=0)
+    callback = CALLBACKS[method]((x, y))
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
     logs = model.fit(dataset, epochs=3, verbose=0, callbacks=[callback]).history
     logs["evaluate"] = model.evaluate(dataset, verbose=0)
