@@ -5,6 +5,8 @@ Keras 3 cannot `fit` under MultiWorkerMirroredStrategy by itself
 first. Two workers, each with one replica and half of every batch, must end
 where one process without a strategy ends: the same losses, the same plan and
 the same pruned model, and `evaluate` and `predict` give the same values.
+MetaPruning's PruningNet, one random gene per batch, trains to the same
+losses and generated weights.
 """
 
 from __future__ import annotations
@@ -45,14 +47,13 @@ def _run(out: pathlib.Path, index: int, method: str, tf_config: dict | None) -> 
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("method", ["nap", "eigendamage", "psap", "magnitude"])
-def test_two_workers_end_where_one_process_ends(tmp_path, method):
-    single = tmp_path / "single"
+def _run_single_and_two_workers(tmp_path: pathlib.Path, method: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """Runs ``method`` in one process without a strategy and in two localhost workers; their output folders."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir()
+    multi.mkdir()
     reference = _run(single, 0, method, None)
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    multi = tmp_path / "multi"
-    multi.mkdir()
     processes = [_run(multi, i, method, {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
                  for i in range(2)]
     try:
@@ -61,20 +62,34 @@ def test_two_workers_end_where_one_process_ends(tmp_path, method):
         for p in [reference, *processes]:
             p.kill()
     assert codes == [0, 0, 0], [p.stdout.read()[-2000:] for p in [reference, *processes]]
+    return single, multi
 
+
+def _assert_same_logs(single: pathlib.Path, multi: pathlib.Path, keys: tuple[str, ...]) -> None:
+    reference = json.loads((single / "logs-0.json").read_text())
+    for index in range(2):
+        logs = json.loads((multi / f"logs-{index}.json").read_text())
+        for key in keys:
+            np.testing.assert_allclose(logs[key], reference[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["nap", "eigendamage", "psap", "magnitude"])
+def test_two_workers_end_where_one_process_ends(tmp_path, method):
+    single, multi = _run_single_and_two_workers(tmp_path, method)
     reference_plan = (single / "plan-0.json").read_text()
     for index in range(2):
         _assert_same_plan(method, (multi / f"plan-{index}.json").read_text(), reference_plan)
-        logs = json.loads((multi / f"logs-{index}.json").read_text())
-        reference_logs = json.loads((single / "logs-0.json").read_text())
-        for key in ("loss", "evaluate", "predict"):  # fit, evaluate and predict all run under the strategy
-            np.testing.assert_allclose(logs[key], reference_logs[key], rtol=1e-4, atol=1e-6)
+    _assert_same_logs(single, multi, ("loss", "evaluate", "predict"))  # fit, evaluate and predict under the strategy
     ours = keras.saving.load_model(multi / "pruned.keras")
     theirs = keras.saving.load_model(single / "pruned.keras")
     assert kap.count_flops(ours) == kap.count_flops(theirs)
     x = np.random.default_rng(1).normal(size=(16, 8, 8, 3)).astype("float32")
     np.testing.assert_allclose(ours.predict(x, verbose=0), theirs.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
 
+
+def test_two_workers_train_the_pruningnet_of_one_process(tmp_path):
+    single, multi = _run_single_and_two_workers(tmp_path, "pruningnet")
+    _assert_same_logs(single, multi, ("loss", "predict"))  # the same genes, steps and generated weights
 
 
 def _assert_same_plan(method: str, ours: str, theirs: str) -> None:

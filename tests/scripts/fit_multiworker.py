@@ -2,12 +2,15 @@
 
 ``python tests/scripts/fit_multiworker.py OUT_DIR INDEX METHOD`` with
 ``TF_CONFIG`` set (no ``TF_CONFIG``: the single-worker reference, no
-strategy). ``METHOD``: a key of ``CALLBACKS``. Every worker passes the
-whole calibration set; the statistics are split across the workers' replicas
-and summed back (`keras_autoprune.stats.engine`), so every worker makes the
-same plan. Each writes ``plan-<INDEX>.json`` and ``logs-<INDEX>.json`` (the
-fit history, then `evaluate` and `predict` of the masked model); the chief
-(index 0) writes the pruned model.
+strategy). ``METHOD``: a key of ``CALLBACKS``, or ``pruningnet``.
+
+A callback: every worker passes the whole calibration set; the statistics
+are split across the workers' replicas and summed back
+(`keras_autoprune.stats.engine`), so every worker makes the same plan. Each
+writes ``plan-<INDEX>.json`` and ``logs-<INDEX>.json`` (the fit history,
+then `evaluate` and `predict` of the masked model); the chief (index 0)
+writes the pruned model. ``pruningnet``: MetaPruning's PruningNet trained
+with `train_pruningnet`; ``logs-<INDEX>.json`` holds its losses and logits.
 """
 
 import json
@@ -50,6 +53,9 @@ def main(out: pathlib.Path, index: int, method: str) -> None:
         h = keras.layers.GlobalAveragePooling2D()(h)
         model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(h))
         model.compile(optimizer=keras.optimizers.SGD(0.05), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    if method == "pruningnet":
+        train_pruningnet(model, strategy, x, y, out / f"logs-{index}.json")
+        return
     callback = CALLBACKS[method]((x, y))
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
     logs = model.fit(dataset, epochs=3, verbose=0, callbacks=[callback]).history
@@ -60,6 +66,16 @@ def main(out: pathlib.Path, index: int, method: str) -> None:
     if index == 0:
         callback.pruned_model.save(out / "pruned.keras")
 
+
+
+def train_pruningnet(model: keras.Model, strategy, x: np.ndarray, y: np.ndarray, logs: pathlib.Path) -> None:
+    """MetaPruning's PruningNet built from ``model`` and trained under ``strategy`` (one random gene per global
+    batch); writes its losses and the logits it generates for one gene."""
+    with strategy.scope():
+        net = kap.metapruning.PruningNet(model, scales=(0.25, 0.5, 1.0), warm_start=False)
+        history = kap.metapruning.train_pruningnet(net, (x, y), epochs=2, batch_size=16, verbose=0)
+    net.set_gene((0, 1))
+    logs.write_text(json.dumps({"loss": history.history["loss"], "predict": np.asarray(net(x[:4])).tolist()}))
 
 if __name__ == "__main__":
     main(pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
