@@ -5,8 +5,10 @@ Keras 3 cannot `fit` under MultiWorkerMirroredStrategy by itself
 first. Two workers, each with one replica and half of every batch, must end
 where one process without a strategy ends: the same losses, the same plan and
 the same pruned model, and `evaluate` and `predict` give the same values.
-MetaPruning's PruningNet, one random gene per batch, trains to the same
-losses and generated weights.
+Interrupted between two pruning rounds and started again (the pruning state
+in one shared `state_dir`, Keras' `BackupAndRestore` in a folder per
+worker), they end with that plan too. MetaPruning's PruningNet, one random
+gene per batch, trains to the same losses and generated weights.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import keras_autoprune as kap
 from keras_autoprune import multi_worker
 
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "fit_multiworker.py"
+INTERRUPTED = 3  # the script's exit code when stopped as a preemption would
 
 
 def _free_ports(count: int) -> list[int]:
@@ -38,12 +41,12 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _run(out: pathlib.Path, index: int, method: str, tf_config: dict | None) -> subprocess.Popen:
+def _run(out: pathlib.Path, index: int, method: str, tf_config: dict | None, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(SCRIPT.parents[2]))
     env.pop("TF_CONFIG", None)
     if tf_config is not None:
         env["TF_CONFIG"] = json.dumps(tf_config)
-    return subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(index), method], env=env,
+    return subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(index), method, *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -53,16 +56,25 @@ def _run_single_and_two_workers(tmp_path: pathlib.Path, method: str) -> tuple[pa
     single.mkdir()
     multi.mkdir()
     reference = _run(single, 0, method, None)
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    processes = [_run(multi, i, method, {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
-                 for i in range(2)]
-    try:
-        codes = [p.wait(timeout=300) for p in [reference, *processes]]
-    finally:
-        for p in [reference, *processes]:
-            p.kill()
-    assert codes == [0, 0, 0], [p.stdout.read()[-2000:] for p in [reference, *processes]]
+    assert _wait_for([reference, *_two_workers(multi, method)]) == [0, 0, 0]
     return single, multi
+
+
+def _two_workers(out: pathlib.Path, method: str, *extra: str) -> list[subprocess.Popen]:
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    return [_run(out, i, method, {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}, *extra)
+            for i in range(2)]
+
+
+def _wait_for(processes: list[subprocess.Popen]) -> list[int]:
+    """Their exit codes; fails with the end of their output unless every one exited with 0 or ``INTERRUPTED``."""
+    try:
+        codes = [p.wait(timeout=300) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert set(codes) <= {0, INTERRUPTED}, [p.stdout.read()[-2000:] for p in processes]
+    return codes
 
 
 def _assert_same_logs(single: pathlib.Path, multi: pathlib.Path, keys: tuple[str, ...]) -> None:
@@ -83,6 +95,21 @@ def test_two_workers_end_where_one_process_ends(tmp_path, method):
     ours = keras.saving.load_model(multi / "pruned.keras")
     theirs = keras.saving.load_model(single / "pruned.keras")
     assert kap.count_flops(ours) == kap.count_flops(theirs)
+    x = np.random.default_rng(1).normal(size=(16, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(ours.predict(x, verbose=0), theirs.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
+
+
+def test_two_workers_resume_pruning_after_a_preemption(tmp_path):
+    single, resumed = tmp_path / "single", tmp_path / "resumed"
+    single.mkdir()
+    resumed.mkdir()
+    assert _wait_for([_run(single, 0, "nap", None)]) == [0]  # one process, not interrupted
+    assert _wait_for(_two_workers(resumed, "nap", "1")) == [INTERRUPTED, INTERRUPTED]  # between the two rounds
+    assert not (resumed / "plan-0.json").exists()
+    assert _wait_for(_two_workers(resumed, "nap")) == [0, 0]  # new processes, models and callbacks
+    for index in range(2):
+        assert (resumed / f"plan-{index}.json").read_text() == (single / "plan-0.json").read_text()
+    ours, theirs = keras.saving.load_model(resumed / "pruned.keras"), keras.saving.load_model(single / "pruned.keras")
     x = np.random.default_rng(1).normal(size=(16, 8, 8, 3)).astype("float32")
     np.testing.assert_allclose(ours.predict(x, verbose=0), theirs.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
 

@@ -1,8 +1,11 @@
 """One worker of a two-worker `MultiWorkerMirroredStrategy` pruning run (tests/test_multiworker.py).
 
-``python tests/scripts/fit_multiworker.py OUT_DIR INDEX METHOD`` with
-``TF_CONFIG`` set (no ``TF_CONFIG``: the single-worker reference, no
+``python tests/scripts/fit_multiworker.py OUT_DIR INDEX METHOD [INTERRUPT_AFTER]``
+with ``TF_CONFIG`` set (no ``TF_CONFIG``: the single-worker reference, no
 strategy). ``METHOD``: a key of ``CALLBACKS``, or ``pruningnet``.
+``INTERRUPT_AFTER``: stop after that epoch (0-based) with exit code
+``INTERRUPTED``, as a preemption would; run again to resume (the pruning
+state in ``OUT_DIR/state``, Keras' backups in ``OUT_DIR/backup-<INDEX>``).
 
 A callback: every worker passes the whole calibration set; the statistics
 are split across the workers' replicas and summed back
@@ -27,16 +30,30 @@ import tensorflow as tf  # noqa: E402
 import keras_autoprune as kap  # noqa: E402
 
 BUDGET = kap.Budget(flops=0.5)
-CALLBACKS = {  # (calibration data) -> callback
-    "nap": lambda data: kap.NAPCallback(data, budget=BUDGET, rounds=2, num_batches=2, batch_size=32, verbose=0),
-    "eigendamage": lambda data: kap.EigenDamageCallback(data, budget=BUDGET, rounds=2, num_batches=2, batch_size=32,
-                                                        verbose=0),
-    "psap": lambda data: kap.PSAPCallback(BUDGET, data, rounds=2, num_batches=2, batch_size=32, verbose=0),
-    "magnitude": lambda data: kap.MagnitudeCallback(BUDGET, rounds=2, verbose=0),
+EPOCHS = 4  # rounds at the start of epochs 2 and 3 (0-based 1 and 2), fine-tuning in epoch 4
+INTERRUPTED = 3  # the exit code of a worker stopped by ``INTERRUPT_AFTER``
+CALLBACKS = {  # (calibration data, **schedule) -> callback
+    "nap": lambda data, **schedule: kap.NAPCallback(data, budget=BUDGET, num_batches=2, batch_size=32, **schedule),
+    "eigendamage": lambda data, **schedule: kap.EigenDamageCallback(data, budget=BUDGET, num_batches=2, batch_size=32,
+                                                                    **schedule),
+    "psap": lambda data, **schedule: kap.PSAPCallback(BUDGET, data, num_batches=2, batch_size=32, **schedule),
+    "magnitude": lambda data, **schedule: kap.MagnitudeCallback(BUDGET, **schedule),
 }
 
 
-def main(out: pathlib.Path, index: int, method: str) -> None:
+class Interrupt(keras.callbacks.Callback):
+    """Stops training as a preemption would, after the other callbacks finished epoch ``after`` (0-based)."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after = after
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.after:
+            raise KeyboardInterrupt(f"interrupted after epoch {epoch}")
+
+
+def main(out: pathlib.Path, index: int, method: str, interrupt_after: int = -1) -> None:
     if "TF_CONFIG" in os.environ:
         kap.enable_multi_worker_fit()  # keras-team/keras#20585
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -56,9 +73,16 @@ def main(out: pathlib.Path, index: int, method: str) -> None:
     if method == "pruningnet":
         train_pruningnet(model, strategy, x, y, out / f"logs-{index}.json")
         return
-    callback = CALLBACKS[method]((x, y))
+    # The pruning state: one folder for all workers (they write the same state). Keras' BackupAndRestore is not
+    # multi-worker aware (workers sharing its folder collide on its files): one folder per worker.
+    callback = CALLBACKS[method]((x, y), start_epoch=1, rounds=2, verbose=0, state_dir=out / "state")
+    callbacks = [callback, keras.callbacks.BackupAndRestore(str(out / f"backup-{index}"))]
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
-    logs = model.fit(dataset, epochs=3, verbose=0, callbacks=[callback]).history
+    try:
+        logs = model.fit(dataset, epochs=EPOCHS, verbose=0, callbacks=callbacks + [Interrupt(interrupt_after)]).history
+    except KeyboardInterrupt as stop:
+        print(stop)
+        raise SystemExit(INTERRUPTED) from None
     logs["evaluate"] = model.evaluate(dataset, verbose=0)
     logs["predict"] = model.predict(x[:4], verbose=0).tolist()
     (out / f"plan-{index}.json").write_text(callback.plan.to_json())
@@ -78,4 +102,4 @@ def train_pruningnet(model: keras.Model, strategy, x: np.ndarray, y: np.ndarray,
     logs.write_text(json.dumps({"loss": history.history["loss"], "predict": np.asarray(net(x[:4])).tolist()}))
 
 if __name__ == "__main__":
-    main(pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    main(pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *[int(a) for a in sys.argv[4:]])
