@@ -71,10 +71,10 @@ def enable_multi_worker_fit() -> bool:
     except ImportError:
         tf_trainer = None
     trainer_class = getattr(tf_trainer, "TensorFlowTrainer", None)
-    missing = [name for name, owner in (("TensorFlowTrainer._maybe_symbolic_build", trainer_class),
-                                        ("reduce_per_replica", tf_trainer),
-                                        ("_collective_all_reduce_multi_worker", tf_trainer))
-               if not hasattr(owner, name.rsplit(".", 1)[-1])]
+    needed = {"TensorFlowTrainer._maybe_symbolic_build": hasattr(trainer_class, "_maybe_symbolic_build"),
+              "reduce_per_replica": hasattr(tf_trainer, "reduce_per_replica"),
+              "_collective_all_reduce_multi_worker": hasattr(tf_trainer, "_collective_all_reduce_multi_worker")}
+    missing = [name for name, found in needed.items() if not found]
     if missing:
         raise RuntimeError(
             "keras_autoprune.enable_multi_worker_fit() fixes keras-team/keras#20585 in Keras' TensorFlow trainer, "

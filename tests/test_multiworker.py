@@ -160,3 +160,11 @@ def test_other_strategies_run_keras_own_functions(monkeypatch):
     strategy = tf.distribute.get_strategy()
     assert multi_worker._reduce_per_replica({"loss": 1.0}, strategy, "auto") == {"loss": 1.0}
     assert calls == ["auto"]
+
+
+def test_a_keras_without_the_replaced_functions_is_refused(monkeypatch):
+    monkeypatch.setattr(multi_worker, "_TRAINER_MODULE", "json")  # a module without Keras' trainer functions
+    with pytest.raises(RuntimeError, match=r"Received: keras==3\.\d+\.\d+.*missing \['TensorFlowTrainer\._maybe_symbolic_build', "
+                                           r"'reduce_per_replica', '_collective_all_reduce_multi_worker'\]"):
+        kap.enable_multi_worker_fit()
+    assert not multi_worker.multi_worker_fit_enabled()
