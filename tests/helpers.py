@@ -1,4 +1,4 @@
-"""Shared helpers for the tests: weight randomisation and the exactness check."""
+"""Shared helpers for the tests: weight randomisation, the exactness check, an interrupted `fit`."""
 
 from __future__ import annotations
 
@@ -102,3 +102,15 @@ def _block_class():
 
 
 Block = _block_class()
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Stops training as a crash or a preemption would, after the other callbacks finished epoch ``after`` (0-based)."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after = after
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.after:
+            raise KeyboardInterrupt(f"interrupted after epoch {epoch}")

@@ -9,21 +9,10 @@ import numpy as np
 import pytest
 
 import keras_autoprune as kap
+from tests.helpers import Interrupt
 
 L = keras.layers
 EPOCHS = 5  # rounds at the start of epochs 2 and 3 (0-based 1 and 2), fine-tuning in epochs 4 and 5
-
-
-class Interrupt(keras.callbacks.Callback):
-    """Stops training as a crash would, after the other callbacks finished epoch ``after`` (0-based)."""
-
-    def __init__(self, after: int):
-        super().__init__()
-        self.after = after
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.after:
-            raise KeyboardInterrupt(f"interrupted after epoch {epoch}")
 
 
 def _model() -> keras.Model:

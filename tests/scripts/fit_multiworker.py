@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_autoprune as kap  # noqa: E402
+from tests.helpers import Interrupt  # noqa: E402
 
 BUDGET = kap.Budget(flops=0.5)
 EPOCHS = 4  # rounds at the start of epochs 2 and 3 (0-based 1 and 2), fine-tuning in epoch 4
@@ -39,18 +40,6 @@ CALLBACKS = {  # (calibration data, **schedule) -> callback
     "psap": lambda data, **schedule: kap.PSAPCallback(BUDGET, data, num_batches=2, batch_size=32, **schedule),
     "magnitude": lambda data, **schedule: kap.MagnitudeCallback(BUDGET, **schedule),
 }
-
-
-class Interrupt(keras.callbacks.Callback):
-    """Stops training as a preemption would, after the other callbacks finished epoch ``after`` (0-based)."""
-
-    def __init__(self, after: int):
-        super().__init__()
-        self.after = after
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.after:
-            raise KeyboardInterrupt(f"interrupted after epoch {epoch}")
 
 
 def main(out: pathlib.Path, index: int, method: str, interrupt_after: int = -1) -> None:
