@@ -105,7 +105,8 @@ def decode(once: np.ndarray, twice: np.ndarray, width: int) -> ChannelMap | None
     once = once.reshape(-1, columns) if once.ndim >= 2 else once.reshape(1, columns)
     twice = twice.reshape(once.shape)
     copied = (once >= 1) & (twice == 2 * once)
-    channel = np.where(copied, (np.round(once) - 1) % width, 0)
+    channel = np.zeros(once.shape)
+    channel[copied] = (np.round(once[copied]) - 1) % width  # the others may be inf or NaN
     low, high = _column_range(channel, copied, -1)
     if (low != high).any():
         return None
