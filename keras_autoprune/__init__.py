@@ -35,7 +35,11 @@ from keras_autoprune.export import (  # noqa: E402
 from keras_autoprune.graph import ChannelGroup, ChannelMember, DependencyGraph  # noqa: E402
 from keras_autoprune.graph import handlers  # noqa: E402
 from keras_autoprune.graph.handlers import register_handler  # noqa: E402
-from keras_autoprune.multi_worker import disable_multi_worker_fit, enable_multi_worker_fit  # noqa: E402
+from keras_autoprune.multi_worker import (  # noqa: E402
+    disable_multi_worker_fit,
+    enable_multi_worker_fit,
+    multi_worker_fit_enabled,
+)
 from keras_autoprune.report import LayerChange, PruningReport  # noqa: E402
 from keras_autoprune.surgery import (  # noqa: E402
     FactorizationPlan,
@@ -79,6 +83,7 @@ __all__ = sorted(
         "export_tflite",
         "enable_multi_worker_fit",
         "disable_multi_worker_fit",
+        "multi_worker_fit_enabled",
         "measure_latencies",
         "measure_latency",
         "verify_tflite",

@@ -91,7 +91,8 @@ def test_two_workers_end_where_one_process_ends(tmp_path, method):
     reference_plan = (single / "plan-0.json").read_text()
     for index in range(2):
         _assert_same_plan(method, (multi / f"plan-{index}.json").read_text(), reference_plan)
-    _assert_same_logs(single, multi, ("loss", "evaluate", "predict"))  # fit, evaluate and predict under the strategy
+    # every batch's logs and the epochs' of fit and evaluate (the patched reduction), predict (Keras' own)
+    _assert_same_logs(single, multi, ("batch_loss", "test_batch_loss", "loss", "evaluate", "predict"))
     ours = keras.saving.load_model(multi / "pruned.keras")
     theirs = keras.saving.load_model(single / "pruned.keras")
     assert kap.count_flops(ours) == kap.count_flops(theirs)
@@ -133,12 +134,13 @@ def _assert_same_plan(method: str, ours: str, theirs: str) -> None:
         for q, reference in ((factorization.q_in, theirs[name].q_in), (factorization.q_out, theirs[name].q_out)):
             np.testing.assert_allclose(q @ q.T, reference @ reference.T, atol=1e-4)
 
+
 def test_the_fix_is_explicit_idempotent_and_undone():
     from keras.src.backend.tensorflow import trainer
 
     original_build = trainer.TensorFlowTrainer._maybe_symbolic_build
     original_reduce = trainer.reduce_per_replica
-    assert not kap.multi_worker.multi_worker_fit_enabled()  # importing the library patches nothing
+    assert not kap.multi_worker_fit_enabled()  # importing the library patches nothing
     try:
         assert kap.enable_multi_worker_fit() is True
         assert kap.enable_multi_worker_fit() is False
@@ -151,20 +153,35 @@ def test_the_fix_is_explicit_idempotent_and_undone():
     assert trainer.reduce_per_replica is original_reduce
 
 
-def test_other_strategies_run_keras_own_functions(monkeypatch):
+def test_without_a_multi_worker_strategy_keras_own_functions_run(monkeypatch):
     import tensorflow as tf
 
     calls = []
     monkeypatch.setitem(multi_worker._ORIGINAL, "reduce",
                         lambda values, strategy, reduction: calls.append(reduction) or values)
-    strategy = tf.distribute.get_strategy()
-    assert multi_worker._reduce_per_replica({"loss": 1.0}, strategy, "auto") == {"loss": 1.0}
-    assert calls == ["auto"]
+    monkeypatch.setitem(multi_worker._ORIGINAL, "build",
+                        lambda model, iterator=None, data_batch=None: calls.append(("build", model.name)))
+    for strategy in (tf.distribute.get_strategy(), tf.distribute.MirroredStrategy(["/cpu:0"])):
+        assert multi_worker._reduce_per_replica({"loss": 1.0}, strategy, "auto") == {"loss": 1.0}
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)], name="plain")
+        multi_worker._maybe_symbolic_build(model, iterator=iter([]))
+    assert calls == ["auto", ("build", "plain")] * 2
+
+
+def test_a_newer_keras_is_warned_about(monkeypatch):
+    monkeypatch.setattr(keras, "__version__", "3.16.0")
+    try:
+        with pytest.warns(UserWarning, match=r"checked with Keras <= 3\.15\.1; this is keras==3\.16\.0"):
+            assert kap.enable_multi_worker_fit() is True
+    finally:
+        kap.disable_multi_worker_fit()
 
 
 def test_a_keras_without_the_replaced_functions_is_refused(monkeypatch):
     monkeypatch.setattr(multi_worker, "_TRAINER_MODULE", "json")  # a module without Keras' trainer functions
-    with pytest.raises(RuntimeError, match=r"Received: keras==3\.\d+\.\d+.*missing \['TensorFlowTrainer\._maybe_symbolic_build', "
-                                           r"'reduce_per_replica', '_collective_all_reduce_multi_worker'\]"):
+    expected = (r"Received: keras==3\.\d+\.\d+.*missing \['TensorFlowTrainer\._maybe_symbolic_build', "
+                r"'reduce_per_replica', '_collective_all_reduce_multi_worker'\]")
+    with pytest.raises(RuntimeError, match=expected):
         kap.enable_multi_worker_fit()
     assert not multi_worker.multi_worker_fit_enabled()

@@ -58,7 +58,8 @@ def main(out: pathlib.Path, index: int, method: str, interrupt_after: int = -1) 
         h = keras.layers.Conv2D(12, 3, padding="same", activation="relu", name="c2")(h)
         h = keras.layers.GlobalAveragePooling2D()(h)
         model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(h))
-        model.compile(optimizer=keras.optimizers.SGD(0.05), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(optimizer=keras.optimizers.SGD(0.05),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     if method == "pruningnet":
         train_pruningnet(model, strategy, x, y, out / f"logs-{index}.json")
         return
@@ -67,18 +68,34 @@ def main(out: pathlib.Path, index: int, method: str, interrupt_after: int = -1) 
     callback = CALLBACKS[method]((x, y), start_epoch=1, rounds=2, verbose=0, state_dir=out / "state")
     callbacks = [callback, keras.callbacks.BackupAndRestore(str(out / f"backup-{index}"))]
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    batches = BatchLosses()  # the logs each step reduces across the workers
     try:
-        logs = model.fit(dataset, epochs=EPOCHS, verbose=0, callbacks=callbacks + [Interrupt(interrupt_after)]).history
+        logs = model.fit(dataset, epochs=EPOCHS, verbose=0,
+                         callbacks=callbacks + [batches, Interrupt(interrupt_after)]).history
     except KeyboardInterrupt as stop:
         print(stop)
         raise SystemExit(INTERRUPTED) from None
-    logs["evaluate"] = model.evaluate(dataset, verbose=0)
+    logs["evaluate"] = model.evaluate(dataset, verbose=0, callbacks=[batches])
     logs["predict"] = model.predict(x[:4], verbose=0).tolist()
+    logs["batch_loss"], logs["test_batch_loss"] = batches.train, batches.test
     (out / f"plan-{index}.json").write_text(callback.plan.to_json())
     (out / f"logs-{index}.json").write_text(json.dumps(logs))
     if index == 0:
         callback.pruned_model.save(out / "pruned.keras")
 
+
+class BatchLosses(keras.callbacks.Callback):
+    """The loss in the logs of every training and evaluation batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.train, self.test = [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.train.append(float(logs["loss"]))
+
+    def on_test_batch_end(self, batch, logs=None):
+        self.test.append(float(logs["loss"]))
 
 
 def train_pruningnet(model: keras.Model, strategy, x: np.ndarray, y: np.ndarray, logs: pathlib.Path) -> None:
@@ -89,6 +106,7 @@ def train_pruningnet(model: keras.Model, strategy, x: np.ndarray, y: np.ndarray,
         history = kap.metapruning.train_pruningnet(net, (x, y), epochs=2, batch_size=16, verbose=0)
     net.set_gene((0, 1))
     logs.write_text(json.dumps({"loss": history.history["loss"], "predict": np.asarray(net(x[:4])).tolist()}))
+
 
 if __name__ == "__main__":
     main(pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *[int(a) for a in sys.argv[4:]])
