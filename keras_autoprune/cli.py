@@ -120,7 +120,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 # -- prune ----------------------------------------------------------------
 def _add_prune(subcommands: argparse._SubParsersAction) -> None:
-    from keras_autoprune.prune_saved import METHODS
+    from keras_autoprune.prune_saved import METHODS, RECALIBRATION_IMAGES
 
     parser = subcommands.add_parser(
         "prune",
@@ -146,6 +146,9 @@ def _add_prune(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--int8", metavar="OUT.tflite", help="also export a verified int8 .tflite")
     parser.add_argument("--unsafe", action="store_true",
                         help="load with safe_mode=False (needed for Lambda layers; runs code stored in the file)")
+    parser.add_argument("--no-recalibrate", action="store_true",
+                        help="keep the BatchNormalization statistics of fine-tuning (by default they are re-estimated "
+                             f"on up to {RECALIBRATION_IMAGES:,} training images after it)")
     parser.set_defaults(run=_run_prune)
 
 
@@ -156,10 +159,13 @@ def _run_prune(args: argparse.Namespace) -> int:
         args.model, args.data, parse_budget(args.budget), args.out, method=args.method, epochs=args.epochs,
         scale=args.scale, learning_rate=args.learning_rate, batch_size=args.batch_size,
         max_per_class=args.max_per_class, tflite=args.tflite, int8=args.int8, unsafe=args.unsafe,
+        recalibrate=not args.no_recalibrate,
     )
     print(outcome.report.to_markdown())
     if outcome.accuracy_before is not None:
-        print(f"test accuracy: {outcome.accuracy_before:.4f} before, {outcome.accuracy_after:.4f} after")
+        finetuned = (f" ({outcome.accuracy_finetuned:.4f} before BatchNormalization re-estimation)"
+                     if outcome.accuracy_finetuned is not None else "")
+        print(f"test accuracy: {outcome.accuracy_before:.4f} before, {outcome.accuracy_after:.4f} after{finetuned}")
     print(f"wrote {', '.join(outcome.files)} ({outcome.seconds:.0f} s)")
     return 0
 

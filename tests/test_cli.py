@@ -212,6 +212,43 @@ def test_classes_in_turn_takes_each_class_before_any_second_example():
     assert sorted(classes_in_turn(labels, 100).tolist()) == list(range(6))
 
 
+@pytest.mark.parametrize("recalibrate", [True, False])
+def test_prune_subcommand_re_estimates_batchnorm_after_fine_tuning(image_folder, tmp_path, recalibrate):
+    import keras_autoprune as kap
+    from keras_autoprune.datasets import load_images
+    from keras_autoprune.prune_saved import prune_saved_model, recalibration_images
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.BatchNormalization(name="bn")(keras.layers.Conv2D(8, 3, name="conv")(inputs))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x))
+    path = tmp_path / "bn.keras"
+    keras.Model(inputs, keras.layers.Dense(3)(x)).save(path)
+    lines = []
+    outcome = prune_saved_model(path, image_folder, kap.Budget(flops=0.7), tmp_path / "out.keras", method="magnitude",
+                                epochs=1, batch_size=16, recalibrate=recalibrate, log=lines.append)
+    assert outcome.batchnorm_recalibrated == (1 if recalibrate else 0)
+    assert (outcome.accuracy_finetuned is not None) == recalibrate
+    assert any("re-estimated on 72 training images (1 layers)" in line for line in lines) == recalibrate
+    slim = keras.saving.load_model(tmp_path / "out.keras")
+    written = [np.array(w) for w in slim.get_layer("bn").non_trainable_weights]
+    # re-estimation depends on the weights and images only: once done, doing it again changes nothing
+    kap.recalibrate_batchnorm(slim, recalibration_images(load_images(image_folder, "train", image_size=(12, 12))[0]),
+                              batch_size=16)
+    again = [np.array(w) for w in slim.get_layer("bn").non_trainable_weights]
+    same = all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(written, again))
+    assert same == recalibrate
+
+
+def test_recalibration_images_draw_at_most_the_limit_in_order():
+    from keras_autoprune.prune_saved import recalibration_images
+
+    x = np.arange(10)
+    np.testing.assert_array_equal(recalibration_images(x, 20), x)
+    drawn = recalibration_images(x, 4)
+    assert len(drawn) == 4 and len(set(drawn.tolist())) == 4 and (np.diff(drawn) > 0).all()
+
+
 def test_prune_subcommand_checks_arguments_before_work(uncompiled_cnn_file, image_folder, tmp_path, capsys):
     base = ["prune", str(uncompiled_cnn_file), "--data", str(image_folder), "--out", str(tmp_path / "o.keras")]
     assert main([*base, "--budget", "flops=1.5"]) == 2
