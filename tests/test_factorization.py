@@ -217,3 +217,25 @@ def test_replace_layers_general_api_and_errors():
         replace_layers(model, {"head": [keras.layers.Dense(3)]})
     with pytest.raises(PlanError, match="BatchNormalization is not one of"):
         factorize_layer(keras.layers.BatchNormalization(), LayerFactorization(np.eye(2), np.eye(2)))
+
+
+def test_replace_layers_takes_one_functional_block_and_refuses_other_built_layers():
+    from keras_autoprune.surgery.weights import weight_keys
+
+    model = conv1d_model()
+    head = model.get_layer("head")
+    kernel, bias = head.kernel.numpy(), head.bias.numpy()
+    # head(x) = (x W1 + x W2) + b with W1 + W2 = W: two branches, not a chain
+    inputs = keras.Input((kernel.shape[0],))
+    left, right = keras.layers.Dense(3, use_bias=False, name="left"), keras.layers.Dense(3, name="right")
+    block = keras.Model(inputs, keras.layers.Add(name="sum")([left(inputs), right(inputs)]), name="head")
+    half = kernel / 2
+    values = dict(zip(weight_keys(block), [half, kernel - half, bias]))  # left kernel, right kernel, right bias
+    new = replace_layers(model, {"head": LayerReplacement([block], [values])})
+    x = inputs_for(model)
+    assert relative_error(np.asarray(new(x)), np.asarray(model(x))) <= 1e-5
+    assert [type(layer).__name__ for layer in new.get_layer("head").layers] == ["InputLayer", "Dense", "Dense", "Add"]
+    built = keras.layers.Dense(3, name="used")
+    built.build((None, kernel.shape[0]))
+    with pytest.raises(ValueError, match=r"new \(unbuilt\) layers, or one functional keras.Model.*\['used'\]"):
+        LayerReplacement([built], [{}])

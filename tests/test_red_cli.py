@@ -224,13 +224,14 @@ def test_separated_model_exports_to_a_verified_tflite(tmp_path, capsys):
     assert "layers separated: 1" in printed and "repeats: multiplier 2" in printed
     loaded = keras.saving.load_model(out, safe_mode=True)
     assert kap.count_flops(loaded) < kap.count_flops(model)
-    assert [type(layer).__name__ for layer in loaded.get_layer("repeats").layers] == ["DepthwiseConv2D", "Conv2D"]
+    block = [type(layer).__name__ for layer in loaded.get_layer("repeats").layers]
+    assert block == ["InputLayer", "Concatenate", "DepthwiseConv2D", "Conv2D"]  # the input tiled twice
     x = _inputs(model, batch=1)
     expected = np.asarray(model(x))
     assert relative_error(np.asarray(loaded(x)), expected) <= 1e-5
     interpreter = Interpreter(model_path=str(tflite))  # LiteRT runs the separated block
     interpreter.allocate_tensors()
-    assert "DEPTHWISE_CONV_2D" in {op["op_name"] for op in interpreter._get_ops_details()}
+    assert {"CONCATENATION", "DEPTHWISE_CONV_2D"} <= {op["op_name"] for op in interpreter._get_ops_details()}
     interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
     interpreter.invoke()
     assert relative_error(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), expected) <= 1e-5

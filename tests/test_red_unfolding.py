@@ -75,7 +75,9 @@ def test_a_separated_convolution_takes_its_norm_after_the_pointwise_part():
     result = kap.red.compress(model, bandwidth_scale=0.0, separate_depthwise=True, restore_batchnorm=True)
     assert [s.layer for s in result.separations] == ["repeats"]
     block = result.model.get_layer("repeats")
-    assert [type(layer).__name__ for layer in block.layers] == ["DepthwiseConv2D", "Conv2D"]
+    # M kernels per channel: the input tiled M times, a multiplier-1 depthwise, the 1×1 with the bias
+    assert [type(layer).__name__ for layer in block.layers] == ["InputLayer", "Concatenate", "DepthwiseConv2D", "Conv2D"]
+    assert block.layers[2].kernel.shape == (3, 3, 4 * result.separations[0].multiplier, 1)
     assert [layer.name for layer in result.model.layers][2] == "bn"
     _assert_same(result.model, model, _inputs(model, batch=3))
 

@@ -11,14 +11,25 @@ a depthwise convolution applying the distinct kernels to their channel,
 followed by a 1×1 convolution whose entries are 0 or 1.
 
 Decision (uneven multiplier with standard layers): Keras's depthwise layers
-have one ``depth_multiplier`` for all channels, so the block is **one
+have one ``depth_multiplier`` for all channels, so the block computes **one
 depthwise convolution with the largest multiplier** ``M = max_c u_c``
 (channel ``c``'s unused slots hold zero kernels) followed by a 1×1
 convolution from ``C_in·M`` channels, whose rows of the unused slots are 0.
 Gathering channels by multiplier would need gather ops that cost memory
-traffic and are not layers. The block keeps the convolution's name (a
-`keras.Sequential` from `kap.replace_layers`); the depthwise part takes its
-strides, padding and dilation, the 1×1 part its bias and activation.
+traffic and are not layers.
+
+Decision (how the multiplier is written, session 26): with ``M > 1`` the
+input is **tiled**, ``Concatenate([x] * M)`` (channel ``m·C_in + c`` holds
+``x_c``), and a depthwise convolution with multiplier 1 applies ``U_c[m]``
+to channel ``m·C_in + c``; the 1×1 rows follow that order. It is the same
+arithmetic as ``DepthwiseConv2D(depth_multiplier=M)``, which LiteRT runs two
+to three times slower (measured in docs/methods/red.md: a 16-channel 3×3
+convolution at 32×32 takes 46.6 µs, the block with ``M = 2`` 80.9 µs with the
+multiplier and 32.0 µs tiled). The block keeps the convolution's name: a
+`keras.Sequential` (depthwise, 1×1) when ``M = 1``, else a small functional
+`keras.Model` (tile, depthwise, 1×1) inserted by `kap.replace_layers`; the
+depthwise part takes the strides, padding and dilation, the 1×1 part the
+bias and activation.
 
 Cost, at ``P`` output positions (``kap.count_flops`` formulas, computed by
 `keras_autoprune.flops_formulas.call_flops` on both blocks; ``b + a``: the
@@ -44,7 +55,7 @@ from keras_autoprune.graph.dependency import DependencyGraph, graph_of
 from keras_autoprune.graph.handlers import CallInfo
 from keras_autoprune.red.records import GraphIndex, clone_with
 from keras_autoprune.surgery import LayerReplacement, replace_layers
-from keras_autoprune.surgery.weights import layer_weights
+from keras_autoprune.surgery.weights import layer_weights, weight_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,34 +125,58 @@ def separate_layer(layer: keras.layers.Layer, name: str, call: CallInfo, calls: 
     if kernels is None:
         return None
     multiplier = max(1, max(len(k) for k in kernels))
-    depthwise = np.zeros(kernel.shape[:-2] + (c_in, multiplier), kernel.dtype)
-    pointwise = np.zeros((1,) * (kernel.ndim - 2) + (c_in * multiplier, c_out), kernel.dtype)
+    # slot (c, m) is channel m·C_in + c of the tiled input
+    depthwise = np.zeros(kernel.shape[:-2] + (multiplier * c_in, 1), kernel.dtype)
+    pointwise = np.zeros((1,) * (kernel.ndim - 2) + (multiplier * c_in, c_out), kernel.dtype)
     for c, unique in enumerate(kernels):
         for m, k in enumerate(unique):
-            depthwise[..., c, m] = k
+            depthwise[..., m * c_in + c, 0] = k
             uses = np.all(kernel[..., c, :] == k[..., None], axis=tuple(range(kernel.ndim - 2)))
-            pointwise[..., c * multiplier + m, :] = uses.astype(kernel.dtype)
+            pointwise[..., m * c_in + c, :] = uses.astype(kernel.dtype)
     rank = kernel.ndim - 2
     depthwise_class = keras.layers.DepthwiseConv1D if rank == 1 else keras.layers.DepthwiseConv2D
     conv_class = keras.layers.Conv1D if rank == 1 else keras.layers.Conv2D
     first = depthwise_class(
         kernel_size=config["kernel_size"], strides=config["strides"], padding=config["padding"],
-        depth_multiplier=multiplier, dilation_rate=config["dilation_rate"], use_bias=False,
-        dtype=layer.dtype_policy, name=f"{layer.name}_depthwise",
+        dilation_rate=config["dilation_rate"], use_bias=False, dtype=layer.dtype_policy, name=f"{layer.name}_depthwise",
     )
     second = conv_class(c_out, 1, activation=config["activation"], use_bias=config["use_bias"],
                         dtype=layer.dtype_policy, name=f"{layer.name}_pointwise")
     in_shape, out_shape = call.in_shapes[0], call.out_shapes[0]
-    middle = tuple(out_shape[:-1]) + (c_in * multiplier,)
+    tiled = tuple(in_shape[:-1]) + (multiplier * c_in,)
+    middle = tuple(out_shape[:-1]) + (multiplier * c_in,)
     before = calls * call_flops(layer, [in_shape], [out_shape])
-    after = calls * (call_flops(first, [in_shape], [middle]) + call_flops(second, [middle], [out_shape]))
+    after = calls * (call_flops(first, [tiled], [middle]) + call_flops(second, [middle], [out_shape]))
     if after >= before:
         return None
     second_weights = {"kernel": pointwise}
     if config["use_bias"]:
         second_weights["bias"] = weights["bias"]
-    replacement = LayerReplacement([first, second], [{"kernel": depthwise}, second_weights])
+    if multiplier == 1:
+        replacement = LayerReplacement([first, second], [{"kernel": depthwise}, second_weights])
+    else:
+        replacement = tiled_block(layer.name, first, second, [{"kernel": depthwise}, second_weights], c_in, multiplier,
+                                  layer.compute_dtype)
     return replacement, Separation(name, multiplier, sum(len(k) for k in kernels), before, after)
+
+
+def tiled_block(name: str, depthwise: keras.layers.Layer, pointwise: keras.layers.Layer, weights: list[dict],
+                channels: int, copies: int, dtype: str) -> LayerReplacement:
+    """The separated block with its input tiled: ``Concatenate([x] * copies)``, ``depthwise``, ``pointwise``.
+
+    A functional `keras.Model` named ``name`` whose input has ``channels``
+    channels (any spatial size); ``weights`` are those of ``depthwise`` and
+    ``pointwise`` by their own keys.
+    """
+    rank = len(depthwise.kernel_size)
+    inputs = keras.Input((None,) * rank + (channels,), dtype=dtype)
+    tile = keras.layers.Concatenate(axis=-1, name=f"{name}_tile")([inputs] * copies)
+    block = keras.Model(inputs, pointwise(depthwise(tile)), name=name)
+    keys = dict(zip(map(id, block.weights), weight_keys(block)))
+    values = {keys[id(variable)]: layer_values[key]
+              for layer, layer_values in zip((depthwise, pointwise), weights)
+              for key, variable in zip(weight_keys(layer), layer.weights)}
+    return LayerReplacement([block], [values])
 
 
 def separate_depthwise(model: keras.Model, graph: DependencyGraph | None = None) -> tuple[keras.Model, list[Separation]]:

@@ -35,6 +35,7 @@ import numpy as np
 
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.red.batchnorm import FoldedNorm, inference_affine, output_kernel_name, scale_outputs
+from keras_autoprune.red.separation import tiled_block
 from keras_autoprune.surgery import LayerReplacement, PrunePlan
 from keras_autoprune.surgery.clone import clone_layers, copy_layer, layer_from_config
 from keras_autoprune.surgery.rebuild import nested_models
@@ -112,11 +113,19 @@ def restore_batchnorm(original: keras.Model, graph: DependencyGraph, compressed:
 def _unfolded(layer, counterpart, scale: np.ndarray) -> tuple:
     """``(new layer, weights, b_f)``: ``counterpart`` (the folded, compressed ``layer``) with ``W = W_f / s``.
 
-    A separated convolution (a Sequential block) is rebuilt with its last
-    (1×1) layer unfolded.
+    A separated convolution (a Sequential block, or a functional block with
+    its input tiled, `keras_autoprune.red.separation.tiled_block`) is rebuilt
+    with its last (1×1) layer unfolded.
     """
     inverse = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
     use_bias = bool(layer.get_config().get("use_bias", True))
+    if isinstance(counterpart, keras.Model) and not isinstance(counterpart, keras.Sequential):  # tile, depthwise, 1×1
+        tile, depthwise, pointwise = counterpart.layers[1:]
+        last, last_weights, folded_bias = _unfolded_linear(pointwise, inverse, use_bias)
+        block = tiled_block(counterpart.name, layer_from_config(depthwise, depthwise.get_config()), last,
+                            [layer_weights(depthwise), last_weights], counterpart.inputs[0].shape[-1],
+                            len(tile.input), counterpart.inputs[0].dtype)
+        return (*block.block(counterpart.name), folded_bias)
     if isinstance(counterpart, keras.Sequential):
         inner = list(counterpart.layers)
         rebuilt = [layer_from_config(l, l.get_config()) for l in inner[:-1]]

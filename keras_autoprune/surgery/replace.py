@@ -43,9 +43,13 @@ class LayerReplacement:
     Attributes:
         layers: new, unbuilt standard Keras layers; the first one receives
             the replaced layer's input, the last one produces its output.
+            Or a single functional `keras.Model` made for this replacement
+            (built, since a functional model is built when it is made): a
+            block whose layers do not form a chain, inserted as it is.
         weights: one ``{weight key: value}`` per layer (keys as in
             ``layer.weights``: ``"kernel"``, ``"bias"``; ``{}`` for a layer
-            without weights).
+            without weights; for a block, the keys
+            `keras_autoprune.surgery.weights.weight_keys` gives it).
     """
 
     layers: Sequence[keras.layers.Layer]
@@ -65,8 +69,11 @@ class LayerReplacement:
         names = [l.name for l in self.layers]
         if len(set(names)) != len(names):
             raise ValueError(f"The replacement layers need distinct names. Received: {names}")
-        if any(l.built for l in self.layers):
-            raise ValueError("The replacement layers must be new (unbuilt) layers; they are built in the new model.")
+        block = len(self.layers) == 1 and _is_functional(self.layers[0])
+        if not block and any(l.built for l in self.layers):
+            raise ValueError("The replacement layers must be new (unbuilt) layers, or one functional keras.Model made "
+                             f"for the replacement; they are built in the new model. Received built: "
+                             f"{[l.name for l in self.layers if l.built]}")
 
     def block(self, name: str) -> tuple[keras.layers.Layer, dict[str, np.ndarray]]:
         """The layer to insert (the only layer, or a Sequential named ``name``) and its weights."""
@@ -76,6 +83,12 @@ class LayerReplacement:
             raise ValueError(f"A replacement layer may not reuse the replaced layer's name '{name}' inside its block.")
         weights = {f"{l.name}/{key}": value for l, w in zip(self.layers, self.weights) for key, value in w.items()}
         return keras.Sequential(list(self.layers), name=name), weights
+
+
+def _is_functional(layer) -> bool:
+    """A functional `keras.Model` (not a Sequential one, not a subclassed one)."""
+    return (isinstance(layer, keras.Model) and not isinstance(layer, keras.Sequential)
+            and hasattr(layer, "_inputs_struct"))
 
 
 def replace_layers(model: keras.Model, replacements: Mapping[str, LayerReplacement]) -> keras.Model:
