@@ -39,7 +39,7 @@ from keras_autoprune.red.separation import tiled_block
 from keras_autoprune.surgery import LayerReplacement, PrunePlan
 from keras_autoprune.surgery.clone import clone_layers, copy_layer, layer_from_config
 from keras_autoprune.surgery.rebuild import nested_models
-from keras_autoprune.surgery.replace import named_layers
+from keras_autoprune.surgery.replace import is_functional, named_layers
 from keras_autoprune.surgery.weights import layer_weights
 
 
@@ -119,7 +119,7 @@ def _unfolded(layer, counterpart, scale: np.ndarray) -> tuple:
     """
     inverse = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
     use_bias = bool(layer.get_config().get("use_bias", True))
-    if isinstance(counterpart, keras.Model) and not isinstance(counterpart, keras.Sequential):  # tile, depthwise, 1×1
+    if is_functional(counterpart):  # tile, depthwise, 1×1
         tile, depthwise, pointwise = counterpart.layers[1:]
         last, last_weights, folded_bias = _unfolded_linear(pointwise, inverse, use_bias)
         block = tiled_block(counterpart.name, layer_from_config(depthwise, depthwise.get_config()), last,

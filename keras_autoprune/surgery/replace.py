@@ -69,7 +69,7 @@ class LayerReplacement:
         names = [l.name for l in self.layers]
         if len(set(names)) != len(names):
             raise ValueError(f"The replacement layers need distinct names. Received: {names}")
-        block = len(self.layers) == 1 and _is_functional(self.layers[0])
+        block = len(self.layers) == 1 and is_functional(self.layers[0])
         if not block and any(l.built for l in self.layers):
             raise ValueError("The replacement layers must be new (unbuilt) layers, or one functional keras.Model made "
                              f"for the replacement; they are built in the new model. Received built: "
@@ -85,7 +85,7 @@ class LayerReplacement:
         return keras.Sequential(list(self.layers), name=name), weights
 
 
-def _is_functional(layer) -> bool:
+def is_functional(layer) -> bool:
     """A functional `keras.Model` (not a Sequential one, not a subclassed one)."""
     return (isinstance(layer, keras.Model) and not isinstance(layer, keras.Sequential)
             and hasattr(layer, "_inputs_struct"))
