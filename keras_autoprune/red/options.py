@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 import numbers
 
-EXAMPLES = {"bandwidth_scale": "0.05", "merge_threshold": "0.0"}
+EXAMPLES = {"bandwidth_scale": "0.05", "merge_threshold": "0.0", "separation_tolerance": "0.1"}
 
 
 def check_knob(name: str, value) -> None:
-    """Raises ValueError unless ``value`` is a finite real number >= 0 (``bandwidth_scale``, ``merge_threshold``)."""
+    """Raises ValueError unless ``value`` is a finite real number >= 0 (a key of ``EXAMPLES``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(
             f"Expected `{name}` to be a finite number >= 0 (e.g. {name}={EXAMPLES[name]}). Received: {name}={value!r}"
@@ -25,7 +25,7 @@ MERGE_REPRESENTATIVES = ("readers", "leader")
 SNAP_TARGETS = ("mean", "mode")
 """What a hashed weight becomes: its basin's mean or its density mode (`keras_autoprune.red.hashing`)."""
 
-BUDGET_KNOBS = ("bandwidth_scale", "merge_threshold")
+BUDGET_KNOBS = ("bandwidth_scale", "merge_threshold", "separation_tolerance")
 """What a budget search may raise (`keras_autoprune.red.compress`'s ``budget_knob``)."""
 
 _MEANINGS = {
@@ -41,3 +41,40 @@ def check_choice(name: str, value) -> None:
     choices, meaning = _MEANINGS[name]
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"Expected `{name}` to be one of {choices} ({meaning}). Received: {name}={value!r}")
+
+
+RECONSTRUCTIONS = ("synthetic",)
+"""What an approximate separation's 1×1 part may be refitted on, by name (or a NumPy array of inputs, or None)."""
+
+
+def check_reconstruction(model, reconstruction) -> None:
+    """Raises ValueError unless ``reconstruction`` is ``"synthetic"`` (on a model with BatchNormalization), None,
+    or an array of inputs of the model's input shape."""
+    import numpy as np
+
+    from keras_autoprune.red.synthesis import check_synthesizable
+
+    if reconstruction is None:
+        return
+    if isinstance(reconstruction, str):
+        if reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(
+                f"Expected `reconstruction` to be one of {RECONSTRUCTIONS}, a NumPy array of model inputs, or None. "
+                f"Received: reconstruction={reconstruction!r}"
+            )
+        check_synthesizable(model)
+        return
+    if not isinstance(reconstruction, np.ndarray):
+        raise ValueError(
+            "Expected `reconstruction` to be 'synthetic', a NumPy array of model inputs, or None. "
+            f"Received: {type(reconstruction).__name__}. Fix: pass np.asarray(your_inputs)."
+        )
+    expected = tuple(model.inputs[0].shape[1:]) if len(model.inputs) == 1 else None
+    matches = expected is not None and reconstruction.ndim == len(expected) + 1 and len(reconstruction) > 0 and all(
+        size is None or size == got for size, got in zip(expected, reconstruction.shape[1:]))
+    if not matches:
+        raise ValueError(
+            f"Expected `reconstruction` inputs of shape (N, {', '.join(map(str, expected or ('...',)))}) with N >= 1 "
+            f"for a one-input model. Received: an array of shape {reconstruction.shape}. Fix: pass a batch of the "
+            "model's inputs, or reconstruction=None."
+        )

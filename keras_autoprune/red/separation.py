@@ -68,6 +68,8 @@ class Separation:
         distinct_kernels: ``sum_c u_c``.
         flops_before: FLOPs of the convolution (all calls).
         flops_after: FLOPs of the depthwise + 1×1 block (all calls).
+        kernel_error: ``‖W̃ − W‖² / ‖W‖²`` of the kernel the block computes
+            (0 for the exact separation; see `keras_autoprune.red.low_rank`).
     """
 
     layer: str
@@ -75,6 +77,7 @@ class Separation:
     distinct_kernels: int
     flops_before: int
     flops_after: int
+    kernel_error: float = 0.0
 
 
 def distinct_kernels(kernel: np.ndarray, limit: int | None = None) -> list[list[np.ndarray]] | None:
@@ -116,7 +119,6 @@ def separate_layer(layer: keras.layers.Layer, name: str, call: CallInfo, calls: 
         call: its first call (input and output shapes).
         calls: how many times the layer is called.
     """
-    config = layer.get_config()
     weights = layer_weights(layer)
     kernel = weights["kernel"]
     taps, (c_in, c_out) = int(np.prod(kernel.shape[:-2])), kernel.shape[-2:]
@@ -133,14 +135,40 @@ def separate_layer(layer: keras.layers.Layer, name: str, call: CallInfo, calls: 
             depthwise[..., m * c_in + c, 0] = k
             uses = np.all(kernel[..., c, :] == k[..., None], axis=tuple(range(kernel.ndim - 2)))
             pointwise[..., m * c_in + c, :] = uses.astype(kernel.dtype)
-    rank = kernel.ndim - 2
+    found = separated_block(layer, depthwise, pointwise, weights.get("bias"), call, calls)
+    if found is None:
+        return None
+    replacement, before, after = found
+    return replacement, Separation(name, multiplier, sum(len(k) for k in kernels), before, after)
+
+
+def separated_block(layer: keras.layers.Layer, depthwise: np.ndarray, pointwise: np.ndarray, bias: np.ndarray | None,
+                    call: CallInfo, calls: int = 1) -> tuple[LayerReplacement, int, int] | None:
+    """The depthwise + 1×1 block computing ``layer`` from the given weights, if it costs fewer FLOPs.
+
+    Args:
+        layer: the Conv1D/Conv2D layer the block replaces (its strides,
+            padding, dilation, activation and dtype policy).
+        depthwise: ``(*taps, M·C_in, 1)``, slot ``(c, m)`` at channel ``m·C_in + c``.
+        pointwise: ``(1, …, M·C_in, C_out)`` in the same slot order.
+        bias: the 1×1 part's bias, or None without one.
+        call: the layer's first call; ``calls``: how many times it is called.
+
+    Returns:
+        ``(replacement, flops_before, flops_after)``, or None when the block
+        costs at least as many FLOPs as the convolution.
+    """
+    config = layer.get_config()
+    c_in, c_out = layer_weights(layer)["kernel"].shape[-2:]
+    multiplier = depthwise.shape[-2] // c_in
+    rank = depthwise.ndim - 2
     depthwise_class = keras.layers.DepthwiseConv1D if rank == 1 else keras.layers.DepthwiseConv2D
     conv_class = keras.layers.Conv1D if rank == 1 else keras.layers.Conv2D
     first = depthwise_class(
         kernel_size=config["kernel_size"], strides=config["strides"], padding=config["padding"],
         dilation_rate=config["dilation_rate"], use_bias=False, dtype=layer.dtype_policy, name=f"{layer.name}_depthwise",
     )
-    second = conv_class(c_out, 1, activation=config["activation"], use_bias=config["use_bias"],
+    second = conv_class(c_out, 1, activation=config["activation"], use_bias=bias is not None,
                         dtype=layer.dtype_policy, name=f"{layer.name}_pointwise")
     in_shape, out_shape = call.in_shapes[0], call.out_shapes[0]
     tiled = tuple(in_shape[:-1]) + (multiplier * c_in,)
@@ -150,14 +178,14 @@ def separate_layer(layer: keras.layers.Layer, name: str, call: CallInfo, calls: 
     if after >= before:
         return None
     second_weights = {"kernel": pointwise}
-    if config["use_bias"]:
-        second_weights["bias"] = weights["bias"]
+    if bias is not None:
+        second_weights["bias"] = bias
     if multiplier == 1:
         replacement = LayerReplacement([first, second], [{"kernel": depthwise}, second_weights])
     else:
         replacement = tiled_block(layer.name, first, second, [{"kernel": depthwise}, second_weights], c_in, multiplier,
                                   layer.compute_dtype)
-    return replacement, Separation(name, multiplier, sum(len(k) for k in kernels), before, after)
+    return replacement, before, after
 
 
 def tiled_block(name: str, depthwise: keras.layers.Layer, pointwise: keras.layers.Layer, weights: list[dict],
@@ -179,6 +207,20 @@ def tiled_block(name: str, depthwise: keras.layers.Layer, pointwise: keras.layer
     return LayerReplacement([block], [values])
 
 
+def is_candidate(record) -> bool:
+    """Whether a graph record is the first call of a convolution that stage 3 may separate.
+
+    Conv1D and Conv2D (not subclasses) with ``groups=1``, ``channels_last``
+    and ``"valid"``/``"same"`` padding.
+    """
+    layer = record.operation
+    if not record.first_call or type(layer) not in (keras.layers.Conv1D, keras.layers.Conv2D):
+        return False
+    config = layer.get_config()
+    return (config.get("groups", 1) == 1 and config.get("data_format", "channels_last") == "channels_last"
+            and config["padding"] in ("valid", "same"))
+
+
 def separate_depthwise(model: keras.Model, graph: DependencyGraph | None = None) -> tuple[keras.Model, list[Separation]]:
     """Separates every convolution of ``model`` where that lowers FLOPs.
 
@@ -191,18 +233,24 @@ def separate_depthwise(model: keras.Model, graph: DependencyGraph | None = None)
         ``(new_model, separations)``; with nothing separated the model is a
         copy.
     """
+    return replace_candidates(model, graph, separate_layer)
+
+
+def replace_candidates(model: keras.Model, graph: DependencyGraph | None, separate_one) -> tuple[keras.Model, list[Separation]]:
+    """Replaces every candidate convolution (`is_candidate`) for which ``separate_one`` returns a block.
+
+    ``separate_one(layer, qualified_name, call, calls)`` returns
+    ``(LayerReplacement, Separation)`` or None. The model is left unchanged;
+    with nothing replaced the result is a copy.
+    """
     graph = graph_of(model, graph)
     index = GraphIndex(graph)
     replacements, separations = {}, []
     for record in graph.records:
+        if not is_candidate(record):
+            continue
         layer = record.operation
-        if not record.first_call or type(layer) not in (keras.layers.Conv1D, keras.layers.Conv2D):
-            continue
-        config = layer.get_config()
-        if (config.get("groups", 1) != 1 or config.get("data_format", "channels_last") != "channels_last"
-                or config["padding"] not in ("valid", "same")):
-            continue
-        found = separate_layer(layer, record.name, record.call, index.calls[id(layer)])
+        found = separate_one(layer, record.name, record.call, index.calls[id(layer)])
         if found is not None:
             replacements[record.name], separation = found
             separations.append(separation)
