@@ -11,8 +11,11 @@ from keras_autoprune.red.compress import RedResult, StageFigures, compress
 from keras_autoprune.red.correction import ChannelStatistics, folded_statistics
 from keras_autoprune.red.hashing import HashedTensor, hash_values, hash_weights
 from keras_autoprune.red.kde import DensityModes, density_modes, silverman_bandwidth
+from keras_autoprune.red.low_rank import separate_low_rank
 from keras_autoprune.red.merging import MergeResult, merge_neurons
+from keras_autoprune.red.reconstruction import reconstruct_pointwise
 from keras_autoprune.red.separation import Separation, separate_depthwise
+from keras_autoprune.red.synthesis import synthesize_images
 
 __all__ = [
     "ChannelStatistics",
@@ -30,6 +33,9 @@ __all__ = [
     "hash_values",
     "hash_weights",
     "merge_neurons",
+    "reconstruct_pointwise",
     "separate_depthwise",
+    "separate_low_rank",
     "silverman_bandwidth",
+    "synthesize_images",
 ]

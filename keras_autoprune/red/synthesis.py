@@ -98,7 +98,7 @@ def synthesize_images(model: keras.Model, count: int = SYNTHETIC_IMAGES, steps: 
 
     check_synthesizable(model)
     norms = usable_norms(model)
-    probe = keras.Model(model.inputs, [norm.input for norm in norms])
+    probe = keras.Model(model.inputs[0], [norm.input for norm in norms])
     targets = [(np.asarray(keras.ops.convert_to_numpy(norm.moving_mean), np.float32),
                 np.sqrt(np.asarray(keras.ops.convert_to_numpy(norm.moving_variance), np.float32) + norm.epsilon))
                for norm in norms]
