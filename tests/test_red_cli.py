@@ -236,3 +236,22 @@ def test_separated_model_exports_to_a_verified_tflite(tmp_path, capsys):
     interpreter.invoke()
     assert relative_error(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), expected) <= 1e-5
     assert interpreter.get_input_details()[0]["dtype"] == np.float32
+
+
+def test_red_subcommand_separates_approximately(tmp_path, capsys):
+    from tests.test_red_low_rank import _bn_model
+
+    model = _bn_model()
+    path, out = tmp_path / "model.keras", tmp_path / "red.keras"
+    model.save(path)
+    assert main(["red", str(path), str(out), "--separation-tolerance", "0.3", "--reconstruction", "none"]) == 0
+    printed = capsys.readouterr().out
+    expected = kap.red.compress(model, separation_tolerance=0.3, reconstruction=None)
+    x = np.random.default_rng(3).normal(120, 25, (4, 8, 8, 3)).astype("float32")
+    loaded = keras.saving.load_model(out, safe_mode=True)
+    assert relative_error(np.asarray(loaded(x)), np.asarray(expected.model(x))) <= 1e-5
+    for figure in ("approximated", "layers separated approximately: 2 (separation_tolerance=0.3; 1x1 parts refitted "
+                   "on none)", "  c1: rank ", "kernel error", ", not refitted"):
+        assert figure in printed
+    with pytest.raises(SystemExit):
+        main(["red", str(path), str(out), "--reconstruction", "real"])

@@ -17,6 +17,7 @@ import time
 
 from keras_autoprune.budget import Budget
 from keras_autoprune.red.compress import RedResult, check_options
+from keras_autoprune.red.options import RECONSTRUCTIONS
 from keras_autoprune.saved_paths import check_model_paths
 
 
@@ -53,6 +54,8 @@ def compress_saved_model(
     merge_representative: str = "readers",
     snap_to: str = "mean",
     correct_merge_bias: bool = True,
+    separation_tolerance: float = 0.0,
+    reconstruction: str | None = "synthetic",
     unsafe: bool = False,
     tflite: str | os.PathLike | None = None,
 ) -> RedOutcome:
@@ -64,8 +67,9 @@ def compress_saved_model(
         bandwidth_scale, merge_threshold, separate_depthwise, budget,
             hash_all_layers, merge_distance, input_shape, budget_knob,
             restore_batchnorm, merge_representative, snap_to,
-            correct_merge_bias: as in
+            correct_merge_bias, separation_tolerance: as in
             `keras_autoprune.red.compress`.
+        reconstruction: ``"synthetic"`` or None, as in `compress`.
         unsafe: load with ``safe_mode=False``.
         tflite: also export a float32 ``.tflite`` here, verified with LiteRT
             on random inputs.
@@ -79,7 +83,11 @@ def compress_saved_model(
     """
     check_model_paths(model_path, out, tflite)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
-                  budget_knob, restore_batchnorm, merge_representative, snap_to, correct_merge_bias)
+                  budget_knob, restore_batchnorm, merge_representative, snap_to, correct_merge_bias,
+                  separation_tolerance)
+    if reconstruction not in RECONSTRUCTIONS + (None,):
+        raise ValueError(f"Expected `reconstruction` to be one of {RECONSTRUCTIONS} or None. "
+                         f"Received: reconstruction={reconstruction!r}")
     import keras
 
     from keras_autoprune.red.compress import compress
@@ -90,7 +98,8 @@ def compress_saved_model(
                       separate_depthwise=separate_depthwise, budget=budget, hash_all_layers=hash_all_layers,
                       merge_distance=merge_distance, input_shape=input_shape, budget_knob=budget_knob,
                       restore_batchnorm=restore_batchnorm, merge_representative=merge_representative,
-                      snap_to=snap_to, correct_merge_bias=correct_merge_bias)
+                      snap_to=snap_to, correct_merge_bias=correct_merge_bias,
+                      separation_tolerance=separation_tolerance, reconstruction=reconstruction)
     result.model.save(out)
     files, summary = [str(out)], None
     if tflite is not None:
@@ -121,4 +130,11 @@ def stage_details(result: RedResult) -> str:
     for s in result.separations:
         lines.append(f"  {s.layer}: multiplier {s.multiplier}, {s.distinct_kernels} distinct kernels, "
                      f"FLOPs {s.flops_before:,} -> {s.flops_after:,}")
+    if result.separation_tolerance > 0:
+        refitted = set(result.reconstructed)
+        lines.append(f"layers separated approximately: {len(result.approximations)} (separation_tolerance="
+                     f"{result.separation_tolerance:g}; 1x1 parts refitted on {result.reconstruction})")
+        for s in result.approximations:
+            lines.append(f"  {s.layer}: rank {s.multiplier}, kernel error {s.kernel_error:.1%}, "
+                         f"FLOPs {s.flops_before:,} -> {s.flops_after:,}" + ("" if s.layer in refitted else ", not refitted"))
     return "\n".join(lines)
