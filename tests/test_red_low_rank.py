@@ -184,3 +184,39 @@ def test_synthesis_needs_batchnorm_and_says_so_before_any_work():
     with pytest.raises(ValueError, match="without a top-level BatchNormalization.*reconstruction=None"):
         kap.red.compress(model, separation_tolerance=0.1)
     assert kap.red.compress(model, separation_tolerance=0.5, reconstruction=None).approximations
+
+
+def _truncated_taps(kernel: np.ndarray, rank: int) -> np.ndarray:
+    """`_truncated` for any number of taps (the reference, from NumPy's SVD per input channel)."""
+    taps = kernel.shape[:-2]
+    flat = kernel.reshape((-1,) + kernel.shape[-2:]).astype(np.float64)
+    out = np.empty_like(flat)
+    for c in range(flat.shape[1]):
+        u, s, vt = np.linalg.svd(flat[:, c, :], full_matrices=False)
+        out[:, c, :] = (u[:, :rank] * s[:rank]) @ vt[:rank]
+    return out.reshape(taps + kernel.shape[-2:])
+
+
+@pytest.mark.parametrize("name, size", [
+    pytest.param("ResNet50", 32, id="ResNet50"),
+    pytest.param("InceptionV3", 75, id="InceptionV3", marks=pytest.mark.slow),
+    pytest.param("Xception", 71, id="Xception", marks=pytest.mark.slow),
+])
+def test_approximate_separation_on_applications_computes_the_truncated_kernels(name, size):
+    """Every approximated convolution of a keras.applications model computes its truncated kernel, and the refit
+    reaches every one of them (all are top-level layers called once)."""
+    from tests.zoo import build
+
+    model = build(name, size)
+    randomize(model, scale=0.05)
+    result = kap.red.compress(model, bandwidth_scale=0, separation_tolerance=0.5, reconstruction=None)
+    assert len(result.approximations) >= 2  # Xception: its two full convolutions (the rest are separable)
+    reference, _ = kap.red.fold_batchnorm(model)
+    for approximation in result.approximations:
+        layer = reference.get_layer(approximation.layer)
+        layer.kernel.assign(_truncated_taps(np.asarray(layer.kernel), approximation.multiplier).astype("float32"))
+    x = np.random.default_rng(11).normal(0, 1, (2, size, size, 3)).astype("float32")
+    assert relative_error(np.asarray(result.model(x)), np.asarray(reference(x))) < 1e-4
+    assert result.stages[-1].flops < result.stage("merged").flops
+    refitted = kap.red.compress(model, bandwidth_scale=0, separation_tolerance=0.5, reconstruction=x)
+    assert refitted.reconstructed == tuple(a.layer for a in refitted.approximations)
