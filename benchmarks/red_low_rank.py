@@ -11,6 +11,11 @@ at the same FLOPs kept. No training image is read by any entry; top-1 is
 measured on the 10,000 CIFAR-10 test images.
 
     python -m benchmarks.red_low_rank --model resnet20
+    python -m benchmarks.red_low_rank --model resnet20 --separation-cost latency   # blocks kept only where faster
+
+With ``--separation-cost latency`` a block replaces its convolution only where
+LiteRT times it faster on this machine (`keras_autoprune.red.block_latency`);
+those results go to ``red_low_rank_<model>_latency_cost`` (file, plot, docs markers).
 
 Latency: every refitted point and the original are exported to float32
 ``.tflite`` (verified by LiteRT) and timed together with
@@ -36,18 +41,21 @@ TOLERANCES = {"resnet20": (0.02, 0.05, 0.1, 0.15, 0.2, 0.3), "mobilenetv2": (0.0
 where every layer is near rank 1."""
 
 
-def red_row(model, model_name: str, tolerance: float, images, evaluate) -> tuple[dict, object]:
+def red_row(model, model_name: str, tolerance: float, images, evaluate,
+            separation_cost: str = "flops") -> tuple[dict, object]:
     """One point: the row and the `RedResult` (``images`` None: no refit)."""
     import keras_autoprune as kap
 
     start = time.perf_counter()
-    result = kap.red.compress(model, separation_tolerance=tolerance, reconstruction=images, verbose=0)
+    result = kap.red.compress(model, separation_tolerance=tolerance, reconstruction=images, verbose=0,
+                              separation_cost=separation_cost)
     seconds = time.perf_counter() - start
     first, last = result.stages[0], result.stages[-1]
     row = {"entry": "red_low_rank" if images is not None else "red_low_rank_svd_only", "model": model_name,
            "separation_tolerance": tolerance, "flops_kept": last.flops / first.flops,
            "params_kept": last.params / first.params, "accuracy": evaluate(result.model), "seconds": seconds,
-           "blocks_refitted": len(result.reconstructed),
+           "blocks_refitted": len(result.reconstructed), "separation_cost": separation_cost,
+           "block_timings": {name: [t.convolution_ms, t.block_ms] for name, t in result.block_timings.items()},
            "approximations": [{"layer": a.layer, "rank": a.multiplier, "kernel_error": a.kernel_error,
                                "flops_before": a.flops_before, "flops_after": a.flops_after}
                               for a in result.approximations]}
@@ -55,7 +63,7 @@ def red_row(model, model_name: str, tolerance: float, images, evaluate) -> tuple
 
 
 def run(model_name: str, tolerances, out: pathlib.Path, data: converged.Cifar10, latency: bool = True,
-        log=print) -> dict:
+        log=print, separation_cost: str = "flops") -> dict:
     """The sweep for one model; writes ``out`` and returns the result."""
     import keras
 
@@ -68,7 +76,8 @@ def run(model_name: str, tolerances, out: pathlib.Path, data: converged.Cifar10,
         return converged.test_accuracy(candidate, data)
 
     result = {"model": model_name, "machine": converged.machine_description(),
-              "command": f"python -m benchmarks.red_low_rank --model {model_name}",
+              "command": f"python -m benchmarks.red_low_rank --model {model_name} --separation-cost {separation_cost}",
+              "separation_cost": separation_cost,
               "original": {"accuracy": evaluate(model), "flops": kap.count_flops(model),
                            "params": kap.count_params(model)}}
     start = time.perf_counter()
@@ -81,8 +90,8 @@ def run(model_name: str, tolerances, out: pathlib.Path, data: converged.Cifar10,
     rows, files = [], {}
     with tempfile.TemporaryDirectory() as folder:
         for tolerance in tolerances:
-            refitted, compressed = red_row(model, model_name, tolerance, images, evaluate)
-            svd_only, _ = red_row(model, model_name, tolerance, None, evaluate)
+            refitted, compressed = red_row(model, model_name, tolerance, images, evaluate, separation_cost)
+            svd_only, _ = red_row(model, model_name, tolerance, None, evaluate, separation_cost)
             uniform = red_bench.uniform_row(model, model_name, {"flops_kept": refitted["flops_kept"],
                                                                 "bandwidth_scale": 0.0, "merge_threshold": 0.0},
                                             evaluate, graph)
@@ -161,7 +170,8 @@ def plot(result: dict, path: pathlib.Path) -> None:
     axes.axhline(result["original"]["accuracy"], color="gray", linestyle="--", label="original")
     axes.set_xlabel("FLOPs kept")
     axes.set_ylabel("top-1 (10,000 test images)")
-    axes.set_title(f"{result['model']}: data-free, no fine-tuning")
+    cost = " (blocks kept only where faster on LiteRT)" if result.get("separation_cost") == "latency" else ""
+    axes.set_title(f"{result['model']}: data-free, no fine-tuning{cost}", fontsize=10)
     axes.legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,14 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, help="result folder (default: the published benchmarks/results/v2)")
     parser.add_argument("--data", default=str(converged.DEFAULT_SOURCE))
     parser.add_argument("--no-latency", action="store_true", help="skip the .tflite export and LiteRT timing")
+    parser.add_argument("--separation-cost", choices=("flops", "latency"), default="flops",
+                        help="kap.red.compress's separation_cost (latency: blocks kept only where LiteRT runs them faster)")
     args = parser.parse_args(argv)
     tolerances = args.tolerances or TOLERANCES[args.model]
     if any(not 0 < t <= 1 for t in tolerances):
         parser.error(f"Expected tolerances in (0, 1]. Received: {tolerances}")
     folder = args.out or red_bench.RESULTS_DIR
-    name = f"red_low_rank_{args.model}"
+    name = f"red_low_rank_{args.model}" + ("_latency_cost" if args.separation_cost == "latency" else "")
     result = run(args.model, tolerances, folder / f"{name}.json", converged.load_cifar10(args.data),
-                 latency=not args.no_latency, log=lambda line: print(line, flush=True))
+                 latency=not args.no_latency, log=lambda line: print(line, flush=True),
+                 separation_cost=args.separation_cost)
     plot(result, (red_bench.PLOT_DIR if args.out is None else folder) / f"v2_{name}.png")
     print(markdown(result))
     if args.out is None:

@@ -49,7 +49,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ logs: err
 
 from keras_autoprune.errors import ExportError  # noqa: E402
 from keras_autoprune.export.images import SCALES  # noqa: E402
-from keras_autoprune.red.options import BUDGET_KNOBS, MERGE_DISTANCES, MERGE_REPRESENTATIVES, SNAP_TARGETS  # noqa: E402
+from keras_autoprune.red.options import (  # noqa: E402
+    BUDGET_KNOBS,
+    MERGE_DISTANCES,
+    MERGE_REPRESENTATIVES,
+    SEPARATION_COSTS,
+    SNAP_TARGETS,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,6 +325,9 @@ def _add_red(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--reconstruction", choices=("synthetic", "none"), default="synthetic",
                         help="what the approximate blocks' 1x1 parts are refitted on: images synthesized from the "
                              "model's BatchNormalization statistics (default; no data) or nothing (the SVD's weights)")
+    parser.add_argument("--separation-cost", choices=SEPARATION_COSTS, default="flops",
+                        help="what decides that a separated block replaces its convolution: fewer FLOPs (default) "
+                             "or also measured faster on LiteRT on this machine (each layer and block timed alone)")
     parser.add_argument("--budget", default=None,
                         help="flops=F or params=F: search --budget-knob upwards for the fraction kept")
     parser.add_argument("--budget-knob", choices=BUDGET_KNOBS, default="bandwidth_scale",
@@ -364,7 +373,7 @@ def _run_red(args: argparse.Namespace) -> int:
         merge_distance=args.merge_distance, input_shape=input_shape, budget_knob=args.budget_knob,
         restore_batchnorm=args.restore_batchnorm, merge_representative=args.merge_representative,
         snap_to=args.snap_to, correct_merge_bias=args.correct_merge_bias,
-        separation_tolerance=args.separation_tolerance,
+        separation_tolerance=args.separation_tolerance, separation_cost=args.separation_cost,
         reconstruction=None if args.reconstruction == "none" else args.reconstruction,
         unsafe=args.unsafe, tflite=args.tflite,
     )

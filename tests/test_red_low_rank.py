@@ -220,3 +220,30 @@ def test_approximate_separation_on_applications_computes_the_truncated_kernels(n
     assert result.stages[-1].flops < result.stage("merged").flops
     refitted = kap.red.compress(model, bandwidth_scale=0, separation_tolerance=0.5, reconstruction=x)
     assert refitted.reconstructed == tuple(a.layer for a in refitted.approximations)
+
+
+def _twin_model():
+    """Two identical 16-channel 3×3 convolutions at 32×32 (one configuration, timed once) and a 64-channel one at 8×8."""
+    inputs = keras.Input((32, 32, 16))
+    x = L.Conv2D(16, 3, padding="same", name="first")(inputs)
+    x = L.Conv2D(16, 3, padding="same", name="second")(L.ReLU()(x))
+    x = L.Conv2D(64, 3, strides=4, padding="same", name="narrow")(L.ReLU()(x))
+    model = keras.Model(inputs, L.Conv2D(64, 3, padding="same", name="wide")(x))
+    randomize(model, seed=12)
+    return model
+
+
+def test_the_latency_cost_keeps_exactly_the_blocks_measured_faster():
+    model = _twin_model()
+    by_flops = kap.red.compress(model, bandwidth_scale=0, separation_tolerance=0.6, reconstruction=None)
+    timed = kap.red.compress(model, bandwidth_scale=0, separation_tolerance=0.6, reconstruction=None,
+                             separation_cost="latency")
+    assert timed.separation_cost == "latency" and set(timed.block_timings) == {a.layer for a in by_flops.approximations}
+    assert [a.layer for a in timed.approximations] == [a.layer for a in by_flops.approximations
+                                                        if timed.block_timings[a.layer].faster]
+    first, second = timed.block_timings["first"], timed.block_timings["second"]
+    assert (first.convolution_ms, first.block_ms) == (second.convolution_ms, second.block_ms)  # timed once
+    assert all(t.convolution_ms > 0 and t.block_ms > 0 for t in timed.block_timings.values())
+    assert by_flops.block_timings == {} and "LiteRT timed" in timed.summary()
+    with pytest.raises(ValueError, match="separation_cost"):
+        kap.red.compress(model, separation_cost="speed")

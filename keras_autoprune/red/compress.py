@@ -42,6 +42,7 @@ from keras_autoprune.budget import Budget
 from keras_autoprune.errors import BudgetUnreachableError
 from keras_autoprune.graph.dependency import DependencyGraph, check_model
 from keras_autoprune.red.batchnorm import FoldedNorm, fold_batchnorm
+from keras_autoprune.red.block_latency import BlockTimer, BlockTiming
 from keras_autoprune.red.correction import folded_statistics
 from keras_autoprune.red.hashing import HashedTensor, hash_weights
 from keras_autoprune.red.low_rank import separate_low_rank
@@ -107,6 +108,11 @@ class RedResult:
         reconstruction: what the approximate blocks' 1×1 parts were refitted
             on: ``"synthetic"``, ``"inputs"`` (the caller's) or ``"none"``.
         reconstructed: the blocks whose 1×1 part was refitted.
+        separation_cost: what decided that a block replaces its
+            convolution: ``"flops"`` or ``"latency"``.
+        block_timings: with ``separation_cost="latency"``, ``{layer:
+            BlockTiming}`` of every block timed against its convolution in
+            the result's run (those not ``faster`` stayed convolutions).
         bandwidth_scale: the value used (chosen by the search with a budget
             and ``budget_knob="bandwidth_scale"``).
         merge_threshold: the value used (chosen by the search with a budget
@@ -142,6 +148,8 @@ class RedResult:
     separation_tolerance: float = 0.0
     reconstruction: str = "none"
     reconstructed: tuple[str, ...] = ()
+    separation_cost: str = "flops"
+    block_timings: dict[str, BlockTiming] = dataclasses.field(default_factory=dict)
 
     @property
     def distinct_values(self) -> dict[str, dict[str, int]]:
@@ -184,6 +192,10 @@ class RedResult:
             lines.append(f"  approximate separation changed a kernel by at most {largest.kernel_error:.1%} of its squared "
                          f"norm ({largest.layer}, rank {largest.multiplier}); {len(self.reconstructed)} 1×1 parts "
                          f"refitted ({self.reconstruction})")
+        if self.block_timings:
+            slower = [t.layer for t in self.block_timings.values() if not t.faster]
+            lines.append(f"  LiteRT timed {len(self.block_timings)} blocks against their convolutions; "
+                         f"{len(slower)} slower, kept as convolutions" + (f": {', '.join(slower)}" if slower else ""))
         worst = self.largest_hashing_error
         if worst is not None:
             lines.append(f"  hashing moved a weight tensor by at most {worst.relative_error:.1%} of its norm "
@@ -212,6 +224,7 @@ def compress(
     correct_merge_bias: bool = True,
     separation_tolerance: float = 0.0,
     reconstruction: str | np.ndarray | None = "synthetic",
+    separation_cost: str = "flops",
     verbose: int = 1,
 ) -> RedResult:
     """Compresses ``model`` with RED, without data and without fine-tuning.
@@ -262,6 +275,11 @@ def compress(
             BatchNormalization statistics, `keras_autoprune.red.synthesis`,
             no data), a NumPy array of model inputs, or None (the SVD's
             weights). Unused when ``separation_tolerance`` is 0.
+        separation_cost: what decides that a separated block (stages 3
+            and 3b) replaces its convolution: ``"flops"`` (default; fewer
+            FLOPs) or ``"latency"`` (also measured faster on LiteRT, each
+            convolution and its block built alone and timed on this
+            machine, 1 thread; `keras_autoprune.red.block_latency`).
         verbose: 0 silent, 1 a progress bar while images are synthesized.
         budget: a `kap.Budget`; if given, the knob named by ``budget_knob``
             is the lower end of a search for the smallest value whose
@@ -312,7 +330,7 @@ def compress(
     check_model(model)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
                   budget_knob, restore_batchnorm, merge_representative, snap_to, correct_merge_bias,
-                  separation_tolerance)
+                  separation_tolerance, separation_cost)
     if verbose not in (0, 1) or isinstance(verbose, bool):
         raise ValueError(f"Expected `verbose` to be 0 (silent) or 1 (a progress bar). Received: verbose={verbose!r}")
     approximating = separation_tolerance > 0 or (budget is not None and budget_knob == "separation_tolerance")
@@ -324,7 +342,8 @@ def compress(
     options = {"separate": bool(separate_depthwise), "hash_all_layers": hash_all_layers,
                "merge_distance": merge_distance, "input_shape": input_shape, "restore": restore_batchnorm,
                "merge_representative": merge_representative, "snap_to": snap_to,
-               "correct_merge_bias": correct_merge_bias}
+               "correct_merge_bias": correct_merge_bias,
+               "timer": BlockTimer() if separation_cost == "latency" else None}
     refit = None
     if approximating and reconstruction is not None:
         refit = (("synthetic", synthesize_images(model, verbose=verbose)) if isinstance(reconstruction, str)
@@ -337,13 +356,13 @@ def compress(
 def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers=False,
                   merge_distance="channel", budget_knob="bandwidth_scale", restore_batchnorm=False,
                   merge_representative="readers", snap_to="mean", correct_merge_bias=True,
-                  separation_tolerance=0.0) -> None:
+                  separation_tolerance=0.0, separation_cost="flops") -> None:
     """Checks `compress`'s arguments other than the model and the reconstruction (raises ValueError), before any work."""
     check_knob("bandwidth_scale", bandwidth_scale)
     check_knob("merge_threshold", merge_threshold)
     check_knob("separation_tolerance", separation_tolerance)
     for name, value in (("merge_distance", merge_distance), ("merge_representative", merge_representative),
-                        ("snap_to", snap_to), ("budget_knob", budget_knob)):
+                        ("snap_to", snap_to), ("budget_knob", budget_knob), ("separation_cost", separation_cost)):
         check_choice(name, value)
     if budget is not None and budget_knob == "bandwidth_scale" and bandwidth_scale == 0:
         raise ValueError(
@@ -367,7 +386,8 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, 
 def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, hash_all_layers: bool,
          merge_distance: str = "channel", input_shape: Any = None, restore: bool = False,
          merge_representative: str = "readers", snap_to: str = "mean", correct_merge_bias: bool = True,
-         separation_tolerance: float = 0.0, refit: tuple[str, np.ndarray] | None = None) -> RedResult:
+         separation_tolerance: float = 0.0, refit: tuple[str, np.ndarray] | None = None,
+         timer: BlockTimer | None = None) -> RedResult:
     graph = DependencyGraph(model)
     if restore:
         check_restorable(graph)  # before any stage
@@ -382,8 +402,11 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         folded, folds = fold_batchnorm(model, graph)
         stages.append(figures("batchnorm_folded", folded))
         statistics = folded_statistics(graph, folds) if correct_merge_bias and merge_threshold > 0 else None
+        if timer is not None:
+            timer.timings.clear()  # this run's decisions only (the measurements stay cached)
+        keep = timer.keep if timer is not None else None
         merging = {"merge_distance": merge_distance, "merge_representative": merge_representative,
-                   "snap_to": snap_to, "channel_statistics": statistics}
+                   "snap_to": snap_to, "channel_statistics": statistics, "keep": keep}
         run = _Stages.run(folded, bandwidth_scale, merge_threshold, separate, **merging)
         reverted: tuple[str, ...] = ()
         if not hash_all_layers:
@@ -402,7 +425,7 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         stages.append(figures("separated", run.model))
     compressed, approximations, reconstructed = run.model, [], ()
     if separation_tolerance > 0:
-        compressed, approximations = separate_low_rank(run.model, separation_tolerance)
+        compressed, approximations = separate_low_rank(run.model, separation_tolerance, keep=keep)
         if refit is not None and approximations:
             reconstructed = reconstruct_pointwise(compressed, run.model, [a.layer for a in approximations], refit[1])
         stages.append(figures("approximated", compressed))
@@ -457,6 +480,8 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         separation_tolerance=separation_tolerance,
         reconstruction=refit[0] if refit is not None and separation_tolerance > 0 else "none",
         reconstructed=reconstructed,
+        separation_cost="latency" if timer is not None else "flops",
+        block_timings=dict(timer.timings) if timer is not None else {},
     )
 
 
@@ -474,14 +499,14 @@ class _Stages:
     @classmethod
     def run(cls, folded, bandwidth_scale: float, merge_threshold: float, separate: bool, layers=None,
             merge_distance: str = "channel", merge_representative: str = "readers", snap_to: str = "mean",
-            channel_statistics=None) -> _Stages:
+            channel_statistics=None, keep=None) -> _Stages:
         """Hashes ``layers`` (default: every linear layer; none when ``bandwidth_scale`` is 0), merges, separates."""
         hashed, tensors = (hash_weights(folded, bandwidth_scale, layers=layers, snap_to=snap_to)
                            if bandwidth_scale > 0 and (layers is None or layers) else (folded, []))
         graph = DependencyGraph(hashed)
         merge = merge_neurons(hashed, merge_threshold, graph=graph, merge_distance=merge_distance,
                               merge_representative=merge_representative, channel_statistics=channel_statistics)
-        current, separations = separate_depthwise(merge.model) if separate else (merge.model, [])
+        current, separations = separate_depthwise(merge.model, keep=keep) if separate else (merge.model, [])
         return cls(hashed, graph, tensors, merge, current, separations)
 
 

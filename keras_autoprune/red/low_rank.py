@@ -96,8 +96,8 @@ def low_rank_layer(layer: keras.layers.Layer, name: str, call: CallInfo, calls: 
     return replacement, Separation(name, rank, rank * c_in, before, after, kernel_error=float(errors[rank]))
 
 
-def separate_low_rank(model: keras.Model, tolerance: float,
-                      graph: DependencyGraph | None = None) -> tuple[keras.Model, list[Separation]]:
+def separate_low_rank(model: keras.Model, tolerance: float, graph: DependencyGraph | None = None,
+                      keep=None) -> tuple[keras.Model, list[Separation]]:
     """Separates every candidate convolution of ``model`` at the lowest rank within ``tolerance`` that lowers FLOPs.
 
     Args:
@@ -107,10 +107,11 @@ def separate_low_rank(model: keras.Model, tolerance: float,
         tolerance: the largest relative squared kernel error ``ε(M)`` a
             layer may take, in ``[0, 1]``.
         graph: ``DependencyGraph(model)`` if already built.
+        keep: as in `keras_autoprune.red.separation.separate_depthwise`.
 
     Returns:
         ``(new_model, separations)``; ``Separation.kernel_error`` is each
         layer's ``ε(M)``.
     """
     return replace_candidates(
-        model, graph, lambda layer, name, call, calls: low_rank_layer(layer, name, call, calls, tolerance))
+        model, graph, lambda layer, name, call, calls: low_rank_layer(layer, name, call, calls, tolerance), keep)

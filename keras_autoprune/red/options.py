@@ -28,7 +28,11 @@ SNAP_TARGETS = ("mean", "mode")
 BUDGET_KNOBS = ("bandwidth_scale", "merge_threshold", "separation_tolerance")
 """What a budget search may raise (`keras_autoprune.red.compress`'s ``budget_knob``)."""
 
+SEPARATION_COSTS = ("flops", "latency")
+"""What decides that a separated block replaces its convolution (`keras_autoprune.red.block_latency`)."""
+
 _MEANINGS = {
+    "separation_cost": (SEPARATION_COSTS, "what decides that a separated block replaces its convolution"),
     "merge_distance": (MERGE_DISTANCES, "what a near-identical distance is relative to"),
     "merge_representative": (MERGE_REPRESENTATIVES, "the weights of a near-identical cluster's kept channel"),
     "snap_to": (SNAP_TARGETS, "the value a hashed weight takes in its basin"),

@@ -56,6 +56,7 @@ def compress_saved_model(
     correct_merge_bias: bool = True,
     separation_tolerance: float = 0.0,
     reconstruction: str | None = "synthetic",
+    separation_cost: str = "flops",
     unsafe: bool = False,
     tflite: str | os.PathLike | None = None,
 ) -> RedOutcome:
@@ -67,7 +68,7 @@ def compress_saved_model(
         bandwidth_scale, merge_threshold, separate_depthwise, budget,
             hash_all_layers, merge_distance, input_shape, budget_knob,
             restore_batchnorm, merge_representative, snap_to,
-            correct_merge_bias, separation_tolerance: as in
+            correct_merge_bias, separation_tolerance, separation_cost: as in
             `keras_autoprune.red.compress`.
         reconstruction: ``"synthetic"`` or None, as in `compress`.
         unsafe: load with ``safe_mode=False``.
@@ -84,7 +85,7 @@ def compress_saved_model(
     check_model_paths(model_path, out, tflite)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
                   budget_knob, restore_batchnorm, merge_representative, snap_to, correct_merge_bias,
-                  separation_tolerance)
+                  separation_tolerance, separation_cost)
     if reconstruction not in RECONSTRUCTIONS + (None,):
         raise ValueError(f"Expected `reconstruction` to be one of {RECONSTRUCTIONS} or None. "
                          f"Received: reconstruction={reconstruction!r}")
@@ -99,7 +100,8 @@ def compress_saved_model(
                       merge_distance=merge_distance, input_shape=input_shape, budget_knob=budget_knob,
                       restore_batchnorm=restore_batchnorm, merge_representative=merge_representative,
                       snap_to=snap_to, correct_merge_bias=correct_merge_bias,
-                      separation_tolerance=separation_tolerance, reconstruction=reconstruction)
+                      separation_tolerance=separation_tolerance, reconstruction=reconstruction,
+                      separation_cost=separation_cost)
     result.model.save(out)
     files, summary = [str(out)], None
     if tflite is not None:
@@ -137,4 +139,9 @@ def stage_details(result: RedResult) -> str:
         for s in result.approximations:
             lines.append(f"  {s.layer}: rank {s.multiplier}, kernel error {s.kernel_error:.1%}, "
                          f"FLOPs {s.flops_before:,} -> {s.flops_after:,}" + ("" if s.layer in refitted else ", not refitted"))
+    if result.block_timings:
+        lines.append("blocks timed on LiteRT against their convolutions (median ms, 1 thread):")
+        for t in result.block_timings.values():
+            lines.append(f"  {t.layer}: M={t.multiplier}, convolution {t.convolution_ms:.4f}, block {t.block_ms:.4f}"
+                         + ("" if t.faster else ", slower: kept as a convolution"))
     return "\n".join(lines)

@@ -221,27 +221,33 @@ def is_candidate(record) -> bool:
             and config["padding"] in ("valid", "same"))
 
 
-def separate_depthwise(model: keras.Model, graph: DependencyGraph | None = None) -> tuple[keras.Model, list[Separation]]:
+def separate_depthwise(model: keras.Model, graph: DependencyGraph | None = None,
+                       keep=None) -> tuple[keras.Model, list[Separation]]:
     """Separates every convolution of ``model`` where that lowers FLOPs.
 
     Args:
         model: a built Sequential or Functional model (left unchanged),
             usually hashed.
         graph: ``DependencyGraph(model)`` if already built.
+        keep: optional ``keep(layer, call, separation) -> bool``, asked
+            about every block that lowers FLOPs (e.g.
+            `keras_autoprune.red.block_latency.BlockTimer.keep`).
 
     Returns:
         ``(new_model, separations)``; with nothing separated the model is a
         copy.
     """
-    return replace_candidates(model, graph, separate_layer)
+    return replace_candidates(model, graph, separate_layer, keep)
 
 
-def replace_candidates(model: keras.Model, graph: DependencyGraph | None, separate_one) -> tuple[keras.Model, list[Separation]]:
+def replace_candidates(model: keras.Model, graph: DependencyGraph | None, separate_one,
+                       keep=None) -> tuple[keras.Model, list[Separation]]:
     """Replaces every candidate convolution (`is_candidate`) for which ``separate_one`` returns a block.
 
     ``separate_one(layer, qualified_name, call, calls)`` returns
-    ``(LayerReplacement, Separation)`` or None. The model is left unchanged;
-    with nothing replaced the result is a copy.
+    ``(LayerReplacement, Separation)`` or None; ``keep(layer, call,
+    separation)``, if given, can still refuse it. The model is left
+    unchanged; with nothing replaced the result is a copy.
     """
     graph = graph_of(model, graph)
     index = GraphIndex(graph)
@@ -251,7 +257,7 @@ def replace_candidates(model: keras.Model, graph: DependencyGraph | None, separa
             continue
         layer = record.operation
         found = separate_one(layer, record.name, record.call, index.calls[id(layer)])
-        if found is not None:
+        if found is not None and (keep is None or keep(layer, record.call, found[1])):
             replacements[record.name], separation = found
             separations.append(separation)
     if graph.traced and replacements:  # custom layers become their traced functional models, which name their layers
