@@ -48,6 +48,10 @@ data, before the first epoch, then fine-tunes it like every other entry
   keeps its first channel's weights): what those two entries computed
   before session 23 made the readers' combination RED's default; their
   units of sessions 21-22 are kept under these names.
+- ``red_low_rank_bn`` (session 27): RED's approximate separation reaching
+  the budget (``budget_knob="separation_tolerance"``, no hashing, the 1×1
+  parts refitted on images synthesized from the model's BatchNormalization
+  statistics, FLOPs cost) with ``restore_batchnorm=True``.
 
 The RED units measured before session 24 hashed to the density's modes
 (``snap_to="mode"``) and left the readers' biases of near-identical merges
@@ -276,6 +280,8 @@ def compress_one_shot(entry: str, model: keras.Model, budget: float) -> tuple[ke
     if entry not in ONE_SHOT_ENTRIES:
         raise ValueError(f"Unknown one-shot entry {entry!r}. Expected one of {ONE_SHOT_ENTRIES}.")
     options = {"budget_knob": "merge_threshold", "merge_distance": "layer"} if entry.startswith("red_merge") else {}
+    if entry.startswith("red_low_rank"):
+        options = {"budget_knob": "separation_tolerance", "bandwidth_scale": 0.0, "verbose": 0}
     if "_leader" in entry:
         options["merge_representative"] = "leader"
     options["restore_batchnorm"] = entry.endswith("_bn")
@@ -284,7 +290,9 @@ def compress_one_shot(entry: str, model: keras.Model, budget: float) -> tuple[ke
     figures = {"pruning_seconds": time.perf_counter() - start, "bandwidth_scale": result.bandwidth_scale,
                "merge_threshold": result.merge_threshold, "snap_to": result.snap_to,
                "bias_corrected_groups": len(result.bias_corrected),
-               "neurons_merged": result.neurons_merged, "batchnorm_folded": len(result.folded_norms)}
+               "neurons_merged": result.neurons_merged, "batchnorm_folded": len(result.folded_norms),
+               "separation_tolerance": result.separation_tolerance,
+               "convolutions_approximated": len(result.approximations)}
     return result.model, figures
 
 

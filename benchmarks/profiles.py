@@ -42,10 +42,11 @@ SCORER_ENTRIES = ("kron_obs", "kron_obd", "c_obs", "c_obd")
 
 STRUCTURED_ENTRIES = ("uniform_l1", "global_l1", "taylor", "random", "nap", "nap_cost_aware", "fisher_cost_aware", *SCORER_ENTRIES,
                       "eigendamage", "eigendamage_capped", "psap", "psap_scratch", "red", "red_merge", "red_bn",
-                      "red_merge_bn", "red_merge_leader", "red_merge_leader_bn")
+                      "red_merge_bn", "red_merge_leader", "red_merge_leader_bn", "red_low_rank_bn")
 """Entries that remove channels or eigen-directions (their FLOPs must meet the budget)."""
 
-ONE_SHOT_ENTRIES = ("red", "red_merge", "red_bn", "red_merge_bn", "red_merge_leader", "red_merge_leader_bn")
+ONE_SHOT_ENTRIES = ("red", "red_merge", "red_bn", "red_merge_bn", "red_merge_leader", "red_merge_leader_bn",
+                    "red_low_rank_bn")
 """Entries that compress the model once, data-free, before the first fine-tuning epoch (no callback)."""
 
 RED_VARIANTS = ONE_SHOT_ENTRIES[1:]

@@ -322,6 +322,23 @@ def test_red_merge_bn_entry_restores_the_batchnorms_within_the_budget():
     assert kap.count_flops(expected.model) == kap.count_flops(model)
 
 
+def test_red_low_rank_bn_entry_separates_approximately_within_the_budget_with_the_batchnorms_back():
+    import keras
+
+    import keras_autoprune as kap
+    from benchmarks.entries import compress_one_shot
+    from keras_autoprune.zoo import resnet_cifar
+
+    keras.utils.set_random_seed(4)
+    pretrained = resnet_cifar(8, width=8)
+    model, figures = compress_one_shot("red_low_rank_bn", pretrained, 0.5)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == figures["batchnorm_folded"] > 0
+    assert kap.count_flops(model) <= 0.5 * kap.count_flops(pretrained)
+    assert figures["convolutions_approximated"] > 0 and 0 < figures["separation_tolerance"] <= 1
+    assert figures["bandwidth_scale"] == 0 and figures["neurons_merged"] == 0
+
+
 def test_red_entry_compresses_without_data_then_fine_tunes_like_the_others(tmp_path):
     """``red``: `kap.red.compress` to the FLOPs budget before epoch 0, then the common fine-tuning, no callback."""
     import dataclasses
