@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, help="result folder (default: the published benchmarks/results/v2)")
     parser.add_argument("--data", default=str(converged.DEFAULT_SOURCE))
     parser.add_argument("--no-latency", action="store_true", help="skip the .tflite export and LiteRT timing")
-    parser.add_argument("--separation-cost", choices=("flops", "latency"), default="flops",
+    from keras_autoprune.red.options import SEPARATION_COSTS
+
+    parser.add_argument("--separation-cost", choices=SEPARATION_COSTS, default="flops",
                         help="kap.red.compress's separation_cost (latency: blocks kept only where LiteRT runs them faster)")
     args = parser.parse_args(argv)
     tolerances = args.tolerances or TOLERANCES[args.model]

@@ -53,6 +53,7 @@ from keras_autoprune.red.options import (  # noqa: E402
     BUDGET_KNOBS,
     MERGE_DISTANCES,
     MERGE_REPRESENTATIVES,
+    RECONSTRUCTIONS,
     SEPARATION_COSTS,
     SNAP_TARGETS,
 )
@@ -322,7 +323,7 @@ def _add_red(subcommands: argparse._SubParsersAction) -> None:
                         help="> 0: split the remaining convolutions approximately into depthwise + 1x1 (the lowest "
                              "per-input-channel rank whose relative squared kernel error is within it; 0.1 kept "
                              "71%% of a CIFAR-10 ResNet-20's FLOPs for 0.6 point) (default: 0, off)")
-    parser.add_argument("--reconstruction", choices=("synthetic", "none"), default="synthetic",
+    parser.add_argument("--reconstruction", choices=(*RECONSTRUCTIONS, "none"), default="synthetic",
                         help="what the approximate blocks' 1x1 parts are refitted on: images synthesized from the "
                              "model's BatchNormalization statistics (default; no data) or nothing (the SVD's weights)")
     parser.add_argument("--separation-cost", choices=SEPARATION_COSTS, default="flops",

@@ -173,10 +173,28 @@ def test_a_budget_raises_the_separation_tolerance():
     ({"separation_tolerance": 0.1, "reconstruction": np.zeros((2, 5, 5, 3), "float32")}, r"\(N, 8, 8, 3\)"),
     ({"separation_tolerance": 0.1, "reconstruction": [1, 2]}, "NumPy array"),
     ({"separation_tolerance": 0.1, "verbose": 2}, "verbose"),
+    ({"separation_tolerance": 1.5}, r"in \[0, 1\]"),
+    ({"reconstruction": "real"}, "reconstruction"),  # checked even when nothing is approximated
 ])
 def test_bad_approximation_arguments_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         kap.red.compress(_bn_model(), **kwargs)
+
+
+def test_the_latency_cost_needs_fixed_input_sizes_and_helpers_check_their_arguments():
+    inputs = keras.Input((None, None, 3))
+    model = keras.Model(inputs, L.Conv2D(32, 3, name="conv")(inputs))
+    with pytest.raises(ValueError, match="fixed size.*separation_cost='flops'"):
+        kap.red.compress(model, separation_tolerance=0.5, reconstruction=None, separation_cost="latency")
+    bn_model = _bn_model()
+    with pytest.raises(ValueError, match="count"):
+        synthesize_images(bn_model, count=0)
+    separated, separations = separate_low_rank(_conv_model(), 0.5)
+    with pytest.raises(ValueError, match="at least one input"):
+        reconstruct_pointwise(separated, _conv_model(), [s.layer for s in separations], np.zeros((0, 8, 8, 4)))
+    # rounding: a full-rank spectrum's error is exactly 0 at full rank, so a tiny tolerance keeps full rank
+    spectrum = np.random.default_rng(13).random((64, 9))
+    assert relative_errors(spectrum)[-1] == 0.0
 
 
 def test_synthesis_needs_batchnorm_and_says_so_before_any_work():

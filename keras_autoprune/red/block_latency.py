@@ -8,7 +8,7 @@ fewer FLOPs can run slower.
 
 Decision (how the time is measured): the convolution and the block that
 would replace it are each built alone at the layer's input shape, with
-random weights (dense arithmetic does not depend on the values), converted
+their initial weights (dense arithmetic does not depend on the values), converted
 to float32 ``.tflite`` and timed side by side (`kap.measure_latencies`:
 batch 1, ``num_threads``, interleaved rounds, on the machine that runs
 `compress`); the block is kept when its median time is lower. Each distinct
@@ -30,6 +30,7 @@ import numpy as np
 from keras_autoprune.graph.handlers import CallInfo
 from keras_autoprune.red.separation import Separation, separated_block
 from keras_autoprune.surgery.weights import layer_weights
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockTiming:
@@ -64,9 +65,7 @@ class BlockTimer:
         """Whether ``separation``'s block (``M = separation.multiplier``) runs faster than ``layer``; recorded in
         ``timings`` under the layer's qualified name."""
         key = json.dumps({"class": type(layer).__name__, "input": [int(d) for d in call.in_shapes[0][1:]],
-                          "multiplier": separation.multiplier,
-                          "config": {k: v for k, v in layer.get_config().items() if k not in ("name", "trainable")}},
-                         sort_keys=True, default=str)
+                          "multiplier": separation.multiplier, "config": _config(layer)}, sort_keys=True, default=str)
         if key not in self._cache:
             self._cache[key] = self._time(layer, call, separation.multiplier)
         convolution_ms, block_ms = self._cache[key]
@@ -81,6 +80,7 @@ class BlockTimer:
         kernel = layer_weights(layer)["kernel"]
         c_in, c_out = kernel.shape[-2:]
         taps = kernel.shape[:-2]
+        # the block's layers only (their values are not used: `replacement.weights` is never assigned)
         depthwise = np.zeros(taps + (multiplier * c_in, 1), np.float32)
         pointwise = np.zeros((1,) * len(taps) + (multiplier * c_in, c_out), np.float32)
         bias = np.zeros(c_out, np.float32) if layer.use_bias else None
@@ -88,8 +88,7 @@ class BlockTimer:
         if replacement is None:  # not cheaper in FLOPs: never kept, nothing to time
             return 0.0, float("inf")
         inputs = keras.Input(tuple(int(d) for d in call.in_shapes[0][1:]))
-        config = {k: v for k, v in layer.get_config().items() if k != "name"}
-        convolution = keras.Model(inputs, type(layer).from_config(config)(inputs))
+        convolution = keras.Model(inputs, type(layer).from_config(_config(layer))(inputs))
         x = inputs
         for part in replacement.layers:
             x = part(x)
@@ -103,3 +102,8 @@ class BlockTimer:
             timed = measure_latencies(paths, num_threads=self.num_threads, warmup=10, runs=self.runs,
                                       rounds=self.rounds)
         return timed[0].median_ms, timed[1].median_ms
+
+
+def _config(layer) -> dict:
+    """The layer's config without its name and trainability (what its arithmetic depends on)."""
+    return {key: value for key, value in layer.get_config().items() if key not in ("name", "trainable")}

@@ -22,8 +22,8 @@ The stages, each a small module of this package:
    BatchNormalizations put back, for a user who fine-tunes the result.
 
 Stages 0, 2 (``merge_threshold=0``), 3 (exact) and 4 are exact; stage 1 and
-the approximate separation are where the model changes. No data is read and
-nothing is fine-tuned.
+the approximate separation are where the model changes. No data is read
+(unless the caller passes inputs for the refit) and nothing is fine-tuned.
 """
 
 from __future__ import annotations
@@ -290,8 +290,8 @@ def compress(
             ``merge_threshold`` up to the distance at which every group's
             channels merge, with ``bandwidth_scale`` fixed) or
             ``"separation_tolerance"`` (log-bisection from
-            ``separation_tolerance``, or 0.001 if it is 0, up to 1, where
-            every candidate has rank 1): coarser hashing, more
+            ``max(separation_tolerance, 0.001)`` up to 1, where every
+            candidate has rank 1): coarser hashing, more
             near-identical merging, or coarser approximate separation. The
             search runs without the refit, which changes no size; the
             result found is refitted.
@@ -334,8 +334,15 @@ def compress(
     if verbose not in (0, 1) or isinstance(verbose, bool):
         raise ValueError(f"Expected `verbose` to be 0 (silent) or 1 (a progress bar). Received: verbose={verbose!r}")
     approximating = separation_tolerance > 0 or (budget is not None and budget_knob == "separation_tolerance")
-    if approximating:
-        check_reconstruction(model, reconstruction)
+    check_reconstruction(model, reconstruction, approximating)
+    if separation_cost == "latency" and any(None in tuple(tensor.shape[1:]) for tensor in model.inputs):
+        raise ValueError(
+            "separation_cost='latency' times each convolution at its input shape, so the model's inputs need a "
+            f"fixed size. Received: input shapes {[tuple(t.shape) for t in model.inputs]}. Fix: build the model "
+            "with a fixed input size, or pass separation_cost='flops'."
+        )
+    if restore_batchnorm:
+        check_restorable(DependencyGraph(model))  # before the images are synthesized, not after
     count_flops(model, input_shape)  # a model of unknown input size needs `input_shape`: refused before any work
     knobs = {"bandwidth_scale": float(bandwidth_scale), "merge_threshold": float(merge_threshold),
              "separation_tolerance": float(separation_tolerance)}
@@ -344,13 +351,25 @@ def compress(
                "merge_representative": merge_representative, "snap_to": snap_to,
                "correct_merge_bias": correct_merge_bias,
                "timer": BlockTimer() if separation_cost == "latency" else None}
-    refit = None
-    if approximating and reconstruction is not None:
-        refit = (("synthetic", synthesize_images(model, verbose=verbose)) if isinstance(reconstruction, str)
-                 else ("inputs", np.asarray(reconstruction, np.float32)))
+    refit = _RefitInputs(model, reconstruction, verbose) if approximating and reconstruction is not None else None
     if budget is None:
         return _run(model, **knobs, **options, refit=refit)
     return _search(model, knobs, budget_knob, options, budget, refit)
+
+
+class _RefitInputs:
+    """The inputs the approximate blocks are refitted on, made on first use (synthesis takes minutes)."""
+
+    def __init__(self, model: keras.Model, reconstruction, verbose: int):
+        self.kind = "synthetic" if isinstance(reconstruction, str) else "inputs"
+        self._model, self._reconstruction, self._verbose = model, reconstruction, verbose
+        self._images: np.ndarray | None = None
+
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = (synthesize_images(self._model, verbose=self._verbose) if self.kind == "synthetic"
+                            else np.asarray(self._reconstruction, np.float32))
+        return self._images
 
 
 def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers=False,
@@ -361,6 +380,11 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, 
     check_knob("bandwidth_scale", bandwidth_scale)
     check_knob("merge_threshold", merge_threshold)
     check_knob("separation_tolerance", separation_tolerance)
+    if separation_tolerance > 1:
+        raise ValueError(
+            "Expected `separation_tolerance` in [0, 1] (a relative squared kernel error; at 1 every candidate has "
+            f"rank 1). Received: separation_tolerance={separation_tolerance!r}"
+        )
     for name, value in (("merge_distance", merge_distance), ("merge_representative", merge_representative),
                         ("snap_to", snap_to), ("budget_knob", budget_knob), ("separation_cost", separation_cost)):
         check_choice(name, value)
@@ -386,7 +410,7 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, 
 def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, hash_all_layers: bool,
          merge_distance: str = "channel", input_shape: Any = None, restore: bool = False,
          merge_representative: str = "readers", snap_to: str = "mean", correct_merge_bias: bool = True,
-         separation_tolerance: float = 0.0, refit: tuple[str, np.ndarray] | None = None,
+         separation_tolerance: float = 0.0, refit: _RefitInputs | None = None,
          timer: BlockTimer | None = None) -> RedResult:
     graph = DependencyGraph(model)
     if restore:
@@ -414,6 +438,8 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
             hashed_layers = list(dict.fromkeys(tensor.layer for tensor in run.tensors))
             reverted = tuple(layer for layer in hashed_layers if layer not in used)
             if reverted:
+                if timer is not None:
+                    timer.timings.clear()  # the decisions of the run kept, below
                 again = _Stages.run(folded, bandwidth_scale, merge_threshold, separate, layers=used, **merging)
                 if merge_threshold > 0 or again.merge.clusters == run.merge.clusters:
                     run = again
@@ -427,7 +453,8 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
     if separation_tolerance > 0:
         compressed, approximations = separate_low_rank(run.model, separation_tolerance, keep=keep)
         if refit is not None and approximations:
-            reconstructed = reconstruct_pointwise(compressed, run.model, [a.layer for a in approximations], refit[1])
+            reconstructed = reconstruct_pointwise(compressed, run.model, [a.layer for a in approximations],
+                                                  refit.images())
         stages.append(figures("approximated", compressed))
     if restore:
         kept = kept_outputs(run.hashed_graph, run.merge.plan, {fold.into for fold in folds})
@@ -478,7 +505,7 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         bias_corrected=run.merge.bias_corrected,
         approximations=tuple(approximations),
         separation_tolerance=separation_tolerance,
-        reconstruction=refit[0] if refit is not None and separation_tolerance > 0 else "none",
+        reconstruction=refit.kind if refit is not None and separation_tolerance > 0 else "none",
         reconstructed=reconstructed,
         separation_cost="latency" if timer is not None else "flops",
         block_timings=dict(timer.timings) if timer is not None else {},
@@ -511,7 +538,7 @@ class _Stages:
 
 
 def _search(model, knobs: dict[str, float], knob: str, options: dict[str, Any], budget: Budget,
-            refit: tuple[str, np.ndarray] | None = None) -> RedResult:
+            refit: _RefitInputs | None = None) -> RedResult:
     """The smallest value of ``knob`` from ``knobs[knob]`` up (the others fixed) whose result meets ``budget``.
 
     The search runs without ``refit`` (it changes no size); the value found

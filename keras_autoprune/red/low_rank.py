@@ -67,7 +67,7 @@ def relative_errors(singular: np.ndarray) -> np.ndarray:
     total = energy.sum()
     if total == 0:
         return np.zeros(len(energy) + 1)
-    dropped = total - np.concatenate([[0.0], np.cumsum(energy)])
+    dropped = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])  # exactly 0 at full rank
     return np.clip(dropped / total, 0.0, 1.0)
 
 

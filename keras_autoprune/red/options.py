@@ -51,9 +51,9 @@ RECONSTRUCTIONS = ("synthetic",)
 """What an approximate separation's 1×1 part may be refitted on, by name (or a NumPy array of inputs, or None)."""
 
 
-def check_reconstruction(model, reconstruction) -> None:
-    """Raises ValueError unless ``reconstruction`` is ``"synthetic"`` (on a model with BatchNormalization), None,
-    or an array of inputs of the model's input shape."""
+def check_reconstruction(model, reconstruction, approximating: bool = True) -> None:
+    """Raises ValueError unless ``reconstruction`` is ``"synthetic"`` (with ``approximating``, on a model with
+    BatchNormalization to synthesize from), None, or an array of inputs of the model's input shape."""
     import numpy as np
 
     from keras_autoprune.red.synthesis import check_synthesizable
@@ -66,7 +66,8 @@ def check_reconstruction(model, reconstruction) -> None:
                 f"Expected `reconstruction` to be one of {RECONSTRUCTIONS}, a NumPy array of model inputs, or None. "
                 f"Received: reconstruction={reconstruction!r}"
             )
-        check_synthesizable(model)
+        if approximating:
+            check_synthesizable(model)
         return
     if not isinstance(reconstruction, np.ndarray):
         raise ValueError(

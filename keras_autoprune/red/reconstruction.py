@@ -27,6 +27,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_autoprune.red.separation import block_parts
+
 RIDGE = 1e-3
 """``ridge`` in the formula above: a relative Tikhonov weight that keeps rare directions of ``F`` bounded."""
 
@@ -48,7 +50,15 @@ def reconstruct_pointwise(model: keras.Model, reference: keras.Model, layers, in
 
     Returns:
         The names of the blocks refitted.
+
+    Raises:
+        ValueError: no inputs, or a negative ``ridge``.
     """
+    if len(inputs) == 0:
+        raise ValueError("Expected at least one input to refit the separated blocks on. Received: an empty array. "
+                         "Fix: pass a batch of model inputs (or synthesize_images(model)).")
+    if not ridge >= 0:
+        raise ValueError(f"Expected `ridge` to be a number >= 0. Received: ridge={ridge!r}")
     top = {layer.name for layer in model.layers}
     reference_top = {layer.name for layer in reference.layers}
     refitted = []
@@ -69,16 +79,8 @@ def _called_on(layer):
     return layer._inbound_nodes[0].input_tensors[0]
 
 
-def _parts(block) -> tuple[keras.layers.Layer, keras.layers.Layer, int]:
-    """The block's depthwise and 1×1 layers and its multiplier ``M`` (how many times it tiles its input)."""
-    depthwise = next(layer for layer in block.layers if "Depthwise" in type(layer).__name__)
-    pointwise = next(layer for layer in block.layers if type(layer) in (keras.layers.Conv1D, keras.layers.Conv2D))
-    channels = block.input.shape[-1]
-    return depthwise, pointwise, depthwise.kernel.shape[-2] // channels
-
-
 def _refit(block, convolution, block_input, convolution_input, inputs: np.ndarray, ridge: float) -> None:
-    depthwise, pointwise, copies = _parts(block)
+    copies, depthwise, pointwise = block_parts(block)
     kernel = keras.ops.convert_to_numpy(convolution.kernel)
     bias = keras.ops.convert_to_numpy(convolution.bias) if convolution.use_bias else None
     has_bias = pointwise.use_bias
@@ -87,8 +89,9 @@ def _refit(block, convolution, block_input, convolution_input, inputs: np.ndarra
         batch = inputs[start:start + _BATCH]
         x = keras.ops.convert_to_numpy(block_input(batch, training=False))
         features = keras.ops.convert_to_numpy(depthwise(np.concatenate([x] * copies, axis=-1)))
+        source = convolution_input(batch, training=False)
         target = keras.ops.convert_to_numpy(keras.ops.conv(
-            convolution_input(batch, training=False), kernel, strides=convolution.strides,
+            source, kernel.astype(keras.backend.standardize_dtype(source.dtype)), strides=convolution.strides,
             padding=convolution.padding, dilation_rate=convolution.dilation_rate))
         if bias is not None:
             target = target + bias
@@ -101,7 +104,10 @@ def _refit(block, convolution, block_input, convolution_input, inputs: np.ndarra
     slots = features.shape[-1]
     penalty = np.zeros(len(gram))
     penalty[:slots] = ridge * np.trace(gram[:slots, :slots]) / slots
-    solution = np.linalg.solve(gram + np.diag(penalty), cross)
+    try:
+        solution = np.linalg.solve(gram + np.diag(penalty), cross)
+    except np.linalg.LinAlgError:  # a dead feature with ridge=0: the least-norm solution
+        solution = np.linalg.lstsq(gram + np.diag(penalty), cross, rcond=None)[0]
     new_kernel = solution[:slots].reshape(keras.ops.convert_to_numpy(pointwise.kernel).shape)
     values = [new_kernel.astype(pointwise.kernel.dtype)]
     if has_bias:

@@ -86,7 +86,7 @@ def compress_saved_model(
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
                   budget_knob, restore_batchnorm, merge_representative, snap_to, correct_merge_bias,
                   separation_tolerance, separation_cost)
-    if reconstruction not in RECONSTRUCTIONS + (None,):
+    if reconstruction is not None and (not isinstance(reconstruction, str) or reconstruction not in RECONSTRUCTIONS):
         raise ValueError(f"Expected `reconstruction` to be one of {RECONSTRUCTIONS} or None. "
                          f"Received: reconstruction={reconstruction!r}")
     import keras

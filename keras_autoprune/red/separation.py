@@ -207,6 +207,16 @@ def tiled_block(name: str, depthwise: keras.layers.Layer, pointwise: keras.layer
     return LayerReplacement([block], [values])
 
 
+def block_parts(block: keras.Model) -> tuple[int, keras.layers.Layer, keras.layers.Layer]:
+    """``(M, depthwise, pointwise)`` of a separated block: a functional `tiled_block` (tile, depthwise, 1×1) or a
+    `keras.Sequential` (depthwise, 1×1, ``M = 1``)."""
+    if isinstance(block, keras.Sequential):
+        depthwise, pointwise = block.layers
+        return 1, depthwise, pointwise
+    tile, depthwise, pointwise = block.layers[1:]
+    return len(tile.input), depthwise, pointwise
+
+
 def is_candidate(record) -> bool:
     """Whether a graph record is the first call of a convolution that stage 3 may separate.
 

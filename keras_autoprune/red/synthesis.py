@@ -29,7 +29,7 @@ SYNTHETIC_IMAGES = 256
 """How many images `compress` synthesizes for its reconstruction by default."""
 
 SYNTHESIS_STEPS = 200
-"""Adam steps per batch by default (ResNet-20, 256 images: about 2.5 minutes on 2 CPU cores)."""
+"""Adam steps per batch by default (ResNet-20, 256 images: about 2 minutes on 2 CPU cores)."""
 
 
 def usable_norms(model: keras.Model) -> list[keras.layers.BatchNormalization]:
@@ -64,14 +64,18 @@ def check_synthesizable(model: keras.Model) -> None:
 
 
 def input_scale(model: keras.Model) -> tuple[np.ndarray, np.ndarray]:
-    """``(a, s)`` of the decision above: a `Normalization` reading the input, else ``(0, 1)``."""
+    """``(a, s)`` of the decision above: a (non-inverting) `Normalization` reading the input, else ``(0, 1)``.
+
+    ``a`` and ``s`` keep the layer's broadcast shape (batch axis included).
+    """
     source = model.inputs[0]
     for layer in model.layers:
-        if isinstance(layer, keras.layers.Normalization) and len(layer._inbound_nodes) == 1:
+        if (isinstance(layer, keras.layers.Normalization) and not layer.invert
+                and len(layer._inbound_nodes) == 1):
             node = layer._inbound_nodes[0]
             if any(tensor is source for tensor in node.input_tensors):
-                mean = np.asarray(keras.ops.convert_to_numpy(layer.mean), np.float32).reshape(-1)
-                variance = np.asarray(keras.ops.convert_to_numpy(layer.variance), np.float32).reshape(-1)
+                mean = np.asarray(keras.ops.convert_to_numpy(layer.mean), np.float32)
+                variance = np.asarray(keras.ops.convert_to_numpy(layer.variance), np.float32)
                 return mean, np.sqrt(np.maximum(variance, keras.backend.epsilon()))
     return np.zeros(1, np.float32), np.ones(1, np.float32)
 
@@ -96,6 +100,9 @@ def synthesize_images(model: keras.Model, count: int = SYNTHETIC_IMAGES, steps: 
     """
     import tensorflow as tf
 
+    for name, value in (("count", count), ("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Expected `{name}` to be an integer >= 1. Received: {name}={value!r}")
     check_synthesizable(model)
     norms = usable_norms(model)
     probe = keras.Model(model.inputs[0], [norm.input for norm in norms])

@@ -35,7 +35,7 @@ import numpy as np
 
 from keras_autoprune.graph.dependency import DependencyGraph
 from keras_autoprune.red.batchnorm import FoldedNorm, inference_affine, output_kernel_name, scale_outputs
-from keras_autoprune.red.separation import tiled_block
+from keras_autoprune.red.separation import block_parts, tiled_block
 from keras_autoprune.surgery import LayerReplacement, PrunePlan
 from keras_autoprune.surgery.clone import clone_layers, copy_layer, layer_from_config
 from keras_autoprune.surgery.rebuild import nested_models
@@ -120,11 +120,11 @@ def _unfolded(layer, counterpart, scale: np.ndarray) -> tuple:
     inverse = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
     use_bias = bool(layer.get_config().get("use_bias", True))
     if is_functional(counterpart):  # tile, depthwise, 1×1
-        tile, depthwise, pointwise = counterpart.layers[1:]
+        copies, depthwise, pointwise = block_parts(counterpart)
         last, last_weights, folded_bias = _unfolded_linear(pointwise, inverse, use_bias)
         block = tiled_block(counterpart.name, layer_from_config(depthwise, depthwise.get_config()), last,
                             [layer_weights(depthwise), last_weights], counterpart.inputs[0].shape[-1],
-                            len(tile.input), counterpart.inputs[0].dtype)
+                            copies, counterpart.inputs[0].dtype)
         return (*block.block(counterpart.name), folded_bias)
     if isinstance(counterpart, keras.Sequential):
         inner = list(counterpart.layers)
