@@ -31,6 +31,7 @@ LABELS = {
     "red_merge_bn": "RED, budget by merging, BatchNormalization restored",
     "red_merge_leader": "RED, budget by merging, leader kept (before session 23)",
     "red_merge_leader_bn": "RED, budget by merging, leader kept, BatchNormalization restored (before session 23)",
+    "red_low_rank_bn": "RED, approximate separation refitted on synthesized images, BatchNormalization restored",
 }
 
 _LINE_STYLES = {"nap_cost_aware": "--", "psap_scratch": "--", "kron_obs": ":", "kron_obd": ":", "c_obs": ":", "c_obd": ":", "eigendamage_capped": "--"}
