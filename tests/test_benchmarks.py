@@ -303,19 +303,28 @@ def test_red_merge_entry_reaches_the_budget_by_near_identical_merging():
     assert kap.count_flops(model) == kap.count_flops(expected.model) <= 0.5 * kap.count_flops(pretrained)
 
 
-def test_red_merge_bn_entry_restores_the_batchnorms_within_the_budget():
+def _restored_one_shot(entry: str, seed: int):
+    """A ``*_bn`` one-shot entry at 50% on a random ResNet-8: ``(pretrained, model, figures)``, after checking
+    that every folded normalisation is back and the budget counts them."""
     import keras
 
     import keras_autoprune as kap
     from benchmarks.entries import compress_one_shot
     from keras_autoprune.zoo import resnet_cifar
 
-    keras.utils.set_random_seed(3)
+    keras.utils.set_random_seed(seed)
     pretrained = resnet_cifar(8, width=8)
-    model, figures = compress_one_shot("red_merge_bn", pretrained, 0.5)
+    model, figures = compress_one_shot(entry, pretrained, 0.5)
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(norms) == figures["batchnorm_folded"] > 0
     assert kap.count_flops(model) <= 0.5 * kap.count_flops(pretrained)  # the restored normalisations counted
+    return pretrained, model, figures
+
+
+def test_red_merge_bn_entry_restores_the_batchnorms_within_the_budget():
+    import keras_autoprune as kap
+
+    pretrained, model, figures = _restored_one_shot("red_merge_bn", seed=3)
     expected = kap.red.compress(pretrained, budget=kap.Budget(flops=0.5), budget_knob="merge_threshold",
                                 merge_distance="layer", restore_batchnorm=True)
     assert figures["merge_threshold"] == expected.merge_threshold and figures["neurons_merged"] > 0
@@ -323,18 +332,7 @@ def test_red_merge_bn_entry_restores_the_batchnorms_within_the_budget():
 
 
 def test_red_low_rank_bn_entry_separates_approximately_within_the_budget_with_the_batchnorms_back():
-    import keras
-
-    import keras_autoprune as kap
-    from benchmarks.entries import compress_one_shot
-    from keras_autoprune.zoo import resnet_cifar
-
-    keras.utils.set_random_seed(4)
-    pretrained = resnet_cifar(8, width=8)
-    model, figures = compress_one_shot("red_low_rank_bn", pretrained, 0.5)
-    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    assert len(norms) == figures["batchnorm_folded"] > 0
-    assert kap.count_flops(model) <= 0.5 * kap.count_flops(pretrained)
+    _, _, figures = _restored_one_shot("red_low_rank_bn", seed=4)
     assert figures["convolutions_approximated"] > 0 and 0 < figures["separation_tolerance"] <= 1
     assert figures["bandwidth_scale"] == 0 and figures["neurons_merged"] == 0
 
