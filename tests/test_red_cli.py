@@ -255,3 +255,8 @@ def test_red_subcommand_separates_approximately(tmp_path, capsys):
         assert figure in printed
     with pytest.raises(SystemExit):
         main(["red", str(path), str(out), "--reconstruction", "real"])
+    from keras_autoprune.red.saved import compress_saved_model
+
+    for wrong in ("real", np.zeros(3)):  # refused before the model is read, with the choices named
+        with pytest.raises(ValueError, match=r"Expected `reconstruction` to be one of \('synthetic',\)"):
+            compress_saved_model(path, out, separation_tolerance=0.3, reconstruction=wrong)

@@ -31,7 +31,12 @@ BUDGET_KNOBS = ("bandwidth_scale", "merge_threshold", "separation_tolerance")
 SEPARATION_COSTS = ("flops", "latency")
 """What decides that a separated block replaces its convolution (`keras_autoprune.red.block_latency`)."""
 
+RECONSTRUCTIONS = ("synthetic",)
+"""What an approximate separation's 1×1 part may be refitted on, by name (or a NumPy array of inputs, or None)."""
+
 _MEANINGS = {
+    "reconstruction": (RECONSTRUCTIONS, "what the approximate blocks' 1×1 parts are refitted on; None for no "
+                       "refit, and `kap.red.compress` also takes a NumPy array of model inputs"),
     "separation_cost": (SEPARATION_COSTS, "what decides that a separated block replaces its convolution"),
     "merge_distance": (MERGE_DISTANCES, "what a near-identical distance is relative to"),
     "merge_representative": (MERGE_REPRESENTATIVES, "the weights of a near-identical cluster's kept channel"),
@@ -47,10 +52,6 @@ def check_choice(name: str, value) -> None:
         raise ValueError(f"Expected `{name}` to be one of {choices} ({meaning}). Received: {name}={value!r}")
 
 
-RECONSTRUCTIONS = ("synthetic",)
-"""What an approximate separation's 1×1 part may be refitted on, by name (or a NumPy array of inputs, or None)."""
-
-
 def check_reconstruction(model, reconstruction, approximating: bool = True) -> None:
     """Raises ValueError unless ``reconstruction`` is ``"synthetic"`` (with ``approximating``, on a model with
     BatchNormalization to synthesize from), None, or an array of inputs of the model's input shape."""
@@ -61,11 +62,7 @@ def check_reconstruction(model, reconstruction, approximating: bool = True) -> N
     if reconstruction is None:
         return
     if isinstance(reconstruction, str):
-        if reconstruction not in RECONSTRUCTIONS:
-            raise ValueError(
-                f"Expected `reconstruction` to be one of {RECONSTRUCTIONS}, a NumPy array of model inputs, or None. "
-                f"Received: reconstruction={reconstruction!r}"
-            )
+        check_choice("reconstruction", reconstruction)
         if approximating:
             check_synthesizable(model)
         return

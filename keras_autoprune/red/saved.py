@@ -17,7 +17,7 @@ import time
 
 from keras_autoprune.budget import Budget
 from keras_autoprune.red.compress import RedResult, check_options
-from keras_autoprune.red.options import RECONSTRUCTIONS
+from keras_autoprune.red.options import check_choice
 from keras_autoprune.saved_paths import check_model_paths
 
 
@@ -86,9 +86,8 @@ def compress_saved_model(
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
                   budget_knob, restore_batchnorm, merge_representative, snap_to, correct_merge_bias,
                   separation_tolerance, separation_cost)
-    if reconstruction is not None and (not isinstance(reconstruction, str) or reconstruction not in RECONSTRUCTIONS):
-        raise ValueError(f"Expected `reconstruction` to be one of {RECONSTRUCTIONS} or None. "
-                         f"Received: reconstruction={reconstruction!r}")
+    if reconstruction is not None:
+        check_choice("reconstruction", reconstruction)  # a saved model is refitted by name only
     import keras
 
     from keras_autoprune.red.compress import compress
