@@ -54,6 +54,7 @@ from keras_autoprune.red.options import (  # noqa: E402
     MERGE_DISTANCES,
     MERGE_REPRESENTATIVES,
     RECONSTRUCTIONS,
+    REFIT_LAYERS,
     SEPARATION_COSTS,
     SNAP_TARGETS,
 )
@@ -324,8 +325,12 @@ def _add_red(subcommands: argparse._SubParsersAction) -> None:
                              "per-input-channel rank whose relative squared kernel error is within it; 0.1 kept "
                              "71%% of a CIFAR-10 ResNet-20's FLOPs for 0.6 point) (default: 0, off)")
     parser.add_argument("--reconstruction", choices=(*RECONSTRUCTIONS, "none"), default="synthetic",
-                        help="what the approximate blocks' 1x1 parts are refitted on: images synthesized from the "
-                             "model's BatchNormalization statistics (default; no data) or nothing (the SVD's weights)")
+                        help="what the compressed layers are refitted on: images synthesized from the "
+                             "model's BatchNormalization statistics (default; no data) or nothing (no refit)")
+    parser.add_argument("--refit-layers", choices=REFIT_LAYERS, default="approximated",
+                        help="which layers are refitted to reproduce the original's outputs: the approximate "
+                             "blocks' 1x1 parts (default) or every layer whose output changed (hashing, merging "
+                             "and separation; measured in docs/methods/red.md)")
     parser.add_argument("--separation-cost", choices=SEPARATION_COSTS, default="flops",
                         help="what decides that a separated block replaces its convolution: fewer FLOPs (default) "
                              "or also measured faster on LiteRT on this machine (each layer and block timed alone)")
@@ -376,6 +381,7 @@ def _run_red(args: argparse.Namespace) -> int:
         snap_to=args.snap_to, correct_merge_bias=args.correct_merge_bias,
         separation_tolerance=args.separation_tolerance, separation_cost=args.separation_cost,
         reconstruction=None if args.reconstruction == "none" else args.reconstruction,
+        refit_layers=args.refit_layers,
         unsafe=args.unsafe, tflite=args.tflite,
     )
     report = outcome.result.report

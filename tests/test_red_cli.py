@@ -260,3 +260,21 @@ def test_red_subcommand_separates_approximately(tmp_path, capsys):
     for wrong in ("real", np.zeros(3)):  # refused before the model is read, with the choices named
         with pytest.raises(ValueError, match=r"Expected `reconstruction` to be one of \('synthetic',\)"):
             compress_saved_model(path, out, separation_tolerance=0.3, reconstruction=wrong)
+
+
+def test_red_subcommand_refits_every_changed_layer(tmp_path, capsys):
+    from tests.test_red_low_rank import _bn_model
+
+    model = _bn_model()
+    path, out = tmp_path / "model.keras", tmp_path / "red.keras"
+    model.save(path)
+    assert main(["red", str(path), str(out), "--merge-threshold", "1.0", "--refit-layers", "all"]) == 0
+    printed = capsys.readouterr().out
+    assert "layers refitted on synthetic inputs (every changed layer): 3: c1, c2, head" in printed
+    loaded = keras.saving.load_model(out, safe_mode=True)
+    plain = kap.red.compress(model, merge_threshold=1.0, verbose=0)
+    x = np.random.default_rng(4).normal(120, 25, (8, 8, 8, 3)).astype("float32")
+    assert kap.count_flops(loaded) == kap.count_flops(plain.model)  # the same merges, other weights
+    assert relative_error(np.asarray(loaded(x)), np.asarray(plain.model(x))) > 1e-3
+    with pytest.raises(SystemExit):
+        main(["red", str(path), str(out), "--refit-layers", "some"])

@@ -13,7 +13,7 @@ from keras_autoprune.red.hashing import HashedTensor, hash_values, hash_weights
 from keras_autoprune.red.kde import DensityModes, density_modes, silverman_bandwidth
 from keras_autoprune.red.low_rank import separate_low_rank
 from keras_autoprune.red.merging import MergeResult, merge_neurons
-from keras_autoprune.red.reconstruction import reconstruct_pointwise
+from keras_autoprune.red.reconstruction import reconstruct_layers, reconstruct_pointwise
 from keras_autoprune.red.separation import Separation, separate_depthwise
 from keras_autoprune.red.synthesis import synthesize_images
 
@@ -33,6 +33,7 @@ __all__ = [
     "hash_values",
     "hash_weights",
     "merge_neurons",
+    "reconstruct_layers",
     "reconstruct_pointwise",
     "separate_depthwise",
     "separate_low_rank",

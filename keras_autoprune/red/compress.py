@@ -17,12 +17,16 @@ The stages, each a small module of this package:
    separates the remaining convolutions approximately (per-input-channel
    SVD within that relative kernel error) and `reconstruct_pointwise`
    refits their 1×1 parts on images synthesized from the model's
-   BatchNormalization statistics (``reconstruction="synthetic"``).
+   BatchNormalization statistics (``reconstruction="synthetic"``). With
+   ``refit_layers="all"``, `reconstruct_layers` instead refits every layer
+   whose output differs from the BatchNormalization-folded original's, on
+   the same images (what hashing and merging lose, recovered data-free).
 4. `restore_batchnorm` (``restore_batchnorm=True``): the folded
    BatchNormalizations put back, for a user who fine-tunes the result.
 
 Stages 0, 2 (``merge_threshold=0``), 3 (exact) and 4 are exact; stage 1 and
-the approximate separation are where the model changes. No data is read
+the approximate separation are where the model changes (and the refit of
+``refit_layers="all"``, which moves every changed layer's weights). No data is read
 (unless the caller passes inputs for the refit) and nothing is fine-tuned.
 """
 
@@ -48,12 +52,13 @@ from keras_autoprune.red.hashing import HashedTensor, hash_weights
 from keras_autoprune.red.low_rank import separate_low_rank
 from keras_autoprune.red.merging import MergeResult, merge_neurons
 from keras_autoprune.red.options import check_choice, check_knob, check_reconstruction
-from keras_autoprune.red.reconstruction import reconstruct_pointwise
+from keras_autoprune.red.reconstruction import reconstruct_layers, reconstruct_pointwise
 from keras_autoprune.red.separation import Separation, separate_depthwise
 from keras_autoprune.red.synthesis import synthesize_images
 from keras_autoprune.red.unfolding import check_restorable, kept_outputs, restore_batchnorm
 from keras_autoprune.report import PruningReport
 from keras_autoprune.surgery import PrunePlan
+from keras_autoprune.surgery.clone import clone_layers, copy_layer
 
 _SEARCH_STEPS = 10
 _MERGE_RESOLUTION = 1e-3  # budget search on merge_threshold: bisected until the bracket is this narrow
@@ -80,7 +85,8 @@ class RedResult:
             are back in it.
         hashed_model: the model after stages 0-1; ``model`` computes the same
             function as this one (to float rounding, in inference mode) when
-            ``merge_threshold=0``.
+            ``merge_threshold=0``, ``separation_tolerance=0`` and
+            ``refit_layers="approximated"``.
         report: a `kap.PruningReport` of ``model`` against the input model
             (its plan is the stage-2 merge plan), or None if one could not be
             built.
@@ -105,9 +111,12 @@ class RedResult:
             (``separation_tolerance > 0``), each with its ``kernel_error``.
         separation_tolerance: the value used (chosen by the search with a
             budget and ``budget_knob="separation_tolerance"``).
-        reconstruction: what the approximate blocks' 1×1 parts were refitted
-            on: ``"synthetic"``, ``"inputs"`` (the caller's) or ``"none"``.
-        reconstructed: the blocks whose 1×1 part was refitted.
+        reconstruction: what the layers were refitted on: ``"synthetic"``,
+            ``"inputs"`` (the caller's) or ``"none"``.
+        refit_layers: which layers the refit was for: ``"approximated"``
+            (the approximate blocks' 1×1 parts) or ``"all"``.
+        reconstructed: the layers refitted (a block: its 1×1 part), in
+            graph order.
         separation_cost: what decided that a block replaces its
             convolution: ``"flops"`` or ``"latency"``.
         block_timings: with ``separation_cost="latency"``, ``{layer:
@@ -147,6 +156,7 @@ class RedResult:
     approximations: tuple[Separation, ...] = ()
     separation_tolerance: float = 0.0
     reconstruction: str = "none"
+    refit_layers: str = "approximated"
     reconstructed: tuple[str, ...] = ()
     separation_cost: str = "flops"
     block_timings: dict[str, BlockTiming] = dataclasses.field(default_factory=dict)
@@ -224,6 +234,7 @@ def compress(
     correct_merge_bias: bool = True,
     separation_tolerance: float = 0.0,
     reconstruction: str | np.ndarray | None = "synthetic",
+    refit_layers: str = "approximated",
     separation_cost: str = "flops",
     verbose: int = 1,
 ) -> RedResult:
@@ -269,12 +280,22 @@ def compress(
             error stays within this tolerance, where that lowers FLOPs.
             0 (default): off. On the converged CIFAR-10 ResNet-20, 0.1 kept
             71% of the FLOPs and lost 0.6 point (docs/methods/red.md).
-        reconstruction: what the approximate blocks' 1×1 parts are refitted
-            on (`keras_autoprune.red.reconstruction`): ``"synthetic"``
+        reconstruction: what the refit of ``refit_layers`` runs on
+            (`keras_autoprune.red.reconstruction`): ``"synthetic"``
             (default; images synthesized from the model's
             BatchNormalization statistics, `keras_autoprune.red.synthesis`,
-            no data), a NumPy array of model inputs, or None (the SVD's
-            weights). Unused when ``separation_tolerance`` is 0.
+            no data), a NumPy array of model inputs, or None (no refit:
+            the SVD's and the hashing's weights).
+        refit_layers: which layers are refitted by least squares to
+            reproduce the BatchNormalization-folded original's outputs:
+            ``"approximated"`` (default; the 1×1 parts of the approximate
+            separations, so nothing is refitted when
+            ``separation_tolerance`` is 0) or ``"all"`` (every convolution,
+            depthwise convolution, dense layer and separated block whose
+            output differs from the original's, in graph order, each kept
+            channel fitted to its own original channel; the hashed values
+            are then replaced by fitted ones, the merges and separations
+            stay). Measured in docs/methods/red.md.
         separation_cost: what decides that a separated block (stages 3
             and 3b) replaces its convolution: ``"flops"`` (default; fewer
             FLOPs) or ``"latency"`` (also measured faster on LiteRT, each
@@ -330,11 +351,12 @@ def compress(
     check_model(model)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
                   budget_knob, restore_batchnorm, merge_representative, snap_to, correct_merge_bias,
-                  separation_tolerance, separation_cost)
+                  separation_tolerance, separation_cost, refit_layers)
     if verbose not in (0, 1) or isinstance(verbose, bool):
         raise ValueError(f"Expected `verbose` to be 0 (silent) or 1 (a progress bar). Received: verbose={verbose!r}")
     approximating = separation_tolerance > 0 or (budget is not None and budget_knob == "separation_tolerance")
-    check_reconstruction(model, reconstruction, approximating)
+    refitting = approximating or refit_layers == "all"
+    check_reconstruction(model, reconstruction, refitting)
     if separation_cost == "latency" and any(None in tuple(tensor.shape[1:]) for tensor in model.inputs):
         raise ValueError(
             "separation_cost='latency' times each convolution at its input shape, so the model's inputs need a "
@@ -351,7 +373,8 @@ def compress(
                "merge_representative": merge_representative, "snap_to": snap_to,
                "correct_merge_bias": correct_merge_bias,
                "timer": BlockTimer() if separation_cost == "latency" else None}
-    refit = _RefitInputs(model, reconstruction, verbose) if approximating and reconstruction is not None else None
+    refit = (_RefitInputs(model, reconstruction, refit_layers, verbose) if refitting and reconstruction is not None
+             else None)
     if budget is None:
         return _run(model, **knobs, **options, refit=refit)
     return _search(model, knobs, budget_knob, options, budget, refit)
@@ -360,8 +383,9 @@ def compress(
 class _RefitInputs:
     """The inputs the approximate blocks are refitted on, made on first use (synthesis takes minutes)."""
 
-    def __init__(self, model: keras.Model, reconstruction, verbose: int):
+    def __init__(self, model: keras.Model, reconstruction, layers: str, verbose: int):
         self.kind = "synthetic" if isinstance(reconstruction, str) else "inputs"
+        self.layers = layers
         self._model, self._reconstruction, self._verbose = model, reconstruction, verbose
         self._images: np.ndarray | None = None
 
@@ -375,7 +399,7 @@ class _RefitInputs:
 def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers=False,
                   merge_distance="channel", budget_knob="bandwidth_scale", restore_batchnorm=False,
                   merge_representative="readers", snap_to="mean", correct_merge_bias=True,
-                  separation_tolerance=0.0, separation_cost="flops") -> None:
+                  separation_tolerance=0.0, separation_cost="flops", refit_layers="approximated") -> None:
     """Checks `compress`'s arguments other than the model and the reconstruction (raises ValueError), before any work."""
     check_knob("bandwidth_scale", bandwidth_scale)
     check_knob("merge_threshold", merge_threshold)
@@ -386,7 +410,8 @@ def check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, 
             f"rank 1). Received: separation_tolerance={separation_tolerance!r}"
         )
     for name, value in (("merge_distance", merge_distance), ("merge_representative", merge_representative),
-                        ("snap_to", snap_to), ("budget_knob", budget_knob), ("separation_cost", separation_cost)):
+                        ("snap_to", snap_to), ("budget_knob", budget_knob), ("separation_cost", separation_cost),
+                        ("refit_layers", refit_layers)):
         check_choice(name, value)
     if budget is not None and budget_knob == "bandwidth_scale" and bandwidth_scale == 0:
         raise ValueError(
@@ -452,10 +477,15 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
     compressed, approximations, reconstructed = run.model, [], ()
     if separation_tolerance > 0:
         compressed, approximations = separate_low_rank(run.model, separation_tolerance, keep=keep)
-        if refit is not None and approximations:
+        if refit is not None and refit.layers == "approximated" and approximations:
             reconstructed = reconstruct_pointwise(compressed, run.model, [a.layer for a in approximations],
                                                   refit.images())
         stages.append(figures("approximated", compressed))
+    if refit is not None and refit.layers == "all":
+        if compressed is run.hashed or compressed is folded:
+            compressed = clone_layers(compressed, copy_layer)  # refitted in place, never the returned hashed_model
+        kept = kept_outputs(run.hashed_graph, run.merge.plan, {layer.name for layer in compressed.layers})
+        reconstructed = reconstruct_layers(compressed, folded, refit.images(), kept)
     if restore:
         kept = kept_outputs(run.hashed_graph, run.merge.plan, {fold.into for fold in folds})
         compressed = restore_batchnorm(model, graph, compressed, folds, kept)
@@ -473,7 +503,8 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         "convolutions_separated": len(run.separations),
         "separation_tolerance": separation_tolerance,
         "convolutions_approximated": len(approximations),
-        "blocks_refitted": len(reconstructed),
+        "layers_refitted": len(reconstructed),
+        "refit_layers": refit.layers if refit is not None else "none",
         "hashing_reverted": len(reverted),
         "batchnorm_restored": len(folds) if restore else 0,
     }
@@ -505,7 +536,9 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         bias_corrected=run.merge.bias_corrected,
         approximations=tuple(approximations),
         separation_tolerance=separation_tolerance,
-        reconstruction=refit.kind if refit is not None and separation_tolerance > 0 else "none",
+        reconstruction=refit.kind if refit is not None and (separation_tolerance > 0 or refit.layers == "all")
+        else "none",
+        refit_layers=refit.layers if refit is not None else "approximated",
         reconstructed=reconstructed,
         separation_cost="latency" if timer is not None else "flops",
         block_timings=dict(timer.timings) if timer is not None else {},
@@ -561,7 +594,8 @@ def _search(model, knobs: dict[str, float], knob: str, options: dict[str, Any], 
         return _run(model, **{**knobs, knob: value}, **options, refit=refit if with_refit else None)
 
     def refitted(result: RedResult) -> RedResult:
-        return run(getattr(result, knob), with_refit=True) if refit is not None and result.approximations else result
+        needed = refit is not None and (result.approximations or refit.layers == "all")
+        return run(getattr(result, knob), with_refit=True) if needed else result
 
     def cost(result: RedResult) -> int:
         return getattr(result.stages[-1], budget.metric)

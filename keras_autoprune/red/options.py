@@ -34,9 +34,14 @@ SEPARATION_COSTS = ("flops", "latency")
 RECONSTRUCTIONS = ("synthetic",)
 """What an approximate separation's 1×1 part may be refitted on, by name (or a NumPy array of inputs, or None)."""
 
+REFIT_LAYERS = ("approximated", "all")
+"""Which layers the reconstruction refits (`keras_autoprune.red.reconstruction`): the approximate blocks' 1×1
+parts, or every layer whose output differs from the model's before compression."""
+
 _MEANINGS = {
-    "reconstruction": (RECONSTRUCTIONS, "what the approximate blocks' 1×1 parts are refitted on; None for no "
-                       "refit, and `kap.red.compress` also takes a NumPy array of model inputs"),
+    "refit_layers": (REFIT_LAYERS, "which layers are refitted on the reconstruction inputs"),
+    "reconstruction": (RECONSTRUCTIONS, "what the compressed layers are refitted on; None for no refit, and "
+                       "`kap.red.compress` also takes a NumPy array of model inputs"),
     "separation_cost": (SEPARATION_COSTS, "what decides that a separated block replaces its convolution"),
     "merge_distance": (MERGE_DISTANCES, "what a near-identical distance is relative to"),
     "merge_representative": (MERGE_REPRESENTATIVES, "the weights of a near-identical cluster's kept channel"),
@@ -52,8 +57,8 @@ def check_choice(name: str, value) -> None:
         raise ValueError(f"Expected `{name}` to be one of {choices} ({meaning}). Received: {name}={value!r}")
 
 
-def check_reconstruction(model, reconstruction, approximating: bool = True) -> None:
-    """Raises ValueError unless ``reconstruction`` is ``"synthetic"`` (with ``approximating``, on a model with
+def check_reconstruction(model, reconstruction, refitting: bool = True) -> None:
+    """Raises ValueError unless ``reconstruction`` is ``"synthetic"`` (with ``refitting``, on a model with
     BatchNormalization to synthesize from), None, or an array of inputs of the model's input shape."""
     import numpy as np
 
@@ -63,7 +68,7 @@ def check_reconstruction(model, reconstruction, approximating: bool = True) -> N
         return
     if isinstance(reconstruction, str):
         check_choice("reconstruction", reconstruction)
-        if approximating:
+        if refitting:
             check_synthesizable(model)
         return
     if not isinstance(reconstruction, np.ndarray):

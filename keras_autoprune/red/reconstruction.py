@@ -1,25 +1,44 @@
-"""Least-squares refit of the 1×1 part of RED's approximate separations.
+"""Least-squares refit of RED's compressed layers on inputs, against the model before compression.
 
-The truncated SVD (`keras_autoprune.red.low_rank`) keeps each layer's kernel
-close, not its output, and the errors of successive layers add up. Given
-inputs ``X`` (synthesized without data by default,
-`keras_autoprune.red.synthesis`), each separated block's 1×1 part is refitted,
-layer after layer in graph order, so that the block reproduces the
-convolution it replaced:
+Hashing, near-identical merging and the truncated SVD keep each kernel
+close, not each layer's output, and the errors of successive layers add up.
+Given inputs ``X`` (synthesized without data by default,
+`keras_autoprune.red.synthesis`), layers are refitted one after the other in
+graph order, each so that it reproduces, from its input in the compressed
+model, what its counterpart computed in the reference model (before the
+activation):
 
-    F = depthwise(tile(X̃_ℓ)),   Y = conv_ℓ(X_ℓ) + b_ℓ   (before the activation),
-    [P; b] = argmin ‖[F 1][P; b] − Y‖² + λ ‖P‖²,   λ = ridge · tr(FᵀF) / (M·C_in),
+    [W; b] = argmin ‖[F 1][W; b] − Y‖² + λ ‖W‖²,   λ = ridge · tr(FᵀF) / n,
 
-where ``X̃_ℓ`` is the block's input in the compressed model, whose earlier
-blocks are already refitted (so the fit also absorbs their remaining error),
-and ``X_ℓ`` the convolution's input in the model before the approximation.
-Rows are the output positions of every input; ``FᵀF`` and ``FᵀY`` are
-accumulated in float64 over batches, so memory does not grow with the
-number of inputs. The depthwise kernels stay those of the SVD.
+where the rows are the output positions of every input and the ``n``
+columns of ``F`` are
 
-Decision (scope): blocks that are top-level layers of both models and
-called once are refitted; the others (inside nested models, shared layers)
-keep the SVD's weights and are not listed as refitted.
+- a convolution's input patches (``k_h·k_w·C_in``, in its kernel's order),
+- a dense layer's input,
+- a depthwise convolution's patches of one input channel (``k_h·k_w``; one
+  fit per channel),
+- a separated block's depthwise outputs, ``depthwise(tile(X̃))`` (only its
+  1×1 part is refitted; the depthwise kernels stay),
+
+``X̃`` being the layer's input in the compressed model, whose earlier layers
+are already refitted (so each fit also absorbs the error left upstream).
+``Y = layer_ref(X_ref)`` is the reference layer's pre-activation output on
+the reference model's own input, restricted to the output channels the
+compressed layer kept (``kept``: the channels merging did not remove; a
+merged cluster's kept channel is fitted to its own reference channel, and
+its readers' refit then recombines the cluster). ``FᵀF``, ``Fᵀ1`` and
+``FᵀY`` are accumulated in float64 over batches, so memory does not grow
+with the number of inputs.
+
+Two entry points: `reconstruct_pointwise` refits the 1×1 parts of the
+blocks it is given (RED's default, the approximate separations);
+`reconstruct_layers` refits every linear layer and separated block whose
+output differs from the reference's (``refit_layers="all"``).
+
+Decision (scope): top-level layers of both models, called once, are
+refitted; the others (inside nested models, shared layers, grouped or
+``channels_first`` convolutions, layers of other types) keep their weights
+and are not listed as refitted.
 """
 
 from __future__ import annotations
@@ -33,6 +52,7 @@ RIDGE = 1e-3
 """``ridge`` in the formula above: a relative Tikhonov weight that keeps rare directions of ``F`` bounded."""
 
 _BATCH = 32
+_SAME = 1e-6  # relative difference under which a layer's input and weights count as the reference's
 
 
 def reconstruct_pointwise(model: keras.Model, reference: keras.Model, layers, inputs: np.ndarray,
@@ -43,7 +63,8 @@ def reconstruct_pointwise(model: keras.Model, reference: keras.Model, layers, in
         model: the compressed model holding the blocks (changed in place: it
             is RED's own output).
         reference: the model before the approximation, with the original
-            convolutions under the same names (left unchanged).
+            convolutions under the same names and output channels (left
+            unchanged).
         layers: the separated blocks' names, in graph order.
         inputs: model inputs to fit on.
         ridge: ``ridge`` in the formula above.
@@ -54,24 +75,89 @@ def reconstruct_pointwise(model: keras.Model, reference: keras.Model, layers, in
     Raises:
         ValueError: no inputs, or a negative ``ridge``.
     """
+    _check(inputs, ridge)
+    refitted = []
+    for name in layers:
+        pair = _single_call_pair(model, reference, name)
+        if pair is not None:
+            _refit(*pair, model, reference, inputs, ridge, None)
+            refitted.append(name)
+    return tuple(refitted)
+
+
+def reconstruct_layers(model: keras.Model, reference: keras.Model, inputs: np.ndarray,
+                       kept: dict[str, np.ndarray] | None = None, ridge: float = RIDGE) -> tuple[str, ...]:
+    """Refits, in place, every linear layer and separated block of ``model`` whose output differs from ``reference``'s.
+
+    A layer is left as it is when its weights and, on the first batch, its
+    input equal its reference counterpart's (to 1e-6 relative): it already
+    computes the reference's output.
+
+    Args:
+        model: the compressed model (changed in place: it is RED's own
+            output).
+        reference: the model before compression (BatchNormalization folded),
+            its layers under the same names (left unchanged).
+        inputs: model inputs to fit on.
+        kept: ``{layer: boolean mask over the reference layer's output
+            channels}`` for the layers whose output channels were merged
+            away; a layer not in it keeps all of them.
+        ridge: ``ridge`` in the formula above.
+
+    Returns:
+        The names of the layers refitted, in graph order.
+
+    Raises:
+        ValueError: no inputs, or a negative ``ridge``.
+    """
+    _check(inputs, ridge)
+    kept = kept or {}
+    refitted = []
+    for layer in model.layers:
+        pair = _single_call_pair(model, reference, layer.name)
+        if pair is None or _kind(layer) is None:
+            continue
+        if _refit(*pair, model, reference, inputs, ridge, kept.get(layer.name), skip_unchanged=True):
+            refitted.append(layer.name)
+    return tuple(refitted)
+
+
+def _check(inputs: np.ndarray, ridge: float) -> None:
     if len(inputs) == 0:
-        raise ValueError("Expected at least one input to refit the separated blocks on. Received: an empty array. "
+        raise ValueError("Expected at least one input to refit the compressed layers on. Received: an empty array. "
                          "Fix: pass a batch of model inputs (or synthesize_images(model)).")
     if not ridge >= 0:
         raise ValueError(f"Expected `ridge` to be a number >= 0. Received: ridge={ridge!r}")
-    top = {layer.name for layer in model.layers}
-    reference_top = {layer.name for layer in reference.layers}
-    refitted = []
-    for name in layers:
-        if name not in top or name not in reference_top:
-            continue
-        block, convolution = model.get_layer(name), reference.get_layer(name)
-        if len(block._inbound_nodes) != 1 or len(convolution._inbound_nodes) != 1:
-            continue
-        _refit(block, convolution, keras.Model(model.inputs[0], _called_on(block)),
-               keras.Model(reference.inputs[0], _called_on(convolution)), inputs, ridge)
-        refitted.append(name)
-    return tuple(refitted)
+
+
+def _single_call_pair(model, reference, name: str):
+    """``(layer, counterpart)`` when both are top-level layers called once, else None."""
+    if name not in {layer.name for layer in model.layers} or name not in {layer.name for layer in reference.layers}:
+        return None
+    layer, counterpart = model.get_layer(name), reference.get_layer(name)
+    if len(layer._inbound_nodes) != 1 or len(counterpart._inbound_nodes) != 1:
+        return None
+    return layer, counterpart
+
+
+def _kind(layer) -> str | None:
+    """``"block"``, ``"depthwise"``, ``"conv"``, ``"dense"``, or None for a layer this module does not refit."""
+    if isinstance(layer, keras.Model):
+        try:
+            block_parts(layer)
+        except (ValueError, TypeError):
+            return None
+        return "block"
+    config = layer.get_config()
+    if config.get("data_format", "channels_last") != "channels_last":
+        return None
+    if type(layer) is keras.layers.DepthwiseConv2D:
+        return "depthwise"
+    if type(layer) is keras.layers.Conv2D and config.get("groups", 1) == 1:
+        return "conv"
+    if type(layer) is keras.layers.Dense:
+        return "dense"
+    return None
 
 
 def _called_on(layer):
@@ -79,37 +165,131 @@ def _called_on(layer):
     return layer._inbound_nodes[0].input_tensors[0]
 
 
-def _refit(block, convolution, block_input, convolution_input, inputs: np.ndarray, ridge: float) -> None:
-    copies, depthwise, pointwise = block_parts(block)
-    kernel = keras.ops.convert_to_numpy(convolution.kernel)
-    bias = keras.ops.convert_to_numpy(convolution.bias) if convolution.use_bias else None
-    has_bias = pointwise.use_bias
-    gram = cross = None
+def _refit(layer, counterpart, model, reference, inputs: np.ndarray, ridge: float, mask: np.ndarray | None,
+           skip_unchanged: bool = False) -> bool:
+    """Refits ``layer`` (a block's 1×1 part for a block); False if ``skip_unchanged`` found nothing to refit."""
+    kind = _kind(layer)
+    if kind == "block":
+        copies, depthwise, target_layer = block_parts(layer)
+    else:
+        copies, depthwise, target_layer = 1, None, layer
+    layer_input = keras.Model(model.inputs[0], _called_on(layer))
+    reference_input = keras.Model(reference.inputs[0], _called_on(counterpart))
+    normal = _NormalEquations()
     for start in range(0, len(inputs), _BATCH):
         batch = inputs[start:start + _BATCH]
-        x = keras.ops.convert_to_numpy(block_input(batch, training=False))
-        features = keras.ops.convert_to_numpy(depthwise(np.concatenate([x] * copies, axis=-1)))
-        source = convolution_input(batch, training=False)
-        target = keras.ops.convert_to_numpy(keras.ops.conv(
-            source, kernel.astype(keras.backend.standardize_dtype(source.dtype)), strides=convolution.strides,
-            padding=convolution.padding, dilation_rate=convolution.dilation_rate))
-        if bias is not None:
-            target = target + bias
-        f = features.reshape(-1, features.shape[-1]).astype(np.float64)
-        if has_bias:
-            f = np.concatenate([f, np.ones((len(f), 1))], axis=1)
-        y = target.reshape(-1, target.shape[-1]).astype(np.float64)
-        gram = f.T @ f if gram is None else gram + f.T @ f
-        cross = f.T @ y if cross is None else cross + f.T @ y
-    slots = features.shape[-1]
-    penalty = np.zeros(len(gram))
-    penalty[:slots] = ridge * np.trace(gram[:slots, :slots]) / slots
-    try:
-        solution = np.linalg.solve(gram + np.diag(penalty), cross)
-    except np.linalg.LinAlgError:  # a dead feature with ridge=0: the least-norm solution
-        solution = np.linalg.lstsq(gram + np.diag(penalty), cross, rcond=None)[0]
-    new_kernel = solution[:slots].reshape(keras.ops.convert_to_numpy(pointwise.kernel).shape)
-    values = [new_kernel.astype(pointwise.kernel.dtype)]
-    if has_bias:
-        values.append(solution[slots].astype(pointwise.bias.dtype))
-    pointwise.set_weights(values)
+        x = keras.ops.convert_to_numpy(layer_input(batch, training=False))
+        source = keras.ops.convert_to_numpy(reference_input(batch, training=False))
+        if start == 0 and skip_unchanged and kind != "block" and _unchanged(layer, counterpart, x, source):
+            return False
+        target = _pre_activation(counterpart, source)
+        if mask is not None:
+            target = target[..., mask]
+        if kind == "block":
+            features = keras.ops.convert_to_numpy(depthwise(np.concatenate([x] * copies, axis=-1)))
+            normal.add(features.reshape(-1, 1, features.shape[-1]), target.reshape(-1, 1, target.shape[-1]))
+        elif kind == "depthwise":
+            patches = _patches(layer, x)
+            channels = x.shape[-1]
+            normal.add(patches.reshape(-1, patches.shape[-1] // channels, channels).transpose(0, 2, 1),
+                       target.reshape(-1, channels, target.shape[-1] // channels))
+        else:
+            features = _patches(layer, x) if kind == "conv" else x
+            normal.add(features.reshape(-1, 1, features.shape[-1]), target.reshape(-1, 1, target.shape[-1]))
+    weights, bias = normal.solve(ridge, target_layer.use_bias)
+    kernel_shape = keras.ops.convert_to_numpy(target_layer.kernel).shape
+    if kind == "depthwise":  # (channels, k_h·k_w, multiplier) -> (k_h, k_w, channels, multiplier)
+        kernel = weights.transpose(1, 0, 2).reshape(kernel_shape)
+    else:
+        kernel = weights[0].reshape(kernel_shape)
+    values = [kernel.astype(target_layer.kernel.dtype)]
+    if target_layer.use_bias:
+        values.append(bias.reshape(-1).astype(target_layer.bias.dtype))
+    target_layer.set_weights(values)
+    return True
+
+
+def _unchanged(layer, counterpart, x: np.ndarray, source: np.ndarray) -> bool:
+    """Whether ``layer`` gets the reference's input and holds the reference's weights (to ``_SAME`` relative)."""
+    if x.shape != source.shape or not _close(x, source):
+        return False
+    mine, theirs = layer.get_weights(), counterpart.get_weights()
+    return len(mine) == len(theirs) and all(a.shape == b.shape and _close(a, b) for a, b in zip(mine, theirs))
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    return float(np.max(np.abs(a - b), initial=0.0)) <= _SAME * max(float(np.max(np.abs(b), initial=0.0)), 1e-30)
+
+
+def _patches(layer, x: np.ndarray) -> np.ndarray:
+    """The convolution's input patches, ``(N, H', W', k_h·k_w·C)`` in the kernel's ``(k_h, k_w, C)`` order."""
+    return keras.ops.convert_to_numpy(keras.ops.image.extract_patches(
+        x, tuple(layer.kernel_size), strides=tuple(layer.strides), dilation_rate=tuple(layer.dilation_rate),
+        padding=layer.padding))
+
+
+def _pre_activation(layer, x: np.ndarray) -> np.ndarray:
+    """``layer``'s output before its activation (a convolution, depthwise convolution or dense layer)."""
+    kernel = keras.ops.convert_to_numpy(layer.kernel).astype(x.dtype)
+    if isinstance(layer, keras.layers.Dense):
+        out = keras.ops.matmul(x, kernel)
+    elif isinstance(layer, keras.layers.DepthwiseConv2D):
+        out = keras.ops.depthwise_conv(x, kernel, strides=layer.strides, padding=layer.padding,
+                                       dilation_rate=layer.dilation_rate)
+    else:
+        out = keras.ops.conv(x, kernel, strides=layer.strides, padding=layer.padding,
+                             dilation_rate=layer.dilation_rate)
+    out = keras.ops.convert_to_numpy(out)
+    if layer.use_bias:
+        out = out + keras.ops.convert_to_numpy(layer.bias).astype(out.dtype)
+    return out
+
+
+class _NormalEquations:
+    """``FᵀF``, ``Fᵀ1``, ``FᵀY``, ``1ᵀY`` and the row count, per group, accumulated in float64.
+
+    ``F`` is ``(rows, groups, n)`` and ``Y`` ``(rows, groups, m)``; each
+    group (one for a convolution or dense layer, one per channel for a
+    depthwise convolution) is an independent fit.
+    """
+
+    def __init__(self):
+        self.gram = self.feature_sum = self.cross = self.target_sum = None
+        self.rows = 0
+
+    def add(self, features: np.ndarray, targets: np.ndarray) -> None:
+        f, y = features.astype(np.float32), targets.astype(np.float32)
+        if f.shape[1] == 1:  # one fit: a plain matrix product
+            gram = (f[:, 0].T @ f[:, 0])[None]
+            cross = (f[:, 0].T @ y[:, 0])[None]
+        else:
+            gram = np.einsum("rgn,rgk->gnk", f, f)
+            cross = np.einsum("rgn,rgm->gnm", f, y)
+        parts = (gram, f.sum(axis=0, dtype=np.float64), cross, y.sum(axis=0, dtype=np.float64))
+        if self.gram is None:
+            self.gram, self.feature_sum, self.cross, self.target_sum = (p.astype(np.float64) for p in parts)
+        else:
+            self.gram += gram
+            self.feature_sum += parts[1]
+            self.cross += cross
+            self.target_sum += parts[3]
+        self.rows += len(f)
+
+    def solve(self, ridge: float, bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(W, b)``: ``W`` is ``(groups, n, m)``, ``b`` ``(groups, m)`` (None without a bias)."""
+        groups, n, _ = self.gram.shape
+        penalty = ridge * np.trace(self.gram, axis1=1, axis2=2) / n  # (groups,)
+        if bias:
+            gram = np.zeros((groups, n + 1, n + 1))
+            gram[:, :n, :n] = self.gram
+            gram[:, :n, n] = gram[:, n, :n] = self.feature_sum
+            gram[:, n, n] = self.rows
+            cross = np.concatenate([self.cross, self.target_sum[:, None, :]], axis=1)
+        else:
+            gram, cross = self.gram.copy(), self.cross
+        gram[:, np.arange(n), np.arange(n)] += penalty[:, None]
+        try:
+            solution = np.linalg.solve(gram, cross)
+        except np.linalg.LinAlgError:  # a dead feature with ridge=0: the least-norm solution
+            solution = np.stack([np.linalg.lstsq(g, c, rcond=None)[0] for g, c in zip(gram, cross)])
+        return solution[:, :n], (solution[:, n] if bias else None)

@@ -56,6 +56,7 @@ def compress_saved_model(
     correct_merge_bias: bool = True,
     separation_tolerance: float = 0.0,
     reconstruction: str | None = "synthetic",
+    refit_layers: str = "approximated",
     separation_cost: str = "flops",
     unsafe: bool = False,
     tflite: str | os.PathLike | None = None,
@@ -68,8 +69,8 @@ def compress_saved_model(
         bandwidth_scale, merge_threshold, separate_depthwise, budget,
             hash_all_layers, merge_distance, input_shape, budget_knob,
             restore_batchnorm, merge_representative, snap_to,
-            correct_merge_bias, separation_tolerance, separation_cost: as in
-            `keras_autoprune.red.compress`.
+            correct_merge_bias, separation_tolerance, separation_cost,
+            refit_layers: as in `keras_autoprune.red.compress`.
         reconstruction: ``"synthetic"`` or None, as in `compress`.
         unsafe: load with ``safe_mode=False``.
         tflite: also export a float32 ``.tflite`` here, verified with LiteRT
@@ -85,7 +86,7 @@ def compress_saved_model(
     check_model_paths(model_path, out, tflite)
     check_options(bandwidth_scale, merge_threshold, separate_depthwise, budget, hash_all_layers, merge_distance,
                   budget_knob, restore_batchnorm, merge_representative, snap_to, correct_merge_bias,
-                  separation_tolerance, separation_cost)
+                  separation_tolerance, separation_cost, refit_layers)
     if reconstruction is not None:
         check_choice("reconstruction", reconstruction)  # a saved model is refitted by name only
     import keras
@@ -100,7 +101,7 @@ def compress_saved_model(
                       restore_batchnorm=restore_batchnorm, merge_representative=merge_representative,
                       snap_to=snap_to, correct_merge_bias=correct_merge_bias,
                       separation_tolerance=separation_tolerance, reconstruction=reconstruction,
-                      separation_cost=separation_cost)
+                      refit_layers=refit_layers, separation_cost=separation_cost)
     result.model.save(out)
     files, summary = [str(out)], None
     if tflite is not None:
@@ -131,13 +132,16 @@ def stage_details(result: RedResult) -> str:
     for s in result.separations:
         lines.append(f"  {s.layer}: multiplier {s.multiplier}, {s.distinct_kernels} distinct kernels, "
                      f"FLOPs {s.flops_before:,} -> {s.flops_after:,}")
+    refitted = set(result.reconstructed)
     if result.separation_tolerance > 0:
-        refitted = set(result.reconstructed)
         lines.append(f"layers separated approximately: {len(result.approximations)} (separation_tolerance="
                      f"{result.separation_tolerance:g}; 1x1 parts refitted on {result.reconstruction})")
         for s in result.approximations:
             lines.append(f"  {s.layer}: rank {s.multiplier}, kernel error {s.kernel_error:.1%}, "
                          f"FLOPs {s.flops_before:,} -> {s.flops_after:,}" + ("" if s.layer in refitted else ", not refitted"))
+    if result.refit_layers == "all" and result.reconstruction != "none":
+        lines.append(f"layers refitted on {result.reconstruction} inputs (every changed layer): {len(refitted)}"
+                     + (f": {', '.join(result.reconstructed)}" if refitted else ""))
     if result.block_timings:
         lines.append("blocks timed on LiteRT against their convolutions (median ms, 1 thread):")
         for t in result.block_timings.values():
