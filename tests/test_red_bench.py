@@ -116,3 +116,43 @@ def test_red_low_rank_table_and_plot_from_rows(tmp_path):
     assert lines[3] == "| 0.9 | 10.00% | 10.00% | 20.0% | 20.0% | 0 () | uniform L1 cannot keep as little | |  |"
     red_low_rank.plot(result, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_red_refit_table_and_plot_from_rows(tmp_path):
+    """The refit benchmark's table puts RED and uniform L1, each as it is and refitted, on one line per point."""
+    from benchmarks import red_refit
+
+    def rows(scale, threshold, red, refit, uniform, uniform_refit):
+        point = {"bandwidth_scale": scale, "merge_threshold": threshold}
+        return [dict(point, entry="red", accuracy=red, flops_kept=0.597, layers_refitted=[]),
+                dict(point, entry="red_refit", accuracy=refit, flops_kept=0.597, layers_refitted=["a", "b"]),
+                dict(point, entry="uniform_l1_datafree", accuracy=uniform, flops_kept=0.566),
+                dict(point, entry="uniform_l1_refit", accuracy=uniform_refit, flops_kept=0.566)]
+
+    result = {"model": "resnet20", "original": {"accuracy": 0.8926},
+              "rows": rows(0.05, 0.9, 0.795, 0.8779, 0.6907, 0.8652) + rows(1.0, 0.0, 0.1016, 0.5776, 0.2166, 0.6943)}
+    lines = red_refit.markdown(result).splitlines()
+    assert lines[2] == "| 1 | 0 | 59.7% | 10.16% | 57.76% (2) | 56.6% | 21.66% | 69.43% |"  # threshold 0 first
+    assert lines[3] == "| 0.05 | 0.9 | 59.7% | 79.50% | 87.79% (2) | 56.6% | 69.07% | 86.52% |"
+    red_refit.plot(result, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_uniform_l1_is_refitted_like_red_against_the_folded_original():
+    """The benchmark's uniform L1 refit: the same kept channels and FLOPs as uniform L1, closer to the original."""
+    from benchmarks import red_refit
+    from keras_autoprune.red.batchnorm import fold_batchnorm
+    from tests.helpers import relative_error
+    from tests.test_red_low_rank import _bn_model
+
+    model = _bn_model()
+    graph = kap.DependencyGraph(model)
+    reference, _ = fold_batchnorm(model, graph)
+    images = np.random.default_rng(3).normal(120, 25, (64, 8, 8, 3)).astype("float32")
+    refitted, names = red_refit.refitted_uniform(model, reference, graph, 0.5, images)
+    slim = kap.apply_plan(model, kap.PrunePlan.uniform(graph, 0.5), graph)
+    assert names == ("c1", "c2", "head")
+    assert kap.count_flops(refitted) <= kap.count_flops(slim) and kap.count_params(refitted) < kap.count_params(slim)
+    original = np.asarray(model(images))
+    assert relative_error(np.asarray(refitted(images)), original) < 0.5 * relative_error(np.asarray(slim(images)),
+                                                                                          original)
