@@ -436,8 +436,7 @@ def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, d
 
     def save(rows):
         result["rows"] = rows
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        save_result(out, result)
 
     started = time.perf_counter()
     rows = sweep(model, model_name, lambda m: converged.test_accuracy(m, data), points,
@@ -456,16 +455,75 @@ def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, d
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    from keras_autoprune.red.options import MERGE_DISTANCES, MERGE_REPRESENTATIVES, SNAP_TARGETS
+def curve_plot(result: dict, styles: dict[str, tuple[str, str, str, str]], title: str, path: pathlib.Path,
+               figsize: tuple[float, float]) -> None:
+    """Accuracy against FLOPs kept, one line per entry of ``styles`` (``{entry: (label, colour, marker,
+    line style)}``) from ``result["rows"]``, and the original's accuracy as a dashed line."""
+    import matplotlib
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.red_bench", description=__doc__.split("\n\n")[0])
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=figsize)
+    for entry, (label, color, marker, line) in styles.items():
+        points = sorted((r["flops_kept"], r["accuracy"]) for r in result["rows"] if r["entry"] == entry and "accuracy" in r)
+        if points:
+            axes.plot(*zip(*points), marker=marker, color=color, linestyle=line, label=label)
+    axes.axhline(result["original"]["accuracy"], color="gray", linestyle="--", label="original")
+    axes.set_xlabel("FLOPs kept")
+    axes.set_ylabel("top-1 (10,000 test images)")
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def save_result(out: pathlib.Path, result: dict) -> None:
+    """Writes ``result`` as indented JSON to ``out`` (its folder made if missing)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def publish(name: str, result: dict, draw: Callable, table: Callable, out: pathlib.Path | None) -> None:
+    """Draws ``v2_<name>.png`` (``draw(result, path)``; in ``out`` if given, else docs/img) and prints
+    ``table(result)``; without ``out`` (the published results) the table also goes to docs/methods/red.md."""
+    draw(result, (PLOT_DIR if out is None else out) / f"v2_{name}.png")
+    print(table(result))
+    if out is None:
+        from benchmarks.report import update_docs
+
+        update_docs(DOCS_PAGE, name, table(result))
+
+
+def sweep_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The arguments of a sweep over `SWEEPS` (model, the two knob lists, out, data, fresh)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--model", choices=sorted(SWEEPS), required=True)
     parser.add_argument("--bandwidth-scales", nargs="+", type=float, help="default: the model's SWEEPS entry")
     parser.add_argument("--merge-thresholds", nargs="+", type=float, help="default: the model's SWEEPS entry")
     parser.add_argument("--out", type=pathlib.Path, help="result folder (default: the published benchmarks/results/v2)")
     parser.add_argument("--data", default=str(converged.DEFAULT_SOURCE))
     parser.add_argument("--fresh", action="store_true", help="discard finished points")
+    return parser
+
+
+def parsed_points(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[float, float]]:
+    """`sweep_points` of the parsed knob lists (the model's `SWEEPS` entry where not given); exits on a bad value."""
+    sweep_spec = SWEEPS[args.model]
+    scales = args.bandwidth_scales if args.bandwidth_scales is not None else sweep_spec["bandwidth_scales"]
+    thresholds = args.merge_thresholds if args.merge_thresholds is not None else sweep_spec["merge_thresholds"]
+    for value in list(scales) + list(thresholds):
+        if not math.isfinite(value) or value < 0:
+            parser.error(f"Expected finite values >= 0. Received: {value}")
+    return sweep_points(scales, thresholds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from keras_autoprune.red.options import MERGE_DISTANCES, MERGE_REPRESENTATIVES, SNAP_TARGETS
+
+    parser = sweep_parser("python -m benchmarks.red_bench", __doc__.split("\n\n")[0])
     parser.add_argument("--no-latency", action="store_true", help="skip the .tflite export and LiteRT timing")
     parser.add_argument("--hash-all-layers", action="store_true",
                         help="RED with hash_all_layers=True (every layer keeps its hashing, the paper's); kept "
@@ -482,25 +540,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="RED with correct_merge_bias=False at the merge_threshold > 0 points; rows of both are "
                              "kept side by side")
     args = parser.parse_args(argv)
-    sweep_spec = SWEEPS[args.model]
-    scales = args.bandwidth_scales if args.bandwidth_scales is not None else sweep_spec["bandwidth_scales"]
-    thresholds = args.merge_thresholds if args.merge_thresholds is not None else sweep_spec["merge_thresholds"]
-    for value in list(scales) + list(thresholds):
-        if not math.isfinite(value) or value < 0:
-            parser.error(f"Expected finite values >= 0. Received: {value}")
+    points = parsed_points(parser, args)
     folder = args.out or RESULTS_DIR
     name = f"red_{args.model}" + ("" if args.merge_distance == "channel" else f"_{args.merge_distance}_distance")
-    result = run(args.model, sweep_points(scales, thresholds), folder / f"{name}.json",
+    result = run(args.model, points, folder / f"{name}.json",
                  converged.load_cifar10(args.data), fresh=args.fresh, latency=not args.no_latency,
                  log=lambda line: print(line, flush=True), hash_all_layers=args.hash_all_layers,
                  merge_distance=args.merge_distance, merge_representative=args.merge_representative,
                  snap_to=args.snap_to, correct_merge_bias=not args.no_bias_correction)
-    plot(args.model, result, (PLOT_DIR if args.out is None else folder) / f"v2_{name}.png")
-    print(markdown(result))
-    if args.out is None:  # the published results: their table in docs/methods/red.md too
-        from benchmarks.report import update_docs
-
-        update_docs(DOCS_PAGE, name, markdown(result))
+    publish(name, result, lambda result, path: plot(args.model, result, path), markdown, args.out)
     return 0
 
 

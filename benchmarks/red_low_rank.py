@@ -28,7 +28,6 @@ Latency: every refitted point and the original are exported to float32
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import tempfile
@@ -105,7 +104,7 @@ def run(model_name: str, tolerances, out: pathlib.Path, data: converged.Cifar10,
                 f"{svd_only['accuracy']:.4f} at {refitted['flops_kept']:.3f} FLOPs; uniform L1 "
                 + (f"{uniform['accuracy']:.4f} at {uniform['flops_kept']:.3f}" if "error" not in uniform
                    else uniform["error"]))
-            _save(out, dict(result, rows=rows))
+            red_bench.save_result(out, dict(result, rows=rows))
         if latency and files:
             original = pathlib.Path(folder) / "original.tflite"
             kap.export_tflite(model, original)
@@ -120,13 +119,8 @@ def run(model_name: str, tolerances, out: pathlib.Path, data: converged.Cifar10,
                 log(f"latency at separation_tolerance={point['separation_tolerance']:g}: {point['median_ms']:.3f} ms "
                     f"({point['ratio']:.3f} of the original's {timings[0].median_ms:.3f} ms)")
     result["rows"] = rows
-    _save(out, result)
+    red_bench.save_result(out, result)
     return result
-
-
-def _save(out: pathlib.Path, result: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def markdown(result: dict) -> str:
@@ -153,30 +147,12 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: pathlib.Path) -> None:
     """Accuracy against FLOPs kept: refitted, SVD only, uniform L1; the original as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    styles = {"red_low_rank": ("RED, approximate separation, refitted (synthetic images)", "tab:red", "s"),
-              "red_low_rank_svd_only": ("RED, approximate separation, SVD only", "tab:orange", "D"),
-              "uniform_l1_datafree": ("uniform L1, data-free", "tab:blue", "o")}
-    for entry, (label, color, marker) in styles.items():
-        points = sorted((r["flops_kept"], r["accuracy"]) for r in result["rows"]
-                        if r["entry"] == entry and "accuracy" in r)
-        if points:
-            axes.plot(*zip(*points), marker=marker, color=color, label=label)
-    axes.axhline(result["original"]["accuracy"], color="gray", linestyle="--", label="original")
-    axes.set_xlabel("FLOPs kept")
-    axes.set_ylabel("top-1 (10,000 test images)")
     cost = " (blocks kept only where faster on LiteRT)" if result.get("separation_cost") == "latency" else ""
-    axes.set_title(f"{result['model']}: data-free, no fine-tuning{cost}", fontsize=10)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    red_bench.curve_plot(result, {
+        "red_low_rank": ("RED, approximate separation, refitted (synthetic images)", "tab:red", "s", "-"),
+        "red_low_rank_svd_only": ("RED, approximate separation, SVD only", "tab:orange", "D", "-"),
+        "uniform_l1_datafree": ("uniform L1, data-free", "tab:blue", "o", "-"),
+    }, f"{result['model']}: data-free, no fine-tuning{cost}", path, figsize=(6.4, 4.2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,12 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.model, tolerances, folder / f"{name}.json", converged.load_cifar10(args.data),
                  latency=not args.no_latency, log=lambda line: print(line, flush=True),
                  separation_cost=args.separation_cost)
-    plot(result, (red_bench.PLOT_DIR if args.out is None else folder) / f"v2_{name}.png")
-    print(markdown(result))
-    if args.out is None:
-        from benchmarks.report import update_docs
-
-        update_docs(red_bench.DOCS_PAGE, name, markdown(result))
+    red_bench.publish(name, result, plot, markdown, args.out)
     return 0
 
 

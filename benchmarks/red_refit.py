@@ -28,7 +28,6 @@ finishes (a rerun continues; ``--fresh`` starts over), the plot to
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -127,17 +126,12 @@ def run(model_name: str, points: list[tuple[float, float]], out: pathlib.Path, d
         new = point_rows(model, model_name, point, images, folded_reference, graph, evaluate)
         rows += new
         result["rows"] = rows
-        _save(out, result)
+        red_bench.save_result(out, result)
         log(f"[{index}/{len(points)}] bandwidth_scale={point[0]:g} merge_threshold={point[1]:g}: "
             + "; ".join(f"{r['entry']} {r['accuracy']:.4f} at {r['flops_kept']:.3f}" for r in new if "accuracy" in r))
     result["rows"] = rows
-    _save(out, result)
+    red_bench.save_result(out, result)
     return result
-
-
-def _save(out: pathlib.Path, result: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def _by_point(result: dict) -> dict[tuple[float, float], dict[str, dict]]:
@@ -168,54 +162,21 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: pathlib.Path) -> None:
     """Accuracy against FLOPs kept for the four entries; the original as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     styles = {"red": ("tab:orange", "D", ":"), "red_refit": ("tab:red", "s", "-"),
               "uniform_l1_datafree": ("tab:cyan", "^", ":"), "uniform_l1_refit": ("tab:blue", "o", "-")}
-    figure, axes = plt.subplots(figsize=(7.2, 4.4))
-    for entry, label in ENTRIES.items():
-        color, marker, line = styles[entry]
-        points = sorted((r["flops_kept"], r["accuracy"]) for r in result["rows"] if r["entry"] == entry and "accuracy" in r)
-        if points:
-            axes.plot(*zip(*points), marker=marker, color=color, linestyle=line, label=label)
-    axes.axhline(result["original"]["accuracy"], color="gray", linestyle="--", label="original")
-    axes.set_xlabel("FLOPs kept")
-    axes.set_ylabel("top-1 (10,000 test images)")
-    axes.set_title(f"{result['model']}: data-free (refits on 256 synthesized images), no fine-tuning", fontsize=10)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    red_bench.curve_plot(result, {entry: (label, *styles[entry]) for entry, label in ENTRIES.items()},
+                         f"{result['model']}: data-free (refits on 256 synthesized images), no fine-tuning", path,
+                         figsize=(7.2, 4.4))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.red_refit", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=sorted(red_bench.SWEEPS), required=True)
-    parser.add_argument("--bandwidth-scales", nargs="+", type=float, help="default: red_bench.SWEEPS of the model")
-    parser.add_argument("--merge-thresholds", nargs="+", type=float, help="default: red_bench.SWEEPS of the model")
-    parser.add_argument("--out", type=pathlib.Path, help="result folder (default: the published benchmarks/results/v2)")
-    parser.add_argument("--data", default=str(converged.DEFAULT_SOURCE))
-    parser.add_argument("--fresh", action="store_true", help="discard finished points")
+    parser = red_bench.sweep_parser("python -m benchmarks.red_refit", __doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
-    sweep = red_bench.SWEEPS[args.model]
-    scales = args.bandwidth_scales if args.bandwidth_scales is not None else sweep["bandwidth_scales"]
-    thresholds = args.merge_thresholds if args.merge_thresholds is not None else sweep["merge_thresholds"]
-    if any(not value >= 0 for value in list(scales) + list(thresholds)):
-        parser.error(f"Expected values >= 0. Received: {list(scales) + list(thresholds)}")
-    folder = args.out or red_bench.RESULTS_DIR
+    points = red_bench.parsed_points(parser, args)
     name = f"red_refit_{args.model}"
-    result = run(args.model, red_bench.sweep_points(scales, thresholds), folder / f"{name}.json",
+    result = run(args.model, points, (args.out or red_bench.RESULTS_DIR) / f"{name}.json",
                  converged.load_cifar10(args.data), fresh=args.fresh, log=lambda line: print(line, flush=True))
-    plot(result, (red_bench.PLOT_DIR if args.out is None else folder) / f"v2_{name}.png")
-    print(markdown(result))
-    if args.out is None:
-        from benchmarks.report import update_docs
-
-        update_docs(red_bench.DOCS_PAGE, name, markdown(result))
+    red_bench.publish(name, result, plot, markdown, args.out)
     return 0
 
 

@@ -66,24 +66,11 @@ def test_layers_that_already_compute_the_reference_are_left_alone():
             np.testing.assert_array_equal(mine, old)
 
 
-def _narrow(reference, mask):
-    """``reference`` with the first convolution keeping only ``mask``'s channels (their weights), the rest random."""
-    inputs = keras.Input((9, 9, 3))
-    width = int(mask.sum())
-    x = L.Conv2D(width, 3, strides=2, padding="same", activation="tanh", name="conv")(inputs)
-    x = L.DepthwiseConv2D(3, depth_multiplier=2, padding="valid", activation="tanh", name="depthwise")(x)
-    x = L.Conv2D(5, 1, activation="tanh", name="pointwise")(x)
-    x = L.GlobalAveragePooling2D(name="pool")(x)
-    model = keras.Model(inputs, L.Dense(4, name="dense")(x))
-    randomize(model, seed=9)
-    return model
-
-
 def test_kept_masks_fit_each_kept_channel_to_its_reference_channel_and_the_readers_recombine():
     reference = _cnn(width=6)
     conv_mask = np.array([True, False, True, True, False, True])
     depthwise_mask = np.repeat(conv_mask, 2)  # a depthwise layer keeps its inputs' channels, 2 outputs each
-    model = _narrow(reference, conv_mask)
+    model = _cnn(width=int(conv_mask.sum()), seed=9)  # the kept channels' width, other weights
     x = _inputs(256)
     before = relative_error(np.asarray(model(x)), np.asarray(reference(x)))
     refitted = reconstruct_layers(model, reference, x, kept={"conv": conv_mask, "depthwise": depthwise_mask},
