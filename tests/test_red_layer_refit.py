@@ -186,3 +186,24 @@ def test_refit_on_mobilenetv2_reaches_depthwise_residual_and_merged_layers():
     original = np.asarray(model(x))
     assert relative_error(np.asarray(result.model(x)), original) < 0.5 * relative_error(np.asarray(plain.model(x)),
                                                                                          original)
+
+
+def test_a_separated_block_gets_the_factors_of_its_fitted_convolution_then_its_refitted_1x1():
+    """A block whose depthwise and 1×1 kernels were both spoiled is rebuilt from the least-squares convolution:
+    with a reference kernel of channel rank 2 (the block's multiplier) the block computes it again exactly."""
+    from keras_autoprune.red import separate_low_rank
+
+    inputs = keras.Input((8, 8, 4))
+    reference = keras.Model(inputs, L.Conv2D(32, 3, padding="same", name="conv")(inputs))
+    rng = np.random.default_rng(1)
+    kernel = np.einsum("hwcm,cmo->hwco", rng.normal(size=(3, 3, 4, 2)), rng.normal(size=(4, 2, 32)))
+    reference.get_layer("conv").set_weights([kernel.astype("float32"), rng.normal(size=32).astype("float32")])
+    separated, [separation] = separate_low_rank(reference, tolerance=1e-9)
+    assert separation.multiplier == 2
+    block = separated.get_layer("conv")
+    for part in block.layers[2:]:  # the depthwise and 1×1 layers after the input and the tile
+        part.set_weights([w + rng.normal(size=w.shape).astype(w.dtype) for w in part.get_weights()])
+    x = rng.normal(size=(32, 8, 8, 4)).astype("float32")
+    assert relative_error(np.asarray(separated(x)), np.asarray(reference(x))) > 0.1
+    assert reconstruct_layers(separated, reference, x, ridge=0.0) == ("conv",)
+    assert relative_error(np.asarray(separated(x)), np.asarray(reference(x))) < 1e-4

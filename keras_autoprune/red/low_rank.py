@@ -82,18 +82,30 @@ def low_rank_layer(layer: keras.layers.Layer, name: str, call: CallInfo, calls: 
     u, s, vt = channel_svd(kernel)
     errors = relative_errors(s)
     rank = max(1, int(np.argmax(errors <= tolerance)))  # errors[-1] == 0, so some M qualifies
-    c_in, c_out = kernel.shape[-2:]
-    taps_shape = kernel.shape[:-2]
-    # slot (c, m) is channel m·C_in + c of the tiled input
-    depthwise = (u[:, :, :rank] * s[:, None, :rank]).transpose(2, 0, 1).reshape(rank * c_in, -1)  # (M·C_in, K)
-    depthwise = depthwise.T.reshape(taps_shape + (rank * c_in, 1)).astype(kernel.dtype)
-    pointwise = vt[:, :rank, :].transpose(1, 0, 2).reshape(rank * c_in, c_out)
-    pointwise = pointwise.reshape((1,) * len(taps_shape) + (rank * c_in, c_out)).astype(kernel.dtype)
+    depthwise, pointwise = block_factors((u, s, vt), rank, kernel.shape, kernel.dtype)
     found = separated_block(layer, depthwise, pointwise, weights.get("bias"), call, calls)
     if found is None:
         return None
     replacement, before, after = found
+    c_in = kernel.shape[-2]
     return replacement, Separation(name, rank, rank * c_in, before, after, kernel_error=float(errors[rank]))
+
+
+def block_factors(svd: tuple[np.ndarray, np.ndarray, np.ndarray], rank: int, kernel_shape: tuple[int, ...],
+                  dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The block's ``(depthwise, pointwise)`` kernels of the rank-``rank`` truncation of `channel_svd`'s ``svd``.
+
+    ``depthwise`` is ``(*taps, M·C_in, 1)`` and ``pointwise`` ``(1, …, M·C_in, C_out)``: slot ``(c, m)`` is
+    channel ``m·C_in + c`` of the tiled input, with ``D[:, c, m] = s_cm u_cm`` and ``P[c, m, :] = v_cm``.
+    """
+    u, s, vt = svd
+    c_in, c_out = kernel_shape[-2:]
+    taps_shape = tuple(kernel_shape[:-2])
+    depthwise = (u[:, :, :rank] * s[:, None, :rank]).transpose(2, 0, 1).reshape(rank * c_in, -1)  # (M·C_in, K)
+    depthwise = depthwise.T.reshape(taps_shape + (rank * c_in, 1)).astype(dtype)
+    pointwise = vt[:, :rank, :].transpose(1, 0, 2).reshape(rank * c_in, c_out)
+    pointwise = pointwise.reshape((1,) * len(taps_shape) + (rank * c_in, c_out)).astype(dtype)
+    return depthwise, pointwise
 
 
 def separate_low_rank(model: keras.Model, tolerance: float, graph: DependencyGraph | None = None,

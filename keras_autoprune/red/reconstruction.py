@@ -17,8 +17,11 @@ columns of ``F`` are
 - a dense layer's input,
 - a depthwise convolution's patches of one input channel (``k_h·k_w``; one
   fit per channel),
-- a separated block's depthwise outputs, ``depthwise(tile(X̃))`` (only its
-  1×1 part is refitted; the depthwise kernels stay),
+- a separated block's depthwise outputs, ``depthwise(tile(X̃))`` (its 1×1
+  part is refitted; `reconstruct_pointwise` keeps the depthwise kernels,
+  `reconstruct_layers` first replaces them by the rank-``M`` factors of the
+  full convolution fitted on the block's input patches, so that hashed or
+  truncated depthwise kernels do not bound the fit),
 
 ``X̃`` being the layer's input in the compressed model, whose earlier layers
 are already refitted (so each fit also absorbs the error left upstream).
@@ -46,6 +49,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_autoprune.red.low_rank import block_factors, channel_svd
 from keras_autoprune.red.separation import block_parts
 
 RIDGE = 1e-3
@@ -117,7 +121,7 @@ def reconstruct_layers(model: keras.Model, reference: keras.Model, inputs: np.nd
         pair = _single_call_pair(model, reference, layer.name)
         if pair is None or _kind(layer) is None:
             continue
-        if _refit(*pair, model, reference, inputs, ridge, kept.get(layer.name), skip_unchanged=True):
+        if _refit(*pair, model, reference, inputs, ridge, kept.get(layer.name), skip_unchanged=True, refactor=True):
             refitted.append(layer.name)
     return tuple(refitted)
 
@@ -166,37 +170,40 @@ def _called_on(layer):
 
 
 def _refit(layer, counterpart, model, reference, inputs: np.ndarray, ridge: float, mask: np.ndarray | None,
-           skip_unchanged: bool = False) -> bool:
-    """Refits ``layer`` (a block's 1×1 part for a block); False if ``skip_unchanged`` found nothing to refit."""
+           skip_unchanged: bool = False, refactor: bool = False) -> bool:
+    """Refits ``layer`` (a block's 1×1 part for a block); False if ``skip_unchanged`` found nothing to refit.
+
+    With ``refactor``, a block's depthwise kernels are first replaced by the
+    rank-``M`` factors (`keras_autoprune.red.low_rank.block_factors`) of the
+    full convolution fitted by the same least squares on the block's input.
+    """
     kind = _kind(layer)
+    pairs = _Pairs(model, reference, layer, counterpart, inputs, mask)
+    if skip_unchanged and kind != "block" and pairs.unchanged():
+        return False
     if kind == "block":
         copies, depthwise, target_layer = block_parts(layer)
-    else:
-        copies, depthwise, target_layer = 1, None, layer
-    layer_input = keras.Model(model.inputs[0], _called_on(layer))
-    reference_input = keras.Model(reference.inputs[0], _called_on(counterpart))
-    normal = _NormalEquations()
-    for start in range(0, len(inputs), _BATCH):
-        batch = inputs[start:start + _BATCH]
-        x = keras.ops.convert_to_numpy(layer_input(batch, training=False))
-        source = keras.ops.convert_to_numpy(reference_input(batch, training=False))
-        if start == 0 and skip_unchanged and kind != "block" and _unchanged(layer, counterpart, x, source):
-            return False
-        target = _pre_activation(counterpart, source)
-        if mask is not None:
-            target = target[..., mask]
-        if kind == "block":
-            features = keras.ops.convert_to_numpy(depthwise(np.concatenate([x] * copies, axis=-1)))
-            normal.add(features.reshape(-1, 1, features.shape[-1]), target.reshape(-1, 1, target.shape[-1]))
-        elif kind == "depthwise":
+        if refactor:
+            weights, _ = _least_squares(pairs, lambda x: _patches(depthwise, x)[..., None, :], ridge, True)
+            taps = tuple(depthwise.kernel_size)
+            kernel = weights[0].reshape(taps + (layer.inputs[0].shape[-1], -1))
+            factors, _ = block_factors(channel_svd(kernel), copies, kernel.shape, depthwise.kernel.dtype)
+            depthwise.set_weights([factors])
+
+        def features(x):
+            return keras.ops.convert_to_numpy(depthwise(np.concatenate([x] * copies, axis=-1)))[..., None, :]
+    elif kind == "depthwise":
+        target_layer = layer
+
+        def features(x):  # (…, channels, k_h·k_w): one fit per channel
             patches = _patches(layer, x)
-            channels = x.shape[-1]
-            normal.add(patches.reshape(-1, patches.shape[-1] // channels, channels).transpose(0, 2, 1),
-                       target.reshape(-1, channels, target.shape[-1] // channels))
-        else:
-            features = _patches(layer, x) if kind == "conv" else x
-            normal.add(features.reshape(-1, 1, features.shape[-1]), target.reshape(-1, 1, target.shape[-1]))
-    weights, bias = normal.solve(ridge, target_layer.use_bias)
+            return patches.reshape(patches.shape[:-1] + (-1, x.shape[-1])).swapaxes(-1, -2)
+    else:
+        target_layer = layer
+
+        def features(x):
+            return (_patches(layer, x) if kind == "conv" else x)[..., None, :]
+    weights, bias = _least_squares(pairs, features, ridge, target_layer.use_bias)
     kernel_shape = keras.ops.convert_to_numpy(target_layer.kernel).shape
     if kind == "depthwise":  # (channels, k_h·k_w, multiplier) -> (k_h, k_w, channels, multiplier)
         kernel = weights.transpose(1, 0, 2).reshape(kernel_shape)
@@ -209,12 +216,42 @@ def _refit(layer, counterpart, model, reference, inputs: np.ndarray, ridge: floa
     return True
 
 
-def _unchanged(layer, counterpart, x: np.ndarray, source: np.ndarray) -> bool:
-    """Whether ``layer`` gets the reference's input and holds the reference's weights (to ``_SAME`` relative)."""
-    if x.shape != source.shape or not _close(x, source):
-        return False
-    mine, theirs = layer.get_weights(), counterpart.get_weights()
-    return len(mine) == len(theirs) and all(a.shape == b.shape and _close(a, b) for a, b in zip(mine, theirs))
+class _Pairs:
+    """Batches of ``(X̃, Y)``: a layer's input in the compressed model and its counterpart's pre-activation output
+    (over the kept channels) in the reference model."""
+
+    def __init__(self, model, reference, layer, counterpart, inputs: np.ndarray, mask: np.ndarray | None):
+        self._layer, self._counterpart, self._inputs, self._mask = layer, counterpart, inputs, mask
+        self._layer_input = keras.Model(model.inputs[0], _called_on(layer))
+        self._reference_input = keras.Model(reference.inputs[0], _called_on(counterpart))
+
+    def _sources(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (keras.ops.convert_to_numpy(self._layer_input(batch, training=False)),
+                keras.ops.convert_to_numpy(self._reference_input(batch, training=False)))
+
+    def __iter__(self):
+        for start in range(0, len(self._inputs), _BATCH):
+            x, source = self._sources(self._inputs[start:start + _BATCH])
+            target = _pre_activation(self._counterpart, source)
+            yield x, (target if self._mask is None else target[..., self._mask])
+
+    def unchanged(self) -> bool:
+        """Whether the layer gets the reference's input and holds the reference's weights (to ``_SAME`` relative)."""
+        x, source = self._sources(self._inputs[:_BATCH])
+        if x.shape != source.shape or not _close(x, source):
+            return False
+        mine, theirs = self._layer.get_weights(), self._counterpart.get_weights()
+        return len(mine) == len(theirs) and all(a.shape == b.shape and _close(a, b) for a, b in zip(mine, theirs))
+
+
+def _least_squares(pairs: _Pairs, features, ridge: float, bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ridge solution over every batch of ``pairs``; ``features(x)`` is ``(…, groups, n)``."""
+    normal = _NormalEquations()
+    for x, target in pairs:
+        f = features(x)
+        f = f.reshape((-1,) + f.shape[-2:])
+        normal.add(f, target.reshape(len(f), f.shape[1], -1))
+    return normal.solve(ridge, bias)
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
