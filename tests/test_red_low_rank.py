@@ -251,12 +251,13 @@ def _twin_model():
     return model
 
 
-def test_the_latency_cost_keeps_exactly_the_blocks_measured_faster():
+@pytest.mark.parametrize("cost", ["latency", "latency_int8"])
+def test_the_latency_cost_keeps_exactly_the_blocks_measured_faster(cost):
     model = _twin_model()
     by_flops = kap.red.compress(model, bandwidth_scale=0, separation_tolerance=0.6, reconstruction=None)
     timed = kap.red.compress(model, bandwidth_scale=0, separation_tolerance=0.6, reconstruction=None,
-                             separation_cost="latency")
-    assert timed.separation_cost == "latency" and set(timed.block_timings) == {a.layer for a in by_flops.approximations}
+                             separation_cost=cost)
+    assert timed.separation_cost == cost and set(timed.block_timings) == {a.layer for a in by_flops.approximations}
     assert [a.layer for a in timed.approximations] == [a.layer for a in by_flops.approximations
                                                         if timed.block_timings[a.layer].faster]
     first, second = timed.block_timings["first"], timed.block_timings["second"]

@@ -15,6 +15,13 @@ batch 1, ``num_threads``, interleaved rounds, on the machine that runs
 layer configuration, input shape and ``M`` is timed once per `BlockTimer`.
 Run it on the deployment target, or accept that this machine's CPU stands
 in for it.
+
+``separation_cost="latency_int8"`` times both as full-integer int8
+``.tflite`` files instead (calibrated on 8 standard-normal inputs), for a
+model deployed quantized: on an x86 CPU with AVX512-VNNI LiteRT runs a 3×3
+convolution 3.2-3.8 times faster in int8 than in float32 and a tiled block
+only 1.1-1.9 times, so a block faster in float32 can be slower in int8
+(docs/methods/red.md).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import dataclasses
 import json
 import pathlib
 import tempfile
+import warnings
 
 import keras
 import numpy as np
@@ -51,13 +59,16 @@ class BlockTimer:
     """Times convolutions against their separated blocks on LiteRT, caching each configuration.
 
     Args:
+        quantize: None (float32 files) or ``"int8"`` (full-integer files).
         num_threads: LiteRT CPU threads (1: a phone's single big core).
         runs: timed calls of each model, in ``rounds`` interleaved rounds.
         rounds: see ``runs``.
     """
 
-    def __init__(self, num_threads: int = 1, runs: int = 60, rounds: int = 6):
-        self.num_threads, self.runs, self.rounds = num_threads, runs, rounds
+    def __init__(self, quantize: str | None = None, num_threads: int = 1, runs: int = 60, rounds: int = 6):
+        if quantize not in (None, "int8"):
+            raise ValueError(f"Expected `quantize` to be None or 'int8'. Received: quantize={quantize!r}")
+        self.quantize, self.num_threads, self.runs, self.rounds = quantize, num_threads, runs, rounds
         self._cache: dict[str, tuple[float, float]] = {}
         self.timings: dict[str, BlockTiming] = {}
 
@@ -93,15 +104,22 @@ class BlockTimer:
         for part in replacement.layers:
             x = part(x)
         block = keras.Model(inputs, x)
+        shape = (_CALIBRATION_SAMPLES,) + tuple(int(d) for d in call.in_shapes[0][1:])
+        calibration = [np.random.default_rng(0).normal(size=shape).astype(np.float32)] if self.quantize else []
         with tempfile.TemporaryDirectory() as scratch:
             paths = []
             for name, model in (("convolution", convolution), ("block", block)):
                 path = pathlib.Path(scratch) / f"{name}.tflite"
-                path.write_bytes(convert(model, None, [])[0])
+                with warnings.catch_warnings():  # TensorFlow's int8 calibrator still runs tf.lite.Interpreter
+                    warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+                    path.write_bytes(convert(model, self.quantize, calibration)[0])
                 paths.append(path)
             timed = measure_latencies(paths, num_threads=self.num_threads, warmup=10, runs=self.runs,
                                       rounds=self.rounds)
         return timed[0].median_ms, timed[1].median_ms
+
+
+_CALIBRATION_SAMPLES = 8
 
 
 def _config(layer) -> dict:

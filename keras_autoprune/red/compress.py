@@ -118,8 +118,8 @@ class RedResult:
         reconstructed: the layers refitted (a block: its 1×1 part), in
             graph order.
         separation_cost: what decided that a block replaces its
-            convolution: ``"flops"`` or ``"latency"``.
-        block_timings: with ``separation_cost="latency"``, ``{layer:
+            convolution: ``"flops"``, ``"latency"`` or ``"latency_int8"``.
+        block_timings: with a latency cost, ``{layer:
             BlockTiming}`` of every block timed against its convolution in
             the result's run (those not ``faster`` stayed convolutions).
         bandwidth_scale: the value used (chosen by the search with a budget
@@ -300,7 +300,9 @@ def compress(
             and 3b) replaces its convolution: ``"flops"`` (default; fewer
             FLOPs) or ``"latency"`` (also measured faster on LiteRT, each
             convolution and its block built alone and timed on this
-            machine, 1 thread; `keras_autoprune.red.block_latency`).
+            machine, 1 thread; `keras_autoprune.red.block_latency`) or
+            ``"latency_int8"`` (the same, timed as full-integer int8
+            ``.tflite`` files, for a model deployed quantized).
         verbose: 0 silent, 1 a progress bar while images are synthesized.
         budget: a `kap.Budget`; if given, the knob named by ``budget_knob``
             is the lower end of a search for the smallest value whose
@@ -357,10 +359,10 @@ def compress(
     approximating = separation_tolerance > 0 or (budget is not None and budget_knob == "separation_tolerance")
     refitting = approximating or refit_layers == "all"
     check_reconstruction(model, reconstruction, refitting)
-    if separation_cost == "latency" and any(None in tuple(tensor.shape[1:]) for tensor in model.inputs):
+    if separation_cost != "flops" and any(None in tuple(tensor.shape[1:]) for tensor in model.inputs):
         raise ValueError(
-            "separation_cost='latency' times each convolution at its input shape, so the model's inputs need a "
-            f"fixed size. Received: input shapes {[tuple(t.shape) for t in model.inputs]}. Fix: build the model "
+            f"separation_cost={separation_cost!r} times each convolution at its input shape, so the model's "
+            f"inputs need a fixed size. Received: input shapes {[tuple(t.shape) for t in model.inputs]}. Fix: build the model "
             "with a fixed input size, or pass separation_cost='flops'."
         )
     if restore_batchnorm:
@@ -372,7 +374,8 @@ def compress(
                "merge_distance": merge_distance, "input_shape": input_shape, "restore": restore_batchnorm,
                "merge_representative": merge_representative, "snap_to": snap_to,
                "correct_merge_bias": correct_merge_bias,
-               "timer": BlockTimer() if separation_cost == "latency" else None}
+               "timer": (BlockTimer(quantize="int8" if separation_cost == "latency_int8" else None)
+                         if separation_cost != "flops" else None)}
     refit = (_RefitInputs(model, reconstruction, refit_layers, verbose) if refitting and reconstruction is not None
              else None)
     if budget is None:
@@ -540,7 +543,7 @@ def _run(model, bandwidth_scale: float, merge_threshold: float, separate: bool, 
         else "none",
         refit_layers=refit.layers if refit is not None else "approximated",
         reconstructed=reconstructed,
-        separation_cost="latency" if timer is not None else "flops",
+        separation_cost="flops" if timer is None else "latency_int8" if timer.quantize else "latency",
         block_timings=dict(timer.timings) if timer is not None else {},
     )
 

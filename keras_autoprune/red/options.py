@@ -28,7 +28,7 @@ SNAP_TARGETS = ("mean", "mode")
 BUDGET_KNOBS = ("bandwidth_scale", "merge_threshold", "separation_tolerance")
 """What a budget search may raise (`keras_autoprune.red.compress`'s ``budget_knob``)."""
 
-SEPARATION_COSTS = ("flops", "latency")
+SEPARATION_COSTS = ("flops", "latency", "latency_int8")
 """What decides that a separated block replaces its convolution (`keras_autoprune.red.block_latency`)."""
 
 RECONSTRUCTIONS = ("synthetic",)
