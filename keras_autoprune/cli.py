@@ -333,7 +333,8 @@ def _add_red(subcommands: argparse._SubParsersAction) -> None:
                              "and separation; measured in docs/methods/red.md)")
     parser.add_argument("--separation-cost", choices=SEPARATION_COSTS, default="flops",
                         help="what decides that a separated block replaces its convolution: fewer FLOPs (default) "
-                             "or also measured faster on LiteRT on this machine (each layer and block timed alone)")
+                             "or also measured faster on LiteRT on this machine (each layer and block timed alone, "
+                             "as float32 files, or as int8 files with latency_int8)")
     parser.add_argument("--budget", default=None,
                         help="flops=F or params=F: search --budget-knob upwards for the fraction kept")
     parser.add_argument("--budget-knob", choices=BUDGET_KNOBS, default="bandwidth_scale",
