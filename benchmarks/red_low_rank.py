@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks import converged, red_bench
+from benchmarks import converged, red_bench, red_refit
 
 TOLERANCES = {"resnet20": (0.02, 0.05, 0.1, 0.15, 0.2, 0.3), "mobilenetv2": (0.05, 0.1, 0.2, 0.3)}
 """Default sweep of ``separation_tolerance`` per model: from where about a tenth of ResNet-20's FLOPs go to
@@ -96,6 +96,7 @@ def run(model_name: str, tolerances, out: pathlib.Path, data: converged.Cifar10,
                                             evaluate, graph)
             uniform = {key: value for key, value in uniform.items() if key not in ("bandwidth_scale", "merge_threshold")}
             rows += [refitted, svd_only, dict(uniform, separation_tolerance=tolerance)]
+            rows += uniform_refit_rows(model, rows[-1:], images, evaluate)
             if latency:
                 path = pathlib.Path(folder) / f"tolerance_{tolerance:g}.tflite"
                 export = kap.export_tflite(compressed.model, path)
@@ -123,6 +124,47 @@ def run(model_name: str, tolerances, out: pathlib.Path, data: converged.Cifar10,
     return result
 
 
+def uniform_refit_rows(model, uniform_rows: list[dict], images, evaluate) -> list[dict]:
+    """``uniform_l1_refit`` beside each ``uniform_l1_datafree`` row: the same ratio, every changed layer refitted on
+    ``images`` against the BatchNormalization-folded original (`red_refit.refitted_uniform`, as RED's refit)."""
+    import keras_autoprune as kap
+    from keras_autoprune.red.batchnorm import fold_batchnorm
+
+    graph = kap.DependencyGraph(model)
+    reference, _ = fold_batchnorm(model, graph)
+    rows = []
+    for uniform in uniform_rows:
+        if uniform["entry"] != "uniform_l1_datafree" or "ratio" not in uniform:
+            continue
+        start = time.perf_counter()
+        refitted, names = red_refit.refitted_uniform(model, reference, graph, uniform["ratio"], images)
+        rows.append(dict(uniform, entry="uniform_l1_refit", accuracy=evaluate(refitted),
+                         seconds=time.perf_counter() - start, layers_refitted=list(names)))
+    return rows
+
+
+def add_uniform_refit(model_name: str, out: pathlib.Path, data: converged.Cifar10, log=print) -> dict:
+    """Adds the ``uniform_l1_refit`` rows to a finished result ``out`` (the images synthesized again, as `run`
+    does: synthesis is deterministic) and writes it back."""
+    import json
+
+    import keras
+
+    from keras_autoprune.red.synthesis import synthesize_images
+
+    result = json.loads(out.read_text())
+    model = keras.saving.load_model(converged.MODELS_DIR / f"{model_name}.keras", compile=False)
+    images = synthesize_images(model, verbose=0)
+    rows = [r for r in result["rows"] if r["entry"] != "uniform_l1_refit"]
+    added = uniform_refit_rows(model, rows, images, lambda candidate: converged.test_accuracy(candidate, data))
+    for row in added:
+        log(f"separation_tolerance={row['separation_tolerance']:g}: uniform L1 refitted {row['accuracy']:.4f} at "
+            f"{row['flops_kept']:.3f}")
+    result["rows"] = rows + added
+    red_bench.save_result(out, result)
+    return result
+
+
 def markdown(result: dict) -> str:
     """The docs table: per tolerance, refitted and SVD-only accuracy, FLOPs and params kept, uniform L1, latency."""
     by = {}
@@ -130,8 +172,9 @@ def markdown(result: dict) -> str:
         by.setdefault(row["separation_tolerance"], {})[row["entry"]] = row
     latency = {p["separation_tolerance"]: p["ratio"] for p in result.get("latency", {}).get("points", [])}
     lines = ["| separation_tolerance | refitted (synthetic images) | SVD only | FLOPs kept | params kept "
-             "| convs separated (ranks) | uniform L1 | its FLOPs kept | LiteRT latency vs original |",
-             "|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+             "| convs separated (ranks) | uniform L1 | its FLOPs kept | uniform L1 refitted the same way "
+             "| LiteRT latency vs original |",
+             "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for tolerance in sorted(by):
         entries = by[tolerance]
         red, svd, uniform = entries["red_low_rank"], entries["red_low_rank_svd_only"], entries["uniform_l1_datafree"]
@@ -139,6 +182,8 @@ def markdown(result: dict) -> str:
         twin = (f"{uniform['error']} | |" if "error" in uniform
                 else f"{100 * uniform['accuracy']:.2f}% | {uniform['flops_kept']:.1%} |")
         ratio = f"{latency[tolerance]:.2f}×" if tolerance in latency else ""
+        uniform_refit = entries.get("uniform_l1_refit", {})
+        twin += f" {100 * uniform_refit['accuracy']:.2f}% |" if "accuracy" in uniform_refit else " |"
         lines.append(f"| {tolerance:g} | {100 * red['accuracy']:.2f}% | {100 * svd['accuracy']:.2f}% "
                      f"| {red['flops_kept']:.1%} | {red['params_kept']:.1%} | {len(red['approximations'])} ({ranks}) "
                      f"| {twin} {ratio} |")
@@ -152,6 +197,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
         "red_low_rank": ("RED, approximate separation, refitted (synthetic images)", "tab:red", "s", "-"),
         "red_low_rank_svd_only": ("RED, approximate separation, SVD only", "tab:orange", "D", "-"),
         "uniform_l1_datafree": ("uniform L1, data-free", "tab:blue", "o", "-"),
+        "uniform_l1_refit": ("uniform L1, every changed layer refitted (same images)", "tab:cyan", "^", ":"),
     }, f"{result['model']}: data-free, no fine-tuning{cost}", path, figsize=(6.4, 4.2))
 
 
@@ -166,15 +212,20 @@ def main(argv: list[str] | None = None) -> int:
 
     parser.add_argument("--separation-cost", choices=SEPARATION_COSTS, default="flops",
                         help="kap.red.compress's separation_cost (latency: blocks kept only where LiteRT runs them faster)")
+    parser.add_argument("--add-uniform-refit", action="store_true",
+                        help="only add uniform L1 refitted on the synthesized images to the finished result")
     args = parser.parse_args(argv)
     tolerances = args.tolerances or TOLERANCES[args.model]
     if any(not 0 < t <= 1 for t in tolerances):
         parser.error(f"Expected tolerances in (0, 1]. Received: {tolerances}")
     folder = args.out or red_bench.RESULTS_DIR
-    name = f"red_low_rank_{args.model}" + ("_latency_cost" if args.separation_cost == "latency" else "")
-    result = run(args.model, tolerances, folder / f"{name}.json", converged.load_cifar10(args.data),
-                 latency=not args.no_latency, log=lambda line: print(line, flush=True),
-                 separation_cost=args.separation_cost)
+    name = f"red_low_rank_{args.model}" + ("" if args.separation_cost == "flops" else f"_{args.separation_cost}_cost")
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    if args.add_uniform_refit:
+        result = add_uniform_refit(args.model, folder / f"{name}.json", converged.load_cifar10(args.data), log=log)
+    else:
+        result = run(args.model, tolerances, folder / f"{name}.json", converged.load_cifar10(args.data),
+                     latency=not args.no_latency, log=log, separation_cost=args.separation_cost)
     red_bench.publish(name, result, plot, markdown, args.out)
     return 0
 

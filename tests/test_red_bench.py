@@ -105,6 +105,8 @@ def test_red_low_rank_table_and_plot_from_rows(tmp_path):
          "params_kept": 0.683, "approximations": approximations},
         {"entry": "uniform_l1_datafree", "separation_tolerance": 0.1, "accuracy": 0.178, "flops_kept": 0.663,
          "params_kept": 0.65},
+        {"entry": "uniform_l1_refit", "separation_tolerance": 0.1, "accuracy": 0.8123, "flops_kept": 0.663,
+         "params_kept": 0.65},
         {"entry": "red_low_rank", "separation_tolerance": 0.9, "accuracy": 0.1, "flops_kept": 0.2,
          "params_kept": 0.2, "approximations": []},
         {"entry": "red_low_rank_svd_only", "separation_tolerance": 0.9, "accuracy": 0.1, "flops_kept": 0.2,
@@ -112,8 +114,8 @@ def test_red_low_rank_table_and_plot_from_rows(tmp_path):
         {"entry": "uniform_l1_datafree", "separation_tolerance": 0.9, "error": "uniform L1 cannot keep as little"},
     ], "latency": {"points": [{"separation_tolerance": 0.1, "ratio": 1.028}]}}
     lines = red_low_rank.markdown(result).splitlines()
-    assert lines[2] == "| 0.1 | 88.64% | 82.61% | 71.1% | 68.3% | 2 (4, 2) | 17.80% | 66.3% | 1.03× |"
-    assert lines[3] == "| 0.9 | 10.00% | 10.00% | 20.0% | 20.0% | 0 () | uniform L1 cannot keep as little | |  |"
+    assert lines[2] == "| 0.1 | 88.64% | 82.61% | 71.1% | 68.3% | 2 (4, 2) | 17.80% | 66.3% | 81.23% | 1.03× |"
+    assert lines[3] == "| 0.9 | 10.00% | 10.00% | 20.0% | 20.0% | 0 () | uniform L1 cannot keep as little | | |  |"
     red_low_rank.plot(result, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
 
