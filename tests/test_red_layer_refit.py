@@ -87,17 +87,22 @@ def test_kept_masks_fit_each_kept_channel_to_its_reference_channel_and_the_reade
     assert after < 0.5 * before
 
 
-def test_the_ridge_solves_the_regularised_normal_equations():
+@pytest.mark.parametrize("anchored", [False, True])
+def test_the_ridge_solves_the_regularised_normal_equations(anchored):
     reference = _cnn()
     model = _perturbed(reference, ["dense"])
+    current = model.get_layer("dense").get_weights()[0].astype(np.float64)
     x = _inputs()
     ridge = 0.3
-    reconstruct_layers(model, reference, x, ridge=ridge)
+    reconstruct_layers(model, reference, x, ridge=ridge, anchored=anchored)
     features = np.asarray(keras.Model(model.inputs[0], model.get_layer("pool").output)(x), np.float64)
     target = features @ reference.get_layer("dense").get_weights()[0] + reference.get_layer("dense").get_weights()[1]
     design = np.concatenate([features, np.ones((len(features), 1))], axis=1)
-    penalty = np.diag([ridge * np.trace(features.T @ features) / features.shape[1]] * features.shape[1] + [0.0])
-    expected = np.linalg.solve(design.T @ design + penalty, design.T @ target)
+    weight = ridge * np.trace(features.T @ features) / features.shape[1]
+    penalty = np.diag([weight] * features.shape[1] + [0.0])
+    # anchored: λ‖W − W₀‖² pulls towards the layer's current kernel W₀ instead of 0
+    pull = np.concatenate([weight * current, np.zeros((1, current.shape[1]))]) if anchored else 0.0
+    expected = np.linalg.solve(design.T @ design + penalty, design.T @ target + pull)
     kernel, bias = model.get_layer("dense").get_weights()
     np.testing.assert_allclose(kernel, expected[:-1], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(bias, expected[-1], rtol=1e-4, atol=1e-5)
@@ -207,3 +212,22 @@ def test_a_separated_block_gets_the_factors_of_its_fitted_convolution_then_its_r
     assert relative_error(np.asarray(separated(x)), np.asarray(reference(x))) > 0.1
     assert reconstruct_layers(separated, reference, x, ridge=0.0) == ("conv",)
     assert relative_error(np.asarray(separated(x)), np.asarray(reference(x))) < 1e-4
+
+
+def test_the_kernel_a_block_computes_is_the_convolution_it_stands_for():
+    """`_block_kernel` (the anchor of a block's refit) sums the depthwise and 1×1 kernels over the multiplier."""
+    from keras_autoprune.red import separate_low_rank
+    from keras_autoprune.red.reconstruction import _block_kernel
+    from keras_autoprune.red.separation import block_parts
+
+    inputs = keras.Input((8, 8, 4))
+    model = keras.Model(inputs, L.Conv2D(32, 3, padding="same", name="conv")(inputs))
+    randomize(model, seed=3)
+    separated, [separation] = separate_low_rank(model, tolerance=0.3)
+    assert separation.multiplier > 1  # a tiled block
+    _, depthwise, pointwise = block_parts(separated.get_layer("conv"))
+    kernel = _block_kernel(depthwise, pointwise, 4)
+    twin = keras.models.clone_model(model)
+    twin.set_weights([kernel, np.asarray(pointwise.bias)])
+    x = np.random.default_rng(5).normal(size=(2, 8, 8, 4)).astype("float32")
+    assert relative_error(np.asarray(twin(x)), np.asarray(separated(x))) < 1e-5

@@ -90,7 +90,8 @@ def reconstruct_pointwise(model: keras.Model, reference: keras.Model, layers, in
 
 
 def reconstruct_layers(model: keras.Model, reference: keras.Model, inputs: np.ndarray,
-                       kept: dict[str, np.ndarray] | None = None, ridge: float = RIDGE) -> tuple[str, ...]:
+                       kept: dict[str, np.ndarray] | None = None, ridge: float = RIDGE,
+                       anchored: bool = False) -> tuple[str, ...]:
     """Refits, in place, every linear layer and separated block of ``model`` whose output differs from ``reference``'s.
 
     A layer is left as it is when its weights and, on the first batch, its
@@ -107,6 +108,13 @@ def reconstruct_layers(model: keras.Model, reference: keras.Model, inputs: np.nd
             channels}`` for the layers whose output channels were merged
             away; a layer not in it keeps all of them.
         ridge: ``ridge`` in the formula above.
+        anchored: penalise ``λ‖W − W₀‖²`` instead, ``W₀`` the layer's
+            current weights (for a block's convolution fit, the kernel the
+            block computes): a large ``ridge`` then keeps a layer near its
+            weights where the data term is weak. Off by default: on the
+            converged CIFAR-10 ResNet-20 it helped where the compression
+            changed little and hurt where it changed much
+            (docs/methods/red.md, "3c").
 
     Returns:
         The names of the layers refitted, in graph order.
@@ -121,7 +129,8 @@ def reconstruct_layers(model: keras.Model, reference: keras.Model, inputs: np.nd
         pair = _single_call_pair(model, reference, layer.name)
         if pair is None or _kind(layer) is None:
             continue
-        if _refit(*pair, model, reference, inputs, ridge, kept.get(layer.name), skip_unchanged=True, refactor=True):
+        if _refit(*pair, model, reference, inputs, ridge, kept.get(layer.name), skip_unchanged=True, refactor=True,
+                  anchored=anchored):
             refitted.append(layer.name)
     return tuple(refitted)
 
@@ -170,7 +179,7 @@ def _called_on(layer):
 
 
 def _refit(layer, counterpart, model, reference, inputs: np.ndarray, ridge: float, mask: np.ndarray | None,
-           skip_unchanged: bool = False, refactor: bool = False) -> bool:
+           skip_unchanged: bool = False, refactor: bool = False, anchored: bool = False) -> bool:
     """Refits ``layer`` (a block's 1×1 part for a block); False if ``skip_unchanged`` found nothing to refit.
 
     With ``refactor``, a block's depthwise kernels are first replaced by the
@@ -184,11 +193,16 @@ def _refit(layer, counterpart, model, reference, inputs: np.ndarray, ridge: floa
     if kind == "block":
         copies, depthwise, target_layer = block_parts(layer)
         if refactor:
-            weights, _ = _least_squares(pairs, lambda x: _patches(depthwise, x)[..., None, :], ridge, True)
-            taps = tuple(depthwise.kernel_size)
-            kernel = weights[0].reshape(taps + (layer.inputs[0].shape[-1], -1))
-            factors, _ = block_factors(channel_svd(kernel), copies, kernel.shape, depthwise.kernel.dtype)
+            taps, channels = tuple(depthwise.kernel_size), layer.inputs[0].shape[-1]
+            current = _block_kernel(depthwise, target_layer, channels) if anchored else None
+            weights, _ = _least_squares(pairs, lambda x: _patches(depthwise, x)[..., None, :], ridge, True,
+                                        None if current is None else current.reshape(1, -1, current.shape[-1]))
+            kernel = weights[0].reshape(taps + (channels, -1))
+            factors, pointwise_factors = block_factors(channel_svd(kernel), copies, kernel.shape,
+                                                       depthwise.kernel.dtype)
             depthwise.set_weights([factors])
+            if anchored:  # the 1×1 prior: the factors', matching the new depthwise kernels
+                target_layer.kernel.assign(pointwise_factors)
 
         def features(x):
             return keras.ops.convert_to_numpy(depthwise(np.concatenate([x] * copies, axis=-1)))[..., None, :]
@@ -203,8 +217,9 @@ def _refit(layer, counterpart, model, reference, inputs: np.ndarray, ridge: floa
 
         def features(x):
             return (_patches(layer, x) if kind == "conv" else x)[..., None, :]
-    weights, bias = _least_squares(pairs, features, ridge, target_layer.use_bias)
     kernel_shape = keras.ops.convert_to_numpy(target_layer.kernel).shape
+    prior = _grouped(keras.ops.convert_to_numpy(target_layer.kernel), kind) if anchored else None
+    weights, bias = _least_squares(pairs, features, ridge, target_layer.use_bias, prior)
     if kind == "depthwise":  # (channels, k_h·k_w, multiplier) -> (k_h, k_w, channels, multiplier)
         kernel = weights.transpose(1, 0, 2).reshape(kernel_shape)
     else:
@@ -214,6 +229,22 @@ def _refit(layer, counterpart, model, reference, inputs: np.ndarray, ridge: floa
         values.append(bias.reshape(-1).astype(target_layer.bias.dtype))
     target_layer.set_weights(values)
     return True
+
+
+def _grouped(kernel: np.ndarray, kind: str) -> np.ndarray:
+    """A kernel as the ``(groups, n, m)`` weights of its fit (the inverse of the reshape in `_refit`)."""
+    if kind == "depthwise":  # (k_h, k_w, channels, multiplier) -> (channels, k_h·k_w, multiplier)
+        return kernel.reshape((-1,) + kernel.shape[-2:]).transpose(1, 0, 2)
+    return kernel.reshape(1, -1, kernel.shape[-1])
+
+
+def _block_kernel(depthwise, pointwise, channels: int) -> np.ndarray:
+    """The convolution kernel ``W[t, c, o] = Σ_m D[t, m·C_in + c] · P[m·C_in + c, o]`` a block computes."""
+    d = keras.ops.convert_to_numpy(depthwise.kernel)
+    taps = d.shape[:-2]
+    d = d.reshape((-1, d.shape[-2] // channels, channels))  # (K, M, C_in)
+    p = keras.ops.convert_to_numpy(pointwise.kernel).reshape((d.shape[1], channels, -1))  # (M, C_in, C_out)
+    return np.einsum("kmc,mco->kco", d, p).reshape(taps + (channels, p.shape[-1]))
 
 
 class _Pairs:
@@ -244,14 +275,15 @@ class _Pairs:
         return len(mine) == len(theirs) and all(a.shape == b.shape and _close(a, b) for a, b in zip(mine, theirs))
 
 
-def _least_squares(pairs: _Pairs, features, ridge: float, bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _least_squares(pairs: _Pairs, features, ridge: float, bias: bool,
+                   prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The ridge solution over every batch of ``pairs``; ``features(x)`` is ``(…, groups, n)``."""
     normal = _NormalEquations()
     for x, target in pairs:
         f = features(x)
         f = f.reshape((-1,) + f.shape[-2:])
         normal.add(f, target.reshape(len(f), f.shape[1], -1))
-    return normal.solve(ridge, bias)
+    return normal.solve(ridge, bias, prior)
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
@@ -312,8 +344,9 @@ class _NormalEquations:
             self.target_sum += parts[3]
         self.rows += len(f)
 
-    def solve(self, ridge: float, bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(W, b)``: ``W`` is ``(groups, n, m)``, ``b`` ``(groups, m)`` (None without a bias)."""
+    def solve(self, ridge: float, bias: bool, prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(W, b)``: ``W`` is ``(groups, n, m)``, ``b`` ``(groups, m)`` (None without a bias); the penalty pulls
+        ``W`` towards ``prior`` (``(groups, n, m)``; zero if None)."""
         groups, n, _ = self.gram.shape
         penalty = ridge * np.trace(self.gram, axis1=1, axis2=2) / n  # (groups,)
         if bias:
@@ -325,6 +358,9 @@ class _NormalEquations:
         else:
             gram, cross = self.gram.copy(), self.cross
         gram[:, np.arange(n), np.arange(n)] += penalty[:, None]
+        if prior is not None:
+            cross = cross.copy()
+            cross[:, :n] += penalty[:, None, None] * prior
         try:
             solution = np.linalg.solve(gram, cross)
         except np.linalg.LinAlgError:  # a dead feature with ridge=0: the least-norm solution
