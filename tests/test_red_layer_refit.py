@@ -231,3 +231,23 @@ def test_the_kernel_a_block_computes_is_the_convolution_it_stands_for():
     twin.set_weights([kernel, np.asarray(pointwise.bias)])
     x = np.random.default_rng(5).normal(size=(2, 8, 8, 4)).astype("float32")
     assert relative_error(np.asarray(twin(x)), np.asarray(separated(x))) < 1e-5
+
+
+def test_a_model_pruned_by_a_plan_is_refitted_against_its_original():
+    """`plan=`: kap.apply_plan's output (BatchNormalization kept) refitted against the unpruned model."""
+    import keras_autoprune as kap
+    from tests.test_red_low_rank import _bn_model
+
+    model = _bn_model()
+    graph = kap.DependencyGraph(model)
+    plan = kap.PrunePlan.uniform(graph, 0.5)
+    slim = kap.apply_plan(model, plan, graph)
+    before = slim.get_layer("head").get_weights()[0].copy()
+    x = _pixels()
+    original = np.asarray(model(x))
+    error = relative_error(np.asarray(slim(x)), original)
+    assert reconstruct_layers(slim, model, x, plan=plan) == ("c1", "c2", "head")
+    assert relative_error(np.asarray(slim(x)), original) < 0.5 * error
+    assert slim.get_layer("head").get_weights()[0].shape == before.shape  # sizes kept, weights refitted
+    with pytest.raises(ValueError, match="`kept` or `plan`"):
+        reconstruct_layers(slim, model, x, kept={}, plan=plan)

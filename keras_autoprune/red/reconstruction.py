@@ -91,7 +91,7 @@ def reconstruct_pointwise(model: keras.Model, reference: keras.Model, layers, in
 
 def reconstruct_layers(model: keras.Model, reference: keras.Model, inputs: np.ndarray,
                        kept: dict[str, np.ndarray] | None = None, ridge: float = RIDGE,
-                       anchored: bool = False) -> tuple[str, ...]:
+                       anchored: bool = False, plan=None) -> tuple[str, ...]:
     """Refits, in place, every linear layer and separated block of ``model`` whose output differs from ``reference``'s.
 
     A layer is left as it is when its weights and, on the first batch, its
@@ -107,6 +107,11 @@ def reconstruct_layers(model: keras.Model, reference: keras.Model, inputs: np.nd
         kept: ``{layer: boolean mask over the reference layer's output
             channels}`` for the layers whose output channels were merged
             away; a layer not in it keeps all of them.
+        plan: instead of ``kept``, the `kap.PrunePlan` that made ``model``
+            from ``reference`` (``kap.apply_plan(reference, plan)``): the
+            masks are its kept channels. A pruned model keeps its
+            BatchNormalizations; each convolution is then fitted to the
+            reference convolution's output before its normalisation.
         ridge: ``ridge`` in the formula above.
         anchored: penalise ``λ‖W − W₀‖²`` instead, ``W₀`` the layer's
             current weights (for a block's convolution fit, the kernel the
@@ -123,6 +128,13 @@ def reconstruct_layers(model: keras.Model, reference: keras.Model, inputs: np.nd
         ValueError: no inputs, or a negative ``ridge``.
     """
     _check(inputs, ridge)
+    if plan is not None:
+        if kept is not None:
+            raise ValueError("Expected `kept` or `plan`, not both. Received: both. Fix: pass only the plan.")
+        from keras_autoprune.graph.dependency import DependencyGraph
+        from keras_autoprune.red.unfolding import kept_outputs
+
+        kept = kept_outputs(DependencyGraph(reference), plan, {layer.name for layer in model.layers})
     kept = kept or {}
     refitted = []
     for layer in model.layers:
