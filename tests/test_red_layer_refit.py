@@ -251,3 +251,26 @@ def test_a_model_pruned_by_a_plan_is_refitted_against_its_original():
     assert slim.get_layer("head").get_weights()[0].shape == before.shape  # sizes kept, weights refitted
     with pytest.raises(ValueError, match="`kept` or `plan`"):
         reconstruct_layers(slim, model, x, kept={}, plan=plan)
+
+
+def test_synthesis_stays_finite_with_a_constant_channel_before_a_batchnorm():
+    """A dead channel (constant input to its BatchNormalization, as MobileNetV2's collapsed expansion channels give)
+    has zero batch variance; the standard deviation √(v + ε) keeps its gradient finite."""
+    from keras_autoprune.red import synthesize_images
+    from tests.test_red_low_rank import _bn_model
+
+    model = _bn_model()
+    conv = model.get_layer("c1")
+    kernel, bias = conv.get_weights()
+    kernel[..., 0], bias[0] = 0.0, 0.0  # channel 0 of bn1's input is exactly 0 (a ReLU's dead channel)
+    conv.set_weights([kernel, bias])
+    images = synthesize_images(model, count=8, steps=20, batch_size=8, verbose=0)
+    assert np.isfinite(images).all()
+
+
+def test_synthesis_that_diverges_says_so_instead_of_returning_nan():
+    from keras_autoprune.red import synthesize_images
+    from tests.test_red_low_rank import _bn_model
+
+    with pytest.raises(FloatingPointError, match="diverged.*smaller learning_rate"):
+        synthesize_images(_bn_model(), count=4, steps=5, batch_size=4, learning_rate=1e38, verbose=0)

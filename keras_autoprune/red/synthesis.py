@@ -6,11 +6,17 @@ them at every normalisation resemble the training data as the network sees
 it (ZeroQ, Cai et al., CVPR 2020). Starting from Gaussian noise, Adam
 minimizes
 
-    L(x) = Σ_ℓ (1/C_ℓ) (‖μ_ℓ(x) − μ̂_ℓ‖² + ‖σ_ℓ(x) − σ̂_ℓ‖²),     σ̂_ℓ = √(σ̂_ℓ² + ε_ℓ),
+    L(x) = Σ_ℓ (1/C_ℓ) (‖μ_ℓ(x) − μ̂_ℓ‖² + ‖σ_ℓ(x) − σ̂_ℓ‖²),
+    σ_ℓ(x) = √(v_ℓ(x) + ε_ℓ),     σ̂_ℓ = √(σ̂_ℓ² + ε_ℓ),
 
-where ``μ_ℓ(x)`` and ``σ_ℓ(x)`` are the per-channel mean and standard
-deviation of normalisation ``ℓ``'s input over the batch and its positions
-(inference mode: every normalisation uses its moving statistics).
+where ``μ_ℓ(x)`` and ``v_ℓ(x)`` are the per-channel mean and variance of
+normalisation ``ℓ``'s input over the batch and its positions (inference
+mode: every normalisation uses its moving statistics) and ``ε_ℓ`` its
+epsilon. The ``ε_ℓ`` inside the root keeps the gradient finite where a
+channel is constant (a dead channel of MobileNetV2 has ``v_ℓ = 0``, and the
+plain standard deviation's gradient there made the images NaN; before
+session 28 the root held ``v_ℓ`` alone, a change of under 1e-3 relative
+elsewhere, docs/methods/red.md).
 
 Decision (input scale): the images are ``x = a + s·z`` with ``z`` optimized
 from ``N(0, 1)``; ``a`` and ``s`` are the mean and standard deviation of a
@@ -107,7 +113,8 @@ def synthesize_images(model: keras.Model, count: int = SYNTHETIC_IMAGES, steps: 
     norms = usable_norms(model)
     probe = keras.Model(model.inputs[0], [norm.input for norm in norms])
     targets = [(np.asarray(keras.ops.convert_to_numpy(norm.moving_mean), np.float32),
-                np.sqrt(np.asarray(keras.ops.convert_to_numpy(norm.moving_variance), np.float32) + norm.epsilon))
+                np.sqrt(np.asarray(keras.ops.convert_to_numpy(norm.moving_variance), np.float32) + norm.epsilon),
+                np.float32(norm.epsilon))
                for norm in norms]
     axes = [tuple(i for i in range(len(norm.input.shape)) if i != norm.axis % len(norm.input.shape)) for norm in norms]
     offset, scale = input_scale(model)
@@ -126,14 +133,19 @@ def synthesize_images(model: keras.Model, count: int = SYNTHETIC_IMAGES, steps: 
                 features = probe(z * scale + offset, training=False)
                 features = features if isinstance(features, (list, tuple)) else [features]
                 loss = 0.0
-                for feature, (mean, std), axis in zip(features, targets, axes):
-                    loss += tf.reduce_mean(tf.square(tf.reduce_mean(feature, axis=axis) - mean))
-                    loss += tf.reduce_mean(tf.square(tf.math.reduce_std(feature, axis=axis) - std))
+                for feature, (mean, std, epsilon), axis in zip(features, targets, axes):
+                    batch_mean, batch_variance = tf.nn.moments(feature, axes=axis)
+                    loss += tf.reduce_mean(tf.square(batch_mean - mean))
+                    loss += tf.reduce_mean(tf.square(tf.sqrt(batch_variance + epsilon) - std))
             optimizer.apply_gradients([(tape.gradient(loss, z), z)])
             return loss
 
         for _ in range(steps):
             loss = float(step())
+            if not np.isfinite(loss):
+                raise FloatingPointError(
+                    f"Image synthesis diverged on '{model.name}' (the statistics loss became {loss}). Fix: a smaller "
+                    f"learning_rate (received {learning_rate}), or pass your own inputs as reconstruction.")
             if bar is not None:
                 bar.add(1, [("statistics_loss", loss)])
         images.append(z.numpy() * scale + offset)
