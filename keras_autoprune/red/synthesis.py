@@ -15,8 +15,9 @@ mode: every normalisation uses its moving statistics) and ``ε_ℓ`` its
 epsilon. The ``ε_ℓ`` inside the root keeps the gradient finite where a
 channel is constant (a dead channel of MobileNetV2 has ``v_ℓ = 0``, and the
 plain standard deviation's gradient there made the images NaN; before
-session 28 the root held ``v_ℓ`` alone, a change of under 1e-3 relative
-elsewhere, docs/methods/red.md).
+session 28 the root held ``v_ℓ`` alone; on ResNet-20 the change moved the
+images by 5.3% root mean square and the refits' accuracy by at most 1.2
+points, docs/methods/red.md).
 
 Decision (input scale): the images are ``x = a + s·z`` with ``z`` optimized
 from ``N(0, 1)``; ``a`` and ``s`` are the mean and standard deviation of a
