@@ -238,14 +238,20 @@ def test_separated_model_exports_to_a_verified_tflite(tmp_path, capsys):
     assert interpreter.get_input_details()[0]["dtype"] == np.float32
 
 
-def test_red_subcommand_separates_approximately(tmp_path, capsys):
+def _red_on_bn_model(tmp_path, capsys, *flags):
+    """`keras-autoprune red` on the saved BatchNormalization test model: ``(model, path, out, printed)``."""
     from tests.test_red_low_rank import _bn_model
 
     model = _bn_model()
     path, out = tmp_path / "model.keras", tmp_path / "red.keras"
     model.save(path)
-    assert main(["red", str(path), str(out), "--separation-tolerance", "0.3", "--reconstruction", "none"]) == 0
-    printed = capsys.readouterr().out
+    assert main(["red", str(path), str(out), *flags]) == 0
+    return model, path, out, capsys.readouterr().out
+
+
+def test_red_subcommand_separates_approximately(tmp_path, capsys):
+    model, path, out, printed = _red_on_bn_model(tmp_path, capsys, "--separation-tolerance", "0.3",
+                                                 "--reconstruction", "none")
     expected = kap.red.compress(model, separation_tolerance=0.3, reconstruction=None)
     x = np.random.default_rng(3).normal(120, 25, (4, 8, 8, 3)).astype("float32")
     loaded = keras.saving.load_model(out, safe_mode=True)
@@ -263,13 +269,7 @@ def test_red_subcommand_separates_approximately(tmp_path, capsys):
 
 
 def test_red_subcommand_refits_every_changed_layer(tmp_path, capsys):
-    from tests.test_red_low_rank import _bn_model
-
-    model = _bn_model()
-    path, out = tmp_path / "model.keras", tmp_path / "red.keras"
-    model.save(path)
-    assert main(["red", str(path), str(out), "--merge-threshold", "1.0", "--refit-layers", "all"]) == 0
-    printed = capsys.readouterr().out
+    model, path, out, printed = _red_on_bn_model(tmp_path, capsys, "--merge-threshold", "1.0", "--refit-layers", "all")
     assert "layers refitted on synthetic inputs (every changed layer): 3: c1, c2, head" in printed
     loaded = keras.saving.load_model(out, safe_mode=True)
     plain = kap.red.compress(model, merge_threshold=1.0, verbose=0)
