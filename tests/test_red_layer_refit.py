@@ -274,3 +274,19 @@ def test_synthesis_that_diverges_says_so_instead_of_returning_nan():
 
     with pytest.raises(FloatingPointError, match="diverged.*smaller learning_rate"):
         synthesize_images(_bn_model(), count=4, steps=5, batch_size=4, learning_rate=1e38, verbose=0)
+
+
+def test_a_nested_model_that_is_not_a_separated_block_is_left_alone():
+    """A nested Sequential of two dense layers is no depthwise + 1×1 block: neither refitted nor taken for one."""
+    inputs = keras.Input((6,))
+    head = keras.Sequential([L.Dense(5), L.Dense(3)], name="head")
+    reference = keras.Model(inputs, head(L.Dense(4, name="first")(inputs)))
+    randomize(reference, seed=4)
+    model = _perturbed(reference, ["first"])
+    nested = [w.copy() for w in model.get_layer("head").get_weights()]
+    x = np.random.default_rng(6).normal(size=(32, 6)).astype("float32")
+    assert reconstruct_layers(model, reference, x, ridge=0.0) == ("first",)
+    for mine, old in zip(model.get_layer("head").get_weights(), nested):
+        np.testing.assert_array_equal(mine, old)
+    np.testing.assert_allclose(model.get_layer("first").get_weights()[0], reference.get_layer("first").get_weights()[0],
+                               rtol=1e-3, atol=1e-3)

@@ -139,7 +139,9 @@ def reconstruct_layers(model: keras.Model, reference: keras.Model, inputs: np.nd
     refitted = []
     for layer in model.layers:
         pair = _single_call_pair(model, reference, layer.name)
-        if pair is None or _kind(layer) is None:
+        kind = _kind(layer)
+        # the reference must compute the layer's output itself: a convolution for a block, else the same kind
+        if pair is None or kind is None or _kind(pair[1]) != ("conv" if kind == "block" else kind):
             continue
         if _refit(*pair, model, reference, inputs, ridge, kept.get(layer.name), skip_unchanged=True, refactor=True,
                   anchored=anchored):
@@ -166,13 +168,19 @@ def _single_call_pair(model, reference, name: str):
 
 
 def _kind(layer) -> str | None:
-    """``"block"``, ``"depthwise"``, ``"conv"``, ``"dense"``, or None for a layer this module does not refit."""
+    """``"block"``, ``"depthwise"``, ``"conv"``, ``"dense"``, or None for a layer this module does not refit.
+
+    A nested model is a ``"block"`` only if it is a 2D separated block (a depthwise convolution, then a 1×1
+    convolution; `keras_autoprune.red.separation.block_parts`).
+    """
     if isinstance(layer, keras.Model):
         try:
-            block_parts(layer)
+            _, depthwise, pointwise = block_parts(layer)
         except (ValueError, TypeError):
             return None
-        return "block"
+        separated = (type(depthwise) is keras.layers.DepthwiseConv2D and type(pointwise) is keras.layers.Conv2D
+                     and tuple(pointwise.kernel_size) == (1, 1))
+        return "block" if separated else None
     config = layer.get_config()
     if config.get("data_format", "channels_last") != "channels_last":
         return None
@@ -267,20 +275,25 @@ class _Pairs:
         self._layer, self._counterpart, self._inputs, self._mask = layer, counterpart, inputs, mask
         self._layer_input = keras.Model(model.inputs[0], _called_on(layer))
         self._reference_input = keras.Model(reference.inputs[0], _called_on(counterpart))
+        self._first: tuple[np.ndarray, np.ndarray] | None = None  # the first batch's sources, for `unchanged`
 
-    def _sources(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _sources(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        if start == 0 and self._first is not None:
+            first, self._first = self._first, None
+            return first
+        batch = self._inputs[start:start + _BATCH]
         return (keras.ops.convert_to_numpy(self._layer_input(batch, training=False)),
                 keras.ops.convert_to_numpy(self._reference_input(batch, training=False)))
 
     def __iter__(self):
         for start in range(0, len(self._inputs), _BATCH):
-            x, source = self._sources(self._inputs[start:start + _BATCH])
+            x, source = self._sources(start)
             target = _pre_activation(self._counterpart, source)
             yield x, (target if self._mask is None else target[..., self._mask])
 
     def unchanged(self) -> bool:
         """Whether the layer gets the reference's input and holds the reference's weights (to ``_SAME`` relative)."""
-        x, source = self._sources(self._inputs[:_BATCH])
+        self._first = x, source = self._sources(0)
         if x.shape != source.shape or not _close(x, source):
             return False
         mine, theirs = self._layer.get_weights(), self._counterpart.get_weights()
